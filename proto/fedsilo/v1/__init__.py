@@ -1,0 +1,1 @@
+"""Generated gRPC code for the fedsilo.v1 wire contract."""

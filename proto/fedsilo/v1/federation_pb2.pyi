@@ -1,0 +1,230 @@
+from fedsilo.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    STRATEGY_FEDAVG: _ClassVar[Strategy]
+    STRATEGY_FEDBN: _ClassVar[Strategy]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    AGGREGATION_PLAIN: _ClassVar[Aggregation]
+
+class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATE_UNSPECIFIED: _ClassVar[RunState]
+    RUN_STATE_WAITING_FOR_SILOS: _ClassVar[RunState]
+    RUN_STATE_RUNNING: _ClassVar[RunState]
+    RUN_STATE_FINISHED: _ClassVar[RunState]
+    RUN_STATE_FAILED: _ClassVar[RunState]
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_WAIT: _ClassVar[TaskKind]
+    TASK_KIND_TRAIN: _ClassVar[TaskKind]
+    TASK_KIND_STOP: _ClassVar[TaskKind]
+
+class AgentActivity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_ACTIVITY_UNSPECIFIED: _ClassVar[AgentActivity]
+    AGENT_ACTIVITY_IDLE: _ClassVar[AgentActivity]
+    AGENT_ACTIVITY_TRAINING: _ClassVar[AgentActivity]
+    AGENT_ACTIVITY_UPLOADING: _ClassVar[AgentActivity]
+    AGENT_ACTIVITY_EVALUATING: _ClassVar[AgentActivity]
+STRATEGY_UNSPECIFIED: Strategy
+STRATEGY_FEDAVG: Strategy
+STRATEGY_FEDBN: Strategy
+AGGREGATION_UNSPECIFIED: Aggregation
+AGGREGATION_PLAIN: Aggregation
+RUN_STATE_UNSPECIFIED: RunState
+RUN_STATE_WAITING_FOR_SILOS: RunState
+RUN_STATE_RUNNING: RunState
+RUN_STATE_FINISHED: RunState
+RUN_STATE_FAILED: RunState
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_WAIT: TaskKind
+TASK_KIND_TRAIN: TaskKind
+TASK_KIND_STOP: TaskKind
+AGENT_ACTIVITY_UNSPECIFIED: AgentActivity
+AGENT_ACTIVITY_IDLE: AgentActivity
+AGENT_ACTIVITY_TRAINING: AgentActivity
+AGENT_ACTIVITY_UPLOADING: AgentActivity
+AGENT_ACTIVITY_EVALUATING: AgentActivity
+
+class GetRunRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRunResponse(_message.Message):
+    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    total_rounds: int
+    strategy: Strategy
+    aggregation: Aggregation
+    model_config_json: str
+    training_config_json: str
+    max_chunk_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    num_train_examples: int
+    shared_tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
+    agent_version: str
+    def __init__(self, model_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., shared_tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("silo_name", "state", "last_closed_round")
+    SILO_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLOSED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    silo_name: str
+    state: RunState
+    last_closed_round: int
+    def __init__(self, silo_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., last_closed_round: _Optional[int] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("after_round", "wait_seconds")
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    after_round: int
+    wait_seconds: int
+    def __init__(self, after_round: _Optional[int] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
+
+class GetTaskResponse(_message.Message):
+    __slots__ = ("kind", "round", "base_round", "deadline_unix_ms", "last_closed_round", "state", "message")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLOSED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: TaskKind
+    round: int
+    base_round: int
+    deadline_unix_ms: int
+    last_closed_round: int
+    state: RunState
+    message: str
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round", "weight", "manifest")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    weight: float
+    manifest: _tensor_pb2.PayloadManifest
+    def __init__(self, round: _Optional[int] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateRequest(_message.Message):
+    __slots__ = ("header", "chunk", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: bytes
+    trailer: _tensor_pb2.PayloadTrailer
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensor_pb2.PayloadTrailer, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateResponse(_message.Message):
+    __slots__ = ("round", "bytes_received", "uploads_in_round")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_IN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    bytes_received: int
+    uploads_in_round: int
+    def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., uploads_in_round: _Optional[int] = ...) -> None: ...
+
+class FetchAggregateRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class AggregateHeader(_message.Message):
+    __slots__ = ("round", "num_contributors", "total_weight", "manifest")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    num_contributors: int
+    total_weight: float
+    manifest: _tensor_pb2.PayloadManifest
+    def __init__(self, round: _Optional[int] = ..., num_contributors: _Optional[int] = ..., total_weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ...) -> None: ...
+
+class FetchAggregateResponse(_message.Message):
+    __slots__ = ("header", "chunk", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: AggregateHeader
+    chunk: bytes
+    trailer: _tensor_pb2.PayloadTrailer
+    def __init__(self, header: _Optional[_Union[AggregateHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[_tensor_pb2.PayloadTrailer, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("round", "activity")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    activity: AgentActivity
+    def __init__(self, round: _Optional[int] = ..., activity: _Optional[_Union[AgentActivity, str]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("state", "open_round")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    state: RunState
+    open_round: int
+    def __init__(self, state: _Optional[_Union[RunState, str]] = ..., open_round: _Optional[int] = ...) -> None: ...
+
+class Metric(_message.Message):
+    __slots__ = ("name", "value", "num_examples")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    num_examples: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class ReportMetricsRequest(_message.Message):
+    __slots__ = ("round", "metrics")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    def __init__(self, round: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ...) -> None: ...
+
+class ReportMetricsResponse(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...
