@@ -1,0 +1,75 @@
+"""The ``Aggregator`` seam: a running weighted sum whose memory does not grow with the silos."""
+
+from __future__ import annotations
+
+import abc
+import os
+from pathlib import Path
+
+from fedsilo.coordinator.tensors import Manifest
+
+
+class Aggregator(abc.ABC):
+    """Accumulates one round's uploads as they arrive.
+
+    The running state is O(model size), independent of the number of silos: each upload is
+    validated, added, and forgotten. The coordinator persists the running state after every
+    accepted upload (``save``) so a killed coordinator resumes without losing or re-adding one.
+
+    Contract (tests/coordinator/test_aggregator_contract.py runs it on every implementation):
+    after ``reset``, adding payloads ``u_i`` with weights ``w_i`` and calling ``write_result``
+    with ``W = sum(w_i)`` yields ``sum(w_i * u_i) / W`` per element; a payload that fails
+    ``validate`` changes nothing; ``save``/``load`` round-trips the running state exactly.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Starts an empty sum."""
+
+    @abc.abstractmethod
+    def validate(self, payload: Path) -> None:
+        """Checks a complete payload file before it is added.
+
+        Raises:
+            InvalidArgument: the payload is unusable (e.g. NaN/Inf values); nothing changes.
+        """
+
+    @abc.abstractmethod
+    def add(self, payload: Path, weight: float) -> None:
+        """Adds ``weight * payload`` to the running sum (payload already validated)."""
+
+    @abc.abstractmethod
+    def save(self, path: Path) -> None:
+        """Writes the running sum to ``path`` atomically (write, fsync, rename)."""
+
+    @abc.abstractmethod
+    def load(self, path: Path) -> None:
+        """Replaces the running sum by the one saved at ``path``."""
+
+    @abc.abstractmethod
+    def write_result(self, path: Path, total_weight: float) -> Manifest:
+        """Writes the round's aggregate payload atomically and returns its manifest."""
+
+
+def atomic_write(path: Path, data_chunks) -> None:
+    """Writes chunks to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in data_chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,272 @@
+"""The coordinator's run configuration (``federation.toml``), validated before anything starts."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the field."""
+
+
+class Strategy(enum.Enum):
+    """What silos share each round (values as written in config files)."""
+
+    FEDAVG = "fedavg"
+    FEDBN = "fedbn"
+
+
+class AggregationMode(enum.Enum):
+    """How the coordinator adds up uploads."""
+
+    PLAIN = "plain"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """PEM files for mutual TLS."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def check_exist(self, section: str) -> None:
+        """Raises ConfigError naming the first missing file."""
+        for f in fields(self):
+            p = getattr(self, f.name)
+            if not Path(p).is_file():
+                raise ConfigError(f"{section}.{f.name}: file {p} does not exist")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    """Everything the coordinator needs to run one federation.
+
+    Attributes:
+        run_id: identifier of the run, 1..64 chars of [A-Za-z0-9._-].
+        silos: enrolled silo names (certificate common names), at least one, unique.
+        rounds: number of rounds, 1..100000.
+        min_silos: quorum: a round closes after its deadline once this many uploads are in.
+        round_deadline_s: seconds a round stays open for uploads, > 0.
+        quorum_timeout_s: after the deadline, seconds to wait for quorum before the run fails.
+        start_grace_s: once ``min_silos`` have joined, seconds to wait for the rest before round 1.
+        strategy: what silos share.
+        aggregation: how uploads are added up.
+        listen: host:port the gRPC server binds.
+        state_dir: SQLite database, checkpoints, logs.
+        tls: CA, certificate and key of the coordinator; None only when ``insecure``.
+        insecure: plaintext gRPC without TLS (development only; loudly warned).
+        max_upload_bytes: largest accepted upload payload.
+        max_chunk_bytes: largest accepted chunk of an upload stream (<= 4 MiB).
+        model: model config handed to silos (validated by the agents, which build the model).
+        training: local-training config handed to silos.
+    """
+
+    run_id: str
+    silos: tuple[str, ...]
+    rounds: int
+    min_silos: int
+    round_deadline_s: float = 300.0
+    quorum_timeout_s: float = 3600.0
+    start_grace_s: float = 30.0
+    strategy: Strategy = Strategy.FEDAVG
+    aggregation: AggregationMode = AggregationMode.PLAIN
+    listen: str = "0.0.0.0:50051"
+    state_dir: Path = Path("coordinator-state")
+    tls: TlsFiles | None = None
+    insecure: bool = False
+    max_upload_bytes: int = 4 * 2**30
+    max_chunk_bytes: int = 2**20
+    model: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not _RUN_ID_RE.match(self.run_id):
+            raise ConfigError(f"run.id: {self.run_id!r} is not 1..64 chars of [A-Za-z0-9._-]")
+        if not self.silos:
+            raise ConfigError("silos.enrolled: at least one silo must be enrolled")
+        for s in self.silos:
+            if not isinstance(s, str) or not _NAME_RE.match(s):
+                raise ConfigError(f"silos.enrolled: {s!r} is not a valid silo name ([a-z0-9][a-z0-9._-]{{0,62}})")
+        if len(set(self.silos)) != len(self.silos):
+            raise ConfigError(f"silos.enrolled: duplicate names in {list(self.silos)}")
+        _int_in("run.rounds", self.rounds, 1, 100_000)
+        _int_in("run.min_silos", self.min_silos, 1, len(self.silos))
+        _positive("run.round_deadline_s", self.round_deadline_s)
+        _positive("run.quorum_timeout_s", self.quorum_timeout_s)
+        _non_negative("run.start_grace_s", self.start_grace_s)
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError(f"run.strategy: {self.strategy!r} is not a Strategy")
+        if not isinstance(self.aggregation, AggregationMode):
+            raise ConfigError(f"run.aggregation: {self.aggregation!r} is not an AggregationMode")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"server.listen: {self.listen!r} is not host:port")
+        if self.tls is None and not self.insecure:
+            raise ConfigError("server.tls: ca, cert and key are required unless server.insecure = true")
+        _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
+        _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
+        for name in ("model", "training"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
+            try:
+                json.dumps(dict(value))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+
+    def run_fingerprint(self) -> str:
+        """SHA-256 of the settings that define the run; a restart must present the same one.
+
+        Operational settings (listen address, TLS files, deadlines, limits) may change across
+        restarts; the run identity, enrolled silos, rounds, strategy and model may not.
+        """
+        ident = {
+            "run_id": self.run_id,
+            "silos": list(self.silos),
+            "rounds": self.rounds,
+            "strategy": self.strategy.value,
+            "aggregation": self.aggregation.value,
+            "model": dict(self.model),
+            "training": dict(self.training),
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name}: {value!r} must be an integer in [{lo}, {hi}]")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: {value!r} must be a finite number > 0")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}: {value!r} must be a finite number >= 0")
+
+
+_SECTIONS = {
+    "run": {"id", "rounds", "min_silos", "round_deadline_s", "quorum_timeout_s", "start_grace_s", "strategy", "aggregation"},
+    "silos": {"enrolled"},
+    "server": {"listen", "state_dir", "ca", "cert", "key", "insecure", "max_upload_bytes", "max_chunk_bytes"},
+    "model": None,
+    "training": None,
+}
+
+
+def parse_enum(enum_cls: type[enum.Enum], name: str, value: Any) -> Any:
+    """Parses a config string into ``enum_cls``, naming the field and the choices on error."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"{name}: {value!r} is not one of {choices}") from None
+
+
+def check_keys(data: Mapping[str, Any], sections: Mapping[str, set[str] | None], path: str) -> None:
+    """Raises ConfigError for unknown sections or keys (typos must not pass silently)."""
+    for sec, value in data.items():
+        if sec not in sections:
+            raise ConfigError(f"{path}: unknown section [{sec}] (expected one of {sorted(sections)})")
+        allowed = sections[sec]
+        if allowed is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: [{sec}] must be a table")
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(f"{sec}.{key}: unknown key (expected one of {sorted(allowed)})")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Reads a TOML file; ConfigError with the parser's message on a syntax error."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_federation_config(path: Path | str) -> FederationConfig:
+    """Loads and validates ``federation.toml``; relative paths are resolved against its folder.
+
+    Raises:
+        ConfigError: naming the bad field.
+    """
+    path = Path(path)
+    data = read_toml(path)
+    check_keys(data, _SECTIONS, str(path))
+    run = data.get("run", {})
+    server = data.get("server", {})
+    base = path.parent
+    for key in ("id", "rounds", "min_silos"):
+        if key not in run:
+            raise ConfigError(f"run.{key}: missing")
+    if "enrolled" not in data.get("silos", {}):
+        raise ConfigError("silos.enrolled: missing")
+    enrolled = data["silos"]["enrolled"]
+    if not isinstance(enrolled, list):
+        raise ConfigError(f"silos.enrolled: must be a list of names, got {enrolled!r}")
+    insecure = server.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"server.insecure: {insecure!r} must be true or false")
+    tls = None
+    if any(k in server for k in ("ca", "cert", "key")) or not insecure:
+        missing = [k for k in ("ca", "cert", "key") if k not in server]
+        if missing:
+            raise ConfigError(f"server.{missing[0]}: missing (required unless server.insecure = true)")
+        tls = TlsFiles(**{k: resolve_path(base, server[k], f"server.{k}") for k in ("ca", "cert", "key")})
+        tls.check_exist("server")
+    kwargs: dict[str, Any] = {
+        "run_id": run["id"],
+        "silos": tuple(enrolled),
+        "rounds": run["rounds"],
+        "min_silos": run["min_silos"],
+        "insecure": insecure,
+        "tls": tls,
+        "model": data.get("model", {}),
+        "training": data.get("training", {}),
+    }
+    for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
+        if key in run:
+            kwargs[key] = run[key]
+    if "strategy" in run:
+        kwargs["strategy"] = parse_enum(Strategy, "run.strategy", run["strategy"])
+    if "aggregation" in run:
+        kwargs["aggregation"] = parse_enum(AggregationMode, "run.aggregation", run["aggregation"])
+    if "listen" in server:
+        if not isinstance(server["listen"], str):
+            raise ConfigError(f"server.listen: {server['listen']!r} is not host:port")
+        kwargs["listen"] = server["listen"]
+    if "state_dir" in server:
+        kwargs["state_dir"] = resolve_path(base, server["state_dir"], "server.state_dir")
+    else:
+        kwargs["state_dir"] = base / "coordinator-state"
+    for key in ("max_upload_bytes", "max_chunk_bytes"):
+        if key in server:
+            kwargs[key] = server[key]
+    return FederationConfig(**kwargs)
+
+
+def resolve_path(base: Path, value: Any, name: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}: {value!r} must be a path string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)

@@ -1,0 +1,692 @@
+"""The run and round state machine: joins, tasks, streamed uploads, quorum and deadlines."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
+from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
+from fedsilo.coordinator.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from fedsilo.coordinator.store import SiloRow, Store
+from fedsilo.coordinator.tensors import Manifest
+from fedsilo.privacy.pki import Identity, Role
+
+log = logging.getLogger("fedsilo.coordinator")
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_METRIC_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+MAX_WEIGHT = 1e9
+MAX_WAIT_S = 60
+RESUME_GRACE_S = 30.0
+
+
+class RunState(enum.Enum):
+    """Life cycle of a run (values are stored in the database)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class TaskKind(enum.Enum):
+    """What an agent should do next."""
+
+    WAIT = "wait"
+    TRAIN = "train"
+    STOP = "stop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """Answer to a task poll."""
+
+    kind: TaskKind
+    round: int = 0
+    base_round: int = 0
+    deadline_ms: int = 0
+    last_closed_round: int = 0
+    state: RunState = RunState.WAITING
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadHeader:
+    """First part of an upload stream."""
+
+    round: int
+    weight: float
+    manifest: Manifest
+    wire_bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadChunk:
+    """Payload bytes of an upload stream."""
+
+    data: bytes
+    wire_bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadTrailer:
+    """Last part of an upload stream."""
+
+    num_chunks: int
+    sha256: bytes
+    wire_bytes: int = 0
+
+
+UploadPart = UploadHeader | UploadChunk | UploadTrailer
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitResult:
+    """An accepted upload."""
+
+    round: int
+    bytes_received: int
+    uploads_in_round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregateInfo:
+    """A closed round's aggregate on disk."""
+
+    round: int
+    num_contributors: int
+    total_weight: float
+    manifest: Manifest
+    path: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloStatus:
+    """An enrolled silo as the coordinator sees it."""
+
+    name: str
+    joined: bool
+    last_seen_ms: int
+    rounds_contributed: int
+    num_train_examples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status:
+    """The run at a glance."""
+
+    run_id: str
+    state: RunState
+    open_round: int
+    last_closed_round: int
+    total_rounds: int
+    silos: tuple[SiloStatus, ...]
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSummary:
+    """One round's record."""
+
+    round: int
+    closed: bool
+    contributors: tuple[str, ...]
+    params_shared: int
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    metrics: dict[str, list[tuple[str, float, int]]]
+
+
+def _aggregator_for(mode: AggregationMode, manifest: Manifest) -> Aggregator:
+    if mode is AggregationMode.PLAIN:
+        return PlainAggregator(manifest)
+    raise ConfigError(f"run.aggregation: {mode.value!r} is not supported")
+
+
+class Coordinator:
+    """One federated run, persisted in ``config.state_dir``.
+
+    All methods are plain Python: the gRPC servicer only converts messages and maps the
+    exceptions of ``fedsilo.coordinator.errors`` to status codes. A coordinator started on an
+    existing state dir resumes the run exactly where the database says it is.
+
+    Args:
+        config: the validated run config.
+        clock: seconds since the epoch (tests pass a fake clock).
+    """
+
+    def __init__(self, config: FederationConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = config
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._spool = state_dir / "spool"
+        self._sums = state_dir / "sums"
+        self._aggregates = state_dir / "aggregates"
+        for d in (self._spool, self._sums, self._aggregates):
+            d.mkdir(exist_ok=True)
+        for leftover in self._spool.iterdir():
+            leftover.unlink()
+        self._store = Store(state_dir / "coordinator.sqlite")
+        fingerprint = config.run_fingerprint()
+        stored = self._store.get_meta("run_fingerprint")
+        if stored is None:
+            with self._store.transaction():
+                self._store.set_meta("run_fingerprint", fingerprint)
+                self._store.set_meta("run_id", config.run_id)
+                self._store.set_meta("state", RunState.WAITING.value)
+                self._store.set_meta("message", "waiting for silos to join")
+        elif stored != fingerprint:
+            raise ConfigError(
+                f"state dir {state_dir} holds run {self._store.get_meta('run_id')!r} with a different "
+                "configuration (run id, silos, rounds, strategy, aggregation, model or training changed); "
+                "start the new run with a new server.state_dir"
+            )
+        self._agg: Aggregator | None = None
+        self._waiting_logged = -1
+        manifest = self._manifest()
+        if manifest is not None:
+            self._agg = _aggregator_for(config.aggregation, manifest)
+        self._resume()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _state(self) -> RunState:
+        return RunState(self._store.get_meta("state"))
+
+    def _manifest(self) -> Manifest | None:
+        data = self._store.get_json("manifest")
+        return None if data is None else Manifest.from_json(data)
+
+    def _sum_path(self, rnd: int, version: int) -> Path:
+        return self._sums / f"round_{rnd:06d}_v{version:06d}.f64"
+
+    def _aggregate_path(self, rnd: int) -> Path:
+        return self._aggregates / f"round_{rnd:06d}.bin"
+
+    def _resume(self) -> None:
+        """Reloads the running sum of the open round and re-arms its deadline."""
+        open_round = self._store.open_round()
+        keep = None
+        if open_round is not None and self._agg is not None:
+            self._agg.reset()
+            if open_round.sum_version > 0:
+                keep = self._sum_path(open_round.round, open_round.sum_version)
+                self._agg.load(keep)
+            grace = self._now_ms() + int(min(self.cfg.round_deadline_s, RESUME_GRACE_S) * 1000)
+            if open_round.deadline_ms < grace:
+                self._store.set_deadline(open_round.round, grace)
+            log.info("resuming round %d with %d upload(s) already counted", open_round.round, open_round.sum_version)
+        for f in self._sums.iterdir():
+            if f != keep:
+                f.unlink()
+        for f in self._aggregates.glob("*.tmp"):
+            f.unlink()
+
+    def _require_silo(self, caller: Identity) -> str:
+        if caller.role is not Role.SILO:
+            raise PermissionDenied(f"a {caller.role.value} certificate cannot act as a silo")
+        if caller.name not in self.cfg.silos:
+            raise PermissionDenied(f"silo {caller.name!r} is not enrolled in run {self.cfg.run_id!r}")
+        return caller.name
+
+    def _require_joined(self, caller: Identity) -> str:
+        name = self._require_silo(caller)
+        if name not in self._store.silos():
+            raise FailedPrecondition(f"silo {name!r} has not joined run {self.cfg.run_id!r}; call Join first")
+        return name
+
+    def require_admin(self, caller: Identity) -> None:
+        """Admin RPCs need an admin certificate.
+
+        Raises:
+            PermissionDenied: for any other role.
+        """
+        if caller.role is not Role.ADMIN:
+            raise PermissionDenied(f"admin RPCs need an admin certificate, not a {caller.role.value} one")
+
+    # -- run info and join --------------------------------------------------------------
+    def run_config(self, caller: Identity) -> FederationConfig:
+        """The run's config, for an enrolled silo (model and training settings included).
+
+        Raises:
+            PermissionDenied: not an enrolled silo.
+        """
+        self._require_silo(caller)
+        return self.cfg
+
+    def join(self, caller: Identity, *, model_fingerprint: str, num_train_examples: int,
+             manifest: Manifest, agent_version: str) -> tuple[str, RunState, int]:
+        """Joins (or re-joins) the run.
+
+        Returns:
+            (silo name, run state, last closed round).
+
+        Raises:
+            PermissionDenied: not an enrolled silo.
+            InvalidArgument: malformed fingerprint, example count or manifest.
+            FailedPrecondition: a model or manifest that differs from the other silos'.
+        """
+        name = self._require_silo(caller)
+        if not isinstance(model_fingerprint, str) or not _HEX64.match(model_fingerprint):
+            raise InvalidArgument("model_fingerprint must be 64 lowercase hex characters (SHA-256)")
+        if not 1 <= num_train_examples <= MAX_WEIGHT:
+            raise InvalidArgument(f"num_train_examples {num_train_examples} is not in [1, 10^9]")
+        if len(agent_version) > 64:
+            raise InvalidArgument("agent_version is longer than 64 characters")
+        with self._cond:
+            known_fp = self._store.get_meta("model_fingerprint")
+            if known_fp is not None and known_fp != model_fingerprint:
+                raise FailedPrecondition(
+                    f"model fingerprint {model_fingerprint[:12]}… differs from the run's {known_fp[:12]}…: "
+                    "the silo built a different model (check the fedsilo version and model settings)"
+                )
+            known_manifest = self._manifest()
+            if known_manifest is not None:
+                diff = manifest.difference(known_manifest)
+                if diff is not None:
+                    raise FailedPrecondition(f"shared tensors differ from the run's: {diff}")
+            if manifest.total_bytes > self.cfg.max_upload_bytes:
+                raise ResourceExhausted(
+                    f"an update of {manifest.total_bytes} bytes exceeds server.max_upload_bytes "
+                    f"({self.cfg.max_upload_bytes})"
+                )
+            now = self._now_ms()
+            with self._store.transaction():
+                if known_fp is None:
+                    self._store.set_meta("model_fingerprint", model_fingerprint)
+                    self._store.set_meta("manifest", _json(manifest.to_json()))
+                self._store.upsert_silo(SiloRow(name=name, joined_at_ms=now, last_seen_ms=now,
+                                                num_train_examples=int(num_train_examples),
+                                                agent_version=agent_version))
+            if self._agg is None:
+                self._agg = _aggregator_for(self.cfg.aggregation, manifest)
+            log.info("silo %s joined (%d training examples)", name, num_train_examples)
+            self._maybe_start()
+            self._cond.notify_all()
+            return name, self._state(), self._store.last_closed_round()
+
+    def _maybe_start(self) -> None:
+        if self._state() is not RunState.WAITING:
+            return
+        joined = len(self._store.silos())
+        if joined < self.cfg.min_silos:
+            return
+        now = self._now_ms()
+        quorum_at = self._store.get_meta("quorum_at_ms")
+        if quorum_at is None:
+            self._store.set_meta("quorum_at_ms", str(now))
+            quorum_at = str(now)
+        if joined == len(self.cfg.silos) or now >= int(quorum_at) + self.cfg.start_grace_s * 1000:
+            with self._store.transaction():
+                self._open_round(1)
+            log.info("run %s started with %d of %d silos", self.cfg.run_id, joined, len(self.cfg.silos))
+
+    def _open_round(self, rnd: int) -> None:
+        """Opens a round (inside a transaction, lock held)."""
+        assert self._agg is not None
+        now = self._now_ms()
+        self._store.insert_round(rnd, opened_at_ms=now, deadline_ms=now + int(self.cfg.round_deadline_s * 1000),
+                                 params_shared=self._agg.manifest.numel)
+        self._store.set_meta("state", RunState.RUNNING.value)
+        self._store.set_meta("message", f"round {rnd} open")
+        self._agg.reset()
+        self._waiting_logged = -1
+
+    # -- tasks --------------------------------------------------------------------------
+    def get_task(self, caller: Identity, *, after_round: int, wait_s: float) -> Task:
+        """Long-polls for the next task of ``caller`` after ``after_round``.
+
+        Raises:
+            InvalidArgument: ``after_round`` or ``wait_s`` out of range.
+        """
+        name = self._require_joined(caller)
+        if not 0 <= after_round <= self.cfg.rounds:
+            raise InvalidArgument(f"after_round {after_round} is not in [0, {self.cfg.rounds}]")
+        if not 0 <= wait_s <= MAX_WAIT_S:
+            raise InvalidArgument(f"wait_seconds {wait_s} is not in [0, {MAX_WAIT_S}]")
+        end = time.monotonic() + wait_s
+        with self._cond:
+            self._store.touch_silo(name, self._now_ms())
+            while True:
+                task = self._task_for(name, after_round)
+                left = end - time.monotonic()
+                if task.kind is not TaskKind.WAIT or left <= 0:
+                    return task
+                self._cond.wait(timeout=min(left, 1.0))
+
+    def _task_for(self, name: str, after_round: int) -> Task:
+        state = self._state()
+        last_closed = self._store.last_closed_round()
+        message = self._store.get_meta("message") or ""
+        if state in (RunState.FINISHED, RunState.FAILED):
+            return Task(kind=TaskKind.STOP, last_closed_round=last_closed, state=state, message=message)
+        open_round = self._store.open_round()
+        if state is RunState.RUNNING and open_round is not None and open_round.round > after_round:
+            if name not in self._store.uploads(open_round.round):
+                return Task(kind=TaskKind.TRAIN, round=open_round.round, base_round=open_round.round - 1,
+                            deadline_ms=open_round.deadline_ms, last_closed_round=last_closed, state=state,
+                            message=message)
+        return Task(kind=TaskKind.WAIT, last_closed_round=last_closed, state=state, message=message)
+
+    # -- uploads ------------------------------------------------------------------------
+    def _check_upload(self, name: str, header: UploadHeader) -> None:
+        """Raises unless ``name`` may upload ``header`` now (lock held)."""
+        state = self._state()
+        if state is not RunState.RUNNING:
+            raise FailedPrecondition(f"run {self.cfg.run_id!r} is {state.value}; no round is open")
+        open_round = self._store.open_round()
+        assert open_round is not None and self._agg is not None
+        if header.round != open_round.round:
+            when = "closed" if header.round < open_round.round else "not open yet"
+            raise FailedPrecondition(
+                f"round {header.round} is {when}; the open round is {open_round.round}"
+            )
+        if name in self._store.uploads(header.round):
+            raise AlreadyExists(f"silo {name!r} already uploaded its update for round {header.round}")
+
+    def submit(self, caller: Identity, parts: Iterable[UploadPart]) -> SubmitResult:
+        """Receives one upload stream, validates it completely, then adds it to the round.
+
+        Nothing is stored unless the whole stream is well-formed: one header, chunks whose
+        sizes add up to the manifest's, a trailer whose chunk count and SHA-256 match, finite
+        values. The payload is spooled to disk while it streams, so memory does not depend on
+        the update size or on the number of silos uploading at once.
+
+        Raises:
+            InvalidArgument, FailedPrecondition, AlreadyExists, ResourceExhausted: see the
+            messages; the running sum and the database are unchanged.
+        """
+        name = self._require_joined(caller)
+        it = iter(parts)
+        try:
+            header = next(it)
+        except StopIteration:
+            raise InvalidArgument("empty upload stream: expected a header") from None
+        if not isinstance(header, UploadHeader):
+            raise InvalidArgument("an upload stream must start with a header")
+        if not math.isfinite(header.weight) or not 0 < header.weight <= MAX_WEIGHT:
+            raise InvalidArgument(f"weight {header.weight} is not a finite number in (0, 10^9]")
+        if header.manifest.total_bytes > self.cfg.max_upload_bytes:
+            raise ResourceExhausted(
+                f"upload of {header.manifest.total_bytes} bytes exceeds server.max_upload_bytes "
+                f"({self.cfg.max_upload_bytes})"
+            )
+        with self._cond:
+            self._check_upload(name, header)
+            assert self._agg is not None
+            diff = header.manifest.difference(self._agg.manifest)
+            if diff is not None:
+                raise InvalidArgument(f"update does not match the run's shared tensors: {diff}")
+        spool = self._spool / f"r{header.round:06d}-{name}-{uuid.uuid4().hex}.part"
+        try:
+            received, digest, wire = self._receive(it, header, spool)
+            self._agg.validate(spool)
+            with self._cond:
+                self._check_upload(name, header)
+                result = self._accept(name, header, spool, digest, wire + header.wire_bytes, received)
+                self._cond.notify_all()
+            return result
+        finally:
+            spool.unlink(missing_ok=True)
+
+    def _receive(self, it: Iterator[UploadPart], header: UploadHeader, spool: Path) -> tuple[int, str, int]:
+        total = header.manifest.total_bytes
+        received = chunks = wire = 0
+        sha = hashlib.sha256()
+        trailer: UploadTrailer | None = None
+        with open(spool, "wb") as f:
+            while True:
+                try:
+                    part = next(it)
+                except StopIteration:
+                    break
+                except InvalidArgument:
+                    raise
+                except Exception as exc:  # the transport broke mid-stream (client cancelled, reset)
+                    raise InvalidArgument(f"upload stream broken after {received} of {total} bytes: {exc}") from None
+                if trailer is not None:
+                    raise InvalidArgument("message after the trailer")
+                wire += part.wire_bytes
+                if isinstance(part, UploadHeader):
+                    raise InvalidArgument("a second header in one upload stream")
+                if isinstance(part, UploadTrailer):
+                    trailer = part
+                    continue
+                n = len(part.data)
+                if n == 0:
+                    raise InvalidArgument("empty chunk")
+                if n > self.cfg.max_chunk_bytes:
+                    raise ResourceExhausted(
+                        f"chunk of {n} bytes exceeds the limit of {self.cfg.max_chunk_bytes} bytes")
+                if received + n > total:
+                    raise InvalidArgument(f"more payload bytes than the manifest's {total}")
+                f.write(part.data)
+                sha.update(part.data)
+                received += n
+                chunks += 1
+        if trailer is None:
+            raise InvalidArgument(f"upload truncated: stream ended after {received} of {total} bytes without a trailer")
+        if received != total:
+            raise InvalidArgument(f"upload truncated: {received} of {total} payload bytes received")
+        if trailer.num_chunks != chunks:
+            raise InvalidArgument(f"trailer announces {trailer.num_chunks} chunks, {chunks} were received")
+        if trailer.sha256 != sha.digest():
+            raise InvalidArgument("payload SHA-256 does not match the trailer: the upload was corrupted")
+        return received, sha.hexdigest(), wire
+
+    def _accept(self, name: str, header: UploadHeader, spool: Path, digest: str, wire: int,
+                received: int) -> SubmitResult:
+        """Adds a validated upload and persists the new sum before recording it (lock held)."""
+        assert self._agg is not None
+        rnd = header.round
+        row = self._store.get_round(rnd)
+        assert row is not None
+        old = self._sum_path(rnd, row.sum_version)
+        new = self._sum_path(rnd, row.sum_version + 1)
+        self._agg.add(spool, header.weight)
+        try:
+            self._agg.save(new)
+            with self._store.transaction():
+                self._store.record_upload(rnd, name, weight=header.weight, payload_bytes=received, sha256=digest,
+                                          wire_bytes=wire, now_ms=self._now_ms())
+        except BaseException:
+            self._agg.reset()
+            if row.sum_version > 0:
+                self._agg.load(old)
+            new.unlink(missing_ok=True)
+            raise
+        old.unlink(missing_ok=True)
+        uploads = self._store.uploads(rnd)
+        log.info("round %d: accepted upload from %s (%d/%d)", rnd, name, len(uploads), len(self.cfg.silos))
+        if len(uploads) == len(self.cfg.silos):
+            self._close_round(rnd)
+        return SubmitResult(round=rnd, bytes_received=received, uploads_in_round=len(uploads))
+
+    def _close_round(self, rnd: int) -> None:
+        """Writes the aggregate, closes the round and opens the next one (lock held)."""
+        assert self._agg is not None
+        row = self._store.get_round(rnd)
+        assert row is not None and row.state == "open"
+        path = self._aggregate_path(rnd)
+        self._agg.write_result(path, row.total_weight)
+        digest = _file_sha256(path)
+        with self._store.transaction():
+            self._store.close_round(rnd, now_ms=self._now_ms(), aggregate_sha256=digest)
+            if rnd >= self.cfg.rounds:
+                self._store.set_meta("state", RunState.FINISHED.value)
+                self._store.set_meta("message", f"finished: all {self.cfg.rounds} rounds closed")
+            else:
+                self._open_round(rnd + 1)
+        for f in self._sums.glob(f"round_{rnd:06d}_v*"):
+            f.unlink()
+        n = len(self._store.uploads(rnd))
+        log.info("round %d closed with %d contributor(s), total weight %g", rnd, n, row.total_weight)
+        self._cond.notify_all()
+
+    def tick(self) -> None:
+        """Applies deadlines: starts the run after the join grace, closes rounds at quorum."""
+        with self._cond:
+            state = self._state()
+            if state is RunState.WAITING:
+                self._maybe_start()
+                if self._state() is RunState.RUNNING:
+                    self._cond.notify_all()
+                return
+            if state is not RunState.RUNNING:
+                return
+            row = self._store.open_round()
+            if row is None:
+                return
+            now = self._now_ms()
+            if now < row.deadline_ms:
+                return
+            n = len(self._store.uploads(row.round))
+            if n >= self.cfg.min_silos:
+                log.warning("round %d: deadline passed, closing with %d of %d silos (quorum %d)",
+                            row.round, n, len(self.cfg.silos), self.cfg.min_silos)
+                self._close_round(row.round)
+            elif now >= row.deadline_ms + self.cfg.quorum_timeout_s * 1000:
+                msg = (f"failed: round {row.round} got {n} upload(s), fewer than min_silos = {self.cfg.min_silos}, "
+                       f"within round_deadline_s + quorum_timeout_s")
+                with self._store.transaction():
+                    self._store.set_meta("state", RunState.FAILED.value)
+                    self._store.set_meta("message", msg)
+                log.error("run %s %s", self.cfg.run_id, msg)
+                self._cond.notify_all()
+            elif self._waiting_logged != row.round:
+                self._waiting_logged = row.round
+                log.warning("round %d: deadline passed with %d upload(s); waiting for quorum (%d)",
+                            row.round, n, self.cfg.min_silos)
+
+    # -- aggregates, heartbeats, metrics ------------------------------------------------
+    def aggregate(self, caller: Identity, rnd: int) -> AggregateInfo:
+        """A closed round's aggregate, for an enrolled silo.
+
+        Raises:
+            InvalidArgument: round out of range.
+            FailedPrecondition: the round is not closed yet.
+        """
+        self._require_joined(caller)
+        if not 1 <= rnd <= self.cfg.rounds:
+            raise InvalidArgument(f"round {rnd} is not in [1, {self.cfg.rounds}]")
+        row = self._store.get_round(rnd)
+        if row is None or row.state != "closed":
+            raise FailedPrecondition(f"round {rnd} is not closed yet; its aggregate does not exist")
+        path = self._aggregate_path(rnd)
+        if not path.is_file():
+            raise NotFound(f"aggregate of round {rnd} is missing from the state dir")
+        manifest = self._manifest()
+        assert manifest is not None
+        return AggregateInfo(round=rnd, num_contributors=len(self._store.uploads(rnd)),
+                             total_weight=row.total_weight, manifest=manifest, path=path)
+
+    def count_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:
+        """Adds wire traffic (serialized message sizes) to a round's counters."""
+        if rnd >= 1:
+            self._store.add_bytes(rnd, up=up, down=down)
+
+    def heartbeat(self, caller: Identity) -> tuple[RunState, int]:
+        """Records liveness; returns (run state, open round or 0)."""
+        name = self._require_joined(caller)
+        self._store.touch_silo(name, self._now_ms())
+        row = self._store.open_round()
+        return self._state(), (row.round if row else 0)
+
+    def report_metrics(self, caller: Identity, rnd: int, metrics: list[tuple[str, float, int]],
+                       wire_bytes: int = 0) -> int:
+        """Stores a silo's evaluation numbers for a closed round.
+
+        Raises:
+            InvalidArgument: bad names, non-finite values, duplicates, too many.
+            FailedPrecondition: the round is not closed.
+        """
+        name = self._require_joined(caller)
+        if not 1 <= len(metrics) <= 64:
+            raise InvalidArgument(f"expected 1..64 metrics, got {len(metrics)}")
+        seen: set[str] = set()
+        for mname, value, n in metrics:
+            if not _METRIC_RE.match(mname):
+                raise InvalidArgument(f"metric name {mname!r} is not 1..64 chars of [a-z0-9_]")
+            if mname in seen:
+                raise InvalidArgument(f"metric {mname!r} appears twice")
+            seen.add(mname)
+            if not math.isfinite(value):
+                raise InvalidArgument(f"metric {mname!r} is not finite ({value})")
+            if not 0 <= n <= MAX_WEIGHT:
+                raise InvalidArgument(f"metric {mname!r}: num_examples {n} is not in [0, 10^9]")
+        row = self._store.get_round(rnd) if 1 <= rnd <= self.cfg.rounds else None
+        if row is None or row.state != "closed":
+            raise FailedPrecondition(f"round {rnd} is not closed; metrics are reported after its aggregate")
+        self._store.put_metrics(rnd, name, metrics, wire_bytes)
+        return len(metrics)
+
+    # -- admin --------------------------------------------------------------------------
+    def status(self) -> Status:
+        """The run at a glance."""
+        silos = self._store.silos()
+        contrib = self._store.contributions()
+        row = self._store.open_round()
+        return Status(
+            run_id=self.cfg.run_id,
+            state=self._state(),
+            open_round=row.round if row else 0,
+            last_closed_round=self._store.last_closed_round(),
+            total_rounds=self.cfg.rounds,
+            silos=tuple(
+                SiloStatus(name=s, joined=s in silos, last_seen_ms=silos[s].last_seen_ms if s in silos else 0,
+                           rounds_contributed=contrib.get(s, 0),
+                           num_train_examples=silos[s].num_train_examples if s in silos else 0)
+                for s in self.cfg.silos
+            ),
+            message=self._store.get_meta("message") or "",
+        )
+
+    def round_summaries(self) -> list[RoundSummary]:
+        """Every round so far."""
+        out = []
+        for r in self._store.rounds():
+            seconds = ((r.closed_at_ms - r.opened_at_ms) / 1000.0) if r.closed_at_ms else 0.0
+            out.append(RoundSummary(round=r.round, closed=r.state == "closed",
+                                    contributors=tuple(self._store.uploads(r.round)), params_shared=r.params_shared,
+                                    bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=seconds,
+                                    metrics=self._store.metrics(r.round)))
+        return out
+
+    def close(self) -> None:
+        """Closes the database."""
+        self._store.close()
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

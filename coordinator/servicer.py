@@ -1,0 +1,166 @@
+"""Thin gRPC servicers: unpack, call the plain ``Coordinator``, map exceptions to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from fedsilo.coordinator import wire
+from fedsilo.coordinator.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FedsiloError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from fedsilo.coordinator.run import Coordinator, TaskKind
+from fedsilo.privacy.pki import CertificateError, Identity, Role, identity_from_pem
+from fedsilo.v1 import admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+
+log = logging.getLogger("fedsilo.coordinator")
+
+#: The one table from our exceptions to gRPC status codes.
+STATUS_CODES: dict[type[FedsiloError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+#: Metadata key carrying "role:name" in --insecure mode only (there is no certificate then).
+INSECURE_IDENTITY_KEY = "x-fedsilo-insecure-identity"
+
+
+def caller_identity(context: grpc.ServicerContext, *, insecure: bool) -> Identity:
+    """The caller's identity: its client certificate; a metadata claim only in insecure mode.
+
+    Raises:
+        Unauthenticated: no client certificate (or, insecure, no identity claim).
+        PermissionDenied: a certificate that names no fedsilo role.
+    """
+    if insecure:
+        claim = dict(context.invocation_metadata()).get(INSECURE_IDENTITY_KEY, "")
+        role, _, name = claim.partition(":")
+        try:
+            return Identity(role=Role(role), name=name)
+        except ValueError:
+            raise Unauthenticated(f"insecure mode: metadata {INSECURE_IDENTITY_KEY} must be role:name") from None
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        raise Unauthenticated("no client certificate was presented")
+    try:
+        return identity_from_pem(pems[0])
+    except CertificateError as exc:
+        raise PermissionDenied(f"client certificate not usable: {exc}") from None
+
+
+def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Maps our exceptions to status codes; anything else is INTERNAL and logged."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except FedsiloError as exc:
+            code = STATUS_CODES[type(exc)]
+            log.info("%s refused: %s: %s", fn.__name__, code.name, exc)
+            context.abort(code, str(exc))
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator log")
+
+    return wrapper
+
+
+class FederationServicer(federation_pb2_grpc.FederationServicer):
+    """The agents' service."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+        self._insecure = coordinator.cfg.insecure
+
+    def _who(self, context: grpc.ServicerContext) -> Identity:
+        return caller_identity(context, insecure=self._insecure)
+
+    @_rpc
+    def GetRun(self, request, context):  # noqa: N802 - gRPC naming
+        return wire.run_info_to_proto(self._c.run_config(self._who(context)))
+
+    @_rpc
+    def Join(self, request, context):  # noqa: N802
+        name, state, last_closed = self._c.join(
+            self._who(context), model_fingerprint=request.model_fingerprint,
+            num_train_examples=request.num_train_examples,
+            manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version)
+        return federation_pb2.JoinResponse(silo_name=name, state=wire.run_state_to_proto(state),
+                                           last_closed_round=last_closed)
+
+    @_rpc
+    def GetTask(self, request, context):  # noqa: N802
+        task = self._c.get_task(self._who(context), after_round=request.after_round, wait_s=request.wait_seconds)
+        resp = wire.task_to_proto(task)
+        if task.kind is TaskKind.TRAIN:
+            self._c.count_bytes(task.round, down=resp.ByteSize())
+        return resp
+
+    @_rpc
+    def SubmitUpdate(self, request_iterator, context):  # noqa: N802
+        result = self._c.submit(self._who(context), wire.upload_parts(request_iterator))
+        return federation_pb2.SubmitUpdateResponse(round=result.round, bytes_received=result.bytes_received,
+                                                   uploads_in_round=result.uploads_in_round)
+
+    @_rpc
+    def FetchAggregate(self, request, context):  # noqa: N802
+        info = self._c.aggregate(self._who(context), request.round)
+        return self._counted(info.round, wire.aggregate_stream(info, self._c.cfg.max_chunk_bytes))
+
+    def _counted(self, rnd, responses):
+        total = 0
+        for resp in responses:
+            total += resp.ByteSize()
+            yield resp
+        self._c.count_bytes(rnd, down=total)
+
+    @_rpc
+    def Heartbeat(self, request, context):  # noqa: N802
+        state, open_round = self._c.heartbeat(self._who(context))
+        return federation_pb2.HeartbeatResponse(state=wire.run_state_to_proto(state), open_round=open_round)
+
+    @_rpc
+    def ReportMetrics(self, request, context):  # noqa: N802
+        stored = self._c.report_metrics(self._who(context), request.round, wire.metrics_from_proto(request),
+                                        wire_bytes=request.ByteSize())
+        return federation_pb2.ReportMetricsResponse(stored=stored)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """The study lead's service."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+
+    def _admin(self, context: grpc.ServicerContext) -> None:
+        self._c.require_admin(caller_identity(context, insecure=self._c.cfg.insecure))
+
+    @_rpc
+    def GetStatus(self, request, context):  # noqa: N802
+        self._admin(context)
+        return wire.status_to_proto(self._c.status())
+
+    @_rpc
+    def ListRounds(self, request, context):  # noqa: N802
+        self._admin(context)
+        return wire.rounds_to_proto(self._c.round_summaries())
+
+
+__all__ = ["AdminServicer", "FederationServicer", "STATUS_CODES", "caller_identity"]

@@ -1,0 +1,273 @@
+"""SQLite (WAL) persistence of run, round, participation and metrics state."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS silos (
+    name TEXT PRIMARY KEY,
+    joined_at_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    num_train_examples INTEGER NOT NULL,
+    agent_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    opened_at_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    closed_at_ms INTEGER,
+    sum_version INTEGER NOT NULL DEFAULT 0,
+    total_weight REAL NOT NULL DEFAULT 0,
+    params_shared INTEGER NOT NULL,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    aggregate_sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    round INTEGER NOT NULL,
+    silo TEXT NOT NULL,
+    weight REAL NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    accepted_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (round, silo)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL,
+    silo TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    num_examples INTEGER NOT NULL,
+    PRIMARY KEY (round, silo, name)
+);
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRow:
+    """One row of the ``rounds`` table."""
+
+    round: int
+    state: str
+    opened_at_ms: int
+    deadline_ms: int
+    closed_at_ms: int | None
+    sum_version: int
+    total_weight: float
+    params_shared: int
+    bytes_up: int
+    bytes_down: int
+    aggregate_sha256: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloRow:
+    """One row of the ``silos`` table."""
+
+    name: str
+    joined_at_ms: int
+    last_seen_ms: int
+    num_train_examples: int
+    agent_version: str
+
+
+class Store:
+    """The coordinator's database. Every write is one transaction; readers see committed state.
+
+    Args:
+        path: the SQLite file (created with its folder).
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def close(self) -> None:
+        """Closes the connection."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: all or nothing."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        """A value of the key/value table, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row["value"]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Sets a key/value entry (inside or outside a transaction)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def get_json(self, key: str) -> object | None:
+        """A JSON value of the key/value table."""
+        raw = self.get_meta(key)
+        return None if raw is None else json.loads(raw)
+
+    # -- silos --------------------------------------------------------------------------
+    def upsert_silo(self, row: SiloRow) -> None:
+        """Records a join (keeps the first join time)."""
+        with self._lock:
+            self._db.execute(
+                """INSERT INTO silos (name, joined_at_ms, last_seen_ms, num_train_examples, agent_version)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT(name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms,
+                       num_train_examples = excluded.num_train_examples,
+                       agent_version = excluded.agent_version""",
+                (row.name, row.joined_at_ms, row.last_seen_ms, row.num_train_examples, row.agent_version),
+            )
+
+    def touch_silo(self, name: str, now_ms: int) -> None:
+        """Updates a joined silo's last-seen time."""
+        with self._lock:
+            self._db.execute("UPDATE silos SET last_seen_ms = ? WHERE name = ?", (now_ms, name))
+
+    def silos(self) -> dict[str, SiloRow]:
+        """All joined silos by name."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM silos").fetchall()
+        return {r["name"]: SiloRow(**dict(r)) for r in rows}
+
+    # -- rounds -------------------------------------------------------------------------
+    def insert_round(self, rnd: int, *, opened_at_ms: int, deadline_ms: int, params_shared: int) -> None:
+        """Opens a round."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO rounds (round, state, opened_at_ms, deadline_ms, params_shared) VALUES (?, 'open', ?, ?, ?)",
+                (rnd, opened_at_ms, deadline_ms, params_shared),
+            )
+
+    def get_round(self, rnd: int) -> RoundRow | None:
+        """A round, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rounds WHERE round = ?", (rnd,)).fetchone()
+        return None if row is None else RoundRow(**dict(row))
+
+    def rounds(self) -> list[RoundRow]:
+        """All rounds in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
+        return [RoundRow(**dict(r)) for r in rows]
+
+    def open_round(self) -> RoundRow | None:
+        """The open round, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rounds WHERE state = 'open'").fetchone()
+        return None if row is None else RoundRow(**dict(row))
+
+    def last_closed_round(self) -> int:
+        """Highest closed round, 0 if none."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(round) AS r FROM rounds WHERE state = 'closed'").fetchone()
+        return int(row["r"] or 0)
+
+    def set_deadline(self, rnd: int, deadline_ms: int) -> None:
+        """Moves a round's deadline."""
+        with self._lock:
+            self._db.execute("UPDATE rounds SET deadline_ms = ? WHERE round = ?", (deadline_ms, rnd))
+
+    def record_upload(self, rnd: int, silo: str, *, weight: float, payload_bytes: int, sha256: str,
+                      wire_bytes: int, now_ms: int) -> None:
+        """Counts an accepted upload and advances the round's sum version."""
+        self._db.execute(
+            "INSERT INTO uploads (round, silo, weight, payload_bytes, sha256, accepted_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            (rnd, silo, weight, payload_bytes, sha256, now_ms),
+        )
+        self._db.execute(
+            """UPDATE rounds SET sum_version = sum_version + 1, total_weight = total_weight + ?,
+                   bytes_up = bytes_up + ? WHERE round = ?""",
+            (weight, wire_bytes, rnd),
+        )
+
+    def close_round(self, rnd: int, *, now_ms: int, aggregate_sha256: str) -> None:
+        """Marks a round closed."""
+        self._db.execute(
+            "UPDATE rounds SET state = 'closed', closed_at_ms = ?, aggregate_sha256 = ? WHERE round = ?",
+            (now_ms, aggregate_sha256, rnd),
+        )
+
+    def add_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:
+        """Adds wire traffic to a round's counters."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE rounds SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ? WHERE round = ?",
+                (up, down, rnd),
+            )
+
+    def uploads(self, rnd: int) -> dict[str, float]:
+        """Silo -> weight of the uploads accepted in a round."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, weight FROM uploads WHERE round = ? ORDER BY accepted_at_ms",
+                                    (rnd,)).fetchall()
+        return {r["silo"]: r["weight"] for r in rows}
+
+    def contributions(self) -> dict[str, int]:
+        """Silo -> number of closed rounds it contributed to."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT u.silo AS silo, COUNT(*) AS n FROM uploads u JOIN rounds r ON r.round = u.round
+                   WHERE r.state = 'closed' GROUP BY u.silo"""
+            ).fetchall()
+        return {r["silo"]: r["n"] for r in rows}
+
+    # -- metrics ------------------------------------------------------------------------
+    def put_metrics(self, rnd: int, silo: str, metrics: list[tuple[str, float, int]], wire_bytes: int) -> None:
+        """Stores (replaces) a silo's metrics for a round."""
+        with self.transaction() as db:
+            for name, value, n in metrics:
+                db.execute(
+                    """INSERT INTO metrics (round, silo, name, value, num_examples) VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT(round, silo, name) DO UPDATE SET value = excluded.value,
+                           num_examples = excluded.num_examples""",
+                    (rnd, silo, name, value, n),
+                )
+            db.execute("UPDATE rounds SET bytes_up = bytes_up + ? WHERE round = ?", (wire_bytes, rnd))
+
+    def metrics(self, rnd: int) -> dict[str, list[tuple[str, float, int]]]:
+        """Silo -> [(name, value, num_examples)] for a round."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT silo, name, value, num_examples FROM metrics WHERE round = ? ORDER BY silo, name", (rnd,)
+            ).fetchall()
+        out: dict[str, list[tuple[str, float, int]]] = {}
+        for r in rows:
+            out.setdefault(r["silo"], []).append((r["name"], r["value"], r["num_examples"]))
+        return out

@@ -1,0 +1,161 @@
+"""The coordinator's one conversion module between ``fedsilo.v1`` messages and plain objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.coordinator.run import (
+    AggregateInfo,
+    RoundSummary,
+    RunState,
+    Status,
+    Task,
+    TaskKind,
+    UploadChunk,
+    UploadHeader,
+    UploadPart,
+    UploadTrailer,
+)
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy
+from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec
+from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
+
+_RUN_STATE = {
+    RunState.WAITING: federation_pb2.RUN_STATE_WAITING_FOR_SILOS,
+    RunState.RUNNING: federation_pb2.RUN_STATE_RUNNING,
+    RunState.FINISHED: federation_pb2.RUN_STATE_FINISHED,
+    RunState.FAILED: federation_pb2.RUN_STATE_FAILED,
+}
+_TASK_KIND = {
+    TaskKind.WAIT: federation_pb2.TASK_KIND_WAIT,
+    TaskKind.TRAIN: federation_pb2.TASK_KIND_TRAIN,
+    TaskKind.STOP: federation_pb2.TASK_KIND_STOP,
+}
+_STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN}
+_AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN}
+
+
+def tensor_specs_from_proto(specs: Iterable[tensor_pb2.TensorSpec]) -> Manifest:
+    """Validates and converts a list of tensor specs (as in JoinRequest).
+
+    Raises:
+        InvalidArgument: unknown dtype, bad name or shape, duplicate names.
+    """
+    out = []
+    for t in specs:
+        try:
+            dtype = DType(t.dtype)
+        except ValueError:
+            raise InvalidArgument(f"tensor {t.name!r} has unknown dtype {t.dtype}") from None
+        out.append(TensorSpec(name=t.name, dtype=dtype, shape=tuple(int(d) for d in t.shape)))
+    return Manifest(tensors=tuple(out))
+
+
+def manifest_from_proto(msg: tensor_pb2.PayloadManifest) -> Manifest:
+    """Validates and converts a payload manifest, including its total size.
+
+    Raises:
+        InvalidArgument: as :func:`tensor_specs_from_proto`, or a total_bytes mismatch.
+    """
+    manifest = tensor_specs_from_proto(msg.tensors)
+    if msg.total_bytes != manifest.total_bytes:
+        raise InvalidArgument(f"manifest total_bytes {msg.total_bytes} != sum of tensor sizes {manifest.total_bytes}")
+    return manifest
+
+
+def manifest_to_proto(manifest: Manifest) -> tensor_pb2.PayloadManifest:
+    """Converts a manifest to its message."""
+    return tensor_pb2.PayloadManifest(
+        tensors=[tensor_pb2.TensorSpec(name=t.name, dtype=t.dtype.value, shape=list(t.shape)) for t in manifest.tensors],
+        total_bytes=manifest.total_bytes,
+    )
+
+
+def upload_parts(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iterator[UploadPart]:
+    """Converts an upload stream lazily, part by part, with each message's wire size."""
+    for req in requests:
+        kind = req.WhichOneof("part")
+        size = req.ByteSize()
+        if kind == "header":
+            h = req.header
+            yield UploadHeader(round=h.round, weight=h.weight, manifest=manifest_from_proto(h.manifest), wire_bytes=size)
+        elif kind == "chunk":
+            yield UploadChunk(data=req.chunk, wire_bytes=size)
+        elif kind == "trailer":
+            if len(req.trailer.sha256) != 32:
+                raise InvalidArgument("trailer sha256 must be exactly 32 bytes")
+            yield UploadTrailer(num_chunks=req.trailer.num_chunks, sha256=req.trailer.sha256, wire_bytes=size)
+        else:
+            raise InvalidArgument("an upload message carries none of header, chunk or trailer")
+
+
+def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
+    """The run parameters agents need."""
+    return federation_pb2.GetRunResponse(
+        run_id=cfg.run_id, total_rounds=cfg.rounds, strategy=_STRATEGY[cfg.strategy],
+        aggregation=_AGGREGATION[cfg.aggregation], model_config_json=json.dumps(dict(cfg.model)),
+        training_config_json=json.dumps(dict(cfg.training)), max_chunk_bytes=cfg.max_chunk_bytes,
+    )
+
+
+def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
+    """Converts a task."""
+    return federation_pb2.GetTaskResponse(
+        kind=_TASK_KIND[task.kind], round=task.round, base_round=task.base_round,
+        deadline_unix_ms=task.deadline_ms, last_closed_round=task.last_closed_round,
+        state=_RUN_STATE[task.state], message=task.message[:1024],
+    )
+
+
+def run_state_to_proto(state: RunState) -> int:
+    """Converts a run state."""
+    return _RUN_STATE[state]
+
+
+def aggregate_stream(info: AggregateInfo, chunk_bytes: int) -> Iterator[federation_pb2.FetchAggregateResponse]:
+    """Header, chunks of the aggregate file, trailer."""
+    yield federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
+        round=info.round, num_contributors=info.num_contributors, total_weight=info.total_weight,
+        manifest=manifest_to_proto(info.manifest)))
+    sha = hashlib.sha256()
+    n = 0
+    with open(Path(info.path), "rb") as f:
+        while block := f.read(chunk_bytes):
+            sha.update(block)
+            n += 1
+            yield federation_pb2.FetchAggregateResponse(chunk=block)
+    yield federation_pb2.FetchAggregateResponse(trailer=tensor_pb2.PayloadTrailer(num_chunks=n, sha256=sha.digest()))
+
+
+def metrics_from_proto(req: federation_pb2.ReportMetricsRequest) -> list[tuple[str, float, int]]:
+    """Plain (name, value, num_examples) triples."""
+    return [(m.name, m.value, m.num_examples) for m in req.metrics]
+
+
+def status_to_proto(status: Status) -> admin_pb2.GetStatusResponse:
+    """Converts the run status."""
+    return admin_pb2.GetStatusResponse(
+        run_id=status.run_id, state=_RUN_STATE[status.state], open_round=status.open_round,
+        last_closed_round=status.last_closed_round, total_rounds=status.total_rounds,
+        silos=[admin_pb2.SiloStatus(name=s.name, joined=s.joined, last_seen_unix_ms=s.last_seen_ms,
+                                    rounds_contributed=s.rounds_contributed,
+                                    num_train_examples=s.num_train_examples) for s in status.silos],
+        message=status.message[:1024],
+    )
+
+
+def rounds_to_proto(rounds: list[RoundSummary]) -> admin_pb2.ListRoundsResponse:
+    """Converts the round history."""
+    return admin_pb2.ListRoundsResponse(rounds=[
+        admin_pb2.RoundSummary(
+            round=r.round, closed=r.closed, contributors=list(r.contributors), params_shared=r.params_shared,
+            bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=r.seconds,
+            metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
+                federation_pb2.Metric(name=n, value=v, num_examples=k) for n, v, k in ms])
+                for silo, ms in sorted(r.metrics.items())],
+        ) for r in rounds
+    ])

@@ -1,0 +1,190 @@
+"""Validation and TOML-mapping helpers shared by the frozen config dataclasses of fedsilo.models."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MAX_SEED = 2**63 - 1
+
+
+def check_int(owner: str, name: str, value: object, *, minimum: int | None = None) -> None:
+    """Raises ValueError unless ``value`` is an int (not a bool) that is at least ``minimum``.
+
+    Args:
+        owner: Name of the config class, used in the message.
+        name: Name of the field, used in the message.
+        value: The value to check.
+        minimum: Smallest allowed value, or None for no bound.
+
+    Raises:
+        ValueError: If the value is not an int or is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+
+
+def check_seed(owner: str, name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is an int in [0, 2**63 - 1].
+
+    Args:
+        owner: Name of the config class, used in the message.
+        name: Name of the field, used in the message.
+        value: The value to check.
+
+    Raises:
+        ValueError: If the value is not a usable seed.
+    """
+    check_int(owner, name, value, minimum=0)
+    assert isinstance(value, int)
+    if value > _MAX_SEED:
+        raise ValueError(f"{owner}.{name} must be <= 2**63 - 1, got {value!r}")
+
+
+def check_float(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raises ValueError unless ``value`` is a finite real number inside the given interval.
+
+    Args:
+        owner: Name of the config class, used in the message.
+        name: Name of the field, used in the message.
+        value: The value to check (an int is accepted, a bool is not).
+        low: Lower bound of the interval.
+        high: Upper bound of the interval.
+        low_inclusive: Whether ``low`` itself is allowed.
+        high_inclusive: Whether ``high`` itself is allowed.
+
+    Raises:
+        ValueError: If the value is not a number or lies outside the interval.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+    v = float(value)
+    ok_low = v >= low if low_inclusive else v > low
+    ok_high = v <= high if high_inclusive else v < high
+    if not math.isfinite(v) or not (ok_low and ok_high):
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        raise ValueError(f"{owner}.{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_enum(owner: str, name: str, value: object, enum_type: type[enum.Enum]) -> None:
+    """Raises ValueError unless ``value`` is a member of ``enum_type``.
+
+    Args:
+        owner: Name of the config class, used in the message.
+        name: Name of the field, used in the message.
+        value: The value to check.
+        enum_type: The required enum class.
+
+    Raises:
+        ValueError: If the value is not a member (plain strings are rejected; use from_mapping).
+    """
+    if not isinstance(value, enum_type):
+        allowed = ", ".join(repr(m.value) for m in enum_type)
+        raise ValueError(f"{owner}.{name} must be a {enum_type.__name__} ({allowed}), got {value!r}")
+
+
+def _convert(owner: str, key: str, value: Any, hint: Any) -> Any:
+    """Converts one plain (TOML/JSON) value to the type that a config field declares."""
+    origin = typing.get_origin(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, str):
+            for member in hint:
+                if value.strip().lower() in (str(member.value).lower(), member.name.lower()):
+                    return member
+        allowed = ", ".join(repr(m.value) for m in hint)
+        raise ValueError(f"{owner}: key {key!r} must be one of {allowed}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{owner}: key {key!r} must be a list, got {value!r}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_convert(owner, f"{key}[{i}]", v, item_hint) for i, v in enumerate(value))
+    if hint is Path:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+        raise ValueError(f"{owner}: key {key!r} must be a path string, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{owner}: key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{owner}: key {key!r} must be an integer, got {value!r}")
+        return value
+    return value
+
+
+def config_from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Builds a config dataclass from plain values (strings for enums, lists for tuples).
+
+    Args:
+        cls: The frozen config dataclass to build.
+        data: A mapping as read from TOML or JSON. Missing keys take the defaults.
+
+    Returns:
+        A validated instance of ``cls``.
+
+    Raises:
+        ValueError: On a non-mapping, an unknown key, or a bad value (the message names the key).
+    """
+    owner = cls.__name__
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{owner}: expected a mapping (table), got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ValueError(
+            f"{owner}: unknown key(s) {', '.join(repr(k) for k in unknown)}; allowed keys: {', '.join(names)}"
+        )
+    kwargs = {k: _convert(owner, k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # e.g. a required field is missing
+        raise ValueError(f"{owner}: {exc}") from exc
+
+
+def config_to_mapping(config: object) -> dict[str, Any]:
+    """Returns the plain (TOML-writable) form of a config dataclass.
+
+    Enums become their values, tuples become lists and paths become strings, so that
+    ``type(c).from_mapping(c.to_mapping()) == c``.
+
+    Args:
+        config: A config dataclass instance.
+
+    Returns:
+        A new dict with one entry per field.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        v = getattr(config, f.name)
+        if isinstance(v, enum.Enum):
+            v = v.value
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, Path):
+            v = str(v)
+        out[f.name] = v
+    return out

@@ -1,0 +1,172 @@
+"""Per-image Dice and 95th-percentile Hausdorff distance with defined values for empty masks.
+
+Conventions, per image and foreground class (then averaged over the foreground classes):
+
+* Dice uses MONAI's ``DiceMetric(include_background=False, ignore_empty=False)``: both
+  prediction and mask empty gives 1, exactly one of them empty gives 0.
+* HD95 (in pixels, unit spacing) is the symmetric 95th-percentile surface distance in MONAI's
+  definition (edges are foreground pixels with a 4-neighbour outside the object or the image;
+  directed distances from one edge set to the nearest pixel of the other, 95th percentile by
+  linear interpolation, the larger of the two directions). Both empty gives 0; exactly one
+  empty gives the image diagonal ``sqrt(H**2 + W**2)``, an upper bound of any real value.
+
+So no NaN or infinity ever reaches a report. HD95 is computed here in plain torch because
+MONAI's ``HausdorffDistanceMetric`` needs SciPy, which the agent does not install; the tests
+cross-check both whenever SciPy is importable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SegmentationScores", "dice_and_hd95", "hd95_pixels", "to_labels"]
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """Scores of a batch, one value per image (mean over foreground classes).
+
+    Attributes:
+        dice: float64 tensor ``[N]`` with values in [0, 1].
+        hd95: float64 tensor ``[N]`` with values in [0, sqrt(H**2 + W**2)], in pixels.
+    """
+
+    dice: torch.Tensor
+    hd95: torch.Tensor
+
+
+def to_labels(pred: torch.Tensor) -> torch.Tensor:
+    """Turns network output or a label map into an int64 label map ``[N, 1, H, W]``.
+
+    Args:
+        pred: ``[N, C, H, W]`` with ``C >= 2``: logits or probabilities, reduced by argmax
+            over the channel dimension. ``[N, 1, H, W]``: already a label map (integer or bool;
+            a floating map must hold whole numbers).
+
+    Returns:
+        The label map.
+
+    Raises:
+        ValueError: On a wrong rank or a non-integral floating label map.
+    """
+    if pred.dim() != 4:
+        raise ValueError(f"pred must be [N, C, H, W], got shape {tuple(pred.shape)}")
+    if pred.shape[1] >= 2:
+        return pred.argmax(dim=1, keepdim=True).to(torch.int64)
+    if pred.is_floating_point() and not torch.equal(pred, pred.round()):
+        raise ValueError("a single-channel pred is read as a label map and must hold whole numbers")
+    return pred.to(torch.int64)
+
+
+def _edges(mask: torch.Tensor) -> torch.Tensor:
+    """Edge pixels of a bool ``[H, W]`` mask: set pixels with a 4-neighbour unset or off-image."""
+    p = F.pad(mask[None, None].to(torch.uint8), (1, 1, 1, 1), value=0)[0, 0]
+    interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~interior.bool()
+
+
+def _directed_p95(src: torch.Tensor, dst: torch.Tensor, q: float) -> float:
+    """Percentile ``q`` of the distances from each point of ``src`` to the nearest of ``dst``."""
+    nearest = torch.empty(src.shape[0], dtype=torch.float64)
+    chunk = 4096
+    for start in range(0, src.shape[0], chunk):
+        d = torch.cdist(src[start : start + chunk], dst)
+        nearest[start : start + chunk] = d.min(dim=1).values
+    return float(torch.quantile(nearest, q))
+
+
+def hd95_pixels(pred: torch.Tensor, mask: torch.Tensor, *, percentile: float = 95.0) -> float:
+    """Symmetric percentile Hausdorff distance between two bool ``[H, W]`` masks, in pixels.
+
+    Args:
+        pred: Predicted foreground, bool ``[H, W]``.
+        mask: Reference foreground, bool ``[H, W]``.
+        percentile: Percentile in [0, 100].
+
+    Returns:
+        The distance; 0 when both are empty, the image diagonal when exactly one is.
+
+    Raises:
+        ValueError: On shapes that are not equal and 2-D, or a bad percentile.
+    """
+    if pred.dim() != 2 or pred.shape != mask.shape:
+        raise ValueError(f"pred and mask must be equal [H, W], got {tuple(pred.shape)} and {tuple(mask.shape)}")
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    pred = pred.bool()
+    mask = mask.bool()
+    has_p, has_m = bool(pred.any()), bool(mask.any())
+    if not has_p and not has_m:
+        return 0.0
+    if not (has_p and has_m):
+        return math.hypot(*pred.shape)
+    ep = _edges(pred).nonzero().to(torch.float64)
+    em = _edges(mask).nonzero().to(torch.float64)
+    q = percentile / 100.0
+    return max(_directed_p95(ep, em, q), _directed_p95(em, ep, q))
+
+
+def dice_and_hd95(
+    pred_logits_or_labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+) -> SegmentationScores:
+    """Scores a batch of 2-D segmentations image by image.
+
+    Args:
+        pred_logits_or_labels: ``[N, C, H, W]`` logits/probabilities (``C >= 2``, argmax taken)
+            or an ``[N, 1, H, W]`` label map.
+        mask: Reference label map ``[N, 1, H, W]`` (integer; bool accepted).
+        num_classes: Number of classes including background. Defaults to ``C`` for logits and
+            to ``max(2, largest label + 1)`` for label maps.
+
+    Returns:
+        Per-image Dice and HD95, each averaged over the foreground classes ``1..K-1``.
+
+    Raises:
+        ValueError: On bad shapes, negative labels or labels not below ``num_classes``.
+    """
+    from monai.metrics import DiceMetric
+
+    labels = to_labels(pred_logits_or_labels)
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be [N, 1, H, W], got shape {tuple(mask.shape)}")
+    if mask.is_floating_point() and not torch.equal(mask, mask.round()):
+        raise ValueError("mask must hold whole-number labels")
+    mask = mask.to(torch.int64)
+    if labels.shape != mask.shape:
+        raise ValueError(f"pred {tuple(labels.shape)} and mask {tuple(mask.shape)} do not match")
+    labels = labels.cpu()
+    mask = mask.cpu()
+    if num_classes is None:
+        if pred_logits_or_labels.shape[1] >= 2:
+            num_classes = int(pred_logits_or_labels.shape[1])
+        else:
+            top = max(int(labels.max()), int(mask.max())) if labels.numel() else 0
+            num_classes = max(2, top + 1)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    for name, t in (("pred", labels), ("mask", mask)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} labels must lie in [0, {num_classes - 1}]")
+    n = labels.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return SegmentationScores(dice=empty, hd95=empty.clone())
+
+    pred_onehot = F.one_hot(labels[:, 0], num_classes).permute(0, 3, 1, 2).float()
+    mask_onehot = F.one_hot(mask[:, 0], num_classes).permute(0, 3, 1, 2).float()
+    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    dice = dice_metric(pred_onehot, mask_onehot).to(torch.float64)  # [N, K-1]
+    dice_metric.reset()
+
+    hd = torch.empty(n, num_classes - 1, dtype=torch.float64)
+    for i in range(n):
+        for c in range(1, num_classes):
+            hd[i, c - 1] = hd95_pixels(labels[i, 0] == c, mask[i, 0] == c)
+    return SegmentationScores(dice=dice.mean(dim=1), hd95=hd.mean(dim=1))

@@ -1,0 +1,240 @@
+"""Deterministic local training (DiceCE loss) and evaluation (Dice, HD95) of a segmentation network."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedsilo.models._config import (
+    check_enum,
+    check_float,
+    check_int,
+    check_seed,
+    config_from_mapping,
+    config_to_mapping,
+)
+from fedsilo.models.data import SegmentationDataset
+from fedsilo.models.metrics import dice_and_hd95
+
+__all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "train_local"]
+
+_TAG_TRAIN = 0x7EA1
+
+
+class Optimizer(enum.Enum):
+    """Local optimiser; a fresh one is created for every :func:`train_local` call."""
+
+    ADAM = "adam"
+    SGD = "sgd"  # with momentum 0.9
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Local training settings of one silo.
+
+    Attributes:
+        local_epochs: Passes over the local training set per call (per round).
+        batch_size: Images per optimiser step (the last batch of an epoch may be smaller).
+        lr: Learning rate.
+        optimizer: Optimiser kind.
+        seed: Seed of the shuffling (and of dropout, if any), combined with the round index.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 4
+    lr: float = 3e-3
+    optimizer: Optimizer = Optimizer.ADAM
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_int(owner, "local_epochs", self.local_epochs, minimum=1)
+        check_int(owner, "batch_size", self.batch_size, minimum=1)
+        check_float(owner, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
+        check_enum(owner, "optimizer", self.optimizer, Optimizer)
+        check_seed(owner, "seed", self.seed)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Builds a config from plain TOML values; raises ValueError naming a bad or unknown key."""
+        return config_from_mapping(cls, d)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Returns the plain TOML form of this config."""
+        return config_to_mapping(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What one call of :func:`train_local` did.
+
+    Attributes:
+        loss: Example-weighted mean training loss over all steps of the call.
+        steps: Optimiser steps taken.
+        examples: Training examples processed (epochs times dataset size).
+    """
+
+    loss: float
+    steps: int
+    examples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    """Mean per-image scores on a dataset.
+
+    Attributes:
+        dice: Mean Dice over images, in [0, 1].
+        hd95: Mean HD95 over images, in pixels (see :mod:`fedsilo.models.metrics`).
+        n: Number of images.
+    """
+
+    dice: float
+    hd95: float
+    n: int
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([_TAG_TRAIN, *parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _batch(dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(dataset, SegmentationDataset):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        images, masks = dataset.images[idx], dataset.masks[idx]
+    else:
+        items = [dataset[i] for i in indices]
+        images = torch.stack([torch.as_tensor(im) for im, _ in items])
+        masks = torch.stack([torch.as_tensor(m) for _, m in items])
+    return images.to(device=device, dtype=torch.float32), masks.to(device=device, dtype=torch.int64)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _dataset_len(dataset: Dataset[Any]) -> int:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ValueError("dataset must be a map-style Dataset with __len__") from exc
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if cfg.optimizer is Optimizer.ADAM:
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    round_index: int,
+) -> TrainResult:
+    """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
+
+    Loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``. Each epoch visits the data
+    in an order drawn from (``cfg.seed``, ``round_index``, epoch); dropout draws come from a
+    forked global RNG seeded the same way, so the caller's RNG is untouched and the same
+    model, data, config and round give bit-identical weights. A fresh optimiser is created
+    per call (no state carries over between rounds). The model is left in training mode.
+
+    Args:
+        model: Network producing ``[N, K, H, W]`` logits; trained in place.
+        dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.
+        cfg: Training settings.
+        round_index: Federated round number (>= 0), part of the shuffling seed.
+
+    Returns:
+        Loss, steps and examples of this call.
+
+    Raises:
+        ValueError: On an empty dataset, a bad config or a bad round index.
+    """
+    from monai.losses import DiceCELoss
+
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    check_int("train_local", "round_index", round_index, minimum=0)
+    n = _dataset_len(dataset)
+    if n == 0:
+        raise ValueError("cannot train on an empty dataset")
+    device = _device_of(model)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    optimizer = _make_optimizer(model, cfg)
+    seed = _derived_seed(cfg.seed, round_index)
+    order_gen = torch.Generator().manual_seed(seed)
+    total_loss = 0.0
+    steps = 0
+    examples = 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed ^ 0x5DEECE66D)
+        for _epoch in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=order_gen).tolist()
+            for start in range(0, n, cfg.batch_size):
+                images, masks = _batch(dataset, order[start : start + cfg.batch_size], device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(images), masks)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * images.shape[0]
+                steps += 1
+                examples += images.shape[0]
+    return TrainResult(loss=total_loss / examples, steps=steps, examples=examples)
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int = 16,
+) -> EvalResult:
+    """Scores ``model`` on ``dataset``: mean per-image Dice and HD95 of the argmax prediction.
+
+    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous mode.
+
+    Args:
+        model: Network producing ``[N, K, H, W]`` logits.
+        dataset: Map-style dataset of ``(image, mask)`` pairs.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Mean Dice, mean HD95 and the number of images.
+
+    Raises:
+        ValueError: On an empty dataset or a bad batch size.
+    """
+    check_int("evaluate", "batch_size", batch_size, minimum=1)
+    n = _dataset_len(dataset)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    dice_sum = 0.0
+    hd_sum = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                images, masks = _batch(dataset, list(range(start, min(n, start + batch_size))), device)
+                logits = model(images)
+                scores = dice_and_hd95(logits, masks, num_classes=int(logits.shape[1]))
+                dice_sum += float(scores.dice.sum())
+                hd_sum += float(scores.hd95.sum())
+    finally:
+        model.train(was_training)
+    return EvalResult(dice=dice_sum / n, hd95=hd_sum / n, n=n)

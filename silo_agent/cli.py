@@ -1,0 +1,173 @@
+"""The ``fedsilo`` command line: certs, coordinator, agent, status, demo.
+
+Commands import torch only when they need it, so ``fedsilo certs`` and ``fedsilo coordinator``
+run on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from fedsilo import __version__
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fedsilo")
+def main() -> None:
+    """fedsilo: cross-silo federated learning for medical imaging."""
+
+
+# -- certificates ------------------------------------------------------------------------
+@main.group()
+def certs() -> None:
+    """Create the federation CA and issue certificates."""
+
+
+@certs.command("init")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("certs"), show_default=True,
+              help="Folder for ca.pem and ca.key (keep ca.key offline).")
+@click.option("--days", type=int, default=3650, show_default=True, help="CA validity in days.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing CA (invalidates every issued certificate).")
+def certs_init(directory: Path, days: int, overwrite: bool) -> None:
+    """Create the federation CA."""
+    from fedsilo.privacy.pki import init_ca
+
+    try:
+        paths = init_ca(directory, valid_days=days, overwrite=overwrite)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"federation CA: {paths.cert} (key {paths.key}, mode 0600)")
+
+
+@certs.command("issue")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("certs"), show_default=True,
+              help="Folder holding ca.pem and ca.key.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default: --dir).")
+@click.option("--coordinator", "hosts", multiple=True, metavar="HOST",
+              help="Issue the coordinator's server certificate for HOST (repeatable: DNS names or IPs).")
+@click.option("--silo", metavar="NAME", help="Issue a silo (hospital) client certificate.")
+@click.option("--admin", metavar="NAME", help="Issue an operator certificate for the admin service.")
+@click.option("--days", type=int, default=365, show_default=True, help="Validity in days.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing certificate of that name.")
+def certs_issue(directory: Path, out: Path | None, hosts: tuple[str, ...], silo: str | None, admin: str | None,
+                days: int, overwrite: bool) -> None:
+    """Issue a certificate signed by the federation CA."""
+    from fedsilo.privacy.pki import CertificateError, Role, issue_certificate
+
+    chosen = [x for x in (bool(hosts), silo is not None, admin is not None) if x]
+    if len(chosen) != 1:
+        _fail("give exactly one of --coordinator HOST, --silo NAME, --admin NAME")
+    if hosts:
+        role, name = Role.COORDINATOR, "coordinator"
+    elif silo is not None:
+        role, name = Role.SILO, silo
+    else:
+        role, name = Role.ADMIN, str(admin)
+    try:
+        paths = issue_certificate(directory, out or directory, role=role, name=name, hosts=hosts,
+                                  valid_days=days, overwrite=overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError, CertificateError) as exc:
+        _fail(str(exc))
+    click.echo(f"{role.value} certificate: {paths.cert} (key {paths.key}, mode 0600)")
+
+
+# -- daemons -----------------------------------------------------------------------------
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="federation.toml")
+def coordinator(config_path: Path) -> None:
+    """Run the coordinator service (no torch needed)."""
+    from fedsilo.coordinator.config import ConfigError, load_federation_config
+    from fedsilo.coordinator.server import serve
+
+    try:
+        cfg = load_federation_config(config_path)
+        code = serve(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start the coordinator: {exc}", 1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="silo.toml")
+def agent(config_path: Path) -> None:
+    """Run a silo agent daemon."""
+    from fedsilo.coordinator.config import ConfigError
+    from fedsilo.silo_agent.config import load_agent_config
+
+    try:
+        cfg = load_agent_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from fedsilo.coordinator.server import setup_logging
+    from fedsilo.silo_agent.daemon import Agent, AgentError
+
+    setup_logging(Path(cfg.state_dir), "agent.log")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        code = Agent(cfg, stop=stop).run()
+    except AgentError as exc:
+        _fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--coordinator", "address", required=True, help="host:port")
+@click.option("--ca", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--cert", type=click.Path(path_type=Path, exists=True), required=True, help="An admin certificate.")
+@click.option("--key", type=click.Path(path_type=Path, exists=True), required=True)
+def status(address: str, ca: Path, cert: Path, key: Path) -> None:
+    """Print the run's status and round history as JSON (admin certificate)."""
+    import grpc
+
+    from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+
+    client = CoordinatorClient(address, Credentials(ca=ca, cert=cert, key=key), retry=False)
+    try:
+        out = {"status": client.status(), "rounds": client.rounds()}
+    except grpc.RpcError as err:
+        _fail(f"{err.code().name}: {err.details()}", 1)
+    finally:
+        client.close()
+    click.echo(json.dumps(out, indent=2))
+
+
+@main.command()
+@click.option("--silos", type=click.IntRange(1, 16), default=3, show_default=True, help="Number of silo agents.")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedbn"]), default="fedavg", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-demo"), show_default=True,
+              help="Where results.json (and the run's logs) go.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--insecure", is_flag=True, help="Plaintext gRPC without TLS (development only).")
+def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, insecure: bool) -> None:
+    """Run a whole federation on this machine: CA, coordinator and agents as processes, mTLS on loopback."""
+    from fedsilo.silo_agent.demo import DemoError, run_demo
+
+    try:
+        run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure)
+    except DemoError as exc:
+        _fail(str(exc), 1)
+
+
+if __name__ == "__main__":
+    main()

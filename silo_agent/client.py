@@ -1,0 +1,203 @@
+"""The agent's gRPC client: mTLS channel, stubs, and retries with backoff when the coordinator is away."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from fedsilo.coordinator.servicer import INSECURE_IDENTITY_KEY
+from fedsilo.coordinator.tensors import Manifest
+from fedsilo.silo_agent import wire
+from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+
+log = logging.getLogger("fedsilo.agent")
+T = TypeVar("T")
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: Client-side TLS failures: the coordinator's certificate or protocol is not what we trust.
+_OUR_TLS_REFUSAL = ("tls handshake failed", "certificate_verify_failed", "hostname verification", "wrong_version_number")
+#: The server closes the socket without an alert when it refuses our certificate; a coordinator that
+#: restarts mid-connection looks the same once, so only several in a row count as a refusal.
+_SOCKET_CLOSED = "socket closed"
+SOCKET_CLOSED_LIMIT = 5
+
+
+class Stopped(Exception):
+    """The agent was asked to stop while waiting to retry."""
+
+
+class TlsRefused(Exception):
+    """The TLS handshake failed: wrong CA, expired certificate, or wrong coordinator host."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credentials:
+    """How to reach the coordinator: mTLS files, or an insecure identity claim."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure_identity: str | None = None  # "role:name", only with --insecure
+
+
+def channel_options(max_chunk_bytes: int = 2**20) -> list[tuple[str, int]]:
+    """Channel options: a message limit just above one chunk, keepalive pings."""
+    limit = max(8 * 2**20, max_chunk_bytes + 2**20)
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+
+
+def open_channel(address: str, creds: Credentials) -> grpc.Channel:
+    """A channel to ``address`` with mutual TLS (or plaintext when ``creds`` is insecure)."""
+    if creds.insecure_identity is not None:
+        return grpc.insecure_channel(address, options=channel_options())
+    assert creds.ca and creds.cert and creds.key
+    ssl = grpc.ssl_channel_credentials(root_certificates=Path(creds.ca).read_bytes(),
+                                       private_key=Path(creds.key).read_bytes(),
+                                       certificate_chain=Path(creds.cert).read_bytes())
+    return grpc.secure_channel(address, ssl, options=channel_options())
+
+
+def tls_failure(err: grpc.RpcError) -> str | None:
+    """Classifies an UNAVAILABLE error: "ours" (we refuse the coordinator), "theirs" (possibly the
+    coordinator refusing our certificate), or None (down / unreachable: retry)."""
+    if err.code() is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    details = (err.details() or "").lower()
+    if any(h in details for h in _OUR_TLS_REFUSAL):
+        return "ours"
+    if details.rstrip().endswith(_SOCKET_CLOSED):
+        return "theirs"
+    return None
+
+
+class CoordinatorClient:
+    """Calls the coordinator; retries UNAVAILABLE with exponential backoff until ``stop`` is set.
+
+    Args:
+        address: host:port of the coordinator.
+        creds: how to authenticate.
+        stop: set to abandon retries (raises ``Stopped``).
+        max_backoff_s: longest pause between attempts.
+        retry: False for one-shot commands: errors are raised at once.
+    """
+
+    def __init__(self, address: str, creds: Credentials, *, stop: threading.Event | None = None,
+                 max_backoff_s: float = 10.0, retry: bool = True) -> None:
+        self.address = address
+        self._channel = open_channel(address, creds)
+        self._stub = federation_pb2_grpc.FederationStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._md = ((INSECURE_IDENTITY_KEY, creds.insecure_identity),) if creds.insecure_identity else None
+        self.stop = stop or threading.Event()
+        self._max_backoff = max_backoff_s
+        self._retry_enabled = retry
+        self.chunk_bytes = 2**20
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        delay = 0.25
+        closed = 0
+        while True:
+            if self.stop.is_set():
+                raise Stopped(what)
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                kind = tls_failure(err)
+                if kind == "ours":
+                    raise TlsRefused(
+                        f"refusing the coordinator at {self.address}: {err.details()}. Check that tls.ca is the "
+                        "federation CA and that the coordinator's certificate names the host you dial."
+                    ) from None
+                closed = closed + 1 if kind == "theirs" else 0
+                if closed >= SOCKET_CLOSED_LIMIT:
+                    raise TlsRefused(
+                        f"the coordinator at {self.address} closed the connection during the TLS handshake "
+                        f"{closed} times in a row: it refuses this silo's certificate (not issued by the "
+                        "federation CA, expired, or revoked). Ask the federation operator; the coordinator's "
+                        "log names the reason."
+                    ) from None
+                if err.code() not in _RETRYABLE or not self._retry_enabled:
+                    raise
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, err.details(), delay)
+            if self.stop.wait(delay * random.uniform(0.8, 1.2)):
+                raise Stopped(what)
+            delay = min(delay * 2, self._max_backoff)
+
+    def get_run(self) -> wire.RunInfo:
+        """The run's parameters."""
+        info = wire.run_info_from_proto(self._retry("GetRun", lambda: self._stub.GetRun(
+            federation_pb2.GetRunRequest(), metadata=self._md, timeout=30)))
+        self.chunk_bytes = info.max_chunk_bytes or self.chunk_bytes
+        return info
+
+    def join(self, *, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str) -> str:
+        """Joins the run; returns the silo name the coordinator read from the certificate."""
+        req = wire.join_request(fingerprint=fingerprint, num_train_examples=num_train_examples,
+                                manifest=manifest, agent_version=agent_version)
+        return self._retry("Join", lambda: self._stub.Join(req, metadata=self._md, timeout=30)).silo_name
+
+    def get_task(self, after_round: int, wait_s: int = 10) -> wire.Task:
+        """Long-polls for the next task."""
+        req = federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=wait_s)
+        return wire.task_from_proto(self._retry("GetTask", lambda: self._stub.GetTask(
+            req, metadata=self._md, timeout=wait_s + 30)))
+
+    def submit(self, rnd: int, weight: float, arrays: Mapping[str, np.ndarray]) -> int:
+        """Streams one update (a retry after a lost connection resends the whole stream).
+
+        Returns:
+            The number of uploads the round has so far, this one included.
+        """
+        return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
+            wire.upload_requests(rnd, weight, arrays, self.chunk_bytes), metadata=self._md,
+            timeout=3600)).uploads_in_round
+
+    def fetch(self, rnd: int) -> wire.Aggregate:
+        """Fetches a closed round's aggregate."""
+        return self._retry("FetchAggregate", lambda: wire.aggregate_from_stream(self._stub.FetchAggregate(
+            federation_pb2.FetchAggregateRequest(round=rnd), metadata=self._md, timeout=3600)))
+
+    def heartbeat(self, rnd: int, activity: int) -> None:
+        """One heartbeat, no retry (the next one comes soon)."""
+        self._stub.Heartbeat(federation_pb2.HeartbeatRequest(round=rnd, activity=activity), metadata=self._md,
+                             timeout=10)
+
+    def report_metrics(self, rnd: int, metrics: Mapping[str, tuple[float, int]]) -> None:
+        """Reports evaluation numbers for a closed round."""
+        req = wire.metrics_request(rnd, metrics)
+        self._retry("ReportMetrics", lambda: self._stub.ReportMetrics(req, metadata=self._md, timeout=30))
+
+    # -- admin --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Admin: the run's status (needs an admin certificate)."""
+        return wire.status_from_proto(self._retry("GetStatus", lambda: self._admin.GetStatus(
+            admin_pb2.GetStatusRequest(), metadata=self._md, timeout=30)))
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Admin: the round history (needs an admin certificate)."""
+        return wire.rounds_from_proto(self._retry("ListRounds", lambda: self._admin.ListRounds(
+            admin_pb2.ListRoundsRequest(), metadata=self._md, timeout=30)))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Polls ``predicate`` until true or ``timeout`` seconds pass."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

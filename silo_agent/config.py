@@ -1,0 +1,147 @@
+"""The silo agent's configuration (``silo.toml``), validated before it dials anyone."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsilo.coordinator.config import ConfigError, TlsFiles, check_keys, parse_enum, read_toml, resolve_path
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class DataSource(enum.Enum):
+    """Where a silo's images come from."""
+
+    BUILTIN = "builtin"
+    FOLDER = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """A silo's data.
+
+    Attributes:
+        source: the built-in multi-domain generator, or a folder / datalist JSON.
+        domain: built-in only: which scanner domain this silo holds (0-based).
+        seed: seed of the generator and of the train/validation/test split.
+        path: folder only: a folder with images/ and masks/ (or labels/), or a datalist JSON.
+        options: further settings passed to the data loader (e.g. image_size, n_train).
+    """
+
+    source: DataSource = DataSource.BUILTIN
+    domain: int = 0
+    seed: int = 0
+    path: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, DataSource):
+            raise ConfigError(f"data.source: {self.source!r} is not a DataSource")
+        if isinstance(self.domain, bool) or not isinstance(self.domain, int) or self.domain < 0:
+            raise ConfigError(f"data.domain: {self.domain!r} must be an integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"data.seed: {self.seed!r} must be an integer >= 0")
+        if self.source is DataSource.FOLDER and self.path is None:
+            raise ConfigError("data.path: required when data.source = 'folder'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Everything a silo agent needs.
+
+    Attributes:
+        coordinator: host:port of the coordinator.
+        state_dir: the agent's checkpoint, state and log.
+        tls: CA, this silo's certificate and key; None only when ``insecure``.
+        insecure: plaintext gRPC (development only; loudly warned).
+        name: the silo's name; only used in insecure mode, where there is no certificate.
+        threads: torch CPU threads (0 = torch's default).
+        data: the silo's data.
+        heartbeat_s: seconds between heartbeats.
+    """
+
+    coordinator: str
+    state_dir: Path
+    tls: TlsFiles | None = None
+    insecure: bool = False
+    name: str | None = None
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    heartbeat_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"agent.coordinator: {self.coordinator!r} is not host:port")
+        if self.tls is None and not self.insecure:
+            raise ConfigError("tls: ca, cert and key are required unless agent.insecure = true")
+        if self.insecure and (self.name is None or not _NAME_RE.match(self.name)):
+            raise ConfigError(f"agent.name: insecure mode needs a valid silo name, got {self.name!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 256:
+            raise ConfigError(f"agent.threads: {self.threads!r} must be an integer in [0, 256]")
+        if not isinstance(self.heartbeat_s, (int, float)) or not 0.1 <= self.heartbeat_s <= 300:
+            raise ConfigError(f"agent.heartbeat_s: {self.heartbeat_s!r} must be in [0.1, 300]")
+
+
+_SECTIONS = {
+    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "heartbeat_s"},
+    "tls": {"ca", "cert", "key"},
+    "data": None,
+}
+_DATA_KEYS = {"source", "domain", "seed", "path"}
+
+
+def load_agent_config(path: Path | str) -> AgentConfig:
+    """Loads and validates ``silo.toml``; relative paths resolve against its folder.
+
+    Raises:
+        ConfigError: naming the bad field.
+    """
+    path = Path(path)
+    data = read_toml(path)
+    check_keys(data, _SECTIONS, str(path))
+    agent = data.get("agent", {})
+    base = path.parent
+    for key in ("coordinator", "state_dir"):
+        if key not in agent:
+            raise ConfigError(f"agent.{key}: missing")
+        if not isinstance(agent[key], str):
+            raise ConfigError(f"agent.{key}: {agent[key]!r} must be a string")
+    insecure = agent.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"agent.insecure: {insecure!r} must be true or false")
+    tls = None
+    tls_sec = data.get("tls", {})
+    if tls_sec or not insecure:
+        missing = [k for k in ("ca", "cert", "key") if k not in tls_sec]
+        if missing:
+            raise ConfigError(f"tls.{missing[0]}: missing (required unless agent.insecure = true)")
+        tls = TlsFiles(**{k: resolve_path(base, tls_sec[k], f"tls.{k}") for k in ("ca", "cert", "key")})
+        tls.check_exist("tls")
+    d = dict(data.get("data", {}))
+    data_kwargs: dict[str, Any] = {}
+    if "source" in d:
+        data_kwargs["source"] = parse_enum(DataSource, "data.source", d.pop("source"))
+    for key in ("domain", "seed"):
+        if key in d:
+            data_kwargs[key] = d.pop(key)
+    if "path" in d:
+        data_kwargs["path"] = resolve_path(base, d.pop("path"), "data.path")
+    data_kwargs["options"] = d
+    kwargs: dict[str, Any] = {
+        "coordinator": agent["coordinator"],
+        "state_dir": resolve_path(base, agent["state_dir"], "agent.state_dir"),
+        "tls": tls,
+        "insecure": insecure,
+        "data": DataConfig(**data_kwargs),
+    }
+    for key in ("name", "threads", "heartbeat_s"):
+        if key in agent:
+            kwargs[key] = agent[key]
+    return AgentConfig(**kwargs)
+

@@ -1,0 +1,249 @@
+"""The silo agent: joins a run, trains each round, uploads, applies aggregates, evaluates, reports."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedsilo import __version__
+from fedsilo.coordinator.tensors import Manifest
+from fedsilo.models import (
+    ModelConfig,
+    SiloSplits,
+    SyntheticConfig,
+    TrainConfig,
+    build_model,
+    evaluate,
+    model_fingerprint,
+    silo_splits,
+    train_local,
+    unseen_domain,
+)
+from fedsilo.privacy.pki import CertificateError, Role, check_certificate
+from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
+from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
+from fedsilo.silo_agent.state import AgentState
+from fedsilo.silo_agent.strategies import strategy_for
+from fedsilo.v1 import federation_pb2
+
+log = logging.getLogger("fedsilo.agent")
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 3
+
+
+class AgentError(Exception):
+    """A condition the agent cannot continue from; the message says what to fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloData:
+    """A silo's splits and, for the built-in data, the unseen domain."""
+
+    splits: SiloSplits
+    unseen: Dataset | None
+
+
+def load_data(cfg: DataConfig) -> SiloData:
+    """Loads the silo's data as configured.
+
+    Raises:
+        AgentError: a bad data setting or unreadable folder.
+    """
+    try:
+        if cfg.source is DataSource.BUILTIN:
+            scfg = SyntheticConfig.from_mapping({"seed": cfg.seed, **cfg.options})
+            return SiloData(splits=silo_splits(scfg, cfg.domain), unseen=unseen_domain(scfg))
+        from fedsilo.models import FolderConfig, load_folder
+
+        fcfg = FolderConfig.from_mapping({"path": str(cfg.path), "seed": cfg.seed, **cfg.options})
+        return SiloData(splits=load_folder(fcfg), unseen=None)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise AgentError(f"data: {exc}") from None
+
+
+def _len(ds: Dataset) -> int:
+    return len(ds)  # type: ignore[arg-type]
+
+
+class Agent:
+    """One silo's daemon.
+
+    Args:
+        cfg: the validated agent config.
+        stop: set it (e.g. from a SIGTERM handler) to stop at the next safe point.
+    """
+
+    def __init__(self, cfg: AgentConfig, *, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self._round = 0
+        self._activity = federation_pb2.AGENT_ACTIVITY_IDLE
+
+    def _credentials(self) -> Credentials:
+        if self.cfg.insecure:
+            log.warning("INSECURE: talking plaintext gRPC to the coordinator, without TLS or a certificate")
+            return Credentials(insecure_identity=f"{Role.SILO.value}:{self.cfg.name}")
+        tls = self.cfg.tls
+        assert tls is not None
+        try:
+            ident = check_certificate(Path(tls.cert), Path(tls.ca), key_path=Path(tls.key))
+        except CertificateError as exc:
+            raise AgentError(f"certificate check failed: {exc}") from None
+        if ident.role is not Role.SILO:
+            raise AgentError(f"{tls.cert} is a {ident.role.value} certificate; an agent needs a silo certificate")
+        log.info("this is silo %s (from %s)", ident.name, tls.cert)
+        return Credentials(ca=Path(tls.ca), cert=Path(tls.cert), key=Path(tls.key))
+
+    def run(self) -> int:
+        """Runs until the run ends or ``stop`` is set.
+
+        Returns:
+            EXIT_OK when the run finished (or the agent was stopped), EXIT_RUN_FAILED when the
+            coordinator ended the run as failed.
+
+        Raises:
+            AgentError: a condition that needs a person (bad certificate, bad config, refused join).
+        """
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        client = CoordinatorClient(self.cfg.coordinator, self._credentials(), stop=self.stop)
+        try:
+            return self._run(client)
+        except Stopped:
+            log.info("stopped")
+            return EXIT_OK
+        except TlsRefused as exc:
+            raise AgentError(str(exc)) from None
+        except grpc.RpcError as err:
+            raise AgentError(f"the coordinator refused: {err.code().name}: {err.details()}") from None
+        finally:
+            client.close()
+
+    def _run(self, client: CoordinatorClient) -> int:
+        info = client.get_run()
+        try:
+            model_cfg = ModelConfig.from_mapping(info.model_config)
+            train_cfg = TrainConfig.from_mapping(info.training_config)
+        except ValueError as exc:
+            raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
+        model = build_model(model_cfg)
+        fingerprint = model_fingerprint(model)
+        shared = strategy_for(info.strategy).shared_names(model)
+        data = load_data(self.cfg.data)
+        n_train = _len(data.splits.train)
+        state_dir = Path(self.cfg.state_dir)
+        state = AgentState.load(state_dir)
+        if state is None:
+            sd = model.state_dict()
+            state = AgentState(run_id=info.run_id, fingerprint=fingerprint,
+                               global_shared={k: sd[k].detach().clone() for k in shared},
+                               model={k: v.detach().clone() for k, v in sd.items()})
+            state.save(state_dir)
+        elif state.run_id != info.run_id or state.fingerprint != fingerprint:
+            raise AgentError(f"state dir {state_dir} belongs to run {state.run_id!r} with another model; "
+                             "use a new agent.state_dir for a new run")
+        else:
+            log.info("resuming: aggregates applied up to round %d, last round done %d",
+                     state.applied_round, state.done_round)
+        model.load_state_dict(state.model)
+        manifest = Manifest.of_arrays({k: state.global_shared[k].numpy() for k in shared})
+        silo_name = client.join(fingerprint=fingerprint, num_train_examples=n_train, manifest=manifest,
+                             agent_version=__version__)
+        log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
+                 silo_name, info.strategy.value, info.total_rounds, len(shared), len(state.model),
+                 manifest.numel)
+        beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
+        beat.start()
+        while True:
+            self._activity = federation_pb2.AGENT_ACTIVITY_IDLE
+            task = client.get_task(state.done_round, wait_s=10)
+            if task.kind == "wait":
+                continue
+            target = task.last_closed_round if task.kind == "stop" else task.base_round
+            self._catch_up(client, model, state, shared, data, target, info.total_rounds)
+            if task.kind == "stop":
+                if task.failed:
+                    log.error("the coordinator ended the run: %s", task.message)
+                    return EXIT_RUN_FAILED
+                log.info("run finished: %s", task.message)
+                return EXIT_OK
+            self._train_round(client, model, state, shared, data, task.round, train_cfg, n_train)
+
+    def _heartbeats(self, client: CoordinatorClient) -> None:
+        while not self.stop.wait(self.cfg.heartbeat_s):
+            try:
+                client.heartbeat(self._round, self._activity)
+            except grpc.RpcError:
+                pass
+
+    def _catch_up(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState, shared: list[str],
+                  data: SiloData, target: int, total_rounds: int) -> None:
+        """Applies aggregates up to ``target`` in order, then evaluates and reports once."""
+        self._activity = federation_pb2.AGENT_ACTIVITY_EVALUATING
+        while state.applied_round < target:
+            rnd = state.applied_round + 1
+            agg = client.fetch(rnd)
+            for k in shared:
+                delta = torch.from_numpy(np.ascontiguousarray(agg.arrays[k]))
+                state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
+            state.applied_round = rnd
+            state.save(Path(self.cfg.state_dir))
+            log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
+        self._load_global(model, state)
+        if state.applied_round > state.reported_round:
+            rnd = state.applied_round
+            metrics: dict[str, tuple[float, int]] = {}
+            if _len(data.splits.test):
+                res = evaluate(model, data.splits.test)
+                metrics.update(dice=(res.dice, res.n), hd95=(res.hd95, res.n))
+            if state.last_train_loss is not None and state.done_round == rnd:
+                metrics["train_loss"] = (state.last_train_loss, _len(data.splits.train))
+            if rnd == total_rounds and data.unseen is not None:
+                res = evaluate(model, data.unseen)
+                metrics.update(unseen_dice=(res.dice, res.n), unseen_hd95=(res.hd95, res.n))
+            if metrics:
+                client.report_metrics(rnd, metrics)
+                log.info("round %d: %s", rnd, ", ".join(f"{k}={v:.4f}" for k, (v, _) in metrics.items()))
+            state.reported_round = rnd
+            state.save(Path(self.cfg.state_dir))
+
+    @staticmethod
+    def _load_global(model: torch.nn.Module, state: AgentState) -> None:
+        """Model = the federation's shared values + this silo's local values."""
+        sd = {k: v.clone() for k, v in state.model.items()}
+        sd.update({k: v.clone() for k, v in state.global_shared.items()})
+        model.load_state_dict(sd)
+
+    def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
+                     shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int) -> None:
+        self._round = rnd
+        self._activity = federation_pb2.AGENT_ACTIVITY_TRAINING
+        result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
+        if self.stop.is_set():
+            raise Stopped("training")
+        sd = model.state_dict()
+        update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
+        self._activity = federation_pb2.AGENT_ACTIVITY_UPLOADING
+        try:
+            uploads_in = client.submit(rnd, float(n_train), update)
+            log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, result.loss,
+                     uploads_in)
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.ALREADY_EXISTS:
+                log.info("round %d: the coordinator already has this silo's upload", rnd)
+            elif err.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning("round %d: upload not accepted (%s); skipping this round", rnd, err.details())
+            else:
+                raise
+        state.model = {k: v.detach().clone() for k, v in sd.items()}
+        state.done_round = rnd
+        state.last_train_loss = result.loss
+        state.save(Path(self.cfg.state_dir))

@@ -1,0 +1,257 @@
+"""``fedsilo demo``: a whole federation on one machine, every part a real OS process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedsilo.privacy.pki import Role, init_ca, issue_certificate
+from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+
+console = Console(stderr=True)
+
+ADMIN_NAME = "demo-operator"
+#: Model and local-training settings of the demo (small enough for a 2-core laptop).
+DEMO_MODEL: dict[str, Any] = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
+DEMO_TRAINING: dict[str, Any] = {"local_epochs": 1, "batch_size": 8}
+
+
+class DemoError(Exception):
+    """The demo could not complete; the message says where to look."""
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+def silo_names(k: int) -> list[str]:
+    """hospital-a, hospital-b, …"""
+    return [f"hospital-{chr(ord('a') + i)}" if i < 26 else f"hospital-{i}" for i in range(k)]
+
+
+def free_port() -> int:
+    """A currently free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for sec, values in sections.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, seed: int, port: int,
+                  insecure: bool, round_deadline_s: float = 120.0) -> tuple[Path, list[Path]]:
+    """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths."""
+    certs = work / "certs"
+    server: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "state_dir": str(work / "coordinator")}
+    if insecure:
+        server["insecure"] = True
+    else:
+        server.update(ca=str(certs / "ca.pem"), cert=str(certs / "coordinator.pem"),
+                      key=str(certs / "coordinator.key"))
+    fed = work / "federation.toml"
+    fed.write_text(_toml({
+        "run": {"id": f"demo-{seed}", "rounds": rounds, "min_silos": max(1, len(names) - 1),
+                "round_deadline_s": round_deadline_s, "start_grace_s": 60, "strategy": strategy},
+        "silos": {"enrolled": names},
+        "server": server,
+        "model": {**DEMO_MODEL, "seed": seed},
+        "training": {**DEMO_TRAINING, "seed": seed},
+    }))
+    agents = []
+    for i, name in enumerate(names):
+        agent: dict[str, Any] = {"coordinator": f"localhost:{port}", "state_dir": str(work / name), "threads": 1}
+        sections: dict[str, dict[str, Any]] = {"agent": agent}
+        if insecure:
+            agent.update(insecure=True, name=name)
+        else:
+            sections["tls"] = {"ca": str(certs / "ca.pem"), "cert": str(certs / f"{name}.pem"),
+                               "key": str(certs / f"{name}.key")}
+        sections["data"] = {"source": "builtin", "domain": i, "seed": seed}
+        p = work / f"{name}.toml"
+        p.write_text(_toml(sections))
+        agents.append(p)
+    return fed, agents
+
+
+def make_certs(certs: Path, names: list[str]) -> None:
+    """A fresh federation CA, the coordinator's certificate for loopback, silo and admin certificates."""
+    init_ca(certs)
+    issue_certificate(certs, certs, role=Role.COORDINATOR, name="coordinator", hosts=["localhost", "127.0.0.1"])
+    for name in names:
+        issue_certificate(certs, certs, role=Role.SILO, name=name)
+    issue_certificate(certs, certs, role=Role.ADMIN, name=ADMIN_NAME)
+
+
+def _spawn(name: str, args: list[str], logs: Path) -> _Proc:
+    log = logs / f"{name}.log"
+    f = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    popen = subprocess.Popen([sys.executable, "-m", "fedsilo.silo_agent", *args], stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env=env)
+    f.close()
+    return _Proc(name=name, popen=popen, log=log)
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int) -> dict[str, Any]:
+    """Turns the coordinator's round history into the demo's results.json structure."""
+    out_rounds = []
+    unseen: dict[str, Any] = {}
+    for r in rounds:
+        silos = {}
+        for silo, ms in sorted(r["metrics"].items()):
+            entry: dict[str, Any] = {}
+            if "dice" in ms:
+                entry.update(dice=ms["dice"]["value"], hd95=ms["hd95"]["value"], n_test=ms["dice"]["num_examples"])
+            if "train_loss" in ms:
+                entry["train_loss"] = ms["train_loss"]["value"]
+            silos[silo] = entry
+            if r["round"] == total_rounds and "unseen_dice" in ms:
+                unseen[silo] = {"dice": ms["unseen_dice"]["value"], "hd95": ms["unseen_hd95"]["value"],
+                                "n": ms["unseen_dice"]["num_examples"]}
+        weighted = [(e["dice"], e["n_test"]) for e in silos.values() if "dice" in e]
+        n = sum(w for _, w in weighted)
+        out_rounds.append({
+            "round": r["round"], "silos": silos, "mean_dice": (sum(d * w for d, w in weighted) / n) if n else None,
+            "contributors": r["contributors"], "params_shared": r["params_shared"], "bytes_up": r["bytes_up"],
+            "bytes_down": r["bytes_down"], "seconds": round(r["seconds"], 3),
+        })
+    result: dict[str, Any] = {"rounds": out_rounds}
+    if unseen:
+        result["unseen_domain"] = {"dice": sum(v["dice"] for v in unseen.values()) / len(unseen), "silos": unseen}
+    return result
+
+
+def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float) -> Table:
+    table = Table(title=f"fedsilo demo: run {status.get('run_id', '?')} - {status.get('state', '?')}, "
+                        f"round {status.get('open_round') or status.get('last_closed_round', 0)}"
+                        f"/{status.get('total_rounds', '?')} - {time.monotonic() - started:.0f} s")
+    table.add_column("round", justify="right")
+    table.add_column("silo")
+    table.add_column("train loss", justify="right")
+    table.add_column("Dice", justify="right")
+    table.add_column("HD95 (px)", justify="right")
+    for r in rounds:
+        for silo, ms in sorted(r["metrics"].items()):
+            loss = ms.get("train_loss", {}).get("value")
+            dice = ms.get("dice", {}).get("value")
+            hd = ms.get("hd95", {}).get("value")
+            table.add_row(str(r["round"]), silo, f"{loss:.4f}" if loss is not None else "-",
+                          f"{dice:.4f}" if dice is not None else "-", f"{hd:.2f}" if hd is not None else "-")
+    return table
+
+
+def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
+             seed: int = 0, insecure: bool = False, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Runs the demo and writes ``out/results.json``; returns the results.
+
+    Raises:
+        DemoError: a process failed or the run did not finish in ``timeout_s``.
+    """
+    out = Path(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fedsilo-demo-"))
+    names = silo_names(silos)
+    procs: list[_Proc] = []
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: plaintext gRPC, no TLS, silo identities unverified.[/]")
+    try:
+        if not insecure:
+            make_certs(work / "certs", names)
+        port = free_port()
+        fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
+                                        insecure=insecure)
+        console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
+                      f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}; work dir {work}")
+        coord = _spawn("coordinator", ["coordinator", "--config", str(fed)], logs)
+        procs.append(coord)
+        if insecure:
+            admin = CoordinatorClient(f"127.0.0.1:{port}", Credentials(insecure_identity=f"admin:{ADMIN_NAME}"),
+                                      max_backoff_s=1.0)
+        else:
+            c = work / "certs"
+            admin = CoordinatorClient(f"localhost:{port}", Credentials(ca=c / "ca.pem", cert=c / f"{ADMIN_NAME}.pem",
+                                                                       key=c / f"{ADMIN_NAME}.key"), max_backoff_s=1.0)
+        agents = [_spawn(name, ["agent", "--config", str(cfg)], logs) for name, cfg in zip(names, agent_cfgs)]
+        procs += agents
+        started = time.monotonic()
+        status: dict[str, Any] = {}
+        history: list[dict[str, Any]] = []
+        with Live(console=console, refresh_per_second=2) as live:
+            while True:
+                if coord.popen.poll() is not None:
+                    raise DemoError(f"the coordinator exited ({coord.popen.returncode}):\n{_tail(coord.log)}")
+                status, history = admin.status(), admin.rounds()
+                live.update(_table(status, history, started))
+                done = [a for a in agents if a.popen.poll() is not None]
+                for a in done:
+                    if a.popen.returncode != 0:
+                        raise DemoError(f"agent {a.name} exited with {a.popen.returncode}:\n{_tail(a.log)}")
+                if len(done) == len(agents):
+                    break
+                if time.monotonic() - started > timeout_s:
+                    raise DemoError(f"the run did not finish within {timeout_s:.0f} s; logs in {logs}")
+                time.sleep(0.5)
+            status, history = admin.status(), admin.rounds()
+            live.update(_table(status, history, started))
+        admin.close()
+        if status["state"] != "finished":
+            raise DemoError(f"run ended as {status['state']}: {status['message']}")
+        results = results_from_rounds(history, rounds)
+        results["run"] = {"silos": names, "rounds": rounds, "strategy": strategy, "seed": seed,
+                          "transport": "insecure" if insecure else "mtls", "aggregation": "plain",
+                          "wall_seconds": round(time.monotonic() - started, 1)}
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out / "results.json")
+        first, last = results["rounds"][0]["mean_dice"], results["rounds"][-1]["mean_dice"]
+        console.print(f"mean Dice: round 1 {first:.4f} -> round {rounds} {last:.4f}; "
+                      f"unseen domain {results.get('unseen_domain', {}).get('dice', float('nan')):.4f}")
+        console.print(f"results: {out / 'results.json'}; logs: {logs}")
+        return results
+    finally:
+        for p in procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""The agent's persistent state: one checkpoint file, replaced atomically after every step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(kw_only=True)
+class AgentState:
+    """What an agent must not lose.
+
+    Attributes:
+        run_id: the run this state belongs to.
+        fingerprint: the model fingerprint joined with.
+        applied_round: aggregates 1..applied_round are in ``global_shared``.
+        done_round: last round this agent trained and uploaded (or gave up on).
+        reported_round: last round whose metrics were reported.
+        global_shared: the federation's shared parameters after ``applied_round``.
+        model: the silo's full model state (shared values as trained, local values personal).
+        last_train_loss: mean training loss of ``done_round``.
+    """
+
+    run_id: str
+    fingerprint: str
+    applied_round: int = 0
+    done_round: int = 0
+    reported_round: int = 0
+    global_shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_train_loss: float | None = None
+
+    def save(self, state_dir: Path) -> None:
+        """Writes the checkpoint atomically (temp file, fsync, rename)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / CHECKPOINT
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self.__dict__, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> AgentState | None:
+        """The saved state, or None if there is none."""
+        path = state_dir / CHECKPOINT
+        if not path.is_file():
+            return None
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**data)
