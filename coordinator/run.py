@@ -153,6 +153,7 @@ class RoundSummary:
     bytes_up: int
     bytes_down: int
     seconds: float
+    total_weight: float
     metrics: dict[str, list[tuple[str, float, int]]]
 
 
@@ -672,7 +673,7 @@ class Coordinator:
             out.append(RoundSummary(round=r.round, closed=r.state == "closed",
                                     contributors=tuple(self._store.uploads(r.round)), params_shared=r.params_shared,
                                     bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=seconds,
-                                    metrics=self._store.metrics(r.round)))
+                                    total_weight=r.total_weight, metrics=self._store.metrics(r.round)))
         return out
 
     def close(self) -> None:

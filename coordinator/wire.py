@@ -154,7 +154,7 @@ def rounds_to_proto(rounds: list[RoundSummary]) -> admin_pb2.ListRoundsResponse:
         admin_pb2.RoundSummary(
             round=r.round, closed=r.closed, contributors=list(r.contributors), params_shared=r.params_shared,
             bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=r.seconds,
-            metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
+            total_weight=r.total_weight, metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
                 federation_pb2.Metric(name=n, value=v, num_examples=k) for n, v, k in ms])
                 for silo, ms in sorted(r.metrics.items())],
         ) for r in rounds

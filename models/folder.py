@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -201,8 +202,8 @@ def _split(
     pairs: list[tuple[Path, Path]], cfg: FolderConfig, *, want_val: bool, want_test: bool
 ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]], list[tuple[Path, Path]]]:
     n = len(pairs)
-    n_val = round(n * cfg.val_fraction) if want_val else 0
-    n_test = round(n * cfg.test_fraction) if want_test else 0
+    n_val = math.floor(n * cfg.val_fraction + 0.5) if want_val else 0  # round half up
+    n_test = math.floor(n * cfg.test_fraction + 0.5) if want_test else 0
     if n - n_val - n_test < 1:
         raise ValueError(
             f"only {n} pair(s): too few for val_fraction={cfg.val_fraction} and test_fraction={cfg.test_fraction}"

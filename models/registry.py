@@ -195,10 +195,13 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def model_fingerprint(model: nn.Module) -> str:
     """Returns a sha256 hex digest of the model's state (structure and values).
 
-    The digest covers, in ``state_dict`` order, each entry's name, dtype, shape and raw bytes
-    (length-prefixed, so no two different states collide by concatenation). Taken right after
-    :func:`build_model`, it identifies architecture, config and initial weights: two silos
-    that built different networks, or the same network from different seeds, disagree.
+    The digest covers the module tree (each submodule's name, class and ``extra_repr``, so
+    e.g. GroupNorm and InstanceNorm, or two dropout rates, differ even where their tensors
+    coincide), then, in ``state_dict`` order, each entry's name, dtype, shape and raw bytes.
+    Every field is length-prefixed, so no two different states collide by concatenation.
+    Taken right after :func:`build_model`, it identifies architecture, config and initial
+    weights: two silos that built different networks, or the same network from different
+    seeds, disagree. Silos must run the same torch and MONAI versions to agree.
 
     Args:
         model: The network.
@@ -212,6 +215,10 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(struct.pack("<Q", len(chunk)))
         h.update(chunk)
 
+    for name, module in model.named_modules():
+        put(name.encode("utf-8"))
+        put(f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})".encode())
+    put(b"state_dict")
     for name, tensor in model.state_dict().items():
         put(name.encode("utf-8"))
         put(str(tensor.dtype).encode("ascii"))

@@ -114,6 +114,9 @@ class DomainStyle:
         num_objs: Circles drawn per image.
         background: Tissue intensity outside the objects, on a [0, 1] scale (objects 0.5-1 of
             the remaining range above it).
+        texture: Amplitude of smooth random tissue texture added to the whole signal (clutter
+            that can look like faint objects).
+        texture_sigma: Correlation length of that texture in pixels.
         gamma: Exponent applied to the [0, 1] signal.
         bias_strength: Amplitude of a smooth multiplicative bias field, ``1 + s * f`` with
             ``|f| <= 1`` a random low-order polynomial per image.
@@ -130,6 +133,8 @@ class DomainStyle:
     rad_max: int
     num_objs: int
     background: float
+    texture: float
+    texture_sigma: float
     gamma: float
     bias_strength: float
     blur_sigma: float
@@ -183,7 +188,9 @@ def domain_style(cfg: SyntheticConfig, domain: int) -> DomainStyle:
             rad_max=rad_max,
             num_objs=6,
             background=0.38,
-            gamma=1.9,
+            texture=0.2,
+            texture_sigma=round(5.0 * scale, 4),
+            gamma=2.4,
             bias_strength=0.45,
             blur_sigma=1.4,
             resolution=0.45,
@@ -210,6 +217,8 @@ def domain_style(cfg: SyntheticConfig, domain: int) -> DomainStyle:
         rad_max=rad_max,
         num_objs=int(values["num_objs"]),
         background=values["background"],
+        texture=values["texture"],
+        texture_sigma=round(values["texture_sigma"] * scale, 4),
         gamma=values["gamma"],
         bias_strength=values["bias_strength"],
         blur_sigma=values["blur_sigma"],
@@ -294,6 +303,7 @@ def _render(cfg: SyntheticConfig, style: DomainStyle, split: str, n: int) -> Seg
     masks = np.empty((n, size, size), dtype=np.int64)
     fields = np.empty((n, size, size))
     noise = np.empty((n, size, size))
+    texture = np.empty((n, size, size))
     for i in range(n):
         ss = np.random.SeedSequence([_TAG_IMAGE, cfg.seed, style.domain + 1, _SPLIT_CODES[split], i])
         shape_ss, style_ss = ss.spawn(2)
@@ -313,7 +323,10 @@ def _render(cfg: SyntheticConfig, style: DomainStyle, split: str, n: int) -> Seg
         rng = np.random.default_rng(style_ss)
         fields[i] = _bias_field(rng, size)
         noise[i] = rng.standard_normal((size, size))
-    x = np.power(np.clip(signals, 0.0, None), style.gamma)
+        texture[i] = rng.standard_normal((size, size))
+    texture = _gaussian_blur(texture, style.texture_sigma)
+    texture /= np.maximum(texture.std(axis=(1, 2), keepdims=True), 1e-12)
+    x = np.power(np.clip(signals + style.texture * texture, 0.0, 1.0), style.gamma)
     x = x * (1.0 + style.bias_strength * fields)
     x = _gaussian_blur(x, style.blur_sigma)
     x = _resample(x, style.resolution)

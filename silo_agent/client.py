@@ -89,10 +89,11 @@ class CoordinatorClient:
         stop: set to abandon retries (raises ``Stopped``).
         max_backoff_s: longest pause between attempts.
         retry: False for one-shot commands: errors are raised at once.
+        quiet: log retries at DEBUG instead of WARNING (for monitoring clients).
     """
 
     def __init__(self, address: str, creds: Credentials, *, stop: threading.Event | None = None,
-                 max_backoff_s: float = 10.0, retry: bool = True) -> None:
+                 max_backoff_s: float = 10.0, retry: bool = True, quiet: bool = False) -> None:
         self.address = address
         self._channel = open_channel(address, creds)
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
@@ -101,6 +102,7 @@ class CoordinatorClient:
         self.stop = stop or threading.Event()
         self._max_backoff = max_backoff_s
         self._retry_enabled = retry
+        self._retry_log_level = logging.DEBUG if quiet else logging.WARNING
         self.chunk_bytes = 2**20
 
     def close(self) -> None:
@@ -132,7 +134,8 @@ class CoordinatorClient:
                     ) from None
                 if err.code() not in _RETRYABLE or not self._retry_enabled:
                     raise
-                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, err.details(), delay)
+                log.log(self._retry_log_level, "%s: coordinator unavailable (%s); retrying in %.1f s", what,
+                        err.details(), delay)
             if self.stop.wait(delay * random.uniform(0.8, 1.2)):
                 raise Stopped(what)
             delay = min(delay * 2, self._max_backoff)

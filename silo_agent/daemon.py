@@ -148,7 +148,8 @@ class Agent:
                                model={k: v.detach().clone() for k, v in sd.items()})
             state.save(state_dir)
         elif state.run_id != info.run_id or state.fingerprint != fingerprint:
-            raise AgentError(f"state dir {state_dir} belongs to run {state.run_id!r} with another model; "
+            raise AgentError(f"state dir {state_dir} belongs to run {state.run_id!r} with model "
+                             f"{state.fingerprint[:12]}…, not run {info.run_id!r} with model {fingerprint[:12]}…; "
                              "use a new agent.state_dir for a new run")
         else:
             log.info("resuming: aggregates applied up to round %d, last round done %d",

@@ -202,11 +202,11 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         procs.append(coord)
         if insecure:
             admin = CoordinatorClient(f"127.0.0.1:{port}", Credentials(insecure_identity=f"admin:{ADMIN_NAME}"),
-                                      max_backoff_s=1.0)
+                                      max_backoff_s=1.0, quiet=True)
         else:
             c = work / "certs"
             admin = CoordinatorClient(f"localhost:{port}", Credentials(ca=c / "ca.pem", cert=c / f"{ADMIN_NAME}.pem",
-                                                                       key=c / f"{ADMIN_NAME}.key"), max_backoff_s=1.0)
+                                                                       key=c / f"{ADMIN_NAME}.key"), max_backoff_s=1.0, quiet=True)
         agents = [_spawn(name, ["agent", "--config", str(cfg)], logs) for name, cfg in zip(names, agent_cfgs)]
         procs += agents
         started = time.monotonic()

@@ -173,6 +173,7 @@ def rounds_from_proto(msg: Any) -> list[dict[str, Any]]:
     return [{
         "round": r.round, "closed": r.closed, "contributors": list(r.contributors), "params_shared": r.params_shared,
         "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "seconds": r.seconds,
+        "total_weight": r.total_weight,
         "metrics": {sm.silo: {m.name: {"value": m.value, "num_examples": m.num_examples} for m in sm.metrics}
                     for sm in r.metrics},
     } for r in msg.rounds]

@@ -56,7 +56,7 @@ class SiloMetrics(_message.Message):
     def __init__(self, silo: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_federation_pb2.Metric, _Mapping]]] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "closed", "contributors", "params_shared", "bytes_up", "bytes_down", "seconds", "metrics")
+    __slots__ = ("round", "closed", "contributors", "params_shared", "bytes_up", "bytes_down", "seconds", "metrics", "total_weight")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class RoundSummary(_message.Message):
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     round: int
     closed: bool
     contributors: _containers.RepeatedScalarFieldContainer[str]
@@ -73,7 +74,8 @@ class RoundSummary(_message.Message):
     bytes_down: int
     seconds: float
     metrics: _containers.RepeatedCompositeFieldContainer[SiloMetrics]
-    def __init__(self, round: _Optional[int] = ..., closed: _Optional[bool] = ..., contributors: _Optional[_Iterable[str]] = ..., params_shared: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ...) -> None: ...
+    total_weight: float
+    def __init__(self, round: _Optional[int] = ..., closed: _Optional[bool] = ..., contributors: _Optional[_Iterable[str]] = ..., params_shared: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., total_weight: _Optional[float] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
     __slots__ = ("rounds",)

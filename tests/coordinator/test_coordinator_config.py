@@ -1,0 +1,151 @@
+"""``load_federation_config``: a valid file loads; every malformed one raises ConfigError naming the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fedsilo.coordinator.config import AggregationMode, ConfigError, Strategy, load_federation_config
+
+VALID = """\
+[run]
+id = "study-2025"
+rounds = 5
+min_silos = 2
+round_deadline_s = 120.5
+quorum_timeout_s = 600
+start_grace_s = 0
+strategy = "fedbn"
+aggregation = "plain"
+
+[silos]
+enrolled = ["hospital-a", "hospital-b", "hospital-c"]
+
+[server]
+listen = "127.0.0.1:50099"
+state_dir = "state"
+ca = "tls/ca.pem"
+cert = "tls/coordinator.pem"
+key = "tls/coordinator.key"
+max_upload_bytes = 1048576
+max_chunk_bytes = 65536
+
+[model]
+name = "unet"
+channels = [16, 32]
+
+[training]
+epochs = 1
+lr = 0.01
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name in ("ca.pem", "coordinator.pem", "coordinator.key"):
+        (tls / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    return tmp_path
+
+
+def write(config_dir: Path, text: str) -> Path:
+    path = config_dir / "federation.toml"
+    path.write_text(text)
+    return path
+
+
+def replace_line(text: str, old: str, new: str) -> str:
+    """Replaces the one line starting with ``old`` (new may be empty to delete it)."""
+    lines = text.splitlines()
+    hits = [i for i, line in enumerate(lines) if line.startswith(old)]
+    assert len(hits) == 1, (old, hits)
+    lines[hits[0]] = new
+    return "\n".join(lines) + "\n"
+
+
+def test_valid_file_loads_with_paths_resolved_against_its_folder(config_dir: Path) -> None:
+    cfg = load_federation_config(write(config_dir, VALID))
+    assert cfg.run_id == "study-2025"
+    assert cfg.silos == ("hospital-a", "hospital-b", "hospital-c")
+    assert (cfg.rounds, cfg.min_silos) == (5, 2)
+    assert (cfg.round_deadline_s, cfg.quorum_timeout_s, cfg.start_grace_s) == (120.5, 600, 0)
+    assert cfg.strategy is Strategy.FEDBN and cfg.aggregation is AggregationMode.PLAIN
+    assert cfg.listen == "127.0.0.1:50099"
+    assert cfg.state_dir == config_dir / "state"
+    assert cfg.tls is not None and cfg.tls.ca == config_dir / "tls" / "ca.pem"
+    assert cfg.tls.key == config_dir / "tls" / "coordinator.key"
+    assert (cfg.max_upload_bytes, cfg.max_chunk_bytes) == (1048576, 65536)
+    assert dict(cfg.model) == {"name": "unet", "channels": [16, 32]}
+    assert dict(cfg.training) == {"epochs": 1, "lr": 0.01}
+    assert not cfg.insecure
+
+
+def test_minimal_insecure_file_uses_defaults(config_dir: Path) -> None:
+    text = '[run]\nid = "r"\nrounds = 1\nmin_silos = 1\n[silos]\nenrolled = ["a"]\n[server]\ninsecure = true\n'
+    cfg = load_federation_config(write(config_dir, text))
+    assert cfg.insecure and cfg.tls is None
+    assert cfg.strategy is Strategy.FEDAVG
+    assert cfg.state_dir == config_dir / "coordinator-state"
+
+
+BAD_CASES = {
+    "unknown-section": (VALID + "\n[extras]\nx = 1\n", r"unknown section \[extras\]"),
+    "unknown-key": (replace_line(VALID, "rounds =", "rounds = 5\nroundz = 6"), r"^run\.roundz: unknown key"),
+    "unknown-server-key": (replace_line(VALID, "listen =", 'listn = "127.0.0.1:1"'), r"^server\.listn: unknown key"),
+    "missing-rounds": (replace_line(VALID, "rounds =", ""), r"^run\.rounds: missing"),
+    "missing-id": (replace_line(VALID, "id =", ""), r"^run\.id: missing"),
+    "missing-enrolled": (replace_line(VALID, "enrolled =", ""), r"^silos\.enrolled: missing"),
+    "min-silos-above-silos": (replace_line(VALID, "min_silos =", "min_silos = 4"), r"^run\.min_silos: 4 "),
+    "min-silos-zero": (replace_line(VALID, "min_silos =", "min_silos = 0"), r"^run\.min_silos: 0 "),
+    "rounds-zero": (replace_line(VALID, "rounds =", "rounds = 0"), r"^run\.rounds: 0 "),
+    "rounds-not-int": (replace_line(VALID, "rounds =", 'rounds = "5"'), r"^run\.rounds: '5' "),
+    "rounds-bool": (replace_line(VALID, "rounds =", "rounds = true"), r"^run\.rounds: True "),
+    "bad-strategy": (replace_line(VALID, "strategy =", 'strategy = "fedsgd"'), r"^run\.strategy: 'fedsgd' is not one of"),
+    "bad-aggregation": (replace_line(VALID, "aggregation =", 'aggregation = "ckks"'), r"^run\.aggregation: 'ckks'"),
+    "negative-deadline": (replace_line(VALID, "round_deadline_s =", "round_deadline_s = -1"),
+                          r"^run\.round_deadline_s: -1 "),
+    "nan-timeout": (replace_line(VALID, "quorum_timeout_s =", "quorum_timeout_s = nan"), r"^run\.quorum_timeout_s: nan"),
+    "listen-no-port": (replace_line(VALID, "listen =", 'listen = "localhost"'), r"^server\.listen: 'localhost'"),
+    "listen-port-range": (replace_line(VALID, "listen =", 'listen = "0.0.0.0:70000"'), r"^server\.listen: "),
+    "listen-no-host": (replace_line(VALID, "listen =", 'listen = ":50051"'), r"^server\.listen: "),
+    "listen-not-string": (replace_line(VALID, "listen =", "listen = 50051"), r"^server\.listen: 50051"),
+    "tls-key-missing": (replace_line(VALID, "key =", ""), r"^server\.key: missing"),
+    "tls-cert-file-absent": (replace_line(VALID, "cert =", 'cert = "tls/nope.pem"'),
+                             r"^server\.cert: file .*nope\.pem does not exist"),
+    "duplicate-silos": (replace_line(VALID, "enrolled =", 'enrolled = ["hospital-a", "hospital-b", "hospital-a"]'),
+                        r"^silos\.enrolled: duplicate"),
+    "bad-silo-name": (replace_line(VALID, "enrolled =", 'enrolled = ["Hospital A", "hospital-b"]'),
+                      r"^silos\.enrolled: 'Hospital A'"),
+    "enrolled-not-list": (replace_line(VALID, "enrolled =", 'enrolled = "hospital-a"'), r"^silos\.enrolled: must be a list"),
+    "empty-enrolled": (replace_line(VALID, "enrolled =", "enrolled = []"), r"^silos\.enrolled: at least one"),
+    "bad-run-id": (replace_line(VALID, "id =", 'id = "my study"'), r"^run\.id: 'my study'"),
+    "chunk-too-big": (replace_line(VALID, "max_chunk_bytes =", "max_chunk_bytes = 8388608"),
+                      r"^server\.max_chunk_bytes: 8388608"),
+    "insecure-not-bool": (replace_line(VALID, "max_upload_bytes =", 'insecure = "yes"'), r"^server\.insecure: 'yes'"),
+    "run-not-table": ('run = 5\n[silos]\nenrolled = ["a"]\n', r"\[run\] must be a table"),
+    "model-not-table": ('model = "unet"\n' + VALID.replace('[model]\nname = "unet"\nchannels = [16, 32]\n', ""),
+                        r"^model: must be a table"),
+    "invalid-toml": (VALID.replace('id = "study-2025"', 'id = "study-2025'), r"not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("text, pattern", list(BAD_CASES.values()), ids=list(BAD_CASES))
+def test_malformed_file_raises_config_error_naming_the_field(config_dir: Path, text: str, pattern: str) -> None:
+    path = write(config_dir, text)
+    with pytest.raises(ConfigError) as info:
+        load_federation_config(path)
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_invalid_toml_message_names_the_file(config_dir: Path) -> None:
+    path = write(config_dir, "[run\n")
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_federation_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_federation_config(tmp_path / "absent.toml")

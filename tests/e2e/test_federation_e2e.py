@@ -1,0 +1,168 @@
+"""End to end: real processes (coordinator + agents via the CLI) on loopback with mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+from fedsilo.silo_agent.demo import ADMIN_NAME, free_port, make_certs, silo_names, write_configs
+
+pytestmark = pytest.mark.e2e
+
+
+class Federation:
+    """A coordinator and agents as OS processes, plus an admin client."""
+
+    def __init__(self, work: Path, *, silos: int, rounds: int, deadline_s: float) -> None:
+        self.work = work
+        self.names = silo_names(silos)
+        make_certs(work / "certs", self.names)
+        self.port = free_port()
+        self.fed, agent_cfgs = write_configs(work, names=self.names, rounds=rounds, strategy="fedavg", seed=0,
+                                             port=self.port, insecure=False, round_deadline_s=deadline_s)
+        self.agent_cfgs = dict(zip(self.names, agent_cfgs))
+        self.procs: dict[str, subprocess.Popen] = {}
+        c = work / "certs"
+        self.admin = CoordinatorClient(f"localhost:{self.port}", Credentials(
+            ca=c / "ca.pem", cert=c / f"{ADMIN_NAME}.pem", key=c / f"{ADMIN_NAME}.key"), max_backoff_s=0.5, quiet=True)
+
+    def start(self, name: str) -> subprocess.Popen:
+        args = ["coordinator", "--config", str(self.fed)] if name == "coordinator" else \
+            ["agent", "--config", str(self.agent_cfgs[name])]
+        log = open(self.work / f"{name}.out", "ab")  # noqa: SIM115
+        p = subprocess.Popen([sys.executable, "-m", "fedsilo.silo_agent", *args], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status, rounds = self.admin.status(), self.admin.rounds()
+            if predicate(status, rounds):
+                return status, rounds
+            for n, p in self.procs.items():
+                if n != "coordinator" and p.poll() not in (None, 0):
+                    pytest.fail(f"{n} exited with {p.returncode}:\n{self.log(n)}")
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {what}; status={self.admin.status()}\n{self.log('coordinator')}")
+
+    def wait_agents(self, timeout: float) -> None:
+        for n, p in self.procs.items():
+            if n != "coordinator":
+                assert p.wait(timeout=timeout) == 0, f"{n} failed:\n{self.log(n)}"
+
+    def log(self, name: str) -> str:
+        path = self.work / f"{name}.out"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-30:]) if path.exists() else ""
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.admin.close()
+
+
+@pytest.fixture
+def federation_factory(tmp_path: Path):
+    made: list[Federation] = []
+
+    def make(**kwargs) -> Federation:
+        fed = Federation(tmp_path, **kwargs)
+        made.append(fed)
+        return fed
+
+    yield make
+    for fed in made:
+        fed.close()
+
+
+def test_demo_normal_run(tmp_path: Path) -> None:
+    """`fedsilo demo` as a user runs it: 3 silos, mTLS, results.json with the documented structure."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "demo", "--rounds", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert set(r["silos"]) == {"hospital-a", "hospital-b", "hospital-c"}
+        assert sorted(r["contributors"]) == ["hospital-a", "hospital-b", "hospital-c"]
+        for silo in r["silos"].values():
+            assert 0.0 <= silo["dice"] <= 1.0 and silo["n_test"] > 0
+        assert r["params_shared"] > 0
+        # an upload is at least 4 bytes per parameter per silo, and so is the aggregate download
+        assert r["bytes_up"] >= 3 * 4 * r["params_shared"]
+        assert r["bytes_down"] >= 3 * 4 * r["params_shared"]
+        assert r["seconds"] > 0
+    assert rounds[-1]["mean_dice"] > rounds[0]["mean_dice"]
+    assert 0.0 <= results["unseen_domain"]["dice"] <= 1.0
+    assert results["run"]["transport"] == "mtls"
+
+
+def test_agent_killed_mid_round_rejoins_later(federation_factory) -> None:
+    """A silo dies in round 2: the round closes at quorum after its deadline; the silo rejoins in round 3."""
+    fed = federation_factory(silos=3, rounds=3, deadline_s=12.0)
+    # hospital-c has more data, so it is still training when round 2 opens and we kill it
+    with open(fed.agent_cfgs["hospital-c"], "a") as f:
+        f.write("n_train = 240\n")
+    fed.start("coordinator")
+    for n in fed.names:
+        fed.start(n)
+    fed.wait_for(lambda s, r: s["open_round"] == 2, 180, "round 2 to open")
+    fed.kill("hospital-c")
+    _, rounds = fed.wait_for(lambda s, r: len(r) >= 2 and r[1]["closed"], 120, "round 2 to close at quorum")
+    r2 = rounds[1]
+    assert sorted(r2["contributors"]) == ["hospital-a", "hospital-b"]
+    assert r2["seconds"] >= 12.0 - 0.5, "closed before its deadline without all silos"
+    fed.start("hospital-c")
+    status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 240, "the run to finish")
+    assert sorted(rounds[2]["contributors"]) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    fed.wait_agents(120)
+    c = {s["name"]: s for s in status["silos"]}["hospital-c"]
+    assert c["rounds_contributed"] == 2
+
+
+def test_coordinator_killed_and_restarted_resumes(federation_factory) -> None:
+    """SIGKILL the coordinator mid-round: on restart no round is counted twice, no update lost or doubled."""
+    fed = federation_factory(silos=3, rounds=3, deadline_s=120.0)
+    fed.start("coordinator")
+    for n in fed.names:
+        fed.start(n)
+    fed.wait_for(lambda s, r: len(r) >= 2 and len(r[1]["contributors"]) >= 1, 240,
+                 "round 2 to have its first upload")
+    fed.kill("coordinator")
+    time.sleep(1.0)
+    fed.start("coordinator")
+    status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 300, "the run to finish after restart")
+    fed.wait_agents(120)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    n_train = {s["name"]: s["num_train_examples"] for s in status["silos"]}
+    for r in rounds:
+        assert r["closed"]
+        assert sorted(r["contributors"]) == sorted(fed.names), r
+        # each upload's weight counted exactly once
+        assert r["total_weight"] == pytest.approx(sum(n_train.values())), r
+    assert all(s["rounds_contributed"] == 3 for s in status["silos"])

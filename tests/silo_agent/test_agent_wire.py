@@ -1,0 +1,68 @@
+"""The agent's conversions: upload streams and aggregate streams round-trip, corruption is caught."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedsilo.coordinator import wire as coord_wire
+from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.coordinator.run import UploadChunk, UploadHeader, UploadTrailer
+from fedsilo.silo_agent import wire
+from fedsilo.v1 import federation_pb2, tensor_pb2
+
+arrays = st.dictionaries(
+    st.sampled_from(["a.weight", "b.bias", "c"]),
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=7),
+               elements=st.floats(-1e3, 1e3, width=32)),
+    min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays, st.integers(1, 64))
+def test_upload_stream_is_parsed_back_by_the_coordinator(data, chunk) -> None:
+    reqs = list(wire.upload_requests(7, 12.0, data, chunk))
+    parts = list(coord_wire.upload_parts(reqs))
+    assert isinstance(parts[0], UploadHeader) and parts[0].round == 7 and parts[0].weight == 12.0
+    assert isinstance(parts[-1], UploadTrailer)
+    chunks = [p for p in parts if isinstance(p, UploadChunk)]
+    assert all(0 < len(c.data) <= chunk for c in chunks)
+    assert parts[-1].num_chunks == len(chunks)
+    assert sum(p.wire_bytes for p in parts) == sum(r.ByteSize() for r in reqs)
+    payload = b"".join(c.data for c in chunks)
+    assert len(payload) == parts[0].manifest.total_bytes
+
+
+def _aggregate_stream(data, chunk):
+    reqs = list(wire.upload_requests(1, 1.0, data, chunk))
+    header = reqs[0].header
+    out = [federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
+        round=3, num_contributors=2, total_weight=5.0, manifest=header.manifest))]
+    out += [federation_pb2.FetchAggregateResponse(chunk=r.chunk) for r in reqs[1:-1]]
+    out.append(federation_pb2.FetchAggregateResponse(trailer=reqs[-1].trailer))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays, st.integers(1, 64))
+def test_aggregate_stream_round_trip(data, chunk) -> None:
+    agg = wire.aggregate_from_stream(_aggregate_stream(data, chunk))
+    assert agg.round == 3 and agg.num_contributors == 2
+    assert set(agg.arrays) == set(data)
+    for k, v in data.items():
+        np.testing.assert_array_equal(agg.arrays[k], v)
+
+
+def test_corrupted_or_truncated_aggregate_is_refused() -> None:
+    data = {"w": np.arange(40, dtype=np.float32)}
+    stream = _aggregate_stream(data, 16)
+    bad = list(stream)
+    bad[1] = federation_pb2.FetchAggregateResponse(chunk=b"\x00" * len(stream[1].chunk))
+    with pytest.raises(InvalidArgument, match="corrupted"):
+        wire.aggregate_from_stream(bad)
+    with pytest.raises(InvalidArgument, match="truncated"):
+        wire.aggregate_from_stream(stream[:-1])
+    with pytest.raises(InvalidArgument, match="unexpected"):
+        wire.aggregate_from_stream([stream[1], *stream])
+    assert isinstance(stream[-1].trailer, tensor_pb2.PayloadTrailer)
