@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedsilo.coordinator.config import FederationConfig
+from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.coordinator.run import Coordinator
 from fedsilo.coordinator.servicer import AdminServicer, FederationServicer
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
@@ -21,6 +21,10 @@ log = logging.getLogger("fedsilo.coordinator")
 
 TICK_S = 0.2
 _MAX_MESSAGE = 8 * 2**20
+PLAINTEXT_AGGREGATION_WARNING = (
+    "aggregation = plain: the coordinator sees every silo's update in the clear. Encrypted aggregation "
+    "is the way to keep updates from the coordinator; use plain aggregation only where the coordinator is trusted."
+)
 INSECURE_WARNING = (
     "INSECURE: the coordinator is serving plaintext gRPC without TLS. Silo identities are unverified "
     "and everything on the wire is readable. Use this only on a development machine."
@@ -55,6 +59,8 @@ class CoordinatorServer:
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.coordinator), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if config.aggregation is AggregationMode.PLAIN:
+            log.warning(PLAINTEXT_AGGREGATION_WARNING)
         if config.insecure:
             log.warning(INSECURE_WARNING)
             self.port = self._server.add_insecure_port(config.listen)

@@ -190,6 +190,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
     procs: list[_Proc] = []
     if insecure:
         console.print("[bold red]WARNING: --insecure: plaintext gRPC, no TLS, silo identities unverified.[/]")
+    console.print("[bold yellow]WARNING: aggregation is plaintext: the coordinator sees each silo's update.[/]")
     try:
         if not insecure:
             make_certs(work / "certs", names)

@@ -275,8 +275,7 @@ def test_run_fails_after_quorum_timeout_with_a_message(new_coordinator, clock: F
     clock.advance(0.001)
     coord.tick()
     status = coord.status()
-    assert status.state is RunState.FAILED
-    assert (status.open_round, status.last_closed_round) == (1, 0)
+    assert status.state is RunState.FAILED and status.last_closed_round == 0
     assert "round 1" in status.message and "min_silos = 2" in status.message
     summary = coord.round_summaries()[0]
     assert not summary.closed and summary.contributors == ("hospital-a",)
