@@ -1,19 +1,4 @@
-"""Per-image Dice and 95th-percentile Hausdorff distance with defined values for empty masks.
-
-Conventions, per image and foreground class (then averaged over the foreground classes):
-
-* Dice uses MONAI's ``DiceMetric(include_background=False, ignore_empty=False)``: both
-  prediction and mask empty gives 1, exactly one of them empty gives 0.
-* HD95 (in pixels, unit spacing) is the symmetric 95th-percentile surface distance in MONAI's
-  definition (edges are foreground pixels with a 4-neighbour outside the object or the image;
-  directed distances from one edge set to the nearest pixel of the other, 95th percentile by
-  linear interpolation, the larger of the two directions). Both empty gives 0; exactly one
-  empty gives the image diagonal ``sqrt(H**2 + W**2)``, an upper bound of any real value.
-
-So no NaN or infinity ever reaches a report. HD95 is computed here with NumPy because
-MONAI's ``HausdorffDistanceMetric`` needs SciPy, which the agent does not install; the tests
-cross-check both whenever SciPy is importable.
-"""
+"""Per-image Dice and 95th-percentile Hausdorff distance, with defined values for empty masks."""
 
 from __future__ import annotations
 
@@ -124,6 +109,21 @@ def dice_and_hd95(
     num_classes: int | None = None,
 ) -> SegmentationScores:
     """Scores a batch of 2-D segmentations image by image.
+
+    Conventions, per image and foreground class (then averaged over the foreground classes):
+
+    * Dice is MONAI's ``DiceMetric(include_background=False, ignore_empty=False)``: both
+      prediction and mask empty gives 1, exactly one of them empty gives 0.
+    * HD95 (pixels, unit spacing) is the symmetric 95th-percentile surface distance as MONAI's
+      ``HausdorffDistanceMetric(percentile=95)`` defines it (edges are foreground pixels with
+      a 4-neighbour outside the object or the image; for each edge pixel the distance to the
+      nearest edge pixel of the other mask; 95th percentile by linear interpolation; the
+      larger of the two directions). Both empty gives 0; exactly one empty gives the image
+      diagonal ``sqrt(H**2 + W**2)``, an upper bound of any real value.
+
+    So no NaN or infinity ever reaches a report. HD95 is computed with NumPy
+    (:func:`hd95_pixels`) because MONAI's metric needs SciPy, which the agent does not
+    install; the tests cross-check the two whenever SciPy is importable.
 
     Args:
         pred_logits_or_labels: ``[N, C, H, W]`` logits/probabilities (``C >= 2``, argmax taken)

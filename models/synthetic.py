@@ -230,23 +230,17 @@ def domain_style(cfg: SyntheticConfig, domain: int) -> DomainStyle:
 
 
 def _gaussian_blur(batch: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of ``[N, H, W]`` with reflected borders."""
+    """Separable Gaussian blur of square images ``[N, S, S]`` with reflected borders."""
     if sigma <= 0:
         return batch
     radius = max(1, math.ceil(3 * sigma))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
-    out = batch
-    for axis in (1, 2):
-        pad = [(0, 0), (0, 0), (0, 0)]
-        pad[axis] = (radius, radius)
-        padded = np.pad(out, pad, mode="reflect")
-        n = out.shape[axis]
-        acc = np.zeros_like(out)
-        for k, w in enumerate(taps):
-            acc += w * np.take(padded, np.arange(k, k + n), axis=axis)
-        out = acc
-    return out
+    n = batch.shape[1]  # square images: the same length along both axes
+    rows = np.pad(batch, [(0, 0), (radius, radius), (0, 0)], mode="reflect")
+    out = sum(w * rows[:, k : k + n, :] for k, w in enumerate(taps))
+    cols = np.pad(out, [(0, 0), (0, 0), (radius, radius)], mode="reflect")
+    return sum(w * cols[:, :, k : k + n] for k, w in enumerate(taps))
 
 
 def _area_matrix(src: int, dst: int) -> np.ndarray:

@@ -341,6 +341,7 @@ def test_restart_keeps_an_accepted_upload_exactly_once(new_coordinator, clock: F
     assert_mean(second, 1, [update_a, update_b])
     info = second.aggregate(silo("hospital-a"), 1)
     assert (info.num_contributors, info.total_weight) == (2, 100.0)
+    assert second.round_summaries()[0].total_weight == 100.0
 
 
 def test_restart_with_a_changed_run_config_is_refused(new_coordinator, state_dir: Path,

@@ -84,10 +84,10 @@ def test_generation_is_fast() -> None:
     cfg = SyntheticConfig()
     silo_splits(cfg, 0)  # warm-up: imports
     best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
+    for _ in range(3):  # CPU time of this process, so a busy machine does not fail the test
+        start = time.process_time()
         splits = silo_splits(cfg, 1)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 88
     assert best < 0.5
 
