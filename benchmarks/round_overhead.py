@@ -439,18 +439,19 @@ def run_config(*, k: int, params: int, rounds: int, warmup: int, insecure: bool,
                 barrier.abort()
             except Exception:  # noqa: BLE001
                 pass
-        if coord is not None and coord.poll() is None:
-            coord.send_signal(signal.SIGTERM)
+        # silos first (they hold no state worth a graceful exit), then the coordinator
         for p in procs:
-            p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
-                p.join(timeout=5)
+        for p in procs:
+            p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join()
         for t in threads:
             t.join(timeout=5)
+        if coord is not None and coord.poll() is None:
+            coord.send_signal(signal.SIGTERM)
         if coord is not None:
             try:
                 coord.wait(timeout=15)
@@ -515,11 +516,11 @@ def render(results: list[ConfigResult], *, params: int, warmup: int, insecure: b
     transport = "INSECURE plaintext" if insecure else "mTLS"
     table = Table(title=f"Coordinator round overhead: {params:,} float32 parameters, {transport} on loopback, "
                         f"median of measured rounds (min-max)")
-    for col, just in [("silos", "right"), ("silo clients", "left"), ("overhead/round s", "right"),
-                      ("upload+agg s", "right"), ("download s", "right"), ("coord 'seconds'", "right"),
-                      ("coord CPU s", "right"), ("up B/param", "right"), ("down B/param", "right"),
-                      ("TCP up/down B/param", "right"), ("coord idle RSS MiB", "right"),
-                      ("coord peak RSS MiB", "right"), ("target", "left")]:
+    for col, just in [("silos", "right"), ("silo clients", "left"), ("overhead/round s\nmedian (min-max)", "right"),
+                      ("upload+agg s", "right"), ("download s", "right"), ("coord\n'seconds'", "right"),
+                      ("coord CPU\ns/round", "right"), ("B/param up/down\n(ListRounds)", "right"),
+                      ("B/param up/down\n(TCP, ss)", "right"), ("coord RSS MiB\nidle / peak", "right"),
+                      ("target", "left")]:
         table.add_column(col, justify=just)
     for i, r in enumerate(results):
         measured = r.rounds[warmup:]
@@ -532,19 +533,21 @@ def render(results: list[ConfigResult], *, params: int, warmup: int, insecure: b
         tcp = [m for m in measured if m.tcp_up is not None]
         tcp_s = (f"{med([m.tcp_up / per for m in tcp]):.3f} / {med([m.tcp_down / per for m in tcp]):.3f}"
                  if tcp else "n/a")
-        target = ""
+        target = []
         if i == 0:
-            target = f"overhead < {TARGET_OVERHEAD_S} s at {r.silos} silos"
-        if i == len(results) - 1 and len(results) > 1:
-            target = f"peak RSS flat (ratio <= {TARGET_RSS_RATIO})"
+            target.append(f"overhead < {TARGET_OVERHEAD_S} s: {'MET' if med(ov) < TARGET_OVERHEAD_S else 'MISSED'}")
+        if i > 0:
+            ratio = r.peak_rss_kib / results[0].peak_rss_kib
+            target.append(f"peak RSS x{ratio:.2f} vs {results[0].silos} silos (flat: <= {TARGET_RSS_RATIO}): "
+                          f"{'MET' if ratio <= TARGET_RSS_RATIO else 'MISSED'}")
         table.add_row(
             str(r.silos), r.clients,
             f"{med(ov):.3f} ({min(ov):.3f}-{max(ov):.3f})",
             f"{med([m.upload_s for m in measured]):.3f}", f"{med([m.download_s for m in measured]):.3f}",
             f"{med([a['seconds'] for a in adm_measured]):.3f}",
             f"{med([m.coord_cpu_s for m in measured]):.3f}",
-            f"{up:.4f}", f"{down:.4f}", tcp_s,
-            f"{r.idle_rss_kib / 1024:.1f}", f"{r.peak_rss_kib / 1024:.1f}", target,
+            f"{up:.4f} / {down:.4f}", tcp_s,
+            f"{r.idle_rss_kib / 1024:.1f} / {r.peak_rss_kib / 1024:.1f}", "\n".join(target),
         )
     console.print(table)
 
@@ -559,11 +562,15 @@ def render(results: list[ConfigResult], *, params: int, warmup: int, insecure: b
         ratio = last.peak_rss_kib / first.peak_rss_kib
         work_ratio = ((last.peak_rss_kib - last.idle_rss_kib) / max(1, first.peak_rss_kib - first.idle_rss_kib))
         ok = ratio <= TARGET_RSS_RATIO
+        slope = (last.peak_rss_kib - first.peak_rss_kib) / max(1, last.silos - first.silos)
+        update_bytes = 4 * params
         verdicts.append(
             f"coordinator peak RSS {first.silos} -> {last.silos} silos: {first.peak_rss_kib / 1024:.1f} -> "
             f"{last.peak_rss_kib / 1024:.1f} MiB, ratio {ratio:.2f} (target <= {TARGET_RSS_RATIO}): "
             f"{'MET' if ok else 'MISSED'}; above idle: {(first.peak_rss_kib - first.idle_rss_kib) / 1024:.1f} -> "
-            f"{(last.peak_rss_kib - last.idle_rss_kib) / 1024:.1f} MiB (x{work_ratio:.2f})")
+            f"{(last.peak_rss_kib - last.idle_rss_kib) / 1024:.1f} MiB (x{work_ratio:.2f}); "
+            f"{slope / 1024:.1f} MiB per extra silo = {slope * 1024 / update_bytes:.2f} x the update size "
+            f"({update_bytes / 2**20:.2f} MiB)")
         ovl = med([m.overhead_s for m in last.rounds[warmup:]])
         verdicts.append(f"overhead {first.silos} -> {last.silos} silos: {ov0:.3f} -> {ovl:.3f} s "
                         f"(x{ovl / ov0:.2f} for x{last.silos / first.silos:.2f} silos)")
@@ -595,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    console = Console(width=max(200, shutil.get_terminal_size().columns))
+    console = Console(width=max(180, shutil.get_terminal_size().columns))
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

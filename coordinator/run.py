@@ -198,8 +198,10 @@ class Coordinator:
                 self._store.set_meta("state", RunState.WAITING.value)
                 self._store.set_meta("message", "waiting for silos to join")
         elif stored != fingerprint:
+            run_id = self._store.get_meta("run_id")
+            self._store.close()
             raise ConfigError(
-                f"state dir {state_dir} holds run {self._store.get_meta('run_id')!r} with a different "
+                f"state dir {state_dir} holds run {run_id!r} with a different "
                 "configuration (run id, silos, rounds, strategy, aggregation, model or training changed); "
                 "start the new run with a new server.state_dir"
             )
@@ -613,8 +615,12 @@ class Coordinator:
         """Records liveness; returns (run state, open round or 0)."""
         name = self._require_joined(caller)
         self._store.touch_silo(name, self._now_ms())
+        return self._state(), self._open_round_number()
+
+    def _open_round_number(self) -> int:
+        """The round accepting uploads, 0 if none (also 0 once the run has ended)."""
         row = self._store.open_round()
-        return self._state(), (row.round if row else 0)
+        return row.round if row is not None and self._state() is RunState.RUNNING else 0
 
     def report_metrics(self, caller: Identity, rnd: int, metrics: list[tuple[str, float, int]],
                        wire_bytes: int = 0) -> int:
@@ -649,11 +655,10 @@ class Coordinator:
         """The run at a glance."""
         silos = self._store.silos()
         contrib = self._store.contributions()
-        row = self._store.open_round()
         return Status(
             run_id=self.cfg.run_id,
             state=self._state(),
-            open_round=row.round if row else 0,
+            open_round=self._open_round_number(),
             last_closed_round=self._store.last_closed_round(),
             total_rounds=self.cfg.rounds,
             silos=tuple(

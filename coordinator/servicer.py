@@ -98,8 +98,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @_rpc
     def Join(self, request, context):  # noqa: N802
+        caller = self._who(context)
+        self._c.run_config(caller)  # PERMISSION_DENIED for a non-silo caller before its request is parsed
         name, state, last_closed = self._c.join(
-            self._who(context), model_fingerprint=request.model_fingerprint,
+            caller, model_fingerprint=request.model_fingerprint,
             num_train_examples=request.num_train_examples,
             manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version)
         return federation_pb2.JoinResponse(silo_name=name, state=wire.run_state_to_proto(state),

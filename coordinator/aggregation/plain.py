@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class PlainAggregator(Aggregator):
             self._sum[offset : offset + block.size] += weight * block.astype(np.float64)
 
     def save(self, path: Path) -> None:
-        atomic_write(path, [self._sum.astype("<f8").tobytes()])
+        # little-endian float64 on disk; no temporary copy of the sum on little-endian hosts
+        data = self._sum if sys.byteorder == "little" else self._sum.astype("<f8")
+        atomic_write(path, [memoryview(data).cast("B")])
 
     def load(self, path: Path) -> None:
         data = np.fromfile(path, dtype="<f8")

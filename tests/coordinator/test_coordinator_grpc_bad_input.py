@@ -105,7 +105,8 @@ def raw(arrays: Arrays) -> bytes:
 
 def manifest_msg(arrays: Arrays) -> tensor_pb2.PayloadManifest:
     return tensor_pb2.PayloadManifest(
-        tensors=[tensor_pb2.TensorSpec(name=k, dtype=_WIRE_DTYPE[a.dtype], shape=list(a.shape)) for k, a in arrays.items()],
+        tensors=[tensor_pb2.TensorSpec(name=k, dtype=_WIRE_DTYPE[a.dtype], shape=list(a.shape))
+                 for k, a in arrays.items()],
         total_bytes=sum(a.nbytes for a in arrays.values()))
 
 
@@ -122,7 +123,8 @@ def trailer(num_chunks: int, digest: bytes) -> federation_pb2.SubmitUpdateReques
     return federation_pb2.SubmitUpdateRequest(trailer=tensor_pb2.PayloadTrailer(num_chunks=num_chunks, sha256=digest))
 
 
-def upload_msgs(rnd: int, weight: float, arrays: Arrays, chunk_bytes: int = CHUNK) -> list[federation_pb2.SubmitUpdateRequest]:
+def upload_msgs(rnd: int, weight: float, arrays: Arrays,
+                chunk_bytes: int = CHUNK) -> list[federation_pb2.SubmitUpdateRequest]:
     """A well-formed upload stream: header, chunks of ``chunk_bytes``, trailer."""
     payload = raw(arrays)
     chunks = [payload[i:i + chunk_bytes] for i in range(0, len(payload), chunk_bytes)]
@@ -209,7 +211,8 @@ class Fed:
         return self.stub(silo).GetTask(federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=0),
                                        timeout=RPC_TIMEOUT_S)
 
-    def submit(self, silo: str, msgs: Iterable[federation_pb2.SubmitUpdateRequest]) -> federation_pb2.SubmitUpdateResponse:
+    def submit(self, silo: str,
+               msgs: Iterable[federation_pb2.SubmitUpdateRequest]) -> federation_pb2.SubmitUpdateResponse:
         return self.stub(silo).SubmitUpdate(iter(msgs), timeout=RPC_TIMEOUT_S)
 
     def fetch(self, silo: str, rnd: int) -> Fetched:
@@ -403,6 +406,9 @@ def test_silo_that_is_not_enrolled_is_permission_denied(running: Fed) -> None:
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
            lambda: stub.GetRun(federation_pb2.GetRunRequest(), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied, lambda: running.join("hospital-x", stub=stub))
+    # Refused before its request is looked at: a malformed join is still PERMISSION_DENIED.
+    expect(grpc.StatusCode.PERMISSION_DENIED, denied,
+           lambda: stub.Join(federation_pb2.JoinRequest(), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
            lambda: stub.SubmitUpdate(iter(upload_msgs(1, 1e9, make_update(66))), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
@@ -422,6 +428,8 @@ def test_admin_certificate_cannot_act_as_a_silo(running: Fed) -> None:
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
            lambda: stub.GetRun(federation_pb2.GetRunRequest(), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied, lambda: running.join("admin", stub=stub))
+    expect(grpc.StatusCode.PERMISSION_DENIED, denied,
+           lambda: stub.Join(federation_pb2.JoinRequest(), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
            lambda: stub.SubmitUpdate(iter(upload_msgs(1, 1e9, make_update(66))), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.PERMISSION_DENIED, denied,
@@ -728,6 +736,37 @@ def test_join_with_a_different_model_or_manifest_is_failed_precondition(fed: Fed
     fed.finish_round(1, GOOD)
 
 
+def test_calls_before_join_are_failed_precondition(fed: Fed) -> None:
+    fed.join("hospital-a")
+    before = fed.snapshot()
+    stub = fed.stub("hospital-b")
+    not_joined = "silo 'hospital-b' has not joined run 'grpc-bad-input'; call Join first"
+    expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
+           lambda: stub.GetTask(federation_pb2.GetTaskRequest(), timeout=RPC_TIMEOUT_S))
+    expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
+           lambda: stub.SubmitUpdate(iter(upload_msgs(1, 1.0, make_update(66))), timeout=RPC_TIMEOUT_S))
+    expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
+           lambda: stub.Heartbeat(federation_pb2.HeartbeatRequest(), timeout=RPC_TIMEOUT_S))
+    # A joined silo cannot upload before the run starts either.
+    expect(grpc.StatusCode.FAILED_PRECONDITION, "run 'grpc-bad-input' is waiting; no round is open",
+           lambda: fed.submit("hospital-a", upload_msgs(1, 1.0, make_update(66))))
+    assert fed.snapshot() == before
+
+
+@pytest.mark.parametrize("rnd, code, fragment", [
+    (0, grpc.StatusCode.INVALID_ARGUMENT, "round 0 is not in [1, 2]"),
+    (3, grpc.StatusCode.INVALID_ARGUMENT, "round 3 is not in [1, 2]"),
+    (1, grpc.StatusCode.FAILED_PRECONDITION, "round 1 is not closed yet; its aggregate does not exist"),
+], ids=["zero", "beyond-run", "open"])
+def test_fetch_of_a_round_without_aggregate_is_refused(running: Fed, rnd: int, code: grpc.StatusCode,
+                                                       fragment: str) -> None:
+    before = running.snapshot()
+    expect(code, fragment, lambda: list(running.stub("hospital-a").FetchAggregate(
+        federation_pb2.FetchAggregateRequest(round=rnd), timeout=RPC_TIMEOUT_S)))
+    assert running.snapshot() == before  # no bytes_down counted for a refused fetch
+    running.finish_round(1, GOOD)
+
+
 # -- metrics and long polls -------------------------------------------------------------------------
 
 
@@ -739,7 +778,8 @@ def _metrics(rnd: int, *items: tuple[str, float]) -> federation_pb2.ReportMetric
 @pytest.mark.parametrize("request_, code, fragment", [
     (_metrics(1, ("dice", float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "metric 'dice' is not finite (nan)"),
     (_metrics(1, ("dice", float("inf"))), grpc.StatusCode.INVALID_ARGUMENT, "metric 'dice' is not finite (inf)"),
-    (_metrics(1, ("Dice", 0.5)), grpc.StatusCode.INVALID_ARGUMENT, "metric name 'Dice' is not 1..64 chars of [a-z0-9_]"),
+    (_metrics(1, ("Dice", 0.5)), grpc.StatusCode.INVALID_ARGUMENT,
+     "metric name 'Dice' is not 1..64 chars of [a-z0-9_]"),
     (_metrics(1, ("dice score", 0.5)), grpc.StatusCode.INVALID_ARGUMENT, "metric name 'dice score'"),
     (_metrics(1, ("dice", 0.5), ("dice", 0.6)), grpc.StatusCode.INVALID_ARGUMENT, "metric 'dice' appears twice"),
     (_metrics(1), grpc.StatusCode.INVALID_ARGUMENT, "expected 1..64 metrics, got 0"),
