@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
+from fedsilo.coordinator.aggregation.base import fsync_dir
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
 from fedsilo.coordinator.errors import (
     AlreadyExists,
@@ -36,6 +38,10 @@ _METRIC_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 MAX_WEIGHT = 1e9
 MAX_WAIT_S = 60
 RESUME_GRACE_S = 30.0
+#: The running sum is saved after every this many uploads; payloads after it are kept until then.
+SUM_CHECKPOINT_EVERY = 8
+#: Seconds between writes of the batched liveness and traffic counters.
+TELEMETRY_FLUSH_S = 2.0
 
 
 class RunState(enum.Enum):
@@ -184,7 +190,8 @@ class Coordinator:
         self._spool = state_dir / "spool"
         self._sums = state_dir / "sums"
         self._aggregates = state_dir / "aggregates"
-        for d in (self._spool, self._sums, self._aggregates):
+        self._accepted = state_dir / "accepted"
+        for d in (self._spool, self._sums, self._aggregates, self._accepted):
             d.mkdir(exist_ok=True)
         for leftover in self._spool.iterdir():
             leftover.unlink()
@@ -207,6 +214,11 @@ class Coordinator:
             )
         self._agg: Aggregator | None = None
         self._waiting_logged = -1
+        # liveness and traffic counters are batched in memory and written every few seconds
+        self._telemetry_lock = threading.Lock()
+        self._last_seen: dict[str, int] = {}
+        self._traffic: dict[int, tuple[int, int]] = {}
+        self._last_flush = time.monotonic()
         manifest = self._manifest()
         if manifest is not None:
             self._agg = _aggregator_for(config.aggregation, manifest)
@@ -229,24 +241,36 @@ class Coordinator:
     def _aggregate_path(self, rnd: int) -> Path:
         return self._aggregates / f"round_{rnd:06d}.bin"
 
+    def _accepted_path(self, rnd: int, seq: int) -> Path:
+        return self._accepted / f"round_{rnd:06d}_{seq:06d}.part"
+
+    def _rebuild_sum(self, rnd: int) -> None:
+        """Running sum of an open round = its last saved checkpoint + the accepted uploads after it."""
+        assert self._agg is not None
+        row = self._store.get_round(rnd)
+        assert row is not None
+        self._agg.reset()
+        if row.sum_version > 0:
+            self._agg.load(self._sum_path(rnd, row.sum_version))
+        for seq, weight in self._store.uploads_after(rnd, row.sum_version):
+            self._agg.add(self._accepted_path(rnd, seq), weight)
+
     def _resume(self) -> None:
-        """Reloads the running sum of the open round and re-arms its deadline."""
+        """Rebuilds the running sum of the open round, re-arms its deadline, removes leftovers."""
         open_round = self._store.open_round()
-        keep = None
+        keep: set[Path] = set()
         if open_round is not None and self._agg is not None:
-            self._agg.reset()
-            if open_round.sum_version > 0:
-                keep = self._sum_path(open_round.round, open_round.sum_version)
-                self._agg.load(keep)
+            rnd = open_round.round
+            keep.add(self._sum_path(rnd, open_round.sum_version))
+            keep.update(self._accepted_path(rnd, seq) for seq, _ in self._store.uploads_after(rnd, open_round.sum_version))
+            self._rebuild_sum(rnd)
             grace = self._now_ms() + int(min(self.cfg.round_deadline_s, RESUME_GRACE_S) * 1000)
             if open_round.deadline_ms < grace:
-                self._store.set_deadline(open_round.round, grace)
-            log.info("resuming round %d with %d upload(s) already counted", open_round.round, open_round.sum_version)
-        for f in self._sums.iterdir():
-            if f != keep:
+                self._store.set_deadline(rnd, grace)
+            log.info("resuming round %d with %d upload(s) already counted", rnd, len(self._store.uploads(rnd)))
+        for f in [*self._sums.iterdir(), *self._accepted.iterdir(), *self._aggregates.glob("*.tmp")]:
+            if f not in keep:
                 f.unlink()
-        for f in self._aggregates.glob("*.tmp"):
-            f.unlink()
 
     def _require_silo(self, caller: Identity) -> str:
         if caller.role is not Role.SILO:
@@ -371,8 +395,8 @@ class Coordinator:
         if not 0 <= wait_s <= MAX_WAIT_S:
             raise InvalidArgument(f"wait_seconds {wait_s} is not in [0, {MAX_WAIT_S}]")
         end = time.monotonic() + wait_s
+        self._seen(name)
         with self._cond:
-            self._store.touch_silo(name, self._now_ms())
             while True:
                 task = self._task_for(name, after_round)
                 left = end - time.monotonic()
@@ -449,9 +473,7 @@ class Coordinator:
             self._agg.validate(spool)
             with self._cond:
                 self._check_upload(name, header)
-                result = self._accept(name, header, spool, digest, wire + header.wire_bytes, received)
-                self._cond.notify_all()
-            return result
+                return self._accept(name, header, spool, digest, wire + header.wire_bytes, received)
         finally:
             spool.unlink(missing_ok=True)
 
@@ -502,31 +524,47 @@ class Coordinator:
 
     def _accept(self, name: str, header: UploadHeader, spool: Path, digest: str, wire: int,
                 received: int) -> SubmitResult:
-        """Adds a validated upload and persists the new sum before recording it (lock held)."""
+        """Adds a validated upload and makes it durable before recording it (lock held).
+
+        The payload file is kept (renamed into ``accepted/``) until the round closes, so a
+        restarted coordinator rebuilds the running sum from the last checkpoint plus the
+        accepted payloads after it: nothing is lost and nothing is added twice. Every
+        ``SUM_CHECKPOINT_EVERY`` uploads the sum itself is saved and the payloads it covers
+        are deleted, which bounds the disk used by an open round.
+        """
         assert self._agg is not None
         rnd = header.round
-        row = self._store.get_round(rnd)
-        assert row is not None
-        old = self._sum_path(rnd, row.sum_version)
-        new = self._sum_path(rnd, row.sum_version + 1)
+        seq = len(self._store.uploads(rnd)) + 1
+        kept = self._accepted_path(rnd, seq)
+        checkpoint = seq % SUM_CHECKPOINT_EVERY == 0
         self._agg.add(spool, header.weight)
         try:
-            self._agg.save(new)
+            os.replace(spool, kept)
+            fsync_dir(self._accepted)
+            if checkpoint:
+                self._agg.save(self._sum_path(rnd, seq))
             with self._store.transaction():
-                self._store.record_upload(rnd, name, weight=header.weight, payload_bytes=received, sha256=digest,
-                                          wire_bytes=wire, now_ms=self._now_ms())
+                self._store.record_upload(rnd, name, seq=seq, weight=header.weight, payload_bytes=received,
+                                          sha256=digest, wire_bytes=wire, now_ms=self._now_ms())
+                if checkpoint:
+                    self._store.set_sum_version(rnd, seq)
         except BaseException:
-            self._agg.reset()
-            if row.sum_version > 0:
-                self._agg.load(old)
-            new.unlink(missing_ok=True)
+            kept.unlink(missing_ok=True)
+            if checkpoint:
+                self._sum_path(rnd, seq).unlink(missing_ok=True)
+            self._rebuild_sum(rnd)
             raise
-        old.unlink(missing_ok=True)
-        uploads = self._store.uploads(rnd)
-        log.info("round %d: accepted upload from %s (%d/%d)", rnd, name, len(uploads), len(self.cfg.silos))
-        if len(uploads) == len(self.cfg.silos):
+        if checkpoint:
+            for f in self._sums.glob(f"round_{rnd:06d}_v*"):
+                if f != self._sum_path(rnd, seq):
+                    f.unlink()
+            for old in range(1, seq + 1):
+                self._accepted_path(rnd, old).unlink(missing_ok=True)
+        n = seq
+        log.info("round %d: accepted upload from %s (%d/%d)", rnd, name, n, len(self.cfg.silos))
+        if n == len(self.cfg.silos):
             self._close_round(rnd)
-        return SubmitResult(round=rnd, bytes_received=received, uploads_in_round=len(uploads))
+        return SubmitResult(round=rnd, bytes_received=received, uploads_in_round=n)
 
     def _close_round(self, rnd: int) -> None:
         """Writes the aggregate, closes the round and opens the next one (lock held)."""
@@ -543,7 +581,7 @@ class Coordinator:
                 self._store.set_meta("message", f"finished: all {self.cfg.rounds} rounds closed")
             else:
                 self._open_round(rnd + 1)
-        for f in self._sums.glob(f"round_{rnd:06d}_v*"):
+        for f in [*self._sums.glob(f"round_{rnd:06d}_v*"), *self._accepted.glob(f"round_{rnd:06d}_*")]:
             f.unlink()
         n = len(self._store.uploads(rnd))
         log.info("round %d closed with %d contributor(s), total weight %g", rnd, n, row.total_weight)
@@ -551,6 +589,8 @@ class Coordinator:
 
     def tick(self) -> None:
         """Applies deadlines: starts the run after the join grace, closes rounds at quorum."""
+        if time.monotonic() - self._last_flush >= TELEMETRY_FLUSH_S:
+            self.flush_telemetry()
         with self._cond:
             state = self._state()
             if state is RunState.WAITING:
@@ -607,14 +647,28 @@ class Coordinator:
                              total_weight=row.total_weight, manifest=manifest, path=path)
 
     def count_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:
-        """Adds wire traffic (serialized message sizes) to a round's counters."""
+        """Adds wire traffic (serialized message sizes) to a round's counters (batched)."""
         if rnd >= 1:
-            self._store.add_bytes(rnd, up=up, down=down)
+            with self._telemetry_lock:
+                u, d = self._traffic.get(rnd, (0, 0))
+                self._traffic[rnd] = (u + up, d + down)
+
+    def _seen(self, name: str) -> None:
+        with self._telemetry_lock:
+            self._last_seen[name] = self._now_ms()
+
+    def flush_telemetry(self) -> None:
+        """Writes the batched last-seen times and traffic counters to the database."""
+        with self._telemetry_lock:
+            seen, traffic = self._last_seen, self._traffic
+            self._last_seen, self._traffic = {}, {}
+            self._last_flush = time.monotonic()
+        if seen or traffic:
+            self._store.flush_telemetry(seen, traffic)
 
     def heartbeat(self, caller: Identity) -> tuple[RunState, int]:
         """Records liveness; returns (run state, open round or 0)."""
-        name = self._require_joined(caller)
-        self._store.touch_silo(name, self._now_ms())
+        self._seen(self._require_joined(caller))
         return self._state(), self._open_round_number()
 
     def _open_round_number(self) -> int:
@@ -647,12 +701,14 @@ class Coordinator:
         row = self._store.get_round(rnd) if 1 <= rnd <= self.cfg.rounds else None
         if row is None or row.state != "closed":
             raise FailedPrecondition(f"round {rnd} is not closed; metrics are reported after its aggregate")
-        self._store.put_metrics(rnd, name, metrics, wire_bytes)
+        self._store.put_metrics(rnd, name, metrics)
+        self.count_bytes(rnd, up=wire_bytes)
         return len(metrics)
 
     # -- admin --------------------------------------------------------------------------
     def status(self) -> Status:
         """The run at a glance."""
+        self.flush_telemetry()
         silos = self._store.silos()
         contrib = self._store.contributions()
         return Status(
@@ -672,6 +728,7 @@ class Coordinator:
 
     def round_summaries(self) -> list[RoundSummary]:
         """Every round so far."""
+        self.flush_telemetry()
         out = []
         for r in self._store.rounds():
             seconds = ((r.closed_at_ms - r.opened_at_ms) / 1000.0) if r.closed_at_ms else 0.0
@@ -682,7 +739,8 @@ class Coordinator:
         return out
 
     def close(self) -> None:
-        """Closes the database."""
+        """Writes pending counters and closes the database."""
+        self.flush_telemetry()
         self._store.close()
 
 

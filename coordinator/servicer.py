@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -85,9 +86,14 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
 class FederationServicer(federation_pb2_grpc.FederationServicer):
     """The agents' service."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, *, max_concurrent_transfers: int = 2) -> None:
         self._c = coordinator
         self._insecure = coordinator.cfg.insecure
+        # Payload streams in flight at once, each way. gRPC buffers a stream's outgoing messages
+        # in memory regardless of the peer's pace, so without this bound the coordinator's memory
+        # would grow with the number of silos fetching (or uploading) at the same moment.
+        self._uploads = threading.BoundedSemaphore(max_concurrent_transfers)
+        self._downloads = threading.BoundedSemaphore(max_concurrent_transfers)
 
     def _who(self, context: grpc.ServicerContext) -> Identity:
         return caller_identity(context, insecure=self._insecure)
@@ -117,7 +123,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @_rpc
     def SubmitUpdate(self, request_iterator, context):  # noqa: N802
-        result = self._c.submit(self._who(context), wire.upload_parts(request_iterator))
+        caller = self._who(context)
+        with self._uploads:
+            result = self._c.submit(caller, wire.upload_parts(request_iterator))
         return federation_pb2.SubmitUpdateResponse(round=result.round, bytes_received=result.bytes_received,
                                                    uploads_in_round=result.uploads_in_round)
 
@@ -127,11 +135,19 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         return self._counted(info.round, wire.aggregate_stream(info, self._c.cfg.max_chunk_bytes))
 
     def _counted(self, rnd, responses):
+        """Streams ``responses``, counting what was sent even if the client stops early."""
         total = 0
-        for resp in responses:
-            total += resp.ByteSize()
-            yield resp
-        self._c.count_bytes(rnd, down=total)
+        self._downloads.acquire()
+        try:
+            for resp in responses:
+                total += resp.ByteSize()
+                yield resp
+        except Exception:
+            log.exception("FetchAggregate of round %d failed mid-stream", rnd)
+            raise
+        finally:
+            self._downloads.release()
+            self._c.count_bytes(rnd, down=total)
 
     @_rpc
     def Heartbeat(self, request, context):  # noqa: N802

@@ -36,12 +36,14 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 CREATE TABLE IF NOT EXISTS uploads (
     round INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     silo TEXT NOT NULL,
     weight REAL NOT NULL,
     payload_bytes INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     accepted_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (round, silo)
+    PRIMARY KEY (round, silo),
+    UNIQUE (round, seq)
 );
 CREATE TABLE IF NOT EXISTS metrics (
     round INTEGER NOT NULL,
@@ -155,10 +157,14 @@ class Store:
                 (row.name, row.joined_at_ms, row.last_seen_ms, row.num_train_examples, row.agent_version),
             )
 
-    def touch_silo(self, name: str, now_ms: int) -> None:
-        """Updates a joined silo's last-seen time."""
-        with self._lock:
-            self._db.execute("UPDATE silos SET last_seen_ms = ? WHERE name = ?", (now_ms, name))
+    def flush_telemetry(self, last_seen: dict[str, int], traffic: dict[int, tuple[int, int]]) -> None:
+        """Writes batched last-seen times and per-round (up, down) traffic in one transaction."""
+        with self.transaction() as db:
+            for name, ms in last_seen.items():
+                db.execute("UPDATE silos SET last_seen_ms = MAX(last_seen_ms, ?) WHERE name = ?", (ms, name))
+            for rnd, (up, down) in traffic.items():
+                db.execute("UPDATE rounds SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ? WHERE round = ?",
+                           (up, down, rnd))
 
     def silos(self) -> dict[str, SiloRow]:
         """All joined silos by name."""
@@ -204,18 +210,29 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE rounds SET deadline_ms = ? WHERE round = ?", (deadline_ms, rnd))
 
-    def record_upload(self, rnd: int, silo: str, *, weight: float, payload_bytes: int, sha256: str,
+    def record_upload(self, rnd: int, silo: str, *, seq: int, weight: float, payload_bytes: int, sha256: str,
                       wire_bytes: int, now_ms: int) -> None:
-        """Counts an accepted upload and advances the round's sum version."""
+        """Counts an accepted upload (the ``seq``-th of its round); call inside a transaction."""
         self._db.execute(
-            "INSERT INTO uploads (round, silo, weight, payload_bytes, sha256, accepted_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-            (rnd, silo, weight, payload_bytes, sha256, now_ms),
+            """INSERT INTO uploads (round, seq, silo, weight, payload_bytes, sha256, accepted_at_ms)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (rnd, seq, silo, weight, payload_bytes, sha256, now_ms),
         )
         self._db.execute(
-            """UPDATE rounds SET sum_version = sum_version + 1, total_weight = total_weight + ?,
-                   bytes_up = bytes_up + ? WHERE round = ?""",
+            "UPDATE rounds SET total_weight = total_weight + ?, bytes_up = bytes_up + ? WHERE round = ?",
             (weight, wire_bytes, rnd),
         )
+
+    def set_sum_version(self, rnd: int, version: int) -> None:
+        """Records that the saved running sum of a round holds its first ``version`` uploads."""
+        self._db.execute("UPDATE rounds SET sum_version = ? WHERE round = ?", (version, rnd))
+
+    def uploads_after(self, rnd: int, seq: int) -> list[tuple[int, float]]:
+        """(seq, weight) of a round's uploads with a sequence number above ``seq``, in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, weight FROM uploads WHERE round = ? AND seq > ? ORDER BY seq",
+                                    (rnd, seq)).fetchall()
+        return [(r["seq"], r["weight"]) for r in rows]
 
     def close_round(self, rnd: int, *, now_ms: int, aggregate_sha256: str) -> None:
         """Marks a round closed."""
@@ -224,18 +241,10 @@ class Store:
             (now_ms, aggregate_sha256, rnd),
         )
 
-    def add_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:
-        """Adds wire traffic to a round's counters."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE rounds SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ? WHERE round = ?",
-                (up, down, rnd),
-            )
-
     def uploads(self, rnd: int) -> dict[str, float]:
         """Silo -> weight of the uploads accepted in a round."""
         with self._lock:
-            rows = self._db.execute("SELECT silo, weight FROM uploads WHERE round = ? ORDER BY accepted_at_ms",
+            rows = self._db.execute("SELECT silo, weight FROM uploads WHERE round = ? ORDER BY seq",
                                     (rnd,)).fetchall()
         return {r["silo"]: r["weight"] for r in rows}
 
@@ -249,7 +258,7 @@ class Store:
         return {r["silo"]: r["n"] for r in rows}
 
     # -- metrics ------------------------------------------------------------------------
-    def put_metrics(self, rnd: int, silo: str, metrics: list[tuple[str, float, int]], wire_bytes: int) -> None:
+    def put_metrics(self, rnd: int, silo: str, metrics: list[tuple[str, float, int]]) -> None:
         """Stores (replaces) a silo's metrics for a round."""
         with self.transaction() as db:
             for name, value, n in metrics:
@@ -259,7 +268,6 @@ class Store:
                            num_examples = excluded.num_examples""",
                     (rnd, silo, name, value, n),
                 )
-            db.execute("UPDATE rounds SET bytes_up = bytes_up + ? WHERE round = ?", (wire_bytes, rnd))
 
     def metrics(self, rnd: int) -> dict[str, list[tuple[str, float, int]]]:
         """Silo -> [(name, value, num_examples)] for a round."""

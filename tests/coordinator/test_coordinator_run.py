@@ -81,8 +81,9 @@ def fetch(coord: Coordinator, caller: Identity, rnd: int) -> dict[str, np.ndarra
     return arrays_from_payload(info.manifest, info.path.read_bytes())
 
 
-def assert_mean(coord: Coordinator, rnd: int, updates: list[tuple[float, dict[str, np.ndarray]]]) -> None:
-    got = fetch(coord, silo(SILOS[0]), rnd)
+def assert_mean(coord: Coordinator, rnd: int, updates: list[tuple[float, dict[str, np.ndarray]]],
+                caller: str = SILOS[0]) -> None:
+    got = fetch(coord, silo(caller), rnd)
     want = weighted_mean(updates)
     assert got.keys() == want.keys()
     for k in want:
@@ -372,3 +373,24 @@ def test_dropped_silo_gets_the_next_round_with_the_right_base(new_coordinator, c
     # Its round-1 aggregate exists and does not include it.
     info = coord.aggregate(silo("hospital-c"), 1)
     assert info.num_contributors == 2
+
+
+@pytest.mark.parametrize("before_restart", [1, 7, 8, 9, 11])
+def test_restart_across_sum_checkpoints_counts_every_upload_once(new_coordinator, clock: FakeClock,
+                                                                 before_restart: int) -> None:
+    """With more silos than SUM_CHECKPOINT_EVERY, a restart anywhere rebuilds the exact running sum."""
+    names = tuple(f"site-{i:02d}" for i in range(12))
+    first = new_coordinator(silos=names, min_silos=1)
+    for name in names:
+        join(first, name)
+    updates = [(float(i + 1), make_update(100 + i)) for i in range(len(names))]
+    for name, (w, arrays) in zip(names[:before_restart], updates[:before_restart]):
+        submit(first, name, 1, w, arrays)
+    first.close()
+    second = new_coordinator(silos=names, min_silos=1)
+    assert len(contributors(second, 1)) == before_restart
+    for name, (w, arrays) in zip(names[before_restart:], updates[before_restart:]):
+        submit(second, name, 1, w, arrays)
+    assert second.status().last_closed_round == 1
+    assert_mean(second, 1, updates, caller=names[0])
+    assert second.round_summaries()[0].total_weight == sum(w for w, _ in updates)
