@@ -310,7 +310,8 @@ def run_config(*, k: int, params: int, rounds: int, warmup: int, insecure: bool,
         coord_log = work / "coordinator.out"
         with open(coord_log, "wb") as f:
             coord = subprocess.Popen(
-                [sys.executable, "-m", "fedsilo.silo_agent", "coordinator", "--config", str(fed)],
+                [sys.executable, "-m", "fedsilo.silo_agent", "coordinator", "--config", str(fed),
+                 *(["--insecure"] if insecure else [])],
                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
             )

@@ -83,16 +83,29 @@ def certs_issue(directory: Path, out: Path | None, hosts: tuple[str, ...], silo:
 
 
 # -- daemons -----------------------------------------------------------------------------
+_INSECURE_HELP = "Allow plaintext gRPC without TLS, as the config's insecure = true asks (development only)."
+
+
+def _check_insecure(config_insecure: bool, flag: bool, key: str) -> None:
+    """Plaintext needs both the config key and the command-line flag, so it is never an accident."""
+    if config_insecure and not flag:
+        _fail(f"{key} = true turns TLS off; pass --insecure as well if that is really intended")
+    if flag and not config_insecure:
+        _fail(f"--insecure given but the config does not set {key} = true; TLS settings would be ignored")
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="federation.toml")
-def coordinator(config_path: Path) -> None:
+@click.option("--insecure", is_flag=True, help=_INSECURE_HELP)
+def coordinator(config_path: Path, insecure: bool) -> None:
     """Run the coordinator service (no torch needed)."""
     from fedsilo.coordinator.config import ConfigError, load_federation_config
     from fedsilo.coordinator.server import serve
 
     try:
         cfg = load_federation_config(config_path)
+        _check_insecure(cfg.insecure, insecure, "server.insecure")
         code = serve(cfg)
     except ConfigError as exc:
         _fail(str(exc))
@@ -103,7 +116,8 @@ def coordinator(config_path: Path) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="silo.toml")
-def agent(config_path: Path) -> None:
+@click.option("--insecure", is_flag=True, help=_INSECURE_HELP)
+def agent(config_path: Path, insecure: bool) -> None:
     """Run a silo agent daemon."""
     from fedsilo.coordinator.config import ConfigError
     from fedsilo.silo_agent.config import load_agent_config
@@ -112,6 +126,7 @@ def agent(config_path: Path) -> None:
         cfg = load_agent_config(config_path)
     except ConfigError as exc:
         _fail(str(exc))
+    _check_insecure(cfg.insecure, insecure, "agent.insecure")
     from fedsilo.coordinator.server import setup_logging
     from fedsilo.silo_agent.daemon import Agent, AgentError
 

@@ -199,7 +199,8 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                                         insecure=insecure)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}; work dir {work}")
-        coord = _spawn("coordinator", ["coordinator", "--config", str(fed)], logs)
+        flag = ["--insecure"] if insecure else []
+        coord = _spawn("coordinator", ["coordinator", "--config", str(fed), *flag], logs)
         procs.append(coord)
         if insecure:
             admin = CoordinatorClient(f"127.0.0.1:{port}", Credentials(insecure_identity=f"admin:{ADMIN_NAME}"),
@@ -208,7 +209,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
             c = work / "certs"
             admin = CoordinatorClient(f"localhost:{port}", Credentials(ca=c / "ca.pem", cert=c / f"{ADMIN_NAME}.pem",
                                                                        key=c / f"{ADMIN_NAME}.key"), max_backoff_s=1.0, quiet=True)
-        agents = [_spawn(name, ["agent", "--config", str(cfg)], logs) for name, cfg in zip(names, agent_cfgs)]
+        agents = [_spawn(name, ["agent", "--config", str(cfg), *flag], logs) for name, cfg in zip(names, agent_cfgs)]
         procs += agents
         started = time.monotonic()
         status: dict[str, Any] = {}

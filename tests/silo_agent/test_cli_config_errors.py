@@ -71,7 +71,7 @@ def test_agent_rejects_bad_config(tmp_path: Path, text: str, field: str) -> None
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_agent_config(cfg)
-    result = CliRunner().invoke(main, ["agent", "--config", str(cfg)])
+    result = CliRunner().invoke(main, ["agent", "--config", str(cfg), "--insecure"])
     assert result.exit_code == 2, result.output
     assert field in result.output
     assert not (tmp_path / "state").exists()
@@ -95,3 +95,15 @@ def test_certs_issue_needs_exactly_one_role(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and (tmp_path / "coordinator.pem").is_file()
     again = runner.invoke(main, ["certs", "init", "--dir", str(tmp_path)])
     assert again.exit_code == 2, "re-initialising the CA must be refused without --overwrite"
+
+
+def test_insecure_needs_the_flag_and_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "federation.toml"
+    cfg.write_text(FED_OK)
+    result = CliRunner().invoke(main, ["coordinator", "--config", str(cfg)])
+    assert result.exit_code == 2 and "--insecure" in result.output
+    agent_cfg = tmp_path / "silo.toml"
+    agent_cfg.write_text(AGENT_OK)
+    result = CliRunner().invoke(main, ["agent", "--config", str(agent_cfg)])
+    assert result.exit_code == 2 and "--insecure" in result.output
+    assert not (tmp_path / "coordinator-state").exists() and not (tmp_path / "state").exists()
