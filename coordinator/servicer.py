@@ -23,7 +23,7 @@ from fedsilo.coordinator.errors import (
 )
 from fedsilo.coordinator.run import Coordinator, TaskKind
 from fedsilo.privacy.pki import CertificateError, Identity, Role, identity_from_pem
-from fedsilo.v1 import admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 
 log = logging.getLogger("fedsilo.coordinator")
 
@@ -110,8 +110,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             caller, model_fingerprint=request.model_fingerprint,
             num_train_examples=request.num_train_examples,
             manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version)
-        return federation_pb2.JoinResponse(silo_name=name, state=wire.run_state_to_proto(state),
-                                           last_closed_round=last_closed)
+        return wire.join_response(name, state, last_closed)
 
     @_rpc
     def GetTask(self, request, context):  # noqa: N802
@@ -126,8 +125,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         caller = self._who(context)
         with self._uploads:
             result = self._c.submit(caller, wire.upload_parts(request_iterator))
-        return federation_pb2.SubmitUpdateResponse(round=result.round, bytes_received=result.bytes_received,
-                                                   uploads_in_round=result.uploads_in_round)
+        return wire.submit_response(result)
 
     @_rpc
     def FetchAggregate(self, request, context):  # noqa: N802
@@ -152,13 +150,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     @_rpc
     def Heartbeat(self, request, context):  # noqa: N802
         state, open_round = self._c.heartbeat(self._who(context))
-        return federation_pb2.HeartbeatResponse(state=wire.run_state_to_proto(state), open_round=open_round)
+        return wire.heartbeat_response(state, open_round)
 
     @_rpc
     def ReportMetrics(self, request, context):  # noqa: N802
         stored = self._c.report_metrics(self._who(context), request.round, wire.metrics_from_proto(request),
                                         wire_bytes=request.ByteSize())
-        return federation_pb2.ReportMetricsResponse(stored=stored)
+        return wire.metrics_response(stored)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -13,6 +13,7 @@ from fedsilo.coordinator.run import (
     RoundSummary,
     RunState,
     Status,
+    SubmitResult,
     Task,
     TaskKind,
     UploadChunk,
@@ -111,11 +112,6 @@ def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
     )
 
 
-def run_state_to_proto(state: RunState) -> int:
-    """Converts a run state."""
-    return _RUN_STATE[state]
-
-
 def aggregate_stream(info: AggregateInfo, chunk_bytes: int) -> Iterator[federation_pb2.FetchAggregateResponse]:
     """Header, chunks of the aggregate file, trailer."""
     yield federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
@@ -159,3 +155,24 @@ def rounds_to_proto(rounds: list[RoundSummary]) -> admin_pb2.ListRoundsResponse:
                 for silo, ms in sorted(r.metrics.items())],
         ) for r in rounds
     ])
+
+
+def join_response(name: str, state: RunState, last_closed_round: int) -> federation_pb2.JoinResponse:
+    """Answer to Join."""
+    return federation_pb2.JoinResponse(silo_name=name, state=_RUN_STATE[state], last_closed_round=last_closed_round)
+
+
+def submit_response(result: SubmitResult) -> federation_pb2.SubmitUpdateResponse:
+    """Answer to an accepted upload."""
+    return federation_pb2.SubmitUpdateResponse(round=result.round, bytes_received=result.bytes_received,
+                                               uploads_in_round=result.uploads_in_round)
+
+
+def heartbeat_response(state: RunState, open_round: int) -> federation_pb2.HeartbeatResponse:
+    """Answer to a heartbeat."""
+    return federation_pb2.HeartbeatResponse(state=_RUN_STATE[state], open_round=open_round)
+
+
+def metrics_response(stored: int) -> federation_pb2.ReportMetricsResponse:
+    """Answer to ReportMetrics."""
+    return federation_pb2.ReportMetricsResponse(stored=stored)

@@ -17,7 +17,7 @@ import numpy as np
 from fedsilo.coordinator.servicer import INSECURE_IDENTITY_KEY
 from fedsilo.coordinator.tensors import Manifest
 from fedsilo.silo_agent import wire
-from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 
 log = logging.getLogger("fedsilo.agent")
 T = TypeVar("T")
@@ -143,7 +143,7 @@ class CoordinatorClient:
     def get_run(self) -> wire.RunInfo:
         """The run's parameters."""
         info = wire.run_info_from_proto(self._retry("GetRun", lambda: self._stub.GetRun(
-            federation_pb2.GetRunRequest(), metadata=self._md, timeout=30)))
+            wire.get_run_request(), metadata=self._md, timeout=30)))
         self.chunk_bytes = info.max_chunk_bytes or self.chunk_bytes
         return info
 
@@ -155,7 +155,7 @@ class CoordinatorClient:
 
     def get_task(self, after_round: int, wait_s: int = 10) -> wire.Task:
         """Long-polls for the next task."""
-        req = federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=wait_s)
+        req = wire.get_task_request(after_round, wait_s)
         return wire.task_from_proto(self._retry("GetTask", lambda: self._stub.GetTask(
             req, metadata=self._md, timeout=wait_s + 30)))
 
@@ -172,11 +172,11 @@ class CoordinatorClient:
     def fetch(self, rnd: int) -> wire.Aggregate:
         """Fetches a closed round's aggregate."""
         return self._retry("FetchAggregate", lambda: wire.aggregate_from_stream(self._stub.FetchAggregate(
-            federation_pb2.FetchAggregateRequest(round=rnd), metadata=self._md, timeout=3600)))
+            wire.fetch_request(rnd), metadata=self._md, timeout=3600)))
 
-    def heartbeat(self, rnd: int, activity: int) -> None:
+    def heartbeat(self, rnd: int, activity: wire.Activity) -> None:
         """One heartbeat, no retry (the next one comes soon)."""
-        self._stub.Heartbeat(federation_pb2.HeartbeatRequest(round=rnd, activity=activity), metadata=self._md,
+        self._stub.Heartbeat(wire.heartbeat_request(rnd, activity), metadata=self._md,
                              timeout=10)
 
     def report_metrics(self, rnd: int, metrics: Mapping[str, tuple[float, int]]) -> None:
@@ -188,12 +188,12 @@ class CoordinatorClient:
     def status(self) -> dict[str, Any]:
         """Admin: the run's status (needs an admin certificate)."""
         return wire.status_from_proto(self._retry("GetStatus", lambda: self._admin.GetStatus(
-            admin_pb2.GetStatusRequest(), metadata=self._md, timeout=30)))
+            wire.status_request(), metadata=self._md, timeout=30)))
 
     def rounds(self) -> list[dict[str, Any]]:
         """Admin: the round history (needs an admin certificate)."""
         return wire.rounds_from_proto(self._retry("ListRounds", lambda: self._admin.ListRounds(
-            admin_pb2.ListRoundsRequest(), metadata=self._md, timeout=30)))
+            wire.rounds_request(), metadata=self._md, timeout=30)))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

@@ -31,7 +31,7 @@ from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, T
 from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.silo_agent.strategies import strategy_for
-from fedsilo.v1 import federation_pb2
+from fedsilo.silo_agent.wire import Activity
 
 log = logging.getLogger("fedsilo.agent")
 
@@ -85,7 +85,7 @@ class Agent:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self._round = 0
-        self._activity = federation_pb2.AGENT_ACTIVITY_IDLE
+        self._activity = Activity.IDLE
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -164,7 +164,7 @@ class Agent:
         beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
         beat.start()
         while True:
-            self._activity = federation_pb2.AGENT_ACTIVITY_IDLE
+            self._activity = Activity.IDLE
             task = client.get_task(state.done_round, wait_s=10)
             if task.kind == "wait":
                 continue
@@ -188,7 +188,7 @@ class Agent:
     def _catch_up(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState, shared: list[str],
                   data: SiloData, target: int, total_rounds: int) -> None:
         """Applies aggregates up to ``target`` in order, then evaluates and reports once."""
-        self._activity = federation_pb2.AGENT_ACTIVITY_EVALUATING
+        self._activity = Activity.EVALUATING
         while state.applied_round < target:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
@@ -226,13 +226,13 @@ class Agent:
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                      shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int) -> None:
         self._round = rnd
-        self._activity = federation_pb2.AGENT_ACTIVITY_TRAINING
+        self._activity = Activity.TRAINING
         result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
         if self.stop.is_set():
             raise Stopped("training")
         sd = model.state_dict()
         update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
-        self._activity = federation_pb2.AGENT_ACTIVITY_UPLOADING
+        self._activity = Activity.UPLOADING
         try:
             uploads_in = client.submit(rnd, float(n_train), update)
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, result.loss,

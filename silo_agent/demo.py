@@ -232,6 +232,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
             status, history = admin.status(), admin.rounds()
             live.update(_table(status, history, started))
         admin.close()
+        console.print()
         if status["state"] != "finished":
             raise DemoError(f"run ended as {status['state']}: {status['message']}")
         results = results_from_rounds(history, rounds)

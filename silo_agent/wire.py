@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -13,10 +14,19 @@ import numpy as np
 from fedsilo.coordinator.config import AggregationMode, Strategy
 from fedsilo.coordinator.errors import InvalidArgument
 from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
-from fedsilo.v1 import federation_pb2, tensor_pb2
+from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN}
 _AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN}
+
+
+class Activity(enum.Enum):
+    """What an agent reports it is doing in its heartbeats."""
+
+    IDLE = federation_pb2.AGENT_ACTIVITY_IDLE
+    TRAINING = federation_pb2.AGENT_ACTIVITY_TRAINING
+    UPLOADING = federation_pb2.AGENT_ACTIVITY_UPLOADING
+    EVALUATING = federation_pb2.AGENT_ACTIVITY_EVALUATING
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,3 +187,33 @@ def rounds_from_proto(msg: Any) -> list[dict[str, Any]]:
         "metrics": {sm.silo: {m.name: {"value": m.value, "num_examples": m.num_examples} for m in sm.metrics}
                     for sm in r.metrics},
     } for r in msg.rounds]
+
+
+def get_run_request() -> federation_pb2.GetRunRequest:
+    """Builds a GetRunRequest."""
+    return federation_pb2.GetRunRequest()
+
+
+def get_task_request(after_round: int, wait_s: int) -> federation_pb2.GetTaskRequest:
+    """Builds a long-poll request."""
+    return federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=wait_s)
+
+
+def fetch_request(rnd: int) -> federation_pb2.FetchAggregateRequest:
+    """Builds a FetchAggregateRequest."""
+    return federation_pb2.FetchAggregateRequest(round=rnd)
+
+
+def heartbeat_request(rnd: int, activity: Activity) -> federation_pb2.HeartbeatRequest:
+    """Builds a heartbeat."""
+    return federation_pb2.HeartbeatRequest(round=rnd, activity=activity.value)
+
+
+def status_request() -> admin_pb2.GetStatusRequest:
+    """Builds an admin status request."""
+    return admin_pb2.GetStatusRequest()
+
+
+def rounds_request() -> admin_pb2.ListRoundsRequest:
+    """Builds an admin round-history request."""
+    return admin_pb2.ListRoundsRequest()

@@ -176,6 +176,19 @@ def test_daemons_shut_down_cleanly_on_sigterm(federation_factory) -> None:
     coord = fed.start("coordinator")
     agent = fed.start("hospital-a")
     fed.wait_for(lambda s, r: len(r) >= 1 and r[0]["closed"], 120, "round 1 to close")
+    # the study lead's view: `fedsilo status` with an admin certificate
+    c = fed.work / "certs"
+    cli = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "status", "--coordinator", f"localhost:{fed.port}",
+                          "--ca", str(c / "ca.pem"), "--cert", str(c / f"{ADMIN_NAME}.pem"),
+                          "--key", str(c / f"{ADMIN_NAME}.key")], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    report = json.loads(cli.stdout)
+    assert report["status"]["state"] == "running" and report["rounds"][0]["contributors"] == ["hospital-a"]
+    # a silo certificate is not an admin one
+    denied = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "status", "--coordinator",
+                             f"localhost:{fed.port}", "--ca", str(c / "ca.pem"), "--cert", str(c / "hospital-a.pem"),
+                             "--key", str(c / "hospital-a.key")], capture_output=True, text=True, timeout=60)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=60) == 0, fed.log("hospital-a")
     coord.send_signal(signal.SIGTERM)
