@@ -57,9 +57,10 @@ from typing import Any
 
 import numpy as np
 
+from fedsilo.silo_agent.demo import ADMIN_NAME, free_port, make_certs
+
 TARGET_OVERHEAD_S = 0.5  # per round, at 3 silos
 TARGET_RSS_RATIO = 1.10  # peak RSS at the largest K / at the smallest K: "flat"
-ADMIN_NAME = "bench-admin"
 FINGERPRINT = hashlib.sha256(b"fedsilo round-overhead benchmark").hexdigest()
 BARRIER_TIMEOUT_S = 300.0
 
@@ -87,22 +88,6 @@ def make_update(layout: list[tuple[str, tuple[int, ...]]], seed: int, idx: int, 
 
 def weight_of(idx: int) -> float:
     return float(100 + 10 * idx)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_certs(certs: Path, names: list[str]) -> None:
-    from fedsilo.privacy.pki import Role, init_ca, issue_certificate
-
-    init_ca(certs)
-    issue_certificate(certs, certs, role=Role.COORDINATOR, name="coordinator", hosts=["localhost", "127.0.0.1"])
-    for name in names:
-        issue_certificate(certs, certs, role=Role.SILO, name=name)
-    issue_certificate(certs, certs, role=Role.ADMIN, name=ADMIN_NAME)
 
 
 def write_federation_toml(work: Path, *, names: list[str], rounds: int, port: int, insecure: bool) -> Path:

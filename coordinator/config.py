@@ -227,13 +227,7 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     insecure = server.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"server.insecure: {insecure!r} must be true or false")
-    tls = None
-    if any(k in server for k in ("ca", "cert", "key")) or not insecure:
-        missing = [k for k in ("ca", "cert", "key") if k not in server]
-        if missing:
-            raise ConfigError(f"server.{missing[0]}: missing (required unless server.insecure = true)")
-        tls = TlsFiles(**{k: resolve_path(base, server[k], f"server.{k}") for k in ("ca", "cert", "key")})
-        tls.check_exist("server")
+    tls = tls_files(server, "server", base, insecure=insecure, insecure_key="server.insecure")
     kwargs: dict[str, Any] = {
         "run_id": run["id"],
         "silos": tuple(enrolled),
@@ -263,6 +257,26 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         if key in server:
             kwargs[key] = server[key]
     return FederationConfig(**kwargs)
+
+
+def tls_files(table: Mapping[str, Any], section: str, base: Path, *, insecure: bool,
+              insecure_key: str) -> TlsFiles | None:
+    """The ca/cert/key entries of a config table, resolved and checked to exist.
+
+    Returns None only for an insecure config that names none of them.
+
+    Raises:
+        ConfigError: a missing entry or file, naming it.
+    """
+    keys = ("ca", "cert", "key")
+    if insecure and not any(k in table for k in keys):
+        return None
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise ConfigError(f"{section}.{missing[0]}: missing (required unless {insecure_key} = true)")
+    tls = TlsFiles(**{k: resolve_path(base, table[k], f"{section}.{k}") for k in keys})
+    tls.check_exist(section)
+    return tls
 
 
 def resolve_path(base: Path, value: Any, name: str) -> Path:

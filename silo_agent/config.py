@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsilo.coordinator.config import ConfigError, TlsFiles, check_keys, parse_enum, read_toml, resolve_path
+from fedsilo.coordinator.config import (
+    ConfigError,
+    TlsFiles,
+    check_keys,
+    parse_enum,
+    read_toml,
+    resolve_path,
+    tls_files,
+)
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -93,7 +101,6 @@ _SECTIONS = {
     "tls": {"ca", "cert", "key"},
     "data": None,
 }
-_DATA_KEYS = {"source", "domain", "seed", "path"}
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:
@@ -115,14 +122,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     insecure = agent.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"agent.insecure: {insecure!r} must be true or false")
-    tls = None
-    tls_sec = data.get("tls", {})
-    if tls_sec or not insecure:
-        missing = [k for k in ("ca", "cert", "key") if k not in tls_sec]
-        if missing:
-            raise ConfigError(f"tls.{missing[0]}: missing (required unless agent.insecure = true)")
-        tls = TlsFiles(**{k: resolve_path(base, tls_sec[k], f"tls.{k}") for k in ("ca", "cert", "key")})
-        tls.check_exist("tls")
+    tls = tls_files(data.get("tls", {}), "tls", base, insecure=insecure, insecure_key="agent.insecure")
     d = dict(data.get("data", {}))
     data_kwargs: dict[str, Any] = {}
     if "source" in d:
