@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECK = ROOT / "tests" / "coordinator_no_torch_check.py"
+CHECK = Path(__file__).with_name("no_torch_check.py")
 
 
 def test_coordinator_serves_with_torch_unimportable(tmp_path: Path) -> None:
