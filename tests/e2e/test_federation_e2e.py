@@ -127,7 +127,7 @@ def test_agent_killed_mid_round_rejoins_later(federation_factory) -> None:
     # hospital-c has more data, so it is still training when round 2 opens and we kill it
     cfg_c = fed.agent_cfgs["hospital-c"]
     normal = cfg_c.read_text()
-    cfg_c.write_text(normal + "n_train = 240\n")
+    cfg_c.write_text(normal + "n_train = 960\n")
     fed.start("coordinator")
     for n in fed.names:
         fed.start(n)
