@@ -31,6 +31,9 @@ class Strategy(enum.Enum):
 class AggregationMode(enum.Enum):
     """How the coordinator adds up uploads."""
 
+    #: Homomorphic: silos upload ciphertexts; the coordinator adds them without any key.
+    HE = "he"
+    #: Plaintext: the coordinator sees every update. Only where the coordinator is trusted.
     PLAIN = "plain"
 
 
@@ -63,7 +66,8 @@ class FederationConfig:
         quorum_timeout_s: after the deadline, seconds to wait for quorum before the run fails.
         start_grace_s: once ``min_silos`` have joined, seconds to wait for the rest before round 1.
         strategy: what silos share.
-        aggregation: how uploads are added up.
+        aggregation: how uploads are added up (homomorphic by default).
+        he: HE parameters (``fedsilo.privacy.he.HeParams`` fields); defaults when empty.
         listen: host:port the gRPC server binds.
         state_dir: SQLite database, checkpoints, logs.
         tls: CA, certificate and key of the coordinator; None only when ``insecure``.
@@ -82,7 +86,7 @@ class FederationConfig:
     quorum_timeout_s: float = 3600.0
     start_grace_s: float = 30.0
     strategy: Strategy = Strategy.FEDAVG
-    aggregation: AggregationMode = AggregationMode.PLAIN
+    aggregation: AggregationMode = AggregationMode.HE
     listen: str = "0.0.0.0:50051"
     state_dir: Path = Path("coordinator-state")
     tls: TlsFiles | None = None
@@ -91,6 +95,7 @@ class FederationConfig:
     max_chunk_bytes: int = 2**20
     model: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
+    he: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not _RUN_ID_RE.match(self.run_id):
@@ -118,7 +123,7 @@ class FederationConfig:
             raise ConfigError("server.tls: ca, cert and key are required unless server.insecure = true")
         _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
         _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
-        for name in ("model", "training"):
+        for name in ("model", "training", "he"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
@@ -126,6 +131,36 @@ class FederationConfig:
                 json.dumps(dict(value))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+        if self.aggregation is AggregationMode.HE:
+            self.he_params()  # validates the [he] table now, naming the bad field
+            if self.insecure:
+                raise ConfigError("run.aggregation: 'he' needs TLS certificates (the key ceremony signs with them); "
+                                  "use aggregation = 'plain' with server.insecure")
+
+    @property
+    def key_holder(self) -> str:
+        """The silo that generates the run's HE secret key: the first enrolled one."""
+        return self.silos[0]
+
+    def he_params(self):  # -> fedsilo.privacy.he.HeParams (imported lazily: plain runs need no TenSEAL)
+        """The run's HE parameters.
+
+        Raises:
+            ConfigError: an invalid or insecure [he] table, naming the field.
+        """
+        from fedsilo.privacy.he import HeParams, HeScheme
+
+        kwargs = dict(self.he)
+        try:
+            if "scheme" in kwargs:
+                kwargs["scheme"] = HeScheme(kwargs["scheme"])
+            if isinstance(kwargs.get("coeff_modulus_bits"), list):
+                kwargs["coeff_modulus_bits"] = tuple(kwargs["coeff_modulus_bits"])
+            return HeParams(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"he: {exc} (see fedsilo.privacy.he.HeParams for the fields)") from None
+        except ValueError as exc:
+            raise ConfigError(f"he: {exc}") from None
 
     def run_fingerprint(self) -> str:
         """SHA-256 of the settings that define the run; a restart must present the same one.
@@ -141,6 +176,7 @@ class FederationConfig:
             "aggregation": self.aggregation.value,
             "model": dict(self.model),
             "training": dict(self.training),
+            "he": dict(self.he),
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -166,6 +202,7 @@ _SECTIONS = {
     "server": {"listen", "state_dir", "ca", "cert", "key", "insecure", "max_upload_bytes", "max_chunk_bytes"},
     "model": None,
     "training": None,
+    "he": None,
 }
 
 
@@ -237,6 +274,7 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         "tls": tls,
         "model": data.get("model", {}),
         "training": data.get("training", {}),
+        "he": data.get("he", {}),
     }
     for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
         if key in run:

@@ -53,6 +53,21 @@ class RunState(enum.Enum):
     FAILED = "failed"
 
 
+class PayloadEncoding(enum.Enum):
+    """Layout of an upload or aggregate payload (values match ``fedsilo.v1.PayloadEncoding``)."""
+
+    RAW_TENSORS = 1
+    HE_CIPHERTEXTS = 2
+
+
+ENCODING_FOR: dict[AggregationMode, PayloadEncoding] = {
+    AggregationMode.PLAIN: PayloadEncoding.RAW_TENSORS,
+    AggregationMode.HE: PayloadEncoding.HE_CIPHERTEXTS,
+}
+MAX_WRAPPED_KEY_BYTES = 4 * 2**20
+MAX_ANNOUNCEMENT_BYTES = 16 * 2**10
+
+
 class TaskKind(enum.Enum):
     """What an agent should do next."""
 
@@ -72,6 +87,7 @@ class Task:
     last_closed_round: int = 0
     state: RunState = RunState.WAITING
     message: str = ""
+    weight_normalizer: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +97,14 @@ class UploadHeader:
     round: int
     weight: float
     manifest: Manifest
+    encoding: PayloadEncoding = PayloadEncoding.RAW_TENSORS
+    payload_bytes: int = -1  # -1: the manifest's raw size
     wire_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """Payload bytes that follow the header."""
+        return self.manifest.total_bytes if self.payload_bytes < 0 else self.payload_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +145,8 @@ class AggregateInfo:
     total_weight: float
     manifest: Manifest
     path: Path
+    encoding: PayloadEncoding
+    weight_normalizer: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,10 +188,14 @@ class RoundSummary:
     metrics: dict[str, list[tuple[str, float, int]]]
 
 
-def _aggregator_for(mode: AggregationMode, manifest: Manifest) -> Aggregator:
-    if mode is AggregationMode.PLAIN:
+def _aggregator_for(config: FederationConfig, manifest: Manifest) -> Aggregator:
+    if config.aggregation is AggregationMode.PLAIN:
         return PlainAggregator(manifest)
-    raise ConfigError(f"run.aggregation: {mode.value!r} is not supported")
+    if config.aggregation is AggregationMode.HE:
+        from fedsilo.coordinator.aggregation.he import HeAggregator
+
+        return HeAggregator(manifest, config.he_params())
+    raise ConfigError(f"run.aggregation: {config.aggregation.value!r} is not supported")
 
 
 class Coordinator:
@@ -221,7 +250,7 @@ class Coordinator:
         self._last_flush = time.monotonic()
         manifest = self._manifest()
         if manifest is not None:
-            self._agg = _aggregator_for(config.aggregation, manifest)
+            self._agg = _aggregator_for(config, manifest)
         self._resume()
 
     # -- helpers ------------------------------------------------------------------------
@@ -305,7 +334,7 @@ class Coordinator:
         return self.cfg
 
     def join(self, caller: Identity, *, model_fingerprint: str, num_train_examples: int,
-             manifest: Manifest, agent_version: str) -> tuple[str, RunState, int]:
+             manifest: Manifest, agent_version: str, kem_announcement: bytes = b"") -> tuple[str, RunState, int]:
         """Joins (or re-joins) the run.
 
         Returns:
@@ -323,6 +352,9 @@ class Coordinator:
             raise InvalidArgument(f"num_train_examples {num_train_examples} is not in [1, 10^9]")
         if len(agent_version) > 64:
             raise InvalidArgument("agent_version is longer than 64 characters")
+        if self.cfg.aggregation is AggregationMode.HE and not 1 <= len(kem_announcement) <= MAX_ANNOUNCEMENT_BYTES:
+            raise InvalidArgument("kem_announcement (the silo's signed X25519 key) is required for HE aggregation, "
+                                  f"1..{MAX_ANNOUNCEMENT_BYTES} bytes")
         with self._cond:
             known_fp = self._store.get_meta("model_fingerprint")
             if known_fp is not None and known_fp != model_fingerprint:
@@ -347,9 +379,10 @@ class Coordinator:
                     self._store.set_meta("manifest", _json(manifest.to_json()))
                 self._store.upsert_silo(SiloRow(name=name, joined_at_ms=now, last_seen_ms=now,
                                                 num_train_examples=int(num_train_examples),
-                                                agent_version=agent_version))
+                                                agent_version=agent_version,
+                                                kem_public_key=bytes(kem_announcement) or None))
             if self._agg is None:
-                self._agg = _aggregator_for(self.cfg.aggregation, manifest)
+                self._agg = _aggregator_for(self.cfg, manifest)
             log.info("silo %s joined (%d training examples)", name, num_train_examples)
             self._maybe_start()
             self._cond.notify_all()
@@ -358,9 +391,16 @@ class Coordinator:
     def _maybe_start(self) -> None:
         if self._state() is not RunState.WAITING:
             return
-        joined = len(self._store.silos())
+        silos = self._store.silos()
+        joined = len(silos)
         if joined < self.cfg.min_silos:
             return
+        if self.cfg.aggregation is AggregationMode.HE:
+            missing = self._key_recipients_missing(silos)
+            if self.cfg.key_holder not in silos or missing:
+                self._store.set_meta("message", f"waiting for the key holder {self.cfg.key_holder!r} to join and "
+                                                f"wrap the run's key for {sorted(missing) or 'the others'}")
+                return
         now = self._now_ms()
         quorum_at = self._store.get_meta("quorum_at_ms")
         if quorum_at is None:
@@ -375,8 +415,9 @@ class Coordinator:
         """Opens a round (inside a transaction, lock held)."""
         assert self._agg is not None
         now = self._now_ms()
+        normalizer = float(sum(s.num_train_examples for s in self._store.silos().values()))
         self._store.insert_round(rnd, opened_at_ms=now, deadline_ms=now + int(self.cfg.round_deadline_s * 1000),
-                                 params_shared=self._agg.manifest.numel)
+                                 params_shared=self._agg.manifest.numel, weight_normalizer=normalizer)
         self._store.set_meta("state", RunState.RUNNING.value)
         self._store.set_meta("message", f"round {rnd} open")
         self._agg.reset()
@@ -415,7 +456,7 @@ class Coordinator:
             if name not in self._store.uploads(open_round.round):
                 return Task(kind=TaskKind.TRAIN, round=open_round.round, base_round=open_round.round - 1,
                             deadline_ms=open_round.deadline_ms, last_closed_round=last_closed, state=state,
-                            message=message)
+                            message=message, weight_normalizer=open_round.weight_normalizer)
         return Task(kind=TaskKind.WAIT, last_closed_round=last_closed, state=state, message=message)
 
     # -- uploads ------------------------------------------------------------------------
@@ -456,10 +497,17 @@ class Coordinator:
             raise InvalidArgument("an upload stream must start with a header")
         if not math.isfinite(header.weight) or not 0 < header.weight <= MAX_WEIGHT:
             raise InvalidArgument(f"weight {header.weight} is not a finite number in (0, 10^9]")
-        if header.manifest.total_bytes > self.cfg.max_upload_bytes:
+        expected = ENCODING_FOR[self.cfg.aggregation]
+        if header.encoding is not expected:
+            raise InvalidArgument(f"payload encoding {header.encoding.name} does not match the run's "
+                                  f"{self.cfg.aggregation.value} aggregation (expected {expected.name})")
+        if header.encoding is PayloadEncoding.RAW_TENSORS and header.size != header.manifest.total_bytes:
+            raise InvalidArgument(f"payload_bytes {header.size} != the manifest's raw size {header.manifest.total_bytes}")
+        if not 1 <= header.size:
+            raise InvalidArgument(f"payload_bytes {header.size} must be >= 1")
+        if header.size > self.cfg.max_upload_bytes:
             raise ResourceExhausted(
-                f"upload of {header.manifest.total_bytes} bytes exceeds server.max_upload_bytes "
-                f"({self.cfg.max_upload_bytes})"
+                f"upload of {header.size} bytes exceeds server.max_upload_bytes ({self.cfg.max_upload_bytes})"
             )
         with self._cond:
             self._check_upload(name, header)
@@ -478,7 +526,7 @@ class Coordinator:
             spool.unlink(missing_ok=True)
 
     def _receive(self, it: Iterator[UploadPart], header: UploadHeader, spool: Path) -> tuple[int, str, int]:
-        total = header.manifest.total_bytes
+        total = header.size
         received = chunks = wire = 0
         sha = hashlib.sha256()
         trailer: UploadTrailer | None = None
@@ -507,7 +555,7 @@ class Coordinator:
                     raise ResourceExhausted(
                         f"chunk of {n} bytes exceeds the limit of {self.cfg.max_chunk_bytes} bytes")
                 if received + n > total:
-                    raise InvalidArgument(f"more payload bytes than the manifest's {total}")
+                    raise InvalidArgument(f"more payload bytes than the {total} announced")
                 f.write(part.data)
                 sha.update(part.data)
                 received += n
@@ -644,7 +692,8 @@ class Coordinator:
         manifest = self._manifest()
         assert manifest is not None
         return AggregateInfo(round=rnd, num_contributors=len(self._store.uploads(rnd)),
-                             total_weight=row.total_weight, manifest=manifest, path=path)
+                             total_weight=row.total_weight, manifest=manifest, path=path,
+                             encoding=ENCODING_FOR[self.cfg.aggregation], weight_normalizer=row.weight_normalizer)
 
     def count_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:
         """Adds wire traffic (serialized message sizes) to a round's counters (batched)."""
@@ -704,6 +753,66 @@ class Coordinator:
         self._store.put_metrics(rnd, name, metrics)
         self.count_bytes(rnd, up=wire_bytes)
         return len(metrics)
+
+    # -- HE key ceremony: the coordinator only relays opaque wrapped keys --------------------
+    def _require_he(self) -> None:
+        if self.cfg.aggregation is not AggregationMode.HE:
+            raise FailedPrecondition(f"run {self.cfg.run_id!r} uses {self.cfg.aggregation.value} aggregation; "
+                                     "there is no key ceremony")
+
+    def _key_recipients_missing(self, silos: dict[str, SiloRow]) -> set[str]:
+        have = self._store.wrapped_key_recipients()
+        return {n for n in silos if n != self.cfg.key_holder and n not in have}
+
+    def key_recipients(self, caller: Identity) -> list[tuple[str, bytes]]:
+        """Key holder only: joined silos still without a wrapped key, with their signed X25519 keys.
+
+        Raises:
+            PermissionDenied: the caller is not the key holder.
+            FailedPrecondition: the run does not use HE.
+        """
+        name = self._require_joined(caller)
+        self._require_he()
+        if name != self.cfg.key_holder:
+            raise PermissionDenied(f"only the key holder {self.cfg.key_holder!r} lists key recipients")
+        silos = self._store.silos()
+        return [(n, silos[n].kem_public_key or b"") for n in sorted(self._key_recipients_missing(silos))]
+
+    def publish_wrapped_keys(self, caller: Identity, entries: list[tuple[str, bytes]]) -> int:
+        """Key holder only: stores wrapped keys (opaque: the coordinator cannot open them).
+
+        Raises:
+            PermissionDenied: the caller is not the key holder.
+            InvalidArgument: empty, duplicate, oversized, or for a silo not joined / the holder itself.
+        """
+        name = self._require_joined(caller)
+        self._require_he()
+        if name != self.cfg.key_holder:
+            raise PermissionDenied(f"only the key holder {self.cfg.key_holder!r} publishes wrapped keys")
+        if not 1 <= len(entries) <= 1000:
+            raise InvalidArgument(f"expected 1..1000 wrapped keys, got {len(entries)}")
+        silos = self._store.silos()
+        seen: set[str] = set()
+        for recipient, wrapped in entries:
+            if recipient in seen:
+                raise InvalidArgument(f"two wrapped keys for {recipient!r}")
+            seen.add(recipient)
+            if recipient == name or recipient not in silos:
+                raise InvalidArgument(f"{recipient!r} is not a joined silo that needs the key")
+            if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY_BYTES:
+                raise InvalidArgument(f"wrapped key for {recipient!r} has {len(wrapped)} bytes (1..4 MiB allowed)")
+        with self._cond:
+            self._store.put_wrapped_keys(entries, self._now_ms())
+            log.info("stored wrapped keys for %s", ", ".join(sorted(seen)))
+            self._maybe_start()
+            self._cond.notify_all()
+        return len(entries)
+
+    def wrapped_key(self, caller: Identity) -> bytes | None:
+        """The run's key wrapped for the caller, or None while the key holder has not published it."""
+        name = self._require_joined(caller)
+        self._require_he()
+        return self._store.wrapped_key(name)
 
     # -- admin --------------------------------------------------------------------------
     def status(self) -> Status:

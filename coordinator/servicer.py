@@ -109,7 +109,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         name, state, last_closed = self._c.join(
             caller, model_fingerprint=request.model_fingerprint,
             num_train_examples=request.num_train_examples,
-            manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version)
+            manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version,
+            kem_announcement=request.kem_announcement)
         return wire.join_response(name, state, last_closed)
 
     @_rpc
@@ -157,6 +158,21 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         stored = self._c.report_metrics(self._who(context), request.round, wire.metrics_from_proto(request),
                                         wire_bytes=request.ByteSize())
         return wire.metrics_response(stored)
+
+
+    @_rpc
+    def ListKeyRecipients(self, request, context):  # noqa: N802
+        return wire.key_recipients_response(self._c.key_recipients(self._who(context)))
+
+    @_rpc
+    def PublishWrappedKeys(self, request, context):  # noqa: N802
+        caller = self._who(context)
+        self._c.run_config(caller)  # identity before input
+        return wire.publish_response(self._c.publish_wrapped_keys(caller, wire.wrapped_keys_from_proto(request)))
+
+    @_rpc
+    def GetWrappedKey(self, request, context):  # noqa: N802
+        return wire.wrapped_key_response(self._c.wrapped_key(self._who(context)))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -19,7 +19,13 @@ CREATE TABLE IF NOT EXISTS silos (
     joined_at_ms INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL,
     num_train_examples INTEGER NOT NULL,
-    agent_version TEXT NOT NULL
+    agent_version TEXT NOT NULL,
+    kem_public_key BLOB
+);
+CREATE TABLE IF NOT EXISTS wrapped_keys (
+    recipient TEXT PRIMARY KEY,
+    wrapped BLOB NOT NULL,
+    stored_at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -30,6 +36,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     sum_version INTEGER NOT NULL DEFAULT 0,
     total_weight REAL NOT NULL DEFAULT 0,
     params_shared INTEGER NOT NULL,
+    weight_normalizer REAL NOT NULL DEFAULT 1,
     bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0,
     aggregate_sha256 TEXT
@@ -68,6 +75,7 @@ class RoundRow:
     sum_version: int
     total_weight: float
     params_shared: int
+    weight_normalizer: float
     bytes_up: int
     bytes_down: int
     aggregate_sha256: str | None
@@ -82,6 +90,7 @@ class SiloRow:
     last_seen_ms: int
     num_train_examples: int
     agent_version: str
+    kem_public_key: bytes | None = None
 
 
 class Store:
@@ -149,12 +158,14 @@ class Store:
         """Records a join (keeps the first join time)."""
         with self._lock:
             self._db.execute(
-                """INSERT INTO silos (name, joined_at_ms, last_seen_ms, num_train_examples, agent_version)
-                   VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO silos (name, joined_at_ms, last_seen_ms, num_train_examples, agent_version, kem_public_key)
+                   VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT(name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms,
                        num_train_examples = excluded.num_train_examples,
-                       agent_version = excluded.agent_version""",
-                (row.name, row.joined_at_ms, row.last_seen_ms, row.num_train_examples, row.agent_version),
+                       agent_version = excluded.agent_version,
+                       kem_public_key = excluded.kem_public_key""",
+                (row.name, row.joined_at_ms, row.last_seen_ms, row.num_train_examples, row.agent_version,
+                 row.kem_public_key),
             )
 
     def flush_telemetry(self, last_seen: dict[str, int], traffic: dict[int, tuple[int, int]]) -> None:
@@ -173,12 +184,14 @@ class Store:
         return {r["name"]: SiloRow(**dict(r)) for r in rows}
 
     # -- rounds -------------------------------------------------------------------------
-    def insert_round(self, rnd: int, *, opened_at_ms: int, deadline_ms: int, params_shared: int) -> None:
+    def insert_round(self, rnd: int, *, opened_at_ms: int, deadline_ms: int, params_shared: int,
+                     weight_normalizer: float) -> None:
         """Opens a round."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO rounds (round, state, opened_at_ms, deadline_ms, params_shared) VALUES (?, 'open', ?, ?, ?)",
-                (rnd, opened_at_ms, deadline_ms, params_shared),
+                """INSERT INTO rounds (round, state, opened_at_ms, deadline_ms, params_shared, weight_normalizer)
+                   VALUES (?, 'open', ?, ?, ?, ?)""",
+                (rnd, opened_at_ms, deadline_ms, params_shared, weight_normalizer),
             )
 
     def get_round(self, rnd: int) -> RoundRow | None:
@@ -256,6 +269,29 @@ class Store:
                    WHERE r.state = 'closed' GROUP BY u.silo"""
             ).fetchall()
         return {r["silo"]: r["n"] for r in rows}
+
+    # -- wrapped keys (HE key ceremony; opaque bytes) ---------------------------------------
+    def put_wrapped_keys(self, entries: list[tuple[str, bytes]], now_ms: int) -> None:
+        """Stores (replaces) wrapped keys, all or none."""
+        with self.transaction() as db:
+            for recipient, wrapped in entries:
+                db.execute(
+                    """INSERT INTO wrapped_keys (recipient, wrapped, stored_at_ms) VALUES (?, ?, ?)
+                       ON CONFLICT(recipient) DO UPDATE SET wrapped = excluded.wrapped,
+                           stored_at_ms = excluded.stored_at_ms""",
+                    (recipient, wrapped, now_ms),
+                )
+
+    def wrapped_key(self, recipient: str) -> bytes | None:
+        """The wrapped key stored for a silo, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT wrapped FROM wrapped_keys WHERE recipient = ?", (recipient,)).fetchone()
+        return None if row is None else bytes(row["wrapped"])
+
+    def wrapped_key_recipients(self) -> set[str]:
+        """Silos that have a wrapped key."""
+        with self._lock:
+            return {r["recipient"] for r in self._db.execute("SELECT recipient FROM wrapped_keys").fetchall()}
 
     # -- metrics ------------------------------------------------------------------------
     def put_metrics(self, rnd: int, silo: str, metrics: list[tuple[str, float, int]]) -> None:

@@ -12,6 +12,7 @@ from fedsilo.coordinator.run import (
     AggregateInfo,
     RoundSummary,
     RunState,
+    PayloadEncoding,
     Status,
     SubmitResult,
     Task,
@@ -37,7 +38,7 @@ _TASK_KIND = {
     TaskKind.STOP: federation_pb2.TASK_KIND_STOP,
 }
 _STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN}
-_AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN}
+_AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
 
 
 def tensor_specs_from_proto(specs: Iterable[tensor_pb2.TensorSpec]) -> Manifest:
@@ -83,7 +84,12 @@ def upload_parts(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iter
         size = req.ByteSize()
         if kind == "header":
             h = req.header
-            yield UploadHeader(round=h.round, weight=h.weight, manifest=manifest_from_proto(h.manifest), wire_bytes=size)
+            try:
+                encoding = PayloadEncoding(h.encoding)
+            except ValueError:
+                raise InvalidArgument(f"unknown payload encoding {h.encoding}") from None
+            yield UploadHeader(round=h.round, weight=h.weight, manifest=manifest_from_proto(h.manifest),
+                               encoding=encoding, payload_bytes=h.payload_bytes, wire_bytes=size)
         elif kind == "chunk":
             yield UploadChunk(data=req.chunk, wire_bytes=size)
         elif kind == "trailer":
@@ -100,6 +106,8 @@ def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
         run_id=cfg.run_id, total_rounds=cfg.rounds, strategy=_STRATEGY[cfg.strategy],
         aggregation=_AGGREGATION[cfg.aggregation], model_config_json=json.dumps(dict(cfg.model)),
         training_config_json=json.dumps(dict(cfg.training)), max_chunk_bytes=cfg.max_chunk_bytes,
+        key_holder=cfg.key_holder if cfg.aggregation is AggregationMode.HE else "",
+        he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
     )
 
 
@@ -108,7 +116,7 @@ def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
     return federation_pb2.GetTaskResponse(
         kind=_TASK_KIND[task.kind], round=task.round, base_round=task.base_round,
         deadline_unix_ms=task.deadline_ms, last_closed_round=task.last_closed_round,
-        state=_RUN_STATE[task.state], message=task.message[:1024],
+        state=_RUN_STATE[task.state], message=task.message[:1024], weight_normalizer=task.weight_normalizer,
     )
 
 
@@ -116,7 +124,8 @@ def aggregate_stream(info: AggregateInfo, chunk_bytes: int) -> Iterator[federati
     """Header, chunks of the aggregate file, trailer."""
     yield federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
         round=info.round, num_contributors=info.num_contributors, total_weight=info.total_weight,
-        manifest=manifest_to_proto(info.manifest)))
+        manifest=manifest_to_proto(info.manifest), encoding=info.encoding.value,
+        payload_bytes=Path(info.path).stat().st_size, weight_normalizer=info.weight_normalizer))
     sha = hashlib.sha256()
     n = 0
     with open(Path(info.path), "rb") as f:
@@ -176,3 +185,24 @@ def heartbeat_response(state: RunState, open_round: int) -> federation_pb2.Heart
 def metrics_response(stored: int) -> federation_pb2.ReportMetricsResponse:
     """Answer to ReportMetrics."""
     return federation_pb2.ReportMetricsResponse(stored=stored)
+
+
+def key_recipients_response(recipients: list[tuple[str, bytes]]) -> federation_pb2.ListKeyRecipientsResponse:
+    """Answer to ListKeyRecipients."""
+    return federation_pb2.ListKeyRecipientsResponse(
+        recipients=[federation_pb2.KeyRecipient(name=n, kem_announcement=k) for n, k in recipients])
+
+
+def wrapped_keys_from_proto(req: federation_pb2.PublishWrappedKeysRequest) -> list[tuple[str, bytes]]:
+    """(recipient, wrapped bytes) pairs."""
+    return [(e.recipient, bytes(e.wrapped)) for e in req.keys]
+
+
+def publish_response(stored: int) -> federation_pb2.PublishWrappedKeysResponse:
+    """Answer to PublishWrappedKeys."""
+    return federation_pb2.PublishWrappedKeysResponse(stored=stored)
+
+
+def wrapped_key_response(wrapped: bytes | None) -> federation_pb2.GetWrappedKeyResponse:
+    """Answer to GetWrappedKey."""
+    return federation_pb2.GetWrappedKeyResponse(ready=wrapped is not None, wrapped=wrapped or b"")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +14,12 @@ import numpy as np
 
 from fedsilo.coordinator.config import AggregationMode, Strategy
 from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.coordinator.run import PayloadEncoding
 from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN}
-_AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN}
+_AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN, federation_pb2.AGGREGATION_HE: AggregationMode.HE}
 
 
 class Activity(enum.Enum):
@@ -40,6 +42,8 @@ class RunInfo:
     model_config: dict[str, Any]
     training_config: dict[str, Any]
     max_chunk_bytes: int
+    key_holder: str
+    he_parameters: bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,16 +57,21 @@ class Task:
     last_closed_round: int
     failed: bool
     message: str
+    weight_normalizer: float
 
 
 @dataclass(frozen=True, kw_only=True)
 class Aggregate:
-    """A fetched aggregate: the weighted mean of the contributors' updates."""
+    """A fetched aggregate: the weighted mean of the updates (plain) or their encrypted sum (HE)."""
 
     round: int
     num_contributors: int
     total_weight: float
-    arrays: dict[str, np.ndarray]
+    manifest: Manifest
+    encoding: PayloadEncoding
+    weight_normalizer: float
+    arrays: dict[str, np.ndarray] | None  # plain
+    ciphertexts: list[bytes] | None  # HE
     wire_bytes: int
 
 
@@ -78,7 +87,8 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
         raise InvalidArgument(f"the coordinator asks for aggregation {msg.aggregation}, which this agent does not know")
     return RunInfo(run_id=msg.run_id, total_rounds=msg.total_rounds, strategy=_STRATEGY[msg.strategy],
                    aggregation=_AGGREGATION[msg.aggregation], model_config=json.loads(msg.model_config_json or "{}"),
-                   training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes)
+                   training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
+                   key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters))
 
 
 def specs_to_proto(manifest: Manifest) -> list[tensor_pb2.TensorSpec]:
@@ -86,11 +96,12 @@ def specs_to_proto(manifest: Manifest) -> list[tensor_pb2.TensorSpec]:
     return [tensor_pb2.TensorSpec(name=t.name, dtype=t.dtype.value, shape=list(t.shape)) for t in manifest.tensors]
 
 
-def join_request(*, fingerprint: str, num_train_examples: int, manifest: Manifest,
-                 agent_version: str) -> federation_pb2.JoinRequest:
+def join_request(*, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str,
+                 kem_announcement: bytes = b"") -> federation_pb2.JoinRequest:
     """Builds a JoinRequest."""
     return federation_pb2.JoinRequest(model_fingerprint=fingerprint, num_train_examples=num_train_examples,
-                                      shared_tensors=specs_to_proto(manifest), agent_version=agent_version)
+                                      shared_tensors=specs_to_proto(manifest), agent_version=agent_version,
+                                      kem_announcement=kem_announcement)
 
 
 def task_from_proto(msg: federation_pb2.GetTaskResponse) -> Task:
@@ -99,19 +110,72 @@ def task_from_proto(msg: federation_pb2.GetTaskResponse) -> Task:
             federation_pb2.TASK_KIND_STOP: "stop"}.get(msg.kind, "wait")
     return Task(kind=kind, round=msg.round, base_round=msg.base_round, deadline_ms=msg.deadline_unix_ms,
                 last_closed_round=msg.last_closed_round, failed=msg.state == federation_pb2.RUN_STATE_FAILED,
-                message=msg.message)
+                message=msg.message, weight_normalizer=msg.weight_normalizer)
 
 
 def upload_requests(rnd: int, weight: float, arrays: Mapping[str, np.ndarray],
                     chunk_bytes: int) -> Iterator[federation_pb2.SubmitUpdateRequest]:
-    """The upload stream for one update: header, chunks (never above ``chunk_bytes``), trailer."""
+    """The upload stream of a plaintext update: header, raw tensor chunks, trailer."""
     manifest = Manifest.of_arrays(arrays)
+    return _upload_stream(rnd, weight, manifest, PayloadEncoding.RAW_TENSORS, manifest.total_bytes,
+                          payload_chunks(arrays, chunk_bytes))
+
+
+def upload_he_requests(rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes],
+                       chunk_bytes: int) -> Iterator[federation_pb2.SubmitUpdateRequest]:
+    """The upload stream of an encrypted update: header, length-prefixed ciphertexts in chunks, trailer."""
+    size = sum(4 + len(b) for b in blobs)
+    return _upload_stream(rnd, weight, manifest, PayloadEncoding.HE_CIPHERTEXTS, size,
+                          rechunk(frame_blobs(blobs), chunk_bytes))
+
+
+def frame_blobs(blobs: Iterable[bytes]) -> Iterator[bytes]:
+    """Each blob preceded by its length as a little-endian uint32."""
+    for b in blobs:
+        yield struct.pack("<I", len(b))
+        yield b
+
+
+def unframe_blobs(payload: bytes) -> list[bytes]:
+    """Inverse of :func:`frame_blobs`.
+
+    Raises:
+        InvalidArgument: a truncated or inconsistent payload.
+    """
+    out, pos = [], 0
+    while pos < len(payload):
+        if pos + 4 > len(payload):
+            raise InvalidArgument("ciphertext payload truncated inside a length prefix")
+        (n,) = struct.unpack_from("<I", payload, pos)
+        pos += 4
+        if n == 0 or pos + n > len(payload):
+            raise InvalidArgument("ciphertext payload truncated or corrupted")
+        out.append(bytes(payload[pos : pos + n]))
+        pos += n
+    return out
+
+
+def rechunk(parts: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
+    """Re-slices a byte stream into chunks of exactly ``chunk_bytes`` (the last may be shorter)."""
+    buf = bytearray()
+    for p in parts:
+        buf += p
+        while len(buf) >= chunk_bytes:
+            yield bytes(buf[:chunk_bytes])
+            del buf[:chunk_bytes]
+    if buf:
+        yield bytes(buf)
+
+
+def _upload_stream(rnd: int, weight: float, manifest: Manifest, encoding: PayloadEncoding, size: int,
+                   chunks: Iterable[bytes]) -> Iterator[federation_pb2.SubmitUpdateRequest]:
     yield federation_pb2.SubmitUpdateRequest(header=federation_pb2.UpdateHeader(
         round=rnd, weight=weight, manifest=tensor_pb2.PayloadManifest(tensors=specs_to_proto(manifest),
-                                                                      total_bytes=manifest.total_bytes)))
+                                                                      total_bytes=manifest.total_bytes),
+        encoding=encoding.value, payload_bytes=size))
     sha = hashlib.sha256()
     n = 0
-    for chunk in payload_chunks(arrays, chunk_bytes):
+    for chunk in chunks:
         sha.update(chunk)
         n += 1
         yield federation_pb2.SubmitUpdateRequest(chunk=chunk)
@@ -148,8 +212,16 @@ def aggregate_from_stream(responses: Iterable[federation_pb2.FetchAggregateRespo
     manifest = Manifest(tensors=tuple(specs))
     if trailer.num_chunks != chunks or hashlib.sha256(buf).digest() != trailer.sha256:
         raise InvalidArgument("aggregate stream corrupted: chunk count or SHA-256 mismatch")
+    try:
+        encoding = PayloadEncoding(header.encoding)
+    except ValueError:
+        raise InvalidArgument(f"unknown aggregate encoding {header.encoding}") from None
+    payload = bytes(buf)
+    he = encoding is PayloadEncoding.HE_CIPHERTEXTS
     return Aggregate(round=header.round, num_contributors=header.num_contributors, total_weight=header.total_weight,
-                     arrays=arrays_from_payload(manifest, bytes(buf)), wire_bytes=wire)
+                     manifest=manifest, encoding=encoding, weight_normalizer=header.weight_normalizer,
+                     arrays=None if he else arrays_from_payload(manifest, payload),
+                     ciphertexts=unframe_blobs(payload) if he else None, wire_bytes=wire)
 
 
 def metrics_request(rnd: int, metrics: Mapping[str, tuple[float, int]]) -> federation_pb2.ReportMetricsRequest:
@@ -217,3 +289,29 @@ def status_request() -> admin_pb2.GetStatusRequest:
 def rounds_request() -> admin_pb2.ListRoundsRequest:
     """Builds an admin round-history request."""
     return admin_pb2.ListRoundsRequest()
+
+
+def list_key_recipients_request() -> federation_pb2.ListKeyRecipientsRequest:
+    """Builds a ListKeyRecipientsRequest."""
+    return federation_pb2.ListKeyRecipientsRequest()
+
+
+def key_recipients_from_proto(msg: Any) -> list[tuple[str, bytes]]:
+    """(silo name, signed X25519 announcement) pairs."""
+    return [(r.name, bytes(r.kem_announcement)) for r in msg.recipients]
+
+
+def publish_request(entries: Sequence[tuple[str, bytes]]) -> federation_pb2.PublishWrappedKeysRequest:
+    """Builds a PublishWrappedKeysRequest."""
+    return federation_pb2.PublishWrappedKeysRequest(
+        keys=[federation_pb2.WrappedKeyEntry(recipient=r, wrapped=w) for r, w in entries])
+
+
+def get_wrapped_key_request() -> federation_pb2.GetWrappedKeyRequest:
+    """Builds a GetWrappedKeyRequest."""
+    return federation_pb2.GetWrappedKeyRequest()
+
+
+def wrapped_key_from_proto(msg: Any) -> bytes | None:
+    """The wrapped key, or None while it is not published."""
+    return bytes(msg.wrapped) if msg.ready else None

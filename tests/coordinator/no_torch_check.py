@@ -18,10 +18,11 @@ builtins.__import__ = guarded
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from fedsilo.coordinator.config import FederationConfig  # noqa: E402
+from fedsilo.coordinator.config import AggregationMode, FederationConfig  # noqa: E402
 from fedsilo.coordinator.server import CoordinatorServer  # noqa: E402
 
 cfg = FederationConfig(run_id="no-torch", silos=("hospital-a",), rounds=1, min_silos=1, listen="127.0.0.1:0",
+                       aggregation=AggregationMode.PLAIN,
                        state_dir=sys.argv[1], insecure=True)
 server = CoordinatorServer(cfg)
 server.start()

@@ -84,11 +84,18 @@ def test_valid_file_loads_with_paths_resolved_against_its_folder(config_dir: Pat
 
 
 def test_minimal_insecure_file_uses_defaults(config_dir: Path) -> None:
-    text = '[run]\nid = "r"\nrounds = 1\nmin_silos = 1\n[silos]\nenrolled = ["a"]\n[server]\ninsecure = true\n'
+    text = ('[run]\nid = "r"\nrounds = 1\nmin_silos = 1\naggregation = "plain"\n[silos]\nenrolled = ["a"]\n'
+            '[server]\ninsecure = true\n')
     cfg = load_federation_config(write(config_dir, text))
     assert cfg.insecure and cfg.tls is None
     assert cfg.strategy is Strategy.FEDAVG
     assert cfg.state_dir == config_dir / "coordinator-state"
+
+
+def test_he_is_the_default_and_needs_tls(config_dir: Path) -> None:
+    text = '[run]\nid = "r"\nrounds = 1\nmin_silos = 1\n[silos]\nenrolled = ["a"]\n[server]\ninsecure = true\n'
+    with pytest.raises(ConfigError, match=r"^run\.aggregation: 'he' needs TLS"):
+        load_federation_config(write(config_dir, text))
 
 
 BAD_CASES = {

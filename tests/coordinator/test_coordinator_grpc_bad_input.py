@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedsilo.coordinator.config import FederationConfig, TlsFiles
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles
 from fedsilo.coordinator.server import CoordinatorServer
 from fedsilo.privacy import pki
 from fedsilo.privacy.pki import Role
@@ -112,7 +112,9 @@ def manifest_msg(arrays: Arrays) -> tensor_pb2.PayloadManifest:
 
 def header(rnd: int, weight: float, arrays: Arrays) -> federation_pb2.SubmitUpdateRequest:
     return federation_pb2.SubmitUpdateRequest(
-        header=federation_pb2.UpdateHeader(round=rnd, weight=weight, manifest=manifest_msg(arrays)))
+        header=federation_pb2.UpdateHeader(round=rnd, weight=weight, manifest=manifest_msg(arrays),
+                                           encoding=federation_pb2.PAYLOAD_ENCODING_RAW_TENSORS,
+                                           payload_bytes=sum(a.nbytes for a in arrays.values())))
 
 
 def chunk(data: bytes) -> federation_pb2.SubmitUpdateRequest:
@@ -267,7 +269,7 @@ class Fed:
 
 def make_config(certs: Certs, state_dir: Path, **overrides: object) -> FederationConfig:
     kwargs: dict[str, object] = dict(
-        run_id="grpc-bad-input", silos=SILOS, rounds=2, min_silos=2,
+        run_id="grpc-bad-input", silos=SILOS, rounds=2, min_silos=2, aggregation=AggregationMode.PLAIN,
         # Short deadline; quorum is every silo, so a round only closes when both uploaded.
         round_deadline_s=20.0, quorum_timeout_s=600.0, start_grace_s=0.0,
         listen="127.0.0.1:0", state_dir=state_dir,
@@ -588,7 +590,7 @@ def _after_trailer(m: list) -> list:
     (_sha, "payload SHA-256 does not match the trailer"),
     (_corrupted_chunk, "payload SHA-256 does not match the trailer"),
     (_sha_length, "trailer sha256 must be exactly 32 bytes"),
-    (_too_many_bytes, "more payload bytes than the manifest's 68"),
+    (_too_many_bytes, "more payload bytes than the 68 announced"),
     (_empty_chunk, "empty chunk"),
     (_after_trailer, "message after the trailer"),
 ], ids=["no-trailer", "fewer-bytes", "chunk-count", "sha256", "corrupted-chunk", "sha256-length",
@@ -841,7 +843,8 @@ def test_64_mib_update_streams_in_1_mib_chunks_under_the_default_message_limit(s
 
     def requests() -> Iterator[federation_pb2.SubmitUpdateRequest]:
         yield federation_pb2.SubmitUpdateRequest(header=federation_pb2.UpdateHeader(
-            round=1, weight=3.0, manifest=tensor_pb2.PayloadManifest(tensors=specs, total_bytes=4 * BIG_ELEMS)))
+            round=1, weight=3.0, manifest=tensor_pb2.PayloadManifest(tensors=specs, total_bytes=4 * BIG_ELEMS),
+            encoding=federation_pb2.PAYLOAD_ENCODING_RAW_TENSORS, payload_bytes=4 * BIG_ELEMS))
         for data in _big_chunks():
             sha.update(data)
             counter["chunks"] += 1

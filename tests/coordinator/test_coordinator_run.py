@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.coordinator.config import ConfigError, FederationConfig
+from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
 from fedsilo.coordinator.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from fedsilo.coordinator.run import (
     Coordinator,
@@ -93,6 +93,7 @@ def assert_mean(coord: Coordinator, rnd: int, updates: list[tuple[float, dict[st
 
 def make_config(state_dir: Path, **overrides: object) -> FederationConfig:
     kwargs: dict[str, object] = dict(
+        aggregation=AggregationMode.PLAIN,
         run_id="run-test", silos=SILOS, rounds=2, min_silos=2, round_deadline_s=DEADLINE_S,
         quorum_timeout_s=QUORUM_TIMEOUT_S, start_grace_s=GRACE_S, insecure=True, state_dir=state_dir,
     )

@@ -38,7 +38,8 @@ def _aggregate_stream(data, chunk):
     reqs = list(wire.upload_requests(1, 1.0, data, chunk))
     header = reqs[0].header
     out = [federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
-        round=3, num_contributors=2, total_weight=5.0, manifest=header.manifest))]
+        round=3, num_contributors=2, total_weight=5.0, manifest=header.manifest,
+        encoding=federation_pb2.PAYLOAD_ENCODING_RAW_TENSORS, payload_bytes=header.payload_bytes))]
     out += [federation_pb2.FetchAggregateResponse(chunk=r.chunk) for r in reqs[1:-1]]
     out.append(federation_pb2.FetchAggregateResponse(trailer=reqs[-1].trailer))
     return out
@@ -66,3 +67,20 @@ def test_corrupted_or_truncated_aggregate_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="unexpected"):
         wire.aggregate_from_stream([stream[1], *stream])
     assert isinstance(stream[-1].trailer, tensor_pb2.PayloadTrailer)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=6), st.integers(1, 64))
+def test_ciphertext_framing_round_trip(blobs, chunk) -> None:
+    chunks = list(wire.rechunk(wire.frame_blobs(blobs), chunk))
+    assert all(0 < len(c) <= chunk for c in chunks)
+    assert wire.unframe_blobs(b"".join(chunks)) == blobs
+
+
+def test_truncated_ciphertext_framing_is_refused() -> None:
+    payload = b"".join(wire.frame_blobs([b"abc", b"defg"]))
+    first_frame = 4 + 3  # a cut right after the first blob is a valid one-blob payload
+    assert wire.unframe_blobs(payload[:first_frame]) == [b"abc"]
+    for cut in set(range(1, len(payload))) - {first_frame}:
+        with pytest.raises(InvalidArgument):
+            wire.unframe_blobs(payload[:cut])

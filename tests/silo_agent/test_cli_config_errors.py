@@ -16,6 +16,7 @@ FED_OK = """
 id = "study-1"
 rounds = 3
 min_silos = 1
+aggregation = "plain"
 [silos]
 enrolled = ["hospital-a"]
 [server]
@@ -33,6 +34,7 @@ insecure = true
     (FED_OK.replace('listen = "127.0.0.1:0"', 'listen = "nowhere"'), "server.listen"),
     (FED_OK.replace("insecure = true", "insecure = false"), "server.ca"),
     (FED_OK.replace("[run]", "[run]\nstrategy = \"fedprox\""), "run.strategy"),
+    (FED_OK.replace('aggregation = "plain"', 'aggregation = "he"'), "run.aggregation"),
     (FED_OK.replace('enrolled = ["hospital-a"]', 'enrolled = ["Hospital A"]'), "silos.enrolled"),
     (FED_OK.replace("rounds = 3", "rounds = "), "not valid TOML"),
 ])

@@ -18,6 +18,13 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
     AGGREGATION_PLAIN: _ClassVar[Aggregation]
+    AGGREGATION_HE: _ClassVar[Aggregation]
+
+class PayloadEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAYLOAD_ENCODING_UNSPECIFIED: _ClassVar[PayloadEncoding]
+    PAYLOAD_ENCODING_RAW_TENSORS: _ClassVar[PayloadEncoding]
+    PAYLOAD_ENCODING_HE_CIPHERTEXTS: _ClassVar[PayloadEncoding]
 
 class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +53,10 @@ STRATEGY_FEDAVG: Strategy
 STRATEGY_FEDBN: Strategy
 AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_PLAIN: Aggregation
+AGGREGATION_HE: Aggregation
+PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding
+PAYLOAD_ENCODING_RAW_TENSORS: PayloadEncoding
+PAYLOAD_ENCODING_HE_CIPHERTEXTS: PayloadEncoding
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_WAITING_FOR_SILOS: RunState
 RUN_STATE_RUNNING: RunState
@@ -66,7 +77,7 @@ class GetRunRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes")
+    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +85,8 @@ class GetRunResponse(_message.Message):
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
+    HE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
     strategy: Strategy
@@ -81,19 +94,23 @@ class GetRunResponse(_message.Message):
     model_config_json: str
     training_config_json: str
     max_chunk_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    key_holder: str
+    he_parameters: bytes
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version")
+    __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SHARED_TENSORS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEM_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     num_train_examples: int
     shared_tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     agent_version: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., shared_tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    kem_announcement: bytes
+    def __init__(self, model_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., shared_tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., agent_version: _Optional[str] = ..., kem_announcement: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("silo_name", "state", "last_closed_round")
@@ -114,7 +131,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "base_round", "deadline_unix_ms", "last_closed_round", "state", "message")
+    __slots__ = ("kind", "round", "base_round", "deadline_unix_ms", "last_closed_round", "state", "message", "weight_normalizer")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +139,7 @@ class GetTaskResponse(_message.Message):
     LAST_CLOSED_ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_NORMALIZER_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     base_round: int
@@ -129,17 +147,22 @@ class GetTaskResponse(_message.Message):
     last_closed_round: int
     state: RunState
     message: str
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    weight_normalizer: float
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., weight_normalizer: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "weight", "manifest")
+    __slots__ = ("round", "weight", "manifest", "encoding", "payload_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     weight: float
     manifest: _tensor_pb2.PayloadManifest
-    def __init__(self, round: _Optional[int] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ...) -> None: ...
+    encoding: PayloadEncoding
+    payload_bytes: int
+    def __init__(self, round: _Optional[int] = ..., weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
@@ -168,16 +191,22 @@ class FetchAggregateRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class AggregateHeader(_message.Message):
-    __slots__ = ("round", "num_contributors", "total_weight", "manifest")
+    __slots__ = ("round", "num_contributors", "total_weight", "manifest", "encoding", "payload_bytes", "weight_normalizer")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_NORMALIZER_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_contributors: int
     total_weight: float
     manifest: _tensor_pb2.PayloadManifest
-    def __init__(self, round: _Optional[int] = ..., num_contributors: _Optional[int] = ..., total_weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ...) -> None: ...
+    encoding: PayloadEncoding
+    payload_bytes: int
+    weight_normalizer: float
+    def __init__(self, round: _Optional[int] = ..., num_contributors: _Optional[int] = ..., total_weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., payload_bytes: _Optional[int] = ..., weight_normalizer: _Optional[float] = ...) -> None: ...
 
 class FetchAggregateResponse(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
@@ -228,3 +257,53 @@ class ReportMetricsResponse(_message.Message):
     STORED_FIELD_NUMBER: _ClassVar[int]
     stored: int
     def __init__(self, stored: _Optional[int] = ...) -> None: ...
+
+class ListKeyRecipientsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KeyRecipient(_message.Message):
+    __slots__ = ("name", "kem_announcement")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEM_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kem_announcement: bytes
+    def __init__(self, name: _Optional[str] = ..., kem_announcement: _Optional[bytes] = ...) -> None: ...
+
+class ListKeyRecipientsResponse(_message.Message):
+    __slots__ = ("recipients",)
+    RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
+    recipients: _containers.RepeatedCompositeFieldContainer[KeyRecipient]
+    def __init__(self, recipients: _Optional[_Iterable[_Union[KeyRecipient, _Mapping]]] = ...) -> None: ...
+
+class WrappedKeyEntry(_message.Message):
+    __slots__ = ("recipient", "wrapped")
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_FIELD_NUMBER: _ClassVar[int]
+    recipient: str
+    wrapped: bytes
+    def __init__(self, recipient: _Optional[str] = ..., wrapped: _Optional[bytes] = ...) -> None: ...
+
+class PublishWrappedKeysRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[WrappedKeyEntry]
+    def __init__(self, keys: _Optional[_Iterable[_Union[WrappedKeyEntry, _Mapping]]] = ...) -> None: ...
+
+class PublishWrappedKeysResponse(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...
+
+class GetWrappedKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetWrappedKeyResponse(_message.Message):
+    __slots__ = ("ready", "wrapped")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    wrapped: bytes
+    def __init__(self, ready: _Optional[bool] = ..., wrapped: _Optional[bytes] = ...) -> None: ...

@@ -69,6 +69,21 @@ class FederationStub:
                 request_serializer=fedsilo_dot_v1_dot_federation__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_federation__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.ListKeyRecipients = channel.unary_unary(
+                '/fedsilo.v1.Federation/ListKeyRecipients',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsResponse.FromString,
+                _registered_method=True)
+        self.PublishWrappedKeys = channel.unary_unary(
+                '/fedsilo.v1.Federation/PublishWrappedKeys',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysResponse.FromString,
+                _registered_method=True)
+        self.GetWrappedKey = channel.unary_unary(
+                '/fedsilo.v1.Federation/GetWrappedKey',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -123,6 +138,27 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeyRecipients(self, request, context):
+        """Key holder only (HE): joined silos that still need the run's secret key wrapped for them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishWrappedKeys(self, request, context):
+        """Key holder only (HE): stores wrapped keys, opaque to the coordinator, one per recipient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWrappedKey(self, request, context):
+        """A silo fetches the run's secret key wrapped for it by the key holder (HE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +196,21 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedsilo_dot_v1_dot_federation__pb2.ReportMetricsRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_federation__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'ListKeyRecipients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeyRecipients,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsResponse.SerializeToString,
+            ),
+            'PublishWrappedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishWrappedKeys,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysResponse.SerializeToString,
+            ),
+            'GetWrappedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWrappedKey,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +402,87 @@ class Federation:
             '/fedsilo.v1.Federation/ReportMetrics',
             fedsilo_dot_v1_dot_federation__pb2.ReportMetricsRequest.SerializeToString,
             fedsilo_dot_v1_dot_federation__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeyRecipients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/ListKeyRecipients',
+            fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.ListKeyRecipientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishWrappedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/PublishWrappedKeys',
+            fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.PublishWrappedKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWrappedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/GetWrappedKey',
+            fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
