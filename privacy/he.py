@@ -1,4 +1,4 @@
-"""Homomorphic encryption for aggregation: BFV parameters, key-free sums, fixed-point codec, CKKS baseline."""
+"""BFV encrypted aggregation: parameters, key-free sums, a fixed-point codec; CKKS baseline."""
 
 from __future__ import annotations
 
@@ -376,6 +376,7 @@ class HeParams:
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.pid = -1
+        self.file: Any = None  # an unbuffered FileIO; closing it (or GC at thread exit) frees it
         self.fd = -1
         self.path = ""
 
@@ -383,30 +384,32 @@ class _Scratch(threading.local):
         if self.pid == os.getpid():
             return
         if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-            self.fd = os.memfd_create("fedsilo-he", os.MFD_CLOEXEC)
-            self.path = f"/proc/self/fd/{self.fd}"
+            fd = os.memfd_create("fedsilo-he", os.MFD_CLOEXEC)
+            path = f"/proc/self/fd/{fd}"
         else:  # pragma: no cover - non-Linux fallback
-            directory = tempfile.mkdtemp(prefix="fedsilo-he-")
-            self.path = os.path.join(directory, "blob")
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.pid = os.getpid()
+            path = os.path.join(tempfile.mkdtemp(prefix="fedsilo-he-"), "blob")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "r+b", buffering=0)  # after a fork, drops the parent's
+        self.fd, self.path, self.pid = fd, path, os.getpid()
 
-    def save(self, obj: Any) -> bytes:
+    def save(self, obj: Any, *, sensitive: bool = False) -> bytes:
         self._ensure()
-        obj.save(self.path)
+        obj.save(self.path)  # SEAL opens the file truncated
         try:
             return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         finally:
-            os.ftruncate(self.fd, 0)
+            if sensitive:
+                os.ftruncate(self.fd, 0)
 
-    def load(self, obj: Any, context: Any, data: bytes) -> None:
+    def load(self, obj: Any, context: Any, data: bytes, *, sensitive: bool = False) -> None:
         self._ensure()
-        os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
         try:
             obj.load(context, self.path)
         finally:
-            os.ftruncate(self.fd, 0)
+            if sensitive:
+                os.ftruncate(self.fd, 0)
 
 
 _scratch = _Scratch()
@@ -582,7 +585,7 @@ class SecretContext(PublicContext):
         tmp = PublicContext(params)
         key = seal.SecretKey()
         try:
-            _scratch.load(key, tmp._context, bytes(data))
+            _scratch.load(key, tmp._context, bytes(data), sensitive=True)
         except _SEAL_ERRORS as exc:
             raise HeError(f"not a secret key for these HE parameters: {exc}") from None
         if not seal.is_valid_for(key, tmp._context):
@@ -596,7 +599,7 @@ class SecretContext(PublicContext):
 
     def secret_key_bytes(self) -> bytes:
         """The secret key, serialized, for wrapping in the key ceremony. Handle with care."""
-        return _scratch.save(self._secret_key)
+        return _scratch.save(self._secret_key, sensitive=True)
 
     def encrypt(self, ints: np.ndarray | Sequence[int]) -> list[bytes]:
         """Encrypts signed integers, one per slot, as seeded symmetric ciphertexts.
@@ -882,7 +885,8 @@ def ckks_flare_roundtrip(
         )
     n = arrays[0].size
     if n == 0 or any(a.size != n for a in arrays):
-        raise ValueError(f"all silos need the same non-zero number of values: {[a.size for a in arrays]}")
+        sizes = [a.size for a in arrays]
+        raise ValueError(f"all silos need the same non-zero number of values: {sizes}")
     w = np.asarray(weights, dtype=np.float64)
     if not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"invalid weights {weights!r}: must be finite and > 0")

@@ -173,13 +173,16 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-demo"), show_default=True,
               help="Where results.json (and the run's logs) go.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--insecure", is_flag=True, help="Plaintext gRPC without TLS (development only).")
-def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, insecure: bool) -> None:
+@click.option("--aggregation", type=click.Choice(["he", "plain"]), default="he", show_default=True,
+              help="he: the coordinator adds ciphertexts it cannot read; plain: it sees every update (insecure).")
+@click.option("--insecure", is_flag=True, help="Plaintext gRPC without TLS (development only; needs --aggregation plain).")
+def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, aggregation: str, insecure: bool) -> None:
     """Run a whole federation on this machine: CA, coordinator and agents as processes, mTLS on loopback."""
     from fedsilo.silo_agent.demo import DemoError, run_demo
 
     try:
-        run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure)
+        run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure,
+                 aggregation=aggregation)
     except DemoError as exc:
         _fail(str(exc), 1)
 

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,10 +147,11 @@ class CoordinatorClient:
         self.chunk_bytes = info.max_chunk_bytes or self.chunk_bytes
         return info
 
-    def join(self, *, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str) -> str:
+    def join(self, *, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str,
+             kem_announcement: bytes = b"") -> str:
         """Joins the run; returns the silo name the coordinator read from the certificate."""
         req = wire.join_request(fingerprint=fingerprint, num_train_examples=num_train_examples,
-                                manifest=manifest, agent_version=agent_version)
+                                manifest=manifest, agent_version=agent_version, kem_announcement=kem_announcement)
         return self._retry("Join", lambda: self._stub.Join(req, metadata=self._md, timeout=30)).silo_name
 
     def get_task(self, after_round: int, wait_s: int = 10) -> wire.Task:
@@ -168,6 +169,27 @@ class CoordinatorClient:
         return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
             wire.upload_requests(rnd, weight, arrays, self.chunk_bytes), metadata=self._md,
             timeout=3600)).uploads_in_round
+
+    def submit_he(self, rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes]) -> int:
+        """Streams one encrypted update; returns the number of uploads the round has so far."""
+        return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
+            wire.upload_he_requests(rnd, weight, manifest, blobs, self.chunk_bytes), metadata=self._md,
+            timeout=3600)).uploads_in_round
+
+    def key_recipients(self) -> list[tuple[str, bytes]]:
+        """Key holder: silos waiting for the wrapped key, with their signed X25519 announcements."""
+        return wire.key_recipients_from_proto(self._retry("ListKeyRecipients", lambda: self._stub.ListKeyRecipients(
+            wire.list_key_recipients_request(), metadata=self._md, timeout=30)))
+
+    def publish_wrapped_keys(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        """Key holder: hands wrapped keys to the coordinator for relaying."""
+        req = wire.publish_request(entries)
+        self._retry("PublishWrappedKeys", lambda: self._stub.PublishWrappedKeys(req, metadata=self._md, timeout=60))
+
+    def wrapped_key(self) -> bytes | None:
+        """The run's key wrapped for this silo, or None while the key holder has not published it."""
+        return wire.wrapped_key_from_proto(self._retry("GetWrappedKey", lambda: self._stub.GetWrappedKey(
+            wire.get_wrapped_key_request(), metadata=self._md, timeout=30)))
 
     def fetch(self, rnd: int) -> wire.Aggregate:
         """Fetches a closed round's aggregate."""

@@ -30,6 +30,9 @@ from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
 from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
 from fedsilo.silo_agent.state import AgentState
+from fedsilo.coordinator.config import AggregationMode
+from fedsilo.privacy.he import HeParams
+from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
 from fedsilo.silo_agent.wire import Activity
 
@@ -86,6 +89,9 @@ class Agent:
         self.stop = stop or threading.Event()
         self._round = 0
         self._activity = Activity.IDLE
+        self._name = cfg.name or ""
+        self._he: HeSession | None = None
+        self._manifest: Manifest | None = None
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -100,6 +106,7 @@ class Agent:
         if ident.role is not Role.SILO:
             raise AgentError(f"{tls.cert} is a {ident.role.value} certificate; an agent needs a silo certificate")
         log.info("this is silo %s (from %s)", ident.name, tls.cert)
+        self._name = ident.name
         return Credentials(ca=Path(tls.ca), cert=Path(tls.cert), key=Path(tls.key))
 
     def run(self) -> int:
@@ -156,16 +163,36 @@ class Agent:
                      state.applied_round, state.done_round)
         model.load_state_dict(state.model)
         manifest = Manifest.of_arrays({k: state.global_shared[k].numpy() for k in shared})
+        self._manifest = manifest
+        if info.aggregation is AggregationMode.HE:
+            if self.cfg.tls is None:
+                raise AgentError("the run uses HE aggregation, which needs this silo's TLS certificate and key")
+            try:
+                params = HeParams.from_bytes(info.he_parameters)
+            except ValueError as exc:
+                raise AgentError(f"the coordinator sent HE parameters this agent refuses: {exc}") from None
+            self._he = HeSession(run_id=info.run_id, me=self._name, params=params, key_holder=info.key_holder,
+                                 state_dir=state_dir, tls=self.cfg.tls)
         silo_name = client.join(fingerprint=fingerprint, num_train_examples=n_train, manifest=manifest,
-                             agent_version=__version__)
+                                agent_version=__version__,
+                                kem_announcement=self._he.announcement if self._he else b"")
         log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
                  silo_name, info.strategy.value, info.total_rounds, len(shared), len(state.model),
                  manifest.numel)
         beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
         beat.start()
+        holder = self._he is not None and self._he.is_key_holder
+        if self._he is not None:
+            try:
+                self._he.ensure_key(client, self.stop)
+            except KeyCeremonyError as exc:
+                raise AgentError(str(exc)) from None
         while True:
             self._activity = Activity.IDLE
-            task = client.get_task(state.done_round, wait_s=10)
+            if holder:
+                assert self._he is not None
+                self._he.serve_recipients(client)
+            task = client.get_task(state.done_round, wait_s=2 if holder else 10)
             if task.kind == "wait":
                 continue
             target = task.last_closed_round if task.kind == "stop" else task.base_round
@@ -176,7 +203,8 @@ class Agent:
                     return EXIT_RUN_FAILED
                 log.info("run finished: %s", task.message)
                 return EXIT_OK
-            self._train_round(client, model, state, shared, data, task.round, train_cfg, n_train)
+            self._train_round(client, model, state, shared, data, task.round, train_cfg, n_train,
+                              task.weight_normalizer)
 
     def _heartbeats(self, client: CoordinatorClient) -> None:
         while not self.stop.wait(self.cfg.heartbeat_s):
@@ -192,8 +220,9 @@ class Agent:
         while state.applied_round < target:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
+            arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
             for k in shared:
-                delta = torch.from_numpy(np.ascontiguousarray(agg.arrays[k]))
+                delta = torch.from_numpy(np.ascontiguousarray(arrays[k]))
                 state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
@@ -216,6 +245,19 @@ class Agent:
             state.reported_round = rnd
             state.save(Path(self.cfg.state_dir))
 
+    def _decrypt_mean(self, agg) -> dict[str, np.ndarray]:
+        """Weighted mean from an encrypted aggregate: decrypt, undo the normalizer, divide."""
+        if self._he is None or agg.ciphertexts is None:
+            raise AgentError("received an encrypted aggregate but this silo has no HE key")
+        total = agg.manifest.numel
+        weighted_sum = self._he.decrypt_sum(agg.ciphertexts, total)
+        mean = weighted_sum * (agg.weight_normalizer / agg.total_weight)
+        out, pos = {}, 0
+        for spec in agg.manifest.tensors:
+            out[spec.name] = mean[pos : pos + spec.numel].astype(spec.dtype.numpy).reshape(spec.shape)
+            pos += spec.numel
+        return out
+
     @staticmethod
     def _load_global(model: torch.nn.Module, state: AgentState) -> None:
         """Model = the federation's shared values + this silo's local values."""
@@ -224,7 +266,8 @@ class Agent:
         model.load_state_dict(sd)
 
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
-                     shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int) -> None:
+                     shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
+                     weight_normalizer: float) -> None:
         self._round = rnd
         self._activity = Activity.TRAINING
         result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
@@ -234,7 +277,13 @@ class Agent:
         update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
         self._activity = Activity.UPLOADING
         try:
-            uploads_in = client.submit(rnd, float(n_train), update)
+            if self._he is not None:
+                assert self._manifest is not None
+                flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in self._manifest.tensors])
+                blobs = self._he.encrypt(flat * (n_train / weight_normalizer))
+                uploads_in = client.submit_he(rnd, float(n_train), self._manifest, blobs)
+            else:
+                uploads_in = client.submit(rnd, float(n_train), update)
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, result.loss,
                      uploads_in)
         except grpc.RpcError as err:

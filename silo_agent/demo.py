@@ -67,7 +67,8 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, seed: int, port: int,
-                  insecure: bool, round_deadline_s: float = 120.0) -> tuple[Path, list[Path]]:
+                  insecure: bool, round_deadline_s: float = 120.0,
+                  aggregation: str = "he") -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths."""
     certs = work / "certs"
     server: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "state_dir": str(work / "coordinator")}
@@ -79,7 +80,8 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
     fed = work / "federation.toml"
     fed.write_text(_toml({
         "run": {"id": f"demo-{seed}", "rounds": rounds, "min_silos": max(1, len(names) - 1),
-                "round_deadline_s": round_deadline_s, "start_grace_s": 60, "strategy": strategy},
+                "round_deadline_s": round_deadline_s, "start_grace_s": 60, "strategy": strategy,
+                "aggregation": aggregation},
         "silos": {"enrolled": names},
         "server": server,
         "model": {**DEMO_MODEL, "seed": seed},
@@ -176,7 +178,8 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float)
 
 
 def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
-             seed: int = 0, insecure: bool = False, timeout_s: float = 1800.0) -> dict[str, Any]:
+             seed: int = 0, insecure: bool = False, aggregation: str = "he",
+             timeout_s: float = 1800.0) -> dict[str, Any]:
     """Runs the demo and writes ``out/results.json``; returns the results.
 
     Raises:
@@ -190,15 +193,20 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
     procs: list[_Proc] = []
     if insecure:
         console.print("[bold red]WARNING: --insecure: plaintext gRPC, no TLS, silo identities unverified.[/]")
-    console.print("[bold yellow]WARNING: aggregation is plaintext: the coordinator sees each silo's update.[/]")
+    if insecure and aggregation == "he":
+        raise DemoError("--insecure has no certificates for the HE key ceremony; add --aggregation plain")
+    if aggregation == "plain":
+        console.print("[bold red]WARNING: --aggregation plain: the coordinator sees every silo's update in the "
+                      "clear.[/]")
     try:
         if not insecure:
             make_certs(work / "certs", names)
         port = free_port()
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
-                                        insecure=insecure)
+                                        insecure=insecure, aggregation=aggregation)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
-                      f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}; work dir {work}")
+                      f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
+                      f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation; work dir {work}")
         flag = ["--insecure"] if insecure else []
         coord = _spawn("coordinator", ["coordinator", "--config", str(fed), *flag], logs)
         procs.append(coord)
@@ -237,7 +245,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
             raise DemoError(f"run ended as {status['state']}: {status['message']}")
         results = results_from_rounds(history, rounds)
         results["run"] = {"silos": names, "rounds": rounds, "strategy": strategy, "seed": seed,
-                          "transport": "insecure" if insecure else "mtls", "aggregation": "plain",
+                          "transport": "insecure" if insecure else "mtls", "aggregation": aggregation,
                           "wall_seconds": round(time.monotonic() - started, 1)}
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
