@@ -367,9 +367,11 @@ class Coordinator:
                 diff = manifest.difference(known_manifest)
                 if diff is not None:
                     raise FailedPrecondition(f"shared tensors differ from the run's: {diff}")
-            if manifest.total_bytes > self.cfg.max_upload_bytes:
+            agg = self._agg or _aggregator_for(self.cfg, manifest)
+            if agg.payload_bytes_bound() > self.cfg.max_upload_bytes:
                 raise ResourceExhausted(
-                    f"an update of {manifest.total_bytes} bytes exceeds server.max_upload_bytes "
+                    f"this model's uploads take up to {agg.payload_bytes_bound()} bytes "
+                    f"({self.cfg.aggregation.value} aggregation), more than server.max_upload_bytes "
                     f"({self.cfg.max_upload_bytes})"
                 )
             now = self._now_ms()
@@ -381,8 +383,7 @@ class Coordinator:
                                                 num_train_examples=int(num_train_examples),
                                                 agent_version=agent_version,
                                                 kem_public_key=bytes(kem_announcement) or None))
-            if self._agg is None:
-                self._agg = _aggregator_for(self.cfg, manifest)
+            self._agg = agg
             log.info("silo %s joined (%d training examples)", name, num_train_examples)
             self._maybe_start()
             self._cond.notify_all()
@@ -515,6 +516,9 @@ class Coordinator:
             diff = header.manifest.difference(self._agg.manifest)
             if diff is not None:
                 raise InvalidArgument(f"update does not match the run's shared tensors: {diff}")
+            if header.size > self._agg.payload_bytes_bound():
+                raise InvalidArgument(f"payload of {header.size} bytes is larger than any upload of this model "
+                                      f"can be ({self._agg.payload_bytes_bound()} bytes)")
         spool = self._spool / f"r{header.round:06d}-{name}-{uuid.uuid4().hex}.part"
         try:
             received, digest, wire = self._receive(it, header, spool)

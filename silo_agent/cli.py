@@ -146,6 +146,27 @@ def agent(config_path: Path, insecure: bool) -> None:
 
 
 @main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="silo.toml")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write (torch format).")
+def export(config_path: Path, out: Path) -> None:
+    """Export this silo's model after the run.
+
+    A model leaves the federation through a silo, which decrypted the aggregates itself; the
+    coordinator never holds a decrypted model (and never receives a decryption of what it holds).
+    """
+    from fedsilo.coordinator.config import ConfigError
+    from fedsilo.silo_agent.config import load_agent_config
+    from fedsilo.silo_agent.export import ExportError, export_model
+
+    try:
+        cfg = load_agent_config(config_path)
+        info = export_model(Path(cfg.state_dir), out)
+    except (ConfigError, ExportError) as exc:
+        _fail(str(exc))
+    click.echo(f"exported run {info['run_id']} after round {info['round']} to {out}")
+
+
+@main.command()
 @click.option("--coordinator", "address", required=True, help="host:port")
 @click.option("--ca", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--cert", type=click.Path(path_type=Path, exists=True), required=True, help="An admin certificate.")

@@ -150,7 +150,7 @@ class Agent:
         state = AgentState.load(state_dir)
         if state is None:
             sd = model.state_dict()
-            state = AgentState(run_id=info.run_id, fingerprint=fingerprint,
+            state = AgentState(run_id=info.run_id, fingerprint=fingerprint, model_config=dict(info.model_config),
                                global_shared={k: sd[k].detach().clone() for k in shared},
                                model={k: v.detach().clone() for k, v in sd.items()})
             state.save(state_dir)
@@ -261,9 +261,7 @@ class Agent:
     @staticmethod
     def _load_global(model: torch.nn.Module, state: AgentState) -> None:
         """Model = the federation's shared values + this silo's local values."""
-        sd = {k: v.clone() for k, v in state.model.items()}
-        sd.update({k: v.clone() for k, v in state.global_shared.items()})
-        model.load_state_dict(sd)
+        model.load_state_dict(state.personal_state_dict())
 
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                      shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,

@@ -24,6 +24,7 @@ class AgentState:
         global_shared: the federation's shared parameters after ``applied_round``.
         model: the silo's full model state (shared values as trained, local values personal).
         last_train_loss: mean training loss of ``done_round``.
+        model_config: the run's model settings (to rebuild the network from this checkpoint).
     """
 
     run_id: str
@@ -34,6 +35,13 @@ class AgentState:
     global_shared: dict[str, torch.Tensor] = field(default_factory=dict)
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     last_train_loss: float | None = None
+    model_config: dict = field(default_factory=dict)
+
+    def personal_state_dict(self) -> dict[str, torch.Tensor]:
+        """This silo's model: the federation's shared values plus its own local ones."""
+        sd = {k: v.clone() for k, v in self.model.items()}
+        sd.update({k: v.clone() for k, v in self.global_shared.items()})
+        return sd
 
     def save(self, state_dir: Path) -> None:
         """Writes the checkpoint atomically (temp file, fsync, rename)."""

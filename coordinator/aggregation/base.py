@@ -26,6 +26,10 @@ class Aggregator(abc.ABC):
         self.manifest = manifest
 
     @abc.abstractmethod
+    def payload_bytes_bound(self) -> int:
+        """Upper bound on the size of one silo's upload payload for this manifest."""
+
+    @abc.abstractmethod
     def reset(self) -> None:
         """Starts an empty sum."""
 

@@ -55,6 +55,10 @@ class HeAggregator(Aggregator):
         self._blob_limit = params.bytes_estimate(params.slots, aggregate=True)
         self._sum: list | None = None
 
+    def payload_bytes_bound(self) -> int:
+        params = self.context.params
+        return params.bytes_estimate(self.manifest.numel) + 4 * self.num_ciphertexts
+
     def reset(self) -> None:
         self._sum = None
 

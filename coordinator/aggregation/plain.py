@@ -22,6 +22,9 @@ class PlainAggregator(Aggregator):
         super().__init__(manifest)
         self._sum = np.zeros(manifest.numel, dtype=np.float64)
 
+    def payload_bytes_bound(self) -> int:
+        return self.manifest.total_bytes
+
     def reset(self) -> None:
         self._sum[:] = 0.0
 
