@@ -1,9 +1,10 @@
-"""Run by tests: starts the coordinator with torch made unimportable and checks no ML library loads."""
+"""Run by tests: starts an HE coordinator with torch made unimportable; checks no ML library loads."""
 
 import builtins
 import sys
+from pathlib import Path
 
-BLOCKED = ("torch", "monai", "opacus", "peft", "tenseal")
+BLOCKED = ("torch", "monai", "opacus", "peft", "torchvision")
 real_import = builtins.__import__
 
 
@@ -18,19 +19,31 @@ builtins.__import__ = guarded
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from fedsilo.coordinator.config import AggregationMode, FederationConfig  # noqa: E402
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles  # noqa: E402
 from fedsilo.coordinator.server import CoordinatorServer  # noqa: E402
+from fedsilo.privacy.pki import Role, init_ca, issue_certificate  # noqa: E402
 
+state = Path(sys.argv[1])
+certs = state.parent / "certs"
+init_ca(certs)
+issue_certificate(certs, certs, role=Role.COORDINATOR, name="coordinator", hosts=["localhost"])
+issue_certificate(certs, certs, role=Role.ADMIN, name="ops")
 cfg = FederationConfig(run_id="no-torch", silos=("hospital-a",), rounds=1, min_silos=1, listen="127.0.0.1:0",
-                       aggregation=AggregationMode.PLAIN,
-                       state_dir=sys.argv[1], insecure=True)
+                       aggregation=AggregationMode.HE, state_dir=state,
+                       tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "coordinator.pem", key=certs / "coordinator.key"))
 server = CoordinatorServer(cfg)
 server.start()
-with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "ops.key").read_bytes(),
+                                     (certs / "ops.pem").read_bytes())
+with grpc.secure_channel(f"localhost:{server.port}", creds) as ch:
     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="fedsilo.v1.Federation"),
                                                 timeout=10)
 server.stop(0)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert resp.status == health_pb2.HealthCheckResponse.SERVING, resp
 assert not loaded, loaded
-print("coordinator served without", ", ".join(BLOCKED))
+# the HE context a coordinator can build from the run's parameters holds no key
+from fedsilo.privacy.he import PublicContext  # noqa: E402
+
+assert PublicContext(cfg.he_params()).has_secret_key is False
+print("HE coordinator served without", ", ".join(BLOCKED))
