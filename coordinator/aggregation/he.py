@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from fedsilo.coordinator.aggregation.base import Aggregator, atomic_write
 from fedsilo.coordinator.errors import InvalidArgument
 from fedsilo.coordinator.tensors import Manifest
 from fedsilo.privacy.he import HeError, HeParams, PublicContext
+
+
+_VALIDATED_CACHE = 4
 
 
 def read_framed(path: Path, limit: int) -> Iterator[bytes]:
@@ -54,6 +58,9 @@ class HeAggregator(Aggregator):
         self.num_ciphertexts = params.n_chunks(manifest.numel)
         self._blob_limit = params.bytes_estimate(params.slots, aggregate=True)
         self._sum: list | None = None
+        # ciphertexts loaded by validate(), reused by add() for the same file (loading dominates)
+        self._validated: dict[tuple[str, int, int], list] = {}
+        self._validated_lock = threading.Lock()
 
     def payload_bytes_bound(self) -> int:
         params = self.context.params
@@ -76,12 +83,24 @@ class HeAggregator(Aggregator):
                                   f"{self.num_ciphertexts}")
         return cts
 
+    @staticmethod
+    def _key(payload: Path) -> tuple[str, int, int]:
+        st = payload.stat()
+        return str(payload), st.st_size, st.st_mtime_ns
+
     def validate(self, payload: Path) -> None:
-        self._load_all(payload)
+        cts = self._load_all(payload)
+        with self._validated_lock:
+            while len(self._validated) >= _VALIDATED_CACHE:
+                self._validated.pop(next(iter(self._validated)))
+            self._validated[self._key(payload)] = cts
 
     def add(self, payload: Path, weight: float) -> None:
         del weight  # already inside the ciphertexts
-        cts = self._load_all(payload)
+        with self._validated_lock:
+            cts = self._validated.pop(self._key(payload), None)
+        if cts is None:
+            cts = self._load_all(payload)
         if self._sum is None:
             self._sum = cts
         else:
