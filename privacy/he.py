@@ -945,3 +945,54 @@ def ckks_flare_roundtrip(
         aggregate_s=agg_s,
         decrypt_s=dec_s,
     )
+
+
+def encrypt_masked_update(
+    ctx: SecretContext, q: FixedPoint, weighted: np.ndarray, weight_mask: np.ndarray, rng: np.random.Generator
+) -> tuple[list[bytes], list[bytes], int]:
+    """A silo's masked upload: Enc(w·m⊙u) and Enc(w·m), so the mask itself stays encrypted.
+
+    Used when only some elements are shared (a personalisation mask m ∈ {0, 1} per element):
+    the weighted mean is then per element, Σ_i w_i m_i u_i / Σ_i w_i m_i.
+
+    Args:
+        ctx: The silo's secret context.
+        q: The codec.
+        weighted: ``w_i * u_i`` (any shape; the mask is applied here).
+        weight_mask: ``w_i * m_i``, same shape, values in [0, bound].
+        rng: Randomness for the stochastic rounding.
+
+    Returns:
+        (numerator blobs, denominator blobs, values clipped).
+
+    Raises:
+        ValueError: Shapes differ, or a weight-mask value is negative.
+    """
+    values = np.ravel(np.asarray(weighted, dtype=np.float64))
+    wm = np.ravel(np.asarray(weight_mask, dtype=np.float64))
+    if values.shape != wm.shape:
+        raise ValueError(f"weighted update has {values.size} values, weight mask {wm.size}")
+    if (wm < 0).any():
+        raise ValueError("invalid weight mask: values must be >= 0 (a weight times a 0/1 mask)")
+    num, clipped = encrypt_update(ctx, q, np.where(wm > 0, values, 0.0), rng)
+    den, clipped_den = encrypt_update(ctx, q, wm, rng)
+    return num, den, clipped + clipped_den
+
+
+def decrypt_masked_mean(
+    ctx: SecretContext, q: FixedPoint, num_blobs: Sequence[bytes], den_blobs: Sequence[bytes], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decrypts the sums of a masked round and divides element by element.
+
+    Returns:
+        (mean, shared): ``mean`` is Σ w m u / Σ w m where ``shared`` is True; where no
+        contributor shared the element (Σ w m decrypts to exactly 0, e.g. an all-zero mask
+        column) ``shared`` is False and ``mean`` is NaN: the caller keeps its local value.
+    """
+    _same_params(ctx, q)
+    num = q.decode(ctx.decrypt(num_blobs, n))
+    den_ints = ctx.decrypt(den_blobs, n)
+    shared = den_ints != 0
+    mean = np.full(n, np.nan)
+    mean[shared] = num[shared] / q.decode(den_ints[shared])
+    return mean, shared
