@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedsilo.coordinator.aggregation.base import atomic_write_with
 
 from fedsilo.silo_agent.state import AgentState
 
@@ -33,13 +34,8 @@ def export_model(state_dir: Path, out: Path) -> dict[str, Any]:
     info = {"run_id": state.run_id, "round": state.applied_round, "fingerprint": state.fingerprint,
             "model_config": state.model_config, "state_dict": state.personal_state_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(info, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        atomic_write_with(out, lambda f: torch.save(info, f))
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc}") from None
     return info

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from fedsilo.coordinator.aggregation.base import atomic_write_with
 from fedsilo.coordinator.config import TlsFiles
 from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
 from fedsilo.privacy.keywrap import (
@@ -32,13 +32,7 @@ class KeyCeremonyError(Exception):
 
 def write_private(path: Path, data: bytes) -> None:
     """Writes secret material: mode 0600, temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda f: f.write(data), mode=0o600)
 
 
 class HeSession:

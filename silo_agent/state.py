@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from fedsilo.coordinator.aggregation.base import atomic_write_with
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -46,18 +47,7 @@ class AgentState:
     def save(self, state_dir: Path) -> None:
         """Writes the checkpoint atomically (temp file, fsync, rename)."""
         state_dir.mkdir(parents=True, exist_ok=True)
-        path = state_dir / CHECKPOINT
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self.__dict__, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write_with(state_dir / CHECKPOINT, lambda f: torch.save(self.__dict__, f))
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentState | None:
