@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_PRV_MAX_POINTS",
     "DEFAULT_RDP_ORDERS",
     "INTEGER_RDP_ORDERS",
+    "LEDGER_RDP_ORDERS",
     "Accountant",
     "AccountingError",
     "AccountingMethod",
@@ -54,6 +55,14 @@ INTEGER_RDP_ORDERS: tuple[float, ...] = tuple(a for a in DEFAULT_RDP_ORDERS if a
 and dp_accounting evaluate the subsampled-Gaussian RDP exactly (a finite binomial sum; Mironov,
 Talwar, Zhang 2019, §3.3), so `RdpAccountant` and `DpAccountingVerifier` on this grid agree to
 floating point; see `DpAccountingVerifier` for why they may not on fractional orders."""
+
+LEDGER_RDP_ORDERS: tuple[float, ...] = INTEGER_RDP_ORDERS
+"""The order grid of every ε written to a privacy ledger or audit report. Integer orders are
+where Opacus (which the agent uses) and Google's dp_accounting (which `fedsilo audit verify`
+and the coordinator's planning use) evaluate the same exact formula, so an auditor can
+recompute each ledger ε with independent code to ~1e-9. The price is a slightly higher
+(still valid) ε than on `DEFAULT_RDP_ORDERS`: e.g. 7.3291 becomes 7.3299 for the first
+issue-4 known answer."""
 
 DEFAULT_PRV_MAX_POINTS = 2**22
 """Largest PRV discretisation `PrvAccountant` builds by default (about 4.2 million points:
