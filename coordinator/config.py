@@ -76,6 +76,10 @@ class FederationConfig:
         max_chunk_bytes: largest accepted chunk of an upload stream (<= 4 MiB).
         model: model config handed to silos (validated by the agents, which build the model).
         training: local-training config handed to silos.
+        privacy: the run's differential-privacy plan (``fedsilo.privacy.plan.PrivacyPlan``);
+            None (the default) means no differential privacy, which is loudly warned.
+        budgets: ε budgets agreed with enrolled silos (name -> ε at ``privacy.delta``); the
+            coordinator refuses to start a run whose planned spend exceeds one of them.
     """
 
     run_id: str
@@ -96,6 +100,8 @@ class FederationConfig:
     model: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     he: Mapping[str, Any] = field(default_factory=dict)
+    privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
+    budgets: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not _RUN_ID_RE.match(self.run_id):
@@ -136,6 +142,39 @@ class FederationConfig:
             if self.insecure:
                 raise ConfigError("run.aggregation: 'he' needs TLS certificates (the key ceremony signs with them); "
                                   "use aggregation = 'plain' with server.insecure")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        from fedsilo.privacy.plan import PrivacyPlan
+
+        plan = self.privacy
+        if plan is None:
+            if self.budgets:
+                raise ConfigError("privacy.budgets: budgets are set but the run has no [privacy] plan")
+            return
+        if not isinstance(plan, PrivacyPlan):
+            raise ConfigError(f"privacy: {plan!r} is not a PrivacyPlan")
+        if self.tls is None:
+            raise ConfigError("privacy: differential privacy needs TLS certificates (silos sign their privacy ledgers "
+                              "with them); remove server.insecure")
+        if not plan.enabled:
+            raise ConfigError("privacy: neither record_level nor silo_level is on; remove the [privacy] section "
+                              "to run without differential privacy")
+        if plan.silo_level and not plan.delta < 1.0 / len(self.silos):
+            raise ConfigError(f"privacy.delta: {plan.delta!r} must be < 1/n = 1/{len(self.silos)} enrolled silos "
+                              "(silo-level: a mechanism that publishes one whole silo outright is (0, 1/n)-DP)")
+        if plan.noise_shares > 1:
+            if self.aggregation is not AggregationMode.HE:
+                raise ConfigError("privacy.distributed_noise: splitting the noise into shares needs "
+                                  "run.aggregation = 'he' (the coordinator would see each weakly noised upload)")
+            if plan.noise_shares > self.min_silos:
+                raise ConfigError(f"privacy.distributed_noise: {plan.noise_shares} shares need at least that many "
+                                  f"uploads per round, but run.min_silos is {self.min_silos}")
+        for name, eps in self.budgets.items():
+            if name not in self.silos:
+                raise ConfigError(f"privacy.budgets.{name}: not an enrolled silo")
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+                raise ConfigError(f"privacy.budgets.{name}: {eps!r} must be a finite ε > 0")
 
     @property
     def key_holder(self) -> str:
@@ -178,6 +217,8 @@ class FederationConfig:
             "training": dict(self.training),
             "he": dict(self.he),
         }
+        if self.privacy is not None:  # absent key keeps fingerprints of runs without DP unchanged
+            ident["privacy"] = self.privacy.to_mapping()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,6 +244,9 @@ _SECTIONS = {
     "model": None,
     "training": None,
     "he": None,
+    "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
+                "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
+                "update_target_epsilon", "distributed_noise", "delta", "budgets"},
 }
 
 
@@ -294,7 +338,87 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     for key in ("max_upload_bytes", "max_chunk_bytes"):
         if key in server:
             kwargs[key] = server[key]
+    if "privacy" in data:
+        kwargs["privacy"], kwargs["budgets"] = parse_privacy(
+            data["privacy"], rounds=run["rounds"], min_silos=run["min_silos"],
+            aggregation=kwargs.get("aggregation", AggregationMode.HE))
     return FederationConfig(**kwargs)
+
+
+def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
+                  aggregation: AggregationMode) -> tuple[Any, dict[str, float]]:
+    """The ``[privacy]`` table as a `PrivacyPlan` plus the budgets; σ calibrated from targets.
+
+    ``target_epsilon`` / ``update_target_epsilon`` (instead of ``noise_multiplier`` /
+    ``update_noise_multiplier``) ask for the smallest σ whose whole-run ε (all ``rounds``,
+    at ``delta``) is at most the target, against the aggregate. ``distributed_noise``
+    (HE runs only; default true there when silo-level is on) splits the silo-level noise
+    into ``min_silos`` shares.
+
+    Raises:
+        ConfigError: naming the bad field.
+    """
+    from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, DpAccountingVerifier, calibrate_noise
+    from fedsilo.privacy.plan import PrivacyPlan
+
+    t = dict(table)
+    budgets = t.pop("budgets", {})
+    if not isinstance(budgets, Mapping):
+        raise ConfigError("privacy.budgets: must be a table of silo name = ε")
+    for flag in ("record_level", "silo_level", "distributed_noise"):
+        if flag in t and not isinstance(t[flag], bool):
+            raise ConfigError(f"privacy.{flag}: {t[flag]!r} must be true or false")
+    record, silo = t.get("record_level", False), t.get("silo_level", False)
+    distributed = t.pop("distributed_noise", silo and aggregation is AggregationMode.HE)
+    if distributed and not silo:
+        raise ConfigError("privacy.distributed_noise: only silo-level noise can be distributed; set silo_level = true")
+    if distributed and aggregation is not AggregationMode.HE:
+        raise ConfigError("privacy.distributed_noise: needs run.aggregation = 'he' (with plaintext aggregation the "
+                          "coordinator would see each weakly noised upload)")
+    delta = t.get("delta", 1e-5)
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ConfigError(f"privacy.delta: {delta!r} must be a number in (0, 1)")
+    accountant = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
+    for target, sigma, on, q_key, steps in (
+        ("target_epsilon", "noise_multiplier", record, "sample_rate", "steps_per_round"),
+        ("update_target_epsilon", "update_noise_multiplier", silo, None, None),
+    ):
+        if target not in t:
+            continue
+        if sigma in t:
+            raise ConfigError(f"privacy.{target}: give either {target} or {sigma}, not both")
+        if not on:
+            raise ConfigError(f"privacy.{target}: set only with {'record_level' if q_key else 'silo_level'} = true")
+        eps = t.pop(target)
+        try:
+            per_round = 1 if steps is None else t.get(steps)
+            q = 1.0 if q_key is None else t.get(q_key)
+            total = int(rounds) * int(per_round)  # validated below; bad values fail there
+            t[sigma] = calibrate_noise(target_epsilon=eps, delta=t.get("delta", 1e-5), sample_rate=q,
+                                       steps=total, accountant=accountant)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc).removeprefix("invalid ")
+            raise ConfigError(f"privacy.{target}: cannot calibrate σ: {msg}") from None
+    if distributed:
+        t["noise_shares"] = int(min_silos) if isinstance(min_silos, int) else min_silos
+    for on, group in ((record, ("sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier")),
+                      (silo, ("update_clip_norm", "update_noise_multiplier"))):
+        for key in group:
+            if on and key not in t:
+                raise ConfigError(f"privacy.{key}: missing (required with "
+                                  f"{'record_level' if key in group[:4] and record else 'silo_level'} = true)")
+            if not on and key in t:
+                raise ConfigError(f"privacy.{key}: set but {'record_level' if 'update' not in key else 'silo_level'} "
+                                  "is off")
+    try:
+        plan = PrivacyPlan(**t)
+    except ValueError as exc:
+        msg = str(exc).removeprefix("invalid ")
+        name = msg.split(" ", 1)[0]
+        raise ConfigError(f"privacy.{name}: {msg.split(' ', 1)[1] if ' ' in msg else msg}") from None
+    except TypeError as exc:
+        raise ConfigError(f"privacy: {exc}") from None
+    return plan, dict(budgets)
 
 
 def tls_files(table: Mapping[str, Any], section: str, base: Path, *, insecure: bool,

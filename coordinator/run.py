@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
-from fedsilo.coordinator.aggregation.base import fsync_dir
+from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
 from fedsilo.coordinator.errors import (
     AlreadyExists,
@@ -29,11 +29,13 @@ from fedsilo.coordinator.errors import (
 )
 from fedsilo.coordinator.store import SiloRow, Store
 from fedsilo.coordinator.tensors import Manifest
+from fedsilo.privacy.ledger import DuplicateEntryError, GuaranteeScope, LedgerError, LedgerMirror
 from fedsilo.privacy.pki import Identity, Role
 
 log = logging.getLogger("fedsilo.coordinator")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SINGLE = GuaranteeScope.SINGLE_UPLOAD
 _METRIC_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 MAX_WEIGHT = 1e9
 MAX_WAIT_S = 60
@@ -66,6 +68,9 @@ ENCODING_FOR: dict[AggregationMode, PayloadEncoding] = {
 }
 MAX_WRAPPED_KEY_BYTES = 4 * 2**20
 MAX_ANNOUNCEMENT_BYTES = 16 * 2**10
+MAX_BUDGET_STATEMENT_BYTES = 32 * 2**10
+MAX_LEDGER_BATCH = 64
+MAX_LEDGER_ENTRY_CHARS = 32 * 2**10
 
 
 class TaskKind(enum.Enum):
@@ -158,6 +163,8 @@ class SiloStatus:
     last_seen_ms: int
     rounds_contributed: int
     num_train_examples: int
+    retired_from_round: int = 0
+    retired_reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +232,16 @@ class Coordinator:
         for leftover in self._spool.iterdir():
             leftover.unlink()
         self._store = Store(state_dir / "coordinator.sqlite")
+        self._state_dir = state_dir
+        self._ca_pem: bytes | None = None
+        self._mirror: LedgerMirror | None = None
+        if config.privacy is not None:
+            from fedsilo.privacy.budget import CA_FILE, MIRROR_FILE
+
+            assert config.tls is not None  # the config refuses DP without TLS
+            self._ca_pem = Path(config.tls.ca).read_bytes()
+            atomic_write(state_dir / CA_FILE, self._ca_pem)
+            self._mirror = LedgerMirror.open(state_dir / MIRROR_FILE)
         fingerprint = config.run_fingerprint()
         stored = self._store.get_meta("run_fingerprint")
         if stored is None:
@@ -251,7 +268,39 @@ class Coordinator:
         manifest = self._manifest()
         if manifest is not None:
             self._agg = _aggregator_for(config, manifest)
+        try:
+            self._check_planned_spend()
+        except ConfigError:
+            self.close()
+            raise
         self._resume()
+
+    def _check_planned_spend(self) -> None:
+        """Refuses to start a run whose planned spend exceeds a budget agreed with a silo.
+
+        Checked while no round has opened yet: the mirrored history of each silo with a
+        budget in ``[privacy.budgets]``, composed with every round of this run's plan, must
+        stay within that budget for every neighbouring relation (single-upload scope).
+
+        Raises:
+            ConfigError: naming the silo, the relation and both figures.
+        """
+        plan = self.cfg.privacy
+        if plan is None or not self.cfg.budgets or self._store.rounds():
+            return
+        from fedsilo.privacy.plan import projected_spend
+
+        assert self._mirror is not None
+        for silo, budget in self.cfg.budgets.items():
+            spend = projected_spend(self._mirror.entries(silo), plan.round_releases(), delta=plan.delta,
+                                    repeats=self.cfg.rounds)
+            for relation, eps in spend.items():
+                if eps > budget:
+                    raise ConfigError(
+                        f"privacy.budgets.{silo}: the run's plan would bring silo {silo!r}'s {relation.value}-level "
+                        f"ε to {eps:.4f} after {self.cfg.rounds} rounds (δ = {plan.delta:g}, its history included), "
+                        f"above its budget {budget:g}; lower run.rounds or raise the noise"
+                    )
 
     # -- helpers ------------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -334,7 +383,8 @@ class Coordinator:
         return self.cfg
 
     def join(self, caller: Identity, *, model_fingerprint: str, num_train_examples: int,
-             manifest: Manifest, agent_version: str, kem_announcement: bytes = b"") -> tuple[str, RunState, int]:
+             manifest: Manifest, agent_version: str, kem_announcement: bytes = b"",
+             budget_statement: bytes = b"") -> tuple[str, RunState, int]:
         """Joins (or re-joins) the run.
 
         Returns:
@@ -355,6 +405,7 @@ class Coordinator:
         if self.cfg.aggregation is AggregationMode.HE and not 1 <= len(kem_announcement) <= MAX_ANNOUNCEMENT_BYTES:
             raise InvalidArgument("kem_announcement (the silo's signed X25519 key) is required for HE aggregation, "
                                   f"1..{MAX_ANNOUNCEMENT_BYTES} bytes")
+        budget = self._check_budget_statement(name, budget_statement)
         with self._cond:
             known_fp = self._store.get_meta("model_fingerprint")
             if known_fp is not None and known_fp != model_fingerprint:
@@ -383,11 +434,43 @@ class Coordinator:
                                                 num_train_examples=int(num_train_examples),
                                                 agent_version=agent_version,
                                                 kem_public_key=bytes(kem_announcement) or None))
+            if budget is not None:
+                from fedsilo.privacy.budget import BUDGETS_DIR
+
+                (self._state_dir / BUDGETS_DIR).mkdir(exist_ok=True)
+                atomic_write(self._state_dir / BUDGETS_DIR / f"{name}.json", budget.to_json().encode("ascii"))
             self._agg = agg
-            log.info("silo %s joined (%d training examples)", name, num_train_examples)
+            log.info("silo %s joined (%d training examples%s)", name, num_train_examples,
+                     "" if budget is None else f"; privacy budget ε = {budget.epsilon:g} at δ = {budget.delta:g}")
             self._maybe_start()
             self._cond.notify_all()
             return name, self._state(), self._store.last_closed_round()
+
+    def _check_budget_statement(self, name: str, raw: bytes):  # -> BudgetStatement | None
+        """Verifies a joining silo's signed budget (DP runs need one; others must send none)."""
+        if self.cfg.privacy is None:
+            if raw:
+                raise InvalidArgument("budget_statement given, but this run has no differential privacy")
+            return None
+        if not 1 <= len(raw) <= MAX_BUDGET_STATEMENT_BYTES:
+            raise InvalidArgument("budget_statement (the silo's signed privacy budget) is required in a run with "
+                                  f"differential privacy, 1..{MAX_BUDGET_STATEMENT_BYTES} bytes")
+        from fedsilo.privacy.budget import BudgetError, BudgetStatement
+
+        assert self._ca_pem is not None
+        try:
+            statement = BudgetStatement.from_json(bytes(raw))
+            statement.verify(ca_pem=self._ca_pem)
+        except BudgetError as exc:
+            raise InvalidArgument(f"budget_statement refused: {exc}") from None
+        if statement.silo != name:
+            raise InvalidArgument(f"budget_statement is silo {statement.silo!r}'s, but the caller is {name!r}")
+        return statement
+
+    def _training_silos(self) -> list[str]:
+        """Enrolled silos that have not retired from training."""
+        retired = self._store.retired()
+        return [s for s in self.cfg.silos if s not in retired]
 
     def _maybe_start(self) -> None:
         if self._state() is not RunState.WAITING:
@@ -416,7 +499,11 @@ class Coordinator:
         """Opens a round (inside a transaction, lock held)."""
         assert self._agg is not None
         now = self._now_ms()
-        normalizer = float(sum(s.num_train_examples for s in self._store.silos().values()))
+        silos = self._store.silos()
+        if self.cfg.privacy is not None and self.cfg.privacy.silo_level:
+            normalizer = float(len(silos))  # every silo has weight 1 (silo-level DP)
+        else:
+            normalizer = float(sum(s.num_train_examples for s in silos.values()))
         self._store.insert_round(rnd, opened_at_ms=now, deadline_ms=now + int(self.cfg.round_deadline_s * 1000),
                                  params_shared=self._agg.manifest.numel, weight_normalizer=normalizer)
         self._store.set_meta("state", RunState.RUNNING.value)
@@ -452,6 +539,10 @@ class Coordinator:
         message = self._store.get_meta("message") or ""
         if state in (RunState.FINISHED, RunState.FAILED):
             return Task(kind=TaskKind.STOP, last_closed_round=last_closed, state=state, message=message)
+        retired = self._store.retired().get(name)
+        if retired is not None:
+            message = f"this silo stopped training from round {retired[0]} ({retired[1]}); {message}"
+            return Task(kind=TaskKind.WAIT, last_closed_round=last_closed, state=state, message=message[:1024])
         open_round = self._store.open_round()
         if state is RunState.RUNNING and open_round is not None and open_round.round > after_round:
             if name not in self._store.uploads(open_round.round):
@@ -475,6 +566,35 @@ class Coordinator:
             )
         if name in self._store.uploads(header.round):
             raise AlreadyExists(f"silo {name!r} already uploaded its update for round {header.round}")
+        retired = self._store.retired().get(name)
+        if retired is not None:
+            raise FailedPrecondition(f"silo {name!r} stopped training from round {retired[0]} ({retired[1]})")
+        plan = self.cfg.privacy
+        if plan is not None:
+            if plan.silo_level and header.weight != 1.0:
+                raise InvalidArgument(f"weight {header.weight} must be 1: silo-level DP weights every silo equally")
+            self._check_accounted(name, header.round)
+
+    def _check_accounted(self, name: str, rnd: int) -> None:
+        """An upload of a DP run needs its ledger entries mirrored first, matching the plan."""
+        plan = self.cfg.privacy
+        assert plan is not None and self._mirror is not None
+        entries = [e for e in self._mirror.entries(name) if e.run_id == self.cfg.run_id and e.round == rnd]
+        for planned in plan.round_releases():
+            relation = planned.neighbouring.value
+            found = [e for e in entries if e.neighbouring.value == relation]
+            if not found:
+                raise FailedPrecondition(
+                    f"round {rnd}: no {relation}-level privacy-ledger entry of silo {name!r} is mirrored; send it "
+                    "with SubmitLedgerEntries before uploading (every DP release is accounted first)")
+            e = found[-1]
+            got = (e.mechanism.value, e.noise_multiplier, e.sample_rate, e.steps, e.clip_norm)
+            want = (planned.mechanism.value, planned.noise_multiplier, planned.sample_rate, planned.steps,
+                    planned.clip_norm)
+            if got != want or e.guarantee(_SINGLE).noise_multiplier != planned.single_upload_noise_multiplier:
+                raise FailedPrecondition(
+                    f"round {rnd}: silo {name!r}'s {relation}-level ledger entry seq {e.seq} accounts "
+                    f"(mechanism, σ, q, steps, C) = {got}, but the run's plan is {want}")
 
     def submit(self, caller: Identity, parts: Iterable[UploadPart]) -> SubmitResult:
         """Receives one upload stream, validates it completely, then adds it to the round.
@@ -613,8 +733,9 @@ class Coordinator:
             for old in range(1, seq + 1):
                 self._accepted_path(rnd, old).unlink(missing_ok=True)
         n = seq
-        log.info("round %d: accepted upload from %s (%d/%d)", rnd, name, n, len(self.cfg.silos))
-        if n == len(self.cfg.silos):
+        training = self._training_silos()
+        log.info("round %d: accepted upload from %s (%d/%d)", rnd, name, n, len(training))
+        if all(s in self._store.uploads(rnd) for s in training):
             self._close_round(rnd)
         return SubmitResult(round=rnd, bytes_received=received, uploads_in_round=n)
 
@@ -824,6 +945,7 @@ class Coordinator:
         self.flush_telemetry()
         silos = self._store.silos()
         contrib = self._store.contributions()
+        retired = self._store.retired()
         return Status(
             run_id=self.cfg.run_id,
             state=self._state(),
@@ -833,7 +955,9 @@ class Coordinator:
             silos=tuple(
                 SiloStatus(name=s, joined=s in silos, last_seen_ms=silos[s].last_seen_ms if s in silos else 0,
                            rounds_contributed=contrib.get(s, 0),
-                           num_train_examples=silos[s].num_train_examples if s in silos else 0)
+                           num_train_examples=silos[s].num_train_examples if s in silos else 0,
+                           retired_from_round=retired[s][0] if s in retired else 0,
+                           retired_reason=retired[s][1] if s in retired else "")
                 for s in self.cfg.silos
             ),
             message=self._store.get_meta("message") or "",
@@ -851,10 +975,99 @@ class Coordinator:
                                     total_weight=r.total_weight, metrics=self._store.metrics(r.round)))
         return out
 
+    # -- privacy ------------------------------------------------------------------------
+    def submit_ledger_entries(self, caller: Identity, entries_json: list[str]) -> int:
+        """Verifies a silo's ledger entries and appends them to the mirror, in order.
+
+        Entries already mirrored verbatim are skipped (a resend). Each entry is stored only
+        if it verifies and extends the chain; at the first bad one the call fails and the
+        mirror keeps the entries before it, so it always holds a verified prefix.
+
+        Returns:
+            The highest mirrored seq of the caller's ledger (0 if none).
+
+        Raises:
+            InvalidArgument: too many or too large entries, or one that does not verify
+                (chain, signature, certificate, another silo's, not canonical); the message
+                names its seq.
+            FailedPrecondition: the run has no differential privacy.
+        """
+        name = self._require_joined(caller)
+        if self._mirror is None:
+            raise FailedPrecondition(f"run {self.cfg.run_id!r} has no differential privacy; there is no ledger mirror")
+        if len(entries_json) > MAX_LEDGER_BATCH:
+            raise InvalidArgument(f"{len(entries_json)} ledger entries in one call; at most {MAX_LEDGER_BATCH}")
+        for i, text in enumerate(entries_json):
+            if not 1 <= len(text) <= MAX_LEDGER_ENTRY_CHARS:
+                raise InvalidArgument(f"ledger entry {i} is {len(text)} characters; 1..{MAX_LEDGER_ENTRY_CHARS}")
+        assert self._ca_pem is not None
+        for text in entries_json:
+            try:
+                self._mirror.accept(text, ca_pem=self._ca_pem, expected_silo=name)
+            except DuplicateEntryError:
+                continue
+            except LedgerError as exc:
+                raise InvalidArgument(str(exc)) from None
+        self._seen(name)
+        last = self._mirror.last(name)
+        return 0 if last is None else last.seq
+
+    def decline(self, caller: Identity, *, rnd: int, reason: str, final: bool) -> tuple[RunState, int]:
+        """A silo declines a round; ``final`` retires it from training for the rest of the run.
+
+        The run goes on without it; if fewer than ``min_silos`` silos are left training, the
+        run ends as failed, saying why. If every silo still training has uploaded the open
+        round, the round closes now.
+
+        Returns:
+            (run state afterwards, number of silos still training).
+
+        Raises:
+            InvalidArgument: round out of range or an empty / overlong reason.
+            FailedPrecondition: the run has ended, or the caller already uploaded this round.
+        """
+        name = self._require_joined(caller)
+        if not 1 <= rnd <= self.cfg.rounds:
+            raise InvalidArgument(f"round {rnd} is not in [1, {self.cfg.rounds}]")
+        if not isinstance(reason, str) or not 1 <= len(reason) <= 1024:
+            raise InvalidArgument("reason must be 1..1024 characters")
+        with self._cond:
+            state = self._state()
+            if state in (RunState.FINISHED, RunState.FAILED):
+                raise FailedPrecondition(f"run {self.cfg.run_id!r} is {state.value}")
+            if name in self._store.uploads(rnd):
+                raise FailedPrecondition(f"silo {name!r} already uploaded round {rnd}; it cannot decline it")
+            log.warning("silo %s declines round %d%s: %s", name, rnd, " and every later round" if final else "",
+                        reason)
+            if not final:
+                return state, len(self._training_silos())
+            with self._store.transaction():
+                self._store.retire(name, from_round=rnd, reason=reason, now_ms=self._now_ms())
+            training = self._training_silos()
+            if len(training) < self.cfg.min_silos:
+                retired = self._store.retired()
+                msg = (f"failed: only {len(training)} silo(s) still training, fewer than min_silos = "
+                       f"{self.cfg.min_silos}; stopped training: "
+                       + "; ".join(f"{s} from round {r} ({why})" for s, (r, why) in sorted(retired.items())))
+                with self._store.transaction():
+                    self._store.set_meta("state", RunState.FAILED.value)
+                    self._store.set_meta("message", msg[:1024])
+                log.error("run %s %s", self.cfg.run_id, msg)
+            else:
+                open_round = self._store.open_round()
+                if (state is RunState.RUNNING and open_round is not None and self._agg is not None
+                        and self._store.uploads(open_round.round)
+                        and all(s in self._store.uploads(open_round.round) for s in training)):
+                    self._close_round(open_round.round)
+            self._cond.notify_all()
+            return self._state(), len(training)
+
     def close(self) -> None:
-        """Writes pending counters and closes the database."""
+        """Writes pending counters and closes the databases."""
         self.flush_telemetry()
         self._store.close()
+        if self._mirror is not None:
+            self._mirror.close()
 
 
 def _json(data: object) -> str:

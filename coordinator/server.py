@@ -26,6 +26,10 @@ PLAINTEXT_AGGREGATION_WARNING = (
     "aggregation = plain: the coordinator sees every silo's update in the clear. Encrypted aggregation "
     "is the way to keep updates from the coordinator; use plain aggregation only where the coordinator is trusted."
 )
+NO_DP_WARNING = (
+    "no [privacy] section: this run has no differential privacy. Encryption hides updates from the "
+    "coordinator, but the shared model itself can leak training images to whoever receives it."
+)
 INSECURE_WARNING = (
     "INSECURE: the coordinator is serving plaintext gRPC without TLS. Silo identities are unverified "
     "and everything on the wire is readable. Use this only on a development machine."
@@ -70,6 +74,8 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if config.aggregation is AggregationMode.PLAIN:
             log.warning(PLAINTEXT_AGGREGATION_WARNING)
+        if config.privacy is None:
+            log.warning(NO_DP_WARNING)
         if config.insecure:
             log.warning(INSECURE_WARNING)
             self.port = self._server.add_insecure_port(config.listen)

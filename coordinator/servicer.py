@@ -110,7 +110,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             caller, model_fingerprint=request.model_fingerprint,
             num_train_examples=request.num_train_examples,
             manifest=wire.tensor_specs_from_proto(request.shared_tensors), agent_version=request.agent_version,
-            kem_announcement=request.kem_announcement)
+            kem_announcement=request.kem_announcement, budget_statement=request.budget_statement)
         return wire.join_response(name, state, last_closed)
 
     @_rpc
@@ -173,6 +173,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     @_rpc
     def GetWrappedKey(self, request, context):  # noqa: N802
         return wire.wrapped_key_response(self._c.wrapped_key(self._who(context)))
+
+    @_rpc
+    def SubmitLedgerEntries(self, request, context):  # noqa: N802
+        caller = self._who(context)
+        self._c.run_config(caller)  # identity before input
+        return wire.ledger_response(self._c.submit_ledger_entries(caller, list(request.entries_json)))
+
+    @_rpc
+    def DeclineRound(self, request, context):  # noqa: N802
+        state, training = self._c.decline(self._who(context), rnd=request.round, reason=request.reason,
+                                          final=request.final)
+        return wire.decline_response(state, training)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

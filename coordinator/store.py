@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (round, silo),
     UNIQUE (round, seq)
 );
+CREATE TABLE IF NOT EXISTS retired (
+    silo TEXT PRIMARY KEY,
+    from_round INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (
     round INTEGER NOT NULL,
     silo TEXT NOT NULL,
@@ -294,6 +300,18 @@ class Store:
             return {r["recipient"] for r in self._db.execute("SELECT recipient FROM wrapped_keys").fetchall()}
 
     # -- metrics ------------------------------------------------------------------------
+    def retire(self, silo: str, *, from_round: int, reason: str, now_ms: int) -> None:
+        """Records that a silo stopped training (first record wins)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO retired (silo, from_round, reason, at_ms) VALUES (?, ?, ?, ?)",
+                             (silo, from_round, reason, now_ms))
+
+    def retired(self) -> dict[str, tuple[int, str]]:
+        """Silos that stopped training: name -> (from round, reason)."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, from_round, reason FROM retired").fetchall()
+        return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
     def put_metrics(self, rnd: int, silo: str, metrics: list[tuple[str, float, int]]) -> None:
         """Stores (replaces) a silo's metrics for a round."""
         with self.transaction() as db:

@@ -108,7 +108,29 @@ def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
         training_config_json=json.dumps(dict(cfg.training)), max_chunk_bytes=cfg.max_chunk_bytes,
         key_holder=cfg.key_holder if cfg.aggregation is AggregationMode.HE else "",
         he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
+        privacy=privacy_plan_to_proto(cfg.privacy),
     )
+
+
+def privacy_plan_to_proto(plan) -> federation_pb2.PrivacyPlan:  # plan: PrivacyPlan | None
+    """The run's DP plan; an all-default message when the run has none."""
+    if plan is None:
+        return federation_pb2.PrivacyPlan()
+    return federation_pb2.PrivacyPlan(
+        record_level=plan.record_level, sample_rate=plan.sample_rate, steps_per_round=plan.steps_per_round,
+        max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier, silo_level=plan.silo_level,
+        update_clip_norm=plan.update_clip_norm, update_noise_multiplier=plan.update_noise_multiplier,
+        noise_shares=plan.noise_shares, delta=plan.delta)
+
+
+def ledger_response(mirrored_through: int) -> federation_pb2.SubmitLedgerEntriesResponse:
+    """Converts the mirrored seq."""
+    return federation_pb2.SubmitLedgerEntriesResponse(mirrored_through_seq=mirrored_through)
+
+
+def decline_response(state: RunState, training: int) -> federation_pb2.DeclineRoundResponse:
+    """Converts the outcome of a decline."""
+    return federation_pb2.DeclineRoundResponse(state=_RUN_STATE[state], silos_training=training)
 
 
 def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
@@ -148,7 +170,9 @@ def status_to_proto(status: Status) -> admin_pb2.GetStatusResponse:
         last_closed_round=status.last_closed_round, total_rounds=status.total_rounds,
         silos=[admin_pb2.SiloStatus(name=s.name, joined=s.joined, last_seen_unix_ms=s.last_seen_ms,
                                     rounds_contributed=s.rounds_contributed,
-                                    num_train_examples=s.num_train_examples) for s in status.silos],
+                                    num_train_examples=s.num_train_examples,
+                                    retired_from_round=s.retired_from_round,
+                                    retired_reason=s.retired_reason[:1024]) for s in status.silos],
         message=status.message[:1024],
     )
 

@@ -148,10 +148,11 @@ class CoordinatorClient:
         return info
 
     def join(self, *, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str,
-             kem_announcement: bytes = b"") -> str:
+             kem_announcement: bytes = b"", budget_statement: bytes = b"") -> str:
         """Joins the run; returns the silo name the coordinator read from the certificate."""
         req = wire.join_request(fingerprint=fingerprint, num_train_examples=num_train_examples,
-                                manifest=manifest, agent_version=agent_version, kem_announcement=kem_announcement)
+                                manifest=manifest, agent_version=agent_version, kem_announcement=kem_announcement,
+                                budget_statement=budget_statement)
         return self._retry("Join", lambda: self._stub.Join(req, metadata=self._md, timeout=30)).silo_name
 
     def get_task(self, after_round: int, wait_s: int = 10) -> wire.Task:
@@ -175,6 +176,18 @@ class CoordinatorClient:
         return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
             wire.upload_he_requests(rnd, weight, manifest, blobs, self.chunk_bytes), metadata=self._md,
             timeout=3600)).uploads_in_round
+
+    def submit_ledger_entries(self, entries_json: Sequence[str]) -> int:
+        """Sends ledger entries to the coordinator's mirror; returns the highest mirrored seq."""
+        req = wire.ledger_request(entries_json)
+        return int(self._retry("SubmitLedgerEntries", lambda: self._stub.SubmitLedgerEntries(
+            req, metadata=self._md, timeout=60)).mirrored_through_seq)
+
+    def decline(self, rnd: int, reason: str, *, final: bool) -> int:
+        """Declines a round; returns how many silos are still training."""
+        req = wire.decline_request(rnd, reason, final)
+        return int(self._retry("DeclineRound", lambda: self._stub.DeclineRound(
+            req, metadata=self._md, timeout=30)).silos_training)
 
     def key_recipients(self) -> list[tuple[str, bytes]]:
         """Key holder: silos waiting for the wrapped key, with their signed X25519 announcements."""

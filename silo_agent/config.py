@@ -59,6 +59,34 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    """This hospital's privacy budget: the most ε it will ever spend, at δ.
+
+    The budget bounds the cumulative ε of each neighbouring relation separately (record-level
+    and silo-level are never added up), against anyone who sees this silo's uploads, over
+    every run this state directory's ledger has recorded. The agent declines a round that
+    would take it over the budget.
+
+    Attributes:
+        epsilon: ε_max, a finite number > 0.
+        delta: δ every ε of this silo is stated at, in (0, 1); the agent also refuses δ ≥ 1/n
+            for n training records when the run has record-level DP.
+    """
+
+    epsilon: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        import math
+
+        for name, ok in (("epsilon", lambda v: math.isfinite(v) and v > 0), ("delta", lambda v: 0 < v < 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                want = "a finite number > 0" if name == "epsilon" else "a number in (0, 1)"
+                raise ConfigError(f"privacy.{name}: {v!r} must be {want}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything a silo agent needs.
 
@@ -71,6 +99,7 @@ class AgentConfig:
         threads: torch CPU threads (0 = torch's default).
         data: the silo's data.
         heartbeat_s: seconds between heartbeats.
+        budget: this silo's privacy budget; required to take part in a run with DP.
     """
 
     coordinator: str
@@ -81,6 +110,7 @@ class AgentConfig:
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_s: float = 5.0
+    budget: BudgetConfig | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.coordinator.rpartition(":")
@@ -100,6 +130,7 @@ _SECTIONS = {
     "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "heartbeat_s"},
     "tls": {"ca", "cert", "key"},
     "data": None,
+    "privacy": {"epsilon", "delta"},
 }
 
 
@@ -143,5 +174,10 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     for key in ("name", "threads", "heartbeat_s"):
         if key in agent:
             kwargs[key] = agent[key]
+    if "privacy" in data:
+        p = data["privacy"]
+        if "epsilon" not in p:
+            raise ConfigError("privacy.epsilon: missing (this silo's ε budget)")
+        kwargs["budget"] = BudgetConfig(**p)
     return AgentConfig(**kwargs)
 

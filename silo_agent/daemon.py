@@ -35,6 +35,7 @@ from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
 from fedsilo.silo_agent.wire import Activity
+from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
 log = logging.getLogger("fedsilo.agent")
 
@@ -92,6 +93,7 @@ class Agent:
         self._name = cfg.name or ""
         self._he: HeSession | None = None
         self._manifest: Manifest | None = None
+        self._dp: PrivacySession | None = None
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -142,6 +144,10 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
         model = build_model(model_cfg)
+        if info.privacy is not None and info.privacy.record_level:
+            from fedsilo.privacy.dpsgd import make_private_compatible
+
+            model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
         shared = strategy_for(info.strategy).shared_names(model)
         data = load_data(self.cfg.data)
@@ -173,9 +179,19 @@ class Agent:
                 raise AgentError(f"the coordinator sent HE parameters this agent refuses: {exc}") from None
             self._he = HeSession(run_id=info.run_id, me=self._name, params=params, key_holder=info.key_holder,
                                  state_dir=state_dir, tls=self.cfg.tls)
+        if info.privacy is not None:
+            try:
+                self._dp = PrivacySession.open(cfg=self.cfg, plan=info.privacy, run_id=info.run_id,
+                                               silo=self._name, n_train=n_train)
+            except PrivacyError as exc:
+                raise AgentError(str(exc)) from None
         silo_name = client.join(fingerprint=fingerprint, num_train_examples=n_train, manifest=manifest,
                                 agent_version=__version__,
-                                kem_announcement=self._he.announcement if self._he else b"")
+                                kem_announcement=self._he.announcement if self._he else b"",
+                                budget_statement=self._dp.budget_statement if self._dp else b"")
+        if self._dp is not None:
+            self._dp.sync(client)
+            log.info("privacy: %s", self._dp.describe())
         log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
                  silo_name, info.strategy.value, info.total_rounds, len(shared), len(state.model),
                  manifest.numel)
@@ -267,31 +283,85 @@ class Agent:
                      shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
                      weight_normalizer: float) -> None:
         self._round = rnd
-        self._activity = Activity.TRAINING
-        result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
-        if self.stop.is_set():
-            raise Stopped("training")
-        sd = model.state_dict()
-        update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
+        state_dir = Path(self.cfg.state_dir)
+        dp = self._dp
+        if dp is not None:
+            if state.pending_round and state.pending_round != rnd:
+                dp.abandon_round(state.pending_round)  # its round closed while this agent was away
+                state.pending_round, state.pending_update = 0, {}
+                state.save(state_dir)
+            if state.pending_round != rnd:
+                refusal = dp.refusal()
+                if refusal is not None:
+                    self._decline(client, state, rnd, refusal)
+                    return
+        if state.pending_round == rnd:
+            log.info("round %d: resending the update saved before the restart (its ledger entries stand)", rnd)
+            update = {k: v.numpy() for k, v in state.pending_update.items()}
+            loss = state.last_train_loss if state.last_train_loss is not None else float("nan")
+        else:
+            self._activity = Activity.TRAINING
+            if dp is not None and dp.plan.record_level:
+                from fedsilo.privacy.dpsgd import train_local_dp
+
+                result = train_local_dp(model, data.splits.train, train_cfg, dp.dpsgd_config(), round_index=rnd)
+            else:
+                result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
+            if self.stop.is_set():
+                raise Stopped("training")
+            sd = model.state_dict()
+            update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
+            loss = result.loss
+            state.model = {k: v.detach().clone() for k, v in sd.items()}
+            state.last_train_loss = loss
+            if dp is not None:
+                update = dp.noise_update(update)
+                state.pending_round = rnd
+                state.pending_update = {k: torch.from_numpy(np.ascontiguousarray(v)).clone()
+                                        for k, v in update.items()}
+                state.save(state_dir)  # the exact release is durable before it is accounted and sent
+        if dp is not None:
+            dp.account_round(rnd)
+            dp.sync(client)
+        weight = 1.0 if dp is not None and dp.plan.silo_level else float(n_train)
         self._activity = Activity.UPLOADING
+        sent = True
         try:
             if self._he is not None:
                 assert self._manifest is not None
                 flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in self._manifest.tensors])
-                blobs = self._he.encrypt(flat * (n_train / weight_normalizer))
-                uploads_in = client.submit_he(rnd, float(n_train), self._manifest, blobs)
+                blobs = self._he.encrypt(flat * (weight / weight_normalizer))
+                uploads_in = client.submit_he(rnd, weight, self._manifest, blobs)
             else:
-                uploads_in = client.submit(rnd, float(n_train), update)
-            log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, result.loss,
-                     uploads_in)
+                uploads_in = client.submit(rnd, weight, update)
+            log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, loss, uploads_in)
         except grpc.RpcError as err:
             if err.code() is grpc.StatusCode.ALREADY_EXISTS:
                 log.info("round %d: the coordinator already has this silo's upload", rnd)
             elif err.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                sent = False
                 log.warning("round %d: upload not accepted (%s); skipping this round", rnd, err.details())
             else:
                 raise
-        state.model = {k: v.detach().clone() for k, v in sd.items()}
+        if dp is not None:
+            if sent:
+                dp.commit_round(rnd)
+            else:
+                dp.abandon_round(rnd)
+            state.pending_round, state.pending_update = 0, {}
         state.done_round = rnd
-        state.last_train_loss = result.loss
+        state.save(state_dir)
+
+    def _decline(self, client: CoordinatorClient, state: AgentState, rnd: int, reason: str) -> None:
+        """Declines ``rnd`` and every later round: the privacy budget would be exceeded."""
+        log.warning("round %d: declining: %s", rnd, reason)
+        try:
+            left = client.decline(rnd, reason, final=True)
+            log.warning("round %d declined; %d silo(s) still training", rnd, left)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
+                raise
+            log.warning("round %d: the coordinator did not take the decline (%s)", rnd, err.details())
+        state.retired = True
+        state.done_round = rnd
         state.save(Path(self.cfg.state_dir))

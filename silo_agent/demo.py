@@ -28,6 +28,12 @@ ADMIN_NAME = "demo-operator"
 #: Model and local-training settings of the demo (small enough for a 2-core laptop).
 DEMO_MODEL: dict[str, Any] = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
 DEMO_TRAINING: dict[str, Any] = {"local_epochs": 1, "batch_size": 8}
+#: The demo's privacy plan: record-level DP-SGD, σ calibrated so that the whole run costs at most
+#: ε = 8 at δ = 1e-5 (each silo holds 48 training images: q = 0.25 is about 12 per step).
+DEMO_PRIVACY: dict[str, Any] = {"record_level": True, "sample_rate": 0.25, "steps_per_round": 12,
+                                "max_grad_norm": 1.0, "target_epsilon": 8.0, "delta": 1e-5}
+#: Each demo hospital's budget (silo.toml [privacy]); the run fits it with room to spare.
+DEMO_BUDGET: dict[str, Any] = {"epsilon": 10.0, "delta": 1e-5}
 
 
 class DemoError(Exception):
@@ -68,8 +74,14 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, seed: int, port: int,
                   insecure: bool, round_deadline_s: float = 120.0,
-                  aggregation: str = "he") -> tuple[Path, list[Path]]:
-    """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths."""
+                  aggregation: str = "he", privacy: dict[str, Any] | None = None,
+                  budgets: dict[str, dict[str, Any]] | None = None,
+                  min_silos: int | None = None) -> tuple[Path, list[Path]]:
+    """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
+
+    ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
+    name to its silo.toml ``[privacy]`` table (its own budget).
+    """
     certs = work / "certs"
     server: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "state_dir": str(work / "coordinator")}
     if insecure:
@@ -78,15 +90,19 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
         server.update(ca=str(certs / "ca.pem"), cert=str(certs / "coordinator.pem"),
                       key=str(certs / "coordinator.key"))
     fed = work / "federation.toml"
-    fed.write_text(_toml({
-        "run": {"id": f"demo-{seed}", "rounds": rounds, "min_silos": max(1, len(names) - 1),
+    fed_sections: dict[str, dict[str, Any]] = {
+        "run": {"id": f"demo-{seed}", "rounds": rounds,
+                "min_silos": min_silos if min_silos is not None else max(1, len(names) - 1),
                 "round_deadline_s": round_deadline_s, "start_grace_s": 60, "strategy": strategy,
                 "aggregation": aggregation},
         "silos": {"enrolled": names},
         "server": server,
         "model": {**DEMO_MODEL, "seed": seed},
         "training": {**DEMO_TRAINING, "seed": seed},
-    }))
+    }
+    if privacy is not None:
+        fed_sections["privacy"] = dict(privacy)
+    fed.write_text(_toml(fed_sections))
     agents = []
     for i, name in enumerate(names):
         agent: dict[str, Any] = {"coordinator": f"localhost:{port}", "state_dir": str(work / name), "threads": 1}
@@ -97,6 +113,8 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
             sections["tls"] = {"ca": str(certs / "ca.pem"), "cert": str(certs / f"{name}.pem"),
                                "key": str(certs / f"{name}.key")}
         sections["data"] = {"source": "builtin", "domain": i, "seed": seed}
+        if budgets and name in budgets:
+            sections["privacy"] = dict(budgets[name])
         p = work / f"{name}.toml"
         p.write_text(_toml(sections))
         agents.append(p)
@@ -178,9 +196,9 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float)
 
 
 def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
-             seed: int = 0, insecure: bool = False, aggregation: str = "he",
+             seed: int = 0, insecure: bool = False, aggregation: str = "he", dp: bool = True,
              timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Runs the demo and writes ``out/results.json``; returns the results.
+    """Runs the demo and writes ``out/results.json`` (and, with DP, the audit report in ``out/audit``).
 
     Raises:
         DemoError: a process failed or the run did not finish in ``timeout_s``.
@@ -195,6 +213,11 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         console.print("[bold red]WARNING: --insecure: plaintext gRPC, no TLS, silo identities unverified.[/]")
     if insecure and aggregation == "he":
         raise DemoError("--insecure has no certificates for the HE key ceremony; add --aggregation plain")
+    if insecure and dp:
+        raise DemoError("--insecure has no certificates to sign the privacy ledgers with; add --no-dp")
+    if not dp:
+        console.print("[bold red]WARNING: --no-dp: no differential privacy; the shared model can leak training "
+                      "images.[/]")
     if aggregation == "plain":
         console.print("[bold red]WARNING: --aggregation plain: the coordinator sees every silo's update in the "
                       "clear.[/]")
@@ -203,10 +226,13 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
             make_certs(work / "certs", names)
         port = free_port()
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
-                                        insecure=insecure, aggregation=aggregation)
+                                        insecure=insecure, aggregation=aggregation,
+                                        privacy=DEMO_PRIVACY if dp else None,
+                                        budgets={n: DEMO_BUDGET for n in names} if dp else None)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
-                      f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation; work dir {work}")
+                      f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "
+                      f"{'record-level DP-SGD' if dp else 'NO differential privacy'}; work dir {work}")
         flag = ["--insecure"] if insecure else []
         coord = _spawn("coordinator", ["coordinator", "--config", str(fed), *flag], logs)
         procs.append(coord)
@@ -246,13 +272,25 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         results = results_from_rounds(history, rounds)
         results["run"] = {"silos": names, "rounds": rounds, "strategy": strategy, "seed": seed,
                           "transport": "insecure" if insecure else "mtls", "aggregation": aggregation,
-                          "wall_seconds": round(time.monotonic() - started, 1)}
+                          "dp": dp, "wall_seconds": round(time.monotonic() - started, 1)}
+        if dp:
+            from fedsilo.privacy.audit import build_report, write_report
+
+            report = build_report(work / "coordinator")
+            json_path, html_path = write_report(report, out / "audit")
+            results["privacy"] = {
+                s["silo"]: {rel: c["single_upload"] for rel, c in s["cumulative"].items()}
+                for s in report["silos"]}
+            console.print(f"privacy audit report: {html_path} (verify with: fedsilo audit verify {json_path})")
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out / "results.json")
         first, last = results["rounds"][0]["mean_dice"], results["rounds"][-1]["mean_dice"]
         console.print(f"mean Dice: round 1 {first:.4f} -> round {rounds} {last:.4f}; "
                       f"unseen domain {results.get('unseen_domain', {}).get('dice', float('nan')):.4f}")
+        for silo, spent in results.get("privacy", {}).items():
+            console.print(f"  {silo}: " + ", ".join(f"{rel}-level ε = {eps:.3f}" for rel, eps in spent.items())
+                          + f" (δ = {DEMO_BUDGET['delta']:g}, budget {DEMO_BUDGET['epsilon']:g})")
         console.print(f"results: {out / 'results.json'}; logs: {logs}")
         return results
     finally:

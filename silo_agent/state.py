@@ -26,6 +26,11 @@ class AgentState:
         model: the silo's full model state (shared values as trained, local values personal).
         last_train_loss: mean training loss of ``done_round``.
         model_config: the run's model settings (to rebuild the network from this checkpoint).
+        pending_round: DP runs: the round whose noised update is saved in ``pending_update``
+            but not yet known to be uploaded (0 if none). After a restart the agent resends
+            exactly this update, so its ledger counts the release once.
+        pending_update: that update (clipped and noised, before any encryption).
+        retired: DP runs: this silo declined for good (its privacy budget would be exceeded).
     """
 
     run_id: str
@@ -37,6 +42,9 @@ class AgentState:
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     last_train_loss: float | None = None
     model_config: dict = field(default_factory=dict)
+    pending_round: int = 0
+    pending_update: dict[str, torch.Tensor] = field(default_factory=dict)
+    retired: bool = False
 
     def personal_state_dict(self) -> dict[str, torch.Tensor]:
         """This silo's model: the federation's shared values plus its own local ones."""

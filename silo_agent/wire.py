@@ -44,6 +44,7 @@ class RunInfo:
     max_chunk_bytes: int
     key_holder: str
     he_parameters: bytes
+    privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan, or None for a run without DP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +89,38 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
     return RunInfo(run_id=msg.run_id, total_rounds=msg.total_rounds, strategy=_STRATEGY[msg.strategy],
                    aggregation=_AGGREGATION[msg.aggregation], model_config=json.loads(msg.model_config_json or "{}"),
                    training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
-                   key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters))
+                   key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters),
+                   privacy=privacy_plan_from_proto(msg.privacy))
+
+
+def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:
+    """The run's DP plan, or None when both levels are off.
+
+    Raises:
+        InvalidArgument: a plan that fails validation (the message names the field).
+    """
+    from fedsilo.privacy.plan import PrivacyPlan
+
+    if not (msg.record_level or msg.silo_level):
+        return None
+    try:
+        return PrivacyPlan(record_level=msg.record_level, sample_rate=msg.sample_rate,
+                           steps_per_round=msg.steps_per_round, max_grad_norm=msg.max_grad_norm,
+                           noise_multiplier=msg.noise_multiplier, silo_level=msg.silo_level,
+                           update_clip_norm=msg.update_clip_norm, update_noise_multiplier=msg.update_noise_multiplier,
+                           noise_shares=msg.noise_shares, delta=msg.delta)
+    except ValueError as exc:
+        raise InvalidArgument(f"the coordinator's privacy plan is invalid: {exc}") from None
+
+
+def ledger_request(entries_json: Sequence[str]) -> federation_pb2.SubmitLedgerEntriesRequest:
+    """Builds a SubmitLedgerEntriesRequest."""
+    return federation_pb2.SubmitLedgerEntriesRequest(entries_json=list(entries_json))
+
+
+def decline_request(rnd: int, reason: str, final: bool) -> federation_pb2.DeclineRoundRequest:
+    """Builds a DeclineRoundRequest."""
+    return federation_pb2.DeclineRoundRequest(round=rnd, reason=reason[:1024], final=final)
 
 
 def specs_to_proto(manifest: Manifest) -> list[tensor_pb2.TensorSpec]:
@@ -97,11 +129,11 @@ def specs_to_proto(manifest: Manifest) -> list[tensor_pb2.TensorSpec]:
 
 
 def join_request(*, fingerprint: str, num_train_examples: int, manifest: Manifest, agent_version: str,
-                 kem_announcement: bytes = b"") -> federation_pb2.JoinRequest:
+                 kem_announcement: bytes = b"", budget_statement: bytes = b"") -> federation_pb2.JoinRequest:
     """Builds a JoinRequest."""
     return federation_pb2.JoinRequest(model_fingerprint=fingerprint, num_train_examples=num_train_examples,
                                       shared_tensors=specs_to_proto(manifest), agent_version=agent_version,
-                                      kem_announcement=kem_announcement)
+                                      kem_announcement=kem_announcement, budget_statement=budget_statement)
 
 
 def task_from_proto(msg: federation_pb2.GetTaskResponse) -> Task:
@@ -245,7 +277,8 @@ def status_from_proto(msg: Any) -> dict[str, Any]:
         "run_id": msg.run_id, "state": _RUN_STATE_NAMES.get(msg.state, "unknown"), "open_round": msg.open_round,
         "last_closed_round": msg.last_closed_round, "total_rounds": msg.total_rounds, "message": msg.message,
         "silos": [{"name": s.name, "joined": s.joined, "last_seen_unix_ms": s.last_seen_unix_ms,
-                   "rounds_contributed": s.rounds_contributed, "num_train_examples": s.num_train_examples}
+                   "rounds_contributed": s.rounds_contributed, "num_train_examples": s.num_train_examples,
+                   "retired_from_round": s.retired_from_round, "retired_reason": s.retired_reason}
                   for s in msg.silos],
     }
 

@@ -12,18 +12,22 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiloStatus(_message.Message):
-    __slots__ = ("name", "joined", "last_seen_unix_ms", "rounds_contributed", "num_train_examples")
+    __slots__ = ("name", "joined", "last_seen_unix_ms", "rounds_contributed", "num_train_examples", "retired_from_round", "retired_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_CONTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     joined: bool
     last_seen_unix_ms: int
     rounds_contributed: int
     num_train_examples: int
-    def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_contributed: _Optional[int] = ..., num_train_examples: _Optional[int] = ...) -> None: ...
+    retired_from_round: int
+    retired_reason: str
+    def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_contributed: _Optional[int] = ..., num_train_examples: _Optional[int] = ..., retired_from_round: _Optional[int] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("run_id", "state", "open_round", "last_closed_round", "total_rounds", "silos", "message")

@@ -72,12 +72,36 @@ AGENT_ACTIVITY_TRAINING: AgentActivity
 AGENT_ACTIVITY_UPLOADING: AgentActivity
 AGENT_ACTIVITY_EVALUATING: AgentActivity
 
+class PrivacyPlan(_message.Message):
+    __slots__ = ("record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier", "silo_level", "update_clip_norm", "update_noise_multiplier", "noise_shares", "delta")
+    RECORD_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SILO_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SHARES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    record_level: bool
+    sample_rate: float
+    steps_per_round: int
+    max_grad_norm: float
+    noise_multiplier: float
+    silo_level: bool
+    update_clip_norm: float
+    update_noise_multiplier: float
+    noise_shares: int
+    delta: float
+    def __init__(self, record_level: _Optional[bool] = ..., sample_rate: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., silo_level: _Optional[bool] = ..., update_clip_norm: _Optional[float] = ..., update_noise_multiplier: _Optional[float] = ..., noise_shares: _Optional[int] = ..., delta: _Optional[float] = ...) -> None: ...
+
 class GetRunRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters")
+    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +111,7 @@ class GetRunResponse(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
     HE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
     strategy: Strategy
@@ -96,21 +121,24 @@ class GetRunResponse(_message.Message):
     max_chunk_bytes: int
     key_holder: str
     he_parameters: bytes
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ...) -> None: ...
+    privacy: PrivacyPlan
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement")
+    __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement", "budget_statement")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SHARED_TENSORS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     KEM_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_STATEMENT_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     num_train_examples: int
     shared_tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     agent_version: str
     kem_announcement: bytes
-    def __init__(self, model_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., shared_tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., agent_version: _Optional[str] = ..., kem_announcement: _Optional[bytes] = ...) -> None: ...
+    budget_statement: bytes
+    def __init__(self, model_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., shared_tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., agent_version: _Optional[str] = ..., kem_announcement: _Optional[bytes] = ..., budget_statement: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("silo_name", "state", "last_closed_round")
@@ -307,3 +335,33 @@ class GetWrappedKeyResponse(_message.Message):
     ready: bool
     wrapped: bytes
     def __init__(self, ready: _Optional[bool] = ..., wrapped: _Optional[bytes] = ...) -> None: ...
+
+class SubmitLedgerEntriesRequest(_message.Message):
+    __slots__ = ("entries_json",)
+    ENTRIES_JSON_FIELD_NUMBER: _ClassVar[int]
+    entries_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entries_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubmitLedgerEntriesResponse(_message.Message):
+    __slots__ = ("mirrored_through_seq",)
+    MIRRORED_THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    mirrored_through_seq: int
+    def __init__(self, mirrored_through_seq: _Optional[int] = ...) -> None: ...
+
+class DeclineRoundRequest(_message.Message):
+    __slots__ = ("round", "reason", "final")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    final: bool
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class DeclineRoundResponse(_message.Message):
+    __slots__ = ("state", "silos_training")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SILOS_TRAINING_FIELD_NUMBER: _ClassVar[int]
+    state: RunState
+    silos_training: int
+    def __init__(self, state: _Optional[_Union[RunState, str]] = ..., silos_training: _Optional[int] = ...) -> None: ...

@@ -84,6 +84,16 @@ class FederationStub:
                 request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.FromString,
                 _registered_method=True)
+        self.SubmitLedgerEntries = channel.unary_unary(
+                '/fedsilo.v1.Federation/SubmitLedgerEntries',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesResponse.FromString,
+                _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/fedsilo.v1.Federation/DeclineRound',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -159,6 +169,21 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitLedgerEntries(self, request, context):
+        """Sends signed privacy-ledger entries (oldest first) to the coordinator's verified mirror.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineRound(self, request, context):
+        """A silo declines a round (e.g. its privacy budget would be exceeded); `final` retires it
+        from training for the rest of the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +236,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetWrappedKey,
                     request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.SerializeToString,
+            ),
+            'SubmitLedgerEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitLedgerEntries,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesResponse.SerializeToString,
+            ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +518,60 @@ class Federation:
             '/fedsilo.v1.Federation/GetWrappedKey',
             fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyRequest.SerializeToString,
             fedsilo_dot_v1_dot_federation__pb2.GetWrappedKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitLedgerEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/SubmitLedgerEntries',
+            fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.SubmitLedgerEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/DeclineRound',
+            fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

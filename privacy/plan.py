@@ -1,0 +1,294 @@
+"""A run's differential-privacy plan, and the ledger arithmetic of the releases it makes."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedsilo.privacy.accounting import (
+    LEDGER_RDP_ORDERS,
+    Accountant,
+    AccountingError,
+    DpAccountingVerifier,
+    Mechanism,
+    Neighbouring,
+    Release,
+)
+from fedsilo.privacy.ledger import GuaranteeScope, LedgerEntry, UploadGuarantee
+
+__all__ = [
+    "MAX_NOISE_SHARES",
+    "MAX_STEPS_PER_ROUND",
+    "PlannedRelease",
+    "PrivacyPlan",
+    "entry_release",
+    "ledger_fields",
+    "projected_spend",
+]
+
+MAX_STEPS_PER_ROUND = 1_000_000
+MAX_NOISE_SHARES = 10_000
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedRelease:
+    """One release a silo makes each round (one ledger entry).
+
+    Attributes:
+        mechanism: GAUSSIAN (one full-batch release) or SUBSAMPLED_GAUSSIAN (DP-SGD steps).
+        neighbouring: RECORD (one patient's record) or SILO (one silo's whole dataset).
+        noise_multiplier: σ of the guarantee against the aggregate.
+        single_upload_noise_multiplier: σ against someone who sees this silo's upload alone;
+            below ``noise_multiplier`` only when the noise is split into shares.
+        sample_rate: Poisson rate q (1.0 for GAUSSIAN).
+        steps: Mechanism applications per round.
+        clip_norm: C, the L2 sensitivity.
+    """
+
+    mechanism: Mechanism
+    neighbouring: Neighbouring
+    noise_multiplier: float
+    single_upload_noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the upload carries only a share of the noise."""
+        return self.single_upload_noise_multiplier < self.noise_multiplier
+
+    def release(self, scope: GuaranteeScope, *, steps: int | None = None) -> Release:
+        """The accountant's view of this release against one observer."""
+        sigma = self.single_upload_noise_multiplier if scope is GuaranteeScope.SINGLE_UPLOAD else self.noise_multiplier
+        return Release(mechanism=self.mechanism, neighbouring=self.neighbouring, noise_multiplier=sigma,
+                       sample_rate=self.sample_rate, steps=self.steps if steps is None else steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyPlan:
+    """What differential privacy every silo of a run applies each round (DESIGN §4).
+
+    Record-level: DP-SGD with Poisson sampling at rate ``sample_rate``, per-sample clipping to
+    ``max_grad_norm`` and noise ``noise_multiplier`` (Abadi et al. 2016), ``steps_per_round``
+    steps per round. Silo-level: the whole shared update clipped to ``update_clip_norm`` and
+    Gaussian noise of std ``update_noise_multiplier`` × C added (McMahan et al. 2018,
+    DP-FedAvg); with ``noise_shares`` K > 1 each silo adds std σC/√K so the sum of any K
+    uploads carries σC (distributed noise under secure aggregation).
+
+    Attributes:
+        record_level: DP-SGD on.
+        sample_rate: q in (0, 1].
+        steps_per_round: DP-SGD steps per round, 1..10^6.
+        max_grad_norm: Per-sample clip norm, > 0.
+        noise_multiplier: DP-SGD σ, > 0.
+        silo_level: Update noise on.
+        update_clip_norm: Clip norm of the whole update, > 0.
+        update_noise_multiplier: σ of the aggregate, > 0.
+        noise_shares: K, 1..10^4.
+        delta: The δ the run is planned with, in (0, 1).
+    """
+
+    record_level: bool = False
+    sample_rate: float = 0.0
+    steps_per_round: int = 0
+    max_grad_norm: float = 0.0
+    noise_multiplier: float = 0.0
+    silo_level: bool = False
+    update_clip_norm: float = 0.0
+    update_noise_multiplier: float = 0.0
+    noise_shares: int = 1
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("record_level", "silo_level"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"invalid {name} {getattr(self, name)!r}: must be true or false")
+        if not _real(self.delta) or not 0.0 < float(self.delta) < 1.0:
+            raise ValueError(f"invalid delta {self.delta!r}: must be a number in (0, 1)")
+        if self.record_level:
+            if not _real(self.sample_rate) or not 0.0 < float(self.sample_rate) <= 1.0:
+                raise ValueError(f"invalid sample_rate {self.sample_rate!r}: must be a number in (0, 1]")
+            _count("steps_per_round", self.steps_per_round, MAX_STEPS_PER_ROUND)
+            _positive("max_grad_norm", self.max_grad_norm)
+            _positive("noise_multiplier", self.noise_multiplier)
+        if self.silo_level:
+            _positive("update_clip_norm", self.update_clip_norm)
+            _positive("update_noise_multiplier", self.update_noise_multiplier)
+        _count("noise_shares", self.noise_shares, MAX_NOISE_SHARES)
+        if self.noise_shares > 1 and not self.silo_level:
+            raise ValueError(f"invalid noise_shares {self.noise_shares!r}: only silo-level noise can be "
+                             "split into shares; use 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run has any differential privacy."""
+        return self.record_level or self.silo_level
+
+    def round_releases(self) -> list[PlannedRelease]:
+        """The releases each silo makes per round (one ledger entry each), record-level first."""
+        out: list[PlannedRelease] = []
+        if self.record_level:
+            q = float(self.sample_rate)
+            out.append(PlannedRelease(
+                mechanism=Mechanism.GAUSSIAN if q == 1.0 else Mechanism.SUBSAMPLED_GAUSSIAN,
+                neighbouring=Neighbouring.RECORD, noise_multiplier=float(self.noise_multiplier),
+                single_upload_noise_multiplier=float(self.noise_multiplier), sample_rate=q,
+                steps=self.steps_per_round, clip_norm=float(self.max_grad_norm)))
+        if self.silo_level:
+            sigma = float(self.update_noise_multiplier)
+            out.append(PlannedRelease(
+                mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.SILO, noise_multiplier=sigma,
+                single_upload_noise_multiplier=sigma / math.sqrt(self.noise_shares), sample_rate=1.0, steps=1,
+                clip_norm=float(self.update_clip_norm)))
+        return out
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Plain values (for fingerprints and reports)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def _positive(name: str, value: object) -> None:
+    if not _real(value) or not float(value) > 0.0:
+        raise ValueError(f"invalid {name} {value!r}: must be a finite number > 0")
+
+
+def _count(name: str, value: object, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= int(value) <= most:
+        raise ValueError(f"invalid {name} {value!r}: must be an integer in [1, {most}]")
+
+
+def entry_release(entry: LedgerEntry, scope: GuaranteeScope) -> Release:
+    """The accountant's view of a stored ledger entry against one observer."""
+    return Release(mechanism=Mechanism(entry.mechanism.value), neighbouring=Neighbouring(entry.neighbouring.value),
+                   noise_multiplier=entry.guarantee(scope).noise_multiplier, sample_rate=entry.sample_rate,
+                   steps=entry.steps)
+
+
+def _history(entries: Sequence[LedgerEntry], relation: Neighbouring, scope: GuaranteeScope) -> list[Release]:
+    return [entry_release(e, scope) for e in entries if e.neighbouring.value == relation.value]
+
+
+def projected_spend(
+    history: Sequence[LedgerEntry],
+    planned: Sequence[PlannedRelease],
+    *,
+    delta: float,
+    repeats: int = 1,
+    accountant: Accountant | None = None,
+) -> dict[Neighbouring, float]:
+    """Cumulative ε against one silo's upload, per relation, after ``repeats`` more rounds.
+
+    Composes the stored history with the planned releases (each repeated ``repeats`` times);
+    this is the figure a silo's budget is checked against (single-upload scope, the
+    conservative one).
+
+    Args:
+        history: The silo's ledger entries (any relations).
+        planned: The releases of one round.
+        delta: The δ to state ε at.
+        repeats: Rounds ahead, ≥ 1.
+        accountant: Defaults to dp_accounting's RDP on `LEDGER_RDP_ORDERS` (torch-free).
+
+    Returns:
+        ε per relation of the planned releases; ``math.inf`` where no bound exists.
+    """
+    accountant = accountant or DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
+    scope = GuaranteeScope.SINGLE_UPLOAD
+    out: dict[Neighbouring, float] = {}
+    for p in planned:
+        releases = _history(history, p.neighbouring, scope) + [p.release(scope, steps=p.steps * repeats)]
+        try:
+            out[p.neighbouring] = accountant.epsilon(releases, delta=delta).epsilon
+        except AccountingError:
+            out[p.neighbouring] = math.inf
+    return out
+
+
+def ledger_fields(
+    history: Sequence[LedgerEntry],
+    planned: PlannedRelease,
+    *,
+    delta: float,
+    run_id: str,
+    round: int,  # noqa: A002 - the ledger's field name
+    upload_index: int = 0,
+    accountant: Accountant,
+    prv_accountant: Accountant | None = None,
+) -> dict[str, Any]:
+    """The caller fields of `Ledger.reserve` for one planned release.
+
+    Per-release ε and cumulative ε (over ``history``'s entries of the same relation, all
+    runs) come from ``accountant`` on the history it is given; ε by PRV, when a PRV
+    accountant is given, is of this release alone (None where PRV cannot bound it). With
+    distributed noise, or once the relation's history has single-upload blocks, the entry
+    states both guarantees.
+
+    Args:
+        history: The silo's ledger entries so far (any relations, oldest first).
+        planned: The release.
+        delta: The silo's δ.
+        run_id: The run.
+        round: The round.
+        upload_index: Which upload of the round.
+        accountant: The RDP accountant (the agent: Opacus on `LEDGER_RDP_ORDERS`).
+        prv_accountant: Optional PRV accountant.
+
+    Returns:
+        Keyword arguments for `Ledger.reserve`.
+    """
+    relation = planned.neighbouring
+    same = [e for e in history if e.neighbouring.value == relation.value]
+
+    def one(scope: GuaranteeScope) -> tuple[float, float, float | None, float]:
+        this = planned.release(scope)
+        alone = accountant.epsilon([this], delta=delta)
+        prv = None
+        if prv_accountant is not None:
+            try:
+                prv = prv_accountant.epsilon([this], delta=delta).epsilon
+            except AccountingError:
+                prv = None
+        total = accountant.epsilon(_history(same, relation, scope) + [this], delta=delta).epsilon
+        order = alone.order if alone.order is not None else float(LEDGER_RDP_ORDERS[-1])
+        return alone.epsilon, order, prv, total
+
+    eps, order, prv, total = one(GuaranteeScope.AGGREGATE)
+    fields: dict[str, Any] = {
+        "run_id": run_id, "round": round, "upload_index": upload_index,
+        "mechanism": planned.mechanism.value, "neighbouring": relation.value,
+        "noise_multiplier": planned.noise_multiplier, "sample_rate": planned.sample_rate,
+        "steps": planned.steps, "clip_norm": planned.clip_norm, "delta": delta,
+        "epsilon_rdp": eps, "rdp_order": order, "epsilon_prv": prv, "cumulative_epsilon": total,
+        "guarantee_scope": GuaranteeScope.AGGREGATE if planned.distributed else GuaranteeScope.SINGLE_UPLOAD,
+        "single_upload": None,
+    }
+    if planned.distributed or any(e.single_upload is not None for e in same):
+        s_eps, s_order, s_prv, s_total = one(GuaranteeScope.SINGLE_UPLOAD) if planned.distributed else (
+            eps, order, prv, _single_total(same, relation, planned, delta, accountant))
+        fields["single_upload"] = UploadGuarantee(noise_multiplier=planned.single_upload_noise_multiplier,
+                                                  epsilon_rdp=s_eps, rdp_order=s_order, epsilon_prv=s_prv,
+                                                  cumulative_epsilon=s_total)
+    return fields
+
+
+def _single_total(same: Sequence[LedgerEntry], relation: Neighbouring, planned: PlannedRelease, delta: float,
+                  accountant: Accountant) -> float:
+    scope = GuaranteeScope.SINGLE_UPLOAD
+    return accountant.epsilon(_history(same, relation, scope) + [planned.release(scope)], delta=delta).epsilon
+
+
+def plan_from_mapping(data: Mapping[str, Any]) -> PrivacyPlan:
+    """A plan from plain values (unknown keys refused, naming them)."""
+    known = set(PrivacyPlan.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"invalid {unknown[0]}: not a privacy-plan field (expected one of {sorted(known)})")
+    return PrivacyPlan(**dict(data))
