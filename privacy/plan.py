@@ -263,7 +263,7 @@ def ledger_fields(
     eps, order, prv, total = one(GuaranteeScope.AGGREGATE)
     fields: dict[str, Any] = {
         "run_id": run_id, "round": round, "upload_index": upload_index,
-        "mechanism": planned.mechanism.value, "neighbouring": relation.value,
+        "mechanism": planned.mechanism, "neighbouring": relation,
         "noise_multiplier": planned.noise_multiplier, "sample_rate": planned.sample_rate,
         "steps": planned.steps, "clip_norm": planned.clip_norm, "delta": delta,
         "epsilon_rdp": eps, "rdp_order": order, "epsilon_prv": prv, "cumulative_epsilon": total,

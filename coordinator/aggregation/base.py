@@ -61,7 +61,10 @@ class Aggregator(abc.ABC):
 
 
 def atomic_write(path: Path, data_chunks) -> None:
-    """Writes chunks to ``path`` via a temporary file, fsync and rename."""
+    """Writes ``data_chunks`` (bytes, or an iterable of byte chunks) to ``path`` via a temporary
+    file, fsync and rename."""
+    if isinstance(data_chunks, (bytes, bytearray, memoryview)):
+        data_chunks = [data_chunks]
 
     def write(f: BinaryIO) -> None:
         for chunk in data_chunks:
