@@ -1,0 +1,538 @@
+"""Record-level DP-SGD on one silo (Abadi et al. 2016) with Opacus: Poisson batches, per-sample clipping, noise."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import secrets
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+# torch, Opacus and MONAI are imported inside the functions that use them, so that the
+# torch-free coordinator can import this module (e.g. for `DpSgdConfig`) without them.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from fedsilo.models.training import TrainConfig, TrainResult
+
+__all__ = ["DpSgdConfig", "DpSgdStep", "dp_sgd_gradients", "make_private_compatible", "train_local_dp"]
+
+_TAG_SAMPLE = 0x5A3B
+_TAG_NOISE = 0x9015
+_MAX_SEED = 2**63 - 1
+_HOOK_WARNING = r"Full backward hook is firing when gradients are computed with respect to module outputs"
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_noise_multiplier(owner: str, value: object) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0.0:  # type: ignore[arg-type]
+        raise ValueError(f"{owner}.noise_multiplier must be a finite number >= 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_max_grad_norm(owner: str, value: object) -> float:
+    if not _is_real(value) or math.isnan(float(value)) or not float(value) > 0.0:  # type: ignore[arg-type]
+        raise ValueError(f"{owner}.max_grad_norm must be a number > 0 (math.inf: clipping off), got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_noise_needs_clipping(owner: str, noise_multiplier: float, max_grad_norm: float) -> None:
+    if math.isinf(max_grad_norm) and noise_multiplier != 0.0:
+        raise ValueError(
+            f"{owner}.noise_multiplier must be 0 when max_grad_norm is inf (clipping off), got "
+            f"{noise_multiplier!r}: the noise std noise_multiplier * max_grad_norm would be infinite"
+        )
+
+
+def _check_count(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpSgdConfig:
+    """Settings of record-level DP-SGD (Abadi et al. 2016, Algorithm 1) for one call (one round).
+
+    Each of ``steps`` steps draws a Poisson batch (every local example independently with
+    probability ``sample_rate``), clips every example's gradient to L2 norm
+    ``max_grad_norm``, sums, adds N(0, (noise_multiplier * max_grad_norm)^2) per coordinate
+    and divides by the expected batch size. The accountant of
+    :mod:`fedsilo.privacy.accounting` charges this as a subsampled Gaussian with q =
+    ``sample_rate``, σ = ``noise_multiplier`` and ``steps`` steps.
+
+    Attributes:
+        noise_multiplier: σ >= 0, the noise std divided by the clip norm. 0 is accepted here
+            for tests (no privacy); production privacy configs are validated elsewhere.
+        max_grad_norm: C > 0, the per-example clip norm; ``math.inf`` turns clipping off,
+            which is only allowed together with ``noise_multiplier == 0``.
+        sample_rate: q in (0, 1], the Poisson sampling rate of each step.
+        steps: Optimiser steps per call (>= 1).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        sigma = _check_noise_multiplier(owner, self.noise_multiplier)
+        clip = _check_max_grad_norm(owner, self.max_grad_norm)
+        _check_noise_needs_clipping(owner, sigma, clip)
+        q = self.sample_rate
+        if not _is_real(q) or not math.isfinite(float(q)) or not 0.0 < float(q) <= 1.0:  # type: ignore[arg-type]
+            raise ValueError(f"{owner}.sample_rate must be a number in (0, 1], got {q!r}")
+        _check_count(owner, "steps", self.steps)
+
+
+# ---------------------------------------------------------------------------------------
+# Model compatibility
+# ---------------------------------------------------------------------------------------
+
+
+def _compatibility_problems(model: nn.Module) -> list[str]:
+    """Returns Opacus' objections to ``model`` (validated as if in training mode), as text."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    was_training = model.training
+    model.train()
+    try:
+        errors: list[Exception] = list(ModuleValidator.validate(model, strict=False))
+        # Trainable layers with buffers (e.g. running statistics): GradSampleModule refuses them.
+        errors += list(GradSampleModule.validate(model, strict=False))
+    finally:
+        model.train(was_training)
+    return [f"{type(e).__name__}: {e}" for e in errors]
+
+
+def make_private_compatible(model: nn.Module) -> nn.Module:
+    """Returns ``model``, or a fixed copy of it, that Opacus can train with DP-SGD.
+
+    Runs ``opacus.validators.ModuleValidator.validate`` (and GradSampleModule's check for
+    trainable layers with buffers). Without objections the very same object is returned,
+    unchanged: the default UNet (InstanceNorm without running statistics) passes as is. Otherwise
+    ``ModuleValidator.fix`` builds a fixed deep copy (e.g. BatchNorm -> GroupNorm with
+    weight 1 and bias 0, InstanceNorm running statistics switched off), which is validated
+    again. The fix uses no randomness, so every silo turns the same architecture and weights
+    into the same fixed model. The model's training/eval mode is kept.
+
+    Args:
+        model: The network.
+
+    Returns:
+        ``model`` itself if it was compatible, else the fixed copy (``model`` is not modified).
+
+    Raises:
+        ValueError: Listing the problems that remain after fixing.
+    """
+    from opacus.validators import ModuleValidator
+
+    if not _compatibility_problems(model):
+        return model
+    was_training = model.training
+    model.train()
+    try:
+        fixed = ModuleValidator.fix(model)
+    finally:
+        model.train(was_training)
+    fixed.train(was_training)
+    remaining = _compatibility_problems(fixed)
+    if remaining:
+        raise ValueError("model cannot be trained with DP-SGD even after fixing: " + "; ".join(remaining))
+    return fixed
+
+
+# ---------------------------------------------------------------------------------------
+# One DP-SGD step
+# ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dp_optimizer_class() -> type:
+    """Opacus' DPOptimizer, made to accept σ = 0 with C = inf (Opacus would draw std 0 * inf = NaN)."""
+    from opacus.optimizers import DPOptimizer
+
+    class _DPOptimizer(DPOptimizer):  # type: ignore[misc]
+        def add_noise(self) -> None:
+            if self.noise_multiplier == 0.0:
+                for p in self.params:
+                    p.grad = p.summed_grad.clone().view_as(p)
+                return
+            super().add_noise()
+
+    return _DPOptimizer
+
+
+def _secure_generator(device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded with 64 bits from the OS CSPRNG (``secrets``)."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(64))
+    return gen
+
+
+def _seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+class DpSgdStep:
+    """Opacus' DP-SGD machinery attached to one model and optimiser; use as a context manager.
+
+    Per-sample gradients come from ``opacus.GradSampleModule`` (hooks, ``loss_reduction="mean"``:
+    the batch-mean loss's backprops are scaled back up by the actual batch size, so each
+    example's gradient is that of its own loss). An ``opacus.optimizers.DPOptimizer`` around
+    ``optimizer`` clips each example's gradient over all trainable tensors jointly to L2 norm
+    C (factor ``min(1, C / (norm + 1e-6))``, Opacus' form of Abadi et al. 2016's
+    ``max(1, norm / C)``), sums, adds N(0, (σC)^2) per coordinate and divides by
+    ``expected_batch_size``. Noise is drawn in Opacus' ``secure_mode`` (a sum of four
+    Gaussians, against floating-point attacks on the sampler) from ``generator``.
+
+    The loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``, as in
+    :func:`fedsilo.models.training.train_local`; its batch mean is a mean of per-example
+    losses (Dice per image and class; cross-entropy a pixel mean over equal-size images), so
+    per-example gradients are well defined. An empty batch gives a noise-only step.
+
+    The model is trained in place and never wrapped for the caller: :meth:`close` (or leaving
+    the ``with`` block) removes every hook and Opacus attribute, so ``state_dict`` keys and
+    behaviour are those of the plain model. Only parameters with ``requires_grad`` are
+    touched; ``optimizer`` must hold exactly those (e.g. only the LoRA tensors of a model with
+    a frozen base).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Attaches the hooks and wraps the optimiser.
+
+        Args:
+            model: The network, Opacus-compatible (see :func:`make_private_compatible`); set to
+                training mode while attached, its previous mode is restored by :meth:`close`.
+            optimizer: Optimiser over the model's trainable parameters (e.g. plain SGD or Adam).
+            max_grad_norm: C > 0; ``math.inf`` turns clipping off (then σ must be 0).
+            noise_multiplier: σ >= 0.
+            expected_batch_size: The divisor of the clipped, noised sum (q times the dataset
+                size for Poisson sampling), >= 1.
+            generator: Source of the noise; None draws a fresh generator seeded with 64 bits
+                from the OS CSPRNG. torch's CPU generator is a Mersenne Twister, not a CSPRNG
+                (a CSPRNG needs torchcsprng, which this torch build lacks).
+
+        Raises:
+            ValueError: On bad numbers, an Opacus-incompatible model, or an optimiser whose
+                parameters are not exactly the model's trainable ones.
+        """
+        from opacus.grad_sample import GradSampleModule
+
+        owner = type(self).__name__
+        self.max_grad_norm = _check_max_grad_norm(owner, max_grad_norm)
+        self.noise_multiplier = _check_noise_multiplier(owner, noise_multiplier)
+        _check_noise_needs_clipping(owner, self.noise_multiplier, self.max_grad_norm)
+        self.expected_batch_size = _check_count(owner, "expected_batch_size", expected_batch_size)
+        problems = _compatibility_problems(model)
+        if problems:
+            raise ValueError(
+                "model is not Opacus-compatible (call make_private_compatible first): " + "; ".join(problems)
+            )
+        trainable = {id(p) for _, p in _trainable(model)}
+        in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+        if not in_optimizer or {id(p) for p in in_optimizer} != trainable or len(in_optimizer) != len(trainable):
+            raise ValueError("optimizer must hold exactly the model's trainable parameters, each once")
+        device = in_optimizer[0].device
+        self._model = model
+        self._was_training = model.training
+        self._optimizer = optimizer
+        model.train()
+        self._gsm: Any = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        try:
+            self._dp_optimizer: Any = _dp_optimizer_class()(
+                optimizer,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                loss_reduction="mean",
+                generator=generator if generator is not None else _secure_generator(device),
+                secure_mode=True,
+            )
+        except BaseException:
+            self.close()
+            raise
+        from monai.losses import DiceCELoss
+
+        self._loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+
+    def __enter__(self) -> DpSgdStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (the step can no longer be used)."""
+        return self._gsm is None
+
+    def _per_sample_gradients(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+        """Sets ``p.grad_sample`` of every trainable parameter; returns the batch-mean loss."""
+        if self._gsm is None:
+            raise ValueError("DpSgdStep is closed")
+        if images.shape[0] != masks.shape[0]:
+            raise ValueError(f"images ({images.shape[0]}) and masks ({masks.shape[0]}) differ in batch size")
+        self._dp_optimizer.zero_grad(set_to_none=True)
+        params = self._dp_optimizer.params
+        if images.shape[0] == 0:
+            # Noise-only step: Opacus clips an empty stack of per-sample gradients to a zero sum.
+            for p in params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+            return math.nan
+        with warnings.catch_warnings():
+            # The first layer's input never requires grad; Opacus only needs output grads.
+            warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+            loss = self._loss_fn(self._gsm(images), masks)
+            loss.backward()
+        for name, p in _trainable(self._model):
+            if getattr(p, "grad_sample", None) is None:
+                raise ValueError(f"parameter {name!r} got no per-sample gradient (unused in forward?)")
+        return float(loss.detach())
+
+    def privatize(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+        """Sets ``p.grad`` of every trainable parameter to the DP gradient of this batch.
+
+        The DP gradient is (Σ_i clip_C(g_i) + N(0, (σC)^2 I)) / expected_batch_size, where g_i
+        is example i's gradient (Abadi et al. 2016, Algorithm 1). The weights are not changed.
+
+        Args:
+            images: ``[B, C, H, W]`` float images; ``B`` may be 0 (noise only).
+            masks: ``[B, 1, H, W]`` int64 labels.
+
+        Returns:
+            The batch-mean loss (NaN for an empty batch). It is computed from private data
+            without noise: keep it inside the silo.
+        """
+        loss = self._per_sample_gradients(images, masks)
+        self._dp_optimizer.pre_step()
+        return loss
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+        """:meth:`privatize`, then one step of the wrapped optimiser; returns the batch-mean loss."""
+        loss = self._per_sample_gradients(images, masks)
+        self._dp_optimizer.step()
+        return loss
+
+    def close(self) -> None:
+        """Detaches Opacus from the model (hooks, per-sample state) and restores its mode.
+
+        ``p.grad`` keeps the last DP gradient. Idempotent.
+        """
+        gsm = self._gsm
+        if gsm is None:
+            return
+        self._gsm = None
+        gsm._close()  # removes hooks and grad_sample/_forward_counter/... attributes
+        for p in self._model.parameters():
+            for attr in ("summed_grad", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        for module in self._model.modules():
+            for attr in ("activations", "max_batch_len", "ft_compute_sample_grad"):
+                if attr in module.__dict__:
+                    delattr(module, attr)
+        self._model.train(self._was_training)
+
+
+def dp_sgd_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Returns the gradient that one DP-SGD step would apply for this batch (see :class:`DpSgdStep`).
+
+    That is (Σ_i clip_C(g_i) + N(0, (σC)^2 I)) / expected_batch_size per trainable tensor
+    (Abadi et al. 2016). The model's weights, gradients and mode are left as they were.
+
+    Args:
+        model: Opacus-compatible network.
+        images: ``[B, C, H, W]`` images (``B`` may be 0).
+        masks: ``[B, 1, H, W]`` labels.
+        max_grad_norm: C > 0, or ``math.inf`` (then σ must be 0).
+        noise_multiplier: σ >= 0.
+        expected_batch_size: Divisor of the sum, >= 1.
+        generator: Noise source; None for a fresh OS-seeded one.
+
+    Returns:
+        ``{parameter name: DP gradient}`` for every trainable parameter, names as in
+        ``model.named_parameters()``.
+    """
+    import torch
+
+    params = _trainable(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    saved = [p.grad for _, p in params]
+    scratch = torch.optim.SGD([p for _, p in params], lr=0.0)  # never stepped
+    try:
+        with DpSgdStep(
+            model,
+            scratch,
+            max_grad_norm=max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            generator=generator,
+        ) as step:
+            step.privatize(images, masks)
+            return {name: p.grad.detach().clone() for name, p in params}
+    finally:
+        for (_, p), g in zip(params, saved, strict=True):
+            p.grad = g
+
+
+# ---------------------------------------------------------------------------------------
+# Local training
+# ---------------------------------------------------------------------------------------
+
+
+def _poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    import torch
+
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(n, generator=generator) < q).flatten().tolist()
+
+
+def train_local_dp(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    train_cfg: TrainConfig,
+    dp: DpSgdConfig,
+    *,
+    round_index: int,
+    noise_seed: int | None = None,
+) -> TrainResult:
+    """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
+
+    Each step includes every example independently with probability q =
+    ``dp.sample_rate`` and applies :class:`DpSgdStep` with expected batch size
+    ``max(1, round(q * n))``; an empty draw still takes a noise-only step, as the
+    subsampled-Gaussian accounting assumes. The optimiser is ``train_cfg``'s (Adam, or SGD
+    with momentum 0.9), fresh per call, over the trainable parameters only (frozen base
+    weights, e.g. under LoRA, stay untouched). ``train_cfg.batch_size`` and
+    ``local_epochs`` are not used: q and ``dp.steps`` replace them.
+
+    Randomness:
+
+    * ``noise_seed=None`` (production): the noise comes from a torch generator seeded with
+      64 bits of OS entropy (``secrets``) in Opacus' ``secure_mode``; torch's generator is
+      not a CSPRNG (torchcsprng is unavailable). The Poisson draws are seeded from OS
+      entropy as well: amplification by subsampling, which the accountant's q relies on,
+      requires that nobody learns which records a step used, so a sample drawn from the
+      (shared, public) config seed would void it.
+    * ``noise_seed`` given (tests, debugging): noise from (``noise_seed``, ``round_index``)
+      and Poisson draws from (``train_cfg.seed``, ``round_index``), so the same model, data,
+      configs and seeds give bit-identical weights.
+
+    Dropout draws come from a forked global RNG seeded from (``train_cfg.seed``,
+    ``round_index``) as in :func:`~fedsilo.models.training.train_local`; the caller's RNG is
+    untouched. The model is left in training mode with no Opacus hooks or attributes.
+
+    Args:
+        model: Opacus-compatible network (see :func:`make_private_compatible`); trained in place.
+        dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.
+        train_cfg: Optimiser kind, learning rate and seed.
+        dp: Noise multiplier, clip norm, sampling rate and steps.
+        round_index: Federated round number (>= 0).
+        noise_seed: None for secure randomness, or an int in [0, 2**63 - 1] for reproducibility.
+
+    Returns:
+        ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
+        any; computed without noise, so keep it inside the silo); ``steps``: ``dp.steps``;
+        ``examples``: the number of sampled examples, summed over steps.
+
+    Raises:
+        ValueError: On bad configs, round index or seed, an empty dataset, or a model that
+            Opacus cannot handle.
+    """
+    import torch
+
+    from fedsilo.models.training import (
+        TrainConfig,
+        TrainResult,
+        _batch,
+        _dataset_len,
+        _derived_seed,
+        _device_of,
+        _make_optimizer,
+    )
+
+    if not isinstance(train_cfg, TrainConfig):
+        raise ValueError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    if not isinstance(dp, DpSgdConfig):
+        raise ValueError(f"dp must be a DpSgdConfig, got {type(dp).__name__}")
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"train_local_dp.round_index must be an int >= 0, got {round_index!r}")
+    if noise_seed is not None and (
+        isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed <= _MAX_SEED
+    ):
+        raise ValueError(f"train_local_dp.noise_seed must be None or an int in [0, 2**63 - 1], got {noise_seed!r}")
+    n = _dataset_len(dataset)
+    if n == 0:
+        raise ValueError("cannot train on an empty dataset")
+    device = _device_of(model)
+    expected = max(1, round(dp.sample_rate * n))
+    if noise_seed is None:
+        noise_gen = _secure_generator(device)
+        sample_gen = _secure_generator(torch.device("cpu"))
+    else:
+        noise_gen = _seeded_generator(_derived_seed(noise_seed, round_index, _TAG_NOISE), device)
+        sample_gen = _seeded_generator(_derived_seed(train_cfg.seed, round_index, _TAG_SAMPLE))
+    optimizer = _make_optimizer(model, train_cfg)
+    seed = _derived_seed(train_cfg.seed, round_index)
+    empty = tuple(t[:0] for t in _batch(dataset, [0], device))
+    total_loss = 0.0
+    examples = 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed ^ 0x5DEECE66D)
+        with DpSgdStep(
+            model,
+            optimizer,
+            max_grad_norm=dp.max_grad_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=expected,
+            generator=noise_gen,
+        ) as stepper:
+            for indices in _poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
+                images, masks = _batch(dataset, indices, device) if indices else empty
+                loss = stepper.step(images, masks)
+                if indices:
+                    total_loss += loss * len(indices)
+                    examples += len(indices)
+    model.train()
+    return TrainResult(loss=total_loss / examples if examples else math.nan, steps=dp.steps, examples=examples)
