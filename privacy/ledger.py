@@ -20,6 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from fedsilo.privacy.keywrap import (
+    _CERT_PARSE_ERRORS,
     SIGNATURE_BYTES,
     KeyWrapError,
     _check_silo_certificate,
@@ -614,7 +615,7 @@ class _ChainVerifier:
         cert_pem = entry.certificate.encode("ascii")
         try:
             identity = identity_from_pem(cert_pem)
-        except CertificateError:
+        except (CertificateError, *_CERT_PARSE_ERRORS):  # a damaged certificate may raise late
             identity = None  # _check_silo_certificate below says what is wrong with it
         if identity is not None and identity.role is not Role.SILO:
             raise LedgerError(

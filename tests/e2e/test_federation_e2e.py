@@ -21,13 +21,15 @@ pytestmark = pytest.mark.e2e
 class Federation:
     """A coordinator and agents as OS processes, plus an admin client."""
 
-    def __init__(self, work: Path, *, silos: int, rounds: int, deadline_s: float) -> None:
+    def __init__(self, work: Path, *, silos: int, rounds: int, deadline_s: float, privacy: dict | None = None,
+                 budgets: dict | None = None) -> None:
         self.work = work
         self.names = silo_names(silos)
         make_certs(work / "certs", self.names)
         self.port = free_port()
         self.fed, agent_cfgs = write_configs(work, names=self.names, rounds=rounds, strategy="fedavg", seed=0,
-                                             port=self.port, insecure=False, round_deadline_s=deadline_s)
+                                             port=self.port, insecure=False, round_deadline_s=deadline_s,
+                                             privacy=privacy, budgets=budgets)
         self.agent_cfgs = dict(zip(self.names, agent_cfgs))
         self.procs: dict[str, subprocess.Popen] = {}
         c = work / "certs"
@@ -104,11 +106,30 @@ def _demo(out: Path, *args: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_demo_normal_run(tmp_path: Path) -> None:
-    """`fedsilo demo` as a user runs it: 3 silos, mTLS, HE aggregation, the documented results.json;
-    the same seed with plaintext aggregation reaches the same Dice within 0.01."""
+    """`fedsilo demo` as a user runs it: 3 silos, mTLS, HE aggregation, DP-SGD, the documented results.json
+    and an audit report that verifies; without DP, the same seed with plaintext aggregation reaches the same
+    Dice as with HE within 0.01."""
     results = _demo(tmp_path / "demo")
-    assert results["run"]["aggregation"] == "he"
+    assert results["run"]["aggregation"] == "he" and results["run"]["dp"] is True
+    audit = tmp_path / "demo" / "audit"
+    report = json.loads((audit / "report.json").read_text())
+    assert {s["silo"] for s in report["silos"]} == {"hospital-a", "hospital-b", "hospital-c"}
+    for s in report["silos"]:
+        assert len(s["entries"]) == 3  # one record-level release per round
+        assert 0 < s["cumulative"]["record"]["single_upload"] <= 8.0 + 1e-9  # the demo's whole-run target
+        assert results["privacy"][s["silo"]]["record"] == s["cumulative"]["record"]["single_upload"]
+    assert "<svg" in (audit / "report.html").read_text()
+    verify = _cli("audit", "verify", str(audit / "report.json"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert results["rounds"][-1]["mean_dice"] > results["rounds"][0]["mean_dice"]
+    results = _demo(tmp_path / "he", "--no-dp")
+    assert results["run"]["aggregation"] == "he" and results["run"]["dp"] is False
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     for r in rounds:
@@ -124,7 +145,7 @@ def test_demo_normal_run(tmp_path: Path) -> None:
     assert rounds[-1]["mean_dice"] > rounds[0]["mean_dice"]
     assert 0.0 <= results["unseen_domain"]["dice"] <= 1.0
     assert results["run"]["transport"] == "mtls"
-    plain = _demo(tmp_path / "plain", "--aggregation", "plain")
+    plain = _demo(tmp_path / "plain", "--aggregation", "plain", "--no-dp")
     assert plain["run"]["aggregation"] == "plain"
     for he_round, plain_round in zip(rounds, plain["rounds"], strict=True):
         assert he_round["mean_dice"] == pytest.approx(plain_round["mean_dice"], abs=0.01)
@@ -231,3 +252,57 @@ def test_daemons_shut_down_cleanly_on_sigterm(federation_factory) -> None:
 
     state = torch.load(fed.work / "hospital-a" / "checkpoint.pt", weights_only=True)
     assert state["done_round"] >= 1
+
+
+#: Record-level DP-SGD for the privacy e2e test: each round costs a fixed ε (2.51 after one round,
+#: 3.25 after two, 3.79 after three at δ = 1e-5), so a silo with budget 3.5 must stop after two.
+E2E_PRIVACY = {"record_level": True, "sample_rate": 0.25, "steps_per_round": 4, "max_grad_norm": 1.0,
+               "noise_multiplier": 1.5, "delta": 1e-5}
+
+
+def test_small_budget_silo_declines_and_a_killed_agent_counts_its_spend_once(federation_factory) -> None:
+    """DP on: hospital-c (budget 3.5) declines round 3 and the run goes on with the others; hospital-a is
+    SIGKILLed mid-run and restarted: its ledger stays intact and every round is accounted exactly once.
+    The audit report from the coordinator's mirror verifies and shows every silo within its budget."""
+    budgets = {"hospital-a": {"epsilon": 10.0, "delta": 1e-5}, "hospital-b": {"epsilon": 10.0, "delta": 1e-5},
+               "hospital-c": {"epsilon": 3.5, "delta": 1e-5}}
+    fed = federation_factory(silos=3, rounds=4, deadline_s=60.0, privacy=E2E_PRIVACY, budgets=budgets)
+    fed.start("coordinator")
+    for n in fed.names:
+        fed.start(n)
+    fed.wait_for(lambda s, r: len(r) >= 2 and "hospital-a" in r[1]["contributors"], 240,
+                 "hospital-a's round-2 upload")
+    fed.kill("hospital-a")
+    fed.start("hospital-a")
+    status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 300, "the run to finish")
+    fed.wait_agents(120)
+    silos = {s["name"]: s for s in status["silos"]}
+    assert silos["hospital-c"]["retired_from_round"] == 3 and "budget" in silos["hospital-c"]["retired_reason"]
+    assert [sorted(r["contributors"]) for r in rounds] == [fed.names, fed.names, fed.names[:2], fed.names[:2]]
+    assert silos["hospital-a"]["rounds_contributed"] == 4
+    # the agent's own ledger: one record-level entry per round, committed, cumulative ε recomputable
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{fed.work / 'hospital-a' / 'ledger.sqlite'}?mode=ro", uri=True)
+    rows = con.execute("SELECT round, status FROM entries ORDER BY seq").fetchall()
+    con.close()
+    assert [r for r, _ in rows] == [1, 2, 3, 4], rows
+    assert all(st == "released" for _, st in rows), rows
+    out = fed.work / "audit"
+    made = _cli("audit", "report", "--state", str(fed.work / "coordinator"), "--out", str(out))
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = json.loads((out / "report.json").read_text())
+    by_silo = {s["silo"]: s for s in report["silos"]}
+    assert [len(by_silo[n]["entries"]) for n in fed.names] == [4, 4, 2]
+    c = by_silo["hospital-c"]
+    assert c["cumulative"]["record"]["single_upload"] <= 3.5
+    assert c["within_budget"]["record"] is True and c["budget_left"]["record"] >= 0
+    verified = _cli("audit", "verify", str(out / "report.json"), "--ca", str(fed.work / "certs" / "ca.pem"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # one changed byte in a signed entry, and verification fails naming it
+    text = (out / "report.json").read_text()
+    bad = out / "tampered.json"
+    bad.write_text(text.replace('"noise_multiplier": "1.5"', '"noise_multiplier": "1.6"', 1))
+    assert bad.read_text() != text
+    refused = _cli("audit", "verify", str(bad))
+    assert refused.returncode != 0 and "seq" in (refused.stdout + refused.stderr)

@@ -1033,3 +1033,24 @@ def test_mirror_rejects_any_flipped_byte(
             mirror.accept(bytes(tampered), ca_pem=fed.ca)
         assert _mirror_state(mirror) == state
         mirror.accept(text, ca_pem=fed.ca)
+
+
+def test_a_damaged_certificate_is_a_ledger_error_not_a_crash(fed: Pki, tmp_path: Path) -> None:
+    """One changed character inside an entry's embedded certificate: refused as LedgerError."""
+    with _open(tmp_path / "l.sqlite", fed.a) as led:
+        entry = led.append(**_release(1, 7.0))
+    text = entry.to_json()
+    start = text.index("MII") + 200
+    refused = 0
+    for ch in "AB+/":
+        if text[start] == ch:
+            continue
+        bad = text[:start] + ch + text[start + 1:]
+        with LedgerMirror.open(tmp_path / f"m{ch.encode().hex()}.sqlite") as mirror:
+            with pytest.raises(LedgerError):
+                mirror.accept(bad, ca_pem=fed.ca)
+            assert mirror.silos() == []
+        with pytest.raises(LedgerError):
+            verify_chain([bad], ca_pem=fed.ca)
+        refused += 1
+    assert refused >= 3
