@@ -306,3 +306,39 @@ def test_small_budget_silo_declines_and_a_killed_agent_counts_its_spend_once(fed
     assert bad.read_text() != text
     refused = _cli("audit", "verify", str(bad))
     assert refused.returncode != 0 and "seq" in (refused.stdout + refused.stderr)
+
+
+def test_silo_level_distributed_noise_under_he_states_both_guarantees(federation_factory) -> None:
+    """Silo-level DP with HE: each silo clips its whole update and adds only its share of the noise
+    (σC/√K, K = min_silos = 2); every ledger entry states the guarantee against the aggregate (σ) and the
+    weaker one against a single upload (σ/√2), and the coordinator's audit report verifies."""
+    privacy = {"silo_level": True, "update_clip_norm": 0.05, "update_noise_multiplier": 2.0, "delta": 1e-5}
+    budgets = {n: {"epsilon": 20.0, "delta": 1e-5} for n in silo_names(3)}
+    fed = federation_factory(silos=3, rounds=2, deadline_s=60.0, privacy=privacy, budgets=budgets)
+    fed.start("coordinator")
+    for n in fed.names:
+        fed.start(n)
+    status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 300, "the run to finish")
+    fed.wait_agents(120)
+    for r in rounds:
+        assert sorted(r["contributors"]) == fed.names
+        assert r["total_weight"] == 3.0  # silo-level DP: every silo weighs 1
+    out = fed.work / "audit"
+    made = _cli("audit", "report", "--state", str(fed.work / "coordinator"), "--out", str(out))
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = json.loads((out / "report.json").read_text())
+    for s in report["silos"]:
+        assert [e["round"] for e in s["entries"]] == [1, 2]
+        for e in s["entries"]:
+            assert e["neighbouring"] == "silo" and e["guarantee_scope"] == "aggregate"
+            assert float(e["noise_multiplier"]) == 2.0
+            assert float(e["single_upload"]["noise_multiplier"]) == pytest.approx(2.0 / 2**0.5)
+        cum = s["cumulative"]["silo"]
+        assert 0 < cum["aggregate"] < cum["single_upload"] <= 20.0
+    verified = _cli("audit", "verify", str(out / "report.json"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the silo's own state dir gives the same figures for that silo
+    own = fed.work / "audit-a"
+    assert _cli("audit", "report", "--state", str(fed.work / "hospital-a"), "--out", str(own)).returncode == 0
+    mine = json.loads((own / "report.json").read_text())["silos"][0]
+    assert mine["cumulative"] == {s["silo"]: s for s in report["silos"]}["hospital-a"]["cumulative"]

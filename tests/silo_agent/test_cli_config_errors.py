@@ -37,6 +37,10 @@ insecure = true
     (FED_OK.replace('aggregation = "plain"', 'aggregation = "he"'), "run.aggregation"),
     (FED_OK.replace('enrolled = ["hospital-a"]', 'enrolled = ["Hospital A"]'), "silos.enrolled"),
     (FED_OK.replace("rounds = 3", "rounds = "), "not valid TOML"),
+    (FED_OK + "\n[privacy]\nsilo_level = true\nupdate_clip_norm = 1.0\nupdate_noise_multiplier = 1.0\n",
+     "privacy: differential privacy needs TLS"),
+    (FED_OK + "\n[privacy]\nrecord_level = true\nsample_rate = 0.1\nsteps_per_round = 2\nmax_grad_norm = 1\n"
+     "target_epsilon = 0.0\n", "privacy.target_epsilon"),
 ])
 def test_coordinator_rejects_bad_config(tmp_path: Path, text: str, field: str) -> None:
     cfg = tmp_path / "federation.toml"
@@ -67,6 +71,13 @@ domain = 0
     (AGENT_OK.replace('name = "hospital-a"', 'name = "A B"'), "agent.name"),
     (AGENT_OK + "\n[tls]\nca = \"missing.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n", "tls.ca"),
     (AGENT_OK.replace("[data]", "[agent2]"), "agent2"),
+    (AGENT_OK + "\n[privacy]\nepsilon = 0.0\n", "privacy.epsilon"),
+    (AGENT_OK + "\n[privacy]\nepsilon = -2.0\n", "privacy.epsilon"),
+    (AGENT_OK + "\n[privacy]\nepsilon = inf\n", "privacy.epsilon"),
+    (AGENT_OK + "\n[privacy]\nepsilon = 3.0\ndelta = 1.0\n", "privacy.delta"),
+    (AGENT_OK + "\n[privacy]\nepsilon = 3.0\ndelta = 0\n", "privacy.delta"),
+    (AGENT_OK + "\n[privacy]\ndelta = 1e-5\n", "privacy.epsilon"),
+    (AGENT_OK + "\n[privacy]\nepsilon = 3.0\nsigma = 1\n", "privacy.sigma"),
 ])
 def test_agent_rejects_bad_config(tmp_path: Path, text: str, field: str) -> None:
     cfg = tmp_path / "silo.toml"
