@@ -270,9 +270,31 @@ def test_small_budget_silo_declines_and_a_killed_agent_counts_its_spend_once(fed
     fed.start("coordinator")
     for n in fed.names:
         fed.start(n)
-    fed.wait_for(lambda s, r: len(r) >= 2 and "hospital-a" in r[1]["contributors"], 240,
-                 "hospital-a's round-2 upload")
+    # SIGKILL hospital-a right after it has written (reserved) its round-2 ledger entry, i.e. while it
+    # syncs and uploads: the restarted agent must resend exactly that release, not account a new one
+    import sqlite3
+
+    ledger_path = fed.work / "hospital-a" / "ledger.sqlite"
+
+    def reserved_round_2() -> str | None:
+        if not ledger_path.exists():
+            return None
+        try:
+            con = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=1)
+            try:
+                row = con.execute("SELECT status FROM entries WHERE round = 2").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return None
+        return None if row is None else row[0]
+
+    end = time.monotonic() + 240
+    while (seen := reserved_round_2()) is None:
+        assert time.monotonic() < end, fed.log("hospital-a")
+        time.sleep(0.02)
     fed.kill("hospital-a")
+    print(f"hospital-a killed with its round-2 entry {seen}")
     fed.start("hospital-a")
     status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 300, "the run to finish")
     fed.wait_agents(120)
@@ -281,13 +303,13 @@ def test_small_budget_silo_declines_and_a_killed_agent_counts_its_spend_once(fed
     assert [sorted(r["contributors"]) for r in rounds] == [fed.names, fed.names, fed.names[:2], fed.names[:2]]
     assert silos["hospital-a"]["rounds_contributed"] == 4
     # the agent's own ledger: one record-level entry per round, committed, cumulative ε recomputable
-    import sqlite3
-
     con = sqlite3.connect(f"file:{fed.work / 'hospital-a' / 'ledger.sqlite'}?mode=ro", uri=True)
     rows = con.execute("SELECT round, status FROM entries ORDER BY seq").fetchall()
     con.close()
     assert [r for r, _ in rows] == [1, 2, 3, 4], rows
     assert all(st == "released" for _, st in rows), rows
+    if seen == "pending":  # killed between reserving and committing: the saved release was resent
+        assert "round 2: resending the update saved before the restart" in (fed.work / "hospital-a.out").read_text()
     out = fed.work / "audit"
     made = _cli("audit", "report", "--state", str(fed.work / "coordinator"), "--out", str(out))
     assert made.returncode == 0, made.stdout + made.stderr
