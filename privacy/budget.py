@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -25,12 +24,11 @@ from fedsilo.privacy.ledger import (
     _dumps,
     _exact_keys,
     _float_text,
-    _no_constant,
-    _no_duplicate_keys,
     _now_text,
     _parse_created_at,
     _parse_float,
     _parse_str,
+    parse_json_object,
 )
 from fedsilo.privacy.pki import CertificateError, Role, identity_from_pem, validate_name
 
@@ -171,27 +169,10 @@ class BudgetStatement:
             BudgetError: If the data is not a well-formed, canonical budget statement; the
                 message names the field.
         """
-        text: str | None = None
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError:
-                raise BudgetError("budget statement is not valid UTF-8 text") from None
-        elif isinstance(data, str):
-            text = data
-        if text is not None:
-            try:
-                parsed = json.loads(
-                    text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant
-                )
-            except (ValueError, RecursionError) as exc:
-                raise BudgetError(f"budget statement is not valid JSON: {exc}") from None
-        else:
-            parsed = data
-        if not isinstance(parsed, Mapping):
-            raise BudgetError(
-                f"budget statement must be a JSON object, not {type(parsed).__name__}"
-            )
+        try:
+            parsed, text = parse_json_object(data, what="budget statement")
+        except ValueError as exc:
+            raise BudgetError(str(exc)) from None
         try:
             statement = cls._from_mapping(parsed)
         except _FieldError as exc:

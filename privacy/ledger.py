@@ -44,6 +44,7 @@ __all__ = [
     "Neighbouring",
     "UploadGuarantee",
     "check_cumulative",
+    "parse_json_object",
     "verify_chain",
 ]
 
@@ -406,27 +407,10 @@ class LedgerEntry:
             LedgerError: If the data is not a well-formed, canonical ledger entry; the
                 message names the field.
         """
-        text: str | None = None
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError:
-                raise LedgerError("ledger entry is not valid UTF-8 text") from None
-        elif isinstance(data, str):
-            text = data
-        if text is not None:
-            try:
-                parsed = json.loads(
-                    text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant
-                )
-            except (ValueError, RecursionError) as exc:
-                raise LedgerError(f"ledger entry is not valid JSON: {exc}") from None
-        else:
-            parsed = data
-        if not isinstance(parsed, Mapping):
-            raise LedgerError(
-                f"ledger entry must be a JSON object, not {type(parsed).__name__}"
-            )
+        try:
+            parsed, text = parse_json_object(data, what="ledger entry")
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from None
         try:
             entry = cls._from_mapping(parsed)
         except ValueError as exc:
@@ -1545,6 +1529,40 @@ def _exact_keys(data: Mapping[str, Any], expected: set[str], what: str) -> None:
     extra = sorted(str(k) for k in keys - expected)
     if extra:
         raise ValueError(f"{what} has unknown field {extra[0]!r}")
+
+
+def parse_json_object(data: str | bytes | Mapping[str, Any], *, what: str) -> tuple[Mapping[str, Any], str | None]:
+    """Parses signed-record JSON strictly: UTF-8, no duplicate keys, no NaN/Infinity, an object.
+
+    Args:
+        data: JSON text (str or UTF-8 bytes), or an already-parsed mapping.
+        what: What the record is, for messages (e.g. "ledger entry").
+
+    Returns:
+        The mapping, and the text it came from (None when ``data`` was a mapping), so the
+        caller can insist that the text is exactly its canonical form.
+
+    Raises:
+        ValueError: Saying what is wrong with the data.
+    """
+    text: str | None = None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not valid UTF-8 text") from None
+    elif isinstance(data, str):
+        text = data
+    if text is not None:
+        try:
+            parsed = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    else:
+        parsed = data
+    if not isinstance(parsed, Mapping):
+        raise ValueError(f"{what} must be a JSON object, not {type(parsed).__name__}")
+    return parsed, text
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
