@@ -1,4 +1,5 @@
-"""Run by tests: starts an HE coordinator with torch made unimportable; checks no ML library loads."""
+"""Run by tests: starts an HE coordinator with DP planned (σ calibrated, budgets checked) with torch
+made unimportable, writes and verifies an audit report; checks no ML library loads."""
 
 import builtins
 import sys
@@ -19,7 +20,7 @@ builtins.__import__ = guarded
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles  # noqa: E402
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles, parse_privacy  # noqa: E402
 from fedsilo.coordinator.server import CoordinatorServer  # noqa: E402
 from fedsilo.privacy.pki import Role, init_ca, issue_certificate  # noqa: E402
 
@@ -28,8 +29,11 @@ certs = state.parent / "certs"
 init_ca(certs)
 issue_certificate(certs, certs, role=Role.COORDINATOR, name="coordinator", hosts=["localhost"])
 issue_certificate(certs, certs, role=Role.ADMIN, name="ops")
+plan, budgets = parse_privacy({"record_level": True, "sample_rate": 0.1, "steps_per_round": 10, "max_grad_norm": 1.0,
+                               "target_epsilon": 4.0, "delta": 1e-5, "budgets": {"hospital-a": 5.0}},
+                              rounds=1, min_silos=1, aggregation=AggregationMode.HE)
 cfg = FederationConfig(run_id="no-torch", silos=("hospital-a",), rounds=1, min_silos=1, listen="127.0.0.1:0",
-                       aggregation=AggregationMode.HE, state_dir=state,
+                       aggregation=AggregationMode.HE, state_dir=state, privacy=plan, budgets=budgets,
                        tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "coordinator.pem", key=certs / "coordinator.key"))
 server = CoordinatorServer(cfg)
 server.start()
@@ -39,6 +43,10 @@ with grpc.secure_channel(f"localhost:{server.port}", creds) as ch:
     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="fedsilo.v1.Federation"),
                                                 timeout=10)
 server.stop(0)
+from fedsilo.privacy.audit import build_report, verify_report, write_report  # noqa: E402
+
+report_json, _ = write_report(build_report(state), state.parent / "audit")
+verify_report(report_json)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert resp.status == health_pb2.HealthCheckResponse.SERVING, resp
 assert not loaded, loaded
@@ -46,4 +54,4 @@ assert not loaded, loaded
 from fedsilo.privacy.he import PublicContext  # noqa: E402
 
 assert PublicContext(cfg.he_params()).has_secret_key is False
-print("HE coordinator served without", ", ".join(BLOCKED))
+print("HE coordinator with a DP plan served and audited without", ", ".join(BLOCKED))
