@@ -265,7 +265,8 @@ def _timed_grad_samplers(totals: dict[str, float]) -> Iterator[None]:
         return timed
 
     for cls, fn in saved.items():
-        GradSampleModule.GRAD_SAMPLERS[cls] = wrap(f"per-sample grads {cls.__name__} (Opacus rule)", fn)
+        origin = "fedsilo rule" if getattr(fn, "__module__", "").startswith("fedsilo.") else "Opacus rule"
+        GradSampleModule.GRAD_SAMPLERS[cls] = wrap(f"per-sample grads {cls.__name__} ({origin})", fn)
 
     def ft(module: Any, *args: Any) -> Any:
         name = f"per-sample grads {type(module).__name__} (functorch fallback)"

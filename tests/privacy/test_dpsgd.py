@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import peft
 import pytest
@@ -481,3 +482,138 @@ def test_module_imports_without_torch() -> None:
         "DpSgdConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- 6. per-sample gradient rules for PReLU and transposed convolutions --------------------
+
+RULE_RTOL = 1e-6
+
+
+def _rule_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(id, layer, input shape [N, C, *spatial]) covering the rules' branches."""
+    ct2 = nn.ConvTranspose2d
+    return [
+        ("prelu-shared", nn.PReLU(), (3, 4, 5, 6)),
+        ("prelu-per-channel", nn.PReLU(4, init=0.3), (3, 4, 5, 6)),
+        ("prelu-per-channel-flat", nn.PReLU(4), (3, 4)),
+        ("ct2-plain", ct2(4, 6, 3), (3, 4, 5, 6)),
+        ("ct2-unet-upsample", ct2(4, 6, 3, stride=2, padding=1, output_padding=1), (3, 4, 5, 6)),
+        ("ct2-nobias-groups", ct2(4, 6, (3, 2), stride=(3, 2), padding=(2, 1), output_padding=(2, 1),
+                                  dilation=(2, 1), groups=2, bias=False), (3, 4, 5, 6)),
+        # output_padding >= stride (allowed with dilation > stride): more unfold windows than inputs
+        ("ct2-outpad-over-stride", ct2(4, 6, 3, stride=1, padding=1, output_padding=1, dilation=2), (3, 4, 5, 6)),
+        ("ct2-depthwise", ct2(4, 8, 2, stride=2, padding=0, output_padding=1, dilation=3, groups=4), (3, 4, 5, 6)),
+        ("ct1", nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 7)),
+        ("ct3", nn.ConvTranspose3d(2, 4, (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), output_padding=(1, 0, 1)),
+         (2, 2, 3, 4, 3)),
+    ]
+
+
+@pytest.mark.parametrize(("layer", "shape"), [c[1:] for c in _rule_cases()], ids=[c[0] for c in _rule_cases()])
+def test_rules_match_per_example_backward(layer, shape, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """GradSampleModule's per-sample gradients (our rules) equal one backward pass per example."""
+    import opacus.grad_sample.grad_sample_module as gsm_mod
+    from opacus.grad_sample import GradSampleModule
+
+    from fedsilo.privacy.dpsgd import register_grad_samplers
+
+    register_grad_samplers()
+    assert type(layer) in GradSampleModule.GRAD_SAMPLERS
+    fallback_calls: list[str] = []
+    real_fallback = gsm_mod.ft_compute_per_sample_gradient
+
+    def spy(module, *args):  # type: ignore[no-untyped-def]
+        fallback_calls.append(type(module).__name__)
+        return real_fallback(module, *args)
+
+    monkeypatch.setattr(gsm_mod, "ft_compute_per_sample_gradient", spy)
+    gen = torch.Generator().manual_seed(0)
+    layer = layer.double()
+    with torch.no_grad():  # random weights, including PReLU slopes of both signs
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        weights = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64)
+
+    def per_example_losses(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (out * w).flatten(1).sum(1)
+
+    gsm = GradSampleModule(nn.Sequential(layer), batch_first=True, loss_reduction="mean", strict=True)
+    try:
+        with warnings.catch_warnings():  # the input needs no gradient; Opacus only uses output grads
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            per_example_losses(gsm(x), weights).mean().backward()
+        samples = {n: p.grad_sample.detach().clone() for n, p in layer.named_parameters()}
+    finally:
+        gsm._close()
+    assert not fallback_calls  # the registered rule ran, not functorch
+    names = {n for n, _ in layer.named_parameters()}
+    assert samples.keys() == names and names == ({"weight", "bias"} if getattr(layer, "bias", None) is not None
+                                                  else {"weight"})
+    for i in range(shape[0]):
+        layer.zero_grad(set_to_none=True)
+        per_example_losses(layer(x[i : i + 1]), weights[i : i + 1]).mean().backward()
+        for n, p in layer.named_parameters():
+            ref, got = p.grad, samples[n][i]
+            assert got.shape == ref.shape
+            scale = float(ref.abs().max())
+            assert scale > 0.0
+            assert float((got - ref).abs().max()) <= RULE_RTOL * scale, (n, i)
+
+
+def test_grad_sampler_registration_is_idempotent(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Registering twice changes nothing, and a rule registered earlier by other code is kept."""
+    from opacus.grad_sample import GradSampleModule
+
+    from fedsilo.privacy.dpsgd import register_grad_samplers
+
+    mapping = GradSampleModule.GRAD_SAMPLERS
+
+    def other_rule(layer, activations, backprops):  # type: ignore[no-untyped-def]
+        raise AssertionError("not called")
+
+    monkeypatch.delitem(mapping, nn.ConvTranspose1d, raising=False)
+    monkeypatch.setitem(mapping, nn.ConvTranspose1d, other_rule)  # someone else's rule, registered first
+    register_grad_samplers()
+    first = dict(mapping)
+    register_grad_samplers()
+    assert dict(mapping) == first
+    assert mapping[nn.ConvTranspose1d] is other_rule
+    for cls in (nn.PReLU, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        assert mapping[cls].__module__ == "fedsilo.privacy.dpsgd"
+    assert mapping[nn.Conv2d].__module__.startswith("opacus.")  # Opacus' own rules are untouched
+
+
+@pytest.mark.parametrize("make", [_unet, _lora_unet], ids=["unet", "lora"])
+def test_unet_needs_no_functorch_fallback(make, batch, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every trainable layer type of the UNet (PReLU, ConvTranspose2d included) has a registered rule."""
+    import opacus.grad_sample.grad_sample_module as gsm_mod
+    from opacus.grad_sample import GradSampleModule
+
+    def fail(module, *args):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"functorch fallback used for {type(module).__name__}")
+
+    monkeypatch.setattr(gsm_mod, "ft_compute_per_sample_gradient", fail)
+    model = make()
+    images, masks = batch
+    grads = dp_sgd_gradients(model, images, masks, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=B)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    hooked = {type(m) for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    if make is _unet:
+        assert {nn.PReLU, nn.ConvTranspose2d} <= hooked
+    assert hooked <= GradSampleModule.GRAD_SAMPLERS.keys()
+
+
+def test_noise_is_opacus_secure_sampler_over_all_coordinates(batch) -> None:  # type: ignore[no-untyped-def]
+    """One secure_mode draw (Opacus' sampler) for the flat vector of all coordinates, in parameter order."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    images, masks = batch
+    model = _unet()
+    sigma, clip, expected_bs = 1.3, 0.7, 5
+    got = dp_sgd_gradients(model, images[:0], masks[:0], max_grad_norm=clip, noise_multiplier=sigma,
+                           expected_batch_size=expected_bs, generator=torch.Generator().manual_seed(21))
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    want = _generate_noise(sigma * clip, torch.zeros(total), torch.Generator().manual_seed(21), secure_mode=True)
+    assert torch.allclose(_flat(got), want.double() / expected_bs, rtol=1e-6, atol=0.0)
