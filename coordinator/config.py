@@ -26,6 +26,14 @@ class Strategy(enum.Enum):
 
     FEDAVG = "fedavg"
     FEDBN = "fedbn"
+    DEER = "deer"
+    FEDAVG_LORA = "fedavg-lora"
+    FFA_LORA = "ffa-lora"
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether silos train LoRA adapters on a frozen base."""
+        return self in (Strategy.DEER, Strategy.FEDAVG_LORA, Strategy.FFA_LORA)
 
 
 class AggregationMode(enum.Enum):
@@ -76,6 +84,8 @@ class FederationConfig:
         max_chunk_bytes: largest accepted chunk of an upload stream (<= 4 MiB).
         model: model config handed to silos (validated by the agents, which build the model).
         training: local-training config handed to silos.
+        lora: LoRA strategies: the adapters every silo adds to its frozen base
+            (``fedsilo.models.lora.LoraSettings`` fields; validated by the agents); defaults when empty.
         privacy: the run's differential-privacy plan (``fedsilo.privacy.plan.PrivacyPlan``);
             None (the default) means no differential privacy, which is loudly warned.
         budgets: ε budgets agreed with enrolled silos (name -> ε at ``privacy.delta``); the
@@ -100,6 +110,7 @@ class FederationConfig:
     model: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     he: Mapping[str, Any] = field(default_factory=dict)
+    lora: Mapping[str, Any] = field(default_factory=dict)
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
     budgets: Mapping[str, float] = field(default_factory=dict)
 
@@ -129,7 +140,7 @@ class FederationConfig:
             raise ConfigError("server.tls: ca, cert and key are required unless server.insecure = true")
         _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
         _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
-        for name in ("model", "training", "he"):
+        for name in ("model", "training", "he", "lora"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
@@ -137,6 +148,9 @@ class FederationConfig:
                 json.dumps(dict(value))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+        if self.lora and not self.strategy.uses_lora:
+            raise ConfigError(f"lora: set, but run.strategy {self.strategy.value!r} trains no LoRA adapters "
+                              "(use deer, fedavg-lora or ffa-lora)")
         if self.aggregation is AggregationMode.HE:
             self.he_params()  # validates the [he] table now, naming the bad field
             if self.insecure:
@@ -217,7 +231,9 @@ class FederationConfig:
             "training": dict(self.training),
             "he": dict(self.he),
         }
-        if self.privacy is not None:  # absent key keeps fingerprints of runs without DP unchanged
+        if self.lora:  # absent keys keep fingerprints of earlier runs unchanged
+            ident["lora"] = dict(self.lora)
+        if self.privacy is not None:
             ident["privacy"] = self.privacy.to_mapping()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -244,6 +260,7 @@ _SECTIONS = {
     "model": None,
     "training": None,
     "he": None,
+    "lora": None,
     "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
                 "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
                 "update_target_epsilon", "distributed_noise", "delta", "budgets"},
@@ -319,6 +336,7 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         "model": data.get("model", {}),
         "training": data.get("training", {}),
         "he": data.get("he", {}),
+        "lora": data.get("lora", {}),
     }
     for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
         if key in run:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
 from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
-from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
+from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig, Strategy
+from fedsilo.coordinator.phases import SharePhase, ledger_position, phase_for, phase_manifest
 from fedsilo.coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -93,6 +94,7 @@ class Task:
     state: RunState = RunState.WAITING
     message: str = ""
     weight_normalizer: float = 0.0
+    phase: SharePhase = SharePhase.ALL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +269,9 @@ class Coordinator:
         self._last_flush = time.monotonic()
         manifest = self._manifest()
         if manifest is not None:
-            self._agg = _aggregator_for(config, manifest)
+            open_round = self._store.open_round()
+            self._agg = _aggregator_for(config, manifest if open_round is None else
+                                        self._round_manifest(open_round.round))
         try:
             self._check_planned_spend()
         except ConfigError:
@@ -312,6 +316,12 @@ class Coordinator:
     def _manifest(self) -> Manifest | None:
         data = self._store.get_json("manifest")
         return None if data is None else Manifest.from_json(data)
+
+    def _round_manifest(self, rnd: int) -> Manifest:
+        """The tensors round ``rnd`` shares: the run's manifest restricted to the round's phase."""
+        manifest = self._manifest()
+        assert manifest is not None
+        return phase_manifest(manifest, phase_for(self.cfg.strategy, rnd))
 
     def _sum_path(self, rnd: int, version: int) -> Path:
         return self._sums / f"round_{rnd:06d}_v{version:06d}.f64"
@@ -418,6 +428,13 @@ class Coordinator:
                 diff = manifest.difference(known_manifest)
                 if diff is not None:
                     raise FailedPrecondition(f"shared tensors differ from the run's: {diff}")
+            if self.cfg.strategy is Strategy.DEER:
+                for phase in (SharePhase.LORA_B, SharePhase.LORA_A):
+                    try:
+                        phase_manifest(manifest, phase)
+                    except InvalidArgument:
+                        raise InvalidArgument(f"strategy deer needs LoRA factors to share, but no shared tensor is a "
+                                              f"{phase.value.replace('_', ' ').replace('lora', 'LoRA')} factor") from None
             agg = self._agg or _aggregator_for(self.cfg, manifest)
             if agg.payload_bytes_bound() > self.cfg.max_upload_bytes:
                 raise ResourceExhausted(
@@ -498,6 +515,9 @@ class Coordinator:
     def _open_round(self, rnd: int) -> None:
         """Opens a round (inside a transaction, lock held)."""
         assert self._agg is not None
+        manifest = self._round_manifest(rnd)
+        if manifest != self._agg.manifest:  # a new phase shares other tensors
+            self._agg = _aggregator_for(self.cfg, manifest)
         now = self._now_ms()
         silos = self._store.silos()
         if self.cfg.privacy is not None and self.cfg.privacy.silo_level:
@@ -548,7 +568,8 @@ class Coordinator:
             if name not in self._store.uploads(open_round.round):
                 return Task(kind=TaskKind.TRAIN, round=open_round.round, base_round=open_round.round - 1,
                             deadline_ms=open_round.deadline_ms, last_closed_round=last_closed, state=state,
-                            message=message, weight_normalizer=open_round.weight_normalizer)
+                            message=message, weight_normalizer=open_round.weight_normalizer,
+                            phase=phase_for(self.cfg.strategy, open_round.round))
         return Task(kind=TaskKind.WAIT, last_closed_round=last_closed, state=state, message=message)
 
     # -- uploads ------------------------------------------------------------------------
@@ -579,7 +600,9 @@ class Coordinator:
         """An upload of a DP run needs its ledger entries mirrored first, matching the plan."""
         plan = self.cfg.privacy
         assert plan is not None and self._mirror is not None
-        entries = [e for e in self._mirror.entries(name) if e.run_id == self.cfg.run_id and e.round == rnd]
+        position = ledger_position(self.cfg.strategy, rnd)
+        entries = [e for e in self._mirror.entries(name)
+                   if e.run_id == self.cfg.run_id and (e.round, e.upload_index) == position]
         for planned in plan.round_releases():
             relation = planned.neighbouring.value
             found = [e for e in entries if e.neighbouring.value == relation]
@@ -814,8 +837,7 @@ class Coordinator:
         path = self._aggregate_path(rnd)
         if not path.is_file():
             raise NotFound(f"aggregate of round {rnd} is missing from the state dir")
-        manifest = self._manifest()
-        assert manifest is not None
+        manifest = self._round_manifest(rnd)
         return AggregateInfo(round=rnd, num_contributors=len(self._store.uploads(rnd)),
                              total_weight=row.total_weight, manifest=manifest, path=path,
                              encoding=ENCODING_FOR[self.cfg.aggregation], weight_normalizer=row.weight_normalizer)

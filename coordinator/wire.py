@@ -23,6 +23,7 @@ from fedsilo.coordinator.run import (
     UploadTrailer,
 )
 from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy
+from fedsilo.coordinator.phases import SharePhase
 from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
@@ -37,7 +38,11 @@ _TASK_KIND = {
     TaskKind.TRAIN: federation_pb2.TASK_KIND_TRAIN,
     TaskKind.STOP: federation_pb2.TASK_KIND_STOP,
 }
-_STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN}
+_STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN,
+             Strategy.DEER: federation_pb2.STRATEGY_DEER, Strategy.FEDAVG_LORA: federation_pb2.STRATEGY_FEDAVG_LORA,
+             Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA}
+_PHASE = {SharePhase.ALL: federation_pb2.SHARE_PHASE_ALL, SharePhase.LORA_B: federation_pb2.SHARE_PHASE_LORA_B,
+          SharePhase.LORA_A: federation_pb2.SHARE_PHASE_LORA_A}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
 
 
@@ -109,6 +114,7 @@ def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
         key_holder=cfg.key_holder if cfg.aggregation is AggregationMode.HE else "",
         he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
         privacy=privacy_plan_to_proto(cfg.privacy),
+        lora_config_json=json.dumps(dict(cfg.lora)) if cfg.strategy.uses_lora else "",
     )
 
 
@@ -139,6 +145,7 @@ def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
         kind=_TASK_KIND[task.kind], round=task.round, base_round=task.base_round,
         deadline_unix_ms=task.deadline_ms, last_closed_round=task.last_closed_round,
         state=_RUN_STATE[task.state], message=task.message[:1024], weight_normalizer=task.weight_normalizer,
+        phase=_PHASE[task.phase] if task.kind is TaskKind.TRAIN else federation_pb2.SHARE_PHASE_UNSPECIFIED,
     )
 
 

@@ -14,11 +14,16 @@ import numpy as np
 
 from fedsilo.coordinator.config import AggregationMode, Strategy
 from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.coordinator.phases import SharePhase
 from fedsilo.coordinator.run import PayloadEncoding
 from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
-_STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN}
+_STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN,
+             federation_pb2.STRATEGY_DEER: Strategy.DEER, federation_pb2.STRATEGY_FEDAVG_LORA: Strategy.FEDAVG_LORA,
+             federation_pb2.STRATEGY_FFA_LORA: Strategy.FFA_LORA}
+_PHASE = {federation_pb2.SHARE_PHASE_ALL: SharePhase.ALL, federation_pb2.SHARE_PHASE_LORA_B: SharePhase.LORA_B,
+          federation_pb2.SHARE_PHASE_LORA_A: SharePhase.LORA_A}
 _AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN, federation_pb2.AGGREGATION_HE: AggregationMode.HE}
 
 
@@ -45,6 +50,7 @@ class RunInfo:
     key_holder: str
     he_parameters: bytes
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan, or None for a run without DP
+    lora_config: dict[str, Any] | None = None  # LoRA strategies: the adapters' settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +65,7 @@ class Task:
     failed: bool
     message: str
     weight_normalizer: float
+    phase: SharePhase = SharePhase.ALL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +97,8 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
                    aggregation=_AGGREGATION[msg.aggregation], model_config=json.loads(msg.model_config_json or "{}"),
                    training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
                    key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters),
-                   privacy=privacy_plan_from_proto(msg.privacy))
+                   privacy=privacy_plan_from_proto(msg.privacy),
+                   lora_config=_json_object(msg.lora_config_json, "lora_config_json") if msg.lora_config_json else None)
 
 
 def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:
@@ -142,7 +150,8 @@ def task_from_proto(msg: federation_pb2.GetTaskResponse) -> Task:
             federation_pb2.TASK_KIND_STOP: "stop"}.get(msg.kind, "wait")
     return Task(kind=kind, round=msg.round, base_round=msg.base_round, deadline_ms=msg.deadline_unix_ms,
                 last_closed_round=msg.last_closed_round, failed=msg.state == federation_pb2.RUN_STATE_FAILED,
-                message=msg.message, weight_normalizer=msg.weight_normalizer)
+                message=msg.message, weight_normalizer=msg.weight_normalizer,
+                phase=_PHASE.get(msg.phase, SharePhase.ALL))
 
 
 def upload_requests(rnd: int, weight: float, arrays: Mapping[str, np.ndarray],
@@ -348,3 +357,13 @@ def get_wrapped_key_request() -> federation_pb2.GetWrappedKeyRequest:
 def wrapped_key_from_proto(msg: Any) -> bytes | None:
     """The wrapped key, or None while it is not published."""
     return bytes(msg.wrapped) if msg.ready else None
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"the coordinator sent {field} that is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"the coordinator sent {field} that is not a JSON object")
+    return value

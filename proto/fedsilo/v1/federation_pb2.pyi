@@ -13,6 +13,16 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
     STRATEGY_FEDAVG: _ClassVar[Strategy]
     STRATEGY_FEDBN: _ClassVar[Strategy]
+    STRATEGY_DEER: _ClassVar[Strategy]
+    STRATEGY_FEDAVG_LORA: _ClassVar[Strategy]
+    STRATEGY_FFA_LORA: _ClassVar[Strategy]
+
+class SharePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_PHASE_UNSPECIFIED: _ClassVar[SharePhase]
+    SHARE_PHASE_ALL: _ClassVar[SharePhase]
+    SHARE_PHASE_LORA_B: _ClassVar[SharePhase]
+    SHARE_PHASE_LORA_A: _ClassVar[SharePhase]
 
 class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +61,13 @@ class AgentActivity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 STRATEGY_UNSPECIFIED: Strategy
 STRATEGY_FEDAVG: Strategy
 STRATEGY_FEDBN: Strategy
+STRATEGY_DEER: Strategy
+STRATEGY_FEDAVG_LORA: Strategy
+STRATEGY_FFA_LORA: Strategy
+SHARE_PHASE_UNSPECIFIED: SharePhase
+SHARE_PHASE_ALL: SharePhase
+SHARE_PHASE_LORA_B: SharePhase
+SHARE_PHASE_LORA_A: SharePhase
 AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_PLAIN: Aggregation
 AGGREGATION_HE: Aggregation
@@ -101,7 +118,7 @@ class GetRunRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy")
+    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +129,7 @@ class GetRunResponse(_message.Message):
     KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
     HE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
     strategy: Strategy
@@ -122,7 +140,8 @@ class GetRunResponse(_message.Message):
     key_holder: str
     he_parameters: bytes
     privacy: PrivacyPlan
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ...) -> None: ...
+    lora_config_json: str
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement", "budget_statement")
@@ -159,7 +178,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, after_round: _Optional[int] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "base_round", "deadline_unix_ms", "last_closed_round", "state", "message", "weight_normalizer")
+    __slots__ = ("kind", "round", "base_round", "deadline_unix_ms", "last_closed_round", "state", "message", "weight_normalizer", "phase")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +187,7 @@ class GetTaskResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_NORMALIZER_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     base_round: int
@@ -176,7 +196,8 @@ class GetTaskResponse(_message.Message):
     state: RunState
     message: str
     weight_normalizer: float
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., weight_normalizer: _Optional[float] = ...) -> None: ...
+    phase: SharePhase
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., weight_normalizer: _Optional[float] = ..., phase: _Optional[_Union[SharePhase, str]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("round", "weight", "manifest", "encoding", "payload_bytes")

@@ -1,0 +1,52 @@
+"""Which shared tensors each round carries (DEeR alternates LoRA factors), and ledger positions."""
+
+from __future__ import annotations
+
+import enum
+
+from fedsilo.coordinator.config import Strategy
+from fedsilo.coordinator.tensors import Manifest
+
+__all__ = ["SharePhase", "ledger_position", "phase_for", "phase_manifest"]
+
+LORA_A_MARK = ".lora_A."
+LORA_B_MARK = ".lora_B."
+
+
+class SharePhase(enum.Enum):
+    """The subset of the run's shared tensors a round uploads and aggregates."""
+
+    ALL = "all"
+    LORA_B = "lora_b"
+    LORA_A = "lora_a"
+
+
+def phase_for(strategy: Strategy, rnd: int) -> SharePhase:
+    """The phase of round ``rnd`` (1-based).
+
+    DEeR (Chen et al. 2024) alternates: odd rounds share only B with A frozen, even rounds
+    only A with B frozen, so every round's mean of products equals the product of means.
+    Every other strategy shares its whole manifest every round.
+    """
+    if strategy is Strategy.DEER:
+        return SharePhase.LORA_B if rnd % 2 == 1 else SharePhase.LORA_A
+    return SharePhase.ALL
+
+
+def phase_manifest(manifest: Manifest, phase: SharePhase) -> Manifest:
+    """The run's manifest restricted to one phase (the tensor order is kept)."""
+    if phase is SharePhase.ALL:
+        return manifest
+    mark = LORA_B_MARK if phase is SharePhase.LORA_B else LORA_A_MARK
+    return Manifest(tensors=tuple(t for t in manifest.tensors if mark in t.name))
+
+
+def ledger_position(strategy: Strategy, rnd: int) -> tuple[int, int]:
+    """(round, upload index) under which round ``rnd``'s release is written in a privacy ledger.
+
+    A DEeR round is two uploads, B then A: coordinator rounds 2k−1 and 2k are DEeR round k,
+    uploads 0 and 1. Other strategies upload once per round.
+    """
+    if strategy is Strategy.DEER:
+        return (rnd + 1) // 2, (rnd + 1) % 2
+    return rnd, 0
