@@ -24,7 +24,7 @@ class SharePhase(enum.Enum):
 def phase_for(strategy: Strategy, rnd: int) -> SharePhase:
     """The phase of round ``rnd`` (1-based).
 
-    DEeR (Chen et al. 2024) alternates: odd rounds share only B with A frozen, even rounds
+    DEeR (Zhu, Mao, Liu, Yuan 2024, arXiv:2410.12926) alternates: odd rounds share only B with A frozen, even rounds
     only A with B frozen, so every round's mean of products equals the product of means.
     Every other strategy shares its whole manifest every round.
     """

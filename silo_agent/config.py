@@ -100,6 +100,8 @@ class AgentConfig:
         data: the silo's data.
         heartbeat_s: seconds between heartbeats.
         budget: this silo's privacy budget; required to take part in a run with DP.
+        base_checkpoint: LoRA runs: the frozen base model (a ``fedsilo export`` or ``fedsilo
+            pretrain`` file); every silo of the run must hold the same one.
     """
 
     coordinator: str
@@ -111,6 +113,7 @@ class AgentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_s: float = 5.0
     budget: BudgetConfig | None = None
+    base_checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.coordinator.rpartition(":")
@@ -131,6 +134,7 @@ _SECTIONS = {
     "tls": {"ca", "cert", "key"},
     "data": None,
     "privacy": {"epsilon", "delta"},
+    "model": {"base_checkpoint"},
 }
 
 
@@ -174,6 +178,8 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     for key in ("name", "threads", "heartbeat_s"):
         if key in agent:
             kwargs[key] = agent[key]
+    if "base_checkpoint" in data.get("model", {}):
+        kwargs["base_checkpoint"] = resolve_path(base, data["model"]["base_checkpoint"], "model.base_checkpoint")
     if "privacy" in data:
         p = data["privacy"]
         if "epsilon" not in p:

@@ -34,6 +34,7 @@ from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
+from fedsilo.coordinator.phases import SharePhase, phase_manifest
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
@@ -144,12 +145,16 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
         model = build_model(model_cfg)
+        if info.strategy.uses_lora:
+            model = self._lora_model(model, model_cfg, info.lora_config or {})
         if info.privacy is not None and info.privacy.record_level:
             from fedsilo.privacy.dpsgd import make_private_compatible
 
             model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
-        shared = strategy_for(info.strategy).shared_names(model)
+        self._strategy = strategy_for(info.strategy)
+        self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+        shared = self._strategy.shared_names(model)
         data = load_data(self.cfg.data)
         n_train = _len(data.splits.train)
         state_dir = Path(self.cfg.state_dir)
@@ -182,7 +187,7 @@ class Agent:
         if info.privacy is not None:
             try:
                 self._dp = PrivacySession.open(cfg=self.cfg, plan=info.privacy, run_id=info.run_id,
-                                               silo=self._name, n_train=n_train)
+                                               silo=self._name, n_train=n_train, strategy=info.strategy)
             except PrivacyError as exc:
                 raise AgentError(str(exc)) from None
         silo_name = client.join(fingerprint=fingerprint, num_train_examples=n_train, manifest=manifest,
@@ -220,7 +225,7 @@ class Agent:
                 log.info("run finished: %s", task.message)
                 return EXIT_OK
             self._train_round(client, model, state, shared, data, task.round, train_cfg, n_train,
-                              task.weight_normalizer)
+                              task.weight_normalizer, task.phase)
 
     def _heartbeats(self, client: CoordinatorClient) -> None:
         while not self.stop.wait(self.cfg.heartbeat_s):
@@ -237,7 +242,7 @@ class Agent:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
             arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
-            for k in shared:
+            for k in (t.name for t in agg.manifest.tensors):  # the round's phase of the shared tensors
                 delta = torch.from_numpy(np.ascontiguousarray(arrays[k]))
                 state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
             state.applied_round = rnd
@@ -281,8 +286,11 @@ class Agent:
 
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                      shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
-                     weight_normalizer: float) -> None:
+                     weight_normalizer: float, phase: SharePhase = SharePhase.ALL) -> None:
         self._round = rnd
+        assert self._manifest is not None
+        round_manifest = phase_manifest(self._manifest, phase)
+        shared = [t.name for t in round_manifest.tensors]
         state_dir = Path(self.cfg.state_dir)
         dp = self._dp
         if dp is not None:
@@ -301,6 +309,7 @@ class Agent:
             loss = state.last_train_loss if state.last_train_loss is not None else float("nan")
         else:
             self._activity = Activity.TRAINING
+            self._strategy.set_trainable(model, phase, self._trainable)
             if dp is not None and dp.plan.record_level:
                 from fedsilo.privacy.dpsgd import train_local_dp
 
@@ -315,7 +324,7 @@ class Agent:
             state.model = {k: v.detach().clone() for k, v in sd.items()}
             state.last_train_loss = loss
             if dp is not None:
-                update = dp.noise_update(update)
+                update = dp.noise_update(update, phase=phase, model=model, frozen=state.global_shared)
                 state.pending_round = rnd
                 state.pending_update = {k: torch.from_numpy(np.ascontiguousarray(v)).clone()
                                         for k, v in update.items()}
@@ -328,10 +337,9 @@ class Agent:
         sent = True
         try:
             if self._he is not None:
-                assert self._manifest is not None
-                flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in self._manifest.tensors])
+                flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in round_manifest.tensors])
                 blobs = self._he.encrypt(flat * (weight / weight_normalizer))
-                uploads_in = client.submit_he(rnd, weight, self._manifest, blobs)
+                uploads_in = client.submit_he(rnd, weight, round_manifest, blobs)
             else:
                 uploads_in = client.submit(rnd, weight, update)
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, loss, uploads_in)
@@ -351,6 +359,26 @@ class Agent:
             state.pending_round, state.pending_update = 0, {}
         state.done_round = rnd
         state.save(state_dir)
+
+    def _lora_model(self, model: torch.nn.Module, model_cfg: ModelConfig, lora: dict) -> torch.nn.Module:
+        """The frozen base (this silo's base checkpoint, if configured) with the run's LoRA adapters."""
+        from fedsilo.models.lora import LoraSettings, add_lora
+        from fedsilo.models.pretrain import load_base_checkpoint
+
+        base = self.cfg.base_checkpoint
+        if base is not None:
+            try:
+                model.load_state_dict(load_base_checkpoint(base, model_cfg))
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise AgentError(f"model.base_checkpoint {base}: {exc}") from None
+            log.info("base model loaded from %s", base)
+        else:
+            log.warning("no model.base_checkpoint: the LoRA adapters sit on a freshly initialised base")
+        try:
+            settings = LoraSettings.from_mapping(lora)
+        except ValueError as exc:
+            raise AgentError(f"the run's LoRA settings are invalid for this agent: {exc}") from None
+        return add_lora(model, settings, architecture=model_cfg.architecture)
 
     def _decline(self, client: CoordinatorClient, state: AgentState, rnd: int, reason: str) -> None:
         """Declines ``rnd`` and every later round: the privacy budget would be exceeded."""

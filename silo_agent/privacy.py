@@ -14,6 +14,8 @@ from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, PrvAccountant, RdpAcco
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
 from fedsilo.privacy.ledger import EntryStatus, Ledger, LedgerError
 from fedsilo.privacy.plan import PrivacyPlan, ledger_fields, projected_spend
+from fedsilo.coordinator.config import Strategy
+from fedsilo.coordinator.phases import SharePhase, ledger_position
 from fedsilo.silo_agent.config import AgentConfig
 
 log = logging.getLogger("fedsilo.agent")
@@ -33,7 +35,7 @@ class PrivacySession:
     """
 
     def __init__(self, *, cfg: AgentConfig, plan: PrivacyPlan, run_id: str, ledger: Ledger,
-                 budget_statement: bytes) -> None:
+                 budget_statement: bytes, strategy: Strategy = Strategy.FEDAVG) -> None:
         assert cfg.budget is not None
         self.cfg = cfg
         self.plan = plan
@@ -41,11 +43,13 @@ class PrivacySession:
         self.ledger = ledger
         self.budget = cfg.budget
         self.budget_statement = budget_statement
+        self.strategy = strategy
         self._accountant = RdpAccountant(orders=LEDGER_RDP_ORDERS)
         self._prv = PrvAccountant()
 
     @classmethod
-    def open(cls, *, cfg: AgentConfig, plan: PrivacyPlan, run_id: str, silo: str, n_train: int) -> PrivacySession:
+    def open(cls, *, cfg: AgentConfig, plan: PrivacyPlan, run_id: str, silo: str, n_train: int,
+             strategy: Strategy = Strategy.FEDAVG) -> PrivacySession:
         """Checks the config against the plan, opens the ledger and signs the budget statement.
 
         Raises:
@@ -78,7 +82,7 @@ class PrivacySession:
                                 certificate_pem=cert, private_key_pem=key)
         save_budget(statement, state_dir / BUDGET_FILE)
         return cls(cfg=cfg, plan=plan, run_id=run_id, ledger=ledger,
-                   budget_statement=statement.to_json().encode("ascii"))
+                   budget_statement=statement.to_json().encode("ascii"), strategy=strategy)
 
     def close(self) -> None:
         """Closes the ledger."""
@@ -122,10 +126,29 @@ class PrivacySession:
         return DpSgdConfig(noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
                            sample_rate=self.plan.sample_rate, steps=self.plan.steps_per_round)
 
-    def noise_update(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Silo-level DP: the update clipped jointly and noised (this silo's share); else unchanged."""
+    def noise_update(self, update: Mapping[str, np.ndarray], *, phase: SharePhase = SharePhase.ALL,
+                     model: Any = None, frozen: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Silo-level DP: the update clipped and noised (this silo's share); else unchanged.
+
+        DEeR's B and A phases use the noise regulator (clip and noise in the product space,
+        mapped to the trained factor; ``model`` gives the LoRA layers and ``frozen`` the
+        shared values of the frozen factors); every other case clips the whole update jointly
+        in parameter space and adds Gaussian noise (DP-FedAvg; for FedAvg-LoRA and FFA-LoRA
+        this is the published baselines' noise on the factors themselves).
+        """
         if not self.plan.silo_level:
             return dict(update)
+        if self.strategy is Strategy.DEER and phase is not SharePhase.ALL:
+            from fedsilo.silo_agent.lora_privacy import regulate_lora_update
+
+            assert model is not None and frozen is not None
+            deltas, norm, clipped = regulate_lora_update(
+                model, update, frozen, phase=phase, clip_norm=self.plan.update_clip_norm,
+                noise_multiplier=self.plan.update_noise_multiplier, shares=self.plan.noise_shares)
+            if clipped:
+                log.info("silo-level DP: product-space update norm %.4g clipped to %g", norm,
+                         self.plan.update_clip_norm)
+            return deltas
         from fedsilo.privacy.update_noise import privatize_update
 
         out = privatize_update(update, clip_norm=self.plan.update_clip_norm,
@@ -134,8 +157,12 @@ class PrivacySession:
             log.info("silo-level DP: update norm %.4g clipped to %g", out.original_norm, self.plan.update_clip_norm)
         return dict(out.arrays)
 
+    def _position(self, rnd: int) -> tuple[int, int]:
+        return ledger_position(self.strategy, rnd)
+
     def _round_entries(self, rnd: int) -> list[Any]:
-        return [e for e in self.ledger.entries() if e.run_id == self.run_id and e.round == rnd]
+        pos = self._position(rnd)
+        return [e for e in self.ledger.entries() if e.run_id == self.run_id and (e.round, e.upload_index) == pos]
 
     def account_round(self, rnd: int) -> None:
         """Reserves (durably, signed) this round's ledger entries, unless already reserved."""
@@ -144,8 +171,10 @@ class PrivacySession:
         for planned in self.plan.round_releases():
             if planned.neighbouring.value in have:
                 continue
+            ledger_round, upload_index = self._position(rnd)
             fields = ledger_fields(self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id,
-                                   round=rnd, accountant=self._accountant, prv_accountant=self._prv)
+                                   round=ledger_round, upload_index=upload_index, accountant=self._accountant,
+                                   prv_accountant=self._prv)
             entry = self.ledger.reserve(**fields)
             log.info("round %d: ledger entry %d: %s-level ε %.4f this round, %.4f cumulative (δ = %g)", rnd,
                      entry.seq, entry.neighbouring.value, entry.epsilon_rdp,
@@ -154,13 +183,13 @@ class PrivacySession:
     def commit_round(self, rnd: int) -> None:
         """Marks this round's reservations as released (the upload went out)."""
         for e in self.ledger.pending():
-            if e.run_id == self.run_id and e.round == rnd:
+            if e.run_id == self.run_id and (e.round, e.upload_index) == self._position(rnd):
                 self.ledger.commit(e.seq)
 
     def abandon_round(self, rnd: int) -> None:
         """Marks this round's reservations as not sent; their spend still counts."""
         for e in self.ledger.pending():
-            if e.run_id == self.run_id and e.round == rnd:
+            if e.run_id == self.run_id and (e.round, e.upload_index) == self._position(rnd):
                 self.ledger.abandon(e.seq)
 
     def sync(self, client: Any) -> int:

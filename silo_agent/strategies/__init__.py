@@ -4,10 +4,14 @@ from fedsilo.coordinator.config import Strategy as StrategyName
 from fedsilo.silo_agent.strategies.base import Strategy
 from fedsilo.silo_agent.strategies.fedavg import FedAvg
 from fedsilo.silo_agent.strategies.fedbn import FedBN
+from fedsilo.silo_agent.strategies.lora import Deer, FedAvgLora, FfaLora
 
 STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.FEDAVG: FedAvg,
     StrategyName.FEDBN: FedBN,
+    StrategyName.DEER: Deer,
+    StrategyName.FEDAVG_LORA: FedAvgLora,
+    StrategyName.FFA_LORA: FfaLora,
 }
 
 
@@ -16,4 +20,4 @@ def strategy_for(name: StrategyName) -> Strategy:
     return STRATEGIES[name]()
 
 
-__all__ = ["FedAvg", "FedBN", "STRATEGIES", "Strategy", "strategy_for"]
+__all__ = ["STRATEGIES", "Deer", "FedAvg", "FedAvgLora", "FedBN", "FfaLora", "Strategy", "strategy_for"]
