@@ -369,7 +369,9 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
 
     ``target_epsilon`` / ``update_target_epsilon`` (instead of ``noise_multiplier`` /
     ``update_noise_multiplier``) ask for the smallest σ whose whole-run ε (all ``rounds``,
-    at ``delta``) is at most the target, against the aggregate. ``distributed_noise``
+    at ``delta``) is at most the target against anyone who sees one silo's upload — the
+    figure silos' budgets are checked against; with distributed noise the aggregate's σ is
+    then √min_silos times larger (and its ε lower). ``distributed_noise``
     (HE runs only; default true there when silo-level is on) splits the silo-level noise
     into ``min_silos`` shares.
 
@@ -414,6 +416,10 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
             total = int(rounds) * int(per_round)  # validated below; bad values fail there
             t[sigma] = calibrate_noise(target_epsilon=eps, delta=t.get("delta", 1e-5), sample_rate=q,
                                        steps=total, accountant=accountant)
+            if q_key is None and distributed:
+                # the target holds against one silo's upload (σ/√K), like the silos' budgets;
+                # the aggregate of K shares then carries √K times that σ
+                t[sigma] *= math.sqrt(int(min_silos))
         except (TypeError, ValueError) as exc:
             msg = str(exc).removeprefix("invalid ")
             raise ConfigError(f"privacy.{target}: cannot calibrate σ: {msg}") from None

@@ -286,3 +286,8 @@ def test_target_epsilon_is_calibrated_for_the_whole_run(tmp_path: Path) -> None:
                                                   "update_target_epsilon = 3.0\ndelta = 1e-5",
                                         extra_run='aggregation = "he"'))
     assert cfg2.privacy.noise_shares == 2  # distributed by default under HE: min_silos shares
+    # the target holds against one silo's upload (σ/√2), the figure budgets are checked against
+    single = cfg2.privacy.update_noise_multiplier / 2**0.5
+    per_upload = Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.SILO, noise_multiplier=single,
+                         sample_rate=1.0, steps=4)
+    assert 2.99 <= DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon([per_upload], delta=1e-5).epsilon <= 3.0
