@@ -364,3 +364,26 @@ def test_silo_level_distributed_noise_under_he_states_both_guarantees(federation
     assert _cli("audit", "report", "--state", str(fed.work / "hospital-a"), "--out", str(own)).returncode == 0
     mine = json.loads((own / "report.json").read_text())["silos"][0]
     assert mine["cumulative"] == {s["silo"]: s for s in report["silos"]}["hospital-a"]["cumulative"]
+
+
+def test_demo_deer_with_he_and_dp(tmp_path: Path) -> None:
+    """`fedsilo demo --strategy deer`: a base pretrained on another domain, LoRA adapters, HE, silo-level
+    DP through the noise regulator with the noise split into shares. One DEeR round is two uploads (B,
+    then A), each one ledger entry; the audit report verifies (every ε recomputed by dp-accounting)."""
+    out = tmp_path / "deer"
+    proc = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "demo", "--strategy", "deer", "--rounds", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    b_round, a_round = results["rounds"]
+    assert 0 < b_round["params_shared"] < a_round["params_shared"] < 52117 // 4  # B, then A: a few % of the model
+    for r in results["rounds"]:
+        assert sorted(r["contributors"]) == ["hospital-a", "hospital-b", "hospital-c"]
+        assert 0.0 <= r["mean_dice"] <= 1.0
+    report = json.loads((out / "audit" / "report.json").read_text())
+    for s in report["silos"]:
+        assert [(e["round"], e["upload_index"]) for e in s["entries"]] == [(1, 0), (1, 1)]
+        assert all(e["neighbouring"] == "silo" and e["guarantee_scope"] == "aggregate" for e in s["entries"])
+        assert s["cumulative"]["silo"]["single_upload"] <= 8.0 + 1e-9
+    verify = _cli("audit", "verify", str(out / "audit" / "report.json"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
