@@ -82,8 +82,13 @@ def test_clipped_norm_is_at_most_c(update, clip) -> None:  # type: ignore[no-unt
 @given(update=updates(), clip=clip_norms)
 def test_update_within_c_is_unchanged(update, clip) -> None:  # type: ignore[no-untyped-def]
     norm = _norm(update)
-    clip = max(clip, norm) if math.isfinite(norm) and norm > 0 else clip
-    if not norm <= clip:
+    # at least the norm plus a margin: this test's float64 norm and clip_update's scaled one may
+    # differ in the last bit, and an update at C to the last bit may legitimately be scaled by 1 - 2^-52
+    bumped = norm * (1 + 1e-9)
+    if not math.isfinite(bumped):
+        return
+    clip = max(clip, bumped) if norm > 0 else clip
+    if not bumped <= clip:
         return
     clipped, _ = clip_update(update, clip_norm=clip)
     for name, arr in update.items():
