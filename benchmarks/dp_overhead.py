@@ -57,9 +57,6 @@ import copy
 import json
 import os
 import platform
-import shlex
-import shutil
-import signal
 import statistics
 import sys
 import time
@@ -447,21 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # as the demo's agents (threads = 1)
     import monai
     import opacus
-    from rich.console import Console
-
-    console = Console(width=max(160, shutil.get_terminal_size().columns))
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-
-    def log(msg: str) -> None:
-        console.print(msg, highlight=False, soft_wrap=True)
-
-    cmd = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    log(f"command: {cmd}  (cwd {os.getcwd()})")
-    log(f"machine: {ro.machine_line()}")
+    report = ro.open_report(width=160)
+    console, log, cmd = report.console, report.log, report.cmd
     software = (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} intra-op "
                 f"thread), opacus {opacus.__version__}, monai {monai.__version__}, numpy {np.__version__}; "
                 f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")

@@ -47,8 +47,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -491,21 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     if too_many:
         parser.error(f"silo counts {too_many} exceed the default max_silos {HeParams().max_silos}")
 
-    from rich.console import Console
-
-    console = Console(width=max(200, shutil.get_terminal_size().columns))
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-
-    def log(msg: str) -> None:
-        console.print(msg, highlight=False)
-
-    cmd = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    log(f"command: {cmd}  (cwd {os.getcwd()})")
-    log(f"machine: {ro.machine_line()}")
+    report = ro.open_report(width=200, soft_wrap=False)
+    console, log, cmd = report.console, report.log, report.cmd
     log(software_line())
     for line in params_lines():
         log(line)

@@ -67,9 +67,6 @@ import json
 import math
 import os
 import platform
-import shlex
-import shutil
-import signal
 import statistics
 import sys
 import time
@@ -510,7 +507,6 @@ def main(argv: list[str] | None = None) -> int:
     import monai
     import peft
     import tenseal
-    from rich.console import Console
 
     from fedsilo.privacy.accounting import (
         LEDGER_RDP_ORDERS,
@@ -521,19 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_noise,
     )
 
-    console = Console(width=max(200, shutil.get_terminal_size().columns))
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-
-    def log(msg: str) -> None:
-        console.print(msg, highlight=False, soft_wrap=True)
-
-    cmd = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    log(f"command: {cmd}  (cwd {os.getcwd()})")
-    log(f"machine: {ro.machine_line()}")
+    report = ro.open_report(width=200)
+    console, log, cmd = report.console, report.log, report.cmd
     software = (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} intra-op "
                 f"thread), peft {peft.__version__}, monai {monai.__version__}, TenSEAL {tenseal.__version__}, numpy "
                 f"{np.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")

@@ -603,6 +603,35 @@ def machine_line() -> str:
             f"{platform.system()} {platform.release()}; load average at start {load}")
 
 
+@dataclass
+class Report:
+    """A benchmark's console, the command line that ran it, and a plain-text logger."""
+
+    console: Any
+    cmd: str
+    soft_wrap: bool = True
+
+    def log(self, msg: str) -> None:
+        """Prints one line as-is (no syntax highlighting)."""
+        self.console.print(msg, highlight=False, soft_wrap=self.soft_wrap)
+
+
+def open_report(*, width: int, soft_wrap: bool = True) -> Report:
+    """Starts a benchmark's printed report: a console at least ``width`` wide, SIGTERM turned
+    into KeyboardInterrupt (so clean-up code runs), then the command line and the machine."""
+    from rich.console import Console
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    report = Report(console=Console(width=max(width, shutil.get_terminal_size().columns)),
+                    cmd=shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])), soft_wrap=soft_wrap)
+    report.log(f"command: {report.cmd}  (cwd {os.getcwd()})")
+    report.log(f"machine: {machine_line()}")
+    return report
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
