@@ -425,15 +425,14 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
             raise ConfigError(f"privacy.{target}: cannot calibrate σ: {msg}") from None
     if distributed:
         t["noise_shares"] = int(min_silos) if isinstance(min_silos, int) else min_silos
-    for on, group in ((record, ("sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier")),
-                      (silo, ("update_clip_norm", "update_noise_multiplier"))):
+    for flag, on, group in (("record_level", record, ("sample_rate", "steps_per_round", "max_grad_norm",
+                                                      "noise_multiplier")),
+                            ("silo_level", silo, ("update_clip_norm", "update_noise_multiplier"))):
         for key in group:
             if on and key not in t:
-                raise ConfigError(f"privacy.{key}: missing (required with "
-                                  f"{'record_level' if key in group[:4] and record else 'silo_level'} = true)")
+                raise ConfigError(f"privacy.{key}: missing (required with {flag} = true)")
             if not on and key in t:
-                raise ConfigError(f"privacy.{key}: set but {'record_level' if 'update' not in key else 'silo_level'} "
-                                  "is off")
+                raise ConfigError(f"privacy.{key}: set but {flag} is off")
     try:
         plan = PrivacyPlan(**t)
     except ValueError as exc:

@@ -217,14 +217,14 @@ class Agent:
             if task.kind == "wait":
                 continue
             target = task.last_closed_round if task.kind == "stop" else task.base_round
-            self._catch_up(client, model, state, shared, data, target, info.total_rounds)
+            self._catch_up(client, model, state, data, target, info.total_rounds)
             if task.kind == "stop":
                 if task.failed:
                     log.error("the coordinator ended the run: %s", task.message)
                     return EXIT_RUN_FAILED
                 log.info("run finished: %s", task.message)
                 return EXIT_OK
-            self._train_round(client, model, state, shared, data, task.round, train_cfg, n_train,
+            self._train_round(client, model, state, data, task.round, train_cfg, n_train,
                               task.weight_normalizer, task.phase)
 
     def _heartbeats(self, client: CoordinatorClient) -> None:
@@ -234,7 +234,7 @@ class Agent:
             except grpc.RpcError:
                 pass
 
-    def _catch_up(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState, shared: list[str],
+    def _catch_up(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                   data: SiloData, target: int, total_rounds: int) -> None:
         """Applies aggregates up to ``target`` in order, then evaluates and reports once."""
         self._activity = Activity.EVALUATING
@@ -285,7 +285,7 @@ class Agent:
         model.load_state_dict(state.personal_state_dict())
 
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
-                     shared: list[str], data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
+                     data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
                      weight_normalizer: float, phase: SharePhase = SharePhase.ALL) -> None:
         self._round = rnd
         assert self._manifest is not None

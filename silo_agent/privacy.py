@@ -12,7 +12,7 @@ import numpy as np
 from fedsilo.coordinator.aggregation.base import atomic_write
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, PrvAccountant, RdpAccountant, check_privacy_config
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
-from fedsilo.privacy.ledger import EntryStatus, Ledger, LedgerError
+from fedsilo.privacy.ledger import EntryStatus, GuaranteeScope, Ledger, LedgerError, Neighbouring
 from fedsilo.privacy.plan import PrivacyPlan, ledger_fields, projected_spend
 from fedsilo.coordinator.config import Strategy
 from fedsilo.coordinator.phases import SharePhase, ledger_position
@@ -90,8 +90,6 @@ class PrivacySession:
 
     def spent(self) -> dict[str, float]:
         """Cumulative ε against one upload so far, per relation (0 where none)."""
-        from fedsilo.privacy.ledger import GuaranteeScope, Neighbouring
-
         return {n.value: self.ledger.cumulative(n, scope=GuaranteeScope.SINGLE_UPLOAD) for n in Neighbouring}
 
     def describe(self) -> str:
@@ -178,7 +176,7 @@ class PrivacySession:
             entry = self.ledger.reserve(**fields)
             log.info("round %d: ledger entry %d: %s-level ε %.4f this round, %.4f cumulative (δ = %g)", rnd,
                      entry.seq, entry.neighbouring.value, entry.epsilon_rdp,
-                     entry.guarantee(_single()).cumulative_epsilon, entry.delta)
+                     entry.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon, entry.delta)
 
     def commit_round(self, rnd: int) -> None:
         """Marks this round's reservations as released (the upload went out)."""
@@ -200,8 +198,3 @@ class PrivacySession:
             mirrored = client.submit_ledger_entries(todo[start:start + _BATCH])
         return mirrored
 
-
-def _single() -> Any:
-    from fedsilo.privacy.ledger import GuaranteeScope
-
-    return GuaranteeScope.SINGLE_UPLOAD

@@ -291,3 +291,12 @@ def test_target_epsilon_is_calibrated_for_the_whole_run(tmp_path: Path) -> None:
     per_upload = Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.SILO, noise_multiplier=single,
                          sample_rate=1.0, steps=4)
     assert 2.99 <= DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon([per_upload], delta=1e-5).epsilon <= 3.0
+
+
+def test_a_missing_setting_names_the_level_that_needs_it(tmp_path: Path) -> None:
+    both = RECORD + "noise_multiplier = 1.0\nsilo_level = true\nupdate_noise_multiplier = 1.0"
+    with pytest.raises(ConfigError, match=r"^privacy\.update_clip_norm: missing \(required with silo_level = true\)"):
+        load_federation_config(_toml(tmp_path, both, extra_run='aggregation = "he"'))
+    with pytest.raises(ConfigError, match=r"^privacy\.max_grad_norm: set but record_level is off"):
+        load_federation_config(_toml(tmp_path, "max_grad_norm = 1.0\nsilo_level = true\nupdate_clip_norm = 1.0\n"
+                                               "update_noise_multiplier = 1.0"))
