@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
+from fedsilo.privacy.accounting import Mechanism, Neighbouring  # one definition for accountant and ledger
 from fedsilo.privacy.keywrap import (
     _CERT_PARSE_ERRORS,
     SIGNATURE_BYTES,
@@ -76,20 +77,6 @@ class LedgerError(Exception):
 
 class DuplicateEntryError(LedgerError):
     """The mirror already holds this exact entry: a resend, safe to treat as delivered."""
-
-
-class Mechanism(enum.Enum):
-    """The DP mechanism of a release (values match the accountant's mechanism names)."""
-
-    SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
-    GAUSSIAN = "gaussian"
-
-
-class Neighbouring(enum.Enum):
-    """Which datasets count as neighbours: one record added/removed, or one whole silo."""
-
-    RECORD = "record"
-    SILO = "silo"
 
 
 class GuaranteeScope(enum.Enum):

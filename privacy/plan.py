@@ -167,13 +167,13 @@ def _count(name: str, value: object, most: int) -> None:
 
 def entry_release(entry: LedgerEntry, scope: GuaranteeScope) -> Release:
     """The accountant's view of a stored ledger entry against one observer."""
-    return Release(mechanism=Mechanism(entry.mechanism.value), neighbouring=Neighbouring(entry.neighbouring.value),
+    return Release(mechanism=entry.mechanism, neighbouring=entry.neighbouring,
                    noise_multiplier=entry.guarantee(scope).noise_multiplier, sample_rate=entry.sample_rate,
                    steps=entry.steps)
 
 
 def _history(entries: Sequence[LedgerEntry], relation: Neighbouring, scope: GuaranteeScope) -> list[Release]:
-    return [entry_release(e, scope) for e in entries if e.neighbouring.value == relation.value]
+    return [entry_release(e, scope) for e in entries if e.neighbouring is relation]
 
 
 def projected_spend(
@@ -245,7 +245,7 @@ def ledger_fields(
         Keyword arguments for `Ledger.reserve`.
     """
     relation = planned.neighbouring
-    same = [e for e in history if e.neighbouring.value == relation.value]
+    same = [e for e in history if e.neighbouring is relation]
 
     def one(scope: GuaranteeScope) -> tuple[float, float, float | None, float]:
         this = planned.release(scope)
