@@ -29,11 +29,78 @@ class Strategy(enum.Enum):
     DEER = "deer"
     FEDAVG_LORA = "fedavg-lora"
     FFA_LORA = "ffa-lora"
+    RESFIM = "resfim"
+    DEER_RESFIM = "deer+resfim"
 
     @property
     def uses_lora(self) -> bool:
         """Whether silos train LoRA adapters on a frozen base."""
-        return self in (Strategy.DEER, Strategy.FEDAVG_LORA, Strategy.FFA_LORA)
+        return self in (Strategy.DEER, Strategy.FEDAVG_LORA, Strategy.FFA_LORA, Strategy.DEER_RESFIM)
+
+    @property
+    def alternates_factors(self) -> bool:
+        """Whether rounds alternate between sharing LoRA B and LoRA A (DEeR's share phases)."""
+        return self in (Strategy.DEER, Strategy.DEER_RESFIM)
+
+    @property
+    def masked(self) -> bool:
+        """Whether silos share only the elements their ResFIM masks mark domain-invariant."""
+        return self in (Strategy.RESFIM, Strategy.DEER_RESFIM)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResFimSettings:
+    """The ``[resfim]`` table: pFL-ResFIM's settings, the same on every silo (DESIGN §5).
+
+    Attributes:
+        rho: ρ in (0, 1): the fraction of each shared tensor (rounded up) that a silo keeps local.
+        recompute_every: rounds between two mask computations, >= 1 (masks at rounds 1, 1+k, …).
+        local_norm_layers: whether normalisation-layer parameters stay local as a whole.
+        max_examples: most local examples (and their re-styled twins) per Fisher, >= 1.
+        beta: window ratio of the style banks' low-frequency amplitude window, in (0, 0.5].
+        clusters: most styles per silo's bank, >= 1.
+        style_clip_norm: C > 0: each image's log-amplitude window is clipped to this L2 norm
+            before it enters a bank.
+    """
+
+    rho: float = 0.1
+    recompute_every: int = 5
+    local_norm_layers: bool = True
+    max_examples: int = 64
+    beta: float = 0.05
+    clusters: int = 4
+    style_clip_norm: float = 100.0
+
+    def __post_init__(self) -> None:
+        rho = self.rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < 1:
+            raise ConfigError(f"resfim.rho: {rho!r} must be a number in (0, 1)")
+        _int_in("resfim.recompute_every", self.recompute_every, 1, 100_000)
+        if not isinstance(self.local_norm_layers, bool):
+            raise ConfigError(f"resfim.local_norm_layers: {self.local_norm_layers!r} must be true or false")
+        _int_in("resfim.max_examples", self.max_examples, 1, 1_000_000)
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 0.5:
+            raise ConfigError(f"resfim.beta: {beta!r} must be a number in (0, 0.5]")
+        _int_in("resfim.clusters", self.clusters, 1, 64)
+        _positive("resfim.style_clip_norm", self.style_clip_norm)
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> ResFimSettings:
+        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
+        known = {f.name for f in fields(cls)}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"resfim.{key}: unknown key (expected one of {sorted(known)})")
+        return cls(**dict(table))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The plain table form (what GetRun sends the silos)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def recompute(self, rnd: int) -> bool:
+        """Whether masks are (re)computed before training round ``rnd`` (1-based): 1, 1+k, 1+2k, …"""
+        return (rnd - 1) % self.recompute_every == 0
 
 
 class AggregationMode(enum.Enum):
@@ -111,6 +178,7 @@ class FederationConfig:
     training: Mapping[str, Any] = field(default_factory=dict)
     he: Mapping[str, Any] = field(default_factory=dict)
     lora: Mapping[str, Any] = field(default_factory=dict)
+    resfim: ResFimSettings | None = None
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
     budgets: Mapping[str, float] = field(default_factory=dict)
 
@@ -150,7 +218,21 @@ class FederationConfig:
                 raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
         if self.lora and not self.strategy.uses_lora:
             raise ConfigError(f"lora: set, but run.strategy {self.strategy.value!r} trains no LoRA adapters "
-                              "(use deer, fedavg-lora or ffa-lora)")
+                              "(use deer, fedavg-lora, ffa-lora or deer+resfim)")
+        if self.resfim is not None and not isinstance(self.resfim, ResFimSettings):
+            raise ConfigError(f"resfim: {self.resfim!r} is not a ResFimSettings")
+        if self.strategy.masked:
+            if self.resfim is None:
+                object.__setattr__(self, "resfim", ResFimSettings())
+            if self.aggregation is not AggregationMode.HE:
+                raise ConfigError(f"run.strategy: {self.strategy.value!r} needs run.aggregation = 'he': its uploads "
+                                  "carry the silos' masks, which only encryption keeps from the coordinator")
+            if len(self.silos) < 2:
+                raise ConfigError(f"run.strategy: {self.strategy.value!r} needs at least 2 enrolled silos (masks are "
+                                  "computed on images in the other silos' styles)")
+        elif self.resfim is not None:
+            raise ConfigError(f"resfim: set, but run.strategy {self.strategy.value!r} uses no ResFIM masks "
+                              "(use resfim or deer+resfim)")
         if self.aggregation is AggregationMode.HE:
             self.he_params()  # validates the [he] table now, naming the bad field
             if self.insecure:
@@ -168,6 +250,10 @@ class FederationConfig:
             return
         if not isinstance(plan, PrivacyPlan):
             raise ConfigError(f"privacy: {plan!r} is not a PrivacyPlan")
+        if self.strategy.masked and plan.silo_level:
+            raise ConfigError(f"privacy.silo_level: not supported with run.strategy {self.strategy.value!r}: its "
+                              "uploads are parameter values, including ones a silo kept local before (trained "
+                              "without silo-level noise); use record_level DP-SGD")
         if self.tls is None:
             raise ConfigError("privacy: differential privacy needs TLS certificates (silos sign their privacy ledgers "
                               "with them); remove server.insecure")
@@ -233,6 +319,8 @@ class FederationConfig:
         }
         if self.lora:  # absent keys keep fingerprints of earlier runs unchanged
             ident["lora"] = dict(self.lora)
+        if self.resfim is not None:
+            ident["resfim"] = self.resfim.to_mapping()
         if self.privacy is not None:
             ident["privacy"] = self.privacy.to_mapping()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -261,6 +349,7 @@ _SECTIONS = {
     "training": None,
     "he": None,
     "lora": None,
+    "resfim": None,
     "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
                 "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
                 "update_target_epsilon", "distributed_noise", "delta", "budgets"},
@@ -356,6 +445,10 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     for key in ("max_upload_bytes", "max_chunk_bytes"):
         if key in server:
             kwargs[key] = server[key]
+    if "resfim" in data:
+        if not isinstance(data["resfim"], Mapping):
+            raise ConfigError(f"{path}: [resfim] must be a table")
+        kwargs["resfim"] = ResFimSettings.from_mapping(data["resfim"])
     if "privacy" in data:
         kwargs["privacy"], kwargs["budgets"] = parse_privacy(
             data["privacy"], rounds=run["rounds"], min_silos=run["min_silos"],

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import replace
 
 from fedsilo.coordinator.config import Strategy
 from fedsilo.coordinator.tensors import Manifest
 
-__all__ = ["SharePhase", "ledger_position", "phase_for", "phase_manifest"]
+__all__ = ["MASK_SUFFIXES", "SharePhase", "ledger_position", "masked_manifest", "phase_for", "phase_manifest"]
 
 LORA_A_MARK = ".lora_A."
 LORA_B_MARK = ".lora_B."
+#: Masked uploads (pFL-ResFIM) carry, after the shared tensors' w·s⊙θ, one companion set per
+#: suffix: the weight mask w·s and the local part w·(1−s)⊙θ (see fedsilo.silo_agent.masked).
+MASK_SUFFIXES = ("--share-weight", "--local-part")
 
 
 class SharePhase(enum.Enum):
@@ -28,7 +32,7 @@ def phase_for(strategy: Strategy, rnd: int) -> SharePhase:
     only A with B frozen, so every round's mean of products equals the product of means.
     Every other strategy shares its whole manifest every round.
     """
-    if strategy is Strategy.DEER:
+    if strategy.alternates_factors:
         return SharePhase.LORA_B if rnd % 2 == 1 else SharePhase.LORA_A
     return SharePhase.ALL
 
@@ -41,12 +45,22 @@ def phase_manifest(manifest: Manifest, phase: SharePhase) -> Manifest:
     return Manifest(tensors=tuple(t for t in manifest.tensors if mark in t.name))
 
 
+def masked_manifest(manifest: Manifest) -> Manifest:
+    """The layout of a masked upload: the round's tensors, then each companion set in order.
+
+    Every companion tensor has its tensor's shape and dtype; the coordinator adds all of them as
+    ciphertexts like any other and never sees a mask (they are inside the encryption).
+    """
+    extra = tuple(replace(t, name=t.name + suffix) for suffix in MASK_SUFFIXES for t in manifest.tensors)
+    return Manifest(tensors=manifest.tensors + extra)
+
+
 def ledger_position(strategy: Strategy, rnd: int) -> tuple[int, int]:
     """(round, upload index) under which round ``rnd``'s release is written in a privacy ledger.
 
     A DEeR round is two uploads, B then A: coordinator rounds 2k−1 and 2k are DEeR round k,
     uploads 0 and 1. Other strategies upload once per round.
     """
-    if strategy is Strategy.DEER:
+    if strategy.alternates_factors:
         return (rnd + 1) // 2, (rnd + 1) % 2
     return rnd, 0

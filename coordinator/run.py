@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
 from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
-from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig, Strategy
-from fedsilo.coordinator.phases import SharePhase, ledger_position, phase_for, phase_manifest
+from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
+from fedsilo.coordinator.phases import SharePhase, ledger_position, masked_manifest, phase_for, phase_manifest
 from fedsilo.coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -72,6 +72,7 @@ MAX_ANNOUNCEMENT_BYTES = 16 * 2**10
 MAX_BUDGET_STATEMENT_BYTES = 32 * 2**10
 MAX_LEDGER_BATCH = 64
 MAX_LEDGER_ENTRY_CHARS = 32 * 2**10
+MAX_STYLE_BANK_BYTES = 4 * 2**20
 
 
 class TaskKind(enum.Enum):
@@ -270,7 +271,7 @@ class Coordinator:
         manifest = self._manifest()
         if manifest is not None:
             open_round = self._store.open_round()
-            self._agg = _aggregator_for(config, manifest if open_round is None else
+            self._agg = _aggregator_for(config, self._layout(manifest) if open_round is None else
                                         self._round_manifest(open_round.round))
         try:
             self._check_planned_spend()
@@ -317,11 +318,16 @@ class Coordinator:
         data = self._store.get_json("manifest")
         return None if data is None else Manifest.from_json(data)
 
+    def _layout(self, manifest: Manifest) -> Manifest:
+        """What an upload of ``manifest``'s tensors carries: masked strategies add the companion sets."""
+        return masked_manifest(manifest) if self.cfg.strategy.masked else manifest
+
     def _round_manifest(self, rnd: int) -> Manifest:
-        """The tensors round ``rnd`` shares: the run's manifest restricted to the round's phase."""
+        """The layout of round ``rnd``'s uploads: the run's manifest restricted to the round's phase
+        (with the masked companion sets for ResFIM strategies)."""
         manifest = self._manifest()
         assert manifest is not None
-        return phase_manifest(manifest, phase_for(self.cfg.strategy, rnd))
+        return self._layout(phase_manifest(manifest, phase_for(self.cfg.strategy, rnd)))
 
     def _sum_path(self, rnd: int, version: int) -> Path:
         return self._sums / f"round_{rnd:06d}_v{version:06d}.f64"
@@ -428,14 +434,14 @@ class Coordinator:
                 diff = manifest.difference(known_manifest)
                 if diff is not None:
                     raise FailedPrecondition(f"shared tensors differ from the run's: {diff}")
-            if self.cfg.strategy is Strategy.DEER:
+            if self.cfg.strategy.alternates_factors:
                 for phase in (SharePhase.LORA_B, SharePhase.LORA_A):
                     try:
                         phase_manifest(manifest, phase)
                     except InvalidArgument:
-                        raise InvalidArgument(f"strategy deer needs LoRA factors to share, but no shared tensor is a "
+                        raise InvalidArgument(f"strategy {self.cfg.strategy.value} needs LoRA factors to share, but no shared tensor is a "
                                               f"{phase.value.replace('_', ' ').replace('lora', 'LoRA')} factor") from None
-            agg = self._agg or _aggregator_for(self.cfg, manifest)
+            agg = self._agg or _aggregator_for(self.cfg, self._layout(manifest))
             if agg.payload_bytes_bound() > self.cfg.max_upload_bytes:
                 raise ResourceExhausted(
                     f"this model's uploads take up to {agg.payload_bytes_bound()} bytes "
@@ -960,6 +966,54 @@ class Coordinator:
         name = self._require_joined(caller)
         self._require_he()
         return self._store.wrapped_key(name)
+
+    # -- pFL-ResFIM style banks: the coordinator only relays opaque sealed bytes -------------
+    def _require_masked(self) -> None:
+        if not self.cfg.strategy.masked:
+            raise FailedPrecondition(f"run {self.cfg.run_id!r} uses strategy {self.cfg.strategy.value!r}; style banks "
+                                     "are exchanged only by resfim and deer+resfim runs")
+
+    def publish_style_bank(self, caller: Identity, sealed: bytes) -> int:
+        """Stores the caller's style bank, sealed for the other silos (the coordinator cannot open it).
+
+        A silo publishes once per run; sending the same bytes again (an agent restarted before it
+        saw the reply) is accepted and changes nothing.
+
+        Returns:
+            How many silos have published a bank.
+
+        Raises:
+            InvalidArgument: an empty or oversized bank.
+            AlreadyExists: the caller already published a different bank.
+            FailedPrecondition: the run's strategy exchanges no style banks.
+        """
+        name = self._require_joined(caller)
+        self._require_masked()
+        if not 1 <= len(sealed) <= MAX_STYLE_BANK_BYTES:
+            raise InvalidArgument(f"sealed_bank has {len(sealed)} bytes; 1..{MAX_STYLE_BANK_BYTES} allowed")
+        with self._cond:
+            banks = self._store.style_banks()
+            known = banks.get(name)
+            if known is not None:
+                if known != bytes(sealed):
+                    raise AlreadyExists(f"silo {name!r} already published its style bank for this run "
+                                        "(one per run; the agent keeps the sealed copy in its state dir)")
+                return len(banks)
+            self._store.put_style_bank(name, bytes(sealed), self._now_ms())
+            log.info("stored the sealed style bank of %s (%d bytes)", name, len(sealed))
+            self._cond.notify_all()
+            return len(banks) + 1
+
+    def style_banks(self, caller: Identity) -> tuple[list[tuple[str, bytes]], int]:
+        """The other silos' sealed style banks, and how many silos have joined.
+
+        Raises:
+            FailedPrecondition: the run's strategy exchanges no style banks.
+        """
+        name = self._require_joined(caller)
+        self._require_masked()
+        banks = self._store.style_banks()
+        return [(s, b) for s, b in banks.items() if s != name], len(self._store.silos())
 
     # -- admin --------------------------------------------------------------------------
     def status(self) -> Status:

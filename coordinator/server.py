@@ -129,6 +129,7 @@ def setup_logging(state_dir: Path, filename: str, level: int = logging.INFO) -> 
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger("fedsilo")
     root.setLevel(level)
+    root.propagate = False  # a library's logging.basicConfig (Opacus calls one on import) must not echo ours
     root.handlers.clear()
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(state_dir / filename)):
         handler.setFormatter(fmt)

@@ -186,6 +186,17 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                                           final=request.final)
         return wire.decline_response(state, training)
 
+    @_rpc
+    def PublishStyleBank(self, request, context):  # noqa: N802
+        caller = self._who(context)
+        self._c.run_config(caller)  # identity before input
+        return wire.style_bank_published_response(self._c.publish_style_bank(caller, request.sealed_bank))
+
+    @_rpc
+    def GetStyleBanks(self, request, context):  # noqa: N802
+        banks, joined = self._c.style_banks(self._who(context))
+        return wire.style_banks_response(banks, joined)
+
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """The study lead's service."""

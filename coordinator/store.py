@@ -27,6 +27,11 @@ CREATE TABLE IF NOT EXISTS wrapped_keys (
     wrapped BLOB NOT NULL,
     stored_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS style_banks (
+    silo TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL,
+    stored_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
@@ -298,6 +303,18 @@ class Store:
         """Silos that have a wrapped key."""
         with self._lock:
             return {r["recipient"] for r in self._db.execute("SELECT recipient FROM wrapped_keys").fetchall()}
+
+    # -- style banks (pFL-ResFIM; sealed for the silos, opaque bytes) -----------------------
+    def put_style_bank(self, silo: str, sealed: bytes, now_ms: int) -> None:
+        """Stores a silo's sealed style bank (the caller checked it has none)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO style_banks (silo, sealed, stored_at_ms) VALUES (?, ?, ?)", (silo, sealed, now_ms))
+
+    def style_banks(self) -> dict[str, bytes]:
+        """Silo -> its sealed style bank."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, sealed FROM style_banks ORDER BY silo").fetchall()
+        return {r["silo"]: bytes(r["sealed"]) for r in rows}
 
     # -- metrics ------------------------------------------------------------------------
     def retire(self, silo: str, *, from_round: int, reason: str, now_ms: int) -> None:

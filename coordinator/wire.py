@@ -40,7 +40,8 @@ _TASK_KIND = {
 }
 _STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN,
              Strategy.DEER: federation_pb2.STRATEGY_DEER, Strategy.FEDAVG_LORA: federation_pb2.STRATEGY_FEDAVG_LORA,
-             Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA}
+             Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA, Strategy.RESFIM: federation_pb2.STRATEGY_RESFIM,
+             Strategy.DEER_RESFIM: federation_pb2.STRATEGY_DEER_RESFIM}
 _PHASE = {SharePhase.ALL: federation_pb2.SHARE_PHASE_ALL, SharePhase.LORA_B: federation_pb2.SHARE_PHASE_LORA_B,
           SharePhase.LORA_A: federation_pb2.SHARE_PHASE_LORA_A}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
@@ -115,6 +116,7 @@ def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
         he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
         privacy=privacy_plan_to_proto(cfg.privacy),
         lora_config_json=json.dumps(dict(cfg.lora)) if cfg.strategy.uses_lora else "",
+        resfim_config_json=json.dumps(cfg.resfim.to_mapping()) if cfg.resfim is not None else "",
     )
 
 
@@ -237,3 +239,14 @@ def publish_response(stored: int) -> federation_pb2.PublishWrappedKeysResponse:
 def wrapped_key_response(wrapped: bytes | None) -> federation_pb2.GetWrappedKeyResponse:
     """Answer to GetWrappedKey."""
     return federation_pb2.GetWrappedKeyResponse(ready=wrapped is not None, wrapped=wrapped or b"")
+
+
+def style_bank_published_response(count: int) -> federation_pb2.PublishStyleBankResponse:
+    """Reply to PublishStyleBank."""
+    return federation_pb2.PublishStyleBankResponse(banks_published=count)
+
+
+def style_banks_response(banks: list[tuple[str, bytes]], joined: int) -> federation_pb2.GetStyleBanksResponse:
+    """Reply to GetStyleBanks."""
+    return federation_pb2.GetStyleBanksResponse(
+        banks=[federation_pb2.StyleBankEntry(silo=s, sealed_bank=b) for s, b in banks], silos_joined=joined)

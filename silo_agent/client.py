@@ -189,6 +189,17 @@ class CoordinatorClient:
         return int(self._retry("DeclineRound", lambda: self._stub.DeclineRound(
             req, metadata=self._md, timeout=30)).silos_training)
 
+    def publish_style_bank(self, sealed: bytes) -> int:
+        """Publishes this silo's sealed style bank; returns how many silos have published one."""
+        req = wire.publish_style_bank_request(sealed)
+        return int(self._retry("PublishStyleBank", lambda: self._stub.PublishStyleBank(
+            req, metadata=self._md, timeout=60)).banks_published)
+
+    def style_banks(self) -> tuple[dict[str, bytes], int]:
+        """The other silos' sealed style banks so far, and how many silos have joined."""
+        return wire.style_banks_from_proto(self._retry("GetStyleBanks", lambda: self._stub.GetStyleBanks(
+            wire.get_style_banks_request(), metadata=self._md, timeout=60)))
+
     def key_recipients(self) -> list[tuple[str, bytes]]:
         """Key holder: silos waiting for the wrapped key, with their signed X25519 announcements."""
         return wire.key_recipients_from_proto(self._retry("ListKeyRecipients", lambda: self._stub.ListKeyRecipients(

@@ -34,7 +34,8 @@ from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
-from fedsilo.coordinator.phases import SharePhase, phase_manifest
+from fedsilo.coordinator.phases import SharePhase, masked_manifest, phase_manifest
+from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
@@ -95,6 +96,7 @@ class Agent:
         self._he: HeSession | None = None
         self._manifest: Manifest | None = None
         self._dp: PrivacySession | None = None
+        self._resfim: ResFimSession | None = None
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -130,7 +132,7 @@ class Agent:
         except Stopped:
             log.info("stopped")
             return EXIT_OK
-        except TlsRefused as exc:
+        except (TlsRefused, ResFimError) as exc:
             raise AgentError(str(exc)) from None
         except grpc.RpcError as err:
             raise AgentError(f"the coordinator refused: {err.code().name}: {err.details()}") from None
@@ -152,7 +154,8 @@ class Agent:
 
             model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
-        self._strategy = strategy_for(info.strategy)
+        self._strategy = strategy_for(info.strategy, local_norm_layers=info.resfim.local_norm_layers
+                                      if info.resfim is not None else True)
         self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         shared = self._strategy.shared_names(model)
         data = load_data(self.cfg.data)
@@ -208,6 +211,11 @@ class Agent:
                 self._he.ensure_key(client, self.stop)
             except KeyCeremonyError as exc:
                 raise AgentError(str(exc)) from None
+        if info.strategy.masked:
+            if self._he is None:
+                raise AgentError(f"strategy {info.strategy.value} needs HE aggregation (the masks travel encrypted)")
+            self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir)
+            self._resfim.publish_bank(client, data.splits.train)
         while True:
             self._activity = Activity.IDLE
             if holder:
@@ -241,10 +249,17 @@ class Agent:
         while state.applied_round < target:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
-            arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
-            for k in (t.name for t in agg.manifest.tensors):  # the round's phase of the shared tensors
-                delta = torch.from_numpy(np.ascontiguousarray(arrays[k]))
-                state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
+            if self._resfim is not None:
+                if self._he is None or agg.ciphertexts is None:
+                    raise AgentError("a ResFIM run's aggregate must be encrypted")
+                decrypted = self._he.decrypt_sum(agg.ciphertexts, agg.manifest.numel)
+                self._resfim.apply(state, decrypted, agg.manifest,
+                                   total_weight=agg.total_weight / agg.weight_normalizer)
+            else:
+                arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
+                for k in (t.name for t in agg.manifest.tensors):  # the round's phase of the shared tensors
+                    delta = torch.from_numpy(np.ascontiguousarray(arrays[k]))
+                    state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
             log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
@@ -257,8 +272,16 @@ class Agent:
                 metrics.update(dice=(res.dice, res.n), hd95=(res.hd95, res.n))
             if state.last_train_loss is not None and state.done_round == rnd:
                 metrics["train_loss"] = (state.last_train_loss, _len(data.splits.train))
+            if state.shared_fraction is not None:
+                metrics["shared_fraction"] = (state.shared_fraction, _len(data.splits.train))
             if rnd == total_rounds and data.unseen is not None:
-                res = evaluate(model, data.unseen)
+                if self._resfim is not None and state.consensus:
+                    # the unseen domain has no personal part: the consensus of the silos' models
+                    model.load_state_dict(self._resfim.consensus_state_dict(state))
+                    res = evaluate(model, data.unseen)
+                    self._load_global(model, state)
+                else:
+                    res = evaluate(model, data.unseen)
                 metrics.update(unseen_dice=(res.dice, res.n), unseen_hd95=(res.hd95, res.n))
             if metrics:
                 client.report_metrics(rnd, metrics)
@@ -309,6 +332,10 @@ class Agent:
             loss = state.last_train_loss if state.last_train_loss is not None else float("nan")
         else:
             self._activity = Activity.TRAINING
+            if self._resfim is not None:
+                self._resfim.ensure_masks(client, self.stop, model=model, state=state, train=data.splits.train,
+                                          rnd=rnd, trainable=self._trainable, strategy=self._strategy,
+                                          idle=self._serve_keys(client))
             self._strategy.set_trainable(model, phase, self._trainable)
             if dp is not None and dp.plan.record_level:
                 from fedsilo.privacy.dpsgd import train_local_dp
@@ -319,7 +346,10 @@ class Agent:
             if self.stop.is_set():
                 raise Stopped("training")
             sd = model.state_dict()
-            update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
+            if self._resfim is not None:  # masked uploads carry values: personal elements differ per silo
+                update = {k: sd[k].detach().clone().numpy() for k in shared}
+            else:
+                update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
             loss = result.loss
             state.model = {k: v.detach().clone() for k, v in sd.items()}
             state.last_train_loss = loss
@@ -336,7 +366,11 @@ class Agent:
         self._activity = Activity.UPLOADING
         sent = True
         try:
-            if self._he is not None:
+            if self._resfim is not None:
+                assert self._he is not None
+                flat = self._resfim.upload_vector(update, state, round_manifest, weight / weight_normalizer)
+                uploads_in = client.submit_he(rnd, weight, masked_manifest(round_manifest), self._he.encrypt(flat))
+            elif self._he is not None:
                 flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in round_manifest.tensors])
                 blobs = self._he.encrypt(flat * (weight / weight_normalizer))
                 uploads_in = client.submit_he(rnd, weight, round_manifest, blobs)
@@ -359,6 +393,13 @@ class Agent:
             state.pending_round, state.pending_update = 0, {}
         state.done_round = rnd
         state.save(state_dir)
+
+    def _serve_keys(self, client: CoordinatorClient):
+        """While this silo waits (e.g. for style banks), the key holder keeps wrapping keys for late joiners."""
+        he = self._he
+        if he is None or not he.is_key_holder:
+            return None
+        return lambda: he.serve_recipients(client)
 
     def _lora_model(self, model: torch.nn.Module, model_cfg: ModelConfig, lora: dict) -> torch.nn.Module:
         """The frozen base (this silo's base checkpoint, if configured) with the run's LoRA adapters."""

@@ -42,7 +42,12 @@ DEMO_LORA_PRIVACY: dict[str, Any] = {"silo_level": True, "update_clip_norm": 0.0
                                      "delta": 1e-5}
 DEMO_PRETRAIN_EPOCHS = 30
 DEMO_LORA_HE_BOUND = 64.0
-LORA_STRATEGIES = ("deer", "fedavg-lora", "ffa-lora")
+LORA_STRATEGIES = ("deer", "fedavg-lora", "ffa-lora", "deer+resfim")
+#: pFL-ResFIM strategies; their uploads are parameter values (not differences), so the HE bound
+#: covers the largest weight of the demo network.
+RESFIM_STRATEGIES = ("resfim", "deer+resfim")
+DEMO_RESFIM: dict[str, Any] = {"rho": 0.1, "recompute_every": 5, "max_examples": 32}
+DEMO_RESFIM_HE_BOUND = 8.0
 
 
 class DemoError(Exception):
@@ -86,7 +91,7 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                   aggregation: str = "he", privacy: dict[str, Any] | None = None,
                   budgets: dict[str, dict[str, Any]] | None = None,
                   min_silos: int | None = None, lora: dict[str, Any] | None = None,
-                  base_checkpoint: Path | None = None) -> tuple[Path, list[Path]]:
+                  base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None) -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
 
     ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
@@ -113,6 +118,10 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
     if lora is not None and aggregation == "he":
         # the noise regulator maps product-space noise to factor values well above 1
         fed_sections["he"] = {"bound": DEMO_LORA_HE_BOUND}
+    elif resfim is not None and aggregation == "he":
+        fed_sections["he"] = {"bound": DEMO_RESFIM_HE_BOUND}
+    if resfim is not None:
+        fed_sections["resfim"] = dict(resfim)
     if lora is not None:
         fed_sections["lora"] = dict(lora)
     if privacy is not None:
@@ -259,15 +268,20 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         port = free_port()
         uses_lora = strategy in LORA_STRATEGIES
         base = make_base(work / "base.pt", seed) if uses_lora else None
-        privacy = (DEMO_LORA_PRIVACY if uses_lora else DEMO_PRIVACY) if dp else None
+        masked = strategy in RESFIM_STRATEGIES
+        if masked and aggregation != "he":
+            raise DemoError(f"--strategy {strategy} needs --aggregation he (the masks travel only inside ciphertexts)")
+        silo_dp = uses_lora and not masked  # ResFIM uploads values: record-level DP-SGD only
+        privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_PRIVACY) if dp else None
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,
-                                        lora=DEMO_LORA if uses_lora else None, base_checkpoint=base)
+                                        lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
+                                        resfim=DEMO_RESFIM if masked else None)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
                       f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "
-                      f"{('silo-level DP (noise regulator)' if uses_lora else 'record-level DP-SGD') if dp else 'NO differential privacy'}"
+                      f"{('silo-level DP (noise regulator)' if silo_dp else 'record-level DP-SGD') if dp else 'NO differential privacy'}"
                       f"; work dir {work}")
         flag = ["--insecure"] if insecure else []
         coord = _spawn("coordinator", ["coordinator", "--config", str(fed), *flag], logs)

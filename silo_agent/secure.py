@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -28,6 +29,55 @@ KEY_POLL_S = 1.0
 
 class KeyCeremonyError(Exception):
     """The run's key could not be obtained safely; the message says why."""
+
+
+_SEAL_MAGIC = b"FSSEAL1\0"
+_NONCE_BYTES = 12
+
+
+def _seal_key(secret: bytes, *, run_id: str, purpose: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = b"fedsilo seal v1\0" + purpose.encode() + b"\0" + run_id.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def _seal_aad(*, run_id: str, purpose: str, silo: str) -> bytes:
+    return b"\0".join([_SEAL_MAGIC, purpose.encode(), run_id.encode(), silo.encode()])
+
+
+def seal(secret: bytes, data: bytes, *, run_id: str, purpose: str, silo: str) -> bytes:
+    """Encrypts ``data`` for the run's silos: AES-256-GCM under a key derived (HKDF-SHA256) from the
+    run's shared secret key, which the coordinator never holds. The run, the purpose and the
+    publishing silo are authenticated, so the coordinator can neither read a sealed blob nor pass
+    it off as another silo's or another run's."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(_NONCE_BYTES)
+    key = _seal_key(secret, run_id=run_id, purpose=purpose)
+    return _SEAL_MAGIC + nonce + AESGCM(key).encrypt(nonce, data, _seal_aad(run_id=run_id, purpose=purpose, silo=silo))
+
+
+def open_sealed(secret: bytes, blob: bytes, *, run_id: str, purpose: str, silo: str) -> bytes:
+    """Decrypts a blob made by :func:`seal` for (run, purpose, silo).
+
+    Raises:
+        ValueError: not a sealed blob, or it fails authentication (tampered, another silo's, another run's).
+    """
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    head = len(_SEAL_MAGIC) + _NONCE_BYTES
+    if len(blob) < head + 16 or not blob.startswith(_SEAL_MAGIC):
+        raise ValueError("not a sealed fedsilo blob")
+    nonce = blob[len(_SEAL_MAGIC):head]
+    key = _seal_key(secret, run_id=run_id, purpose=purpose)
+    try:
+        return AESGCM(key).decrypt(nonce, blob[head:], _seal_aad(run_id=run_id, purpose=purpose, silo=silo))
+    except InvalidTag:
+        raise ValueError(f"sealed {purpose} of {silo!r} fails authentication (tampered, or not that silo's for "
+                         f"run {run_id!r})") from None
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -140,6 +190,16 @@ class HeSession:
             log.warning("%d value(s) of the weighted update exceeded the HE bound %g and were clipped", clipped,
                         self.codec.bound if self.codec.bound is not None else self.params.bound)
         return self.context.encrypt(ints)
+
+    def seal(self, data: bytes, *, purpose: str) -> bytes:
+        """Seals ``data`` from this silo for the run's other silos (see :func:`seal`)."""
+        assert self.context is not None
+        return seal(self.context.secret_key_bytes(), data, run_id=self.run_id, purpose=purpose, silo=self.me)
+
+    def open_sealed(self, blob: bytes, *, purpose: str, silo: str) -> bytes:
+        """Opens a blob ``silo`` sealed (see :func:`open_sealed`)."""
+        assert self.context is not None
+        return open_sealed(self.context.secret_key_bytes(), blob, run_id=self.run_id, purpose=purpose, silo=silo)
 
     def decrypt_sum(self, blobs: list[bytes], n: int) -> np.ndarray:
         """The decrypted sum of the contributors' ``w_i * u_i`` (float64, ``n`` values)."""

@@ -31,6 +31,12 @@ class AgentState:
             exactly this update, so its ledger counts the release once.
         pending_update: that update (clipped and noised, before any encryption).
         retired: DP runs: this silo declined for good (its privacy budget would be exceeded).
+        sensitive: ResFIM runs: the silo's masks (True = domain-sensitive, stays local), per
+            parameter; they never leave the silo.
+        masks_round: the round before whose training ``sensitive`` was computed (0: none yet).
+        shared_fraction: the fraction of masked elements the masks share.
+        consensus: ResFIM runs: the consensus values (invariant part + mean of the silos' local
+            parts) of the shared tensors after the last applied round.
     """
 
     run_id: str
@@ -45,6 +51,10 @@ class AgentState:
     pending_round: int = 0
     pending_update: dict[str, torch.Tensor] = field(default_factory=dict)
     retired: bool = False
+    sensitive: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks_round: int = 0
+    shared_fraction: float | None = None
+    consensus: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def personal_state_dict(self) -> dict[str, torch.Tensor]:
         """This silo's model: the federation's shared values plus its own local ones."""

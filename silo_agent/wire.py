@@ -21,7 +21,9 @@ from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN,
              federation_pb2.STRATEGY_DEER: Strategy.DEER, federation_pb2.STRATEGY_FEDAVG_LORA: Strategy.FEDAVG_LORA,
-             federation_pb2.STRATEGY_FFA_LORA: Strategy.FFA_LORA}
+             federation_pb2.STRATEGY_FFA_LORA: Strategy.FFA_LORA,
+             federation_pb2.STRATEGY_RESFIM: Strategy.RESFIM,
+             federation_pb2.STRATEGY_DEER_RESFIM: Strategy.DEER_RESFIM}
 _PHASE = {federation_pb2.SHARE_PHASE_ALL: SharePhase.ALL, federation_pb2.SHARE_PHASE_LORA_B: SharePhase.LORA_B,
           federation_pb2.SHARE_PHASE_LORA_A: SharePhase.LORA_A}
 _AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN, federation_pb2.AGGREGATION_HE: AggregationMode.HE}
@@ -51,6 +53,7 @@ class RunInfo:
     he_parameters: bytes
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan, or None for a run without DP
     lora_config: dict[str, Any] | None = None  # LoRA strategies: the adapters' settings
+    resfim: Any = None  # ResFIM strategies: fedsilo.coordinator.config.ResFimSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +101,20 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
                    training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
                    key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters),
                    privacy=privacy_plan_from_proto(msg.privacy),
-                   lora_config=_json_object(msg.lora_config_json, "lora_config_json") if msg.lora_config_json else None)
+                   lora_config=_json_object(msg.lora_config_json, "lora_config_json") if msg.lora_config_json else None,
+                   resfim=_resfim(msg))
+
+
+def _resfim(msg: federation_pb2.GetRunResponse) -> Any:
+    from fedsilo.coordinator.config import ConfigError, ResFimSettings
+
+    strategy = _STRATEGY[msg.strategy]
+    if not strategy.masked:
+        return None
+    try:
+        return ResFimSettings.from_mapping(_json_object(msg.resfim_config_json or "{}", "resfim_config_json"))
+    except ConfigError as exc:
+        raise InvalidArgument(f"the coordinator's ResFIM settings are invalid: {exc}") from None
 
 
 def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:
@@ -124,6 +140,21 @@ def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:
 def ledger_request(entries_json: Sequence[str]) -> federation_pb2.SubmitLedgerEntriesRequest:
     """Builds a SubmitLedgerEntriesRequest."""
     return federation_pb2.SubmitLedgerEntriesRequest(entries_json=list(entries_json))
+
+
+def publish_style_bank_request(sealed: bytes) -> federation_pb2.PublishStyleBankRequest:
+    """Builds a PublishStyleBankRequest."""
+    return federation_pb2.PublishStyleBankRequest(sealed_bank=sealed)
+
+
+def get_style_banks_request() -> federation_pb2.GetStyleBanksRequest:
+    """Builds a GetStyleBanksRequest."""
+    return federation_pb2.GetStyleBanksRequest()
+
+
+def style_banks_from_proto(msg: federation_pb2.GetStyleBanksResponse) -> tuple[dict[str, bytes], int]:
+    """(silo -> sealed bank, silos joined)."""
+    return {e.silo: bytes(e.sealed_bank) for e in msg.banks}, int(msg.silos_joined)
 
 
 def decline_request(rnd: int, reason: str, final: bool) -> federation_pb2.DeclineRoundRequest:

@@ -5,6 +5,7 @@ from fedsilo.silo_agent.strategies.base import Strategy
 from fedsilo.silo_agent.strategies.fedavg import FedAvg
 from fedsilo.silo_agent.strategies.fedbn import FedBN
 from fedsilo.silo_agent.strategies.lora import Deer, FedAvgLora, FfaLora
+from fedsilo.silo_agent.strategies.resfim import DeerResFim, ResFim
 
 STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.FEDAVG: FedAvg,
@@ -12,12 +13,16 @@ STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.DEER: Deer,
     StrategyName.FEDAVG_LORA: FedAvgLora,
     StrategyName.FFA_LORA: FfaLora,
+    StrategyName.RESFIM: ResFim,
+    StrategyName.DEER_RESFIM: DeerResFim,
 }
 
 
-def strategy_for(name: StrategyName) -> Strategy:
-    """The strategy implementing ``name``."""
+def strategy_for(name: StrategyName, *, local_norm_layers: bool = True) -> Strategy:
+    """The strategy implementing ``name`` (``local_norm_layers``: ResFIM's setting of that name)."""
+    if name is StrategyName.RESFIM:
+        return ResFim(local_norm_layers=local_norm_layers)
     return STRATEGIES[name]()
 
 
-__all__ = ["STRATEGIES", "Deer", "FedAvg", "FedAvgLora", "FedBN", "FfaLora", "Strategy", "strategy_for"]
+__all__ = ["STRATEGIES", "Deer", "DeerResFim", "FedAvg", "FedAvgLora", "FedBN", "FfaLora", "ResFim", "Strategy", "strategy_for"]

@@ -16,6 +16,8 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_DEER: _ClassVar[Strategy]
     STRATEGY_FEDAVG_LORA: _ClassVar[Strategy]
     STRATEGY_FFA_LORA: _ClassVar[Strategy]
+    STRATEGY_RESFIM: _ClassVar[Strategy]
+    STRATEGY_DEER_RESFIM: _ClassVar[Strategy]
 
 class SharePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +66,8 @@ STRATEGY_FEDBN: Strategy
 STRATEGY_DEER: Strategy
 STRATEGY_FEDAVG_LORA: Strategy
 STRATEGY_FFA_LORA: Strategy
+STRATEGY_RESFIM: Strategy
+STRATEGY_DEER_RESFIM: Strategy
 SHARE_PHASE_UNSPECIFIED: SharePhase
 SHARE_PHASE_ALL: SharePhase
 SHARE_PHASE_LORA_B: SharePhase
@@ -118,7 +122,7 @@ class GetRunRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json")
+    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json", "resfim_config_json")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +134,7 @@ class GetRunResponse(_message.Message):
     HE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESFIM_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
     strategy: Strategy
@@ -141,7 +146,8 @@ class GetRunResponse(_message.Message):
     he_parameters: bytes
     privacy: PrivacyPlan
     lora_config_json: str
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ...) -> None: ...
+    resfim_config_json: str
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ..., resfim_config_json: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement", "budget_statement")
@@ -386,3 +392,35 @@ class DeclineRoundResponse(_message.Message):
     state: RunState
     silos_training: int
     def __init__(self, state: _Optional[_Union[RunState, str]] = ..., silos_training: _Optional[int] = ...) -> None: ...
+
+class PublishStyleBankRequest(_message.Message):
+    __slots__ = ("sealed_bank",)
+    SEALED_BANK_FIELD_NUMBER: _ClassVar[int]
+    sealed_bank: bytes
+    def __init__(self, sealed_bank: _Optional[bytes] = ...) -> None: ...
+
+class PublishStyleBankResponse(_message.Message):
+    __slots__ = ("banks_published",)
+    BANKS_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    banks_published: int
+    def __init__(self, banks_published: _Optional[int] = ...) -> None: ...
+
+class GetStyleBanksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StyleBankEntry(_message.Message):
+    __slots__ = ("silo", "sealed_bank")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    SEALED_BANK_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    sealed_bank: bytes
+    def __init__(self, silo: _Optional[str] = ..., sealed_bank: _Optional[bytes] = ...) -> None: ...
+
+class GetStyleBanksResponse(_message.Message):
+    __slots__ = ("banks", "silos_joined")
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    SILOS_JOINED_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[StyleBankEntry]
+    silos_joined: int
+    def __init__(self, banks: _Optional[_Iterable[_Union[StyleBankEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ...) -> None: ...

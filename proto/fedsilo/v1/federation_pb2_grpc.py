@@ -94,6 +94,16 @@ class FederationStub:
                 request_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
                 _registered_method=True)
+        self.PublishStyleBank = channel.unary_unary(
+                '/fedsilo.v1.Federation/PublishStyleBank',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.FromString,
+                _registered_method=True)
+        self.GetStyleBanks = channel.unary_unary(
+                '/fedsilo.v1.Federation/GetStyleBanks',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -184,6 +194,21 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishStyleBank(self, request, context):
+        """ResFIM runs: stores the caller's style bank, sealed for the other silos (opaque to the
+        coordinator). Once per run; the same bytes again are accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStyleBanks(self, request, context):
+        """ResFIM runs: the other silos' sealed style banks published so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +271,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DeclineRound,
                     request_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.SerializeToString,
+            ),
+            'PublishStyleBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishStyleBank,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.SerializeToString,
+            ),
+            'GetStyleBanks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStyleBanks,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +607,60 @@ class Federation:
             '/fedsilo.v1.Federation/DeclineRound',
             fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
             fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStyleBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/PublishStyleBank',
+            fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStyleBanks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/GetStyleBanks',
+            fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.FromString,
             options,
             channel_credentials,
             insecure,
