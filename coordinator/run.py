@@ -245,6 +245,13 @@ class Coordinator:
             self._ca_pem = Path(config.tls.ca).read_bytes()
             atomic_write(state_dir / CA_FILE, self._ca_pem)
             self._mirror = LedgerMirror.open(state_dir / MIRROR_FILE)
+            if config.strategy.masked:
+                from fedsilo.privacy.audit import resfim_disclosures, write_disclosures
+
+                assert config.resfim is not None
+                r = config.resfim
+                write_disclosures(state_dir, resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every,
+                                                                beta=r.beta, clusters=r.clusters))
         fingerprint = config.run_fingerprint()
         stored = self._store.get_meta("run_fingerprint")
         if stored is None:

@@ -47,7 +47,10 @@ __all__ = [
     "THREAT_MODEL",
     "AuditError",
     "VerifyResult",
+    "DISCLOSURES_FILE",
     "build_report",
+    "resfim_disclosures",
+    "write_disclosures",
     "derive_silo_summary",
     "report_summary",
     "verify_report",
@@ -135,6 +138,11 @@ _SILO_KEYS = frozenset(
 )
 _DERIVED_KEYS = ("releases", "cumulative", "budget_left", "within_budget")
 _SOURCES = ("silo", "coordinator")
+#: Statements about releases the ledger does not account (e.g. ResFIM masks protected by
+#: encryption only), written into a state directory by whoever makes them; every report built
+#: from that directory carries them.
+DISCLOSURES_FILE = "privacy_disclosures.json"
+_DISCLOSURE_KEYS = frozenset({"topic", "statement"})
 _MAX_REPORT_BYTES = 512 * 1024 * 1024
 
 
@@ -282,7 +290,65 @@ def build_report(state_dir: Path | str) -> dict[str, Any]:
         "accounting": _accounting(),
         "threat_model": THREAT_MODEL,
         "silos": [_silo_section(s) for s in sorted(silos, key=lambda s: s.name)],
+        "disclosures": _read_disclosures(state_dir),
     }
+
+
+def resfim_disclosures(*, rho: float, recompute_every: int, beta: float, clusters: int) -> list[dict[str, str]]:
+    """What a pFL-ResFIM run shares beyond its ledgered releases, in words for the privacy officer."""
+    return [
+        {"topic": "ResFIM masks (protected by encryption only)", "statement": (
+            f"Each silo decides which parameter elements it keeps local: the top {rho:g} of every tensor by "
+            "Residual Fisher Information, computed from its own training images and those images re-styled "
+            f"toward the other silos' style banks, recomputed every {recompute_every} round(s). These masks are "
+            "computed WITHOUT differential-privacy noise and have no ledger entry: they are protected by "
+            "encryption only. The coordinator sees only ciphertexts of w*m*theta, w*m and w*(1-m)*theta "
+            "(m = 1 where the element is shared) and never a mask. Every silo decrypts, per element, the sum "
+            "of the weights of the silos that share it: with two silos each learns the other's mask, with "
+            "more silos how many share each element.")},
+        {"topic": "ResFIM style banks (not differentially private)", "statement": (
+            f"Once per run each silo shares a style bank: up to {clusters} cluster means (k-means) of the "
+            f"low-frequency window (beta = {beta:g}) of the Fourier log-amplitude spectra of its training "
+            "images. No per-image spectra, no phases and no pixels leave the silo. The bank is sealed "
+            "(AES-256-GCM under a key derived from the run's shared secret key, which the coordinator does not "
+            "hold), so only the other silos can read it. It has no noise and no ledger entry: it reveals the "
+            "average scanner appearance (brightness, contrast, blur) of groups of the silo's images, and a "
+            "cluster of few images comes close to those images' own low-frequency amplitudes.")},
+        {"topic": "ResFIM consensus model", "statement": (
+            "For the consensus model (used on unseen domains) each silo also uploads, encrypted, its weighted "
+            "values of the elements it keeps local; the silos decrypt only their sum over all silos. These "
+            "values come from the same DP-SGD training as the shared ones (record-level runs), so they are "
+            "covered by the ledger's record-level entries.")},
+    ]
+
+
+def write_disclosures(state_dir: Path | str, disclosures: Sequence[Mapping[str, str]]) -> Path:
+    """Writes the disclosures of a run into a state directory (atomically); reports built there carry them."""
+    items = [_checked_disclosure(d, f"disclosures[{i}]") for i, d in enumerate(disclosures)]
+    path = Path(state_dir) / DISCLOSURES_FILE
+    atomic_write(path, (json.dumps(items, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return path
+
+
+def _checked_disclosure(item: object, where: str) -> dict[str, str]:
+    if not isinstance(item, Mapping) or set(item) != _DISCLOSURE_KEYS:
+        raise AuditError(f"{where}: a disclosure is an object with exactly the fields topic and statement")
+    if not all(isinstance(item[k], str) and item[k] for k in _DISCLOSURE_KEYS):
+        raise AuditError(f"{where}: topic and statement must be non-empty text")
+    return {"topic": item["topic"], "statement": item["statement"]}
+
+
+def _read_disclosures(state_dir: Path) -> list[dict[str, str]]:
+    path = state_dir / DISCLOSURES_FILE
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, list):
+        raise AuditError(f"{str(path)!r} must hold a list of disclosures")
+    return [_checked_disclosure(d, f"{path.name}[{i}]") for i, d in enumerate(data)]
 
 
 def derive_silo_summary(
@@ -370,6 +436,8 @@ def report_summary(report: Mapping[str, Any]) -> list[str]:
                 f"{float(section['budget']['delta']):.3g}"
             )
         lines.append(f"{section['silo']}: " + "; ".join(parts))
+    for item in report.get("disclosures", []):
+        lines.append(f"not in the ledger: {item['topic']}")
     return lines
 
 
@@ -827,7 +895,15 @@ def _quoted_name(line: str, prefix: str) -> str | None:
 
 
 def _check_top(report: Mapping[str, Any], where: str) -> None:
-    _keys(report, _TOP_KEYS, "", where)
+    _keys(report, _TOP_KEYS | ({"disclosures"} & set(report)), "", where)  # reports before disclosures lack it
+    if "disclosures" in report:
+        if not isinstance(report["disclosures"], list):
+            raise _field_error(where, "disclosures", "must be a list")
+        for i, item in enumerate(report["disclosures"]):
+            try:
+                _checked_disclosure(item, f"disclosures[{i}]")
+            except AuditError as exc:
+                raise _field_error(where, f"disclosures[{i}]", str(exc).split(": ", 1)[1]) from None
     generated = report["generated_at"]
     if not isinstance(generated, str):
         raise _field_error(where, "generated_at", "must be UTC time as text")
@@ -1104,6 +1180,10 @@ def _render_html(report: Mapping[str, Any]) -> str:
     ]
     for section in report["silos"]:
         parts.append(_silo_html(section))
+    if report.get("disclosures"):
+        parts.append("<h2>Disclosures not covered by the ledger</h2>")
+        for item in report["disclosures"]:
+            parts.append(f"<h3>{_e(item['topic'])}</h3><p>{_e(item['statement'])}</p>")
     parts.append("<h2>Threat model</h2>")
     for paragraph in str(report["threat_model"]).split("\n\n"):
         parts.append(f"<p>{_e(paragraph)}</p>")

@@ -215,6 +215,12 @@ class Agent:
             if self._he is None:
                 raise AgentError(f"strategy {info.strategy.value} needs HE aggregation (the masks travel encrypted)")
             self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir)
+            if self._dp is not None:  # this silo's own audit reports say what its ledger does not cover
+                from fedsilo.privacy.audit import resfim_disclosures, write_disclosures
+
+                r = info.resfim
+                write_disclosures(state_dir, resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every,
+                                                                beta=r.beta, clusters=r.clusters))
             self._resfim.publish_bank(client, data.splits.train)
         while True:
             self._activity = Activity.IDLE
@@ -335,6 +341,7 @@ class Agent:
             if self._resfim is not None:
                 self._resfim.ensure_masks(client, self.stop, model=model, state=state, train=data.splits.train,
                                           rnd=rnd, trainable=self._trainable, strategy=self._strategy,
+                                          shared_names=[t.name for t in self._manifest.tensors],
                                           idle=self._serve_keys(client))
             self._strategy.set_trainable(model, phase, self._trainable)
             if dp is not None and dp.plan.record_level:

@@ -109,7 +109,8 @@ class ResFimSession:
 
     # -- masks ----------------------------------------------------------------------------
     def ensure_masks(self, client: CoordinatorClient, stop: threading.Event, *, model: torch.nn.Module,
-                     state: AgentState, train, rnd: int, trainable: frozenset[str], strategy, idle=None) -> None:
+                     state: AgentState, train, rnd: int, trainable: frozenset[str], strategy, shared_names: list[str],
+                     idle=None) -> None:
         """(Re)computes the masks before training round ``rnd`` when due, and saves them."""
         from fedsilo.models.resfim import ResFimConfig, compute_resfim
         from fedsilo.models.style import simulate_styles
@@ -128,11 +129,13 @@ class ResFimSession:
         result = compute_resfim(model, images, labels, simulated, cfg)
         state.sensitive = {k: v.detach().clone() for k, v in result.masks.items()}
         state.masks_round = rnd
-        state.shared_fraction = result.shared_fraction
+        layout = [k for k in shared_names if k in result.masks]
+        total = sum(result.masks[k].numel() for k in layout)
+        state.shared_fraction = (sum(int((~result.masks[k]).sum()) for k in layout) / total) if total else 0.0
         state.save(self.state_dir)
         log.info("round %d: ResFIM masks from %d images and their twins in %d other silo style(s): %.1f%% of "
-                 "the masked elements shared, ρ = %g kept local per tensor", rnd, result.n_examples,
-                 len(banks), 100 * result.shared_fraction, self.settings.rho)
+                 "the shared tensors' elements shared, ρ = %g kept local per tensor", rnd, result.n_examples,
+                 len(banks), 100 * state.shared_fraction, self.settings.rho)
 
     @staticmethod
     def _masks_np(state: AgentState, names: list[str]) -> dict[str, np.ndarray]:
