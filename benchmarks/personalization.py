@@ -65,7 +65,8 @@ is what runs here:
 
   The "ε spent" column is recomputed from each run's actual ledger (every release each silo made),
   max over silos. Noise is seeded for reproducibility (DP-SGD: ``noise_seed`` derived from (seed,
-  method, silo); Fisher: a seeded torch Generator; banks: a seeded numpy Generator; production
+  method, silo), so ``train_local_dp`` also draws its Poisson batches from (seed, round); Ditto's personal
+  DP steps: seeded torch Generators; Fisher: a seeded torch Generator; banks: a seeded numpy Generator; production
   draws from the OS CSPRNG): same distribution, reproducible runs. With DP, the "mask agreement"
   column compares each DP mask with the noiseless mask computed on the same model at the same
   moment (diagnostic only, never used or released): the fraction of the DP mask's local elements
@@ -321,6 +322,7 @@ class HeAggregator:
         self.upload_values: list[int] = []
         self.clipped = 0
         self.seconds = 0.0
+        self.max_error = 0.0  # max |decrypted sum - float64 plaintext sum| (a check, not part of the protocol)
 
     def sum(self, uploads: Sequence[np.ndarray]) -> np.ndarray:
         """Σ_i uploads[i] (each already weighted by its silo), through encryption."""
@@ -336,6 +338,8 @@ class HeAggregator:
         aggregate = [self.public.dump(self.public.sum(chunk)) for chunk in zip(*per_silo, strict=True)]
         out = self.he.decrypt_mean(self.secret, self.codec, aggregate, n, total_weight=1.0)
         self.seconds += time.perf_counter() - t0
+        exact = np.sum(np.stack([np.asarray(u, dtype=np.float64).ravel() for u in uploads]), axis=0)
+        self.max_error = max(self.max_error, float(np.max(np.abs(out - exact))) if n else 0.0)
         return out
 
 
@@ -403,6 +407,7 @@ class RunResult:
     upload_values: float = 0.0
     he_clipped: int = 0
     he_seconds: float = 0.0
+    he_max_error: float = 0.0
     deviation: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -429,6 +434,7 @@ def finish(res: RunResult, agg: HeAggregator | None, ledgers: list[list[Any]] | 
         res.upload_values = statistics.fmean(agg.upload_values)
         res.he_clipped = agg.clipped
         res.he_seconds = agg.seconds
+        res.he_max_error = agg.max_error
     if ledgers is not None:
         res.eps_spent = max(epsilon_of(h) for h in ledgers)
     res.wall_s = time.monotonic() - t0
@@ -807,7 +813,8 @@ def render_main(results: Sequence[RunResult], *, rounds: int, seeds: Sequence[in
             "composition": descr.get(runs[0].method) if dp else None,
             "eps_spent_max": max((r.eps_spent or 0 for r in runs), default=None) if dp else None,
             "mean_dice": mean_std([r.mean_dice for r in runs]), "std_over_silos": mean_std([r.std_silos for r in runs]),
-            "worst_dice": mean_std([r.worst_dice for r in runs]), "unseen_dice": mean_std([r.unseen_dice for r in runs]),
+            "worst_dice": mean_std([r.worst_dice for r in runs]),
+            "unseen_dice": mean_std([r.unseen_dice for r in runs]),
             "shared_fraction": mean_std([r.shared_fraction for r in runs if r.shared_fraction is not None]),
             "mask_agreement": mean_std([r.mask_agreement for r in runs if r.mask_agreement is not None]),
             "upload_bytes_per_silo_round": statistics.fmean(r.upload_bytes for r in runs),
@@ -880,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds R of every run (default 10)")
-    parser.add_argument("--rhos", type=float, nargs="+", default=None, help="ResFIM ρ values (default 0.05 0.1 0.2 0.4)")
+    parser.add_argument("--rhos", type=float, nargs="+", default=None,
+                        help="ResFIM ρ values (default 0.05 0.1 0.2 0.4)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 4 rounds, 2 ρ, reduced DP group")
     dp_group = parser.add_mutually_exclusive_group()
     dp_group.add_argument("--no-dp", action="store_true", help="skip the DP ε=8 group")
@@ -916,13 +924,19 @@ def main(argv: list[str] | None = None) -> int:
 
     report = ro.open_report(width=230)
     console, log, cmd = report.console, report.log, report.cmd
+    from fedsilo.models import build_model
+    from fedsilo.privacy.dpsgd import make_private_compatible
+
+    probe = build_model(make_task(seeds[0]).model_cfg)
+    same = make_private_compatible(probe) is probe
     software = (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} intra-op "
                 f"thread), opacus {opacus.__version__}, monai {monai.__version__}, TenSEAL {tenseal.__version__}, "
                 f"numpy {np.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     log(f"software: {software}")
     log("[bold]in-process simulation[/] (no coordinator process, no gRPC/TLS) with REAL BFV homomorphic aggregation "
         "in every round: silos encrypt, a key-less PublicContext adds the ciphertexts, a silo decrypts "
-        f"(HeParams(bound={HE_BOUND:g}, max_silos={NUM_SILOS}), N = 4096 slots per ciphertext)")
+        f"(HeParams(bound={HE_BOUND:g}, max_silos={NUM_SILOS}), N = 4096 slots per ciphertext); "
+        f"make_private_compatible(demo UNet) returned the same, unchanged model: {same}")
     log(f"setup: {NUM_SILOS} silos (built-in domains 0, 1, 2), {rounds} rounds, seeds {seeds}, ResFIM ρ {rhos}, masks "
         f"recomputed every {RECOMPUTE_EVERY} rounds ({mask_computations(rounds)} computation(s) per run); parts: "
         f"{'no-DP ' if do_nodp else ''}{'DP-ε=8 ' if do_dp else ''}{'DEeR' if do_deer else ''}")
@@ -951,9 +965,12 @@ def main(argv: list[str] | None = None) -> int:
             extra += f", max deviation {max(r.deviation):.3g}"
         log(f"  seed {r.seed} {'DP ' if r.dp else ''}{r.label:<14} mean Dice {r.mean_dice:.3f} (silos "
             f"{', '.join(f'{d:.3f}' for d in r.silo_dice)}), unseen {r.unseen_dice:.3f}{extra}; upload "
-            f"{r.upload_bytes:,.0f} B/silo/round, HE {r.he_seconds:.1f} s, clipped {r.he_clipped}; {r.wall_s:.1f} s")
+            f"{r.upload_bytes:,.0f} B/silo/round, HE {r.he_seconds:.1f} s (max |error| {r.he_max_error:.1e}), "
+            f"clipped {r.he_clipped}; "
+            f"{r.wall_s:.1f} s")
 
-    def run_all(task: Task, plan_of: Callable[[str], DpPlan | None], methods: Sequence[tuple[str, float | None]]) -> None:
+    def run_all(task: Task, plan_of: Callable[[str], DpPlan | None],
+                methods: Sequence[tuple[str, float | None]]) -> None:
         for m, rho in methods:
             plan = plan_of(m)
             if m == "ditto":
@@ -1005,7 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
     log("definitions: Dice = mean per-image Dice of the argmax prediction on the silo's 24 test images with the "
         "silo's PERSONAL model (fedavg: the global model; ditto: v_i; fedbn: global + own norm layers; resfim: "
         "apply_shared_mean values + own norm layers); mean = unweighted mean over the 3 silos; std over silos = sample "
-        "std of the 3 silos; worst = lowest silo; unseen = built-in unseen scanner, consensus/global model; ± = sample "
+        "std of the 3 silos; worst = lowest silo; unseen = built-in unseen scanner, consensus/global model; "
+        "± = sample "
         "std over seeds; shared fraction = elements of the ResFIM-masked tensors (all but norm layers) a silo shares, "
         "mean over silos and mask computations; mask agreement (DP) = |DP-local ∩ exact-local| / |DP-local| (random "
         "mask: ρ); encrypted B = serialized seeded BFV ciphertexts one silo uploads per round (ResFIM: 3 values per "

@@ -19,7 +19,7 @@ from pathlib import Path
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
 from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
-from fedsilo.coordinator.phases import SharePhase, ledger_position, masked_manifest, phase_for, phase_manifest
+from fedsilo.coordinator.phases import MASK_SUFFIXES, SharePhase, ledger_position, masked_manifest, phase_for, phase_manifest
 from fedsilo.coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -329,6 +329,12 @@ class Coordinator:
         """What an upload of ``manifest``'s tensors carries: masked strategies add the companion sets."""
         return masked_manifest(manifest) if self.cfg.strategy.masked else manifest
 
+    def _params_shared(self) -> int:
+        """Parameters the open round shares (a masked upload carries each one three times)."""
+        assert self._agg is not None
+        numel = self._agg.manifest.numel
+        return numel // (1 + len(MASK_SUFFIXES)) if self.cfg.strategy.masked else numel
+
     def _round_manifest(self, rnd: int) -> Manifest:
         """The layout of round ``rnd``'s uploads: the run's manifest restricted to the round's phase
         (with the masked companion sets for ResFIM strategies)."""
@@ -538,7 +544,7 @@ class Coordinator:
         else:
             normalizer = float(sum(s.num_train_examples for s in silos.values()))
         self._store.insert_round(rnd, opened_at_ms=now, deadline_ms=now + int(self.cfg.round_deadline_s * 1000),
-                                 params_shared=self._agg.manifest.numel, weight_normalizer=normalizer)
+                                 params_shared=self._params_shared(), weight_normalizer=normalizer)
         self._store.set_meta("state", RunState.RUNNING.value)
         self._store.set_meta("message", f"round {rnd} open")
         self._agg.reset()

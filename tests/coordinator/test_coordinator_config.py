@@ -159,3 +159,41 @@ def test_invalid_toml_message_names_the_file(config_dir: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_federation_config(tmp_path / "absent.toml")
+
+
+RESFIM = replace_line(replace_line(VALID, "strategy =", 'strategy = "resfim"'), "aggregation =", 'aggregation = "he"')
+
+RESFIM_BAD = {
+    "resfim-needs-he": (replace_line(VALID, "strategy =", 'strategy = "resfim"'),
+                        r"^run\.strategy: 'resfim' needs run\.aggregation = 'he'"),
+    "resfim-table-without-resfim": (VALID + "\n[resfim]\nrho = 0.2\n", r"^resfim: set, but run\.strategy 'fedbn'"),
+    "resfim-rho-range": (RESFIM + "\n[resfim]\nrho = 1.5\n", r"^resfim\.rho: 1\.5 must be a number in \(0, 1\)"),
+    "resfim-rho-zero": (RESFIM + "\n[resfim]\nrho = 0\n", r"^resfim\.rho: 0 "),
+    "resfim-unknown-key": (RESFIM + "\n[resfim]\nrhoo = 0.2\n", r"^resfim\.rhoo: unknown key"),
+    "resfim-recompute-zero": (RESFIM + "\n[resfim]\nrecompute_every = 0\n", r"^resfim\.recompute_every: 0 "),
+    "resfim-beta": (RESFIM + "\n[resfim]\nbeta = 0.7\n", r"^resfim\.beta: 0\.7 "),
+    "resfim-norm-not-bool": (RESFIM + '\n[resfim]\nlocal_norm_layers = "yes"\n', r"^resfim\.local_norm_layers: 'yes'"),
+    "resfim-silo-level-dp": (RESFIM + "\n[privacy]\nsilo_level = true\nupdate_clip_norm = 1.0\n"
+                             "update_noise_multiplier = 1.0\ndelta = 1e-5\n",
+                             r"^privacy\.silo_level: not supported with run\.strategy 'resfim'"),
+    "resfim-one-silo": (replace_line(replace_line(RESFIM, "enrolled =", 'enrolled = ["hospital-a"]'),
+                                     "min_silos =", "min_silos = 1"), r"^run\.strategy: 'resfim' needs at least 2"),
+}
+
+
+@pytest.mark.parametrize("text, pattern", list(RESFIM_BAD.values()), ids=list(RESFIM_BAD))
+def test_bad_resfim_settings_name_the_field(config_dir: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federation_config(write(config_dir, text))
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_resfim_defaults_schedule_and_fingerprint(config_dir: Path) -> None:
+    cfg = load_federation_config(write(config_dir, RESFIM))
+    assert cfg.strategy is Strategy.RESFIM and cfg.strategy.masked and not cfg.strategy.uses_lora
+    assert cfg.resfim is not None and cfg.resfim.rho == 0.1 and cfg.resfim.recompute_every == 5
+    assert [r for r in range(1, 13) if cfg.resfim.recompute(r)] == [1, 6, 11]
+    other = load_federation_config(write(config_dir, RESFIM + "\n[resfim]\nrho = 0.2\n"))
+    assert other.resfim.rho == 0.2 and other.run_fingerprint() != cfg.run_fingerprint()
+    deer = load_federation_config(write(config_dir, replace_line(RESFIM, "strategy =", 'strategy = "deer+resfim"')))
+    assert deer.strategy.uses_lora and deer.strategy.alternates_factors and deer.strategy.masked

@@ -1,0 +1,446 @@
+"""pFL-ResFIM style banks over REAL gRPC with mutual TLS on loopback.
+
+A ``CoordinatorServer`` of a ``resfim`` (or ``deer+resfim``) run with HE aggregation and three
+enrolled silos, each joining with a signed X25519 announcement. Silos then publish their style
+banks, sealed with ``fedsilo.silo_agent.secure.seal`` under a shared secret the coordinator never
+holds, through ``PublishStyleBank``, and read the other silos' with ``GetStyleBanks``; the calls
+are made with raw ``fedsilo.v1`` stubs over channels configured like the agent's
+(``fedsilo.silo_agent.client.channel_options``).
+
+Every refusal test checks the status code and a meaningful fragment of its details, that the
+banks another silo reads are unchanged, and that the run status and round history (Admin RPCs)
+are unchanged. The last tests check ``seal`` / ``open_sealed`` themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy, TlsFiles
+from fedsilo.coordinator.run import MAX_STYLE_BANK_BYTES
+from fedsilo.coordinator.server import CoordinatorServer
+from fedsilo.privacy import pki
+from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public
+from fedsilo.privacy.pki import Role
+from fedsilo.silo_agent.client import channel_options
+from fedsilo.silo_agent.secure import open_sealed, seal
+from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
+
+RUN_ID = "grpc-style-banks"
+SILOS = ("hospital-a", "hospital-b", "hospital-c")
+EXAMPLES = {"hospital-a": 120, "hospital-b": 380, "hospital-c": 500}
+# LoRA factor names, so that the same manifest also joins a deer+resfim run (it alternates B and A).
+SHAPES = {"enc.lora_A.weight": (4, 16), "enc.lora_B.weight": (16, 4), "head.bias": (8,)}
+FINGERPRINT = "5c" * 32
+PURPOSE = "style-bank"  # fedsilo.silo_agent.resfim.BANK_PURPOSE (that module imports torch)
+RPC_TIMEOUT_S = 20
+# What the agent's channels use (message limits 8 MiB), plus a private subchannel per channel so
+# every client certificate gets its own TLS connection.
+CHANNEL_OPTIONS = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+
+Snapshot = tuple[admin_pb2.GetStatusResponse, admin_pb2.ListRoundsResponse]
+Banks = list[tuple[str, bytes]]
+
+
+# -- certificates -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Certs:
+    ca: Path
+    coordinator: pki.IssuedPaths
+    silo: dict[str, pki.IssuedPaths]  # the three enrolled silos, and hospital-x: CA-valid, not enrolled
+    admin: pki.IssuedPaths
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    root = tmp_path_factory.mktemp("pki")
+    ca = pki.init_ca(root / "ca")
+    out = root / "certs"
+    return Certs(
+        ca=ca.cert,
+        coordinator=pki.issue_certificate(root / "ca", out, role=Role.COORDINATOR, name="coordinator",
+                                          hosts=["localhost", "127.0.0.1"]),
+        silo={name: pki.issue_certificate(root / "ca", out, role=Role.SILO, name=name)
+              for name in (*SILOS, "hospital-x")},
+        admin=pki.issue_certificate(root / "ca", out, role=Role.ADMIN, name="study-lead"),
+    )
+
+
+@pytest.fixture(scope="module")
+def announcements(certs: Certs) -> dict[str, bytes]:
+    """Each silo's signed X25519 announcement for the run (HE runs need one at join)."""
+    out = {}
+    for name, paths in certs.silo.items():
+        out[name] = announce_kem_public(run_id=RUN_ID, silo=name, public=KemKeyPair.generate().public_bytes(),
+                                        certificate_pem=paths.cert.read_bytes(),
+                                        private_key_pem=paths.key.read_bytes())
+    return out
+
+
+# -- plaintexts and sealed banks ------------------------------------------------------------------
+
+
+def plaintext(tag: str, n: int = 200) -> bytes:
+    """``n`` distinctive bytes: a pseudo-random stream keyed by ``tag`` (never found by chance)."""
+    return hashlib.shake_256(f"fedsilo style-bank test plaintext {tag}".encode()).digest(n)
+
+
+def random_secret(seed: int) -> bytes:
+    """A random shared secret of 32..64 bytes."""
+    return os.urandom(32 + seed % 33)
+
+
+def contains_any_window(data: bytes, secret: bytes, width: int = 16) -> bool:
+    """Whether any ``width``-byte window of ``secret`` occurs in ``data``."""
+    return any(secret[i:i + width] in data for i in range(len(secret) - width + 1))
+
+
+# -- a running coordinator ------------------------------------------------------------------------
+
+
+def expect(code: grpc.StatusCode, fragment: str, call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() is code, (err.code(), err.details())
+    assert fragment in (err.details() or ""), err.details()
+    return err
+
+
+def manifest_msg() -> list[tensor_pb2.TensorSpec]:
+    return [tensor_pb2.TensorSpec(name=k, dtype=tensor_pb2.DTYPE_FLOAT32, shape=list(s)) for k, s in SHAPES.items()]
+
+
+@dataclass
+class Fed:
+    """A ``CoordinatorServer`` on 127.0.0.1 and mTLS channels to it, one per client certificate."""
+
+    server: CoordinatorServer
+    certs: Certs
+    announcements: dict[str, bytes]
+    _channels: dict[Path, grpc.Channel] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.config.state_dir)
+
+    def channel(self, client: pki.IssuedPaths) -> grpc.Channel:
+        if client.cert not in self._channels:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.certs.ca.read_bytes(),
+                                                 private_key=client.key.read_bytes(),
+                                                 certificate_chain=client.cert.read_bytes())
+            self._channels[client.cert] = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
+        return self._channels[client.cert]
+
+    def stub(self, who: str) -> federation_pb2_grpc.FederationStub:
+        """A Federation stub as silo ``who``, or as the admin for ``who == "admin"``."""
+        paths = self.certs.admin if who == "admin" else self.certs.silo[who]
+        return federation_pb2_grpc.FederationStub(self.channel(paths))
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+    # -- calls ----------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        admin = admin_pb2_grpc.AdminStub(self.channel(self.certs.admin))
+        return (admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_S),
+                admin.ListRounds(admin_pb2.ListRoundsRequest(), timeout=RPC_TIMEOUT_S))
+
+    def join(self, silo: str) -> federation_pb2.JoinResponse:
+        req = federation_pb2.JoinRequest(model_fingerprint=FINGERPRINT, num_train_examples=EXAMPLES.get(silo, 1),
+                                         shared_tensors=manifest_msg(), agent_version="test/1",
+                                         kem_announcement=self.announcements[silo])
+        return self.stub(silo).Join(req, timeout=RPC_TIMEOUT_S)
+
+    def publish(self, who: str, sealed: bytes) -> int:
+        req = federation_pb2.PublishStyleBankRequest(sealed_bank=sealed)
+        return self.stub(who).PublishStyleBank(req, timeout=RPC_TIMEOUT_S).banks_published
+
+    def banks_response(self, who: str) -> federation_pb2.GetStyleBanksResponse:
+        return self.stub(who).GetStyleBanks(federation_pb2.GetStyleBanksRequest(), timeout=RPC_TIMEOUT_S)
+
+    def banks(self, who: str) -> Banks:
+        return [(e.silo, bytes(e.sealed_bank)) for e in self.banks_response(who).banks]
+
+
+def make_config(certs: Certs, state_dir: Path, **overrides: object) -> FederationConfig:
+    kwargs: dict[str, object] = dict(
+        run_id=RUN_ID, silos=SILOS, rounds=2, min_silos=2, strategy=Strategy.RESFIM,
+        aggregation=AggregationMode.HE, he={},
+        # The run waits for the key ceremony, which these tests never run: no round ever opens.
+        round_deadline_s=60.0, quorum_timeout_s=600.0, start_grace_s=600.0,
+        listen="127.0.0.1:0", state_dir=state_dir,
+        tls=TlsFiles(ca=certs.ca, cert=certs.coordinator.cert, key=certs.coordinator.key),
+        model={"name": "tiny"}, training={"epochs": 1},
+    )
+    kwargs.update(overrides)
+    return FederationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def start_fed(certs: Certs, announcements: dict[str, bytes], tmp_path: Path) -> Iterator[Callable[..., Fed]]:
+    started: list[Fed] = []
+
+    def start(**overrides: object) -> Fed:
+        server = CoordinatorServer(make_config(certs, tmp_path / f"state{len(started)}", **overrides), max_workers=8)
+        server.start()
+        fed = Fed(server, certs, announcements)
+        started.append(fed)
+        return fed
+
+    yield start
+    for fed in started:
+        fed.close()
+        fed.server.stop(grace=1.0)
+
+
+@pytest.fixture
+def fed(start_fed: Callable[..., Fed]) -> Fed:
+    """A resfim run; nobody has joined yet."""
+    return start_fed()
+
+
+@pytest.fixture
+def joined(fed: Fed) -> Fed:
+    """A resfim run all three silos have joined."""
+    for silo in SILOS:
+        assert fed.join(silo).state == federation_pb2.RUN_STATE_WAITING_FOR_SILOS
+    return fed
+
+
+# -- the happy path ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [Strategy.RESFIM, Strategy.DEER_RESFIM], ids=lambda s: s.value)
+def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
+        start_fed: Callable[..., Fed], strategy: Strategy) -> None:
+    fed = start_fed(strategy=strategy)
+    secret = random_secret(7)
+    plain = {silo: plaintext(f"{strategy.value} {silo}") for silo in SILOS[:2]}
+    sealed = {silo: seal(secret, plain[silo], run_id=RUN_ID, purpose=PURPOSE, silo=silo) for silo in plain}
+    a, b = sealed["hospital-a"], sealed["hospital-b"]
+
+    for i, silo in enumerate(SILOS, start=1):
+        fed.join(silo)
+        resp = fed.banks_response(silo)  # nothing published yet
+        assert (list(resp.banks), resp.silos_joined) == ([], i)
+    before = fed.snapshot()
+
+    assert fed.publish("hospital-a", a) == 1
+    assert fed.banks("hospital-a") == []  # never the caller's own
+    assert fed.banks("hospital-c") == [("hospital-a", a)]
+    assert fed.publish("hospital-b", b) == 2
+
+    resp = fed.banks_response("hospital-c")
+    assert [(e.silo, bytes(e.sealed_bank)) for e in resp.banks] == [("hospital-a", a), ("hospital-b", b)]
+    assert resp.silos_joined == 3
+    assert fed.banks("hospital-a") == [("hospital-b", b)]
+    assert fed.banks("hospital-b") == [("hospital-a", a)]
+
+    # The same bytes again (an agent restarted before it saw the reply): accepted, nothing changes.
+    assert fed.publish("hospital-a", a) == 2
+    assert fed.publish("hospital-b", b) == 2
+    assert fed.banks("hospital-c") == [("hospital-a", a), ("hospital-b", b)]
+    # Publishing touches neither the run status nor the round history.
+    assert fed.snapshot() == before
+
+    # What c reads opens, with the run's secret, to exactly what each silo sealed.
+    for silo, blob in fed.banks("hospital-c"):
+        assert open_sealed(secret, blob, run_id=RUN_ID, purpose=PURPOSE, silo=silo) == plain[silo]
+
+    # The coordinator keeps only sealed bytes: no 16-byte window of a plaintext in its state dir,
+    # running or stopped (the sealed blobs themselves are found there: the scan looks where banks live).
+    for when in ("running", "stopped"):
+        if when == "stopped":
+            fed.server.stop(grace=1.0)
+        files = [p for p in fed.state_dir.rglob("*") if p.is_file()]
+        assert any(p.name == "coordinator.sqlite" for p in files)
+        contents = {p: p.read_bytes() for p in files}
+        for blob in (a, b):
+            assert any(blob in data for data in contents.values()), f"sealed bank not found in state dir ({when})"
+        for p, data in contents.items():
+            for silo, text in plain.items():
+                assert not contains_any_window(data, text), f"plaintext bank of {silo} in {p} ({when})"
+
+
+def test_a_bank_of_exactly_the_limit_is_stored_and_relayed(joined: Fed) -> None:
+    big = os.urandom(MAX_STYLE_BANK_BYTES)
+    assert joined.publish("hospital-b", big) == 1
+    assert joined.banks("hospital-a") == [("hospital-b", big)]
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+
+
+def test_a_different_second_bank_is_already_exists_and_the_first_is_kept(joined: Fed) -> None:
+    first, second = b"\x01first bank" * 10, b"\x02second bank" * 10
+    assert joined.publish("hospital-a", first) == 1
+    before = joined.snapshot()
+    for other in (second, first + b"\x00", first[:-1]):
+        expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its style bank for this run",
+               lambda other=other: joined.publish("hospital-a", other))
+        assert joined.banks("hospital-c") == [("hospital-a", first)]
+        assert joined.snapshot() == before
+    # The count is still one bank: b's is the second.
+    assert joined.publish("hospital-b", second) == 2
+    assert joined.banks("hospital-c") == [("hospital-a", first), ("hospital-b", second)]
+
+
+def test_an_empty_or_oversized_bank_is_invalid_argument_and_nothing_is_stored(joined: Fed) -> None:
+    kept = b"b's bank"
+    assert joined.publish("hospital-b", kept) == 1
+    before = joined.snapshot()
+    # 4 MiB + 1 is within the gRPC message limits (8 MiB both ways): the coordinator itself refuses it.
+    for size in (0, MAX_STYLE_BANK_BYTES + 1):
+        expect(grpc.StatusCode.INVALID_ARGUMENT,
+               f"sealed_bank has {size} bytes; 1..{MAX_STYLE_BANK_BYTES} allowed",
+               lambda size=size: joined.publish("hospital-a", b"\x07" * size))
+        assert joined.banks("hospital-c") == [("hospital-b", kept)]
+        assert joined.banks("hospital-b") == []
+        assert joined.snapshot() == before
+    # a was refused, not counted: its first valid bank is the second one stored, and c reads
+    # both ordered by silo name (not by publication).
+    assert joined.publish("hospital-a", b"a's bank") == 2
+    assert joined.banks("hospital-c") == [("hospital-a", b"a's bank"), ("hospital-b", kept)]
+
+
+def test_a_bank_beyond_the_grpc_message_limit_is_refused_by_grpc(joined: Fed) -> None:
+    kept = b"b's bank"
+    assert joined.publish("hospital-b", kept) == 1
+    before = joined.snapshot()
+    huge = b"\x07" * (8 * 2**20 + 1)
+    # Beyond the 8 MiB message limit the agent's own channel refuses to send it ...
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT: Sent message larger than max",
+           lambda: joined.publish("hospital-a", huge))
+    # ... and a client without that limit is refused by the coordinator's gRPC server.
+    paths = joined.certs.silo["hospital-a"]
+    creds = grpc.ssl_channel_credentials(root_certificates=joined.certs.ca.read_bytes(),
+                                         private_key=paths.key.read_bytes(), certificate_chain=paths.cert.read_bytes())
+    with grpc.secure_channel(joined.address, creds, options=[("grpc.max_send_message_length", 64 * 2**20),
+                                                             ("grpc.use_local_subchannel_pool", 1)]) as ch:
+        stub = federation_pb2_grpc.FederationStub(ch)
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER: Received message larger than max",
+               lambda: stub.PublishStyleBank(federation_pb2.PublishStyleBankRequest(sealed_bank=huge),
+                                             timeout=RPC_TIMEOUT_S))
+    assert joined.banks("hospital-c") == [("hospital-b", kept)]
+    assert joined.banks("hospital-b") == []
+    assert joined.snapshot() == before
+
+
+class RelayTooLarge(Exception):
+    """GetStyleBanks failed because the coordinator's reply exceeded gRPC's message limit."""
+
+
+@pytest.mark.xfail(strict=True, raises=RelayTooLarge, reason=(
+    "coordinator bug: each bank may be up to MAX_STYLE_BANK_BYTES (4 MiB), but GetStyleBanks returns all "
+    "the other silos' banks in one message capped at 8 MiB by the server (and the agent's channel), so two "
+    "banks near the limit make GetStyleBanks RESOURCE_EXHAUSTED ('SERVER: Sent message larger than max') "
+    "for every third silo, permanently"))
+def test_two_banks_within_the_limit_can_be_read_by_a_third_silo(joined: Fed) -> None:
+    a, b = os.urandom(MAX_STYLE_BANK_BYTES), os.urandom(MAX_STYLE_BANK_BYTES)
+    assert joined.publish("hospital-a", a) == 1
+    assert joined.publish("hospital-b", b) == 2  # both accepted: each is within the documented limit
+    assert joined.banks("hospital-a") == [("hospital-b", b)]  # one bank alone fits in a message
+    try:
+        got = joined.banks("hospital-c")
+    except grpc.RpcError as err:
+        if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "Sent message larger than max" in (err.details() or ""):
+            raise RelayTooLarge(err.details()) from None
+        raise
+    assert got == [("hospital-a", a), ("hospital-b", b)]
+
+
+@pytest.mark.parametrize("caller, code, fragment", [
+    ("admin", grpc.StatusCode.PERMISSION_DENIED, "a admin certificate cannot act as a silo"),
+    ("hospital-x", grpc.StatusCode.PERMISSION_DENIED, f"silo 'hospital-x' is not enrolled in run '{RUN_ID}'"),
+    ("hospital-c", grpc.StatusCode.FAILED_PRECONDITION,
+     f"silo 'hospital-c' has not joined run '{RUN_ID}'; call Join first"),
+], ids=["admin-certificate", "not-enrolled", "enrolled-not-joined"])
+def test_a_caller_that_is_not_a_joined_silo_can_neither_publish_nor_read(
+        fed: Fed, caller: str, code: grpc.StatusCode, fragment: str) -> None:
+    for silo in SILOS[:2]:  # c stays out
+        fed.join(silo)
+    kept = b"a's bank"
+    assert fed.publish("hospital-a", kept) == 1
+    before = fed.snapshot()
+    for bank in (b"intruder's bank", kept, b""):  # refused on identity first, whatever the bank
+        expect(code, fragment, lambda bank=bank: fed.publish(caller, bank))
+    expect(code, fragment, lambda: fed.banks(caller))
+    assert fed.banks("hospital-b") == [("hospital-a", kept)]
+    assert fed.snapshot() == before
+    assert fed.banks_response("hospital-b").silos_joined == 2
+
+
+def test_a_run_without_resfim_masks_exchanges_no_banks(start_fed: Callable[..., Fed]) -> None:
+    fed = start_fed(strategy=Strategy.FEDAVG)
+    for silo in SILOS:
+        fed.join(silo)
+    before = fed.snapshot()
+    fragment = (f"run '{RUN_ID}' uses strategy 'fedavg'; style banks are exchanged only by resfim and "
+                "deer+resfim runs")
+    expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", b"a's bank"))
+    for silo in SILOS:
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda silo=silo: fed.banks(silo))
+    assert fed.snapshot() == before
+    # Nothing was stored: the coordinator's database has no style bank row.
+    fed.server.stop(grace=1.0)
+    with sqlite3.connect(fed.state_dir / "coordinator.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM style_banks").fetchone() == (0,)
+
+
+# -- sealing --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 15, 32], ids=["32-byte-secret", "47-byte-secret", "64-byte-secret"])
+def test_seal_opens_only_for_its_run_purpose_and_silo(seed: int) -> None:
+    secret = random_secret(seed)
+    assert 32 <= len(secret) <= 64
+    text = plaintext(f"seal {seed}")
+    where = dict(run_id=RUN_ID, purpose=PURPOSE, silo="hospital-a")
+    blob = seal(secret, text, **where)
+    assert open_sealed(secret, blob, **where) == text
+
+    # The sealed bytes do not carry the plaintext, and two seals of it differ (fresh nonce).
+    assert not contains_any_window(blob, text)
+    again = seal(secret, text, **where)
+    assert again != blob and open_sealed(secret, again, **where) == text
+
+    for wrong in (dict(where, silo="hospital-b"), dict(where, run_id="another-run"),
+                  dict(where, purpose="wrapped-key")):
+        with pytest.raises(ValueError, match="fails authentication"):
+            open_sealed(secret, blob, **wrong)
+    with pytest.raises(ValueError, match="fails authentication"):
+        open_sealed(random_secret(seed + 1), blob, **where)
+
+    # One flipped bit anywhere: the magic is no longer a sealed blob; nonce, ciphertext, tag fail to verify.
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(ValueError, match="not a sealed fedsilo blob|fails authentication"):
+            open_sealed(secret, bytes(bad), **where)
+    for i in (8, 12, 19, 20, 100, len(blob) - 1):  # nonce, ciphertext, tag
+        bad = bytearray(blob)
+        bad[i] ^= 0xFF
+        with pytest.raises(ValueError, match="fails authentication"):
+            open_sealed(secret, bytes(bad), **where)
+
+    # Not a sealed blob at all: the plaintext, nothing, a truncated blob.
+    for junk in (text, b"", blob[:35], blob[:-1]):
+        with pytest.raises(ValueError):
+            open_sealed(secret, junk, **where)
+    with pytest.raises(ValueError, match="not a sealed fedsilo blob"):
+        open_sealed(secret, text, **where)
