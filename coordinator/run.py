@@ -73,6 +73,7 @@ MAX_BUDGET_STATEMENT_BYTES = 32 * 2**10
 MAX_LEDGER_BATCH = 64
 MAX_LEDGER_ENTRY_CHARS = 32 * 2**10
 MAX_STYLE_BANK_BYTES = 4 * 2**20
+STYLE_BANK_PAGE_BYTES = 4 * 2**20
 
 
 class TaskKind(enum.Enum):
@@ -1017,16 +1018,33 @@ class Coordinator:
             self._cond.notify_all()
             return len(banks) + 1
 
-    def style_banks(self, caller: Identity) -> tuple[list[tuple[str, bytes]], int]:
-        """The other silos' sealed style banks, and how many silos have joined.
+    def style_banks(self, caller: Identity, *, after_silo: str = "") -> tuple[list[tuple[str, bytes]], int, bool]:
+        """A page of the other silos' sealed style banks, how many silos have joined, and whether more follow.
+
+        A page holds the banks of the silos named after ``after_silo`` (in name order) up to
+        ``STYLE_BANK_PAGE_BYTES`` in all, and at least one, so every reply fits in one gRPC message
+        however many silos publish.
 
         Raises:
+            InvalidArgument: an ``after_silo`` longer than a silo name can be.
             FailedPrecondition: the run's strategy exchanges no style banks.
         """
         name = self._require_joined(caller)
         self._require_masked()
-        banks = self._store.style_banks()
-        return [(s, b) for s, b in banks.items() if s != name], len(self._store.silos())
+        if not isinstance(after_silo, str) or len(after_silo) > 64:
+            raise InvalidArgument("after_silo must be a silo name (at most 64 characters) or empty")
+        page: list[tuple[str, bytes]] = []
+        size = 0
+        more = False
+        for silo, blob in self._store.style_banks().items():  # ordered by silo name
+            if silo == name or silo <= after_silo:
+                continue
+            if page and size + len(blob) > STYLE_BANK_PAGE_BYTES:
+                more = True
+                break
+            page.append((silo, blob))
+            size += len(blob)
+        return page, len(self._store.silos()), more
 
     # -- admin --------------------------------------------------------------------------
     def status(self) -> Status:

@@ -194,8 +194,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @_rpc
     def GetStyleBanks(self, request, context):  # noqa: N802
-        banks, joined = self._c.style_banks(self._who(context))
-        return wire.style_banks_response(banks, joined)
+        banks, joined, more = self._c.style_banks(self._who(context), after_silo=request.after_silo)
+        return wire.style_banks_response(banks, joined, more)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

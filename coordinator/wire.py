@@ -246,7 +246,9 @@ def style_bank_published_response(count: int) -> federation_pb2.PublishStyleBank
     return federation_pb2.PublishStyleBankResponse(banks_published=count)
 
 
-def style_banks_response(banks: list[tuple[str, bytes]], joined: int) -> federation_pb2.GetStyleBanksResponse:
-    """Reply to GetStyleBanks."""
+def style_banks_response(banks: list[tuple[str, bytes]], joined: int,
+                         more: bool) -> federation_pb2.GetStyleBanksResponse:
+    """Reply to GetStyleBanks (one page)."""
     return federation_pb2.GetStyleBanksResponse(
-        banks=[federation_pb2.StyleBankEntry(silo=s, sealed_bank=b) for s, b in banks], silos_joined=joined)
+        banks=[federation_pb2.StyleBankEntry(silo=s, sealed_bank=b) for s, b in banks], silos_joined=joined,
+        more=more)

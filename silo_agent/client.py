@@ -196,9 +196,17 @@ class CoordinatorClient:
             req, metadata=self._md, timeout=60)).banks_published)
 
     def style_banks(self) -> tuple[dict[str, bytes], int]:
-        """The other silos' sealed style banks so far, and how many silos have joined."""
-        return wire.style_banks_from_proto(self._retry("GetStyleBanks", lambda: self._stub.GetStyleBanks(
-            wire.get_style_banks_request(), metadata=self._md, timeout=60)))
+        """The other silos' sealed style banks so far (every page), and how many silos have joined."""
+        banks: dict[str, bytes] = {}
+        after = ""
+        while True:
+            req = wire.get_style_banks_request(after)
+            page, joined, more = wire.style_banks_from_proto(self._retry("GetStyleBanks", lambda: self._stub.GetStyleBanks(
+                req, metadata=self._md, timeout=60)))
+            banks.update(page)
+            if not more or not page:
+                return banks, joined
+            after = max(page)
 
     def key_recipients(self) -> list[tuple[str, bytes]]:
         """Key holder: silos waiting for the wrapped key, with their signed X25519 announcements."""

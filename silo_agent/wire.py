@@ -147,14 +147,14 @@ def publish_style_bank_request(sealed: bytes) -> federation_pb2.PublishStyleBank
     return federation_pb2.PublishStyleBankRequest(sealed_bank=sealed)
 
 
-def get_style_banks_request() -> federation_pb2.GetStyleBanksRequest:
-    """Builds a GetStyleBanksRequest."""
-    return federation_pb2.GetStyleBanksRequest()
+def get_style_banks_request(after_silo: str = "") -> federation_pb2.GetStyleBanksRequest:
+    """Builds a GetStyleBanksRequest for the page after ``after_silo``."""
+    return federation_pb2.GetStyleBanksRequest(after_silo=after_silo)
 
 
-def style_banks_from_proto(msg: federation_pb2.GetStyleBanksResponse) -> tuple[dict[str, bytes], int]:
-    """(silo -> sealed bank, silos joined)."""
-    return {e.silo: bytes(e.sealed_bank) for e in msg.banks}, int(msg.silos_joined)
+def style_banks_from_proto(msg: federation_pb2.GetStyleBanksResponse) -> tuple[dict[str, bytes], int, bool]:
+    """(silo -> sealed bank, silos joined, more pages follow)."""
+    return {e.silo: bytes(e.sealed_bank) for e in msg.banks}, int(msg.silos_joined), bool(msg.more)
 
 
 def decline_request(rnd: int, reason: str, final: bool) -> federation_pb2.DeclineRoundRequest:

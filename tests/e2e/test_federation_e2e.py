@@ -404,11 +404,15 @@ def test_resfim_masks_never_reach_the_coordinator(federation_factory) -> None:
     (ρ = 0.2), masked uploads summed as ciphertexts. Each silo's personalised model agrees with the others on
     the elements both share and keeps its own local ones; the unseen domain is evaluated with the consensus;
     and no file the coordinator stored (database, WAL, sums, aggregates) contains any silo's mask in any of
-    the usual encodings."""
+    the usual encodings. With record-level DP-SGD the audit report verifies and states that the masks are
+    protected by encryption only (their Fisher information is not noised)."""
     import torch
 
+    from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_PRIVACY
+
     fed = federation_factory(silos=3, rounds=2, deadline_s=120.0, strategy="resfim",
-                             resfim={"rho": 0.2, "recompute_every": 1, "max_examples": 16})
+                             resfim={"rho": 0.2, "recompute_every": 1, "max_examples": 16},
+                             privacy=DEMO_PRIVACY, budgets={n: DEMO_BUDGET for n in silo_names(3)})
     fed.start("coordinator")
     for n in fed.names:
         fed.start(n)
@@ -447,3 +451,13 @@ def test_resfim_masks_never_reach_the_coordinator(federation_factory) -> None:
                 probes += 1
                 assert not any(enc in data for data in stored), f"a mask of {k} is in the coordinator's state"
     assert probes >= 8 * 3 * 5
+    out = fed.work / "audit"
+    made = _cli("audit", "report", "--state", str(fed.work / "coordinator"), "--out", str(out))
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [d["topic"] for d in report["disclosures"]][:2] == [
+        "ResFIM masks (protected by encryption only)", "ResFIM style banks (not differentially private)"]
+    for s in report["silos"]:
+        assert [e["round"] for e in s["entries"]] == [1, 2] and s["cumulative"]["record"]["single_upload"] <= 8.0
+    verified = _cli("audit", "verify", str(out / "report.json"))
+    assert verified.returncode == 0, verified.stdout + verified.stderr

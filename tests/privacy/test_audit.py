@@ -27,7 +27,10 @@ from fedsilo.privacy.audit import (
     AuditError,
     VerifyResult,
     build_report,
+    report_summary,
+    resfim_disclosures,
     verify_report,
+    write_disclosures,
     write_report,
 )
 from fedsilo.privacy.budget import (
@@ -592,3 +595,30 @@ def test_state_dirs_without_privacy_records_or_ca_are_refused(
     LedgerMirror.open(state / MIRROR_FILE).close()
     with pytest.raises(AuditError, match="both"):
         build_report(state)
+
+
+def test_disclosures_are_carried_rendered_and_checked(fed: Fed, tmp_path: Path) -> None:
+    """What the ledger does not account (ResFIM masks protected by encryption only, style banks) is
+    stated in every report built from the state dir, in the HTML, and checked for shape by verify."""
+    state = _agent_dir(tmp_path, fed)
+    assert build_report(state)["disclosures"] == []
+    items = resfim_disclosures(rho=0.1, recompute_every=5, beta=0.05, clusters=4)
+    write_disclosures(state, items)
+    report = build_report(state)
+    assert report["disclosures"] == items
+    assert any("protected by encryption only" in d["topic"] for d in items)
+    assert any("top 0.1" in d["statement"] and "every 5 round" in d["statement"] for d in items)
+    json_path, html_path = write_report(report, tmp_path / "out")
+    verify_report(json_path, ca_pem=fed.ca)
+    page = html_path.read_text("utf-8")
+    assert "Disclosures not covered by the ledger" in page and "style banks" in page
+    assert any(line.startswith("not in the ledger: ResFIM masks") for line in report_summary(report))
+    for bad, field in (([{"topic": "x"}], "disclosures[0]"), ("text", "disclosures")):
+        broken = json.loads(json_path.read_text("ascii"))
+        broken["disclosures"] = bad
+        path = tmp_path / "broken.json"
+        path.write_text(_dump(broken), "ascii")
+        with pytest.raises(AuditError, match=re.escape(field)):
+            verify_report(path, ca_pem=fed.ca)
+    with pytest.raises(AuditError, match="non-empty text"):
+        write_disclosures(state, [{"topic": "", "statement": "s"}])

@@ -406,8 +406,10 @@ class PublishStyleBankResponse(_message.Message):
     def __init__(self, banks_published: _Optional[int] = ...) -> None: ...
 
 class GetStyleBanksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("after_silo",)
+    AFTER_SILO_FIELD_NUMBER: _ClassVar[int]
+    after_silo: str
+    def __init__(self, after_silo: _Optional[str] = ...) -> None: ...
 
 class StyleBankEntry(_message.Message):
     __slots__ = ("silo", "sealed_bank")
@@ -418,9 +420,11 @@ class StyleBankEntry(_message.Message):
     def __init__(self, silo: _Optional[str] = ..., sealed_bank: _Optional[bytes] = ...) -> None: ...
 
 class GetStyleBanksResponse(_message.Message):
-    __slots__ = ("banks", "silos_joined")
+    __slots__ = ("banks", "silos_joined", "more")
     BANKS_FIELD_NUMBER: _ClassVar[int]
     SILOS_JOINED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedCompositeFieldContainer[StyleBankEntry]
     silos_joined: int
-    def __init__(self, banks: _Optional[_Iterable[_Union[StyleBankEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ...) -> None: ...
+    more: bool
+    def __init__(self, banks: _Optional[_Iterable[_Union[StyleBankEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...

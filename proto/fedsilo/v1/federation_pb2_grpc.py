@@ -203,7 +203,7 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStyleBanks(self, request, context):
-        """ResFIM runs: the other silos' sealed style banks published so far.
+        """ResFIM runs: the other silos' sealed style banks published so far, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
