@@ -60,7 +60,11 @@ class ResFimSettings:
         beta: window ratio of the style banks' low-frequency amplitude window, in (0, 0.5].
         clusters: most styles per silo's bank, >= 1.
         style_clip_norm: C > 0: each image's log-amplitude window is clipped to this L2 norm
-            before it enters a bank.
+            before it enters a bank (with DP, the bank's sensitivity is √2·C).
+        masks_without_dp: in a run with record-level DP, compute masks and style banks without
+            noise and protect them by encryption only (stated in every audit report). Off by
+            default: such runs give ``[privacy] fisher_noise_multiplier``, ``fisher_clip_norm``
+            and ``style_noise_multiplier`` and account both releases in the ledger.
     """
 
     rho: float = 0.1
@@ -69,7 +73,8 @@ class ResFimSettings:
     max_examples: int = 64
     beta: float = 0.05
     clusters: int = 4
-    style_clip_norm: float = 100.0
+    style_clip_norm: float = 40.0
+    masks_without_dp: bool = False
 
     def __post_init__(self) -> None:
         rho = self.rho
@@ -84,6 +89,8 @@ class ResFimSettings:
             raise ConfigError(f"resfim.beta: {beta!r} must be a number in (0, 0.5]")
         _int_in("resfim.clusters", self.clusters, 1, 64)
         _positive("resfim.style_clip_norm", self.style_clip_norm)
+        if not isinstance(self.masks_without_dp, bool):
+            raise ConfigError(f"resfim.masks_without_dp: {self.masks_without_dp!r} must be true or false")
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> ResFimSettings:
@@ -250,6 +257,18 @@ class FederationConfig:
             return
         if not isinstance(plan, PrivacyPlan):
             raise ConfigError(f"privacy: {plan!r} is not a PrivacyPlan")
+        resfim = self.resfim
+        if self.strategy.masked and not plan.silo_level and resfim is not None:
+            if resfim.masks_without_dp and plan.resfim_every:
+                raise ConfigError("privacy.fisher_noise_multiplier: set, but resfim.masks_without_dp = true")
+            if not resfim.masks_without_dp and (plan.resfim_every != resfim.recompute_every
+                                                or plan.style_clip_norm != resfim.style_clip_norm):
+                raise ConfigError("privacy.resfim_every: the plan's ResFIM releases must follow [resfim] "
+                                  f"(recompute_every {resfim.recompute_every}, style_clip_norm "
+                                  f"{resfim.style_clip_norm:g}); got {plan.resfim_every}, {plan.style_clip_norm:g}")
+        elif plan.resfim_every:
+            raise ConfigError(f"privacy.fisher_noise_multiplier: set, but run.strategy {self.strategy.value!r} "
+                              "computes no ResFIM masks")
         if self.strategy.masked and plan.silo_level:
             raise ConfigError(f"privacy.silo_level: not supported with run.strategy {self.strategy.value!r}: its "
                               "uploads are parameter values, including ones a silo kept local before (trained "
@@ -352,7 +371,8 @@ _SECTIONS = {
     "resfim": None,
     "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
                 "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
-                "update_target_epsilon", "distributed_noise", "delta", "budgets"},
+                "update_target_epsilon", "distributed_noise", "delta", "budgets", "fisher_noise_multiplier",
+                "fisher_clip_norm", "style_noise_multiplier"},
 }
 
 
@@ -450,21 +470,28 @@ def load_federation_config(path: Path | str) -> FederationConfig:
             raise ConfigError(f"{path}: [resfim] must be a table")
         kwargs["resfim"] = ResFimSettings.from_mapping(data["resfim"])
     if "privacy" in data:
+        strategy = kwargs.get("strategy", Strategy.FEDAVG)
+        resfim = kwargs.get("resfim") or (ResFimSettings() if strategy.masked else None)
         kwargs["privacy"], kwargs["budgets"] = parse_privacy(
             data["privacy"], rounds=run["rounds"], min_silos=run["min_silos"],
-            aggregation=kwargs.get("aggregation", AggregationMode.HE))
+            aggregation=kwargs.get("aggregation", AggregationMode.HE), strategy=strategy,
+            resfim=resfim if strategy.masked else None)
     return FederationConfig(**kwargs)
 
 
 def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
-                  aggregation: AggregationMode) -> tuple[Any, dict[str, float]]:
+                  aggregation: AggregationMode, strategy: Strategy = Strategy.FEDAVG,
+                  resfim: ResFimSettings | None = None) -> tuple[Any, dict[str, float]]:
     """The ``[privacy]`` table as a `PrivacyPlan` plus the budgets; σ calibrated from targets.
 
     ``target_epsilon`` / ``update_target_epsilon`` (instead of ``noise_multiplier`` /
     ``update_noise_multiplier``) ask for the smallest σ whose whole-run ε (all ``rounds``,
     at ``delta``) is at most the target against anyone who sees one silo's upload — the
     figure silos' budgets are checked against; with distributed noise the aggregate's σ is
-    then √min_silos times larger (and its ε lower). ``distributed_noise``
+    then √min_silos times larger (and its ε lower). In pFL-ResFIM runs (``resfim`` given) with
+    record-level DP the noisy Fisher computations and the style bank (``fisher_noise_multiplier``,
+    ``fisher_clip_norm``, ``style_noise_multiplier``) are part of the run's spend: a record-level
+    target then covers them too, and DP-SGD gets what is left. ``distributed_noise``
     (HE runs only; default true there when silo-level is on) splits the silo-level noise
     into ``min_silos`` shares.
 
@@ -492,6 +519,7 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise ConfigError(f"privacy.delta: {delta!r} must be a number in (0, 1)")
     accountant = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
+    fixed = _resfim_releases(t, strategy=strategy, resfim=resfim, record=record, rounds=rounds)
     for target, sigma, on, q_key, steps in (
         ("target_epsilon", "noise_multiplier", record, "sample_rate", "steps_per_round"),
         ("update_target_epsilon", "update_noise_multiplier", silo, None, None),
@@ -508,7 +536,7 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
             q = 1.0 if q_key is None else t.get(q_key)
             total = int(rounds) * int(per_round)  # validated below; bad values fail there
             t[sigma] = calibrate_noise(target_epsilon=eps, delta=t.get("delta", 1e-5), sample_rate=q,
-                                       steps=total, accountant=accountant)
+                                       steps=total, accountant=accountant, fixed=fixed if q_key else ())
             if q_key is None and distributed:
                 # the target holds against one silo's upload (σ/√K), like the silos' budgets;
                 # the aggregate of K shares then carries √K times that σ
@@ -535,6 +563,42 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
     except TypeError as exc:
         raise ConfigError(f"privacy: {exc}") from None
     return plan, dict(budgets)
+
+
+def _resfim_releases(t: dict[str, Any], *, strategy: Strategy, resfim: ResFimSettings | None, record: bool,
+                    rounds: Any) -> list[Any]:
+    """Checks the [privacy] keys of pFL-ResFIM's private masks, completes ``t`` with the plan's
+    ResFIM fields, and returns the run's once-off releases (for calibrating DP-SGD's σ)."""
+    from fedsilo.privacy.accounting import Mechanism, Neighbouring, Release
+
+    keys = ("fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier")
+    given = [k for k in keys if k in t]
+    if resfim is None:
+        if given:
+            raise ConfigError(f"privacy.{given[0]}: set, but run.strategy {strategy.value!r} computes no ResFIM masks")
+        return []
+    if not record or resfim.masks_without_dp:
+        if given:
+            why = "resfim.masks_without_dp = true" if record else "record_level is off"
+            raise ConfigError(f"privacy.{given[0]}: set, but {why}")
+        return []
+    for k in keys:
+        if k not in t:
+            raise ConfigError(f"privacy.{k}: missing (run.strategy {strategy.value!r} with record-level DP: the "
+                              "masks' Fisher information and the style bank are releases of each silo's images; "
+                              "give their noise, or set resfim.masks_without_dp = true to protect them by "
+                              "encryption only)")
+        _positive(f"privacy.{k}", t[k])
+    t["resfim_every"] = resfim.recompute_every
+    t["style_clip_norm"] = float(resfim.style_clip_norm)
+    try:
+        masks = sum(1 for r in range(1, int(rounds) + 1) if (r - 1) % resfim.recompute_every == 0)
+    except (TypeError, ValueError):
+        return []  # a bad rounds value fails its own check
+    return [Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
+                    noise_multiplier=float(t["fisher_noise_multiplier"]), sample_rate=1.0, steps=2 * masks),
+            Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
+                    noise_multiplier=float(t["style_noise_multiplier"]), sample_rate=1.0, steps=1)]
 
 
 def tls_files(table: Mapping[str, Any], section: str, base: Path, *, insecure: bool,

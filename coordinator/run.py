@@ -32,6 +32,7 @@ from fedsilo.coordinator.store import SiloRow, Store
 from fedsilo.coordinator.tensors import Manifest
 from fedsilo.privacy.ledger import DuplicateEntryError, GuaranteeScope, LedgerError, LedgerMirror
 from fedsilo.privacy.pki import Identity, Role
+from fedsilo.privacy.plan import entry_key
 
 log = logging.getLogger("fedsilo.coordinator")
 
@@ -251,8 +252,9 @@ class Coordinator:
 
                 assert config.resfim is not None
                 r = config.resfim
-                write_disclosures(state_dir, resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every,
-                                                                beta=r.beta, clusters=r.clusters))
+                write_disclosures(state_dir, resfim_disclosures(
+                    rho=r.rho, recompute_every=r.recompute_every, beta=r.beta, clusters=r.clusters,
+                    plan=config.privacy if config.privacy.resfim_every else None))
         fingerprint = config.run_fingerprint()
         stored = self._store.get_meta("run_fingerprint")
         if stored is None:
@@ -306,7 +308,7 @@ class Coordinator:
         assert self._mirror is not None
         for silo, budget in self.cfg.budgets.items():
             spend = projected_spend(self._mirror.entries(silo), plan.round_releases(), delta=plan.delta,
-                                    repeats=self.cfg.rounds)
+                                    repeats=self.cfg.rounds, extra=plan.run_extras(self.cfg.rounds))
             for relation, eps in spend.items():
                 if eps > budget:
                     raise ConfigError(
@@ -623,21 +625,22 @@ class Coordinator:
         position = ledger_position(self.cfg.strategy, rnd)
         entries = [e for e in self._mirror.entries(name)
                    if e.run_id == self.cfg.run_id and (e.round, e.upload_index) == position]
-        for planned in plan.round_releases():
+        for planned in plan.round_releases() + plan.extra_releases(rnd):
             relation = planned.neighbouring.value
+            what = "ResFIM mask (noisy Fisher)" if planned in plan.extra_releases(rnd) else f"{relation}-level"
             found = [e for e in entries if e.neighbouring.value == relation]
             if not found:
                 raise FailedPrecondition(
-                    f"round {rnd}: no {relation}-level privacy-ledger entry of silo {name!r} is mirrored; send it "
+                    f"round {rnd}: no {what} privacy-ledger entry of silo {name!r} is mirrored; send it "
                     "with SubmitLedgerEntries before uploading (every DP release is accounted first)")
-            e = found[-1]
-            got = (e.mechanism.value, e.noise_multiplier, e.sample_rate, e.steps, e.clip_norm)
-            want = (planned.mechanism.value, planned.noise_multiplier, planned.sample_rate, planned.steps,
-                    planned.clip_norm)
-            if got != want or e.guarantee(_SINGLE).noise_multiplier != planned.single_upload_noise_multiplier:
+            want = planned.key()
+            if not any(entry_key(e) == want and e.guarantee(_SINGLE).noise_multiplier
+                       == planned.single_upload_noise_multiplier for e in found):
+                e = found[-1]
                 raise FailedPrecondition(
-                    f"round {rnd}: silo {name!r}'s {relation}-level ledger entry seq {e.seq} accounts "
-                    f"(mechanism, σ, q, steps, C) = {got}, but the run's plan is {want}")
+                    f"round {rnd}: no mirrored {what} ledger entry of silo {name!r} matches the run's plan "
+                    f"(mechanism, σ, q, steps, C) = {want}; its latest {relation}-level entry there, seq {e.seq}, "
+                    f"accounts {entry_key(e)}")
 
     def submit(self, caller: Identity, parts: Iterable[UploadPart]) -> SubmitResult:
         """Receives one upload stream, validates it completely, then adds it to the round.
@@ -1005,6 +1008,14 @@ class Coordinator:
         self._require_masked()
         if not 1 <= len(sealed) <= MAX_STYLE_BANK_BYTES:
             raise InvalidArgument(f"sealed_bank has {len(sealed)} bytes; 1..{MAX_STYLE_BANK_BYTES} allowed")
+        plan = self.cfg.privacy
+        if plan is not None and plan.resfim_every:
+            assert self._mirror is not None
+            want = plan.style_release().key()
+            if not any(e.run_id == self.cfg.run_id and entry_key(e) == want for e in self._mirror.entries(name)):
+                raise FailedPrecondition(f"silo {name!r}: no mirrored privacy-ledger entry accounts its style bank "
+                                         f"(mechanism, σ, q, steps, C) = {want}; send it with SubmitLedgerEntries "
+                                         "before publishing")
         with self._cond:
             banks = self._store.style_banks()
             known = banks.get(name)

@@ -128,7 +128,9 @@ def privacy_plan_to_proto(plan) -> federation_pb2.PrivacyPlan:  # plan: PrivacyP
         record_level=plan.record_level, sample_rate=plan.sample_rate, steps_per_round=plan.steps_per_round,
         max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier, silo_level=plan.silo_level,
         update_clip_norm=plan.update_clip_norm, update_noise_multiplier=plan.update_noise_multiplier,
-        noise_shares=plan.noise_shares, delta=plan.delta)
+        noise_shares=plan.noise_shares, delta=plan.delta, resfim_every=plan.resfim_every,
+        fisher_noise_multiplier=plan.fisher_noise_multiplier, fisher_clip_norm=plan.fisher_clip_norm,
+        style_noise_multiplier=plan.style_noise_multiplier, style_clip_norm=plan.style_clip_norm)
 
 
 def ledger_response(mirrored_through: int) -> federation_pb2.SubmitLedgerEntriesResponse:

@@ -519,6 +519,7 @@ def calibrate_noise(
     steps: int,
     accountant: Accountant | None = None,
     rtol: float = 1e-4,
+    fixed: Sequence[Release] = (),
 ) -> float:
     """The smallest noise multiplier σ whose ε for the whole run is at most the target.
 
@@ -538,6 +539,8 @@ def calibrate_noise(
         accountant: Defaults to `RdpAccountant()`. A history the accountant cannot bound
             (`AccountingError`) counts as exceeding the target.
         rtol: Relative bisection tolerance on σ, in (0, 0.5].
+        fixed: Other releases of the run with their own σ (e.g. pFL-ResFIM's noisy Fisher and
+            style bank), composed with the calibrated ones; the target covers them all.
 
     Returns:
         σ.
@@ -571,7 +574,7 @@ def calibrate_noise(
 
     def fits(sigma: float) -> bool:
         try:
-            return accountant.epsilon([release(sigma)], delta=delta).epsilon <= target
+            return accountant.epsilon([release(sigma), *fixed], delta=delta).epsilon <= target
         except AccountingError:
             return False
 

@@ -294,8 +294,39 @@ def build_report(state_dir: Path | str) -> dict[str, Any]:
     }
 
 
-def resfim_disclosures(*, rho: float, recompute_every: int, beta: float, clusters: int) -> list[dict[str, str]]:
-    """What a pFL-ResFIM run shares beyond its ledgered releases, in words for the privacy officer."""
+def resfim_disclosures(*, rho: float, recompute_every: int, beta: float, clusters: int,
+                       plan: Any = None) -> list[dict[str, str]]:
+    """What a pFL-ResFIM run shares, in words for the privacy officer.
+
+    Args:
+        rho, recompute_every, beta, clusters: the run's ResFIM settings.
+        plan: The run's `PrivacyPlan` when its masks and style banks are differentially private
+            (``plan.resfim_every > 0``): the statements then say how to find their ledger
+            entries. None: they are protected by encryption only, and the statements say so.
+    """
+    if plan is not None and plan.resfim_every:
+        c_f, c_s = float(plan.fisher_clip_norm), float(plan.style_clip_norm)
+        return [
+            {"topic": "ResFIM masks (differentially private, in the ledger)", "statement": (
+                f"Each silo keeps local the top {rho:g} of every tensor by Residual Fisher Information, "
+                f"recomputed every {recompute_every} round(s). The Fisher information is computed with DP: every "
+                f"example's gradient is clipped to L2 norm {c_f:g}, and Gaussian noise of std "
+                f"{plan.fisher_noise_multiplier:g} x {c_f:g}^2 is added to the sums of squared gradients, once on "
+                "the silo's images and once on their re-styled twins. Each mask computation is one ledger entry: "
+                f"mechanism gaussian, record-level, sigma = {plan.fisher_noise_multiplier:g}, q = 1, steps = 2, "
+                f"C = {c_f ** 2:g}. The masks are post-processing of these releases. The coordinator sees "
+                "only ciphertexts and never a mask; the other silos decrypt, per element, the total weight of "
+                "the silos that share it.")},
+            {"topic": "ResFIM style banks (differentially private, in the ledger)", "statement": (
+                f"Once per run each silo shares a style bank: the low-frequency window (beta = {beta:g}) of the "
+                "Fourier log-amplitude spectra of its training images, each clipped to L2 norm "
+                f"{c_s:g}, summed in up to {clusters} bins chosen by a data-independent rule, with the counts, "
+                f"in one Gaussian release: ledger entry gaussian, record-level, sigma = "
+                f"{plan.style_noise_multiplier:g}, q = 1, steps = 1, C = {2 ** 0.5 * c_s:.6g} (sqrt(2) x "
+                f"{c_s:g}). The bank is sealed (AES-256-GCM under a key derived from the run's shared secret "
+                "key, which the coordinator does not hold), so only the other silos can read it.")},
+            _CONSENSUS_DISCLOSURE,
+        ]
     return [
         {"topic": "ResFIM masks (protected by encryption only)", "statement": (
             f"Each silo decides which parameter elements it keeps local: the top {rho:g} of every tensor by "
@@ -314,12 +345,15 @@ def resfim_disclosures(*, rho: float, recompute_every: int, beta: float, cluster
             "hold), so only the other silos can read it. It has no noise and no ledger entry: it reveals the "
             "average scanner appearance (brightness, contrast, blur) of groups of the silo's images, and a "
             "cluster of few images comes close to those images' own low-frequency amplitudes.")},
-        {"topic": "ResFIM consensus model", "statement": (
-            "For the consensus model (used on unseen domains) each silo also uploads, encrypted, its weighted "
-            "values of the elements it keeps local; the silos decrypt only their sum over all silos. These "
-            "values come from the same DP-SGD training as the shared ones (record-level runs), so they are "
-            "covered by the ledger's record-level entries.")},
+        _CONSENSUS_DISCLOSURE,
     ]
+
+
+_CONSENSUS_DISCLOSURE = {"topic": "ResFIM consensus model", "statement": (
+    "For the consensus model (used on unseen domains) each silo also uploads, encrypted, its weighted "
+    "values of the elements it keeps local; the silos decrypt only their sum over all silos. These "
+    "values come from the same DP-SGD training as the shared ones (record-level runs), so they are "
+    "covered by the ledger's record-level entries.")}
 
 
 def write_disclosures(state_dir: Path | str, disclosures: Sequence[Mapping[str, str]]) -> Path:

@@ -1019,16 +1019,23 @@ class Ledger:
                 (unsigned.neighbouring.value,),
             ).fetchone()
             _check_spend(unsigned, self._load(row[0]) if row else None)
-            clash = self._conn.execute(
-                "SELECT seq FROM entries WHERE run_id = ? AND round = ? AND upload_index = ? "
-                "AND neighbouring = ? AND status = 'pending'",
-                (
-                    unsigned.run_id,
-                    unsigned.round,
-                    unsigned.upload_index,
-                    unsigned.neighbouring.value,
-                ),
-            ).fetchone()
+            # One pending reservation per release: the same run, round, upload, relation and
+            # mechanism parameters (a round may hold several releases, e.g. a ResFIM mask's
+            # noisy Fisher beside the DP-SGD training it shapes).
+            same = _release_key(unsigned)
+            clash = next((
+                (seq,) for seq, text in self._conn.execute(
+                    "SELECT seq, entry_json FROM entries WHERE run_id = ? AND round = ? AND upload_index = ? "
+                    "AND neighbouring = ? AND status = 'pending'",
+                    (
+                        unsigned.run_id,
+                        unsigned.round,
+                        unsigned.upload_index,
+                        unsigned.neighbouring.value,
+                    ),
+                ).fetchall()
+                if _release_key(self._load(text)) == same
+            ), None)
             if clash:
                 raise ValueError(
                     f"run {unsigned.run_id!r} round {unsigned.round} upload "
@@ -1091,6 +1098,10 @@ class Ledger:
                 f"silo {self.silo!r}'s ledger {str(self.path)!r} holds a damaged entry: {exc}",
                 seq=exc.seq,
             ) from None
+
+
+def _release_key(entry: LedgerEntry) -> tuple[Any, ...]:
+    return (entry.mechanism, entry.noise_multiplier, entry.sample_rate, entry.steps, entry.clip_norm)
 
 
 def _caller_fields(given: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_STEPS_PER_ROUND",
     "PlannedRelease",
     "PrivacyPlan",
+    "entry_key",
     "entry_release",
     "ledger_fields",
     "projected_spend",
@@ -65,6 +66,10 @@ class PlannedRelease:
         """Whether the upload carries only a share of the noise."""
         return self.single_upload_noise_multiplier < self.noise_multiplier
 
+    def key(self) -> tuple[str, float, float, int, float]:
+        """(mechanism, σ, q, steps, C): how a ledger entry of this release is recognised."""
+        return (self.mechanism.value, self.noise_multiplier, self.sample_rate, self.steps, self.clip_norm)
+
     def release(self, scope: GuaranteeScope, *, steps: int | None = None) -> Release:
         """The accountant's view of this release against one observer."""
         sigma = self.single_upload_noise_multiplier if scope is GuaranteeScope.SINGLE_UPLOAD else self.noise_multiplier
@@ -94,6 +99,15 @@ class PrivacyPlan:
         update_noise_multiplier: σ of the aggregate, > 0.
         noise_shares: K, 1..10^4.
         delta: The δ the run is planned with, in (0, 1).
+        resfim_every: pFL-ResFIM runs whose masks and style banks are differentially private:
+            rounds between two mask computations (masks before rounds 1, 1+k, …); 0 for no
+            ResFIM releases. Needs record-level DP and the four settings below.
+        fisher_noise_multiplier: σ of each noisy Fisher computation (noise std σ·C_F² on the
+            sum of squared clipped per-example gradients; ``fedsilo.models.resfim.FisherDp``).
+        fisher_clip_norm: C_F, the joint L2 clip of each example's gradient for the Fisher.
+        style_noise_multiplier: σ of the style bank's one Gaussian release (relative to its
+            sensitivity √2·C_S; ``fedsilo.models.style``).
+        style_clip_norm: C_S, the L2 clip of each image's log-amplitude window.
     """
 
     record_level: bool = False
@@ -106,6 +120,11 @@ class PrivacyPlan:
     update_noise_multiplier: float = 0.0
     noise_shares: int = 1
     delta: float = 1e-5
+    resfim_every: int = 0
+    fisher_noise_multiplier: float = 0.0
+    fisher_clip_norm: float = 0.0
+    style_noise_multiplier: float = 0.0
+    style_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("record_level", "silo_level"):
@@ -126,6 +145,24 @@ class PrivacyPlan:
         if self.noise_shares > 1 and not self.silo_level:
             raise ValueError(f"invalid noise_shares {self.noise_shares!r}: only silo-level noise can be "
                              "split into shares; use 1")
+        resfim = ("fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier", "style_clip_norm")
+        if isinstance(self.resfim_every, bool) or not isinstance(self.resfim_every, numbers.Integral) \
+                or not 0 <= int(self.resfim_every) <= 100_000:
+            raise ValueError(f"invalid resfim_every {self.resfim_every!r}: must be an integer in [0, 100000]")
+        if self.resfim_every:
+            if not self.record_level:
+                raise ValueError(f"invalid resfim_every {self.resfim_every!r}: ResFIM releases are record-level; "
+                                 "they need record_level = true")
+            for name in resfim:
+                _positive(name, getattr(self, name))
+            if self.fisher_release().key() == self.round_releases()[0].key():
+                raise ValueError("invalid fisher_noise_multiplier: the Fisher release would be indistinguishable "
+                                 "from a round's DP-SGD release in the ledger; change σ or C")
+        else:
+            for name in resfim:
+                if getattr(self, name) != 0:
+                    raise ValueError(f"invalid {name} {getattr(self, name)!r}: set only for pFL-ResFIM runs "
+                                     "whose masks are differentially private (resfim_every > 0)")
 
     @property
     def enabled(self) -> bool:
@@ -150,9 +187,46 @@ class PrivacyPlan:
                 clip_norm=float(self.update_clip_norm)))
         return out
 
+    def fisher_release(self) -> PlannedRelease:
+        """One mask computation of pFL-ResFIM: two noisy Fisher matrices (local images and their
+        re-styled twins), each a Gaussian mechanism of L2 sensitivity C_F² on the sum of squared
+        clipped per-example gradients; one ledger entry of 2 steps."""
+        sigma = float(self.fisher_noise_multiplier)
+        return PlannedRelease(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD, noise_multiplier=sigma,
+                              single_upload_noise_multiplier=sigma, sample_rate=1.0, steps=2,
+                              clip_norm=float(self.fisher_clip_norm) ** 2)
+
+    def style_release(self) -> PlannedRelease:
+        """The style bank's one Gaussian release (clipped window sums and counts, sensitivity √2·C_S)."""
+        sigma = float(self.style_noise_multiplier)
+        return PlannedRelease(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD, noise_multiplier=sigma,
+                              single_upload_noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                              clip_norm=math.sqrt(2.0) * float(self.style_clip_norm))
+
+    def mask_round(self, rnd: int) -> bool:
+        """Whether the schedule computes ResFIM masks before round ``rnd`` (1-based)."""
+        return bool(self.resfim_every) and (rnd - 1) % self.resfim_every == 0
+
+    def extra_releases(self, rnd: int) -> list[PlannedRelease]:
+        """Releases beyond `round_releases` that round ``rnd``'s upload depends on by schedule (the
+        Fisher of the masks computed before it); accounted at the upload's ledger position."""
+        return [self.fisher_release()] if self.mask_round(rnd) else []
+
+    def run_extras(self, rounds: int) -> list[PlannedRelease]:
+        """Every once-off release of a run of ``rounds`` rounds: the style bank and the scheduled masks."""
+        if not self.resfim_every:
+            return []
+        return [self.style_release()] + [self.fisher_release() for r in range(1, rounds + 1) if self.mask_round(r)]
+
     def to_mapping(self) -> dict[str, Any]:
-        """Plain values (for fingerprints and reports)."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """Plain values (for fingerprints and reports); ResFIM fields only when used, so the
+        fingerprints of runs without them are unchanged."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if not self.resfim_every:
+            for f in ("resfim_every", "fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier",
+                      "style_clip_norm"):
+                out.pop(f)
+        return out
 
 
 def _positive(name: str, value: object) -> None:
@@ -163,6 +237,11 @@ def _positive(name: str, value: object) -> None:
 def _count(name: str, value: object, most: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= int(value) <= most:
         raise ValueError(f"invalid {name} {value!r}: must be an integer in [1, {most}]")
+
+
+def entry_key(entry: LedgerEntry) -> tuple[str, float, float, int, float]:
+    """The (mechanism, σ, q, steps, C) of a ledger entry, to compare with `PlannedRelease.key`."""
+    return (entry.mechanism.value, entry.noise_multiplier, entry.sample_rate, entry.steps, entry.clip_norm)
 
 
 def entry_release(entry: LedgerEntry, scope: GuaranteeScope) -> Release:
@@ -182,19 +261,21 @@ def projected_spend(
     *,
     delta: float,
     repeats: int = 1,
+    extra: Sequence[PlannedRelease] = (),
     accountant: Accountant | None = None,
 ) -> dict[Neighbouring, float]:
     """Cumulative ε against one silo's upload, per relation, after ``repeats`` more rounds.
 
-    Composes the stored history with the planned releases (each repeated ``repeats`` times);
-    this is the figure a silo's budget is checked against (single-upload scope, the
-    conservative one).
+    Composes the stored history with the planned releases (each repeated ``repeats`` times)
+    and the ``extra`` ones (once each); this is the figure a silo's budget is checked against
+    (single-upload scope, the conservative one).
 
     Args:
         history: The silo's ledger entries (any relations).
         planned: The releases of one round.
         delta: The δ to state ε at.
         repeats: Rounds ahead, ≥ 1.
+        extra: Once-off releases (e.g. pFL-ResFIM's style bank and mask computations).
         accountant: Defaults to dp_accounting's RDP on `LEDGER_RDP_ORDERS` (torch-free).
 
     Returns:
@@ -202,13 +283,17 @@ def projected_spend(
     """
     accountant = accountant or DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
     scope = GuaranteeScope.SINGLE_UPLOAD
-    out: dict[Neighbouring, float] = {}
+    ahead: dict[Neighbouring, list[Release]] = {}
     for p in planned:
-        releases = _history(history, p.neighbouring, scope) + [p.release(scope, steps=p.steps * repeats)]
+        ahead.setdefault(p.neighbouring, []).append(p.release(scope, steps=p.steps * repeats))
+    for p in extra:
+        ahead.setdefault(p.neighbouring, []).append(p.release(scope))
+    out: dict[Neighbouring, float] = {}
+    for relation, releases in ahead.items():
         try:
-            out[p.neighbouring] = accountant.epsilon(releases, delta=delta).epsilon
+            out[relation] = accountant.epsilon(_history(history, relation, scope) + releases, delta=delta).epsilon
         except AccountingError:
-            out[p.neighbouring] = math.inf
+            out[relation] = math.inf
     return out
 
 

@@ -214,14 +214,18 @@ class Agent:
         if info.strategy.masked:
             if self._he is None:
                 raise AgentError(f"strategy {info.strategy.value} needs HE aggregation (the masks travel encrypted)")
-            self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir)
-            if self._dp is not None:  # this silo's own audit reports say what its ledger does not cover
+            self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir, privacy=self._dp)
+            if self._dp is not None:  # this silo's own audit reports say what ResFIM shares and how it is covered
                 from fedsilo.privacy.audit import resfim_disclosures, write_disclosures
 
                 r = info.resfim
-                write_disclosures(state_dir, resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every,
-                                                                beta=r.beta, clusters=r.clusters))
-            self._resfim.publish_bank(client, data.splits.train)
+                write_disclosures(state_dir, resfim_disclosures(
+                    rho=r.rho, recompute_every=r.recompute_every, beta=r.beta, clusters=r.clusters,
+                    plan=self._dp.plan if self._resfim.private else None))
+            try:
+                self._resfim.publish_bank(client, data.splits.train)
+            except PrivacyError as exc:
+                raise AgentError(str(exc)) from None
         while True:
             self._activity = Activity.IDLE
             if holder:
@@ -328,7 +332,8 @@ class Agent:
                 state.pending_round, state.pending_update = 0, {}
                 state.save(state_dir)
             if state.pending_round != rnd:
-                refusal = dp.refusal()
+                extra = self._resfim.mask_releases(state, rnd, ahead=True) if self._resfim is not None else []
+                refusal = dp.refusal(extra)
                 if refusal is not None:
                     self._decline(client, state, rnd, refusal)
                     return
@@ -367,7 +372,7 @@ class Agent:
                                         for k, v in update.items()}
                 state.save(state_dir)  # the exact release is durable before it is accounted and sent
         if dp is not None:
-            dp.account_round(rnd)
+            dp.account_round(rnd, self._resfim.mask_releases(state, rnd) if self._resfim is not None else [])
             dp.sync(client)
         weight = 1.0 if dp is not None and dp.plan.silo_level else float(n_train)
         self._activity = Activity.UPLOADING

@@ -48,6 +48,10 @@ LORA_STRATEGIES = ("deer", "fedavg-lora", "ffa-lora", "deer+resfim")
 RESFIM_STRATEGIES = ("resfim", "deer+resfim")
 DEMO_RESFIM: dict[str, Any] = {"rho": 0.1, "recompute_every": 5, "max_examples": 32}
 DEMO_RESFIM_HE_BOUND = 8.0
+#: ResFIM with DP: the masks' noisy Fisher (σ_F = 5, per-example clip 1) and the style bank (σ = 3,
+#: clip 40 per image, [resfim] style_clip_norm) are ledgered too, inside the same ε ≤ 8 target.
+DEMO_RESFIM_PRIVACY: dict[str, Any] = {**DEMO_PRIVACY, "fisher_noise_multiplier": 5.0, "fisher_clip_norm": 1.0,
+                                       "style_noise_multiplier": 3.0}
 
 
 class DemoError(Exception):
@@ -272,7 +276,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         if masked and aggregation != "he":
             raise DemoError(f"--strategy {strategy} needs --aggregation he (the masks travel only inside ciphertexts)")
         silo_dp = uses_lora and not masked  # ResFIM uploads values: record-level DP-SGD only
-        privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_PRIVACY) if dp else None
+        privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_RESFIM_PRIVACY if masked else DEMO_PRIVACY) if dp else None
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from fedsilo.coordinator.aggregation.base import atomic_write
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, PrvAccountant, RdpAccountant, check_privacy_config
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
 from fedsilo.privacy.ledger import EntryStatus, GuaranteeScope, Ledger, LedgerError, Neighbouring
-from fedsilo.privacy.plan import PrivacyPlan, ledger_fields, projected_spend
+from fedsilo.privacy.plan import PlannedRelease, PrivacyPlan, entry_key, ledger_fields, projected_spend
 from fedsilo.coordinator.config import Strategy
 from fedsilo.coordinator.phases import SharePhase, ledger_position
 from fedsilo.silo_agent.config import AgentConfig
@@ -105,10 +105,14 @@ class PrivacySession:
         return (f"{'; '.join(parts)}; budget ε={self.budget.epsilon:g} at δ={self.budget.delta:g}; "
                 f"spent so far: {spent}")
 
-    def refusal(self) -> str | None:
-        """Why the next round must be declined (it would exceed the budget), or None."""
+    def refusal(self, extra: Sequence[PlannedRelease] = ()) -> str | None:
+        """Why the next round must be declined (it would exceed the budget), or None.
+
+        Args:
+            extra: Releases the round makes besides its upload (a ResFIM mask computation).
+        """
         after = projected_spend(self.ledger.entries(), self.plan.round_releases(), delta=self.budget.delta,
-                                accountant=self._accountant)
+                                extra=extra, accountant=self._accountant)
         over = [(n, eps) for n, eps in after.items() if eps > self.budget.epsilon]
         if not over:
             return None
@@ -162,13 +166,20 @@ class PrivacySession:
         pos = self._position(rnd)
         return [e for e in self.ledger.entries() if e.run_id == self.run_id and (e.round, e.upload_index) == pos]
 
-    def account_round(self, rnd: int) -> None:
-        """Reserves (durably, signed) this round's ledger entries, unless already reserved."""
-        have = {e.neighbouring.value for e in self._round_entries(rnd)
+    def account_round(self, rnd: int, extra: Sequence[PlannedRelease] = ()) -> None:
+        """Reserves (durably, signed) this round's ledger entries, unless already reserved.
+
+        Args:
+            rnd: The coordinator's round.
+            extra: Releases the upload depends on besides its own (a ResFIM mask computed for it),
+                written at the same ledger position.
+        """
+        have = {entry_key(e) for e in self._round_entries(rnd)
                 if self.ledger.status(e.seq) is not EntryStatus.ABANDONED}
-        for planned in self.plan.round_releases():
-            if planned.neighbouring.value in have:
+        for planned in [*self.plan.round_releases(), *extra]:
+            if planned.key() in have:
                 continue
+            have.add(planned.key())
             ledger_round, upload_index = self._position(rnd)
             fields = ledger_fields(self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id,
                                    round=ledger_round, upload_index=upload_index, accountant=self._accountant,
@@ -178,17 +189,51 @@ class PrivacySession:
                      entry.seq, entry.neighbouring.value, entry.epsilon_rdp,
                      entry.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon, entry.delta)
 
+    def account_style_bank(self) -> None:
+        """Reserves the ledger entry of this silo's style bank (pFL-ResFIM), unless already reserved.
+
+        Raises:
+            PrivacyError: The bank would take this silo over its budget.
+        """
+        planned = self.plan.style_release()
+        if any(e.run_id == self.run_id and entry_key(e) == planned.key()
+               and self.ledger.status(e.seq) is not EntryStatus.ABANDONED for e in self.ledger.entries()):
+            return
+        after = projected_spend(self.ledger.entries(), [], delta=self.budget.delta, extra=[planned],
+                                accountant=self._accountant)
+        eps = after[planned.neighbouring]
+        if eps > self.budget.epsilon:
+            raise PrivacyError(f"privacy budget: the style bank would bring this silo's record-level ε to {eps:.4f}, "
+                               f"above its budget ε = {self.budget.epsilon:g}")
+        ledger_round, upload_index = self._position(1)
+        fields = ledger_fields(self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id,
+                               round=ledger_round, upload_index=upload_index, accountant=self._accountant,
+                               prv_accountant=self._prv)
+        entry = self.ledger.reserve(**fields)
+        log.info("style bank: ledger entry %d: record-level ε %.4f, %.4f cumulative (δ = %g)", entry.seq,
+                 entry.epsilon_rdp, entry.cumulative_epsilon, entry.delta)
+
+    def commit_style_bank(self) -> None:
+        """Marks the style bank's reservation as released (it was published)."""
+        key = self.plan.style_release().key()
+        for e in self.ledger.pending():
+            if e.run_id == self.run_id and entry_key(e) == key:
+                self.ledger.commit(e.seq)
+
+    def _pending_of_round(self, rnd: int) -> list[Any]:
+        bank = self.plan.style_release().key() if self.plan.resfim_every else None
+        return [e for e in self.ledger.pending() if e.run_id == self.run_id
+                and (e.round, e.upload_index) == self._position(rnd) and entry_key(e) != bank]
+
     def commit_round(self, rnd: int) -> None:
         """Marks this round's reservations as released (the upload went out)."""
-        for e in self.ledger.pending():
-            if e.run_id == self.run_id and (e.round, e.upload_index) == self._position(rnd):
-                self.ledger.commit(e.seq)
+        for e in self._pending_of_round(rnd):
+            self.ledger.commit(e.seq)
 
     def abandon_round(self, rnd: int) -> None:
         """Marks this round's reservations as not sent; their spend still counts."""
-        for e in self.ledger.pending():
-            if e.run_id == self.run_id and (e.round, e.upload_index) == self._position(rnd):
-                self.ledger.abandon(e.seq)
+        for e in self._pending_of_round(rnd):
+            self.ledger.abandon(e.seq)
 
     def sync(self, client: Any) -> int:
         """Sends every entry the coordinator's mirror lacks; returns the mirrored seq."""

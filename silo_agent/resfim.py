@@ -52,16 +52,35 @@ class ResFimSession:
     personalised model: Fisher on its images and on the same images re-styled toward the other
     silos' banks (``fedsilo.models.resfim``), and saved in the agent's checkpoint.
 
+    With a privacy plan whose ``resfim_every`` is set, both releases are differentially private and
+    ledgered: the bank is built with data-independent bins and one Gaussian release, its entry is
+    reserved and mirrored before it is published; each mask computation uses noisy Fisher
+    matrices (``FisherDp``) and is accounted with the upload it shapes.
+
     Args:
         settings: the run's ``[resfim]`` settings.
         he: the silo's HE session (its secret key seals and opens banks).
         state_dir: the agent's state dir.
+        privacy: the silo's privacy session, or None in a run without DP.
     """
 
-    def __init__(self, *, settings: ResFimSettings, he: HeSession, state_dir: Path) -> None:
+    def __init__(self, *, settings: ResFimSettings, he: HeSession, state_dir: Path, privacy=None) -> None:
         self.settings = settings
         self.he = he
         self.state_dir = state_dir
+        self.privacy = privacy
+        self.private = privacy is not None and bool(privacy.plan.resfim_every)
+
+    def masks_due(self, state: AgentState, rnd: int) -> bool:
+        """Whether masks will be computed before training round ``rnd`` (not yet done)."""
+        return (not state.sensitive or self.settings.recompute(rnd)) and state.masks_round != rnd
+
+    def mask_releases(self, state: AgentState, rnd: int, *, ahead: bool = False) -> list:
+        """The ledger releases of round ``rnd``'s masks: the masks computed for it (``ahead``: about to be)."""
+        if not self.private:
+            return []
+        made = self.masks_due(state, rnd) if ahead else state.masks_round == rnd
+        return [self.privacy.plan.fisher_release()] if made else []
 
     # -- style banks ----------------------------------------------------------------------
     def publish_bank(self, client: CoordinatorClient, train) -> None:
@@ -73,14 +92,21 @@ class ResFimSession:
             sealed = path.read_bytes()
         else:
             images, _ = _stack(train)
-            cfg = StyleBankConfig(clip_norm=self.settings.style_clip_norm, noise_multiplier=0.0,
+            sigma = self.privacy.plan.style_noise_multiplier if self.private else 0.0
+            cfg = StyleBankConfig(clip_norm=self.settings.style_clip_norm, noise_multiplier=sigma,
                                   beta=self.settings.beta, clusters=self.settings.clusters)
             bank = build_style_bank(images, cfg)
             sealed = self.he.seal(bank.to_bytes(), purpose=BANK_PURPOSE)
-            write_private(path, sealed)
-            log.info("style bank: %d style(s) of %d training images (β = %g), sealed for the other silos",
-                     bank.clusters, images.shape[0], self.settings.beta)
+            write_private(path, sealed)  # the exact release is durable before it is accounted and sent
+            log.info("style bank: %d style(s) of %d training images (β = %g%s), sealed for the other silos",
+                     bank.clusters, images.shape[0], self.settings.beta,
+                     f", DP σ = {sigma:g}" if sigma else ", no DP noise")
+        if self.private:
+            self.privacy.account_style_bank()
+            self.privacy.sync(client)
         published = client.publish_style_bank(sealed)
+        if self.private:
+            self.privacy.commit_style_bank()
         log.info("style bank published (%d silo(s) have published theirs)", published)
 
     def other_banks(self, client: CoordinatorClient, stop: threading.Event, idle=None) -> list:
@@ -112,11 +138,10 @@ class ResFimSession:
                      state: AgentState, train, rnd: int, trainable: frozenset[str], strategy, shared_names: list[str],
                      idle=None) -> None:
         """(Re)computes the masks before training round ``rnd`` when due, and saves them."""
-        from fedsilo.models.resfim import ResFimConfig, compute_resfim
+        from fedsilo.models.resfim import FisherDp, ResFimConfig, compute_resfim
         from fedsilo.models.style import simulate_styles
 
-        due = not state.sensitive or self.settings.recompute(rnd)
-        if not due or state.masks_round == rnd:  # == rnd: computed before a restart
+        if not self.masks_due(state, rnd):  # masks_round == rnd: computed before a restart
             return
         banks = self.other_banks(client, stop, idle)
         images, labels = _stack(train, self.settings.max_examples)
@@ -126,16 +151,21 @@ class ResFimSession:
                            recompute_every=self.settings.recompute_every, max_examples=self.settings.max_examples)
         strategy.set_trainable(model, SharePhase.ALL, trainable)  # Fisher over every parameter the silo trains
         model.load_state_dict(state.personal_state_dict())
-        result = compute_resfim(model, images, labels, simulated, cfg)
+        dp = None
+        if self.private:
+            plan = self.privacy.plan
+            dp = FisherDp(clip_norm=plan.fisher_clip_norm, noise_multiplier=plan.fisher_noise_multiplier)
+        result = compute_resfim(model, images, labels, simulated, cfg, dp=dp)
         state.sensitive = {k: v.detach().clone() for k, v in result.masks.items()}
         state.masks_round = rnd
         layout = [k for k in shared_names if k in result.masks]
         total = sum(result.masks[k].numel() for k in layout)
         state.shared_fraction = (sum(int((~result.masks[k]).sum()) for k in layout) / total) if total else 0.0
         state.save(self.state_dir)
-        log.info("round %d: ResFIM masks from %d images and their twins in %d other silo style(s): %.1f%% of "
+        log.info("round %d: ResFIM masks from %d images and their twins in %d other silo style(s)%s: %.1f%% of "
                  "the shared tensors' elements shared, ρ = %g kept local per tensor", rnd, result.n_examples,
-                 len(banks), 100 * state.shared_fraction, self.settings.rho)
+                 len(banks), f", noisy Fisher (σ = {dp.noise_multiplier:g}, C = {dp.clip_norm:g})" if dp else "",
+                 100 * state.shared_fraction, self.settings.rho)
 
     @staticmethod
     def _masks_np(state: AgentState, names: list[str]) -> dict[str, np.ndarray]:

@@ -132,7 +132,9 @@ def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:
                            steps_per_round=msg.steps_per_round, max_grad_norm=msg.max_grad_norm,
                            noise_multiplier=msg.noise_multiplier, silo_level=msg.silo_level,
                            update_clip_norm=msg.update_clip_norm, update_noise_multiplier=msg.update_noise_multiplier,
-                           noise_shares=msg.noise_shares, delta=msg.delta)
+                           noise_shares=msg.noise_shares, delta=msg.delta, resfim_every=msg.resfim_every,
+                           fisher_noise_multiplier=msg.fisher_noise_multiplier, fisher_clip_norm=msg.fisher_clip_norm,
+                           style_noise_multiplier=msg.style_noise_multiplier, style_clip_norm=msg.style_clip_norm)
     except ValueError as exc:
         raise InvalidArgument(f"the coordinator's privacy plan is invalid: {exc}") from None
 

@@ -138,7 +138,7 @@ def test_uploads_need_mirrored_entries_that_match_the_plan(fed: Fed, tmp_path: P
     a = ledger(fed, tmp_path, "hospital-a")
     wrong = dataclasses.replace(PLAN, noise_multiplier=0.7)
     assert coord.submit_ledger_entries(who("hospital-a"), account(a, 1, wrong)) == 1
-    with pytest.raises(FailedPrecondition, match="but the run's plan is"):
+    with pytest.raises(FailedPrecondition, match="no mirrored record-level ledger entry of silo 'hospital-a' matches the run's plan"):
         upload(coord, "hospital-a", 1)
     assert coord.submit_ledger_entries(who("hospital-a"), account(a, 1)) == 2
     upload(coord, "hospital-a", 1)

@@ -404,15 +404,15 @@ def test_resfim_masks_never_reach_the_coordinator(federation_factory) -> None:
     (ρ = 0.2), masked uploads summed as ciphertexts. Each silo's personalised model agrees with the others on
     the elements both share and keeps its own local ones; the unseen domain is evaluated with the consensus;
     and no file the coordinator stored (database, WAL, sums, aggregates) contains any silo's mask in any of
-    the usual encodings. With record-level DP-SGD the audit report verifies and states that the masks are
-    protected by encryption only (their Fisher information is not noised)."""
+    the usual encodings. With record-level DP the style bank and every mask computation (noisy Fisher) are
+    ledger entries beside DP-SGD's, all within ε ≤ 8; the audit report verifies and says how to find them."""
     import torch
 
-    from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_PRIVACY
+    from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_RESFIM_PRIVACY
 
     fed = federation_factory(silos=3, rounds=2, deadline_s=120.0, strategy="resfim",
                              resfim={"rho": 0.2, "recompute_every": 1, "max_examples": 16},
-                             privacy=DEMO_PRIVACY, budgets={n: DEMO_BUDGET for n in silo_names(3)})
+                             privacy=DEMO_RESFIM_PRIVACY, budgets={n: DEMO_BUDGET for n in silo_names(3)})
     fed.start("coordinator")
     for n in fed.names:
         fed.start(n)
@@ -456,8 +456,14 @@ def test_resfim_masks_never_reach_the_coordinator(federation_factory) -> None:
     assert made.returncode == 0, made.stdout + made.stderr
     report = json.loads((out / "report.json").read_text())
     assert [d["topic"] for d in report["disclosures"]][:2] == [
-        "ResFIM masks (protected by encryption only)", "ResFIM style banks (not differentially private)"]
+        "ResFIM masks (differentially private, in the ledger)",
+        "ResFIM style banks (differentially private, in the ledger)"]
     for s in report["silos"]:
-        assert [e["round"] for e in s["entries"]] == [1, 2] and s["cumulative"]["record"]["single_upload"] <= 8.0
+        got = [(e["round"], e["mechanism"], e["steps"], float(e["clip_norm"])) for e in s["entries"]]
+        bank = (1, "gaussian", 1, pytest.approx(2**0.5 * 40.0))
+        fisher = [(r, "gaussian", 2, 1.0) for r in (1, 2)]
+        dpsgd = [(r, "subsampled_gaussian", 12, 1.0) for r in (1, 2)]
+        assert got == [bank, dpsgd[0], fisher[0], dpsgd[1], fisher[1]]
+        assert s["cumulative"]["record"]["single_upload"] <= 8.0
     verified = _cli("audit", "verify", str(out / "report.json"))
     assert verified.returncode == 0, verified.stdout + verified.stderr

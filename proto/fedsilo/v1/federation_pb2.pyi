@@ -94,7 +94,7 @@ AGENT_ACTIVITY_UPLOADING: AgentActivity
 AGENT_ACTIVITY_EVALUATING: AgentActivity
 
 class PrivacyPlan(_message.Message):
-    __slots__ = ("record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier", "silo_level", "update_clip_norm", "update_noise_multiplier", "noise_shares", "delta")
+    __slots__ = ("record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier", "silo_level", "update_clip_norm", "update_noise_multiplier", "noise_shares", "delta", "resfim_every", "fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier", "style_clip_norm")
     RECORD_LEVEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,11 @@ class PrivacyPlan(_message.Message):
     UPDATE_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     NOISE_SHARES_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESFIM_EVERY_FIELD_NUMBER: _ClassVar[int]
+    FISHER_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    FISHER_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    STYLE_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    STYLE_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     record_level: bool
     sample_rate: float
     steps_per_round: int
@@ -115,7 +120,12 @@ class PrivacyPlan(_message.Message):
     update_noise_multiplier: float
     noise_shares: int
     delta: float
-    def __init__(self, record_level: _Optional[bool] = ..., sample_rate: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., silo_level: _Optional[bool] = ..., update_clip_norm: _Optional[float] = ..., update_noise_multiplier: _Optional[float] = ..., noise_shares: _Optional[int] = ..., delta: _Optional[float] = ...) -> None: ...
+    resfim_every: int
+    fisher_noise_multiplier: float
+    fisher_clip_norm: float
+    style_noise_multiplier: float
+    style_clip_norm: float
+    def __init__(self, record_level: _Optional[bool] = ..., sample_rate: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., silo_level: _Optional[bool] = ..., update_clip_norm: _Optional[float] = ..., update_noise_multiplier: _Optional[float] = ..., noise_shares: _Optional[int] = ..., delta: _Optional[float] = ..., resfim_every: _Optional[int] = ..., fisher_noise_multiplier: _Optional[float] = ..., fisher_clip_norm: _Optional[float] = ..., style_noise_multiplier: _Optional[float] = ..., style_clip_norm: _Optional[float] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ()
