@@ -197,3 +197,47 @@ def test_resfim_defaults_schedule_and_fingerprint(config_dir: Path) -> None:
     assert other.resfim.rho == 0.2 and other.run_fingerprint() != cfg.run_fingerprint()
     deer = load_federation_config(write(config_dir, replace_line(RESFIM, "strategy =", 'strategy = "deer+resfim"')))
     assert deer.strategy.uses_lora and deer.strategy.alternates_factors and deer.strategy.masked
+
+
+RESFIM_DP = RESFIM + """
+[privacy]
+record_level = true
+sample_rate = 0.25
+steps_per_round = 12
+max_grad_norm = 1.0
+target_epsilon = 8.0
+delta = 1e-5
+"""
+FISHER = "fisher_noise_multiplier = 5.0\nfisher_clip_norm = 1.0\nstyle_noise_multiplier = 3.0\n"
+
+RESFIM_DP_BAD = {
+    "fisher-missing": (RESFIM_DP, r"^privacy\.fisher_noise_multiplier: missing \(run\.strategy 'resfim' with "
+                                  r"record-level DP.*resfim\.masks_without_dp = true"),
+    "fisher-without-resfim": (replace_line(RESFIM_DP + FISHER, "strategy =", 'strategy = "fedbn"'),
+                              r"^privacy\.fisher_noise_multiplier: set, but run\.strategy 'fedbn' computes no ResFIM"),
+    "fisher-with-masks-without-dp": (RESFIM_DP + FISHER + "\n[resfim]\nmasks_without_dp = true\n",
+                                     r"^privacy\.fisher_noise_multiplier: set, but resfim\.masks_without_dp = true"),
+    "fisher-negative": (RESFIM_DP + FISHER.replace("= 5.0", "= -5.0"), r"^privacy\.fisher_noise_multiplier: -5\.0"),
+}
+
+
+@pytest.mark.parametrize("text, pattern", list(RESFIM_DP_BAD.values()), ids=list(RESFIM_DP_BAD))
+def test_bad_resfim_privacy_names_the_field(config_dir: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federation_config(write(config_dir, text))
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_resfim_target_epsilon_covers_the_masks_and_the_bank(config_dir: Path) -> None:
+    from fedsilo.privacy.ledger import Neighbouring
+    from fedsilo.privacy.plan import projected_spend
+
+    cfg = load_federation_config(write(config_dir, RESFIM_DP + FISHER))
+    plan = cfg.privacy
+    assert (plan.resfim_every, plan.fisher_noise_multiplier, plan.style_clip_norm) == (5, 5.0, 40.0)
+    total = projected_spend([], plan.round_releases(), delta=1e-5, repeats=cfg.rounds,
+                            extra=plan.run_extras(cfg.rounds))[Neighbouring.RECORD]
+    assert 7.9 < total <= 8.0
+    unaccounted = load_federation_config(write(config_dir, RESFIM_DP + "\n[resfim]\nmasks_without_dp = true\n"))
+    assert unaccounted.privacy.resfim_every == 0
+    assert unaccounted.privacy.noise_multiplier < plan.noise_multiplier  # DP-SGD gets the whole target

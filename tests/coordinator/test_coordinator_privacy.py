@@ -300,3 +300,72 @@ def test_a_missing_setting_names_the_level_that_needs_it(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"^privacy\.max_grad_norm: set but record_level is off"):
         load_federation_config(_toml(tmp_path, "max_grad_norm = 1.0\nsilo_level = true\nupdate_clip_norm = 1.0\n"
                                                "update_noise_multiplier = 1.0"))
+
+
+# -- pFL-ResFIM's own releases: the style bank and the masks' noisy Fisher ---------------------------
+
+RESFIM_PLAN = dataclasses.replace(PLAN, resfim_every=2, fisher_noise_multiplier=5.0, fisher_clip_norm=1.0,
+                                  style_noise_multiplier=3.0, style_clip_norm=40.0)
+
+
+def resfim_config(fed: Fed, state_dir: Path, **kw: object) -> FederationConfig:
+    from fedsilo.coordinator.config import ResFimSettings, Strategy
+
+    return config(fed, state_dir, strategy=Strategy.RESFIM, aggregation=AggregationMode.HE, privacy=RESFIM_PLAN,
+                  resfim=ResFimSettings(recompute_every=2, style_clip_norm=40.0), **kw)
+
+
+def reserve(led: Ledger, planned, rnd: int = 1) -> str:
+    return led.append(**ledger_fields(led.entries(), planned, delta=1e-5, run_id="dp-run", round=rnd,
+                                      accountant=RDP)).to_json()
+
+
+def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, tmp_path: Path) -> None:
+    """With private masks, a style bank is refused until its Gaussian release is mirrored, and an upload in
+    a mask round until the mask's noisy-Fisher release is (beside DP-SGD's); refusals store nothing."""
+    coord = Coordinator(resfim_config(fed, tmp_path / "c"), clock=Clock())
+    for s in SILOS:
+        coord.join(who(s), model_fingerprint=FP, num_train_examples=40, manifest=MANIFEST, agent_version="t",
+                   kem_announcement=b"kem", budget_statement=statement(fed, s))
+    a = ledger(fed, tmp_path, "hospital-a")
+    with pytest.raises(FailedPrecondition, match="no mirrored privacy-ledger entry accounts its style bank"):
+        coord.publish_style_bank(who("hospital-a"), b"sealed bank")
+    assert coord.style_banks(who("hospital-b"))[0] == []
+    wrong = dataclasses.replace(RESFIM_PLAN, style_noise_multiplier=1.0).style_release()
+    coord.submit_ledger_entries(who("hospital-a"), [reserve(a, wrong)])
+    with pytest.raises(FailedPrecondition, match="style bank"):
+        coord.publish_style_bank(who("hospital-a"), b"sealed bank")
+    coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.style_release())])
+    assert coord.publish_style_bank(who("hospital-a"), b"sealed bank") == 1
+    coord.publish_wrapped_keys(who("hospital-a"), [("hospital-b", b"k"), ("hospital-c", b"k")])  # opaque to it
+    assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
+    coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])
+    from fedsilo.coordinator.phases import masked_manifest
+    from fedsilo.coordinator.run import PayloadEncoding
+
+    header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST),
+                          encoding=PayloadEncoding.HE_CIPHERTEXTS, payload_bytes=1000)
+    with pytest.raises(FailedPrecondition, match=r"no mirrored ResFIM mask \(noisy Fisher\) ledger entry"):
+        coord.submit(who("hospital-a"), [header])
+    [open_round] = coord.round_summaries()
+    assert open_round.contributors == () and not open_round.closed
+    assert open_round.params_shared == MANIFEST.numel  # the masked layout carries each value three times
+    coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.fisher_release())])
+    with pytest.raises(InvalidArgument, match="truncated"):  # accounted now: it gets as far as the payload
+        coord.submit(who("hospital-a"), [header])
+    assert RESFIM_PLAN.extra_releases(2) == [] and RESFIM_PLAN.extra_releases(3) == [RESFIM_PLAN.fisher_release()]
+
+
+def test_resfim_releases_count_in_the_planned_spend(fed: Fed, tmp_path: Path) -> None:
+    """A budget that DP-SGD alone fits but DP-SGD plus the bank and masks does not is refused at start."""
+    from fedsilo.privacy.plan import projected_spend
+    from fedsilo.privacy.ledger import Neighbouring
+
+    alone = projected_spend([], RESFIM_PLAN.round_releases(), delta=1e-5, repeats=3)[Neighbouring.RECORD]
+    total = projected_spend([], RESFIM_PLAN.round_releases(), delta=1e-5, repeats=3,
+                            extra=RESFIM_PLAN.run_extras(3))[Neighbouring.RECORD]
+    assert alone < total
+    budget = (alone + total) / 2
+    with pytest.raises(ConfigError, match="privacy.budgets.hospital-a"):
+        Coordinator(resfim_config(fed, tmp_path / "c", budgets={"hospital-a": budget}), clock=Clock())
+    Coordinator(resfim_config(fed, tmp_path / "d", budgets={"hospital-a": total + 1e-6}), clock=Clock()).close()

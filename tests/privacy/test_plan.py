@@ -143,3 +143,69 @@ def test_projected_spend_equals_what_the_ledger_then_says(silo: tuple[bytes, byt
             assert ledger.cumulative(Neighbouring(relation.value)) == pytest.approx(eps, abs=1e-12)
             assert three_ahead[relation] > eps
     assert all(math.isfinite(v) for v in ahead.values())
+
+
+# -- pFL-ResFIM's releases ----------------------------------------------------------------------
+
+def _resfim_plan(**kw):
+    from fedsilo.privacy.plan import PrivacyPlan
+
+    args = dict(record_level=True, sample_rate=0.25, steps_per_round=12, max_grad_norm=1.0, noise_multiplier=2.0,
+                delta=1e-5, resfim_every=5, fisher_noise_multiplier=5.0, fisher_clip_norm=0.5,
+                style_noise_multiplier=3.0, style_clip_norm=40.0)
+    args.update(kw)
+    return PrivacyPlan(**args)
+
+
+def test_resfim_releases_and_schedule() -> None:
+    import math
+
+    plan = _resfim_plan()
+    f, s = plan.fisher_release(), plan.style_release()
+    assert (f.mechanism.value, f.noise_multiplier, f.sample_rate, f.steps, f.clip_norm) == ("gaussian", 5.0, 1.0, 2, 0.25)
+    assert (s.steps, s.clip_norm) == (1, math.sqrt(2) * 40.0)
+    assert [r for r in range(1, 13) if plan.mask_round(r)] == [1, 6, 11]
+    assert plan.run_extras(12) == [s, f, f, f]
+    assert plan.extra_releases(6) == [f] and plan.extra_releases(7) == []
+    assert "resfim_every" in plan.to_mapping()
+    assert "resfim_every" not in _resfim_plan(resfim_every=0, fisher_noise_multiplier=0, fisher_clip_norm=0,
+                                              style_noise_multiplier=0, style_clip_norm=0).to_mapping()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(record_level=False, silo_level=True, update_clip_norm=1.0, update_noise_multiplier=1.0),
+     "need record_level"),
+    (dict(fisher_clip_norm=0.0), "invalid fisher_clip_norm 0.0"),
+    (dict(style_noise_multiplier=-1.0), "invalid style_noise_multiplier -1.0"),
+    (dict(resfim_every=0), "invalid fisher_noise_multiplier 5.0: set only for pFL-ResFIM runs"),
+    (dict(resfim_every=True), "invalid resfim_every True"),
+    (dict(sample_rate=1.0, steps_per_round=2, noise_multiplier=5.0, max_grad_norm=0.25, fisher_clip_norm=0.5),
+     "indistinguishable"),
+])
+def test_bad_resfim_plans_name_the_field(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _resfim_plan(**kw)
+
+
+def test_projected_spend_composes_the_extras_once_and_calibration_leaves_room_for_them() -> None:
+    from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, DpAccountingVerifier, calibrate_noise
+    from fedsilo.privacy.ledger import Neighbouring
+    from fedsilo.privacy.plan import projected_spend
+
+    plan = _resfim_plan()
+    acc = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
+    scope = GuaranteeScope.SINGLE_UPLOAD
+    got = projected_spend([], plan.round_releases(), delta=1e-5, repeats=10, extra=plan.run_extras(10),
+                          accountant=acc)[Neighbouring.RECORD]
+    direct = acc.epsilon([plan.round_releases()[0].release(scope, steps=120)]
+                         + [p.release(scope) for p in plan.run_extras(10)], delta=1e-5).epsilon
+    assert got == pytest.approx(direct, rel=1e-12)
+    fixed = [p.release(scope) for p in plan.run_extras(10)]
+    plain = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.25, steps=120, accountant=acc)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.25, steps=120, accountant=acc,
+                            fixed=fixed)
+    assert sigma > plain
+    tuned = _resfim_plan(noise_multiplier=sigma)
+    total = projected_spend([], tuned.round_releases(), delta=1e-5, repeats=10, extra=tuned.run_extras(10),
+                            accountant=acc)[Neighbouring.RECORD]
+    assert total <= 8.0
