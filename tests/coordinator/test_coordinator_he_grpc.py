@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import grpc
 import numpy as np
 import pytest
@@ -36,8 +38,11 @@ from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public, unwrap_key,
 from fedsilo.privacy.pki import Role
 from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
 
+if TYPE_CHECKING:
+    from conftest import Certs  # tests/coordinator/conftest.py: the module-scoped `certs` fixture
+
 RUN_ID = "grpc-he"
-SILOS = ("hospital-a", "hospital-b", "hospital-c")
+SILOS = ("hospital-a", "hospital-b", "hospital-c")  # conftest.HOSPITALS: the `certs` fixture has these
 KEY_HOLDER = SILOS[0]
 EXAMPLES = {"hospital-a": 120, "hospital-b": 380, "hospital-c": 500}
 NORMALIZER = float(sum(EXAMPLES.values()))  # every silo joins: the round's weight normalizer
@@ -59,27 +64,6 @@ Snapshot = tuple[admin_pb2.GetStatusResponse, admin_pb2.ListRoundsResponse]
 # -- certificates -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class Certs:
-    ca: Path
-    coordinator: pki.IssuedPaths
-    silo: dict[str, pki.IssuedPaths]  # the three enrolled silos, and hospital-x: CA-valid, not enrolled
-    admin: pki.IssuedPaths
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    root = tmp_path_factory.mktemp("pki")
-    ca = pki.init_ca(root / "ca")
-    out = root / "certs"
-    return Certs(
-        ca=ca.cert,
-        coordinator=pki.issue_certificate(root / "ca", out, role=Role.COORDINATOR, name="coordinator",
-                                          hosts=["localhost", "127.0.0.1"]),
-        silo={name: pki.issue_certificate(root / "ca", out, role=Role.SILO, name=name)
-              for name in (*SILOS, "hospital-x")},
-        admin=pki.issue_certificate(root / "ca", out, role=Role.ADMIN, name="study-lead"),
-    )
 
 
 # -- payloads, built here independently of the agent's helpers ---------------------------------------

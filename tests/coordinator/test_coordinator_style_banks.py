@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import grpc
 import pytest
 
@@ -34,8 +36,11 @@ from fedsilo.silo_agent.client import channel_options
 from fedsilo.silo_agent.secure import open_sealed, seal
 from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
 
+if TYPE_CHECKING:
+    from conftest import Certs  # tests/coordinator/conftest.py: the module-scoped `certs` fixture
+
 RUN_ID = "grpc-style-banks"
-SILOS = ("hospital-a", "hospital-b", "hospital-c")
+SILOS = ("hospital-a", "hospital-b", "hospital-c")  # conftest.HOSPITALS: the `certs` fixture has these
 EXAMPLES = {"hospital-a": 120, "hospital-b": 380, "hospital-c": 500}
 # LoRA factor names, so that the same manifest also joins a deer+resfim run (it alternates B and A).
 SHAPES = {"enc.lora_A.weight": (4, 16), "enc.lora_B.weight": (16, 4), "head.bias": (8,)}
@@ -53,27 +58,6 @@ Banks = list[tuple[str, bytes]]
 # -- certificates -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class Certs:
-    ca: Path
-    coordinator: pki.IssuedPaths
-    silo: dict[str, pki.IssuedPaths]  # the three enrolled silos, and hospital-x: CA-valid, not enrolled
-    admin: pki.IssuedPaths
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    root = tmp_path_factory.mktemp("pki")
-    ca = pki.init_ca(root / "ca")
-    out = root / "certs"
-    return Certs(
-        ca=ca.cert,
-        coordinator=pki.issue_certificate(root / "ca", out, role=Role.COORDINATOR, name="coordinator",
-                                          hosts=["localhost", "127.0.0.1"]),
-        silo={name: pki.issue_certificate(root / "ca", out, role=Role.SILO, name=name)
-              for name in (*SILOS, "hospital-x")},
-        admin=pki.issue_certificate(root / "ca", out, role=Role.ADMIN, name="study-lead"),
-    )
 
 
 @pytest.fixture(scope="module")
