@@ -800,7 +800,7 @@ def render_main(results: Sequence[RunResult], *, rounds: int, seeds: Sequence[in
         last_dp = dp
         t.add_row("ε=8" if dp else "no DP", label,
                   "-" if not dp else f"{runs[0].sigma:.4f}",
-                  "-" if not dp else f"{max(r.eps_spent or 0 for r in runs):.3f}",
+                  "-" if not dp else f"{max(r.eps_spent or 0 for r in runs):.4f}",
                   ms([r.mean_dice for r in runs]), ms([r.std_silos for r in runs]), ms([r.worst_dice for r in runs]),
                   ms([r.unseen_dice for r in runs]), ms([r.shared_fraction for r in runs]),
                   ms([r.mask_agreement for r in runs]),
@@ -960,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.mask_agreement is not None:
             extra += f", mask agreement {r.mask_agreement:.3f}"
         if r.eps_spent is not None:
-            extra += f", ε spent {r.eps_spent:.3f}"
+            extra += f", ε spent {r.eps_spent:.4f}"
         if r.deviation:
             extra += f", max deviation {max(r.deviation):.3g}"
         log(f"  seed {r.seed} {'DP ' if r.dp else ''}{r.label:<14} mean Dice {r.mean_dice:.3f} (silos "
