@@ -34,7 +34,9 @@ and is stated as such:
 4. *Mask.* In every trainable tensor the ``k = ceil(ρ · numel)`` entries with the largest R
    are domain-sensitive (True = stays local). ρ is read at its shortest decimal form
    (``Fraction(repr(ρ))``) so that e.g. ρ = 0.1 of 30 entries is 3, not 4 by rounding.
-   Ties go to the lower flat index (a stable sort), so the mask is deterministic.
+   Ties go to the lower flat index (a stable sort), so the mask is deterministic. A tensor
+   whose scores are all 0 (no Fisher signal: e.g. a bias right before InstanceNorm, or LoRA's
+   A while B is still 0) carries no evidence of domain sensitivity and is shared whole.
    Normalisation-layer parameters (:func:`~fedsilo.models.registry.local_parameter_names`)
    are local as a whole when ``local_norm_layers`` (the FedBN choice; default). Masks cover
    the model's floating-point *parameters* only. Buffers (e.g. running statistics) get no
@@ -366,7 +368,9 @@ def sensitive_mask(
 ) -> dict[str, torch.Tensor]:
     """Bool masks, True = domain-sensitive (stays local), for every floating parameter of ``model``.
 
-    Trainable tensor: its ``ceil(ρ · numel)`` top entries by R (ties to the lower flat index).
+    Trainable tensor: its ``ceil(ρ · numel)`` top entries by R (ties to the lower flat index);
+    a tensor whose scores are all 0 (its Fisher is zero, e.g. LoRA's A while B is still 0, so
+    there is no evidence either way) is shared whole rather than cut at arbitrary indices.
     Normalisation-layer parameter with ``cfg.local_norm_layers``: all True. Frozen parameter
     otherwise: all False (it has no score and never changes). Buffers get no mask.
 
@@ -402,6 +406,9 @@ def sensitive_mask(
             flat = r.detach().reshape(-1).to(torch.float64)
             if not torch.isfinite(flat).all():
                 raise ValueError(f"score of {name!r} has non-finite values")
+            if not bool((flat > 0).any()):
+                out[name] = mask  # no evidence of domain sensitivity (e.g. LoRA A while B = 0): shared
+                continue
             k = sensitive_count(flat.numel(), cfg.rho)
             order = torch.sort(flat.cpu(), descending=True, stable=True).indices
             mask.view(-1)[order[:k].to(mask.device)] = True

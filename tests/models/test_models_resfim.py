@@ -219,11 +219,14 @@ def test_masks_ties_rounding_frozen_and_missing_scores() -> None:
     assert sensitive_count(7, 0.1) == 1 and sensitive_count(1, 0.01) == 1 and sensitive_count(10, 0.99) == 10
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.GroupNorm(1, 3), nn.Conv2d(3, 2, 1))
     net[2].bias.requires_grad_(False)
-    scores = {n: torch.zeros(p.shape) for n, p in net.named_parameters() if p.requires_grad}
+    scores = {n: torch.ones(p.shape) for n, p in net.named_parameters() if p.requires_grad}
     masks = sensitive_mask(scores, net, ResFimConfig(rho=0.25))
     # All scores tie: the lowest flat indices win.
     flat = masks["0.weight"].flatten()
     assert flat[:7].all() and not flat[7:].any()  # ceil(0.25 * 27) = 7
+    # A tensor with no Fisher signal at all (all scores 0) is shared whole, not cut at arbitrary indices.
+    zero = sensitive_mask({**scores, "0.weight": torch.zeros(3, 1, 3, 3)}, net, ResFimConfig(rho=0.25))
+    assert not zero["0.weight"].any() and zero["2.weight"].flatten()[:2].all()
     assert masks["1.weight"].all() and masks["1.bias"].all()
     assert not masks["2.bias"].any()  # frozen: nothing to keep local
     del scores["2.weight"]
