@@ -146,7 +146,10 @@ class ResFimSession:
         banks = self.other_banks(client, stop, idle)
         images, labels = _stack(train, self.settings.max_examples)
         gen = torch.Generator().manual_seed(zlib.crc32(f"{self.he.run_id}/{self.he.me}/{rnd}".encode()))
-        simulated = simulate_styles(images, banks, generator=gen)
+        try:
+            simulated = simulate_styles(images, banks, generator=gen)
+        except ValueError as exc:  # e.g. another silo's images have another size
+            raise ResFimError(f"cannot re-style this silo's images with the other silos' banks: {exc}") from None
         cfg = ResFimConfig(rho=self.settings.rho, local_norm_layers=self.settings.local_norm_layers,
                            recompute_every=self.settings.recompute_every, max_examples=self.settings.max_examples)
         strategy.set_trainable(model, SharePhase.ALL, trainable)  # Fisher over every parameter the silo trains
@@ -155,7 +158,10 @@ class ResFimSession:
         if self.private:
             plan = self.privacy.plan
             dp = FisherDp(clip_norm=plan.fisher_clip_norm, noise_multiplier=plan.fisher_noise_multiplier)
-        result = compute_resfim(model, images, labels, simulated, cfg, dp=dp)
+        try:
+            result = compute_resfim(model, images, labels, simulated, cfg, dp=dp)
+        except ValueError as exc:  # e.g. a model Opacus cannot compute per-example gradients for
+            raise ResFimError(f"ResFIM masks cannot be computed: {exc}") from None
         state.sensitive = {k: v.detach().clone() for k, v in result.masks.items()}
         state.masks_round = rnd
         layout = [k for k in shared_names if k in result.masks]
