@@ -45,7 +45,8 @@ is what runs here:
     ``compute_resfim(model, train images, train masks, simulate_styles(images, other silos' banks),
     ResFimConfig(rho, recompute_every=5))`` (max_examples 64 ≥ 48: all training images). Each
     silo then trains, uploads ``masked_upload(values, sensitive, names, w_i)`` = [w·s⊙θ | w·s |
-    w·(1−s)⊙θ] encrypted as one flat vector; the decrypted sum is ``split_sums``, each silo's
+    w·(1−s)⊙θ] encrypted as one flat vector (the last set only in the round that makes the consensus,
+    ``carries_local_part``, as the agents do; bytes per round are the mean over rounds); the decrypted sum is ``split_sums``, each silo's
     personalised values are ``apply_shared_mean``; the unseen model is ``consensus`` (+ the mean of
     the norm parameters, plaintext, evaluation only). ``names`` = every floating-point parameter
     except normalisation layers (those stay local: ``local_norm_layers``).
@@ -608,6 +609,8 @@ def silo_masks(model: Any, task: Task, i: int, r: int, banks: list[Any], rho: fl
 
 
 def run_resfim(task: Task, rho: float, rounds: int, plan: DpPlan | None, part: str = "main") -> RunResult:
+    from fedsilo.coordinator.config import Strategy
+    from fedsilo.coordinator.phases import carries_local_part
     from fedsilo.models.resfim import ResFimConfig, needs_recompute
     from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
 
@@ -630,6 +633,7 @@ def run_resfim(task: Task, rho: float, rounds: int, plan: DpPlan | None, part: s
     sums = None
     for r in range(rounds):
         uploads, values = [], []
+        local = carries_local_part(Strategy.RESFIM, r + 1, rounds)  # as the agents: the consensus round only
         for i, model in enumerate(models):
             if needs_recompute(r, cfg):
                 masks[i], frac, agr = silo_masks(model, task, i, r, banks, rho, names, plan,
@@ -640,8 +644,8 @@ def run_resfim(task: Task, rho: float, rounds: int, plan: DpPlan | None, part: s
             train_round(model, task, i, r, plan, code, ledger=ledgers[i] if ledgers else None)
             sd = model.state_dict()
             values.append({k: sd[k].detach().numpy() for k in names})
-            uploads.append(masked_upload(values[i], masks[i], names, silo_weight(task, i)))
-        sums = split_sums(agg.sum(uploads), sizes)
+            uploads.append(masked_upload(values[i], masks[i], names, silo_weight(task, i), local_part=local))
+        sums = split_sums(agg.sum(uploads), sizes, local_part=local)
         for i, model in enumerate(models):
             new = apply_shared_mean(values[i], masks[i], sums)
             model.load_state_dict(unflat_np(new), strict=False)
@@ -681,7 +685,7 @@ def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
     import torch
 
     from fedsilo.coordinator.config import Strategy
-    from fedsilo.coordinator.phases import phase_for, phase_manifest
+    from fedsilo.coordinator.phases import carries_local_part, phase_for, phase_manifest
     from fedsilo.coordinator.tensors import Manifest
     from fedsilo.models.lora import lora_layers
     from fedsilo.models.resfim import ResFimConfig, needs_recompute
@@ -710,6 +714,7 @@ def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
         phase = phase_for(Strategy.DEER, rnd)
         names = [t.name for t in phase_manifest(manifest, phase).tensors]
         sizes = [(k, like[k].numel()) for k in names]
+        local = carries_local_part(Strategy.DEER_RESFIM, rnd, rounds)
         uploads, values = [], []
         for i, model in enumerate(models):
             if masked_rho is None:
@@ -727,16 +732,17 @@ def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
             if masked_rho is None:
                 uploads.append(w * np.concatenate([values[i][k].astype(np.float64).ravel() for k in names]))
             else:
-                uploads.append(masked_upload(values[i], masks[i], names, w))
+                uploads.append(masked_upload(values[i], masks[i], names, w, local_part=local))
         devs.append(deviation(layers, [m.state_dict() for m in models]))
         total = agg.sum(uploads)
         if masked_rho is None:
             glob.update(unflat(total, like, names))
         else:
-            sums = split_sums(total, sizes)
+            sums = split_sums(total, sizes, local_part=local)
             for i, model in enumerate(models):
                 model.load_state_dict(unflat_np(apply_shared_mean(values[i], masks[i], sums)), strict=False)
-            cons.update(consensus(sums, 1.0, {k: like[k].numpy() for k in names}))
+            if local:
+                cons.update(consensus(sums, 1.0, {k: like[k].numpy() for k in names}))
     if masked_rho is None:
         for model in models:
             model.load_state_dict(glob, strict=False)

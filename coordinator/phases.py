@@ -8,7 +8,8 @@ from dataclasses import replace
 from fedsilo.coordinator.config import Strategy
 from fedsilo.coordinator.tensors import Manifest
 
-__all__ = ["MASK_SUFFIXES", "SharePhase", "ledger_position", "masked_manifest", "phase_for", "phase_manifest"]
+__all__ = ["MASK_SUFFIXES", "SharePhase", "carries_local_part", "ledger_position", "masked_manifest", "phase_for",
+           "phase_manifest", "shared_numel"]
 
 LORA_A_MARK = ".lora_A."
 LORA_B_MARK = ".lora_B."
@@ -45,14 +46,29 @@ def phase_manifest(manifest: Manifest, phase: SharePhase) -> Manifest:
     return Manifest(tensors=tuple(t for t in manifest.tensors if mark in t.name))
 
 
-def masked_manifest(manifest: Manifest) -> Manifest:
+def masked_manifest(manifest: Manifest, *, local_part: bool = True) -> Manifest:
     """The layout of a masked upload: the round's tensors, then each companion set in order.
 
     Every companion tensor has its tensor's shape and dtype; the coordinator adds all of them as
-    ciphertexts like any other and never sees a mask (they are inside the encryption).
+    ciphertexts like any other and never sees a mask (they are inside the encryption). The
+    local-part set only serves the consensus model, so rounds that do not need it leave it out
+    (see `carries_local_part`).
     """
-    extra = tuple(replace(t, name=t.name + suffix) for suffix in MASK_SUFFIXES for t in manifest.tensors)
+    suffixes = MASK_SUFFIXES if local_part else MASK_SUFFIXES[:1]
+    extra = tuple(replace(t, name=t.name + suffix) for suffix in suffixes for t in manifest.tensors)
     return Manifest(tensors=manifest.tensors + extra)
+
+
+def carries_local_part(strategy: Strategy, rnd: int, total_rounds: int) -> bool:
+    """Whether masked round ``rnd`` uploads the local parts too: only the rounds whose sums make the
+    final consensus model (the last round; with alternating LoRA factors, the last two, one per
+    factor). The other rounds upload two sets instead of three."""
+    return rnd > total_rounds - (2 if strategy.alternates_factors else 1)
+
+
+def shared_numel(layout: Manifest) -> int:
+    """Parameters a (possibly masked) upload layout shares: its tensors without the companion sets."""
+    return sum(t.numel for t in layout.tensors if not t.name.endswith(MASK_SUFFIXES))
 
 
 def ledger_position(strategy: Strategy, rnd: int) -> tuple[int, int]:

@@ -19,7 +19,15 @@ from pathlib import Path
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
 from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
-from fedsilo.coordinator.phases import MASK_SUFFIXES, SharePhase, ledger_position, masked_manifest, phase_for, phase_manifest
+from fedsilo.coordinator.phases import (
+    SharePhase,
+    carries_local_part,
+    ledger_position,
+    masked_manifest,
+    phase_for,
+    phase_manifest,
+    shared_numel,
+)
 from fedsilo.coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -328,22 +336,22 @@ class Coordinator:
         data = self._store.get_json("manifest")
         return None if data is None else Manifest.from_json(data)
 
-    def _layout(self, manifest: Manifest) -> Manifest:
+    def _layout(self, manifest: Manifest, *, local_part: bool = True) -> Manifest:
         """What an upload of ``manifest``'s tensors carries: masked strategies add the companion sets."""
-        return masked_manifest(manifest) if self.cfg.strategy.masked else manifest
+        return masked_manifest(manifest, local_part=local_part) if self.cfg.strategy.masked else manifest
 
     def _params_shared(self) -> int:
         """Parameters the open round shares (a masked upload carries each one three times)."""
         assert self._agg is not None
-        numel = self._agg.manifest.numel
-        return numel // (1 + len(MASK_SUFFIXES)) if self.cfg.strategy.masked else numel
+        return shared_numel(self._agg.manifest)
 
     def _round_manifest(self, rnd: int) -> Manifest:
         """The layout of round ``rnd``'s uploads: the run's manifest restricted to the round's phase
         (with the masked companion sets for ResFIM strategies)."""
         manifest = self._manifest()
         assert manifest is not None
-        return self._layout(phase_manifest(manifest, phase_for(self.cfg.strategy, rnd)))
+        return self._layout(phase_manifest(manifest, phase_for(self.cfg.strategy, rnd)),
+                            local_part=carries_local_part(self.cfg.strategy, rnd, self.cfg.rounds))
 
     def _sum_path(self, rnd: int, version: int) -> Path:
         return self._sums / f"round_{rnd:06d}_v{version:06d}.f64"

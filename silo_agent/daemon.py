@@ -34,7 +34,7 @@ from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
-from fedsilo.coordinator.phases import SharePhase, masked_manifest, phase_manifest
+from fedsilo.coordinator.phases import SharePhase, carries_local_part, masked_manifest, phase_manifest
 from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
@@ -156,6 +156,7 @@ class Agent:
         fingerprint = model_fingerprint(model)
         self._strategy = strategy_for(info.strategy, local_norm_layers=info.resfim.local_norm_layers
                                       if info.resfim is not None else True)
+        self._strategy_name, self._total_rounds = info.strategy, info.total_rounds
         self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         shared = self._strategy.shared_names(model)
         data = load_data(self.cfg.data)
@@ -380,8 +381,11 @@ class Agent:
         try:
             if self._resfim is not None:
                 assert self._he is not None
-                flat = self._resfim.upload_vector(update, state, round_manifest, weight / weight_normalizer)
-                uploads_in = client.submit_he(rnd, weight, masked_manifest(round_manifest), self._he.encrypt(flat))
+                local_part = carries_local_part(self._strategy_name, rnd, self._total_rounds)
+                flat = self._resfim.upload_vector(update, state, round_manifest, weight / weight_normalizer,
+                                                  local_part=local_part)
+                uploads_in = client.submit_he(rnd, weight, masked_manifest(round_manifest, local_part=local_part),
+                                              self._he.encrypt(flat))
             elif self._he is not None:
                 flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in round_manifest.tensors])
                 blobs = self._he.encrypt(flat * (weight / weight_normalizer))

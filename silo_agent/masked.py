@@ -68,8 +68,9 @@ def _checked(values: Mapping[str, np.ndarray], sensitive: Mapping[str, np.ndarra
 
 
 def masked_upload(values: Mapping[str, np.ndarray], sensitive: Mapping[str, np.ndarray], names: Sequence[str],
-                  weight: float) -> np.ndarray:
-    """The flat float64 vector a silo encrypts: ``[w·s⊙θ | w·s | w·(1−s)⊙θ]`` over ``names`` in order.
+                  weight: float, *, local_part: bool = True) -> np.ndarray:
+    """The flat float64 vector a silo encrypts: ``[w·s⊙θ | w·s | w·(1−s)⊙θ]`` over ``names`` in order
+    (without the last set when ``local_part`` is False: rounds that do not make the consensus).
 
     Args:
         values: The silo's trained values of (at least) the tensors in ``names``.
@@ -84,7 +85,7 @@ def masked_upload(values: Mapping[str, np.ndarray], sensitive: Mapping[str, np.n
     pairs = _checked(values, sensitive, names)
     num = [np.where(m, 0.0, w * v) for v, m in pairs]
     den = [np.where(m, 0.0, w) for _, m in pairs]
-    loc = [np.where(m, w * v, 0.0) for v, m in pairs]
+    loc = [np.where(m, w * v, 0.0) for v, m in pairs] if local_part else []
     return np.concatenate(num + den + loc) if pairs else np.zeros(0)
 
 
@@ -95,37 +96,39 @@ class MaskedSums:
     Attributes:
         numerator: ``Σ_i w_i s_i θ_i``.
         denominator: ``Σ_i w_i s_i`` (0 exactly where no silo shares the element).
-        local: ``Σ_i w_i (1 − s_i) θ_i``.
+        local: ``Σ_i w_i (1 − s_i) θ_i``, or None when the round did not carry it.
     """
 
     numerator: dict[str, np.ndarray]
     denominator: dict[str, np.ndarray]
-    local: dict[str, np.ndarray]
+    local: dict[str, np.ndarray] | None
 
 
-def split_sums(flat: np.ndarray, sizes: Sequence[tuple[str, int]]) -> MaskedSums:
-    """Splits a decrypted flat sum (layout of :func:`masked_upload`) into its three sets.
+def split_sums(flat: np.ndarray, sizes: Sequence[tuple[str, int]], *, local_part: bool = True) -> MaskedSums:
+    """Splits a decrypted flat sum (layout of :func:`masked_upload`) into its sets.
 
     Args:
-        flat: The decrypted sum, ``MASKED_SETS * Σ size`` values.
+        flat: The decrypted sum, ``3 * Σ size`` values (``2 *`` without the local part).
         sizes: ``(name, number of elements)`` of the round's shared tensors, in manifest order.
+        local_part: Whether the round carried the local-part set.
 
     Raises:
         ValueError: If the length does not match.
     """
     flat = np.asarray(flat, dtype=np.float64).ravel()
     n = sum(s for _, s in sizes)
-    if flat.size != MASKED_SETS * n:
-        raise ValueError(f"masked sum has {flat.size} values, expected {MASKED_SETS} x {n}")
+    count = MASKED_SETS if local_part else MASKED_SETS - 1
+    if flat.size != count * n:
+        raise ValueError(f"masked sum has {flat.size} values, expected {count} x {n}")
     sets: list[dict[str, np.ndarray]] = []
     pos = 0
-    for _ in range(MASKED_SETS):
+    for _ in range(count):
         part = {}
         for name, size in sizes:
             part[name] = flat[pos : pos + size]
             pos += size
         sets.append(part)
-    return MaskedSums(numerator=sets[0], denominator=sets[1], local=sets[2])
+    return MaskedSums(numerator=sets[0], denominator=sets[1], local=sets[2] if local_part else None)
 
 
 def apply_shared_mean(values: Mapping[str, np.ndarray], sensitive: Mapping[str, np.ndarray],
@@ -156,10 +159,15 @@ def consensus(sums: MaskedSums, total_weight: float, like: Mapping[str, np.ndarr
     """The consensus model's values: ``(Σ w s θ + Σ w (1 − s) θ) / Σ w`` per element.
 
     Args:
-        sums: The decrypted sums.
+        sums: The decrypted sums (of a round that carried the local parts).
         total_weight: ``Σ_i w_i`` of the contributors (in the same units as the uploaded weights).
         like: Arrays giving each tensor's shape and dtype.
+
+    Raises:
+        ValueError: The round did not carry the local parts.
     """
+    if sums.local is None:
+        raise ValueError("these sums carry no local parts: the consensus needs a round that uploaded them")
     w = _weight(total_weight)
     out = {}
     for name, num in sums.numerator.items():

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedsilo.coordinator.config import ResFimSettings
-from fedsilo.coordinator.phases import SharePhase
+from fedsilo.coordinator.phases import MASK_SUFFIXES, SharePhase
 from fedsilo.coordinator.tensors import Manifest
 from fedsilo.silo_agent.client import CoordinatorClient, Stopped
 from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
@@ -185,10 +185,10 @@ class ResFimSession:
 
     # -- uploads and aggregates -----------------------------------------------------------
     def upload_vector(self, values: dict[str, np.ndarray], state: AgentState, round_manifest: Manifest,
-                      weight: float) -> np.ndarray:
-        """``[w·s⊙θ | w·s | w·(1−s)⊙θ]`` over the round's tensors (``weight`` already normalised)."""
+                      weight: float, *, local_part: bool) -> np.ndarray:
+        """``[w·s⊙θ | w·s (| w·(1−s)⊙θ)]`` over the round's tensors (``weight`` already normalised)."""
         names = [t.name for t in round_manifest.tensors]
-        return masked_upload(values, self._masks_np(state, names), names, weight)
+        return masked_upload(values, self._masks_np(state, names), names, weight, local_part=local_part)
 
     def apply(self, state: AgentState, decrypted: np.ndarray, manifest: Manifest, *, total_weight: float) -> None:
         """Applies a decrypted masked sum to the personalised model and updates the consensus.
@@ -199,9 +199,9 @@ class ResFimSession:
             manifest: the aggregate's layout (the round's tensors and their companion sets).
             total_weight: the contributors' total weight in the same units.
         """
-        n = len(manifest.tensors) // 3
-        base = manifest.tensors[:n]
-        sums = split_sums(decrypted, [(t.name, t.numel) for t in base])
+        base = [t for t in manifest.tensors if not t.name.endswith(MASK_SUFFIXES)]
+        local_part = any(t.name.endswith(MASK_SUFFIXES[1]) for t in manifest.tensors)
+        sums = split_sums(decrypted, [(t.name, t.numel) for t in base], local_part=local_part)
         names = [t.name for t in base]
         values = {k: state.model[k].numpy() for k in names}
         personal = apply_shared_mean(values, self._masks_np(state, names), sums)
@@ -209,8 +209,9 @@ class ResFimSession:
             t = torch.from_numpy(np.ascontiguousarray(v)).to(state.model[k].dtype)
             state.model[k] = t
             state.global_shared[k] = t.clone()
-        for k, v in consensus(sums, total_weight, values).items():
-            state.consensus[k] = torch.from_numpy(np.ascontiguousarray(v)).to(state.model[k].dtype)
+        if sums.local is not None:
+            for k, v in consensus(sums, total_weight, values).items():
+                state.consensus[k] = torch.from_numpy(np.ascontiguousarray(v)).to(state.model[k].dtype)
 
     @staticmethod
     def consensus_state_dict(state: AgentState) -> dict[str, torch.Tensor]:

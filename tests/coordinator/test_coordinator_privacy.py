@@ -343,13 +343,13 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
     from fedsilo.coordinator.phases import masked_manifest
     from fedsilo.coordinator.run import PayloadEncoding
 
-    header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST),
+    header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST, local_part=False),
                           encoding=PayloadEncoding.HE_CIPHERTEXTS, payload_bytes=1000)
     with pytest.raises(FailedPrecondition, match=r"no mirrored ResFIM mask \(noisy Fisher\) ledger entry"):
         coord.submit(who("hospital-a"), [header])
     [open_round] = coord.round_summaries()
     assert open_round.contributors == () and not open_round.closed
-    assert open_round.params_shared == MANIFEST.numel  # the masked layout carries each value three times
+    assert open_round.params_shared == MANIFEST.numel  # the masked layout carries each value two or three times
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.fisher_release())])
     with pytest.raises(InvalidArgument, match="truncated"):  # accounted now: it gets as far as the payload
         coord.submit(who("hospital-a"), [header])
