@@ -421,6 +421,9 @@ def test_resfim_masks_never_reach_the_coordinator(federation_factory) -> None:
     rounds = fed.admin.rounds()  # the last round's metrics arrive after the run finished
     for r in rounds:
         assert sorted(r["contributors"]) == fed.names
+    # round 1 uploads two encrypted sets per value, the last round (the consensus) three
+    assert 1.3 < rounds[1]["bytes_up"] / rounds[0]["bytes_up"] < 1.7
+    assert rounds[0]["params_shared"] == rounds[1]["params_shared"] > 50_000
     last = {n: {k: v["value"] for k, v in m.items()} for n, m in rounds[-1]["metrics"].items()}
     for n in fed.names:
         assert 0.0 <= last[n]["dice"] <= 1.0 and 0.0 <= last[n]["unseen_dice"] <= 1.0
