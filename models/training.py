@@ -50,6 +50,9 @@ class TrainConfig:
         lr: Learning rate.
         optimizer: Optimiser kind.
         seed: Seed of the shuffling (and of dropout, if any), combined with the round index.
+        proximal_mu: μ >= 0 of FedProx (Li et al., MLSys 2020): every step descends
+            ``loss + μ/2 · ‖w − w⁰‖²`` over the trainable parameters, w⁰ their values when the
+            call starts (the round's global model); 0 is plain local training.
     """
 
     local_epochs: int = 1
@@ -57,6 +60,7 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: Optimizer = Optimizer.ADAM
     seed: int = 0
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -65,6 +69,7 @@ class TrainConfig:
         check_float(owner, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
         check_enum(owner, "optimizer", self.optimizer, Optimizer)
         check_seed(owner, "seed", self.seed)
+        check_float(owner, "proximal_mu", self.proximal_mu, low=0.0, high=1e6)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -152,7 +157,8 @@ def train_local(
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
-    Loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``. Each epoch visits the data
+    Loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)`` (with ``cfg.proximal_mu``, plus
+    FedProx's proximal term in the gradient; the reported loss is the data loss). Each epoch visits the data
     in an order drawn from (``cfg.seed``, ``round_index``, epoch); dropout draws come from a
     forked global RNG seeded the same way, so the caller's RNG is untouched and the same
     model, data, config and round give bit-identical weights. A fresh optimiser is created
@@ -181,6 +187,7 @@ def train_local(
     device = _device_of(model)
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
     optimizer = _make_optimizer(model, cfg)
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if cfg.proximal_mu else []
     seed = _derived_seed(cfg.seed, round_index)
     order_gen = torch.Generator().manual_seed(seed)
     total_loss = 0.0
@@ -196,6 +203,9 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(images), masks)
                 loss.backward()
+                for p, p0 in anchor:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
+                    if p.grad is not None:
+                        p.grad.add_(p.detach() - p0, alpha=cfg.proximal_mu)
                 optimizer.step()
                 total_loss += float(loss.detach()) * images.shape[0]
                 steps += 1
