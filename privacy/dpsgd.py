@@ -616,7 +616,8 @@ def train_local_dp(
     subsampled-Gaussian accounting assumes. The optimiser is ``train_cfg``'s (Adam, or SGD
     with momentum 0.9), fresh per call, over the trainable parameters only (frozen base
     weights, e.g. under LoRA, stay untouched). ``train_cfg.batch_size`` and
-    ``local_epochs`` are not used: q and ``dp.steps`` replace them.
+    ``local_epochs`` are not used: q and ``dp.steps`` replace them. ``train_cfg.proximal_mu``
+    (FedProx) adds μ(w − w⁰) to every DP gradient, w⁰ the weights at the start of the call.
 
     Randomness:
 
@@ -685,6 +686,10 @@ def train_local_dp(
         noise_gen = _seeded_generator(_derived_seed(noise_seed, round_index, _TAG_NOISE), device)
         sample_gen = _seeded_generator(_derived_seed(train_cfg.seed, round_index, _TAG_SAMPLE))
     optimizer = _make_optimizer(model, train_cfg)
+    # FedProx: μ(w − w⁰) is added to each DP gradient; it depends on no record (w⁰ is the round's
+    # global model, w the result of earlier private steps), so it costs no privacy
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] \
+        if train_cfg.proximal_mu else []
     seed = _derived_seed(train_cfg.seed, round_index)
     empty = tuple(t[:0] for t in _batch(dataset, [0], device))
     total_loss = 0.0
@@ -702,7 +707,14 @@ def train_local_dp(
         ) as stepper:
             for indices in _poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
                 images, masks = _batch(dataset, indices, device) if indices else empty
-                loss = stepper.step(images, masks)
+                if anchor:
+                    loss = stepper.privatize(images, masks)
+                    for p, p0 in anchor:
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - p0, alpha=train_cfg.proximal_mu)
+                    optimizer.step()
+                else:
+                    loss = stepper.step(images, masks)
                 if indices:
                     total_loss += loss * len(indices)
                     examples += len(indices)

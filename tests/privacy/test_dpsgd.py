@@ -617,3 +617,23 @@ def test_noise_is_opacus_secure_sampler_over_all_coordinates(batch) -> None:  # 
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     want = _generate_noise(sigma * clip, torch.zeros(total), torch.Generator().manual_seed(21), secure_mode=True)
     assert torch.allclose(_flat(got), want.double() / expected_bs, rtol=1e-6, atol=0.0)
+
+
+def test_fedprox_under_dp_sgd_matches_ordinary_fedprox_without_noise_or_clipping(data) -> None:  # type: ignore[no-untyped-def]
+    """With σ = 0, no clipping and q = 1, DP-SGD with FedProx's μ is ordinary full-batch FedProx: the
+    proximal gradient is added to the DP gradient, never through the per-sample machinery."""
+    import dataclasses
+
+    from fedsilo.models import train_local
+
+    model = _unet()
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer=Optimizer.SGD, lr=0.05, batch_size=len(data), local_epochs=3, proximal_mu=3.0)
+    dp = DpSgdConfig(noise_multiplier=0.0, max_grad_norm=math.inf, sample_rate=1.0, steps=3)
+    train_local_dp(model, data, cfg, dp, round_index=0, noise_seed=1)
+    train_local(twin, data, cfg, round_index=0)
+    without = copy.deepcopy(_unet())
+    train_local_dp(without, data, dataclasses.replace(cfg, proximal_mu=0.0), dp, round_index=0, noise_seed=1)
+    worst = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), without.state_dict().values()))
+    assert worst < 1e-5 < moved
