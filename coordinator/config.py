@@ -31,6 +31,8 @@ class Strategy(enum.Enum):
     FFA_LORA = "ffa-lora"
     RESFIM = "resfim"
     DEER_RESFIM = "deer+resfim"
+    SIOBN = "siobn"
+    FEDPER = "fedper"
 
     @property
     def uses_lora(self) -> bool:

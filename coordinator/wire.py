@@ -41,7 +41,8 @@ _TASK_KIND = {
 _STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN,
              Strategy.DEER: federation_pb2.STRATEGY_DEER, Strategy.FEDAVG_LORA: federation_pb2.STRATEGY_FEDAVG_LORA,
              Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA, Strategy.RESFIM: federation_pb2.STRATEGY_RESFIM,
-             Strategy.DEER_RESFIM: federation_pb2.STRATEGY_DEER_RESFIM}
+             Strategy.DEER_RESFIM: federation_pb2.STRATEGY_DEER_RESFIM, Strategy.SIOBN: federation_pb2.STRATEGY_SIOBN,
+             Strategy.FEDPER: federation_pb2.STRATEGY_FEDPER}
 _PHASE = {SharePhase.ALL: federation_pb2.SHARE_PHASE_ALL, SharePhase.LORA_B: federation_pb2.SHARE_PHASE_LORA_B,
           SharePhase.LORA_A: federation_pb2.SHARE_PHASE_LORA_A}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}

@@ -5,7 +5,9 @@ from fedsilo.silo_agent.strategies.base import Strategy
 from fedsilo.silo_agent.strategies.fedavg import FedAvg
 from fedsilo.silo_agent.strategies.fedbn import FedBN
 from fedsilo.silo_agent.strategies.lora import Deer, FedAvgLora, FfaLora
+from fedsilo.silo_agent.strategies.fedper import FedPer
 from fedsilo.silo_agent.strategies.resfim import DeerResFim, ResFim
+from fedsilo.silo_agent.strategies.siobn import SioBN
 
 STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.FEDAVG: FedAvg,
@@ -15,6 +17,8 @@ STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.FFA_LORA: FfaLora,
     StrategyName.RESFIM: ResFim,
     StrategyName.DEER_RESFIM: DeerResFim,
+    StrategyName.SIOBN: SioBN,
+    StrategyName.FEDPER: FedPer,
 }
 
 
@@ -25,4 +29,4 @@ def strategy_for(name: StrategyName, *, local_norm_layers: bool = True) -> Strat
     return STRATEGIES[name]()
 
 
-__all__ = ["STRATEGIES", "Deer", "DeerResFim", "FedAvg", "FedAvgLora", "FedBN", "FfaLora", "ResFim", "Strategy", "strategy_for"]
+__all__ = ["STRATEGIES", "Deer", "DeerResFim", "FedAvg", "FedAvgLora", "FedBN", "FedPer", "FfaLora", "ResFim", "SioBN", "Strategy", "strategy_for"]

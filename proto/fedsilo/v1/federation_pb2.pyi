@@ -18,6 +18,8 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_FFA_LORA: _ClassVar[Strategy]
     STRATEGY_RESFIM: _ClassVar[Strategy]
     STRATEGY_DEER_RESFIM: _ClassVar[Strategy]
+    STRATEGY_SIOBN: _ClassVar[Strategy]
+    STRATEGY_FEDPER: _ClassVar[Strategy]
 
 class SharePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -68,6 +70,8 @@ STRATEGY_FEDAVG_LORA: Strategy
 STRATEGY_FFA_LORA: Strategy
 STRATEGY_RESFIM: Strategy
 STRATEGY_DEER_RESFIM: Strategy
+STRATEGY_SIOBN: Strategy
+STRATEGY_FEDPER: Strategy
 SHARE_PHASE_UNSPECIFIED: SharePhase
 SHARE_PHASE_ALL: SharePhase
 SHARE_PHASE_LORA_B: SharePhase
