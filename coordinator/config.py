@@ -594,7 +594,7 @@ def _resfim_releases(t: dict[str, Any], *, strategy: Strategy, resfim: ResFimSet
     t["resfim_every"] = resfim.recompute_every
     t["style_clip_norm"] = float(resfim.style_clip_norm)
     try:
-        masks = sum(1 for r in range(1, int(rounds) + 1) if (r - 1) % resfim.recompute_every == 0)
+        masks = sum(1 for r in range(1, int(rounds) + 1) if resfim.recompute(r))
     except (TypeError, ValueError):
         return []  # a bad rounds value fails its own check
     return [Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,

@@ -633,9 +633,10 @@ class Coordinator:
         position = ledger_position(self.cfg.strategy, rnd)
         entries = [e for e in self._mirror.entries(name)
                    if e.run_id == self.cfg.run_id and (e.round, e.upload_index) == position]
-        for planned in plan.round_releases() + plan.extra_releases(rnd):
+        extra = plan.extra_releases(rnd)
+        for planned in plan.round_releases() + extra:
             relation = planned.neighbouring.value
-            what = "ResFIM mask (noisy Fisher)" if planned in plan.extra_releases(rnd) else f"{relation}-level"
+            what = "ResFIM mask (noisy Fisher)" if planned in extra else f"{relation}-level"
             found = [e for e in entries if e.neighbouring.value == relation]
             if not found:
                 raise FailedPrecondition(

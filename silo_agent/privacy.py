@@ -180,14 +180,17 @@ class PrivacySession:
             if planned.key() in have:
                 continue
             have.add(planned.key())
-            ledger_round, upload_index = self._position(rnd)
-            fields = ledger_fields(self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id,
-                                   round=ledger_round, upload_index=upload_index, accountant=self._accountant,
-                                   prv_accountant=self._prv)
-            entry = self.ledger.reserve(**fields)
+            entry = self._reserve(planned, rnd)
             log.info("round %d: ledger entry %d: %s-level ε %.4f this round, %.4f cumulative (δ = %g)", rnd,
                      entry.seq, entry.neighbouring.value, entry.epsilon_rdp,
                      entry.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon, entry.delta)
+
+    def _reserve(self, planned: PlannedRelease, rnd: int) -> Any:
+        """Reserves one planned release at round ``rnd``'s ledger position."""
+        ledger_round, upload_index = self._position(rnd)
+        return self.ledger.reserve(**ledger_fields(
+            self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id, round=ledger_round,
+            upload_index=upload_index, accountant=self._accountant, prv_accountant=self._prv))
 
     def account_style_bank(self) -> None:
         """Reserves the ledger entry of this silo's style bank (pFL-ResFIM), unless already reserved.
@@ -205,11 +208,7 @@ class PrivacySession:
         if eps > self.budget.epsilon:
             raise PrivacyError(f"privacy budget: the style bank would bring this silo's record-level ε to {eps:.4f}, "
                                f"above its budget ε = {self.budget.epsilon:g}")
-        ledger_round, upload_index = self._position(1)
-        fields = ledger_fields(self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id,
-                               round=ledger_round, upload_index=upload_index, accountant=self._accountant,
-                               prv_accountant=self._prv)
-        entry = self.ledger.reserve(**fields)
+        entry = self._reserve(planned, 1)
         log.info("style bank: ledger entry %d: record-level ε %.4f, %.4f cumulative (δ = %g)", entry.seq,
                  entry.epsilon_rdp, entry.cumulative_epsilon, entry.delta)
 

@@ -32,14 +32,11 @@ class ResFimError(Exception):
 
 
 def _stack(dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` (image, mask) pairs of a dataset as two stacked tensors."""
-    images = getattr(dataset, "images", None)
-    masks = getattr(dataset, "masks", None)
-    if isinstance(images, torch.Tensor) and isinstance(masks, torch.Tensor):
-        return images[:n], masks[:n]
+    """The first ``n`` (image, mask) pairs of a dataset as two stacked CPU tensors (training's batching)."""
+    from fedsilo.models.training import _batch
+
     count = len(dataset) if n is None else min(n, len(dataset))
-    pairs = [dataset[i] for i in range(count)]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return _batch(dataset, range(count), torch.device("cpu"))
 
 
 class ResFimSession:
