@@ -17,6 +17,7 @@ from fedsilo.models.lora import (
 from fedsilo.models.metrics import SegmentationScores, dice_and_hd95, hd95_pixels, to_labels
 # The function pretrain() stays in fedsilo.models.pretrain: exported here it would shadow that module.
 from fedsilo.models.pretrain import PRETRAIN_DOMAIN, PretrainConfig, load_base_checkpoint, save_checkpoint
+from fedsilo.models.rdn import Normalized, RandomNormalized, channel_stats
 from fedsilo.models.registry import (
     UNETR_PATCH,
     Architecture,
@@ -49,8 +50,10 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "Norm",
+    "Normalized",
     "Optimizer",
     "PretrainConfig",
+    "RandomNormalized",
     "SegmentationDataset",
     "SegmentationScores",
     "SiloSplits",
@@ -60,6 +63,7 @@ __all__ = [
     "add_lora",
     "build_lora_model",
     "build_model",
+    "channel_stats",
     "default_target_modules",
     "dice_and_hd95",
     "domain_style",

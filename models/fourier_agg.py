@@ -19,7 +19,10 @@ Our reading of PRR-FL (DESIGN §5; the formulas below are **our choices**, state
    Normalisation layers stay local (their parameters are not aggregated at all).
 
 What travels: only the window amplitudes ``w_i · |X_i|`` (:func:`window_amplitudes`), which the
-federation sums like any update (under HE, as ciphertexts); phases never leave the silo.
+federation sums like any update (under HE, as ciphertexts); phases never leave the silo. For the
+run strategy, :func:`window_amplitude_array` lays them out as an array of the weight's own shape
+(zeros outside the window), so the coordinator's weighted mean of these arrays is the weighted mean
+of the window amplitudes, and :func:`combine_array` applies that mean.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import math
 
 import numpy as np
 
-__all__ = ["as_matrix", "combine", "window_amplitudes", "window_mask", "window_ratio"]
+__all__ = ["as_matrix", "combine", "combine_array", "window_amplitude_array", "window_amplitudes", "window_mask",
+           "window_ratio"]
 
 START_RATIO = 0.7
 END_RATIO = 0.95
@@ -118,3 +122,61 @@ def combine(weight: np.ndarray, mean_window: np.ndarray, ratio: float) -> np.nda
     amplitude[win] = mean
     out = np.fft.ifft2(np.fft.ifftshift(amplitude * np.exp(1j * np.angle(x))))
     return out.real.reshape(src.shape).astype(src.dtype, copy=False)
+
+
+def window_amplitude_array(weight: np.ndarray, ratio: float) -> np.ndarray:
+    """The window amplitudes laid out as an array of the weight's own shape (what the PFA strategy uploads).
+
+    Layout: the float64 matrix ``A`` of :func:`as_matrix`'s shape, in fftshift order, holds
+    ``|X|`` (choice 2) where :func:`window_mask` is True and exactly 0 elsewhere; the result is
+    ``A.reshape(weight.shape)``. Nothing outside the window is disclosed, and a weighted mean of
+    such arrays is, element for element, the weighted mean of the window amplitudes (choice 5).
+
+    Args:
+        weight: The silo's weight (any shape, at least 1-D, finite).
+        ratio: The round's window ratio.
+
+    Returns:
+        A float64 array of ``weight.shape``.
+
+    Raises:
+        ValueError: A scalar or non-finite weight, or a ratio outside (0, 1].
+    """
+    src = np.asarray(weight)
+    view = as_matrix(src)
+    win = window_mask(view.shape, ratio)
+    out = np.zeros(view.shape, dtype=np.float64)
+    out[win] = window_amplitudes(src, ratio)
+    return out.reshape(src.shape)
+
+
+def combine_array(weight: np.ndarray, mean_amplitude_array: np.ndarray, ratio: float) -> np.ndarray:
+    """:func:`combine` with the mean in :func:`window_amplitude_array`'s layout.
+
+    Only the window's entries of ``mean_amplitude_array`` are read: whatever lies outside (zeros,
+    or the noise differential privacy adds there) is ignored. A negative window entry, which only
+    noise (DP, or an approximate HE scheme) can produce since every silo uploads amplitudes
+    ``>= 0``, is projected to 0, the nearest valid amplitude.
+
+    Args:
+        weight: The silo's weight (any shape, at least 1-D).
+        mean_amplitude_array: ``Σ w_i A_i / Σ w_i`` over the silos' :func:`window_amplitude_array`
+            outputs, same shape as ``weight``.
+        ratio: The round's window ratio (the one the uploads used).
+
+    Returns:
+        The silo's new weight (own phase everywhere, own amplitude outside the window, the mean
+        amplitude inside), same shape and dtype as ``weight``.
+
+    Raises:
+        ValueError: A mean of another shape or with NaN/Inf, or a bad weight or ratio.
+    """
+    src = np.asarray(weight)
+    mean = np.asarray(mean_amplitude_array, dtype=np.float64)
+    if mean.shape != src.shape:
+        raise ValueError(f"mean amplitude array has shape {mean.shape}, the weight {src.shape}")
+    if not np.isfinite(mean).all():
+        raise ValueError("mean amplitude array contains NaN or Inf")
+    view = as_matrix(mean)
+    window = np.maximum(view[window_mask(view.shape, ratio)], 0.0)
+    return combine(src, window, ratio)

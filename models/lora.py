@@ -13,6 +13,7 @@ from torch import nn
 
 from fedsilo.models._config import check_float, check_int, check_seed, config_from_mapping, config_to_mapping
 from fedsilo.models.registry import Architecture, ModelConfig, build_model
+from fedsilo.models._rng import seeded_global_rng
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -269,7 +270,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, *, architecture: Architec
         use_rslora=False,
         init_lora_weights=False,  # overwritten below from init_seed
     )
-    with torch.random.fork_rng(devices=[]):  # the adapters' construction draws default inits
+    with seeded_global_rng(None):  # the adapters' construction draws default inits
         model = peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     adapted = [name for name, _ in _peft_layers(model)]
     if set(adapted) != set(targets):  # pragma: no cover - guards against peft matching differently

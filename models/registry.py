@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsilo.models._rng import seeded_global_rng
 from fedsilo.models._config import (
     check_enum,
     check_float,
@@ -261,8 +262,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     builder = _BUILDERS.get(cfg.architecture)
     if builder is None:  # pragma: no cover - every enum member is registered
         raise ValueError(f"no builder registered for architecture {cfg.architecture.value!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(cfg.seed)
+    with seeded_global_rng(cfg.seed):
         model = builder(cfg)
     model.train()
     return model

@@ -22,6 +22,7 @@ from fedsilo.models._config import (
 )
 from fedsilo.models.data import SegmentationDataset
 from fedsilo.models.metrics import dice_and_hd95
+from fedsilo.models._rng import seeded_global_rng
 
 __all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "train_local"]
 
@@ -52,7 +53,11 @@ class TrainConfig:
         seed: Seed of the shuffling (and of dropout, if any), combined with the round index.
         proximal_mu: μ >= 0 of FedProx (Li et al., MLSys 2020): every step descends
             ``loss + μ/2 · ‖w − w⁰‖²`` over the trainable parameters, w⁰ their values when the
-            call starts (the round's global model); 0 is plain local training.
+            call starts (the round's global model), or the ``anchor`` passed to
+            :func:`train_local`; 0 is plain local training.
+        personal_lambda: λ >= 0 of Ditto (Li, Hu, Beirami & Smith, ICML 2021): the silo's
+            personal model v descends ``F_k(v) + λ/2 · ‖v − w^t‖²``, w^t the round's global
+            model; used only by the Ditto strategy (0 trains v with no pull toward w^t).
     """
 
     local_epochs: int = 1
@@ -61,6 +66,7 @@ class TrainConfig:
     optimizer: Optimizer = Optimizer.ADAM
     seed: int = 0
     proximal_mu: float = 0.0
+    personal_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -70,6 +76,7 @@ class TrainConfig:
         check_enum(owner, "optimizer", self.optimizer, Optimizer)
         check_seed(owner, "seed", self.seed)
         check_float(owner, "proximal_mu", self.proximal_mu, low=0.0, high=1e6)
+        check_float(owner, "personal_lambda", self.personal_lambda, low=0.0, high=1e6)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -148,12 +155,34 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
 
 
+def _checked_anchor(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``anchor``'s values for the trainable parameters of ``model``, on their device and dtype.
+
+    Raises:
+        ValueError: If a trainable parameter has no anchor or one of another shape.
+    """
+    centre: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in anchor:
+            raise ValueError(f"anchor has no value for trainable parameter {name!r}")
+        a = torch.as_tensor(anchor[name])
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(
+                f"anchor of parameter {name!r} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}"
+            )
+        centre[name] = a.detach().to(device=p.device, dtype=p.dtype).clone()
+    return centre
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     *,
     round_index: int,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
@@ -169,12 +198,17 @@ def train_local(
         dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.
         cfg: Training settings.
         round_index: Federated round number (>= 0), part of the shuffling seed.
+        anchor: The values the proximal term pulls toward, by parameter name
+            (``model.named_parameters()``; extra entries are ignored), instead of the weights at
+            the start of the call; Ditto's personal step anchors at the round's global model.
+            Only used with ``cfg.proximal_mu > 0``, but checked whenever given.
 
     Returns:
         Loss, steps and examples of this call.
 
     Raises:
-        ValueError: On an empty dataset, a bad config or a bad round index.
+        ValueError: On an empty dataset, a bad config, a bad round index, or an ``anchor``
+            that lacks a trainable parameter or gives it another shape.
     """
     from monai.losses import DiceCELoss
 
@@ -184,18 +218,22 @@ def train_local(
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
+    centre = _checked_anchor(model, anchor) if anchor is not None else None
     device = _device_of(model)
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
     optimizer = _make_optimizer(model, cfg)
-    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if cfg.proximal_mu else []
+    prox = [
+        (p, centre[name] if centre is not None else p.detach().clone())
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ] if cfg.proximal_mu else []
     seed = _derived_seed(cfg.seed, round_index)
     order_gen = torch.Generator().manual_seed(seed)
     total_loss = 0.0
     steps = 0
     examples = 0
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed ^ 0x5DEECE66D)
+    with seeded_global_rng(seed ^ 0x5DEECE66D):
         for _epoch in range(cfg.local_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
@@ -203,7 +241,7 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(images), masks)
                 loss.backward()
-                for p, p0 in anchor:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
+                for p, p0 in prox:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
                     if p.grad is not None:
                         p.grad.add_(p.detach() - p0, alpha=cfg.proximal_mu)
                 optimizer.step()

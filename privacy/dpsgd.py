@@ -695,8 +695,9 @@ def train_local_dp(
     total_loss = 0.0
     examples = 0
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed ^ 0x5DEECE66D)
+    from fedsilo.models._rng import seeded_global_rng
+
+    with seeded_global_rng(seed ^ 0x5DEECE66D):
         with DpSgdStep(
             model,
             optimizer,

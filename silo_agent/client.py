@@ -90,14 +90,20 @@ class CoordinatorClient:
         max_backoff_s: longest pause between attempts.
         retry: False for one-shot commands: errors are raised at once.
         quiet: log retries at DEBUG instead of WARNING (for monitoring clients).
+        stubs: (federation, admin) stubs to call instead of dialling ``address`` over gRPC.
     """
 
     def __init__(self, address: str, creds: Credentials, *, stop: threading.Event | None = None,
-                 max_backoff_s: float = 10.0, retry: bool = True, quiet: bool = False) -> None:
+                 max_backoff_s: float = 10.0, retry: bool = True, quiet: bool = False,
+                 stubs: tuple[Any, Any] | None = None) -> None:
         self.address = address
-        self._channel = open_channel(address, creds)
-        self._stub = federation_pb2_grpc.FederationStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        if stubs is None:
+            self._channel: grpc.Channel | None = open_channel(address, creds)
+            self._stub = federation_pb2_grpc.FederationStub(self._channel)
+            self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        else:  # fedsilo bench's in-process transport (fedsilo.silo_agent.inprocess): same calls, no socket
+            self._channel = None
+            self._stub, self._admin = stubs
         self._md = ((INSECURE_IDENTITY_KEY, creds.insecure_identity),) if creds.insecure_identity else None
         self.stop = stop or threading.Event()
         self._max_backoff = max_backoff_s
@@ -107,7 +113,8 @@ class CoordinatorClient:
 
     def close(self) -> None:
         """Closes the channel."""
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         delay = 0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
+from fedsilo.silo_agent.strategies.base import RunContext
 from fedsilo.coordinator.phases import SharePhase, carries_local_part, masked_manifest, phase_manifest
 from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
@@ -85,11 +87,19 @@ class Agent:
     Args:
         cfg: the validated agent config.
         stop: set it (e.g. from a SIGTERM handler) to stop at the next safe point.
+        connect: makes the coordinator client from (address, credentials, stop); the default dials
+            gRPC. ``fedsilo bench`` passes an in-process transport to the same servicers.
+        unseen_every_round: evaluate the unseen domain after every round, not only the last
+            (``fedsilo bench`` selects models by validation Dice over rounds).
     """
 
-    def __init__(self, cfg: AgentConfig, *, stop: threading.Event | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, stop: threading.Event | None = None,
+                 connect: Callable[[str, Credentials, threading.Event], CoordinatorClient] | None = None,
+                 unseen_every_round: bool = False) -> None:
         self.cfg = cfg
         self.stop = stop or threading.Event()
+        self._connect = connect or (lambda address, creds, stop: CoordinatorClient(address, creds, stop=stop))
+        self._unseen_every_round = unseen_every_round
         self._round = 0
         self._activity = Activity.IDLE
         self._name = cfg.name or ""
@@ -126,7 +136,7 @@ class Agent:
         """
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        client = CoordinatorClient(self.cfg.coordinator, self._credentials(), stop=self.stop)
+        client = self._connect(self.cfg.coordinator, self._credentials(), self.stop)
         try:
             return self._run(client)
         except Stopped:
@@ -227,6 +237,9 @@ class Agent:
                 self._resfim.publish_bank(client, data.splits.train)
             except PrivacyError as exc:
                 raise AgentError(str(exc)) from None
+        else:
+            self._strategy.prepare(RunContext(client=client, he=self._he, train=data.splits.train, state=state,
+                                              state_dir=state_dir, stop=self.stop, idle=self._serve_keys(client)))
         while True:
             self._activity = Activity.IDLE
             if holder:
@@ -268,9 +281,8 @@ class Agent:
                                    total_weight=agg.total_weight / agg.weight_normalizer)
             else:
                 arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
-                for k in (t.name for t in agg.manifest.tensors):  # the round's phase of the shared tensors
-                    delta = torch.from_numpy(np.ascontiguousarray(arrays[k]))
-                    state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
+                self._strategy.apply(mean={t.name: arrays[t.name] for t in agg.manifest.tensors}, state=state,
+                                     rnd=rnd, total_rounds=total_rounds)  # the round's phase of the shared tensors
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
             log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
@@ -278,22 +290,27 @@ class Agent:
         if state.applied_round > state.reported_round:
             rnd = state.applied_round
             metrics: dict[str, tuple[float, int]] = {}
+            strategy = self._strategy
+            model.load_state_dict(strategy.eval_state_dict(state))
             if _len(data.splits.test):
-                res = evaluate(model, data.splits.test)
+                res = evaluate(model, strategy.eval_data(data.splits.test, state=state))
                 metrics.update(dice=(res.dice, res.n), hd95=(res.hd95, res.n))
+            if _len(data.splits.val):
+                res = evaluate(model, strategy.eval_data(data.splits.val, state=state))
+                metrics.update(val_dice=(res.dice, res.n))
             if state.last_train_loss is not None and state.done_round == rnd:
                 metrics["train_loss"] = (state.last_train_loss, _len(data.splits.train))
             if state.shared_fraction is not None:
                 metrics["shared_fraction"] = (state.shared_fraction, _len(data.splits.train))
-            if rnd == total_rounds and data.unseen is not None:
+            if (rnd == total_rounds or self._unseen_every_round) and data.unseen is not None:
                 if self._resfim is not None and state.consensus:
                     # the unseen domain has no personal part: the consensus of the silos' models
                     model.load_state_dict(self._resfim.consensus_state_dict(state))
-                    res = evaluate(model, data.unseen)
-                    self._load_global(model, state)
                 else:
-                    res = evaluate(model, data.unseen)
+                    model.load_state_dict(strategy.unseen_state_dict(state))
+                res = evaluate(model, strategy.eval_data(data.unseen, state=state))
                 metrics.update(unseen_dice=(res.dice, res.n), unseen_hd95=(res.hd95, res.n))
+            self._load_global(model, state)
             if metrics:
                 client.report_metrics(rnd, metrics)
                 log.info("round %d: %s", rnd, ", ".join(f"{k}={v:.4f}" for k, (v, _) in metrics.items()))
@@ -350,20 +367,23 @@ class Agent:
                                           shared_names=[t.name for t in self._manifest.tensors],
                                           idle=self._serve_keys(client))
             self._strategy.set_trainable(model, phase, self._trainable)
+            train = self._strategy.train_data(data.splits.train, state=state, rnd=rnd)
             if dp is not None and dp.plan.record_level:
                 from fedsilo.privacy.dpsgd import train_local_dp
 
-                result = train_local_dp(model, data.splits.train, train_cfg, dp.dpsgd_config(), round_index=rnd)
+                result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
             else:
-                result = train_local(model, data.splits.train, train_cfg, round_index=rnd)
+                result = train_local(model, train, train_cfg, round_index=rnd)
             if self.stop.is_set():
                 raise Stopped("training")
             sd = model.state_dict()
             if self._resfim is not None:  # masked uploads carry values: personal elements differ per silo
                 update = {k: sd[k].detach().clone().numpy() for k in shared}
             else:
-                update = {k: (sd[k].detach() - state.global_shared[k]).numpy() for k in shared}
+                update = self._strategy.upload(trained=sd, state=state, names=shared, rnd=rnd,
+                                               total_rounds=self._total_rounds)
             loss = result.loss
+            self._strategy.after_training(model=model, state=state, train=train, train_cfg=train_cfg, rnd=rnd)
             state.model = {k: v.detach().clone() for k, v in sd.items()}
             state.last_train_loss = loss
             if dp is not None:

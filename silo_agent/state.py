@@ -37,6 +37,8 @@ class AgentState:
         shared_fraction: the fraction of masked elements the masks share.
         consensus: ResFIM runs: the consensus values (invariant part + mean of the silos' local
             parts) of the shared tensors after the last applied round.
+        strategy_state: a strategy's own tensors (Ditto's personal model, FedRDN's statistics);
+            keys are the strategy's.
     """
 
     run_id: str
@@ -55,6 +57,7 @@ class AgentState:
     masks_round: int = 0
     shared_fraction: float | None = None
     consensus: dict[str, torch.Tensor] = field(default_factory=dict)
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def personal_state_dict(self) -> dict[str, torch.Tensor]:
         """This silo's model: the federation's shared values plus its own local ones."""

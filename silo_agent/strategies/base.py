@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import abc
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from fedsilo.coordinator.phases import SharePhase
+
+if TYPE_CHECKING:
+    from fedsilo.models import TrainConfig
+    from fedsilo.silo_agent.state import AgentState
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunContext:
+    """What a strategy's once-per-run preparation (:meth:`Strategy.prepare`) may use.
+
+    Attributes:
+        client: the coordinator client (``CoordinatorClient``: its RPCs, e.g. the sealed
+            statistics relay ``publish_style_bank`` / ``style_banks``).
+        he: the silo's ``HeSession`` (run id, silo name, the run's shared secret for sealing),
+            or None without HE aggregation.
+        train: the silo's training set.
+        state: the agent's persistent state (save it through ``state_dir`` after changing it).
+        state_dir: where the agent keeps its state.
+        stop: set when the agent must stop (raise ``Stopped`` from long waits).
+        idle: called while waiting (the key holder keeps serving late joiners), or None.
+    """
+
+    client: Any
+    he: Any
+    train: Dataset
+    state: AgentState
+    state_dir: Path
+    stop: threading.Event
+    idle: Any = None
 
 
 class Strategy(abc.ABC):
@@ -38,3 +74,58 @@ class Strategy(abc.ABC):
         may train at all, e.g. only LoRA factors over a frozen base), those `trains` selects."""
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable and self.trains(name, phase))
+
+    # -- what travels, and what comes back. The defaults are FedAvg's: differences to the
+    # -- federation's shared values go up, their weighted mean is added on return.
+    def upload(self, *, trained: Mapping[str, torch.Tensor], state: AgentState, names: Sequence[str], rnd: int,
+               total_rounds: int) -> dict[str, np.ndarray]:
+        """The arrays this silo uploads for the round's shared tensors ``names`` (before any DP
+        noise or encryption); the coordinator averages them, weighted by training examples.
+
+        Args:
+            trained: the model's state_dict after this round's local training.
+            state: the agent's state; ``state.global_shared`` still holds the values before the round.
+            names: the round's shared tensors, in manifest order.
+            rnd: the round (1-based).
+            total_rounds: the run's number of rounds.
+        """
+        return {k: (trained[k].detach() - state.global_shared[k]).numpy() for k in names}
+
+    def apply(self, *, mean: Mapping[str, np.ndarray], state: AgentState, rnd: int, total_rounds: int) -> None:
+        """Applies the round's weighted mean of the silos' uploads to ``state`` (in place).
+
+        The default adds the mean difference to ``state.global_shared``.
+        """
+        for k, arr in mean.items():
+            delta = torch.from_numpy(np.ascontiguousarray(arr))
+            state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
+
+    # -- once per run, training data, evaluation -----------------------------------------
+    def prepare(self, ctx: RunContext) -> None:
+        """Called once per run after joining (and the HE key ceremony), before the first round.
+
+        The default does nothing; FedRDN exchanges its normalisation statistics here.
+        """
+
+    def train_data(self, train: Dataset, *, state: AgentState, rnd: int) -> Dataset:
+        """The training set of round ``rnd`` as the model sees it (default: unchanged)."""
+        return train
+
+    def eval_data(self, dataset: Dataset, *, state: AgentState) -> Dataset:
+        """An evaluation set (validation, test, or the unseen domain) as the model sees it (default: unchanged)."""
+        return dataset
+
+    def after_training(self, *, model: torch.nn.Module, state: AgentState, train: Dataset, train_cfg: TrainConfig,
+                       rnd: int) -> None:
+        """Called after the round's local training and its upload's values are fixed; may update
+        ``state`` (it is saved afterwards). The default does nothing; Ditto trains its personal
+        model here. ``model`` must be left as it is."""
+
+    def eval_state_dict(self, state: AgentState) -> dict[str, torch.Tensor]:
+        """The model this silo evaluates on its own validation and test data (default: shared
+        values plus its local ones)."""
+        return state.personal_state_dict()
+
+    def unseen_state_dict(self, state: AgentState) -> dict[str, torch.Tensor]:
+        """The model this silo evaluates on a domain no silo trains on (default: as :meth:`eval_state_dict`)."""
+        return self.eval_state_dict(state)
