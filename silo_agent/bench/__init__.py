@@ -1,0 +1,1 @@
+"""``fedsilo bench``: every method on the same data, measured the same way."""

@@ -1,0 +1,282 @@
+"""``fedsilo bench``'s report: validation-selected Dice, the derived measures by hand, and the files."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from fedsilo.silo_agent.bench.report import (
+    CSV_COLUMNS,
+    bytes_to_95,
+    convergence_curve,
+    format_vs_reference,
+    mean_std,
+    render_summary,
+    sample_std,
+    select_rounds,
+    summarize_cell,
+    unseen_dice,
+    validate_cell,
+    weighted_mean,
+    write_outputs,
+)
+
+A, B = "hospital-a", "hospital-b"
+SIZES = {A: 30, B: 10}
+PNG = b"\x89PNG\r\n\x1a\n"
+MINUS = "\u2212"
+
+# Three rounds of a 2-silo run. Test Dice peaks at round 2 for A and round 3 for B, but validation
+# Dice peaks at round 3 for A and round 1 for B: those are the rounds reported.
+# Validation values are dyadic so the weighted means tie exactly: round 1 (30*0.5 + 10*1.0)/40 =
+# 0.625 = round 2 (0.625 everywhere) > round 3 (30*0.75 + 0)/40 = 0.5625. The unweighted mean
+# would pick round 1 (0.75); the later of the tied rounds is round 2.
+BASE_ROUNDS = [
+    {"bytes_up": 1_000_000, "bytes_down": 3_000_000, "dice": {A: 0.40, B: 0.50},
+     "hd95": {A: 20.0, B: 14.0}, "val_dice": {A: 0.5, B: 1.0}, "unseen_dice": 0.30},
+    {"bytes_up": 1_500_000, "bytes_down": 3_500_000, "dice": {A: 0.80, B: 0.65},
+     "hd95": {A: 8.0, B: 12.0}, "val_dice": {A: 0.625, B: 0.625}, "unseen_dice": 0.35},
+    {"bytes_up": 2_000_000, "bytes_down": 4_000_000, "dice": {A: 0.70, B: 0.80},
+     "hd95": {A: 10.0, B: 6.0}, "val_dice": {A: 0.75, B: 0.0}, "unseen_dice": 0.40},
+]
+
+
+def _cell(method: str, seed: int, offset: float = 0.0, *, epsilon: dict | None = None) -> dict:
+    """The base run with every test Dice shifted by ``offset`` (validation unchanged)."""
+    log = []
+    for i, r in enumerate(BASE_ROUNDS, start=1):
+        entry = copy.deepcopy(r)
+        entry["round"] = i
+        entry["dice"] = {s: round(v + offset, 6) for s, v in r["dice"].items()}
+        log.append(entry)
+    return {"method": method, "seed": seed, "rounds": 3, "local_epochs": 1, "main": True,
+            "dp": epsilon is not None, "aggregation": "he", "silos": [A, B],
+            "test_sizes": dict(SIZES), "rounds_log": log, "epsilon": epsilon,
+            "seconds": 40.0 + seed, "note": f"{method} note"}
+
+
+def _sweep_cell() -> dict:
+    """fedavg, seed 0, one round of three local epochs (not the main schedule)."""
+    return {"method": "fedavg", "seed": 0, "rounds": 1, "local_epochs": 3, "main": False,
+            "dp": False, "aggregation": "he", "silos": [A, B], "test_sizes": dict(SIZES),
+            "rounds_log": [{"round": 1, "bytes_up": 100, "bytes_down": 200,
+                            "dice": {A: 0.6, B: 0.4}, "hd95": {A: 5.0, B: 7.0},
+                            "val_dice": {A: 0.5, B: 0.5}, "unseen_dice": None}],
+            "epsilon": None, "seconds": 15.0, "note": "fedavg note"}
+
+
+def _cells() -> list[dict]:
+    return [
+        _cell("fedavg", 0),
+        _cell("fedavg", 1, 0.02),
+        _cell("local", 0, -0.10, epsilon={A: 7.9, B: 8.1}),
+        _cell("local", 1, -0.08, epsilon={A: 8.0, B: 8.3}),
+        _sweep_cell(),
+    ]
+
+
+# ----------------------------------------------------------------------------- pure measures
+
+
+def test_selection_uses_validation_not_test() -> None:
+    cell = _cell("fedavg", 0)
+    assert select_rounds(cell) == {A: 3, B: 1}  # test Dice would pick 2 and 3
+    s = summarize_cell(cell)
+    assert s.dice == {A: pytest.approx(0.70), B: pytest.approx(0.50)}
+    assert s.hd95 == {A: 10.0, B: 14.0}
+    assert s.val_dice_at_selected == {A: 0.75, B: 1.0}
+
+
+def test_selection_ties_go_to_later_round_and_no_val_means_last_round() -> None:
+    cell = _cell("fedavg", 0)
+    cell["rounds_log"][1]["val_dice"] = {A: 0.75}  # A: rounds 2 and 3 tie at 0.75
+    for entry in cell["rounds_log"]:
+        entry["val_dice"].pop(B, None)  # B: no validation Dice at all
+    assert select_rounds(cell) == {A: 3, B: 3}
+    cell["rounds_log"][2]["val_dice"] = {A: 0.5}
+    assert select_rounds(cell) == {A: 2, B: 3}
+    s = summarize_cell(cell)
+    assert s.val_dice_at_selected == {A: 0.75, B: None}
+    assert s.dice[B] == pytest.approx(0.80)
+
+
+def test_cell_measures_by_hand() -> None:
+    s = summarize_cell(_cell("fedavg", 0))
+    # Dice 0.70 (A, 30 images) and 0.50 (B, 10 images)
+    assert s.mean_dice == pytest.approx((30 * 0.70 + 10 * 0.50) / 40)  # 0.65
+    assert s.mean_dice == pytest.approx(0.65)
+    assert s.std_dice == pytest.approx(math.sqrt(0.02))  # sample std of {0.7, 0.5}
+    assert (s.worst_dice, s.worst_silo) == (pytest.approx(0.50), B)
+    assert s.mean_hd95 == pytest.approx((30 * 10.0 + 10 * 14.0) / 40)  # 11.0
+    assert s.bytes_total == 15_000_000
+    assert s.epsilon is None and s.epsilon_max is None
+    assert s.curve == pytest.approx((0.425, 0.7625, 0.725))
+    assert s.cumulative_bytes == (4_000_000, 9_000_000, 15_000_000)
+
+
+def test_bytes_to_95_by_hand() -> None:
+    cell = _cell("fedavg", 0)
+    # curve 0.425, 0.7625, 0.725: target 0.95 * 0.725 = 0.68875, first reached at round 2
+    assert bytes_to_95(cell) == 9_000_000
+    # round 2 just below the target (weighted 0.68): only round 3 reaches it
+    cell["rounds_log"][1]["dice"] = {A: 0.70, B: 0.62}
+    assert convergence_curve(cell)[1] == pytest.approx(0.68)
+    assert bytes_to_95(cell) == 15_000_000
+    # round 1 already above 95% of the final round
+    cell["rounds_log"][0]["dice"] = {A: 0.70, B: 0.70}
+    assert bytes_to_95(cell) == 4_000_000
+    # final mean Dice 0: the whole run's bytes
+    cell["rounds_log"][2]["dice"] = {A: 0.0, B: 0.0}
+    assert bytes_to_95(cell) == 15_000_000
+
+
+def test_curve_uses_only_silos_present_in_the_round() -> None:
+    cell = _cell("fedavg", 0)
+    del cell["rounds_log"][0]["dice"][B]
+    del cell["rounds_log"][0]["hd95"][B]
+    assert convergence_curve(cell)[0] == pytest.approx(0.40)  # A alone
+    # B's best validation round (1) has no test Dice: selection runs over rounds 2 and 3
+    assert select_rounds(cell)[B] == 2
+
+
+def test_unseen_picks_best_weighted_validation_round() -> None:
+    cell = _cell("fedavg", 0)
+    assert unseen_dice(cell) == pytest.approx(0.35)  # round 2 (tie with round 1, later wins)
+    cell["rounds_log"][1]["val_dice"] = {A: 0.5, B: 0.5}  # round 2 drops to 0.5: round 1 wins
+    assert unseen_dice(cell) == pytest.approx(0.30)
+    cell["rounds_log"][0]["unseen_dice"] = None  # round 1 logged none: best of rounds 2, 3 is 3
+    assert unseen_dice(cell) == pytest.approx(0.40)
+    for entry in cell["rounds_log"]:
+        entry["unseen_dice"] = None
+    assert unseen_dice(cell) is None
+
+
+def test_small_helpers() -> None:
+    assert weighted_mean({A: 1.0, B: 0.0}, SIZES) == pytest.approx(0.75)
+    assert math.isnan(weighted_mean({}, SIZES))
+    assert sample_std([0.3]) == 0.0
+    assert sample_std([1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert mean_std([0.5]) == (0.5, None)
+    assert mean_std([None, 0.5, 0.7]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
+    assert mean_std([None]) == (None, None)
+    assert format_vs_reference(0.0123) == "+0.012"
+    assert format_vs_reference(-0.0341) == f"{MINUS}0.034 (loses)"
+    assert format_vs_reference(None) == "\u2014"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_missing_rounds_log_is_named(tmp_path: Path) -> None:
+    cell = _cell("fedavg", 0)
+    del cell["rounds_log"]
+    with pytest.raises(ValueError, match="rounds_log"):
+        validate_cell(cell)
+    with pytest.raises(ValueError, match=r"cell 2 \('fedavg', seed 0\): missing key 'rounds_log'"):
+        write_outputs([_cell("local", 0), _cell("local", 1), cell], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_dice_is_named(tmp_path: Path) -> None:
+    cell = _cell("fedavg", 0)
+    cell["rounds_log"][1]["dice"][A] = float("nan")
+    with pytest.raises(ValueError, match=r"round 2: 'dice'\['hospital-a'\] is nan"):
+        validate_cell(cell)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="round 2"):
+        write_outputs([cell], out)
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["rounds_log"][0].update(round=2), "expected 1"),
+    (lambda c: c.update(rounds=4), "has 3 entries"),
+    (lambda c: c["rounds_log"][2]["hd95"].pop(B), "'hd95' lacks 'hospital-b'"),
+    (lambda c: c["test_sizes"].pop(B), r"'test_sizes'\['hospital-b'\]"),
+    (lambda c: c["rounds_log"][0].update(bytes_up=-1), "'bytes_up'"),
+    (lambda c: c.update(epsilon={A: float("inf")}), "'epsilon'"),
+])
+def test_other_malformed_cells(mutate, message) -> None:
+    cell = _cell("fedavg", 0)
+    mutate(cell)
+    with pytest.raises(ValueError, match=message):
+        validate_cell(cell)
+
+
+def test_duplicate_cells_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="same method, seed and schedule"):
+        write_outputs([_cell("fedavg", 0), _cell("fedavg", 0)], tmp_path)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def _row(section: str, method: str) -> list[str]:
+    line = next(l for l in section.splitlines() if l.startswith(f"| {method} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_write_outputs(tmp_path: Path) -> None:
+    paths = write_outputs(_cells(), tmp_path)
+    names = ["results.csv", "summary.md", "dice_vs_rounds.png", "dice_vs_bytes.png",
+             "per_silo.png", "sweep.png"]
+    assert paths == [tmp_path / n for n in names]
+    for p in paths[2:]:
+        assert p.read_bytes()[:8] == PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temp files left
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 10  # 4 main cells x 2 silos + the sweep cell x 2 silos
+    row = next(r for r in rows if (r["method"], r["seed"], r["rounds"], r["silo"]) == ("fedavg", "0", "3", B))
+    assert row["selected_round"] == "1" and row["main"] == "true" and row["test_size"] == "10"
+    assert float(row["dice"]) == pytest.approx(0.50)
+    assert float(row["hd95"]) == 14.0 and float(row["val_dice_at_selected"]) == 1.0
+    assert float(row["cell_mean_dice"]) == pytest.approx(0.65)
+    assert float(row["cell_worst_dice"]) == pytest.approx(0.50)
+    assert float(row["unseen_dice"]) == pytest.approx(0.35)
+    assert (row["bytes_total"], row["bytes_to_95"], row["epsilon"]) == ("15000000", "9000000", "")
+    row = next(r for r in rows if (r["method"], r["seed"], r["silo"]) == ("local", "0", B))
+    assert float(row["epsilon"]) == pytest.approx(8.1)
+    assert float(row["dice"]) == pytest.approx(0.40)
+    sweep = [r for r in rows if r["rounds"] == "1"]
+    assert [(r["main"], r["local_epochs"], r["unseen_dice"]) for r in sweep] == [("false", "3", "")] * 2
+
+    text = (tmp_path / "summary.md").read_text()
+    assert "Seeds: 2 (0, 1)" in text and "validation Dice" in text
+    main = _section(text, "Main results")
+    fedavg, local = _row(main, "fedavg"), _row(main, "local")
+    # fedavg: cell means 0.65 and 0.67; local: 0.55 and 0.57
+    assert fedavg[1] == "0.660 ± 0.014" and local[1] == "0.560 ± 0.014"
+    assert fedavg[3] == "0.510 ± 0.014 (hospital-b)"
+    assert fedavg[4] == "11.0 ± 0.0" and fedavg[5] == "0.350 ± 0.000"
+    assert fedavg[6] == "9.00 ± 0.00" and fedavg[7] == "15.00 ± 0.00"
+    assert fedavg[8] == "\u2014" and local[8] == "8.20 ± 0.14"
+    assert fedavg[9] == "40.5 ± 0.7"
+    assert fedavg[10] == "\u2014" and "(loses)" not in " ".join(fedavg)
+    assert local[10] == f"{MINUS}0.100 (loses)"
+    assert _row(_section(text, "Dice per silo"), "fedavg")[1:] == ["0.710 ± 0.014", "0.510 ± 0.014"]
+    comm = _section(text, "Communication frequency")
+    assert "| Method | 3\u00d71 | 1\u00d73 |" in comm
+    assert _row(comm, "fedavg")[1:] == ["0.660 ± 0.014", "0.550"]
+    assert _row(comm, "local")[1:] == ["0.560 ± 0.014", "\u2014"]
+    assert "- **local**: local note" in _section(text, "Methods")
+
+
+def test_summary_against_another_reference() -> None:
+    summaries = [summarize_cell(c) for c in _cells()]
+    main = _section(render_summary(summaries, reference="local"), "Main results")
+    assert _row(main, "fedavg")[10] == "+0.100"
+    assert _row(main, "local")[10] == "\u2014"
+    assert "(loses)" not in main
+    absent = _section(render_summary(summaries, reference="fedprox"), "Main results")
+    assert _row(absent, "local")[10] == "\u2014" and "no main cells" in absent
