@@ -33,6 +33,9 @@ class Strategy(enum.Enum):
     DEER_RESFIM = "deer+resfim"
     SIOBN = "siobn"
     FEDPER = "fedper"
+    DITTO = "ditto"
+    FEDRDN = "fedrdn"
+    PFA = "pfa"
 
     @property
     def uses_lora(self) -> bool:
@@ -48,6 +51,12 @@ class Strategy(enum.Enum):
     def masked(self) -> bool:
         """Whether silos share only the elements their ResFIM masks mark domain-invariant."""
         return self in (Strategy.RESFIM, Strategy.DEER_RESFIM)
+
+    @property
+    def exchanges_banks(self) -> bool:
+        """Whether silos relay sealed per-silo data through the coordinator before training
+        (ResFIM's style banks, FedRDN's normalisation statistics)."""
+        return self.masked or self is Strategy.FEDRDN
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +251,9 @@ class FederationConfig:
         elif self.resfim is not None:
             raise ConfigError(f"resfim: set, but run.strategy {self.strategy.value!r} uses no ResFIM masks "
                               "(use resfim or deer+resfim)")
+        if self.strategy is Strategy.FEDRDN and self.aggregation is not AggregationMode.HE:
+            raise ConfigError("run.strategy: 'fedrdn' needs run.aggregation = 'he': the silos' normalisation "
+                              "statistics travel sealed under the run's key, which only HE runs have")
         if self.aggregation is AggregationMode.HE:
             self.he_params()  # validates the [he] table now, naming the bad field
             if self.insecure:
@@ -271,6 +283,12 @@ class FederationConfig:
         elif plan.resfim_every:
             raise ConfigError(f"privacy.fisher_noise_multiplier: set, but run.strategy {self.strategy.value!r} "
                               "computes no ResFIM masks")
+        if self.strategy is Strategy.DITTO and plan.record_level:
+            raise ConfigError("privacy.record_level: not supported with run.strategy 'ditto': its personal model is a "
+                              "second pass over each silo's data every round, a release this plan does not account")
+        if self.strategy is Strategy.PFA and plan.silo_level:
+            raise ConfigError("privacy.silo_level: not supported with run.strategy 'pfa': its uploads are spectrum "
+                              "amplitudes, not updates the noise regulator can clip")
         if self.strategy.masked and plan.silo_level:
             raise ConfigError(f"privacy.silo_level: not supported with run.strategy {self.strategy.value!r}: its "
                               "uploads are parameter values, including ones a silo kept local before (trained "

@@ -995,9 +995,9 @@ class Coordinator:
 
     # -- pFL-ResFIM style banks: the coordinator only relays opaque sealed bytes -------------
     def _require_masked(self) -> None:
-        if not self.cfg.strategy.masked:
-            raise FailedPrecondition(f"run {self.cfg.run_id!r} uses strategy {self.cfg.strategy.value!r}; style banks "
-                                     "are exchanged only by resfim and deer+resfim runs")
+        if not self.cfg.strategy.exchanges_banks:
+            raise FailedPrecondition(f"run {self.cfg.run_id!r} uses strategy {self.cfg.strategy.value!r}; sealed banks "
+                                     "are exchanged only by resfim, deer+resfim and fedrdn runs")
 
     def publish_style_bank(self, caller: Identity, sealed: bytes) -> int:
         """Stores the caller's style bank, sealed for the other silos (the coordinator cannot open it).

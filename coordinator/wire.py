@@ -42,7 +42,8 @@ _STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: fe
              Strategy.DEER: federation_pb2.STRATEGY_DEER, Strategy.FEDAVG_LORA: federation_pb2.STRATEGY_FEDAVG_LORA,
              Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA, Strategy.RESFIM: federation_pb2.STRATEGY_RESFIM,
              Strategy.DEER_RESFIM: federation_pb2.STRATEGY_DEER_RESFIM, Strategy.SIOBN: federation_pb2.STRATEGY_SIOBN,
-             Strategy.FEDPER: federation_pb2.STRATEGY_FEDPER}
+             Strategy.FEDPER: federation_pb2.STRATEGY_FEDPER, Strategy.DITTO: federation_pb2.STRATEGY_DITTO, Strategy.FEDRDN: federation_pb2.STRATEGY_FEDRDN,
+             Strategy.PFA: federation_pb2.STRATEGY_PFA}
 _PHASE = {SharePhase.ALL: federation_pb2.SHARE_PHASE_ALL, SharePhase.LORA_B: federation_pb2.SHARE_PHASE_LORA_B,
           SharePhase.LORA_A: federation_pb2.SHARE_PHASE_LORA_A}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}

@@ -349,6 +349,22 @@ def resfim_disclosures(*, rho: float, recompute_every: int, beta: float, cluster
     ]
 
 
+def fedrdn_disclosures(*, channels: int | None = None) -> list[dict[str, str]]:
+    """What a FedRDN run shares besides its model updates, in words for the privacy officer.
+
+    Args:
+        channels: the images' channel count C, when known.
+    """
+    c = f"{channels}" if channels is not None else "C"
+    return [{"topic": "FedRDN normalisation statistics (not differentially private)", "statement": (
+        f"Once per run each silo shares 2 x {c} numbers: the mean and standard deviation, per image channel, of all "
+        "pixels of its training images (FedRDN normalises each training image with a randomly drawn silo's "
+        "statistics). They are computed without noise and have no ledger entry: they are a deterministic "
+        "function of the training data and reveal the silo's average image brightness and contrast. They are "
+        "sealed (AES-256-GCM under a key derived from the run's shared secret key, which the coordinator does "
+        "not hold), so only the other silos can read them.")}]
+
+
 _CONSENSUS_DISCLOSURE = {"topic": "ResFIM consensus model", "statement": (
     "For the consensus model (used on unseen domains) each silo also uploads, encrypted, its weighted "
     "values of the elements it keeps local; the silos decrypt only their sum over all silos. These "

@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -328,6 +329,70 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
                f"{cfg.epochs} epochs) in {seconds:.1f} s")
     click.echo(f"source-domain test Dice {info['dice']:.4f} (HD95 {info['hd95']:.2f} px, {info['n_test']} images)")
     click.echo(f"base checkpoint: {out} (run {ckpt['run_id']})")
+
+
+@main.command()
+@click.option("--methods", "methods_csv", default="fedavg,fedbn,resfim", show_default=True,
+              help="Comma-separated methods: local, centralised, fedavg, fedprox, fedbn, siobn, fedper, ditto, "
+                   "fedrdn, pfa, resfim, deer (or 'all').")
+@click.option("--seeds", default="1", show_default=True,
+              help="A count (3 = seeds 0, 1, 2) or a comma-separated list of seeds.")
+@click.option("--rounds", type=int, default=10, show_default=True, help="Rounds of the main schedule.")
+@click.option("--local-epochs", type=int, default=1, show_default=True, help="Local epochs per round (main schedule).")
+@click.option("--sweep", default=None,
+              help="Communication-frequency sweep, e.g. 40x1,20x2,10x4,5x8 (rounds x local epochs, same product "
+                   "as the main schedule). Default: every split with at most 8 local epochs; 'none' for none.")
+@click.option("--silos", type=int, default=3, show_default=True, help="Silos (built-in data: domains 0..n-1).")
+@click.option("--aggregation", type=click.Choice(["he", "plain"]), default="he", show_default=True)
+@click.option("--dp/--no-dp", default=False, show_default=True,
+              help="Record-level DP-SGD (each method's plan, epsilon <= 8 per run); the table reports epsilon per silo.")
+@click.option("--mu", type=float, default=0.01, show_default=True, help="FedProx's mu.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="A user dataset: one sub-folder per silo (images/ + masks/, or a datalist), instead of the "
+                   "built-in data.")
+@click.option("--held-out", default=None, help="With --data: the sub-folder of a domain no silo trains on.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-bench"), show_default=True,
+              help="Output folder: results.csv, summary.md, plots; finished cells are kept and reused.")
+def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
+          aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, out: Path) -> None:
+    """Compare methods on the same data, measured the same way (simulated in one process through the
+    deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
+    import torch
+
+    from fedsilo.silo_agent.bench.methods import METHOD_NAMES
+    from fedsilo.silo_agent.bench.runner import (
+        BenchConfig,
+        BenchError,
+        default_sweep,
+        parse_seeds,
+        parse_sweep,
+        run_study,
+    )
+
+    try:
+        names = METHOD_NAMES if methods_csv.strip() == "all" else tuple(
+            m.strip() for m in methods_csv.split(",") if m.strip())
+        if sweep is None:
+            schedules = default_sweep(rounds, local_epochs) if rounds >= 1 and local_epochs >= 1 else ()
+        elif sweep.strip().lower() == "none":
+            schedules = ()
+        else:
+            schedules = parse_sweep(sweep)
+        cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
+                          sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
+                          held_out=held_out, out=out)
+    except BenchError as exc:
+        _fail(str(exc))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+    try:
+        written = run_study(cfg)
+    except BenchError as exc:
+        _fail(str(exc), 3)
+    click.echo(f"fedsilo bench: {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s) x "
+               f"{len(cfg.schedules)} schedule(s) in {time.perf_counter() - started:.0f} s")
+    for path in written:
+        click.echo(f"  {path}")
 
 
 if __name__ == "__main__":

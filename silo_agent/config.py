@@ -39,6 +39,8 @@ class DataConfig:
         seed: seed of the generator and of the train/validation/test split.
         path: folder only: a folder with images/ and masks/ (or labels/), or a datalist JSON.
         options: further settings passed to the data loader (e.g. image_size, n_train).
+        unseen_path: folder only: a folder (or datalist) of a domain no silo trains on; every
+            image in it is used to evaluate the final model's generalisation (``unseen_dice``).
     """
 
     source: DataSource = DataSource.BUILTIN
@@ -46,6 +48,7 @@ class DataConfig:
     seed: int = 0
     path: Path | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    unseen_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, DataSource):
@@ -56,6 +59,9 @@ class DataConfig:
             raise ConfigError(f"data.seed: {self.seed!r} must be an integer >= 0")
         if self.source is DataSource.FOLDER and self.path is None:
             raise ConfigError("data.path: required when data.source = 'folder'")
+        if self.unseen_path is not None and self.source is not DataSource.FOLDER:
+            raise ConfigError("data.unseen_path: only with data.source = 'folder' (the built-in data has its own "
+                              "unseen domain)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,8 +171,9 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     for key in ("domain", "seed"):
         if key in d:
             data_kwargs[key] = d.pop(key)
-    if "path" in d:
-        data_kwargs["path"] = resolve_path(base, d.pop("path"), "data.path")
+    for key in ("path", "unseen_path"):
+        if key in d:
+            data_kwargs[key] = resolve_path(base, d.pop(key), f"data.{key}")
     data_kwargs["options"] = d
     kwargs: dict[str, Any] = {
         "coordinator": agent["coordinator"],

@@ -32,6 +32,7 @@ from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, T
 from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
+from fedsilo.coordinator.config import Strategy as StrategyName
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
@@ -72,7 +73,13 @@ def load_data(cfg: DataConfig) -> SiloData:
         from fedsilo.models import FolderConfig, load_folder
 
         fcfg = FolderConfig.from_mapping({"path": str(cfg.path), "seed": cfg.seed, **cfg.options})
-        return SiloData(splits=load_folder(fcfg), unseen=None)
+        unseen = None
+        if cfg.unseen_path is not None:
+            from torch.utils.data import ConcatDataset
+
+            held_out = load_folder(FolderConfig.from_mapping({**fcfg.to_mapping(), "path": str(cfg.unseen_path)}))
+            unseen = ConcatDataset([ds for ds in (held_out.train, held_out.val, held_out.test) if _len(ds)])
+        return SiloData(splits=load_folder(fcfg), unseen=unseen)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise AgentError(f"data: {exc}") from None
 
@@ -238,6 +245,10 @@ class Agent:
             except PrivacyError as exc:
                 raise AgentError(str(exc)) from None
         else:
+            if self._dp is not None and info.strategy is StrategyName.FEDRDN:
+                from fedsilo.privacy.audit import fedrdn_disclosures, write_disclosures
+
+                write_disclosures(state_dir, fedrdn_disclosures(channels=int(data.splits.train[0][0].shape[0])))
             self._strategy.prepare(RunContext(client=client, he=self._he, train=data.splits.train, state=state,
                                               state_dir=state_dir, stop=self.stop, idle=self._serve_keys(client)))
         while True:
@@ -308,7 +319,7 @@ class Agent:
                     model.load_state_dict(self._resfim.consensus_state_dict(state))
                 else:
                     model.load_state_dict(strategy.unseen_state_dict(state))
-                res = evaluate(model, strategy.eval_data(data.unseen, state=state))
+                res = evaluate(model, strategy.unseen_data(data.unseen, state=state))
                 metrics.update(unseen_dice=(res.dice, res.n), unseen_hd95=(res.hd95, res.n))
             self._load_global(model, state)
             if metrics:

@@ -95,8 +95,13 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                   aggregation: str = "he", privacy: dict[str, Any] | None = None,
                   budgets: dict[str, dict[str, Any]] | None = None,
                   min_silos: int | None = None, lora: dict[str, Any] | None = None,
-                  base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None) -> tuple[Path, list[Path]]:
+                  base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None,
+                  training: dict[str, Any] | None = None, he_bound: float | None = None,
+                  data: list[dict[str, Any]] | None = None) -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
+
+    ``training`` overrides entries of the demo's ``[training]`` table, ``he_bound`` the HE
+    bound, and ``data`` gives each silo's ``[data]`` table (default: built-in domain i).
 
     ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
     name to its silo.toml ``[privacy]`` table (its own budget).
@@ -117,13 +122,15 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
         "silos": {"enrolled": names},
         "server": server,
         "model": {**DEMO_MODEL, "seed": seed},
-        "training": {**DEMO_TRAINING, "seed": seed},
+        "training": {**DEMO_TRAINING, "seed": seed, **(training or {})},
     }
     if lora is not None and aggregation == "he":
         # the noise regulator maps product-space noise to factor values well above 1
         fed_sections["he"] = {"bound": DEMO_LORA_HE_BOUND}
     elif resfim is not None and aggregation == "he":
         fed_sections["he"] = {"bound": DEMO_RESFIM_HE_BOUND}
+    if he_bound is not None and aggregation == "he":
+        fed_sections["he"] = {"bound": he_bound}
     if resfim is not None:
         fed_sections["resfim"] = dict(resfim)
     if lora is not None:
@@ -140,7 +147,7 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
         else:
             sections["tls"] = {"ca": str(certs / "ca.pem"), "cert": str(certs / f"{name}.pem"),
                                "key": str(certs / f"{name}.key")}
-        sections["data"] = {"source": "builtin", "domain": i, "seed": seed}
+        sections["data"] = dict(data[i]) if data is not None else {"source": "builtin", "domain": i, "seed": seed}
         if budgets and name in budgets:
             sections["privacy"] = dict(budgets[name])
         if base_checkpoint is not None:

@@ -24,7 +24,9 @@ _STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STR
              federation_pb2.STRATEGY_FFA_LORA: Strategy.FFA_LORA,
              federation_pb2.STRATEGY_RESFIM: Strategy.RESFIM,
              federation_pb2.STRATEGY_DEER_RESFIM: Strategy.DEER_RESFIM,
-             federation_pb2.STRATEGY_SIOBN: Strategy.SIOBN, federation_pb2.STRATEGY_FEDPER: Strategy.FEDPER}
+             federation_pb2.STRATEGY_SIOBN: Strategy.SIOBN, federation_pb2.STRATEGY_FEDPER: Strategy.FEDPER,
+             federation_pb2.STRATEGY_DITTO: Strategy.DITTO,
+             federation_pb2.STRATEGY_FEDRDN: Strategy.FEDRDN, federation_pb2.STRATEGY_PFA: Strategy.PFA}
 _PHASE = {federation_pb2.SHARE_PHASE_ALL: SharePhase.ALL, federation_pb2.SHARE_PHASE_LORA_B: SharePhase.LORA_B,
           federation_pb2.SHARE_PHASE_LORA_A: SharePhase.LORA_A}
 _AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN, federation_pb2.AGGREGATION_HE: AggregationMode.HE}

@@ -8,6 +8,9 @@ from fedsilo.silo_agent.strategies.lora import Deer, FedAvgLora, FfaLora
 from fedsilo.silo_agent.strategies.fedper import FedPer
 from fedsilo.silo_agent.strategies.resfim import DeerResFim, ResFim
 from fedsilo.silo_agent.strategies.siobn import SioBN
+from fedsilo.silo_agent.strategies.ditto import Ditto
+from fedsilo.silo_agent.strategies.fedrdn import FedRdn
+from fedsilo.silo_agent.strategies.pfa import Pfa
 
 STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.FEDAVG: FedAvg,
@@ -19,6 +22,9 @@ STRATEGIES: dict[StrategyName, type[Strategy]] = {
     StrategyName.DEER_RESFIM: DeerResFim,
     StrategyName.SIOBN: SioBN,
     StrategyName.FEDPER: FedPer,
+    StrategyName.DITTO: Ditto,
+    StrategyName.FEDRDN: FedRdn,
+    StrategyName.PFA: Pfa,
 }
 
 
@@ -29,4 +35,5 @@ def strategy_for(name: StrategyName, *, local_norm_layers: bool = True) -> Strat
     return STRATEGIES[name]()
 
 
-__all__ = ["STRATEGIES", "Deer", "DeerResFim", "FedAvg", "FedAvgLora", "FedBN", "FedPer", "FfaLora", "ResFim", "SioBN", "Strategy", "strategy_for"]
+__all__ = ["STRATEGIES", "Deer", "DeerResFim", "Ditto", "FedAvg", "FedAvgLora", "FedBN", "FedPer", "FedRdn", "FfaLora",
+           "Pfa", "ResFim", "SioBN", "Strategy", "strategy_for"]

@@ -115,6 +115,10 @@ class Strategy(abc.ABC):
         """An evaluation set (validation, test, or the unseen domain) as the model sees it (default: unchanged)."""
         return dataset
 
+    def unseen_data(self, dataset: Dataset, *, state: AgentState) -> Dataset:
+        """A domain no silo trains on, as the model sees it (default: as :meth:`eval_data`)."""
+        return self.eval_data(dataset, state=state)
+
     def after_training(self, *, model: torch.nn.Module, state: AgentState, train: Dataset, train_cfg: TrainConfig,
                        rnd: int) -> None:
         """Called after the round's local training and its upload's values are fixed; may update

@@ -14,16 +14,15 @@ FedAvg; what changes is the data (``fedsilo.models.rdn``):
 - in evaluation on its own validation and test data a silo normalises with its own statistics,
   ``x' = (x − μ_own) / σ_own`` (:meth:`FedRdn.eval_data`);
 - a domain no silo trained on (the unseen domain) is normalised with statistics computed from
-  its own images (:meth:`FedRdn.unseen_data`): the paper's test-time rule is that a site
-  normalises with its own statistics, and a new site computes its own. The ``eval_data`` hook
-  cannot tell the unseen domain from the silo's own data, so the daemon calls ``unseen_data``
-  for the unseen domain when the strategy has it.
+  its own images (:meth:`FedRdn.unseen_data`, the ``Strategy`` hook the daemon uses for the
+  unseen domain): the paper's test-time rule is that a site normalises with its own statistics,
+  and a new site computes its own.
 
 What is released: each silo discloses ``2·C`` numbers, its training images' channel mean and
 std, to the other silos of the run, sealed (AES-GCM under a key only the silos hold) against
 the coordinator, which relays but cannot read them. These numbers are a deterministic function
 of the training data and are NOT covered by the differential-privacy ledger; fedsilo states
-this disclosure in the audit report instead.
+this disclosure in the audit report of a DP run and ``fedsilo bench`` in its summary.
 
 Waiting: a silo waits for the statistics of every silo that has joined (and of at least one
 other), polling every 0.5 s, for at most 600 s, then goes on with what arrived. The table is
@@ -231,7 +230,7 @@ class FedRdn(Strategy):
             raise ValueError(f"fedrdn: {OWN_KEY!r} must be [2, C], got shape {tuple(own.shape)}")
         return Normalized(dataset, own[0], own[1])
 
-    def unseen_data(self, dataset: Dataset) -> Dataset:
+    def unseen_data(self, dataset: Dataset, *, state: AgentState | None = None) -> Dataset:
         """A domain no silo trained on, normalised with the statistics of its own images.
 
         Raises:

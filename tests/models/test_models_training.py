@@ -63,6 +63,7 @@ def _mask_dataset() -> SegmentationDataset:
 def test_defaults() -> None:
     cfg = TrainConfig()
     assert (cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.seed) == (1, 8, 1e-3, Optimizer.ADAM, 0)
+    assert (cfg.proximal_mu, cfg.personal_lambda) == (0.0, 0.1)
 
 
 def test_training_is_deterministic_and_depends_on_round(splits) -> None:  # type: ignore[no-untyped-def]
@@ -190,6 +191,11 @@ def test_errors(splits) -> None:  # type: ignore[no-untyped-def]
         ({"lr": float("nan")}, "lr"),
         ({"optimizer": "adam"}, "optimizer"),
         ({"seed": -1}, "seed"),
+        ({"proximal_mu": -1.0}, "proximal_mu"),
+        ({"personal_lambda": -0.1}, "personal_lambda"),
+        ({"personal_lambda": float("inf")}, "personal_lambda"),
+        ({"personal_lambda": float("nan")}, "personal_lambda"),
+        ({"personal_lambda": True}, "personal_lambda"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
@@ -201,6 +207,12 @@ def test_config_from_mapping() -> None:
     cfg = TrainConfig.from_mapping({"optimizer": "sgd", "lr": 1, "local_epochs": 2})
     assert cfg == TrainConfig(optimizer=Optimizer.SGD, lr=1.0, local_epochs=2)
     assert TrainConfig.from_mapping(cfg.to_mapping()) == cfg
+    ditto = TrainConfig.from_mapping({"personal_lambda": 2})
+    assert ditto == TrainConfig(personal_lambda=2.0) and isinstance(ditto.personal_lambda, float)
+    assert ditto.to_mapping()["personal_lambda"] == 2.0
+    assert TrainConfig.from_mapping(ditto.to_mapping()) == ditto
+    with pytest.raises(ValueError, match="'personal_lambda'"):
+        TrainConfig.from_mapping({"personal_lambda": "big"})
     with pytest.raises(ValueError, match="'optimizer'"):
         TrainConfig.from_mapping({"optimizer": "rmsprop"})
     with pytest.raises(ValueError, match="'epochs'"):
@@ -254,3 +266,62 @@ def test_fedprox_descends_the_proximal_objective() -> None:
     train_local(a, data, TrainConfig(local_epochs=1, batch_size=2), round_index=1)
     train_local(b, data, TrainConfig(local_epochs=1, batch_size=2, proximal_mu=0.0), round_index=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _one_batch(n: int = 4):  # type: ignore[no-untyped-def]
+    data = silo_splits(SyntheticConfig(seed=0, image_size=32, n_train=n, n_val=0, n_test=0), 0).train
+    images, masks = torch.stack([data[i][0] for i in range(n)]), torch.stack([data[i][1] for i in range(n)])
+    return data, images, masks
+
+
+def test_proximal_anchor_replaces_the_start_weights() -> None:
+    """With ``anchor`` a, one full-batch SGD step is w1 = w0 − lr·(∇L(w0) + μ(w0 − a)) (momentum
+    has no history yet); without it the proximal gradient vanishes at w0 and the step is plain."""
+    import copy
+
+    from monai.losses import DiceCELoss
+
+    data, images, masks = _one_batch()
+    model = build_model(ModelConfig(channels=(4, 8), strides=(2,)))
+    gen = torch.Generator().manual_seed(7)
+    anchor = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    anchor["not.a.parameter"] = torch.zeros(3)  # extra entries are ignored
+    mu, lr = 4.0, 0.05
+    cfg = TrainConfig(batch_size=4, lr=lr, optimizer=Optimizer.SGD, proximal_mu=mu)
+    reference = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    train_local(model, data, cfg, round_index=0, anchor=anchor)
+    train_local(plain, data, cfg, round_index=0)
+
+    reference.train()
+    DiceCELoss(softmax=True, to_onehot_y=True)(reference(images), masks).backward()
+    trained, untouched = dict(model.named_parameters()), dict(plain.named_parameters())
+    for name, p in reference.named_parameters():
+        w0, g = p.detach(), p.grad
+        assert torch.allclose(trained[name], w0 - lr * (g + mu * (w0 - anchor[name])), atol=1e-6), name
+        assert torch.allclose(untouched[name], w0 - lr * g, atol=1e-6), name
+    # the anchor's pull is visible: lr·μ·(w0 − a) = 0.2·0.1·N(0, 1), far above the tolerance
+    first = "model.0.conv.unit0.conv.weight"
+    assert not torch.allclose(trained[first], untouched[first], atol=1e-3)
+
+
+def test_bad_anchor_is_rejected_by_name() -> None:
+    data, _, _ = _one_batch()
+    model = build_model(ModelConfig(channels=(4, 8), strides=(2,)))
+    before = _state(model)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(batch_size=4, optimizer=Optimizer.SGD, lr=0.05, proximal_mu=1.0)
+    name = next(iter(full))
+    missing = {k: v for k, v in full.items() if k != name}
+    with pytest.raises(ValueError, match=f"anchor has no value for trainable parameter '{name}'"):
+        train_local(model, data, cfg, round_index=0, anchor=missing)
+    bad_shape = {**full, name: torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=rf"anchor of parameter '{name}' has shape \(2, 2\)"):
+        train_local(model, data, cfg, round_index=0, anchor=bad_shape)
+    with pytest.raises(ValueError, match=f"'{name}'"):  # checked even where μ = 0 would not use it
+        train_local(model, data, TrainConfig(batch_size=4), round_index=0, anchor=missing)
+    assert _equal(before, model.state_dict())  # rejected before any step
+    # a frozen parameter needs no anchor
+    dict(model.named_parameters())[name].requires_grad_(False)
+    train_local(model, data, cfg, round_index=0, anchor=missing)
+    assert not _equal(before, model.state_dict())

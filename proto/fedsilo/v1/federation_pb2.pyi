@@ -20,6 +20,9 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_DEER_RESFIM: _ClassVar[Strategy]
     STRATEGY_SIOBN: _ClassVar[Strategy]
     STRATEGY_FEDPER: _ClassVar[Strategy]
+    STRATEGY_DITTO: _ClassVar[Strategy]
+    STRATEGY_FEDRDN: _ClassVar[Strategy]
+    STRATEGY_PFA: _ClassVar[Strategy]
 
 class SharePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -72,6 +75,9 @@ STRATEGY_RESFIM: Strategy
 STRATEGY_DEER_RESFIM: Strategy
 STRATEGY_SIOBN: Strategy
 STRATEGY_FEDPER: Strategy
+STRATEGY_DITTO: Strategy
+STRATEGY_FEDRDN: Strategy
+STRATEGY_PFA: Strategy
 SHARE_PHASE_UNSPECIFIED: SharePhase
 SHARE_PHASE_ALL: SharePhase
 SHARE_PHASE_LORA_B: SharePhase

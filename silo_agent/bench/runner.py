@@ -1,0 +1,385 @@
+"""``fedsilo bench``: runs every (method, seed, schedule) cell through the deployed code in one process, resumably."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.silo_agent.bench.methods import Method, methods
+
+log = logging.getLogger("fedsilo.bench")
+
+CELLS_DIR = "cells"
+#: Written into every cell: a cell made under other study settings is not reused.
+STUDY_KEYS = ("aggregation", "dp", "silos", "data", "held_out", "mu")
+
+
+class BenchError(Exception):
+    """A bad bench setting or a failed cell; the message says what to change."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """One study.
+
+    Attributes:
+        methods: method names (see ``fedsilo.silo_agent.bench.methods``), in table order.
+        seeds: the seeds; each gives other data splits, model initialisation and shuffling.
+        rounds: rounds of the main schedule.
+        local_epochs: local epochs per round of the main schedule.
+        sweep: extra (rounds, local_epochs) schedules of the communication-frequency sweep, each
+            with rounds × local_epochs equal to the main schedule's.
+        silos: number of silos (built-in data: domains 0 … silos−1; folder data: the folders).
+        aggregation: "he" (BFV, the deployed default) or "plain".
+        dp: run with record-level DP (each method's plan, ε ≤ 8 per run; methods that cannot run
+            under DP are skipped and the summary says so).
+        mu: FedProx's μ.
+        data: None for the built-in data, else a folder holding one sub-folder per silo.
+        held_out: with ``data``: the sub-folder of the held-out (unseen) domain, or None.
+        out: the output folder (cells, logs, results).
+    """
+
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    rounds: int
+    out: Path
+    local_epochs: int = 1
+    sweep: tuple[tuple[int, int], ...] = ()
+    silos: int = 3
+    aggregation: str = "he"
+    dp: bool = False
+    mu: float = 0.01
+    data: Path | None = None
+    held_out: str | None = None
+
+    def __post_init__(self) -> None:
+        known = methods(mu=self.mu if isinstance(self.mu, (int, float)) else 0.01)
+        if not self.methods:
+            raise BenchError("methods: give at least one method")
+        for m in self.methods:
+            if m not in known:
+                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(known)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise BenchError(f"methods: {','.join(self.methods)} names a method twice")
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise BenchError(f"seeds: {self.seeds!r} must be integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise BenchError(f"seeds: {self.seeds!r} repeats a seed")
+        for name, v, hi in (("rounds", self.rounds, 1000), ("local_epochs", self.local_epochs, 100),
+                            ("silos", self.silos, 16)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise BenchError(f"{name}: {v!r} must be an integer in [1, {hi}]")
+        total = self.rounds * self.local_epochs
+        for r, e in self.sweep:
+            if r < 1 or e < 1 or r * e != total:
+                raise BenchError(f"sweep: {r}x{e} must hold rounds x local epochs = {self.rounds}x{self.local_epochs} "
+                                 f"= {total}")
+        if self.aggregation not in ("he", "plain"):
+            raise BenchError(f"aggregation: {self.aggregation!r} must be 'he' or 'plain'")
+        if not isinstance(self.mu, (int, float)) or isinstance(self.mu, bool) or not (math.isfinite(self.mu)
+                                                                                      and self.mu >= 0):
+            raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
+        if self.aggregation == "plain":
+            for m in self.methods:
+                if m in ("resfim", "fedrdn"):
+                    raise BenchError(f"methods: {m} needs --aggregation he (what it shares travels only encrypted)")
+        if self.data is not None:
+            if not Path(self.data).is_dir():
+                raise BenchError(f"data: {self.data} is not a folder")
+            folders = silo_folders(Path(self.data), self.held_out)
+            if len(folders) < 2:
+                raise BenchError(f"data: {self.data} holds {len(folders)} silo folder(s); a federation needs >= 2")
+            object.__setattr__(self, "silos", len(folders))
+        elif self.held_out is not None:
+            raise BenchError("held_out: only with --data (the built-in data has its own unseen domain)")
+
+    @property
+    def schedules(self) -> list[tuple[int, int, bool]]:
+        """(rounds, local_epochs, main) of every schedule, the main one first."""
+        main = (self.rounds, self.local_epochs)
+        return [(*main, True)] + [(r, e, False) for r, e in self.sweep if (r, e) != main]
+
+    def study(self) -> dict[str, Any]:
+        """The settings every cell of this study shares (stored in each cell)."""
+        return {"aggregation": self.aggregation, "dp": self.dp, "silos": self.silos,
+                "data": str(self.data) if self.data is not None else "builtin", "held_out": self.held_out,
+                "mu": self.mu}
+
+
+def default_sweep(rounds: int, local_epochs: int = 1) -> tuple[tuple[int, int], ...]:
+    """The communication-frequency sweep for a main schedule: every R' × E' with the same total
+    epochs and E' ∈ {1, 2, 4, 5, 8, 10, …} dividing the total (at most 8 epochs per round, at least
+    one round), e.g. 40 × 1 → 40×1, 20×2, 10×4, 8×5, 5×8; 3 × 1 → 3×1, 1×3."""
+    total = rounds * local_epochs
+    out = []
+    for e in range(1, min(total, 8) + 1):
+        if total % e == 0:
+            out.append((total // e, e))
+    if total <= 8 and (1, total) not in out:
+        out.append((1, total))
+    return tuple(out)
+
+
+def parse_sweep(text: str) -> tuple[tuple[int, int], ...]:
+    """"40x1,20x2" → ((40, 1), (20, 2)).
+
+    Raises:
+        BenchError: a malformed entry.
+    """
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"(\d+)\s*[x×]\s*(\d+)", part)
+        if not m:
+            raise BenchError(f"sweep: {part!r} is not ROUNDSxEPOCHS (e.g. 20x2)")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return tuple(out)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"3" → (0, 1, 2) (a count); "0,4,7" → (0, 4, 7) (a list).
+
+    Raises:
+        BenchError: not a count or a list of integers.
+    """
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise BenchError(f"seeds: {text!r}: a count must be >= 1")
+            return tuple(range(n))
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise BenchError(f"seeds: {text!r} is neither a count nor a comma-separated list of seeds") from None
+
+
+def silo_folders(root: Path, held_out: str | None) -> list[Path]:
+    """The silo folders of a user dataset (sorted by name), without the held-out one."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if held_out is not None and not (root / held_out).is_dir():
+        raise BenchError(f"held_out: {root / held_out} is not a folder")
+    return [p for p in folders if p.name != held_out]
+
+
+def cell_id(method: str, seed: int, rounds: int, local_epochs: int) -> str:
+    """The file stem of a cell."""
+    return f"{method}-seed{seed}-{rounds}x{local_epochs}"
+
+
+# -- one cell -------------------------------------------------------------------------------
+def _agent_data(cfg: BenchConfig, seed: int, names: Sequence[str]) -> list[dict[str, Any]] | None:
+    if cfg.data is None:
+        return None
+    tables = []
+    for folder in silo_folders(Path(cfg.data), cfg.held_out):
+        t: dict[str, Any] = {"source": "folder", "path": str(folder.resolve()), "seed": seed}
+        if cfg.held_out is not None:
+            t["unseen_path"] = str((Path(cfg.data) / cfg.held_out).resolve())
+        tables.append(t)
+    return tables
+
+
+def _names(cfg: BenchConfig) -> list[str]:
+    from fedsilo.silo_agent.demo import silo_names
+
+    if cfg.data is not None:
+        return [p.name for p in silo_folders(Path(cfg.data), cfg.held_out)]
+    return silo_names(cfg.silos)
+
+
+def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
+    """DEeR's frozen base for ``seed``, pretrained once per study on a domain no silo holds."""
+    from fedsilo.silo_agent.demo import make_base
+
+    path = Path(cfg.out) / "bases" / f"base-seed{seed}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.pt")
+        make_base(tmp, seed)
+        tmp.replace(path)
+    return path
+
+
+def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epochs: int, *,
+             on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Runs one cell and returns it (the report's cell format).
+
+    Federated methods run through :func:`fedsilo.silo_agent.simulation.simulate`: the deployed
+    coordinator, servicers and agents, with mTLS identities from a fresh federation CA, in this
+    process. Reference methods (local, centralised) train with the agents' own training code.
+
+    Raises:
+        BenchError: the cell failed (the message names its log).
+    """
+    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.silo_agent.config import load_agent_config
+    from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_LORA, make_certs, write_configs
+    from fedsilo.silo_agent.simulation import SimulationError, simulate
+
+    out = Path(cfg.out)
+    cid = cell_id(method.name, seed, rounds, local_epochs)
+    work = out / "work" / cid
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    names = _names(cfg)
+    t0 = time.monotonic()
+    dp = cfg.dp and method.privacy is not None
+    privacy = dict(method.privacy) if dp and method.privacy is not None else None
+    if privacy is not None and "record_level" in privacy:
+        privacy["steps_per_round"] = privacy.get("steps_per_round", 12) * local_epochs
+    training = {"local_epochs": local_epochs, **method.training}
+    make_certs(work / "certs", names)
+    base = _base_checkpoint(cfg, seed) if method.lora else None
+    fed_path, agent_paths = write_configs(
+        work, names=names, rounds=rounds, strategy=method.strategy or "fedavg", seed=seed, port=1, insecure=False,
+        aggregation=cfg.aggregation, privacy=privacy, budgets={n: DEMO_BUDGET for n in names} if privacy else None,
+        min_silos=len(names), lora=dict(DEMO_LORA) if method.lora else None, base_checkpoint=base,
+        resfim=dict(method.resfim) if method.resfim is not None else None, training=training,
+        he_bound=method.he_bound, data=_agent_data(cfg, seed, names))
+    agents = [load_agent_config(p) for p in agent_paths]
+    test_sizes: dict[str, int] = {}
+    epsilon: dict[str, float] | None = None
+    if method.strategy is None:
+        from fedsilo.models import ModelConfig, TrainConfig
+        from fedsilo.silo_agent.bench.centralised import run_centralised
+        from fedsilo.silo_agent.bench.local import run_local
+        from fedsilo.silo_agent.bench.reference import load_silos
+        from fedsilo.silo_agent.demo import DEMO_MODEL, DEMO_TRAINING
+
+        silos = load_silos(agents, names)
+        model_cfg = ModelConfig.from_mapping({**DEMO_MODEL, "seed": seed})
+        train_cfg = TrainConfig.from_mapping({**DEMO_TRAINING, "seed": seed, **training})
+        run = run_local if method.name == "local" else run_centralised
+        rounds_log = run(silos, model_cfg=model_cfg, train_cfg=train_cfg, rounds=rounds, on_round=on_round)
+        test_sizes = {s.name: len(s.data.splits.test) for s in silos}  # type: ignore[arg-type]
+    else:
+        fed = load_federation_config(fed_path)
+
+        def progress(status: Any) -> None:
+            if on_round is not None:
+                on_round(status.last_closed_round)
+
+        try:
+            result = simulate(fed, agents, unseen_every_round=True, progress=progress)
+        except SimulationError as exc:
+            raise BenchError(f"{cid}: {exc} (log: {out / 'logs' / 'bench.log'})") from None
+        rounds_log = []
+        for summary in result.rounds:
+            rec: dict[str, Any] = {"round": summary.round, "bytes_up": summary.bytes_up,
+                                   "bytes_down": summary.bytes_down, "dice": {}, "hd95": {}, "val_dice": {},
+                                   "unseen_dice": None}
+            unseen = []
+            for silo, values in summary.metrics.items():
+                m = {k: (v, n) for k, v, n in values}
+                if "dice" in m:
+                    rec["dice"][silo], rec["hd95"][silo] = m["dice"][0], m["hd95"][0]
+                    test_sizes[silo] = int(m["dice"][1])
+                if "val_dice" in m:
+                    rec["val_dice"][silo] = m["val_dice"][0]
+                if "unseen_dice" in m:
+                    unseen.append(m["unseen_dice"][0])
+            if unseen:
+                rec["unseen_dice"] = sum(unseen) / len(unseen)
+            rounds_log.append(rec)
+        epsilon = dict(result.epsilon) if dp else None
+    shutil.rmtree(work, ignore_errors=True)
+    note = method.note if not cfg.dp or dp else f"{method.note} [run WITHOUT DP: {method.why_no_dp}]"
+    return {"method": method.name, "seed": seed, "rounds": rounds, "local_epochs": local_epochs,
+            "main": (rounds, local_epochs) == (cfg.rounds, cfg.local_epochs), **cfg.study(),
+            "silos": names, "test_sizes": test_sizes, "rounds_log": rounds_log, "epsilon": epsilon,
+            "seconds": time.monotonic() - t0, "note": note}
+
+
+# -- the study ------------------------------------------------------------------------------
+def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: recompute it
+    study = cfg.study()
+    if any(cell.get(k) != study[k] for k in STUDY_KEYS if k != "silos"):
+        raise BenchError(f"{path} was made with other study settings ({', '.join(f'{k}={cell.get(k)!r}' for k in STUDY_KEYS if k != 'silos')}); "
+                         "use a new --out folder for this study")
+    return cell
+
+
+def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
+    """Runs every cell not yet finished, then writes results.csv, summary.md and the plots.
+
+    A finished cell is a JSON file in ``out/cells``, written atomically when the cell ends; an
+    interrupted study started again with the same settings skips them.
+
+    Returns:
+        The files written by the report.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedsilo.silo_agent.bench.report import write_outputs
+
+    console = console or Console(stderr=True)
+    out = Path(cfg.out)
+    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+    _log_to(out / "logs")
+    table = methods(mu=cfg.mu)
+    plan = [(table[m], s, r, e) for (r, e, _main) in cfg.schedules for m in cfg.methods for s in cfg.seeds]
+    cells: list[dict[str, Any]] = []
+    todo = []
+    for method, seed, r, e in plan:
+        path = out / CELLS_DIR / f"{cell_id(method.name, seed, r, e)}.json"
+        cell = _load_cell(path, cfg) if path.is_file() else None
+        if cell is not None:
+            cells.append(cell)
+        else:
+            todo.append((method, seed, r, e, path))
+    if cells:
+        console.print(f"resuming: {len(cells)} of {len(plan)} cells already finished in {out / CELLS_DIR}")
+    if cfg.dp:
+        for name in cfg.methods:
+            if table[name].privacy is None:
+                console.print(f"[yellow]{name}: runs WITHOUT DP ({table[name].why_no_dp})[/]")
+    if cfg.aggregation == "plain":
+        console.print("[bold red]WARNING: --aggregation plain: the simulated coordinator sees every update in the "
+                      "clear (fine for a benchmark on synthetic data, not for a deployment).[/]")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        overall = progress.add_task("cells", total=len(plan), completed=len(cells))
+        for method, seed, r, e, path in todo:
+            cid = cell_id(method.name, seed, r, e)
+            task = progress.add_task(f"  {cid}", total=r)
+            cell = run_cell(cfg, method, seed, r, e,
+                            on_round=lambda done, task=task: progress.update(task, completed=done))
+            atomic_write(path, json.dumps(cell, indent=1).encode())
+            progress.update(task, completed=r)
+            progress.remove_task(task)
+            progress.advance(overall)
+            console.print(f"{cid}: {cell['seconds']:.0f} s")
+            cells.append(cell)
+    order = {(m, s, r, e): i for i, (m, s, r, e, *_rest) in enumerate((m.name, s, r, e) for m, s, r, e in plan)}
+    cells.sort(key=lambda c: order.get((c["method"], c["seed"], c["rounds"], c["local_epochs"]), len(order)))
+    reference = "fedavg" if "fedavg" in cfg.methods else cfg.methods[0]
+    return write_outputs(cells, out, reference=reference)
+
+
+def _log_to(folder: Path) -> None:
+    """fedsilo's log lines go to ``folder/bench.log`` only (the console shows the progress)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("fedsilo")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    root.handlers.clear()
+    handler = logging.FileHandler(folder / "bench.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+__all__ = ["BenchConfig", "BenchError", "cell_id", "default_sweep", "parse_seeds", "parse_sweep", "run_cell",
+           "run_study"]
