@@ -241,3 +241,48 @@ def test_resfim_target_epsilon_covers_the_masks_and_the_bank(config_dir: Path) -
     unaccounted = load_federation_config(write(config_dir, RESFIM_DP + "\n[resfim]\nmasks_without_dp = true\n"))
     assert unaccounted.privacy.resfim_every == 0
     assert unaccounted.privacy.noise_multiplier < plan.noise_multiplier  # DP-SGD gets the whole target
+
+
+RECORD_DP = """
+[privacy]
+record_level = true
+sample_rate = 0.25
+steps_per_round = 12
+max_grad_norm = 1.0
+noise_multiplier = 1.0
+delta = 1e-5
+"""
+SILO_DP = "\n[privacy]\nsilo_level = true\nupdate_clip_norm = 1.0\nupdate_noise_multiplier = 1.0\ndelta = 1e-5\n"
+
+
+def _strategy(name: str, aggregation: str = "he") -> str:
+    return replace_line(replace_line(VALID, "strategy =", f'strategy = "{name}"'), "aggregation =",
+                        f'aggregation = "{aggregation}"')
+
+
+PERSONAL_BAD = {
+    "ditto-record-dp": (_strategy("ditto") + RECORD_DP,
+                        r"^privacy\.record_level: not supported with run\.strategy 'ditto': its personal model"),
+    "pfa-silo-dp": (_strategy("pfa") + SILO_DP,
+                    r"^privacy\.silo_level: not supported with run\.strategy 'pfa': its uploads are spectrum"),
+    "fedrdn-plain": (_strategy("fedrdn", "plain"),
+                     r"^run\.strategy: 'fedrdn' needs run\.aggregation = 'he': the silos' normalisation statistics"),
+}
+
+
+@pytest.mark.parametrize("text, pattern", list(PERSONAL_BAD.values()), ids=list(PERSONAL_BAD))
+def test_personalised_strategies_refuse_what_they_cannot_do(config_dir: Path, text: str, pattern: str) -> None:
+    """Ditto's personal pass is unaccounted under record-level DP; PFA's amplitudes are no clippable update;
+    FedRDN's statistics need the run's HE key to travel sealed."""
+    with pytest.raises(ConfigError) as info:
+        load_federation_config(write(config_dir, text))
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("text", [_strategy("ditto"), _strategy("pfa") + RECORD_DP, _strategy("fedrdn") + RECORD_DP,
+                                  _strategy("ditto", "plain"), _strategy("pfa", "plain")],
+                         ids=["ditto", "pfa-record-dp", "fedrdn-record-dp", "ditto-plain", "pfa-plain"])
+def test_personalised_strategies_load_where_they_work(config_dir: Path, text: str) -> None:
+    cfg = load_federation_config(write(config_dir, text))
+    assert cfg.strategy.value in ("ditto", "pfa", "fedrdn")
+    assert cfg.strategy.exchanges_banks is (cfg.strategy is Strategy.FEDRDN)

@@ -38,16 +38,21 @@ def test_builtin_data_follows_options() -> None:
     assert torch.equal(data.splits.train[0][0], again.splits.train[0][0])
 
 
-def test_folder_data(tmp_path: Path) -> None:
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
+def _png_folder(root: Path, n: int, seed: int = 0) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
         img = (rng.random((40, 40)) * 255).astype(np.uint8)
         mask = np.zeros((40, 40), np.uint8)
         mask[10:20, 10 + i : 20 + i] = 255
-        Image.fromarray(img).save(tmp_path / "images" / f"case{i:02d}.png")
-        Image.fromarray(mask).save(tmp_path / "masks" / f"case{i:02d}.png")
+        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def test_folder_data(tmp_path: Path) -> None:
+    _png_folder(tmp_path, 12)
     data = load_data(DataConfig(source=DataSource.FOLDER, path=tmp_path, options={"image_size": 32}))
     total = len(data.splits.train) + len(data.splits.val) + len(data.splits.test)
     assert total == 12 and data.unseen is None
@@ -60,3 +65,23 @@ def test_bad_data_settings_are_agent_errors(tmp_path: Path) -> None:
         load_data(DataConfig(source=DataSource.FOLDER, path=tmp_path / "missing"))
     with pytest.raises(AgentError, match="n_tran"):
         load_data(DataConfig(source=DataSource.BUILTIN, options={"n_tran": 3}))
+
+
+def test_folder_data_with_a_held_out_domain(tmp_path: Path) -> None:
+    """``data.unseen_path``: every image of the held-out folder is the unseen domain; the silo's splits are
+    unchanged by it."""
+    own, held = _png_folder(tmp_path / "silo", 12), _png_folder(tmp_path / "held", 7, seed=1)
+    data = load_data(DataConfig(source=DataSource.FOLDER, path=own, options={"image_size": 32}, unseen_path=held))
+    plain = load_data(DataConfig(source=DataSource.FOLDER, path=own, options={"image_size": 32}))
+    assert data.unseen is not None and len(data.unseen) == 7
+    assert torch.equal(data.splits.train[0][0], plain.splits.train[0][0])
+    assert tuple(data.unseen[0][0].shape[-2:]) == (32, 32)
+    with pytest.raises(AgentError, match="data"):
+        load_data(DataConfig(source=DataSource.FOLDER, path=own, unseen_path=tmp_path / "absent"))
+
+
+def test_unseen_path_only_with_folder_data(tmp_path: Path) -> None:
+    from fedsilo.silo_agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.unseen_path: only with data.source = 'folder'"):
+        DataConfig(source=DataSource.BUILTIN, unseen_path=tmp_path)
