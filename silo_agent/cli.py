@@ -191,12 +191,12 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
 @main.command()
 @click.option("--silos", type=click.IntRange(1, 16), default=3, show_default=True, help="Number of silo agents.")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedbn", "siobn", "fedper", "deer", "fedavg-lora",
-                                               "ffa-lora", "resfim", "deer+resfim"]), default="fedavg",
+@click.option("--strategy", type=click.Choice(["fedavg", "fedbn", "siobn", "fedper", "ditto", "fedrdn", "pfa", "deer",
+                                               "fedavg-lora", "ffa-lora", "resfim", "deer+resfim"]), default="fedavg",
               show_default=True, help="deer / fedavg-lora / ffa-lora fine-tune LoRA adapters on a base pretrained "
                                       "on another domain (silo-level DP when --dp); resfim personalises per "
                                       "parameter with masks that stay encrypted, deer+resfim does so on DEeR's "
-                                      "LoRA factors (record-level DP-SGD when --dp).")
+                                      "LoRA factors (record-level DP-SGD when --dp); ditto runs only with --no-dp.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-demo"), show_default=True,
               help="Where results.json (and the run's logs) go.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -50,6 +50,9 @@ DEMO_RESFIM: dict[str, Any] = {"rho": 0.1, "recompute_every": 5, "max_examples":
 DEMO_RESFIM_HE_BOUND = 8.0
 #: ResFIM with DP: the masks' noisy Fisher (σ_F = 5, per-example clip 1) and the style bank (σ = 3,
 #: clip 40 per image, [resfim] style_clip_norm) are ledgered too, inside the same ε ≤ 8 target.
+#: PFA uploads spectrum amplitudes: up to about 17 for the demo UNet at initialisation (the window's DC
+#: term of a (64, 288) weight), so its HE bound leaves room for training to grow them.
+PFA_HE_BOUND = 64.0
 DEMO_RESFIM_PRIVACY: dict[str, Any] = {**DEMO_PRIVACY, "fisher_noise_multiplier": 5.0, "fisher_clip_norm": 1.0,
                                        "style_noise_multiplier": 3.0}
 
@@ -282,13 +285,20 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         masked = strategy in RESFIM_STRATEGIES
         if masked and aggregation != "he":
             raise DemoError(f"--strategy {strategy} needs --aggregation he (the masks travel only inside ciphertexts)")
+        if strategy == "ditto" and dp:
+            raise DemoError("--strategy ditto trains a personal model in a second pass over each silo's data, which "
+                            "the record-level plan does not account; add --no-dp")
+        if strategy == "fedrdn" and aggregation != "he":
+            raise DemoError("--strategy fedrdn needs --aggregation he (the silos' statistics travel sealed under the "
+                            "run's key)")
         silo_dp = uses_lora and not masked  # ResFIM uploads values: record-level DP-SGD only
         privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_RESFIM_PRIVACY if masked else DEMO_PRIVACY) if dp else None
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,
                                         lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
-                                        resfim=DEMO_RESFIM if masked else None)
+                                        resfim=DEMO_RESFIM if masked else None,
+                                        he_bound=PFA_HE_BOUND if strategy == "pfa" else None)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
                       f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "

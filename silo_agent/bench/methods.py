@@ -14,11 +14,8 @@ from fedsilo.silo_agent.demo import (
     DEMO_RESFIM,
     DEMO_RESFIM_HE_BOUND,
     DEMO_RESFIM_PRIVACY,
+    PFA_HE_BOUND,
 )
-
-#: PFA uploads spectrum amplitudes: up to about 17 for the demo UNet at initialisation (a window's
-#: DC of a (64, 288) weight), so the HE bound leaves room for training to grow them.
-PFA_HE_BOUND = 64.0
 
 
 @dataclass(frozen=True, kw_only=True)

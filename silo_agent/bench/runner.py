@@ -224,7 +224,7 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
     from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_LORA, make_certs, write_configs
     from fedsilo.silo_agent.simulation import SimulationError, simulate
 
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()
     cid = cell_id(method.name, seed, rounds, local_epochs)
     work = out / "work" / cid
     shutil.rmtree(work, ignore_errors=True)
@@ -326,7 +326,7 @@ def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
     from fedsilo.silo_agent.bench.report import write_outputs
 
     console = console or Console(stderr=True)
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     _log_to(out / "logs")
     table = methods(mu=cfg.mu)
@@ -355,8 +355,15 @@ def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
         for method, seed, r, e, path in todo:
             cid = cell_id(method.name, seed, r, e)
             task = progress.add_task(f"  {cid}", total=r)
-            cell = run_cell(cfg, method, seed, r, e,
-                            on_round=lambda done, task=task: progress.update(task, completed=done))
+            try:
+                cell = run_cell(cfg, method, seed, r, e,
+                                on_round=lambda done, task=task: progress.update(task, completed=done))
+            except BenchError:
+                raise
+            except Exception as exc:  # a bug or a bad user dataset: say which cell, keep the finished ones
+                log.exception("cell %s failed", cid)
+                raise BenchError(f"{cid} failed: {type(exc).__name__}: {exc} (details in "
+                                 f"{out / 'logs' / 'bench.log'}; finished cells are kept, run again to resume)") from None
             atomic_write(path, json.dumps(cell, indent=1).encode())
             progress.update(task, completed=r)
             progress.remove_task(task)
