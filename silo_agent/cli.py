@@ -357,8 +357,6 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, out: Path) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
-    import torch
-
     from fedsilo.silo_agent.bench.methods import METHOD_NAMES
     from fedsilo.silo_agent.bench.runner import (
         BenchConfig,
@@ -383,7 +381,6 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
                           held_out=held_out, out=out)
     except BenchError as exc:
         _fail(str(exc))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     try:
         written = run_study(cfg)

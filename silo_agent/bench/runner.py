@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,10 @@ class BenchConfig:
             raise BenchError(f"seeds: {self.seeds!r} must be integers >= 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise BenchError(f"seeds: {self.seeds!r} repeats a seed")
-        for name, v, hi in (("rounds", self.rounds, 1000), ("local_epochs", self.local_epochs, 100),
-                            ("silos", self.silos, 16)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
-                raise BenchError(f"{name}: {v!r} must be an integer in [1, {hi}]")
+        for name, v, lo, hi in (("rounds", self.rounds, 1, 1000), ("local_epochs", self.local_epochs, 1, 100),
+                                ("silos", self.silos, 2, 16)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise BenchError(f"{name}: {v!r} must be an integer in [{lo}, {hi}]")
         total = self.rounds * self.local_epochs
         for r, e in self.sweep:
             if r < 1 or e < 1 or r * e != total:
@@ -100,7 +101,7 @@ class BenchConfig:
                 raise BenchError(f"data: {self.data} holds {len(folders)} silo folder(s); a federation needs >= 2")
             object.__setattr__(self, "silos", len(folders))
         elif self.held_out is not None:
-            raise BenchError("held_out: only with --data (the built-in data has its own unseen domain)")
+            raise BenchError(f"held_out: {self.held_out!r} needs --data (the built-in data has its own unseen domain)")
 
     @property
     def schedules(self) -> list[tuple[int, int, bool]]:
@@ -121,12 +122,7 @@ def default_sweep(rounds: int, local_epochs: int = 1) -> tuple[tuple[int, int], 
     one round), e.g. 40 × 1 → 40×1, 20×2, 10×4, 8×5, 5×8; 3 × 1 → 3×1, 1×3."""
     total = rounds * local_epochs
     out = []
-    for e in range(1, min(total, 8) + 1):
-        if total % e == 0:
-            out.append((total // e, e))
-    if total <= 8 and (1, total) not in out:
-        out.append((1, total))
-    return tuple(out)
+    return tuple((total // e, e) for e in range(1, min(total, 8) + 1) if total % e == 0)
 
 
 def parse_sweep(text: str) -> tuple[tuple[int, int], ...]:
@@ -254,6 +250,9 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         from fedsilo.silo_agent.bench.reference import load_silos
         from fedsilo.silo_agent.demo import DEMO_MODEL, DEMO_TRAINING
 
+        import torch
+
+        torch.set_num_threads(1)  # as each simulated agent (threads = 1), so s/run compares like with like
         silos = load_silos(agents, names)
         model_cfg = ModelConfig.from_mapping({**DEMO_MODEL, "seed": seed})
         train_cfg = TrainConfig.from_mapping({**DEMO_TRAINING, "seed": seed, **training})
@@ -321,14 +320,18 @@ def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
         The files written by the report.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fedsilo.silo_agent.bench.report import write_outputs
 
     console = console or Console(stderr=True)
     out = Path(cfg.out).resolve()
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    _log_to(out / "logs")
+    with _logs_to(out / "logs"):
+        return _run_study(cfg, out, console)
+
+
+def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedsilo.silo_agent.bench.report import write_outputs
     table = methods(mu=cfg.mu)
     plan = [(table[m], s, r, e) for (r, e, _main) in cfg.schedules for m in cfg.methods for s in cfg.seeds]
     cells: list[dict[str, Any]] = []
@@ -376,16 +379,25 @@ def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
     return write_outputs(cells, out, reference=reference)
 
 
-def _log_to(folder: Path) -> None:
-    """fedsilo's log lines go to ``folder/bench.log`` only (the console shows the progress)."""
+@contextlib.contextmanager
+def _logs_to(folder: Path) -> Iterator[None]:
+    """While running, fedsilo's log lines go to ``folder/bench.log`` only (the console shows the
+    progress); the logger's previous handlers and settings are restored afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("fedsilo")
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    root.handlers.clear()
+    saved = (root.level, root.propagate, list(root.handlers))
     handler = logging.FileHandler(folder / "bench.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    root.handlers[:] = [handler]
+    try:
+        yield
+    finally:
+        handler.close()
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+        root.handlers[:] = saved[2]
 
 
 __all__ = ["BenchConfig", "BenchError", "cell_id", "default_sweep", "parse_seeds", "parse_sweep", "run_cell",

@@ -1,0 +1,382 @@
+"""``fedsilo bench``'s runner: settings refused with a message naming the bad value, the sweep and
+seed parsers' known answers, the reference methods' defining rules on tiny real data, and the CLI
+end to end (a real two-method study, resumed cell by cell, refusing a reused folder)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import ConcatDataset
+
+from fedsilo.models import ModelConfig, SyntheticConfig, TrainConfig, build_model, evaluate, silo_splits, train_local
+from fedsilo.silo_agent.bench.centralised import run_centralised
+from fedsilo.silo_agent.bench.local import run_local
+from fedsilo.silo_agent.bench.methods import METHOD_NAMES
+from fedsilo.silo_agent.bench.reference import Silo
+from fedsilo.silo_agent.bench.runner import (
+    BenchConfig,
+    BenchError,
+    cell_id,
+    default_sweep,
+    parse_seeds,
+    parse_sweep,
+)
+from fedsilo.silo_agent.cli import main
+from fedsilo.silo_agent.daemon import SiloData
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Train on one thread, as the simulated agents do (their configs say threads = 1): the
+    reference runs otherwise use every core, which on a busy 2-core machine is many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+# -- BenchConfig --------------------------------------------------------------------------------
+def _cfg(tmp_path: Path, **kw) -> BenchConfig:
+    values = {"methods": ("fedavg", "local"), "seeds": (0,), "rounds": 2, "out": tmp_path / "out",
+              "aggregation": "plain"}
+    values.update(kw)
+    return BenchConfig(**values)
+
+
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"methods": ("fedavg", "nope")}, "'nope'"),
+    ({"methods": ("fedavg", "local", "fedavg")}, "fedavg,local,fedavg"),
+    ({"methods": ()}, "methods"),
+    ({"seeds": (0, -1)}, "-1"),
+    ({"seeds": (3, 1, 3)}, "(3, 1, 3)"),
+    ({"seeds": ()}, "seeds"),
+    ({"rounds": 0}, "rounds: 0"),
+    ({"silos": 1}, "silos: 1 must be an integer in [2, 16]"),
+    ({"local_epochs": 0}, "local_epochs: 0"),
+    ({"rounds": 4, "sweep": ((4, 1), (3, 1))}, "3x1"),
+    ({"rounds": 4, "sweep": ((0, 4),)}, "0x4"),
+    ({"aggregation": "ckks"}, "'ckks'"),
+    ({"mu": -0.5}, "-0.5"),
+    ({"mu": math.nan}, "nan"),
+    ({"mu": math.inf}, "inf"),
+    ({"methods": ("fedavg", "resfim")}, "resfim"),
+    ({"methods": ("fedrdn",)}, "fedrdn"),
+    ({"held_out": "site-z"}, "held_out"),
+])
+def test_bench_config_refuses_bad_settings(tmp_path: Path, kw: dict, fragment: str) -> None:
+    with pytest.raises(BenchError, match=re.escape(fragment)):
+        _cfg(tmp_path, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_aggregation_refusal_says_what_to_use(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="resfim needs --aggregation he"):
+        _cfg(tmp_path, methods=("resfim",))
+    # the same methods are fine under HE (the deployed default)
+    assert _cfg(tmp_path, methods=("resfim", "fedrdn"), aggregation="he").methods == ("resfim", "fedrdn")
+
+
+def test_data_folder_needs_two_silo_folders(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "site-a").mkdir(parents=True)
+    (data / ".hidden").mkdir()
+    (data / "README.txt").write_text("not a silo")
+    with pytest.raises(BenchError, match=r"holds 1 silo folder\(s\)"):
+        _cfg(tmp_path, data=data)
+    with pytest.raises(BenchError, match="is not a folder"):
+        _cfg(tmp_path, data=tmp_path / "missing")
+    (data / "site-b").mkdir()
+    (data / "site-c").mkdir()
+    # the held-out domain is not a silo: two silos remain
+    with pytest.raises(BenchError, match="site-x"):
+        _cfg(tmp_path, data=data, held_out="site-x")
+    cfg = _cfg(tmp_path, data=data, held_out="site-c", silos=7)
+    assert cfg.silos == 2
+    assert cfg.study()["held_out"] == "site-c"
+    assert cfg.study()["data"] == str(data)
+
+
+def test_schedules_main_first_and_no_duplicate(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, rounds=4, sweep=((8, 1), (4, 2), (2, 4), (1, 8)), local_epochs=2)
+    assert cfg.schedules == [(4, 2, True), (8, 1, False), (2, 4, False), (1, 8, False)]
+    assert _cfg(tmp_path, rounds=3).schedules == [(3, 1, True)]
+    assert _cfg(tmp_path, rounds=3, sweep=((1, 3),)).schedules == [(3, 1, True), (1, 3, False)]
+
+
+def test_study_settings_known_answer(tmp_path: Path) -> None:
+    assert _cfg(tmp_path, mu=0.5).study() == {"aggregation": "plain", "dp": False, "silos": 3, "data": "builtin",
+                                              "held_out": None, "mu": 0.5}
+
+
+def test_every_method_is_accepted_under_he(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, methods=METHOD_NAMES, aggregation="he")
+    assert cfg.methods == METHOD_NAMES
+    assert {"local", "centralised", "fedavg", "resfim", "fedrdn"} <= set(METHOD_NAMES)
+
+
+# -- sweep and seeds ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("main", "expected"), [
+    ((40, 1), ((40, 1), (20, 2), (10, 4), (8, 5), (5, 8))),
+    ((3, 1), ((3, 1), (1, 3))),
+    ((10, 1), ((10, 1), (5, 2), (2, 5))),
+    ((1, 1), ((1, 1),)),
+    ((5, 2), ((10, 1), (5, 2), (2, 5))),
+    ((7, 1), ((7, 1), (1, 7))),
+])
+def test_default_sweep_known_answers(main: tuple[int, int], expected: tuple) -> None:
+    assert default_sweep(*main) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(rounds=st.integers(1, 200), epochs=st.integers(1, 8))
+def test_default_sweep_invariants(rounds: int, epochs: int) -> None:
+    sweep = default_sweep(rounds, epochs)
+    total = rounds * epochs
+    assert sweep[0] == (total, 1)
+    assert len(set(sweep)) == len(sweep)
+    assert all(r * e == total and r >= 1 and 1 <= e <= 8 for r, e in sweep)
+    assert [e for _, e in sweep] == sorted(e for _, e in sweep)
+    assert (rounds, epochs) in sweep  # the main schedule is one of the splits
+    # every split with at most 8 epochs per round is there
+    assert {e for _, e in sweep} == {e for e in range(1, 9) if total % e == 0}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("40x1, 20\u00d72", ((40, 1), (20, 2))),
+    ("3x1", ((3, 1),)),
+    (" 10 x 4 ,", ((10, 4),)),
+    ("", ()),
+])
+def test_parse_sweep_known_answers(text: str, expected: tuple) -> None:
+    assert parse_sweep(text) == expected
+
+
+@pytest.mark.parametrize("text", ["40-1", "x2", "40x", "4x1,2*2", "-1x4", "1.5x2"])
+def test_parse_sweep_refuses_malformed_entries(text: str) -> None:
+    with pytest.raises(BenchError, match="ROUNDSxEPOCHS"):
+        parse_sweep(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(1, 100)), max_size=8),
+       st.sampled_from(["x", "\u00d7", " x ", "X"]))
+def test_parse_sweep_reads_back_what_it_formats(entries: list, sep: str) -> None:
+    text = ",".join(f"{r}{sep}{e}" for r, e in entries)
+    if sep == "X":  # only x and × are separators
+        if entries:
+            with pytest.raises(BenchError):
+                parse_sweep(text)
+        return
+    assert parse_sweep(text) == tuple(entries)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("3", (0, 1, 2)),
+    ("1", (0,)),
+    ("0,4", (0, 4)),
+    ("7, 2,9", (7, 2, 9)),
+])
+def test_parse_seeds_known_answers(text: str, expected: tuple) -> None:
+    assert parse_seeds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "a", "1,b", "1.5"])
+def test_parse_seeds_refuses(text: str) -> None:
+    with pytest.raises(BenchError, match=re.escape(repr(text))):
+        parse_seeds(text)
+
+
+def test_cell_id_known_answer() -> None:
+    assert cell_id("fedavg", 3, 20, 2) == "fedavg-seed3-20x2"
+
+
+# -- the reference methods on tiny real data ----------------------------------------------------
+MODEL = ModelConfig.from_mapping({"channels": [4, 8], "strides": [2], "num_res_units": 0, "seed": 0})
+TRAIN = TrainConfig.from_mapping({"local_epochs": 1, "batch_size": 4, "seed": 0})
+DATA = SyntheticConfig(seed=0, n_train=8, n_val=4, n_test=4, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def silos() -> list[Silo]:
+    return [Silo(name=f"site-{d}", data=SiloData(splits=silo_splits(DATA, d), unseen=None)) for d in (0, 1)]
+
+
+def _no_bytes_and_shape(log: list[dict], silos: list[Silo], rounds: int) -> None:
+    assert [r["round"] for r in log] == list(range(1, rounds + 1))
+    names = {s.name for s in silos}
+    for r in log:
+        assert r["bytes_up"] == 0 and r["bytes_down"] == 0
+        assert set(r["dice"]) == set(r["hd95"]) == set(r["val_dice"]) == names
+        assert r["unseen_dice"] is None
+        assert all(0.0 <= v <= 1.0 for v in r["dice"].values())
+
+
+def test_local_trains_each_silo_on_its_own_data_only(silos: list[Silo]) -> None:
+    seen: list[int] = []
+    log = run_local(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=2, on_round=seen.append)
+    assert seen == [1, 2]
+    _no_bytes_and_shape(log, silos, 2)
+    for silo in silos:  # a model built the same way, trained on this silo's data and nothing else
+        alone = build_model(MODEL)
+        train_local(alone, silo.data.splits.train, TRAIN, round_index=1)
+        assert log[0]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
+        train_local(alone, silo.data.splits.train, TRAIN, round_index=2)
+        assert log[1]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
+        assert log[1]["hd95"][silo.name] == evaluate(alone, silo.data.splits.test).hd95
+        assert log[1]["val_dice"][silo.name] == evaluate(alone, silo.data.splits.val).dice
+
+
+def test_centralised_trains_one_model_on_the_pooled_data(silos: list[Silo]) -> None:
+    log = run_centralised(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=2)
+    _no_bytes_and_shape(log, silos, 2)
+    pooled = build_model(MODEL)
+    data = ConcatDataset([s.data.splits.train for s in silos])
+    train_local(pooled, data, TRAIN, round_index=1)
+    train_local(pooled, data, TRAIN, round_index=2)
+    for silo in silos:  # the one model, scored on each silo's own test set
+        res = evaluate(pooled, silo.data.splits.test)
+        assert log[1]["dice"][silo.name] == res.dice
+        assert log[1]["hd95"][silo.name] == res.hd95
+        assert log[1]["val_dice"][silo.name] == evaluate(pooled, silo.data.splits.val).dice
+
+
+def test_centralised_is_not_local(silos: list[Silo]) -> None:
+    """The two references differ (else the checks above could not tell them apart)."""
+    local = run_local(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
+    central = run_centralised(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
+    assert local[0]["dice"] != central[0]["dice"] or local[0]["val_dice"] != central[0]["val_dice"]
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+@pytest.fixture
+def fedsilo_logger() -> Iterator[None]:
+    """``run_study`` points the "fedsilo" logger at its bench.log (and stops propagation): put it back."""
+    logger = logging.getLogger("fedsilo")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        yield
+    finally:
+        for h in logger.handlers:
+            if h not in saved[2]:
+                h.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", "fedavg,fedavg"], "names a method twice"),
+    (["--sweep", "3x3", "--rounds", "2"], "sweep: 3x3"),
+    (["--sweep", "3-3"], "'3-3' is not ROUNDSxEPOCHS"),
+    (["--seeds", "x"], "seeds: 'x'"),
+    (["--seeds", "0"], "seeds: '0'"),
+    (["--methods", "resfim", "--aggregation", "plain"], "resfim needs --aggregation he"),
+    (["--rounds", "0"], "rounds: 0"),
+])
+def test_cli_bench_refuses_bad_input_and_writes_nothing(tmp_path: Path, args: list[str], fragment: str,
+                                                        fedsilo_logger: None) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", *args, "--out", str(out)])
+    assert result.exit_code != 0
+    assert "error:" in result.output and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+STUDY = ["bench", "--methods", "fedavg,local", "--rounds", "2", "--seeds", "1", "--sweep", "2x1,1x2",
+         "--aggregation", "plain"]
+OUTPUTS = ("results.csv", "summary.md", "dice_vs_rounds.png", "dice_vs_bytes.png", "per_silo.png", "sweep.png")
+CELLS = {cell_id(m, 0, r, e) for m in ("fedavg", "local") for r, e in ((2, 1), (1, 2))}
+SILO_NAMES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_cli_bench_study_resumes_and_refuses_other_settings(tmp_path: Path, fedsilo_logger: None) -> None:
+    out = tmp_path / "study"
+    cells_dir = out / "cells"
+    runner = CliRunner()
+
+    # (b) a real small study: 2 methods x 1 seed x 2 schedules (2x1 is the main one, given twice)
+    result = runner.invoke(main, [*STUDY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output
+    assert "fedsilo bench: 2 method(s) x 1 seed(s) x 2 schedule(s)" in result.output
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in OUTPUTS[2:]:
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+    assert {p.stem for p in cells_dir.glob("*.json")} == CELLS
+    assert not list((out / "work").glob("*")), "each cell's work folder is removed when it ends"
+
+    cells = {p.stem: json.loads(p.read_text()) for p in cells_dir.glob("*.json")}
+    for cid, cell in cells.items():
+        method, _seed, schedule = cid.split("-")
+        rounds, epochs = (int(x) for x in schedule.split("x"))
+        assert (cell["method"], cell["seed"], cell["rounds"], cell["local_epochs"]) == (method, 0, rounds, epochs)
+        assert cell["main"] is ((rounds, epochs) == (2, 1))
+        assert (cell["aggregation"], cell["dp"], cell["mu"], cell["data"], cell["held_out"]) == (
+            "plain", False, 0.01, "builtin", None)
+        assert cell["silos"] == SILO_NAMES
+        assert cell["epsilon"] is None
+        assert [r["round"] for r in cell["rounds_log"]] == list(range(1, rounds + 1))
+        assert set(cell["test_sizes"]) == set(SILO_NAMES) and all(n > 0 for n in cell["test_sizes"].values())
+        for rec in cell["rounds_log"]:
+            assert set(rec["dice"]) == set(SILO_NAMES), cid
+            assert rec["unseen_dice"] is not None, cid  # evaluated every round on the held-out domain
+            if method == "fedavg":
+                assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0, cid
+            else:
+                assert rec["bytes_up"] == 0 and rec["bytes_down"] == 0, cid
+    # both fedavg cells train 2 epochs in all and upload one model per silo per round: one round of
+    # 1x2 uploads half the bytes of 2x1's two rounds
+    up = {cid: sum(r["bytes_up"] for r in c["rounds_log"]) for cid, c in cells.items()}
+    assert up["fedavg-seed0-2x1"] > up["fedavg-seed0-1x2"] > 0
+
+    summary = (out / "summary.md").read_text()
+    for method in ("fedavg", "local"):
+        assert re.search(rf"^\| {method} \|", summary, re.MULTILINE), summary
+    with (out / "results.csv").open() as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 1 + len(CELLS) * len(SILO_NAMES)  # a row per cell and silo
+
+    # (c) resumable: only the missing cell runs again; the others are not touched
+    gone = cells_dir / "local-seed0-1x2.json"
+    gone_text = gone.read_text()
+    gone.unlink()
+    kept = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json")}
+    assert len(kept) == 3
+    result = runner.invoke(main, [*STUDY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 3 of 4" in _flat(result.output), result.output
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json") if p != gone} == kept
+    assert gone.is_file()
+    redone, before = json.loads(gone.read_text()), json.loads(gone_text)
+    # the reference run is deterministic: the same numbers again (only its wall time differs)
+    redone.pop("seconds"), before.pop("seconds")
+    assert redone == before
+    results_csv = (out / "results.csv").read_bytes()
+
+    # (d) the same folder with other study settings is refused, and nothing there changes
+    result = runner.invoke(main, [*STUDY, "--mu", "0.5", "--out", str(out)])
+    assert result.exit_code != 0
+    assert "error:" in result.output, result.output
+    assert "use a new --out" in _flat(result.output), result.output
+    assert "mu=0.01" in _flat(result.output), result.output
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json") if p != gone} == kept
+    assert (out / "results.csv").read_bytes() == results_csv
