@@ -32,7 +32,6 @@ from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, T
 from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
-from fedsilo.coordinator.config import Strategy as StrategyName
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
@@ -245,10 +244,11 @@ class Agent:
             except PrivacyError as exc:
                 raise AgentError(str(exc)) from None
         else:
-            if self._dp is not None and info.strategy is StrategyName.FEDRDN:
-                from fedsilo.privacy.audit import fedrdn_disclosures, write_disclosures
+            disclosures = self._strategy.disclosures(train=data.splits.train)
+            if self._dp is not None and disclosures:  # what this silo's audit reports state beside the ledger
+                from fedsilo.privacy.audit import write_disclosures
 
-                write_disclosures(state_dir, fedrdn_disclosures(channels=int(data.splits.train[0][0].shape[0])))
+                write_disclosures(state_dir, disclosures)
             self._strategy.prepare(RunContext(client=client, he=self._he, train=data.splits.train, state=state,
                                               state_dir=state_dir, stop=self.stop, idle=self._serve_keys(client)))
         while True:

@@ -107,6 +107,11 @@ class Strategy(abc.ABC):
         The default does nothing; FedRDN exchanges its normalisation statistics here.
         """
 
+    def disclosures(self, *, train: Dataset) -> list[dict[str, str]]:
+        """What the strategy shares outside the privacy ledger, as ``{"topic", "statement"}`` items
+        for the audit report of a DP run (default: nothing)."""
+        return []
+
     def train_data(self, train: Dataset, *, state: AgentState, rnd: int) -> Dataset:
         """The training set of round ``rnd`` as the model sees it (default: unchanged)."""
         return train

@@ -208,6 +208,12 @@ class FedRdn(Strategy):
         return out
 
     # -- data ----------------------------------------------------------------------------
+    def disclosures(self, *, train: Dataset) -> list[dict[str, str]]:
+        """The statistics this silo shares outside the ledger (its images' channel count from ``train``)."""
+        from fedsilo.privacy.audit import fedrdn_disclosures
+
+        return fedrdn_disclosures(channels=int(train[0][0].shape[0]))
+
     def train_data(self, train: Dataset, *, state: AgentState, rnd: int) -> Dataset:
         """``train`` with each image normalised by a silo drawn uniformly from the table, afresh every round.
 
