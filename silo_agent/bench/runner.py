@@ -195,7 +195,7 @@ def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
     """DEeR's frozen base for ``seed``, pretrained once per study on a domain no silo holds."""
     from fedsilo.silo_agent.demo import make_base
 
-    path = Path(cfg.out) / "bases" / f"base-seed{seed}.pt"
+    path = Path(cfg.out).resolve() / "bases" / f"base-seed{seed}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.pt")
