@@ -640,11 +640,15 @@ def write_plots(summaries: Sequence[CellSummary], out: Path) -> list[Path]:
     main_by = {m: [s for s in main if s.method == m] for m in methods}
     main_methods = [m for m in methods if main_by[m]]
     written = []
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours, and a marker each: a method looks the same in every plot
+    markers = "osD^vP*Xh<>p"
+    style = {m: {"color": palette[(2 * i) % 20 + (2 * i // 20) % 2], "marker": markers[i % len(markers)]}
+             for i, m in enumerate(methods)}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in main_methods:
         dice, _ = _mean_curves(main_by[m])
-        ax.plot(range(1, len(dice) + 1), dice, marker="o", label=m)
+        ax.plot(range(1, len(dice) + 1), dice, label=m, **style[m])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("Round")
     ax.set_ylabel("Weighted mean test Dice")
@@ -658,7 +662,7 @@ def write_plots(summaries: Sequence[CellSummary], out: Path) -> list[Path]:
     for m in main_methods:
         dice, mb = _mean_curves(main_by[m])
         xs_all += mb
-        ax.plot(mb, dice, marker="o", label=m)
+        ax.plot(mb, dice, label=m, **style[m])
     positive = [x for x in xs_all if x > 0]
     if positive and len(positive) == len(xs_all) and max(positive) / min(positive) > 100:
         ax.set_xscale("log")
@@ -677,7 +681,7 @@ def write_plots(summaries: Sequence[CellSummary], out: Path) -> list[Path]:
         heights = [math.nan if mu is None else mu for mu, _ in stats]
         errs = [0.0 if sd is None else sd for _, sd in stats]
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(silos))]
-        ax.bar(xs, heights, width, yerr=errs, capsize=3, label=m)
+        ax.bar(xs, heights, width, yerr=errs, capsize=3, label=m, color=style[m]["color"])
     ax.set_xticks(range(len(silos)))
     ax.set_xticklabels(silos)
     ax.set_xlabel("Silo")
@@ -694,7 +698,7 @@ def write_plots(summaries: Sequence[CellSummary], out: Path) -> list[Path]:
                  for rs in sweep]
         ys = [math.nan if mu is None else mu for mu, _ in stats]
         errs = [0.0 if sd is None else sd for _, sd in stats]
-        ax.errorbar(range(len(sweep)), ys, yerr=errs, marker="o", capsize=3, label=m)
+        ax.errorbar(range(len(sweep)), ys, yerr=errs, capsize=3, label=m, **style[m])
     ax.set_xticks(range(len(sweep)))
     ax.set_xticklabels([_schedule_label(rs) for rs in sweep])
     ax.set_xlim(-0.5, len(sweep) - 0.5)
