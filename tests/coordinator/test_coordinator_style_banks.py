@@ -367,12 +367,14 @@ def test_a_caller_that_is_not_a_joined_silo_can_neither_publish_nor_read(
 
 
 def test_a_run_without_resfim_masks_exchanges_no_banks(start_fed: Callable[..., Fed]) -> None:
+    """Sealed banks are relayed only for strategies that exchange them (ResFIM's style banks, FedRDN's
+    statistics); FedAvg's run refuses both directions and stores nothing."""
     fed = start_fed(strategy=Strategy.FEDAVG)
     for silo in SILOS:
         fed.join(silo)
     before = fed.snapshot()
-    fragment = (f"run '{RUN_ID}' uses strategy 'fedavg'; style banks are exchanged only by resfim and "
-                "deer+resfim runs")
+    fragment = (f"run '{RUN_ID}' uses strategy 'fedavg'; sealed banks are exchanged only by resfim, "
+                "deer+resfim and fedrdn runs")
     expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", b"a's bank"))
     for silo in SILOS:
         expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda silo=silo: fed.banks(silo))
