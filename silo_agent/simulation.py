@@ -34,7 +34,9 @@ class SimulationResult:
         status: the coordinator's final status.
         rounds: the coordinator's round records (contributors, bytes on the wire, each silo's metrics).
         states: each silo's final agent state (its model, shared values, strategy state).
-        epsilon: each silo's cumulative ε from the coordinator's ledger mirror (empty without DP).
+        epsilon: each silo's cumulative ε from the coordinator's ledger mirror (empty without DP),
+            against anyone who sees one of its uploads: where noise is split into shares under HE
+            that is the ledger's ``single_upload`` figure, not the stronger one against the aggregate.
         seconds: wall time of the run.
     """
 
@@ -125,7 +127,7 @@ def simulate(federation: FederationConfig, agents: Sequence[AgentConfig], *, uns
 
 
 def _epsilons(federation: FederationConfig) -> dict[str, float]:
-    """Each silo's cumulative ε as mirrored to the coordinator (empty without DP)."""
+    """Each silo's cumulative ε as mirrored to the coordinator, against one upload (empty without DP)."""
     if federation.privacy is None:
         return {}
     from fedsilo.privacy.budget import MIRROR_FILE
@@ -139,8 +141,11 @@ def _epsilons(federation: FederationConfig) -> dict[str, float]:
         out = {}
         for silo in mirror.silos():
             last = mirror.last(silo)
-            if last is not None and last.cumulative_epsilon is not None:
-                out[silo] = float(last.cumulative_epsilon)
+            if last is None:
+                continue
+            eps = last.single_upload.cumulative_epsilon if last.single_upload is not None else last.cumulative_epsilon
+            if eps is not None:
+                out[silo] = float(eps)
         return out
     finally:
         mirror.close()

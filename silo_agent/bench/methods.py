@@ -79,7 +79,9 @@ def methods(*, mu: float = 0.01) -> dict[str, Method]:
                note=f"pFL-ResFIM: the top rho = {DEMO_RESFIM['rho']:g} of each tensor by residual Fisher information "
                "kept local, the rest averaged (masked, under HE)", privacy=DEMO_RESFIM_PRIVACY),
         Method(name="deer", strategy="deer", lora=True, he_bound=DEMO_LORA_HE_BOUND, note="LoRA adapters on a base "
-               "pretrained on a domain no silo holds; B and A shared in alternate rounds (DEeR)",
+               "pretrained on a domain no silo holds; B and A shared in alternate rounds (DEeR); with DP: "
+               "silo-level (the whole silo's data), noise regulator, noise split into shares under HE, "
+               "ε against one upload",
                privacy=DEMO_LORA_PRIVACY),
     ]
     return {m.name: m for m in ms}

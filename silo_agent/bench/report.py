@@ -75,6 +75,8 @@ class CellSummary:
         bytes_to_95: Cumulative bytes through the first round reaching 95% of the final mean Dice.
         epsilon: ε spent per silo, or None without DP.
         epsilon_max: Largest ε over silos, or None.
+        without_dp: The study ran with DP (the cell's ``dp``) but this method could not, so it ran
+            without (its ε is None); the tables say "no DP" instead of comparing it as equal.
         curve: Weighted mean test Dice per round (round 1 first; NaN where no silo logged one).
         cumulative_bytes: Bytes on the wire through each round.
         seconds: Wall time of the run.
@@ -102,6 +104,7 @@ class CellSummary:
     bytes_to_95: int
     epsilon: dict[str, float] | None
     epsilon_max: float | None
+    without_dp: bool = False
     curve: tuple[float, ...]
     cumulative_bytes: tuple[int, ...]
     seconds: float
@@ -390,7 +393,8 @@ def summarize_cell(cell: Mapping[str, Any], *, index: int | None = None) -> Cell
         worst_silo=worst_silo, mean_hd95=weighted_mean(hd95, sizes), unseen_dice=unseen_dice(cell),
         bytes_total=cum[-1], bytes_to_95=bytes_to_95(cell), epsilon=eps,
         epsilon_max=max(eps.values()) if eps else None, curve=tuple(convergence_curve(cell)),
-        cumulative_bytes=tuple(cum), seconds=float(cell["seconds"]))
+        cumulative_bytes=tuple(cum), seconds=float(cell["seconds"]),
+        without_dp=bool(cell.get("dp", False)) and eps is None)
 
 
 def _summaries(cells: Sequence[Mapping[str, Any]]) -> list[CellSummary]:
@@ -560,8 +564,9 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
             _fmt([s.mean_hd95 for s in cs], 1), _fmt([s.unseen_dice for s in cs], 3),
             _fmt([s.bytes_to_95 for s in cs], 2, scale=_MB),
             _fmt([s.bytes_total for s in cs], 2, scale=_MB),
-            _fmt([s.epsilon_max for s in cs], 2), _fmt([s.seconds for s in cs], 1),
-            format_vs_reference(vs),
+            "no DP" if all(s.without_dp for s in cs) else _fmt([s.epsilon_max for s in cs], 2),
+            _fmt([s.seconds for s in cs], 1),
+            format_vs_reference(vs) + (" (no DP)" if vs is not None and all(s.without_dp for s in cs) else ""),
         ])
     lines += _table(header, rows)
     if reference not in main_methods:

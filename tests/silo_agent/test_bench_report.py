@@ -280,3 +280,16 @@ def test_summary_against_another_reference() -> None:
     assert "(loses)" not in main
     absent = _section(render_summary(summaries, reference="fedprox"), "Main results")
     assert _row(absent, "local")[10] == "\u2014" and "no main cells" in absent
+
+
+def test_a_method_run_without_dp_in_a_dp_study_is_marked_not_compared_as_equal() -> None:
+    """In a --dp study a method that cannot run under DP (its cells: dp true, epsilon null) shows "no DP" for ε
+    and beside its difference to the reference; DP methods show their ε."""
+    dp = _cell("fedavg", 0, epsilon={A: 7.5, B: 8.0})
+    nodp = {**_cell("ditto", 0, offset=0.1), "dp": True}
+    main = _section(render_summary([summarize_cell(dp), summarize_cell(nodp)]), "Main results")
+    assert _row(main, "fedavg")[8] == "8.00" and _row(main, "ditto")[8] == "no DP"
+    assert _row(main, "ditto")[10] == "+0.100 (no DP)"
+    plain = _section(render_summary([summarize_cell(_cell("fedavg", 0)), summarize_cell(_cell("ditto", 0, 0.1))]),
+                     "Main results")
+    assert _row(plain, "ditto")[8] == "\u2014" and _row(plain, "ditto")[10] == "+0.100"
