@@ -16,7 +16,8 @@ import pytest
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials
 from fedsilo.silo_agent.demo import ADMIN_NAME, free_port, make_certs, silo_names, write_configs
 
-pytestmark = pytest.mark.e2e
+# one worker runs these in turn (pytest-xdist --dist loadgroup): they time rounds and kill processes
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 
 class Federation:
