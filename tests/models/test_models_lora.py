@@ -207,7 +207,8 @@ def test_merged_delta_is_scaled_b_times_a_and_reproduces_the_output(cfg: ModelCo
         assert layer.scaling == SETTINGS.scaling
         torch.testing.assert_close(deltas[layer.module], SETTINGS.scaling * manual, rtol=1e-6, atol=1e-9)
         peft_delta = lora.get_submodule(layer.module).get_delta_weight("default")
-        torch.testing.assert_close(deltas[layer.module], peft_delta, rtol=1e-6, atol=1e-9)
+        # peft computes the same float32 products in another order (a conv, not an einsum): a few ulp apart
+        torch.testing.assert_close(deltas[layer.module], peft_delta, rtol=1e-5, atol=1e-8)
     # The plain network with W + ΔW computes what the adapted one computes.
     merged = build_model(cfg).eval()
     base_state = merged.state_dict()
