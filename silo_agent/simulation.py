@@ -83,10 +83,10 @@ def simulate(federation: FederationConfig, agents: Sequence[AgentConfig], *, uns
             errors[name] = exc
             log.exception("agent %s failed", name)
 
-    threads = []
-    for i, cfg in enumerate(agents):
-        name = cfg.name or (Path(cfg.tls.cert).stem if cfg.tls is not None else f"silo-{i}")
-        threads.append(threading.Thread(target=agent_main, args=(cfg, name), name=f"agent-{name}", daemon=True))
+    names = [cfg.name or (Path(cfg.tls.cert).stem if cfg.tls is not None else f"silo-{i}")
+             for i, cfg in enumerate(agents)]
+    threads = [threading.Thread(target=agent_main, args=(cfg, name), name=f"agent-{name}", daemon=True)
+               for cfg, name in zip(agents, names)]
     try:
         for t in threads:
             t.start()
@@ -118,10 +118,10 @@ def simulate(federation: FederationConfig, agents: Sequence[AgentConfig], *, uns
         stop.set()
         coordinator.close()
     states = {}
-    for cfg, t in zip(agents, threads):
+    for cfg, name in zip(agents, names):
         state = AgentState.load(Path(cfg.state_dir))
         if state is not None:
-            states[t.name.removeprefix("agent-")] = state
+            states[name] = state
     return SimulationResult(status=status, rounds=rounds, states=states, epsilon=_epsilons(federation),
                             seconds=time.monotonic() - started)
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from fedsilo.models import evaluate
 from fedsilo.silo_agent.config import AgentConfig
@@ -27,10 +26,6 @@ def load_silos(agents: Sequence[AgentConfig], names: Sequence[str]) -> list[Silo
     return [Silo(name=n, data=load_data(cfg.data)) for n, cfg in zip(names, agents, strict=True)]
 
 
-def _size(ds: Dataset) -> int:
-    return len(ds)  # type: ignore[arg-type]
-
-
 def round_record(rnd: int, models: Sequence[torch.nn.Module], silos: Sequence[Silo]) -> dict[str, Any]:
     """One round's entry of a bench cell: silo i's model ``models[i]`` on its test and validation
     data, and every model on the unseen domain (their mean), with no bytes on the wire."""
@@ -38,10 +33,10 @@ def round_record(rnd: int, models: Sequence[torch.nn.Module], silos: Sequence[Si
                            "unseen_dice": None}
     unseen = []
     for model, silo in zip(models, silos, strict=True):
-        if _size(silo.data.splits.test):
+        if len(silo.data.splits.test):  # type: ignore[arg-type]
             res = evaluate(model, silo.data.splits.test)
             rec["dice"][silo.name], rec["hd95"][silo.name] = res.dice, res.hd95
-        if _size(silo.data.splits.val):
+        if len(silo.data.splits.val):  # type: ignore[arg-type]
             rec["val_dice"][silo.name] = evaluate(model, silo.data.splits.val).dice
         if silo.data.unseen is not None:
             unseen.append(evaluate(model, silo.data.unseen).dice)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.coordinator.aggregation.base import atomic_write
-from fedsilo.silo_agent.bench.methods import Method, methods
+from fedsilo.silo_agent.bench.methods import METHOD_NAMES, Method, methods
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -63,12 +63,11 @@ class BenchConfig:
     held_out: str | None = None
 
     def __post_init__(self) -> None:
-        known = methods(mu=self.mu if isinstance(self.mu, (int, float)) else 0.01)
         if not self.methods:
             raise BenchError("methods: give at least one method")
         for m in self.methods:
-            if m not in known:
-                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(known)}")
+            if m not in METHOD_NAMES:
+                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}")
         if len(set(self.methods)) != len(self.methods):
             raise BenchError(f"methods: {','.join(self.methods)} names a method twice")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
@@ -230,7 +229,7 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
     dp = cfg.dp and method.privacy is not None
     privacy = dict(method.privacy) if dp and method.privacy is not None else None
     if privacy is not None and "record_level" in privacy:
-        privacy["steps_per_round"] = privacy.get("steps_per_round", 12) * local_epochs
+        privacy["steps_per_round"] *= local_epochs  # the same DP-SGD steps per local epoch in every schedule
     training = {"local_epochs": local_epochs, **method.training}
     make_certs(work / "certs", names)
     base = _base_checkpoint(cfg, seed) if method.lora else None
@@ -373,7 +372,7 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
             progress.advance(overall)
             console.print(f"{cid}: {cell['seconds']:.0f} s")
             cells.append(cell)
-    order = {(m, s, r, e): i for i, (m, s, r, e, *_rest) in enumerate((m.name, s, r, e) for m, s, r, e in plan)}
+    order = {(m.name, s, r, e): i for i, (m, s, r, e) in enumerate(plan)}
     cells.sort(key=lambda c: order.get((c["method"], c["seed"], c["rounds"], c["local_epochs"]), len(order)))
     reference = "fedavg" if "fedavg" in cfg.methods else cfg.methods[0]
     return write_outputs(cells, out, reference=reference)
