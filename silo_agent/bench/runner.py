@@ -21,7 +21,7 @@ log = logging.getLogger("fedsilo.bench")
 
 CELLS_DIR = "cells"
 #: Written into every cell: a cell made under other study settings is not reused.
-STUDY_KEYS = ("aggregation", "dp", "silos", "data", "held_out", "mu")
+STUDY_KEYS = ("aggregation", "dp", "data", "held_out", "mu")
 
 
 class BenchError(Exception):
@@ -110,7 +110,7 @@ class BenchConfig:
 
     def study(self) -> dict[str, Any]:
         """The settings every cell of this study shares (stored in each cell)."""
-        return {"aggregation": self.aggregation, "dp": self.dp, "silos": self.silos,
+        return {"aggregation": self.aggregation, "dp": self.dp,
                 "data": str(self.data) if self.data is not None else "builtin", "held_out": self.held_out,
                 "mu": self.mu}
 
@@ -303,9 +303,10 @@ def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None  # a torn or foreign file: recompute it
     study = cfg.study()
-    if any(cell.get(k) != study[k] for k in STUDY_KEYS if k != "silos"):
-        raise BenchError(f"{path} was made with other study settings ({', '.join(f'{k}={cell.get(k)!r}' for k in STUDY_KEYS if k != 'silos')}); "
-                         "use a new --out folder for this study")
+    silos = cell.get("silos")
+    if any(cell.get(k) != study[k] for k in STUDY_KEYS) or not isinstance(silos, list) or len(silos) != cfg.silos:
+        made = ", ".join([f"{k}={cell.get(k)!r}" for k in STUDY_KEYS] + [f"silos={silos!r}"])
+        raise BenchError(f"{path} was made with other study settings ({made}); use a new --out folder for this study")
     return cell
 
 

@@ -116,7 +116,7 @@ def test_schedules_main_first_and_no_duplicate(tmp_path: Path) -> None:
 
 
 def test_study_settings_known_answer(tmp_path: Path) -> None:
-    assert _cfg(tmp_path, mu=0.5).study() == {"aggregation": "plain", "dp": False, "silos": 3, "data": "builtin",
+    assert _cfg(tmp_path, mu=0.5).study() == {"aggregation": "plain", "dp": False, "data": "builtin",
                                               "held_out": None, "mu": 0.5}
 
 
@@ -380,3 +380,8 @@ def test_cli_bench_study_resumes_and_refuses_other_settings(tmp_path: Path, feds
     assert "mu=0.01" in _flat(result.output), result.output
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json") if p != gone} == kept
     assert (out / "results.csv").read_bytes() == results_csv
+    # another number of silos is another study too: its cells are not the 3-silo ones
+    result = runner.invoke(main, [*STUDY, "--silos", "2", "--out", str(out)])
+    assert result.exit_code != 0 and "use a new --out" in _flat(result.output), result.output
+    assert "silos=['hospital-a', 'hospital-b', 'hospital-c']" in _flat(result.output), result.output
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json") if p != gone} == kept
