@@ -269,24 +269,14 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
             result = simulate(fed, agents, unseen_every_round=True, progress=progress)
         except SimulationError as exc:
             raise BenchError(f"{cid}: {exc} (log: {out / 'logs' / 'bench.log'})") from None
+        from fedsilo.silo_agent.bench.reference import round_entry
+
         rounds_log = []
         for summary in result.rounds:
-            rec: dict[str, Any] = {"round": summary.round, "bytes_up": summary.bytes_up,
-                                   "bytes_down": summary.bytes_down, "dice": {}, "hd95": {}, "val_dice": {},
-                                   "unseen_dice": None}
-            unseen = []
-            for silo, values in summary.metrics.items():
-                m = {k: (v, n) for k, v, n in values}
-                if "dice" in m:
-                    rec["dice"][silo], rec["hd95"][silo] = m["dice"][0], m["hd95"][0]
-                    test_sizes[silo] = int(m["dice"][1])
-                if "val_dice" in m:
-                    rec["val_dice"][silo] = m["val_dice"][0]
-                if "unseen_dice" in m:
-                    unseen.append(m["unseen_dice"][0])
-            if unseen:
-                rec["unseen_dice"] = sum(unseen) / len(unseen)
-            rounds_log.append(rec)
+            metrics = {silo: {k: (v, n) for k, v, n in values} for silo, values in summary.metrics.items()}
+            test_sizes.update({silo: int(m["dice"][1]) for silo, m in metrics.items() if "dice" in m})
+            rounds_log.append(round_entry(summary.round, metrics, bytes_up=summary.bytes_up,
+                                          bytes_down=summary.bytes_down))
         epsilon = dict(result.epsilon) if dp else None
     shutil.rmtree(work, ignore_errors=True)
     note = method.note if not cfg.dp or dp else f"{method.note} [run WITHOUT DP: {method.why_no_dp}]"
