@@ -181,7 +181,7 @@ class Workload:
         return clock, res.examples, res.steps
 
     def dp(self, cfg: Any, rnd: int) -> tuple[Clock, int, int]:
-        from fedsilo.privacy.dpsgd import train_local_dp
+        from fedsilo.models.dp_training import train_local_dp
 
         model = self.fresh_model()
         with warnings.catch_warnings():
@@ -287,11 +287,11 @@ def breakdown(w: Workload, *, steps: int) -> dict[str, Any]:
     import torch
     from monai.losses import DiceCELoss
 
-    from fedsilo.models.training import _batch
+    from fedsilo.models.training import stack_batch
     from fedsilo.privacy.dpsgd import DpSgdStep
 
     b = max(1, round(w.dp_demo.sample_rate * w.n))
-    images, masks = _batch(w.train, list(range(b)), torch.device("cpu"))
+    images, masks = stack_batch(w.train, list(range(b)), torch.device("cpu"))
     loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
 
     plain: dict[str, float] = collections.defaultdict(float)

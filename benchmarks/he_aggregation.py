@@ -16,7 +16,7 @@ Codec level, one core per role (fedsilo's BFV defaults, ``privacy/he.py``):
   ``--ckks-silos`` (default 3), codec level only.
 
 Real rounds (``--round-silos``, default 3 10), through ``benchmarks/round_overhead.py``:
-  the coordinator is its own OS process started by the CLI (``python -m fedsilo.silo_agent
+  the coordinator is its own OS process started by the CLI (``python -m fedsilo
   coordinator --config federation.toml``), each silo is its own OS process with the real
   ``CoordinatorClient`` and its own mTLS certificate, all on this machine's loopback. For each K
   the same updates go through a plain run (``aggregation = "plain"``) and an HE run

@@ -234,8 +234,10 @@ def simulate(task: Task, method: str, *, rounds: int, eps: float | None, sigma: 
     """R rounds of the federation for one method; private when ``eps`` is given."""
     import torch
 
-    from fedsilo.coordinator.phases import SharePhase, phase_for, phase_manifest
-    from fedsilo.coordinator.tensors import Manifest
+    from fedsilo.core.phases import SharePhase, phase_manifest
+
+    from fedsilo.coordinator.phases import phase_for
+    from fedsilo.core.tensors import Manifest
     from fedsilo.models.lora import lora_layers
     from fedsilo.models.training import evaluate, train_local
     from fedsilo.privacy.update_noise import privatize_update

@@ -445,7 +445,7 @@ def finish(res: RunResult, agg: HeAggregator | None, ledgers: list[list[Any]] | 
 def train_round(model: Any, task: Task, i: int, r: int, plan: DpPlan | None, code: int, role: int = 0,
                 ledger: list[Any] | None = None) -> None:
     from fedsilo.models import train_local
-    from fedsilo.privacy.dpsgd import train_local_dp
+    from fedsilo.models.dp_training import train_local_dp
 
     data = task.splits[i].train
     if plan is None:
@@ -685,8 +685,9 @@ def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
     import torch
 
     from fedsilo.coordinator.config import Strategy
-    from fedsilo.coordinator.phases import carries_local_part, phase_for, phase_manifest
-    from fedsilo.coordinator.tensors import Manifest
+    from fedsilo.core.phases import phase_manifest
+    from fedsilo.coordinator.phases import carries_local_part, phase_for
+    from fedsilo.core.tensors import Manifest
     from fedsilo.models.lora import lora_layers
     from fedsilo.models.resfim import ResFimConfig, needs_recompute
     from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums

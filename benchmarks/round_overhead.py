@@ -6,7 +6,7 @@ For each number of silos K (default 3 and 10) this script:
    one silo certificate per silo and an admin certificate (``fedsilo.privacy.pki``);
 2. writes a ``federation.toml`` (plain aggregation, FedAvg, K enrolled silos, quorum K) and
    starts the coordinator as its own OS process with the real CLI:
-   ``python -m fedsilo.silo_agent coordinator --config federation.toml``;
+   ``python -m fedsilo coordinator --config federation.toml``;
 3. runs K silos (processes by default, or threads) that use the real ``CoordinatorClient``:
    each joins with a manifest of a few float32 tensors adding up to ``--params`` values; per
    round each long-polls GetTask until the round is open, all wait on a barrier, then all
@@ -239,7 +239,7 @@ def silo_main(job: SiloJob, barrier: Any, results: Any, stop: Any = None) -> Non
     ``time.monotonic()`` (system-wide on Linux, so comparable across processes). With HE, t0 is
     before encryption and t3 after decryption (encrypt_s and decrypt_s are inside); plain: both 0.
     """
-    from fedsilo.coordinator.tensors import Manifest
+    from fedsilo.core.tensors import Manifest
     from fedsilo.silo_agent.client import CoordinatorClient
 
     client = None
@@ -374,7 +374,7 @@ def run_config(*, k: int, params: int, rounds: int, warmup: int, insecure: bool,
         coord_log = work / "coordinator.out"
         with open(coord_log, "wb") as f:
             coord = subprocess.Popen(
-                [sys.executable, "-m", "fedsilo.silo_agent", "coordinator", "--config", str(fed),
+                [sys.executable, "-m", "fedsilo", "coordinator", "--config", str(fed),
                  *(["--insecure"] if insecure else [])],
                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"machine: {machine_line()}")
     console.print(f"software: Python {platform.python_version()}, grpcio {grpc.__version__}, numpy {np.__version__}")
     console.print(
-        f"setup: coordinator = its own OS process (python -m fedsilo.silo_agent coordinator --config federation.toml; "
+        f"setup: coordinator = its own OS process (python -m fedsilo coordinator --config federation.toml; "
         f"{'HE (BFV, default [he] parameters)' if args.aggregation == 'he' else 'plain'} FedAvg, "
         f"{len(tensor_layout(args.params))} float32 tensors = {args.params:,} values); silos = "
         f"{'one OS process each' if args.clients == 'processes' else 'threads of this benchmark process'} with the "

@@ -6,15 +6,14 @@ import enum
 import hashlib
 import json
 import math
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from fedsilo.core import validators
+
 
 
 class ConfigError(ValueError):
@@ -201,13 +200,11 @@ class FederationConfig:
     budgets: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.run_id, str) or not _RUN_ID_RE.match(self.run_id):
-            raise ConfigError(f"run.id: {self.run_id!r} is not 1..64 chars of [A-Za-z0-9._-]")
+        validators.run_id("run.id", self.run_id, error=ConfigError)
         if not self.silos:
             raise ConfigError("silos.enrolled: at least one silo must be enrolled")
         for s in self.silos:
-            if not isinstance(s, str) or not _NAME_RE.match(s):
-                raise ConfigError(f"silos.enrolled: {s!r} is not a valid silo name ([a-z0-9][a-z0-9._-]{{0,62}})")
+            validators.silo_name("silos.enrolled", s, error=ConfigError)
         if len(set(self.silos)) != len(self.silos):
             raise ConfigError(f"silos.enrolled: duplicate names in {list(self.silos)}")
         _int_in("run.rounds", self.rounds, 1, 100_000)
@@ -366,18 +363,15 @@ class FederationConfig:
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{name}: {value!r} must be an integer in [{lo}, {hi}]")
+    validators.int_in(name, value, lo, hi, error=ConfigError)
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}: {value!r} must be a finite number > 0")
+    validators.positive(name, value, error=ConfigError)
 
 
 def _non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}: {value!r} must be a finite number >= 0")
+    validators.non_negative(name, value, error=ConfigError)
 
 
 _SECTIONS = {
@@ -536,8 +530,7 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
         raise ConfigError("privacy.distributed_noise: needs run.aggregation = 'he' (with plaintext aggregation the "
                           "coordinator would see each weakly noised upload)")
     delta = t.get("delta", 1e-5)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ConfigError(f"privacy.delta: {delta!r} must be a number in (0, 1)")
+    validators.probability("privacy.delta", delta, error=ConfigError)
     accountant = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
     fixed = _resfim_releases(t, strategy=strategy, resfim=resfim, record=record, rounds=rounds)
     for target, sigma, on, q_key, steps in (

@@ -17,18 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
-from fedsilo.coordinator.aggregation.base import atomic_write, fsync_dir
+from fedsilo.core.atomic import atomic_write, fsync_dir
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
-from fedsilo.coordinator.phases import (
-    SharePhase,
-    carries_local_part,
-    ledger_position,
-    masked_manifest,
-    phase_for,
-    phase_manifest,
-    shared_numel,
-)
-from fedsilo.coordinator.errors import (
+from fedsilo.core.phases import SharePhase, masked_manifest, phase_manifest, shared_numel
+from fedsilo.coordinator.phases import carries_local_part, ledger_position, phase_for
+from fedsilo.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -37,7 +30,7 @@ from fedsilo.coordinator.errors import (
     ResourceExhausted,
 )
 from fedsilo.coordinator.store import SiloRow, Store
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.ledger import DuplicateEntryError, GuaranteeScope, LedgerError, LedgerMirror
 from fedsilo.privacy.pki import Identity, Role
 from fedsilo.privacy.plan import entry_key
@@ -222,7 +215,7 @@ class Coordinator:
     """One federated run, persisted in ``config.state_dir``.
 
     All methods are plain Python: the gRPC servicer only converts messages and maps the
-    exceptions of ``fedsilo.coordinator.errors`` to status codes. A coordinator started on an
+    exceptions of ``fedsilo.core.errors`` to status codes. A coordinator started on an
     existing state dir resumes the run exactly where the database says it is.
 
     Args:

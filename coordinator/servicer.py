@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from fedsilo.coordinator import wire
-from fedsilo.coordinator.errors import (
+from fedsilo.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     FedsiloError,

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.core.errors import InvalidArgument
 from fedsilo.coordinator.run import (
     AggregateInfo,
     RoundSummary,
@@ -23,8 +23,8 @@ from fedsilo.coordinator.run import (
     UploadTrailer,
 )
 from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy
-from fedsilo.coordinator.phases import SharePhase
-from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec
+from fedsilo.core.phases import SharePhase
+from fedsilo.core.tensors import DType, Manifest, TensorSpec
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _RUN_STATE = {

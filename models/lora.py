@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsilo.models._config import check_float, check_int, check_seed, config_from_mapping, config_to_mapping
+from fedsilo.core.validators import check_float, check_int, check_seed, config_from_mapping, config_to_mapping
 from fedsilo.models.registry import Architecture, ModelConfig, build_model
-from fedsilo.models._rng import seeded_global_rng
+from fedsilo.core.rng import seeded_global_rng
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -235,7 +235,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, *, architecture: Architec
     The adapted layers' base weights move to ``<module>.base_layer.weight`` (and ``.bias``)
     in ``state_dict``: load base checkpoints into the plain network *before* calling this
     (see :func:`build_lora_model`). The result works with :func:`~fedsilo.models.training.train_local`,
-    Opacus DP-SGD (:func:`fedsilo.privacy.dpsgd.train_local_dp`) and
+    Opacus DP-SGD (:func:`fedsilo.models.dp_training.train_local_dp`) and
     :func:`~fedsilo.models.registry.model_fingerprint`.
 
     Args:

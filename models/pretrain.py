@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fedsilo.models._config import check_int, check_seed, config_from_mapping
+from fedsilo.core.validators import check_int, check_seed, config_from_mapping
 from fedsilo.models.registry import Architecture, ModelConfig, build_model, model_fingerprint, parameter_count
 from fedsilo.models.synthetic import SyntheticConfig, silo_splits
 from fedsilo.models.training import TrainConfig, evaluate, train_local
@@ -187,7 +187,7 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
     Raises:
         OSError: If the file cannot be written.
     """
-    from fedsilo.coordinator.aggregation.base import atomic_write_with
+    from fedsilo.core.atomic import atomic_write_with
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedsilo.models._config import check_int, check_seed
+from fedsilo.core.validators import check_int, check_seed
 
 __all__ = ["STD_FLOOR", "Normalized", "RandomNormalized", "channel_stats"]
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsilo.models._rng import seeded_global_rng
-from fedsilo.models._config import (
+from fedsilo.core.rng import seeded_global_rng
+from fedsilo.core.validators import (
     check_enum,
     check_float,
     check_int,

@@ -66,7 +66,7 @@ gradient ḡ, and ``‖v‖₂² = Σ_j ḡ_j⁴ ≤ (Σ_j ḡ_j²)² = ‖ḡ�
 ``‖v‖₂ ≤ ‖ḡ‖₂² ≤ C²``. The L2 sensitivity is C², and noise of std σ · C² is the Gaussian
 mechanism with noise multiplier σ: one record-level ``Release(GAUSSIAN, RECORD, σ, q = 1,
 steps = 1)`` (:meth:`FisherDp.release`). The divisor n is treated as public, as the expected
-batch size of DP-SGD is (:func:`fedsilo.privacy.dpsgd.train_local_dp` derives it from the
+batch size of DP-SGD is (:func:`fedsilo.models.dp_training.train_local_dp` derives it from the
 dataset size).
 
 A recompute runs two such computations on the same silo's records (F_loc on the local
@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedsilo.models._config import check_enum, check_float, check_int
+from fedsilo.core.validators import check_enum, check_float, check_int
 from fedsilo.models.registry import local_parameter_names
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def empirical_fisher(
     Raises:
         ValueError: On bad arguments, no trainable parameter, or an Opacus-incompatible model.
     """
-    from fedsilo.privacy.dpsgd import _HOOK_WARNING, DpSgdStep, _secure_generator
+    from fedsilo.privacy.dpsgd import HOOK_WARNING, DpSgdStep, secure_generator
 
     check_int("empirical_fisher", "batch_size", batch_size, minimum=1)
     if dp is not None and not isinstance(dp, FisherDp):
@@ -266,7 +266,7 @@ def empirical_fisher(
             DpSgdStep(model, scratch, max_grad_norm=math.inf, noise_multiplier=0.0, expected_batch_size=1) as step,
             warnings.catch_warnings(),
         ):
-            warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+            warnings.filterwarnings("ignore", message=HOOK_WARNING, category=UserWarning)
             for start in range(0, n, batch_size):
                 x = images[start : start + batch_size].to(device=device, dtype=torch.float32)
                 y = masks[start : start + batch_size].to(device=device, dtype=torch.int64)
@@ -284,7 +284,7 @@ def empirical_fisher(
     if dp is not None and dp.noise_multiplier > 0:
         from opacus.optimizers.optimizer import _generate_noise
 
-        gen = generator if generator is not None else _secure_generator(device)
+        gen = generator if generator is not None else secure_generator(device)
         std = float(dp.noise_multiplier) * float(dp.clip_norm) ** 2
         flat = torch.cat([s.reshape(-1) for s in sums])
         noise = _generate_noise(std=std, reference=flat, generator=gen, secure_mode=True)
@@ -487,9 +487,9 @@ def compute_resfim(
     if dp is not None and dp.noise_multiplier > 0:
         releases = (dp.release(), dp.release())
     if dp is not None and generator is None and dp.noise_multiplier > 0:
-        from fedsilo.privacy.dpsgd import _secure_generator
+        from fedsilo.privacy.dpsgd import secure_generator
 
-        generator = _secure_generator(next(iter(model.parameters())).device)
+        generator = secure_generator(next(iter(model.parameters())).device)
     m = cfg.max_examples
     x, y, xs = images[:m], masks[:m], simulated_images[:m]
     f_loc = empirical_fisher(model, x, y, batch_size=cfg.batch_size, dp=dp, generator=generator)

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.models._config import (
+from fedsilo.core.validators import (
     check_float,
     check_int,
     check_seed,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.models._config import check_int, check_seed, config_from_mapping, config_to_mapping
+from fedsilo.core.validators import check_int, check_seed, config_from_mapping, config_to_mapping
 from fedsilo.models.data import SegmentationDataset, SiloSplits, standardize
 
 __all__ = [

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedsilo.models._config import (
+from fedsilo.core.validators import (
     check_enum,
     check_float,
     check_int,
@@ -22,9 +22,9 @@ from fedsilo.models._config import (
 )
 from fedsilo.models.data import SegmentationDataset
 from fedsilo.models.metrics import dice_and_hd95
-from fedsilo.models._rng import seeded_global_rng
+from fedsilo.core.rng import seeded_global_rng
 
-__all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "train_local"]
+__all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "stack_batch", "train_local"]
 
 _TAG_TRAIN = 0x7EA1
 
@@ -122,7 +122,8 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([_TAG_TRAIN, *parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _batch(dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_batch(dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples ``indices`` of ``dataset`` stacked into one (images, masks) batch on ``device``."""
     if isinstance(dataset, SegmentationDataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         images, masks = dataset.images[idx], dataset.masks[idx]
@@ -237,7 +238,7 @@ def train_local(
         for _epoch in range(cfg.local_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
-                images, masks = _batch(dataset, order[start : start + cfg.batch_size], device)
+                images, masks = stack_batch(dataset, order[start : start + cfg.batch_size], device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(images), masks)
                 loss.backward()
@@ -283,7 +284,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                images, masks = _batch(dataset, list(range(start, min(n, start + batch_size))), device)
+                images, masks = stack_batch(dataset, list(range(start, min(n, start + batch_size))), device)
                 logits = model(images)
                 scores = dice_and_hd95(logits, masks, num_classes=int(logits.shape[1]))
                 dice_sum += float(scores.dice.sum())

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.core.atomic import atomic_write
 from fedsilo.privacy import accounting
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, DpAccountingVerifier, Release
 from fedsilo.privacy.budget import (

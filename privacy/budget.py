@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.core.atomic import atomic_write
 from fedsilo.privacy.keywrap import (
     _CERT_PARSE_ERRORS,
     SIGNATURE_BYTES,

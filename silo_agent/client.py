@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from fedsilo.coordinator.servicer import INSECURE_IDENTITY_KEY
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.silo_agent import wire
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsilo.core import validators
 from fedsilo.coordinator.config import (
     ConfigError,
     TlsFiles,
@@ -18,8 +18,6 @@ from fedsilo.coordinator.config import (
     resolve_path,
     tls_files,
 )
-
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 class DataSource(enum.Enum):
@@ -127,7 +125,7 @@ class AgentConfig:
             raise ConfigError(f"agent.coordinator: {self.coordinator!r} is not host:port")
         if self.tls is None and not self.insecure:
             raise ConfigError("tls: ca, cert and key are required unless agent.insecure = true")
-        if self.insecure and (self.name is None or not _NAME_RE.match(self.name)):
+        if self.insecure and (self.name is None or not validators.is_silo_name(self.name)):
             raise ConfigError(f"agent.name: insecure mode needs a valid silo name, got {self.name!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 256:
             raise ConfigError(f"agent.threads: {self.threads!r} must be an integer in [0, 256]")

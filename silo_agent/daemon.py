@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedsilo import __version__
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.models import (
     ModelConfig,
     SiloSplits,
@@ -36,7 +36,8 @@ from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.strategies import strategy_for
 from fedsilo.silo_agent.strategies.base import RunContext
-from fedsilo.coordinator.phases import SharePhase, carries_local_part, masked_manifest, phase_manifest
+from fedsilo.core.phases import SharePhase, masked_manifest, phase_manifest
+from fedsilo.coordinator.phases import carries_local_part
 from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
@@ -380,7 +381,7 @@ class Agent:
             self._strategy.set_trainable(model, phase, self._trainable)
             train = self._strategy.train_data(data.splits.train, state=state, rnd=rnd)
             if dp is not None and dp.plan.record_level:
-                from fedsilo.privacy.dpsgd import train_local_dp
+                from fedsilo.models.dp_training import train_local_dp
 
                 result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
             else:

@@ -189,7 +189,7 @@ def _spawn(name: str, args: list[str], logs: Path) -> _Proc:
     log = logs / f"{name}.log"
     f = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    popen = subprocess.Popen([sys.executable, "-m", "fedsilo.silo_agent", *args], stdout=f, stderr=subprocess.STDOUT,
+    popen = subprocess.Popen([sys.executable, "-m", "fedsilo", *args], stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=env)
     f.close()
     return _Proc(name=name, popen=popen, log=log)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedsilo.coordinator.aggregation.base import atomic_write_with
+from fedsilo.core.atomic import atomic_write_with
 
 from fedsilo.silo_agent.state import AgentState
 

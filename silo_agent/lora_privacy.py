@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedsilo.coordinator.phases import SharePhase
+from fedsilo.core.phases import SharePhase
 from fedsilo.models.lora import from_matrix, lora_layers, to_matrix
 from fedsilo.privacy.lora_noise import LoraFactors, LoraPhase, regulate
 

@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.core.atomic import atomic_write
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, PrvAccountant, RdpAccountant, check_privacy_config
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
 from fedsilo.privacy.ledger import EntryStatus, GuaranteeScope, Ledger, LedgerError, Neighbouring
 from fedsilo.privacy.plan import PlannedRelease, PrivacyPlan, entry_key, ledger_fields, projected_spend
 from fedsilo.coordinator.config import Strategy
-from fedsilo.coordinator.phases import SharePhase, ledger_position
+from fedsilo.core.phases import SharePhase
+from fedsilo.coordinator.phases import ledger_position
 from fedsilo.silo_agent.config import AgentConfig
 
 log = logging.getLogger("fedsilo.agent")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from fedsilo.coordinator.config import ResFimSettings
-from fedsilo.coordinator.phases import MASK_SUFFIXES, SharePhase
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.phases import MASK_SUFFIXES, SharePhase
+from fedsilo.core.tensors import Manifest
 from fedsilo.silo_agent.client import CoordinatorClient, Stopped
 from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
 from fedsilo.silo_agent.secure import HeSession, write_private
@@ -33,10 +33,10 @@ class ResFimError(Exception):
 
 def _stack(dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` (image, mask) pairs of a dataset as two stacked CPU tensors (training's batching)."""
-    from fedsilo.models.training import _batch
+    from fedsilo.models.training import stack_batch
 
     count = len(dataset) if n is None else min(n, len(dataset))
-    return _batch(dataset, range(count), torch.device("cpu"))
+    return stack_batch(dataset, range(count), torch.device("cpu"))
 
 
 class ResFimSession:

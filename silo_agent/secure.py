@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsilo.coordinator.aggregation.base import atomic_write_with
+from fedsilo.core.atomic import atomic_write_with
 from fedsilo.coordinator.config import TlsFiles
 from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
 from fedsilo.privacy.keywrap import (

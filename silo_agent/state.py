@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fedsilo.coordinator.aggregation.base import atomic_write_with
+from fedsilo.core.atomic import atomic_write_with
 
 CHECKPOINT = "checkpoint.pt"
 

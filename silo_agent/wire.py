@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from fedsilo.coordinator.config import AggregationMode, Strategy
-from fedsilo.coordinator.errors import InvalidArgument
-from fedsilo.coordinator.phases import SharePhase
+from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.phases import SharePhase
 from fedsilo.coordinator.run import PayloadEncoding
-from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
+from fedsilo.core.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN,

@@ -7,9 +7,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedsilo.coordinator.aggregation.base import Aggregator, atomic_write
-from fedsilo.coordinator.errors import InvalidArgument
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.coordinator.aggregation.base import Aggregator
+from fedsilo.core.atomic import atomic_write
+from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.he import HeError, HeParams, PublicContext
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsilo.coordinator.aggregation.base import Aggregator, atomic_write
-from fedsilo.coordinator.errors import InvalidArgument
-from fedsilo.coordinator.tensors import Manifest, TensorSpec
+from fedsilo.coordinator.aggregation.base import Aggregator
+from fedsilo.core.atomic import atomic_write
+from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.tensors import Manifest, TensorSpec
 
 _BLOCK_ELEMS = 1 << 18
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.core.atomic import atomic_write
 
 __all__ = [
     "CSV_COLUMNS",

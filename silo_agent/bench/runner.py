@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.coordinator.aggregation.base import atomic_write
+from fedsilo.core.atomic import atomic_write
 from fedsilo.silo_agent.bench.methods import METHOD_NAMES, Method, methods
 
 log = logging.getLogger("fedsilo.bench")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedsilo.coordinator.phases import SharePhase
+from fedsilo.core.phases import SharePhase
 
 if TYPE_CHECKING:
     from fedsilo.models import TrainConfig

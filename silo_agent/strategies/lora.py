@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsilo.coordinator.phases import LORA_A_MARK, LORA_B_MARK, SharePhase
+from fedsilo.core.phases import LORA_A_MARK, LORA_B_MARK, SharePhase
 from fedsilo.silo_agent.strategies.base import Strategy
 
 

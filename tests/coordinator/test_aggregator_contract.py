@@ -43,8 +43,8 @@ from hypothesis import strategies as st
 
 from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
 from fedsilo.coordinator.aggregation.he import HeAggregator
-from fedsilo.coordinator.errors import InvalidArgument
-from fedsilo.coordinator.tensors import Manifest, arrays_from_payload, payload_chunks
+from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.tensors import Manifest, arrays_from_payload, payload_chunks
 from fedsilo.privacy.he import FixedPoint, HeParams, PublicContext, SecretContext
 
 Arrays = dict[str, np.ndarray]

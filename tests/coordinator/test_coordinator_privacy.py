@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig, TlsFiles, load_federation_config
-from fedsilo.coordinator.errors import FailedPrecondition, InvalidArgument
+from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 from fedsilo.coordinator.run import Coordinator, RunState, TaskKind, UploadChunk, UploadHeader, UploadTrailer
-from fedsilo.coordinator.tensors import Manifest, payload_chunks
+from fedsilo.core.tensors import Manifest, payload_chunks
 from fedsilo.privacy import pki
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, RdpAccountant
 from fedsilo.privacy.budget import BUDGETS_DIR, sign_budget
@@ -340,7 +340,7 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
     coord.publish_wrapped_keys(who("hospital-a"), [("hospital-b", b"k"), ("hospital-c", b"k")])  # opaque to it
     assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])
-    from fedsilo.coordinator.phases import masked_manifest
+    from fedsilo.core.phases import masked_manifest
     from fedsilo.coordinator.run import PayloadEncoding
 
     header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST, local_part=False),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
-from fedsilo.coordinator.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from fedsilo.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from fedsilo.coordinator.run import (
     Coordinator,
     RunState,
@@ -27,7 +27,7 @@ from fedsilo.coordinator.run import (
     UploadPart,
     UploadTrailer,
 )
-from fedsilo.coordinator.tensors import Manifest, arrays_from_payload, payload_chunks
+from fedsilo.core.tensors import Manifest, arrays_from_payload, payload_chunks
 from fedsilo.privacy.pki import Identity, Role
 
 SILOS = ("hospital-a", "hospital-b", "hospital-c")

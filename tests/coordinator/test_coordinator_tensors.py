@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsilo.coordinator.errors import InvalidArgument
-from fedsilo.coordinator.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
+from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 
 DTYPES = ["<f4", ">f4", "<f8", ">f8", "<i8", ">i8"]
 

@@ -44,7 +44,7 @@ class Federation:
         args = ["coordinator", "--config", str(self.fed)] if name == "coordinator" else \
             ["agent", "--config", str(self.agent_cfgs[name])]
         log = open(self.work / f"{name}.out", "ab")  # noqa: SIM115
-        p = subprocess.Popen([sys.executable, "-m", "fedsilo.silo_agent", *args], stdout=log,
+        p = subprocess.Popen([sys.executable, "-m", "fedsilo", *args], stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
         log.close()
@@ -104,14 +104,14 @@ def federation_factory(tmp_path: Path):
 
 
 def _demo(out: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "demo", "--rounds", "2", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "fedsilo", "demo", "--rounds", "2", "--out", str(out),
                            *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "results.json").read_text())
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedsilo", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -209,7 +209,7 @@ def test_coordinator_killed_and_restarted_resumes(federation_factory) -> None:
             assert probe not in f.read_bytes(), f"secret key material in {f}"
     # the federated model leaves through a silo: `fedsilo export`, then rebuild it
     out = fed.work / "export" / "model.pt"
-    exp = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "export", "--config",
+    exp = subprocess.run([sys.executable, "-m", "fedsilo", "export", "--config",
                           str(fed.agent_cfgs["hospital-a"]), "--out", str(out)], capture_output=True, text=True,
                          timeout=120)
     assert exp.returncode == 0, exp.stderr
@@ -230,14 +230,14 @@ def test_daemons_shut_down_cleanly_on_sigterm(federation_factory) -> None:
     fed.wait_for(lambda s, r: len(r) >= 1 and r[0]["closed"], 120, "round 1 to close")
     # the study lead's view: `fedsilo status` with an admin certificate
     c = fed.work / "certs"
-    cli = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "status", "--coordinator", f"localhost:{fed.port}",
+    cli = subprocess.run([sys.executable, "-m", "fedsilo", "status", "--coordinator", f"localhost:{fed.port}",
                           "--ca", str(c / "ca.pem"), "--cert", str(c / f"{ADMIN_NAME}.pem"),
                           "--key", str(c / f"{ADMIN_NAME}.key")], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     report = json.loads(cli.stdout)
     assert report["status"]["state"] == "running" and report["rounds"][0]["contributors"] == ["hospital-a"]
     # a silo certificate is not an admin one
-    denied = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "status", "--coordinator",
+    denied = subprocess.run([sys.executable, "-m", "fedsilo", "status", "--coordinator",
                              f"localhost:{fed.port}", "--ca", str(c / "ca.pem"), "--cert", str(c / "hospital-a.pem"),
                              "--key", str(c / "hospital-a.key")], capture_output=True, text=True, timeout=60)
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
@@ -372,7 +372,7 @@ def test_demo_deer_with_he_and_dp(tmp_path: Path) -> None:
     DP through the noise regulator with the noise split into shares. One DEeR round is two uploads (B,
     then A), each one ledger entry; the audit report verifies (every ε recomputed by dp-accounting)."""
     out = tmp_path / "deer"
-    proc = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "demo", "--strategy", "deer", "--rounds", "2",
+    proc = subprocess.run([sys.executable, "-m", "fedsilo", "demo", "--strategy", "deer", "--rounds", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

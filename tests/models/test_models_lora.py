@@ -34,7 +34,8 @@ from fedsilo.models import (
     to_matrix,
     train_local,
 )
-from fedsilo.privacy.dpsgd import DpSgdConfig, make_private_compatible, train_local_dp
+from fedsilo.models.dp_training import train_local_dp
+from fedsilo.privacy.dpsgd import DpSgdConfig, make_private_compatible
 
 DATA = SyntheticConfig(image_size=32, n_train=8, n_val=0, n_test=0)
 SMALL_UNET = ModelConfig(channels=(4, 8, 16), strides=(2, 2))

@@ -24,7 +24,7 @@ from fedsilo.models import (
     save_checkpoint,
 )
 from fedsilo.models.pretrain import pretrain
-from fedsilo.silo_agent.cli import main
+from fedsilo.cli.main import main
 
 SMALL_UNET = ModelConfig(channels=(4, 8), strides=(2,))
 TINY = PretrainConfig(model=SMALL_UNET, epochs=2, image_size=32, n_train=6, n_test=3)

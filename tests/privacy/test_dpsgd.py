@@ -26,8 +26,8 @@ from fedsilo.privacy.dpsgd import (
     DpSgdStep,
     dp_sgd_gradients,
     make_private_compatible,
-    train_local_dp,
 )
+from fedsilo.models.dp_training import train_local_dp
 
 DATA = SyntheticConfig(image_size=32, n_train=8, n_val=0, n_test=0)
 SMALL_NET = ModelConfig(channels=(4, 8, 16), strides=(2, 2))

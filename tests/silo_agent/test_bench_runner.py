@@ -31,7 +31,7 @@ from fedsilo.silo_agent.bench.runner import (
     parse_seeds,
     parse_sweep,
 )
-from fedsilo.silo_agent.cli import main
+from fedsilo.cli.main import main
 from fedsilo.silo_agent.daemon import SiloData
 
 

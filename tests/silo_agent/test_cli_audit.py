@@ -15,7 +15,7 @@ from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, DpAccountingVerifier, 
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
 from fedsilo.privacy.ledger import Ledger, Mechanism, Neighbouring
 from fedsilo.privacy.pki import Role
-from fedsilo.silo_agent.cli import main
+from fedsilo.cli.main import main
 
 SILO = "hospital-a"
 DELTA = 1e-5
@@ -124,7 +124,7 @@ def test_missing_or_unsuitable_state_dir_fails_with_a_message(tmp_path: Path) ->
 
 def test_audit_needs_no_torch() -> None:
     code = (
-        "import sys; import fedsilo.silo_agent.cli, fedsilo.privacy.audit; "
+        "import sys; import fedsilo.cli.main, fedsilo.privacy.audit; "
         "assert 'torch' not in sys.modules and 'opacus' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedsilo.coordinator.config import ConfigError
-from fedsilo.silo_agent.cli import main
+from fedsilo.cli.main import main
 from fedsilo.silo_agent.config import load_agent_config
 
 FED_OK = """
@@ -91,7 +91,7 @@ def test_agent_rejects_bad_config(tmp_path: Path, text: str, field: str) -> None
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedsilo.silo_agent", "coordinator", "--config",
+    proc = subprocess.run([sys.executable, "-m", "fedsilo", "coordinator", "--config",
                            str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no such config file" in proc.stderr

@@ -15,7 +15,7 @@ import pytest
 
 from fedsilo.coordinator.config import load_federation_config
 from fedsilo.coordinator.run import Coordinator
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.pki import Role, issue_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials
 from fedsilo.silo_agent.demo import ADMIN_NAME, make_certs, write_configs

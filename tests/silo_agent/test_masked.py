@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsilo.coordinator.aggregation.he import HeAggregator
-from fedsilo.coordinator.phases import MASK_SUFFIXES, masked_manifest
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.phases import MASK_SUFFIXES, masked_manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
 from fedsilo.silo_agent.masked import (
     MASKED_SETS,
@@ -176,7 +176,8 @@ def test_rounds_without_the_local_part() -> None:
     """Rounds that do not make the final consensus upload two sets; their sums give the same shared
     means, and asking them for a consensus is refused."""
     from fedsilo.coordinator.config import Strategy
-    from fedsilo.coordinator.phases import carries_local_part, shared_numel
+    from fedsilo.core.phases import shared_numel
+    from fedsilo.coordinator.phases import carries_local_part
 
     vals, mask = {"t": np.array([1.0, 2.0, 3.0])}, {"t": np.array([False, True, False])}
     full = masked_upload(vals, mask, ["t"], 0.5)

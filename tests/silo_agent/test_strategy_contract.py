@@ -5,8 +5,8 @@ import torch
 
 from fedsilo.coordinator.config import Strategy as StrategyName
 from fedsilo.models import ModelConfig, Norm, build_model, local_parameter_names
-from fedsilo.coordinator.phases import SharePhase, phase_manifest
-from fedsilo.coordinator.tensors import Manifest
+from fedsilo.core.phases import SharePhase, phase_manifest
+from fedsilo.core.tensors import Manifest
 from fedsilo.models.lora import LoraSettings, add_lora, lora_layers, lora_parameter_names
 from fedsilo.silo_agent.strategies.fedper import head_prefix
 from fedsilo.silo_agent.strategies import STRATEGIES, Deer, FedAvg, FedBN, FfaLora, strategy_for

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsilo.coordinator.errors import InvalidArgument
+from fedsilo.core.errors import InvalidArgument
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
 MAX_TENSORS = 100_000

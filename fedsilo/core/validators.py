@@ -1,4 +1,9 @@
-"""Validation and TOML-mapping helpers shared by the frozen config dataclasses of fedsilo.models."""
+"""Validators, each rule once: names, run ids, digests, numbers, δ, and the config-dataclass helpers.
+
+Two message shapes exist: ``field: value must be …`` (``int_in``, ``positive``, ``non_negative``,
+``probability``, the name checks; ``error`` picks the exception, e.g. a ``ConfigError``) and
+``Owner.field must be …`` (``check_*`` of the frozen config dataclasses).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,81 @@ import dataclasses
 import enum
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+#: A silo (and any certificate) name: lowercase, 1..63 chars of [a-z0-9._-], starting alphanumeric.
+SILO_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: A run id: 1..64 chars of [A-Za-z0-9._-], starting alphanumeric.
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: A SHA-256 digest as 64 lowercase hex characters.
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_silo_name(value: object) -> bool:
+    """Whether ``value`` is a valid silo name (:data:`SILO_NAME_RE`)."""
+    return isinstance(value, str) and SILO_NAME_RE.fullmatch(value) is not None
+
+
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` is a valid run id (:data:`RUN_ID_RE`)."""
+    return isinstance(value, str) and RUN_ID_RE.fullmatch(value) is not None
+
+
+def is_hex64(value: object) -> bool:
+    """Whether ``value`` is a SHA-256 digest in lowercase hex (:data:`HEX64_RE`)."""
+    return isinstance(value, str) and HEX64_RE.fullmatch(value) is not None
+
+
+def silo_name(field: str, value: object, *, error: type[Exception] = ValueError) -> str:
+    """Returns ``value`` if it is a valid silo name, else raises ``error`` naming ``field``."""
+    if not is_silo_name(value):
+        raise error(f"{field}: {value!r} is not a valid silo name ([a-z0-9][a-z0-9._-]{{0,62}})")
+    return value  # type: ignore[return-value]
+
+
+def run_id(field: str, value: object, *, error: type[Exception] = ValueError) -> str:
+    """Returns ``value`` if it is a valid run id, else raises ``error`` naming ``field``."""
+    if not is_run_id(value):
+        raise error(f"{field}: {value!r} is not 1..64 chars of [A-Za-z0-9._-]")
+    return value  # type: ignore[return-value]
+
+
+def int_in(field: str, value: object, lo: int, hi: int, *, error: type[Exception] = ValueError) -> int:
+    """Returns ``value`` if it is an int (not a bool) in [lo, hi], else raises ``error`` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise error(f"{field}: {value!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _is_finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def positive(field: str, value: object, *, error: type[Exception] = ValueError) -> float:
+    """Returns ``value`` if it is a finite number > 0 (a σ, a clip norm, a time), else raises ``error``."""
+    if not _is_finite_number(value) or value <= 0:  # type: ignore[operator]
+        raise error(f"{field}: {value!r} must be a finite number > 0")
+    return value  # type: ignore[return-value]
+
+
+def non_negative(field: str, value: object, *, error: type[Exception] = ValueError) -> float:
+    """Returns ``value`` if it is a finite number >= 0, else raises ``error`` naming ``field``."""
+    if not _is_finite_number(value) or value < 0:  # type: ignore[operator]
+        raise error(f"{field}: {value!r} must be a finite number >= 0")
+    return value  # type: ignore[return-value]
+
+
+def probability(field: str, value: object, *, error: type[Exception] = ValueError) -> float:
+    """Returns ``value`` if it is a number in the open interval (0, 1) (a δ), else raises ``error``."""
+    if not _is_finite_number(value) or not 0 < value < 1:  # type: ignore[operator]
+        raise error(f"{field}: {value!r} must be a number in (0, 1)")
+    return value  # type: ignore[return-value]
 
 _MAX_SEED = 2**63 - 1
 

@@ -1,0 +1,1 @@
+"""The ``fedsilo`` command for every role: CA, coordinator, agent, demo, bench, audit (the top layer)."""

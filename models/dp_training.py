@@ -1,0 +1,143 @@
+"""DP-SGD local training: the agents' training loop with Opacus's per-sample clipping and noise (``fedsilo.privacy.dpsgd``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedsilo.core.rng import seeded_global_rng
+from fedsilo.models.training import (
+    TrainConfig,
+    TrainResult,
+    stack_batch,
+    _dataset_len,
+    _derived_seed,
+    _device_of,
+    _make_optimizer,
+)
+from fedsilo.privacy.dpsgd import (
+    MAX_SEED,
+    TAG_NOISE,
+    TAG_SAMPLE,
+    DpSgdConfig,
+    DpSgdStep,
+    poisson_batches,
+    secure_generator,
+    seeded_generator,
+)
+
+__all__ = ["train_local_dp"]
+
+
+def train_local_dp(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    train_cfg: TrainConfig,
+    dp: DpSgdConfig,
+    *,
+    round_index: int,
+    noise_seed: int | None = None,
+) -> TrainResult:
+    """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
+
+    Each step includes every example independently with probability q =
+    ``dp.sample_rate`` and applies :class:`DpSgdStep` with expected batch size
+    ``max(1, round(q * n))``; an empty draw still takes a noise-only step, as the
+    subsampled-Gaussian accounting assumes. The optimiser is ``train_cfg``'s (Adam, or SGD
+    with momentum 0.9), fresh per call, over the trainable parameters only (frozen base
+    weights, e.g. under LoRA, stay untouched). ``train_cfg.batch_size`` and
+    ``local_epochs`` are not used: q and ``dp.steps`` replace them. ``train_cfg.proximal_mu``
+    (FedProx) adds μ(w − w⁰) to every DP gradient, w⁰ the weights at the start of the call.
+
+    Randomness:
+
+    * ``noise_seed=None`` (production): the noise comes from a torch generator seeded with
+      64 bits of OS entropy (``secrets``) in Opacus' ``secure_mode``; torch's generator is
+      not a CSPRNG (torchcsprng is unavailable). The Poisson draws are seeded from OS
+      entropy as well: amplification by subsampling, which the accountant's q relies on,
+      requires that nobody learns which records a step used, so a sample drawn from the
+      (shared, public) config seed would void it.
+    * ``noise_seed`` given (tests, debugging): noise from (``noise_seed``, ``round_index``)
+      and Poisson draws from (``train_cfg.seed``, ``round_index``), so the same model, data,
+      configs and seeds give bit-identical weights.
+
+    Dropout draws come from a forked global RNG seeded from (``train_cfg.seed``,
+    ``round_index``) as in :func:`~fedsilo.models.training.train_local`; the caller's RNG is
+    untouched. The model is left in training mode with no Opacus hooks or attributes.
+
+    Args:
+        model: Opacus-compatible network (see :func:`make_private_compatible`); trained in place.
+        dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.
+        train_cfg: Optimiser kind, learning rate and seed.
+        dp: Noise multiplier, clip norm, sampling rate and steps.
+        round_index: Federated round number (>= 0).
+        noise_seed: None for secure randomness, or an int in [0, 2**63 - 1] for reproducibility.
+
+    Returns:
+        ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
+        any; computed without noise, so keep it inside the silo); ``steps``: ``dp.steps``;
+        ``examples``: the number of sampled examples, summed over steps.
+
+    Raises:
+        ValueError: On bad configs, round index or seed, an empty dataset, or a model that
+            Opacus cannot handle.
+    """
+    if not isinstance(train_cfg, TrainConfig):
+        raise ValueError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    if not isinstance(dp, DpSgdConfig):
+        raise ValueError(f"dp must be a DpSgdConfig, got {type(dp).__name__}")
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"train_local_dp.round_index must be an int >= 0, got {round_index!r}")
+    if noise_seed is not None and (
+        isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed <= MAX_SEED
+    ):
+        raise ValueError(f"train_local_dp.noise_seed must be None or an int in [0, 2**63 - 1], got {noise_seed!r}")
+    n = _dataset_len(dataset)
+    if n == 0:
+        raise ValueError("cannot train on an empty dataset")
+    device = _device_of(model)
+    expected = max(1, round(dp.sample_rate * n))
+    if noise_seed is None:
+        noise_gen = secure_generator(device)
+        sample_gen = secure_generator(torch.device("cpu"))
+    else:
+        noise_gen = seeded_generator(_derived_seed(noise_seed, round_index, TAG_NOISE), device)
+        sample_gen = seeded_generator(_derived_seed(train_cfg.seed, round_index, TAG_SAMPLE))
+    optimizer = _make_optimizer(model, train_cfg)
+    # FedProx: μ(w − w⁰) is added to each DP gradient; it depends on no record (w⁰ is the round's
+    # global model, w the result of earlier private steps), so it costs no privacy
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] \
+        if train_cfg.proximal_mu else []
+    seed = _derived_seed(train_cfg.seed, round_index)
+    empty = tuple(t[:0] for t in stack_batch(dataset, [0], device))
+    total_loss = 0.0
+    examples = 0
+    model.train()
+    with seeded_global_rng(seed ^ 0x5DEECE66D):
+        with DpSgdStep(
+            model,
+            optimizer,
+            max_grad_norm=dp.max_grad_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=expected,
+            generator=noise_gen,
+        ) as stepper:
+            for indices in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
+                images, masks = stack_batch(dataset, indices, device) if indices else empty
+                if anchor:
+                    loss = stepper.privatize(images, masks)
+                    for p, p0 in anchor:
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - p0, alpha=train_cfg.proximal_mu)
+                    optimizer.step()
+                else:
+                    loss = stepper.step(images, masks)
+                if indices:
+                    total_loss += loss * len(indices)
+                    examples += len(indices)
+    model.train()
+    return TrainResult(loss=total_loss / examples if examples else math.nan, steps=dp.steps, examples=examples)

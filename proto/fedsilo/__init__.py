@@ -1,3 +1,0 @@
-"""fedsilo: cross-silo federated learning for medical imaging."""
-
-__version__ = "0.1.0"
