@@ -69,6 +69,11 @@ def train_local_dp(
     ``round_index``) as in :func:`~fedsilo.models.training.train_local`; the caller's RNG is
     untouched. The model is left in training mode with no Opacus hooks or attributes.
 
+    2-D segmentation only, for now: the loss is fixed inside
+    :class:`fedsilo.privacy.dpsgd.DpSgdStep` (DiceCE), so a Task's loss and collation
+    (:class:`fedsilo.models.tasks.Task`) reach DP-SGD once ``DpSgdStep`` takes a loss function,
+    a change to the privacy layer.
+
     Args:
         model: Opacus-compatible network (see :func:`make_private_compatible`); trained in place.
         dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from fedsilo.core.validators import (
 from fedsilo.models.data import SegmentationDataset
 from fedsilo.models.metrics import dice_and_hd95
 from fedsilo.core.rng import seeded_global_rng
+
+if TYPE_CHECKING:
+    from fedsilo.models.tasks.base import Task
 
 __all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "stack_batch", "train_local"]
 
@@ -134,6 +137,10 @@ def stack_batch(dataset: Dataset[Any], indices: Sequence[int], device: torch.dev
     return images.to(device=device, dtype=torch.float32), masks.to(device=device, dtype=torch.int64)
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(inputs)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -184,10 +191,11 @@ def train_local(
     *,
     round_index: int,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
-    Loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)`` (with ``cfg.proximal_mu``, plus
+    Loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``, or ``task``'s loss (with ``cfg.proximal_mu``, plus
     FedProx's proximal term in the gradient; the reported loss is the data loss). Each epoch visits the data
     in an order drawn from (``cfg.seed``, ``round_index``, epoch); dropout draws come from a
     forked global RNG seeded the same way, so the caller's RNG is untouched and the same
@@ -203,6 +211,10 @@ def train_local(
             (``model.named_parameters()``; extra entries are ignored), instead of the weights at
             the start of the call; Ditto's personal step anchors at the round's global model.
             Only used with ``cfg.proximal_mu > 0``, but checked whenever given.
+        task: The Task whose :meth:`~fedsilo.models.tasks.Task.collate`,
+            :meth:`~fedsilo.models.tasks.Task.forward` and :meth:`~fedsilo.models.tasks.Task.loss`
+            make the batches and the loss; None is 2-D segmentation (:func:`stack_batch`,
+            DiceCE), and the ``segmentation-2d`` Task gives the same weights bit for bit.
 
     Returns:
         Loss, steps and examples of this call.
@@ -211,8 +223,6 @@ def train_local(
         ValueError: On an empty dataset, a bad config, a bad round index, or an ``anchor``
             that lacks a trainable parameter or gives it another shape.
     """
-    from monai.losses import DiceCELoss
-
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     check_int("train_local", "round_index", round_index, minimum=0)
@@ -221,7 +231,12 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     centre = _checked_anchor(model, anchor) if anchor is not None else None
     device = _device_of(model)
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    if task is None:
+        from monai.losses import DiceCELoss
+
+        collate, forward, loss_fn = stack_batch, _call, DiceCELoss(softmax=True, to_onehot_y=True)
+    else:
+        collate, forward, loss_fn = task.collate, task.forward, task.loss
     optimizer = _make_optimizer(model, cfg)
     prox = [
         (p, centre[name] if centre is not None else p.detach().clone())
@@ -238,17 +253,18 @@ def train_local(
         for _epoch in range(cfg.local_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
-                images, masks = stack_batch(dataset, order[start : start + cfg.batch_size], device)
+                batch = order[start : start + cfg.batch_size]
+                inputs, targets = collate(dataset, batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), masks)
+                loss = loss_fn(forward(model, inputs), targets)
                 loss.backward()
                 for p, p0 in prox:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
                     if p.grad is not None:
                         p.grad.add_(p.detach() - p0, alpha=cfg.proximal_mu)
                 optimizer.step()
-                total_loss += float(loss.detach()) * images.shape[0]
+                total_loss += float(loss.detach()) * len(batch)
                 steps += 1
-                examples += images.shape[0]
+                examples += len(batch)
     return TrainResult(loss=total_loss / examples, steps=steps, examples=examples)
 
 
@@ -259,7 +275,8 @@ def evaluate(
 ) -> EvalResult:
     """Scores ``model`` on ``dataset``: mean per-image Dice and HD95 of the argmax prediction.
 
-    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous mode.
+    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous mode. This is
+    the ``segmentation-2d`` Task's metric; :meth:`fedsilo.models.tasks.Task.evaluate` scores any Task.
 
     Args:
         model: Network producing ``[N, K, H, W]`` logits.

@@ -1,0 +1,445 @@
+"""The Task seam: the abstract base class of a kind of work, its data spec, and the registry of Tasks.
+
+A Task owns everything that depends on *what* is learned: loading a silo's data (the built-in
+generator and a user folder), the unseen domain, parsing the model config and building the
+network, collating a batch, the loss, and the metrics. The federation (rounds, strategies,
+privacy, encryption) never looks inside: it trains through :meth:`Task.collate`,
+:meth:`Task.forward` and :meth:`Task.loss`, and reports what :meth:`Task.evaluate_split` returns.
+
+Tasks register themselves with the :func:`register_task` class decorator (as Opacus registers
+its grad samplers); :func:`get_task` and :func:`task_names` read the registry, and nothing else
+lists Tasks by hand. Every module of the ``fedsilo.models.tasks`` package is imported with the
+package, so a new Task is one file in that folder plus its tests.
+
+This module imports neither torch nor the other model modules: a torch-free install can list
+the Tasks and validate a data spec.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from fedsilo.core.validators import check_int, check_seed
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from fedsilo.models.data import SiloSplits
+
+__all__ = [
+    "EVAL_SPLITS",
+    "DataSpec",
+    "SiloData",
+    "Task",
+    "get_task",
+    "register_task",
+    "task_names",
+    "unregister_task",
+]
+
+#: The datasets :meth:`Task.evaluate_split` scores, in the order the agent reports them.
+EVAL_SPLITS = ("test", "val", "unseen")
+
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_DATA_FIELDS = ("source", "domain", "seed", "path", "options", "unseen_path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Where one silo's data comes from, in a Task-independent form.
+
+    The agent's ``[data]`` table maps onto it field by field; :meth:`coerce` accepts that
+    config object directly.
+
+    Attributes:
+        source: ``"builtin"`` (the Task's deterministic generator) or ``"folder"`` (a folder or
+            datalist the Task documents); a Task may support more (:attr:`Task.data_sources`).
+        domain: Built-in data: which domain (scanner, site, species, ...) this silo holds, 0-based.
+        seed: Seed of the generator and of the train/validation/test split.
+        path: Folder data: the folder or datalist of this silo.
+        options: Further settings of the Task's loader (e.g. ``image_size``, ``n_train``).
+        unseen_path: Folder data: a folder of a domain no silo trains on (None: no unseen data).
+    """
+
+    source: str = "builtin"
+    domain: int = 0
+    seed: int = 0
+    path: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    unseen_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        source = getattr(self.source, "value", self.source)  # an enum such as the agent's DataSource
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"{owner}.source must be a non-empty string, got {self.source!r}")
+        object.__setattr__(self, "source", source)
+        check_int(owner, "domain", self.domain, minimum=0)
+        check_seed(owner, "seed", self.seed)
+        for name in ("path", "unseen_path"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, Path)) or not str(value):
+                    raise ValueError(f"{owner}.{name} must be a path, got {value!r}")
+                object.__setattr__(self, name, Path(value))
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise ValueError(f"{owner}.options must be a mapping with string keys, got {self.options!r}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        if source == "folder" and self.path is None:
+            raise ValueError(f"{owner}.path is required when source = 'folder'")
+        if self.unseen_path is not None and source != "folder":
+            raise ValueError(f"{owner}.unseen_path is only used with source = 'folder' "
+                             "(the built-in data has its own unseen domain)")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> DataSpec:
+        """Builds a spec from plain TOML values; raises ValueError naming an unknown key."""
+        unknown = sorted(set(d) - set(_DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known: {list(_DATA_FIELDS)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def coerce(cls, value: DataSpec | Mapping[str, Any] | object) -> DataSpec:
+        """A spec from a spec, a mapping, or any object with the spec's attributes.
+
+        Args:
+            value: A :class:`DataSpec`; a mapping of its fields; or an object carrying them as
+                attributes (e.g. the agent's ``DataConfig``, whose ``source`` enum is read by value).
+
+        Returns:
+            The validated spec.
+
+        Raises:
+            ValueError: On a bad or unknown field.
+        """
+        if isinstance(value, DataSpec):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_mapping(value)
+        return cls(**{name: getattr(value, name) for name in _DATA_FIELDS if hasattr(value, name)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloData:
+    """One silo's data as a Task loaded it.
+
+    Attributes:
+        splits: The silo's train, validation and test sets (validation and test may be empty).
+        unseen: Examples of a domain no silo trains on, to measure generalisation; None when
+            the data has none (a folder source without ``unseen_path``).
+    """
+
+    splits: SiloSplits
+    unseen: Dataset[Any] | None
+
+
+class Task(abc.ABC):
+    """A kind of work: data, models, loss and metrics; subclass it and decorate with :func:`register_task`.
+
+    Class attributes every Task sets:
+
+    * ``name``: registry key, lower-case words joined by hyphens (``"segmentation-2d"``).
+    * ``summary``: one line for CLI help and reports.
+    * ``metric_names``: the metrics :meth:`evaluate` returns, headline first by convention.
+    * ``headline_metric``: the one metric reports, plots and model selection name (one of
+      ``metric_names``).
+    * ``lower_is_better``: the metrics where smaller is better (e.g. a distance); all others
+      are higher-is-better.
+    * ``unseen_domain``: one sentence saying what this Task's unseen domain is.
+    * ``data_sources``: the :attr:`DataSpec.source` values :meth:`read_data` accepts.
+
+    Subclasses implement :meth:`read_data`, :meth:`model_config`, :meth:`build_model`,
+    :meth:`collate`, :meth:`loss` and :meth:`evaluate`; :meth:`forward` may be overridden for
+    models whose input is not a single tensor. Instances hold no per-silo state, so one
+    instance may serve several silos (threads) at once.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]
+    headline_metric: ClassVar[str]
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    unseen_domain: ClassVar[str]
+    data_sources: ClassVar[tuple[str, ...]] = ("builtin", "folder")
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def load_data(self, spec: DataSpec | Mapping[str, Any] | object) -> SiloData:
+        """Loads one silo's data: its splits and, where the data has one, the unseen domain.
+
+        Args:
+            spec: A :class:`DataSpec`, a mapping of its fields, or an object with them as
+                attributes (see :meth:`DataSpec.coerce`).
+
+        Returns:
+            The silo's data.
+
+        Raises:
+            ValueError: On a bad spec, a source this Task does not support, or bad options.
+            FileNotFoundError: If a folder source's path does not exist.
+            OSError: If a file cannot be read.
+        """
+        data = DataSpec.coerce(spec)
+        if data.source not in self.data_sources:
+            raise ValueError(f"task {self.name!r} reads data.source {list(self.data_sources)}, "
+                             f"not {data.source!r}")
+        return self.read_data(data)
+
+    @abc.abstractmethod
+    def read_data(self, spec: DataSpec) -> SiloData:
+        """Loads the data of a validated spec whose source is one of :attr:`data_sources`.
+
+        Called by :meth:`load_data`; callers use that. The same spec must give the same data
+        in any process.
+
+        Args:
+            spec: The validated spec.
+
+        Returns:
+            The silo's data.
+
+        Raises:
+            ValueError: On bad options.
+            FileNotFoundError: If a folder source's path does not exist.
+            OSError: If a file cannot be read.
+        """
+
+    # -- model --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def model_config(self, config: Mapping[str, Any] | Any) -> Any:
+        """Parses and validates a model config.
+
+        Args:
+            config: The run's plain TOML mapping, or an already parsed config of this Task.
+
+        Returns:
+            The Task's config object (it has ``to_mapping()`` for the plain form).
+
+        Raises:
+            ValueError: Naming a bad or unknown key.
+        """
+
+    @abc.abstractmethod
+    def build_model(self, config: Mapping[str, Any] | Any) -> nn.Module:
+        """Builds the network with deterministic initial weights (the same config gives the same weights).
+
+        Args:
+            config: A plain mapping or a parsed config (see :meth:`model_config`).
+
+        Returns:
+            The freshly initialised network on the CPU, in training mode.
+
+        Raises:
+            ValueError: On a bad config.
+        """
+
+    # -- training -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def collate(self, dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[Any, Any]:
+        """Stacks the examples ``indices`` of ``dataset`` into one batch on ``device``.
+
+        Args:
+            dataset: A map-style dataset of this Task's examples.
+            indices: Which examples, in batch order (may be empty only where the Task supports it).
+            device: Where the batch goes.
+
+        Returns:
+            ``(inputs, targets)``: what :meth:`forward` and :meth:`loss` take; the batch
+            dimension comes first and has ``len(indices)`` entries.
+        """
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """Runs ``model`` on a collated batch's inputs; the default is ``model(inputs)``.
+
+        Args:
+            model: The network.
+            inputs: The first element of :meth:`collate`'s result.
+
+        Returns:
+            The model output :meth:`loss` takes.
+        """
+        return model(inputs)
+
+    @abc.abstractmethod
+    def loss(self, output: Any, target: Any) -> torch.Tensor:
+        """The training loss of a batch: a scalar tensor, the mean of per-example losses.
+
+        Being a mean of per-example losses makes per-example gradients (DP-SGD) well defined.
+
+        Args:
+            output: The model output of a batch (:meth:`forward`).
+            target: The batch's targets (:meth:`collate`).
+
+        Returns:
+            The scalar loss, differentiable with respect to the model's parameters.
+        """
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> dict[str, tuple[float, int]]:
+        """Scores ``model`` on ``dataset`` without changing it (its training mode is restored).
+
+        Args:
+            model: The network.
+            dataset: A non-empty map-style dataset of this Task's examples.
+            batch_size: Examples per forward pass; results do not depend on it beyond float rounding.
+
+        Returns:
+            ``{metric: (value, n)}`` for every name of :attr:`metric_names`, ``n`` the number
+            of examples the value averages over (the weight of the value when silos are pooled).
+
+        Raises:
+            ValueError: On an empty dataset or a bad batch size.
+        """
+
+    def evaluate_split(
+        self, model: nn.Module, dataset: Dataset[Any] | None, split: str
+    ) -> dict[str, tuple[float, int]]:
+        """The metrics the agent reports for one of its datasets, under their report names.
+
+        * ``"test"``: every metric of :meth:`evaluate` under its own name (``dice``, ``hd95``);
+        * ``"val"``: the headline only, as ``val_<headline>`` (``val_dice``; model selection);
+        * ``"unseen"``: every metric as ``unseen_<name>`` (``unseen_dice``, ``unseen_hd95``).
+
+        Args:
+            model: The network, with the weights to score already loaded.
+            dataset: The dataset; None or an empty one gives no metrics.
+            split: One of :data:`EVAL_SPLITS`.
+
+        Returns:
+            ``{report name: (value, n)}``; empty for no data.
+
+        Raises:
+            ValueError: On an unknown split.
+        """
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
+        if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+            return {}
+        scores = self.evaluate(model, dataset)
+        if split == "test":
+            return scores
+        if split == "val":
+            return {f"val_{self.headline_metric}": scores[self.headline_metric]}
+        return {f"unseen_{k}": v for k, v in scores.items()}
+
+    @classmethod
+    def report_names(cls) -> tuple[str, ...]:
+        """Every metric name :meth:`evaluate_split` can report, test first, then val, then unseen."""
+        return (*cls.metric_names, f"val_{cls.headline_metric}", *(f"unseen_{m}" for m in cls.metric_names))
+
+    @classmethod
+    def higher_is_better(cls, metric: str) -> bool:
+        """Whether larger values of ``metric`` (a metric or report name) are better."""
+        for prefix in ("val_", "unseen_"):
+            if metric.startswith(prefix) and metric[len(prefix):] in cls.metric_names:
+                metric = metric[len(prefix):]
+                break
+        if metric not in cls.metric_names:
+            raise ValueError(f"task {cls.name!r} has no metric {metric!r}; it has {list(cls.metric_names)}")
+        return metric not in cls.lower_is_better
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+T = TypeVar("T", bound=type[Task])
+
+
+def _check_task_class(cls: object) -> None:
+    """Raises ValueError unless ``cls`` is a complete Task class with consistent attributes."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"register_task needs a Task subclass, got {cls!r}")
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if getattr(cls, "__abstractmethods__", None):
+        raise ValueError(f"{where} does not implement {sorted(cls.__abstractmethods__)}")
+    for attr in ("name", "summary", "headline_metric", "unseen_domain"):
+        value = getattr(cls, attr, None)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}.{attr} must be a non-empty string, got {value!r}")
+    if not _NAME.match(cls.name):
+        raise ValueError(f"{where}.name {cls.name!r} must be lower-case words joined by hyphens")
+    if "\n" in cls.summary.strip():
+        raise ValueError(f"{where}.summary must be one line")
+    metrics = getattr(cls, "metric_names", None)
+    if not isinstance(metrics, tuple) or not metrics or not all(isinstance(m, str) and m for m in metrics) \
+            or len(set(metrics)) != len(metrics):
+        raise ValueError(f"{where}.metric_names must be a non-empty tuple of distinct names, got {metrics!r}")
+    if cls.headline_metric not in metrics:
+        raise ValueError(f"{where}.headline_metric {cls.headline_metric!r} is not one of {list(metrics)}")
+    if not set(cls.lower_is_better) <= set(metrics):
+        raise ValueError(f"{where}.lower_is_better names unknown metrics {sorted(set(cls.lower_is_better) - set(metrics))}")
+    if not isinstance(cls.data_sources, tuple) or not cls.data_sources:
+        raise ValueError(f"{where}.data_sources must be a non-empty tuple, got {cls.data_sources!r}")
+
+
+def register_task(cls: T) -> T:
+    """Class decorator: adds a Task to the registry under ``cls.name``.
+
+    Example::
+
+        @register_task
+        class Segmentation2D(Task):
+            name = "segmentation-2d"
+            ...
+
+    Args:
+        cls: A concrete Task subclass.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        ValueError: If ``cls`` is not a concrete Task with valid attributes, or another class
+            already holds its name.
+    """
+    _check_task_class(cls)
+    existing = _TASKS.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"task name {cls.name!r} is already registered by "
+                         f"{existing.__module__}.{existing.__qualname__}; choose another name")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def unregister_task(name: str) -> None:
+    """Removes a Task from the registry (for tests and plugins that unload).
+
+    Raises:
+        ValueError: If no Task has that name.
+    """
+    if name not in _TASKS:
+        raise ValueError(_unknown(name))
+    del _TASKS[name]
+
+
+def _unknown(name: object) -> str:
+    return f"unknown task {name!r}; known tasks: {', '.join(task_names()) or '(none)'}"
+
+
+def task_names() -> tuple[str, ...]:
+    """The names of the registered Tasks, sorted."""
+    return tuple(sorted(_TASKS))
+
+
+def get_task(name: str) -> Task:
+    """A fresh instance of the Task registered as ``name``.
+
+    Raises:
+        ValueError: If no Task has that name; the message lists the known ones.
+    """
+    cls = _TASKS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(_unknown(name))
+    return cls()

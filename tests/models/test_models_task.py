@@ -1,0 +1,454 @@
+"""The Task seam: the registry, segmentation-2d equal to the direct calls, and a toy second Task that fits."""
+
+from __future__ import annotations
+
+import enum
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+
+import fedsilo.models
+from fedsilo.models.data import SiloSplits
+from fedsilo.models.folder import FolderConfig, load_folder
+from fedsilo.models.registry import ModelConfig, build_model
+from fedsilo.models.synthetic import SyntheticConfig, silo_splits, unseen_domain
+from fedsilo.models.tasks import (
+    EVAL_SPLITS,
+    DataSpec,
+    SiloData,
+    Task,
+    get_task,
+    register_task,
+    task_names,
+    unregister_task,
+)
+from fedsilo.models.training import TrainConfig, evaluate, stack_batch, train_local
+
+SMALL = {"image_size": 32, "n_train": 6, "n_val": 2, "n_test": 3}
+
+
+# -- a toy second Task, registered by this test module only --------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyModelConfig:
+    """The toy's model: a linear classifier of 8x8 images."""
+
+    seed: int = 0
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+
+class ToyImageClassification(Task):
+    """Two classes of 8x8 images (bright left half or right half); each silo's scanner shifts the intensity."""
+
+    name = "toy-classification"
+    summary = "toy 8x8 two-class image classification (test only)"
+    metric_names = ("accuracy", "nll")
+    headline_metric = "accuracy"
+    lower_is_better = frozenset({"nll"})
+    unseen_domain = "a scanner with a larger intensity shift than any silo's"
+    data_sources = ("builtin",)
+
+    N = {"train": 64, "val": 16, "test": 32, "unseen": 32}
+
+    @staticmethod
+    def _images(seed: int, domain: int, split: str) -> TensorDataset:
+        rng = np.random.default_rng([seed, domain + 1, list(ToyImageClassification.N).index(split)])
+        n = ToyImageClassification.N[split]
+        labels = rng.integers(0, 2, size=n)
+        x = rng.normal(0.0, 0.3, size=(n, 1, 8, 8))
+        x[labels == 0, :, :, :4] += 1.0
+        x[labels == 1, :, :, 4:] += 1.0
+        x += 0.5 * domain if domain >= 0 else 2.0
+        return TensorDataset(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(labels))
+
+    def read_data(self, spec: DataSpec) -> SiloData:
+        splits = SiloSplits(**{s: self._images(spec.seed, spec.domain, s) for s in ("train", "val", "test")})
+        return SiloData(splits=splits, unseen=self._images(spec.seed, -1, "unseen"))
+
+    def model_config(self, config: Mapping[str, Any] | ToyModelConfig) -> ToyModelConfig:
+        if isinstance(config, ToyModelConfig):
+            return config
+        unknown = set(config) - {"seed"}
+        if unknown:
+            raise ValueError(f"ToyModelConfig: unknown key(s) {sorted(unknown)}")
+        return ToyModelConfig(**config)
+
+    def build_model(self, config: Mapping[str, Any] | ToyModelConfig) -> nn.Module:
+        cfg = self.model_config(config)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+
+    def collate(self, dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[Any, Any]:
+        items = [dataset[i] for i in indices]
+        x = torch.stack([im for im, _ in items]).to(device)
+        y = torch.stack([lab for _, lab in items]).to(device=device, dtype=torch.int64)
+        return x, y
+
+    def loss(self, output: Any, target: Any) -> torch.Tensor:
+        return F.cross_entropy(output, target)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> dict[str, tuple[float, int]]:
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        was_training = model.training
+        model.eval()
+        correct, nll = 0, 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, n, batch_size):
+                    x, y = self.collate(dataset, range(start, min(n, start + batch_size)), torch.device("cpu"))
+                    logits = self.forward(model, x)
+                    correct += int((logits.argmax(dim=1) == y).sum())
+                    nll += float(F.cross_entropy(logits, y, reduction="sum"))
+        finally:
+            model.train(was_training)
+        return {"accuracy": (correct / n, n), "nll": (nll / n, n)}
+
+
+@pytest.fixture(scope="module")
+def toy() -> Iterator[Task]:
+    """The toy Task, registered with the decorator for this module's tests and removed after."""
+    register_task(ToyImageClassification)
+    yield get_task("toy-classification")
+    unregister_task("toy-classification")
+
+
+def test_toy_task_loads_trains_and_evaluates(toy: Task) -> None:
+    assert "toy-classification" in task_names()
+    data = toy.load_data({"source": "builtin", "domain": 1, "seed": 5})
+    model = toy.build_model({"seed": 1})
+    before = toy.evaluate(model, data.splits.test)
+    result = train_local(model, data.splits.train, TrainConfig(lr=0.05, local_epochs=5, batch_size=8),
+                         round_index=0, task=toy)
+    assert result.steps == 5 * 8 and result.examples == 5 * 64
+    after = toy.evaluate(model, data.splits.test)
+    assert set(after) == set(toy.metric_names)
+    assert after["accuracy"][1] == 32
+    assert after["accuracy"][0] >= 0.9  # it learned
+    assert after["nll"][0] < before["nll"][0]
+    report = {}
+    for split, ds in (("test", data.splits.test), ("val", data.splits.val), ("unseen", data.unseen)):
+        report.update(toy.evaluate_split(model, ds, split))
+    assert tuple(report) == toy.report_names() == (
+        "accuracy", "nll", "val_accuracy", "unseen_accuracy", "unseen_nll")
+    assert report["accuracy"] == after["accuracy"]
+    assert toy.higher_is_better("unseen_accuracy") and not toy.higher_is_better("val_nll")
+
+
+def test_toy_task_training_is_reproducible(toy: Task) -> None:
+    data = toy.load_data(DataSpec(domain=0, seed=2))
+    weights = []
+    for _ in range(2):
+        model = toy.build_model({})
+        train_local(model, data.splits.train, TrainConfig(lr=0.05), round_index=3, task=toy)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_source_the_task_does_not_read_is_refused(toy: Task, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"reads data.source \['builtin'\], not 'folder'"):
+        toy.load_data({"source": "folder", "path": str(tmp_path)})
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), domain=st.integers(0, 7), batch_size=st.integers(1, 40))
+def test_toy_metrics_do_not_depend_on_the_batch_size(seed: int, domain: int, batch_size: int) -> None:
+    toy = ToyImageClassification()  # instances need no registry
+    data = toy.load_data(DataSpec(seed=seed, domain=domain))
+    model = toy.build_model({"seed": seed % 1000})
+    whole = toy.evaluate(model, data.splits.test, batch_size=64)
+    parts = toy.evaluate(model, data.splits.test, batch_size=batch_size)
+    assert whole["accuracy"] == parts["accuracy"]
+    assert whole["nll"][0] == pytest.approx(parts["nll"][0], rel=1e-5)
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+
+def test_builtin_tasks_are_registered() -> None:
+    assert "segmentation-2d" in task_names()
+    assert list(task_names()) == sorted(task_names())
+    task = get_task("segmentation-2d")
+    assert task.name == "segmentation-2d"
+    assert task.headline_metric == "dice" and task.metric_names == ("dice", "hd95")
+    assert task.summary and "\n" not in task.summary and task.unseen_domain
+    assert task.higher_is_better("dice") and not task.higher_is_better("unseen_hd95")
+    assert get_task("segmentation-2d") is not task  # a fresh instance per call
+
+
+def test_unknown_task_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown task 'segmentation-9d'; known tasks: .*segmentation-2d"):
+        get_task("segmentation-9d")
+    with pytest.raises(ValueError, match="unknown task"):
+        unregister_task("segmentation-9d")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task(None)  # type: ignore[arg-type]
+
+
+def _concrete(name: str, **attrs: Any) -> type[Task]:
+    """A complete Task class called ``name`` (methods borrowed from the toy)."""
+    return type("Made", (ToyImageClassification,), {"name": name, **attrs})
+
+
+def test_the_decorator_registers_and_duplicates_are_refused() -> None:
+    @register_task
+    class Another(ToyImageClassification):
+        name = "another-toy"
+
+    try:
+        assert isinstance(get_task("another-toy"), Another)
+        assert register_task(Another) is Another  # the same class again: no change
+        with pytest.raises(ValueError, match=r"task name 'another-toy' is already registered by "
+                                             r".*test_models_task\..*Another; choose another name"):
+            register_task(_concrete("another-toy"))
+        with pytest.raises(ValueError, match=r"'segmentation-2d' is already registered by "
+                                             r"fedsilo\.models\.tasks\.segmentation2d\.Segmentation2D"):
+            register_task(_concrete("segmentation-2d"))
+    finally:
+        unregister_task("another-toy")
+    assert "another-toy" not in task_names()
+    assert isinstance(get_task("segmentation-2d"), Task)
+
+
+@pytest.mark.parametrize(("attrs", "message"), [
+    ({"name": "Bad Name"}, "lower-case words joined by hyphens"),
+    ({"headline_metric": "f1"}, "headline_metric 'f1' is not one of"),
+    ({"summary": "two\nlines"}, "summary must be one line"),
+    ({"metric_names": ("a", "a"), "headline_metric": "a"}, "distinct names"),
+    ({"lower_is_better": frozenset({"f1"})}, "unknown metrics"),
+    ({"unseen_domain": ""}, "unseen_domain must be a non-empty string"),
+])
+def test_inconsistent_task_classes_are_refused(attrs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        register_task(_concrete(attrs.pop("name", "bad-toy"), **attrs))
+    assert "bad-toy" not in task_names()
+
+
+def test_abstract_and_foreign_classes_are_refused() -> None:
+    class Half(Task):
+        name, summary, metric_names, headline_metric, unseen_domain = "half", "s", ("m",), "m", "u"
+
+    with pytest.raises(ValueError, match=r"does not implement \['build_model', 'collate'"):
+        register_task(Half)
+    with pytest.raises(ValueError, match="needs a Task subclass"):
+        register_task(int)  # type: ignore[arg-type]
+
+
+def test_the_registry_imports_without_torch() -> None:
+    code = ("import sys; import fedsilo.models.tasks as t; "
+            "assert 'segmentation-2d' in t.task_names(); "
+            "t.DataSpec.from_mapping({'source': 'folder', 'path': 'x'}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_every_package_export_resolves() -> None:
+    for name in fedsilo.models.__all__:
+        assert getattr(fedsilo.models, name) is not None, name
+    assert fedsilo.models.get_task is get_task
+    with pytest.raises(AttributeError):
+        fedsilo.models.no_such_thing  # noqa: B018
+
+
+# -- the data spec -------------------------------------------------------------------------------
+
+
+class Source(enum.Enum):
+    """Like the agent's DataSource."""
+
+    BUILTIN = "builtin"
+    FOLDER = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentLikeData:
+    """Shaped like the agent's DataConfig."""
+
+    source: Source = Source.BUILTIN
+    domain: int = 0
+    seed: int = 0
+    path: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    unseen_path: Path | None = None
+
+
+@settings(max_examples=50, deadline=None)
+@given(folder=st.booleans(), domain=st.integers(0, 10**6), seed=st.integers(0, 2**63 - 1),
+       options=st.dictionaries(st.sampled_from(["image_size", "n_train", "val_fraction"]), st.integers(1, 99)),
+       unseen=st.booleans())
+def test_data_spec_is_the_same_from_a_mapping_or_a_config_object(
+    folder: bool, domain: int, seed: int, options: dict[str, int], unseen: bool
+) -> None:
+    path = Path("/data/silo") if folder else None
+    unseen_path = Path("/data/unseen") if folder and unseen else None
+    obj = AgentLikeData(source=Source.FOLDER if folder else Source.BUILTIN, domain=domain, seed=seed,
+                        path=path, options=options, unseen_path=unseen_path)
+    mapping = {"source": obj.source.value, "domain": domain, "seed": seed, "path": None if path is None else str(path),
+               "options": dict(options), "unseen_path": unseen_path}
+    spec = DataSpec.coerce(obj)
+    assert spec == DataSpec.coerce(mapping) == DataSpec.coerce(spec)
+    assert spec.source == obj.source.value and dict(spec.options) == options and spec.path == path
+
+
+@pytest.mark.parametrize(("mapping", "message"), [
+    ({"source": "folder"}, "path is required"),
+    ({"source": "builtin", "unseen_path": "/x"}, "only used with source = 'folder'"),
+    ({"domain": -1}, "domain must be >= 0"),
+    ({"seed": True}, "seed must be an int"),
+    ({"source": ""}, "source must be a non-empty string"),
+    ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ({"options": {1: 2}}, "string keys"),
+])
+def test_bad_data_specs_are_refused(mapping: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataSpec.from_mapping(mapping)
+
+
+def test_segmentation_refuses_an_unknown_source() -> None:
+    with pytest.raises(ValueError, match=r"reads data.source \['builtin', 'folder'\], not 'datalist'"):
+        get_task("segmentation-2d").load_data({"source": "datalist"})
+
+
+# -- segmentation-2d is the existing code ----------------------------------------------------------
+
+
+def _same_dataset(a: Dataset[Any], b: Dataset[Any]) -> bool:
+    n = len(a)  # type: ignore[arg-type]
+    if n != len(b):  # type: ignore[arg-type]
+        return False
+    if n == 0:
+        return True
+    xa, ya = stack_batch(a, range(n), torch.device("cpu"))
+    xb, yb = stack_batch(b, range(n), torch.device("cpu"))
+    return torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_segmentation_builtin_data_is_the_generators() -> None:
+    data = get_task("segmentation-2d").load_data(AgentLikeData(domain=2, seed=7, options=SMALL))
+    scfg = SyntheticConfig(seed=7, **SMALL)
+    direct = silo_splits(scfg, 2)
+    for split in ("train", "val", "test"):
+        assert _same_dataset(getattr(data.splits, split), getattr(direct, split)), split
+    assert data.unseen is not None and _same_dataset(data.unseen, unseen_domain(scfg))
+
+
+def _write_png_folder(root: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros((20, 16), dtype=np.uint8)
+        top, left = rng.integers(2, 10), rng.integers(2, 8)
+        mask[top : top + 6, left : left + 5] = 255
+        image = (40 + rng.integers(0, 30, size=mask.shape) + (mask > 0) * 150).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def test_segmentation_folder_data_is_the_folder_loaders(tmp_path: Path) -> None:
+    silo = _write_png_folder(tmp_path / "silo", 10, seed=1)
+    held_out = _write_png_folder(tmp_path / "unseen", 5, seed=2)
+    task = get_task("segmentation-2d")
+    options = {"image_size": 16, "val_fraction": 0.2}
+    data = task.load_data(AgentLikeData(source=Source.FOLDER, seed=4, path=silo, options=options,
+                                        unseen_path=held_out))
+    direct = load_folder(FolderConfig(path=silo, seed=4, **options))
+    for split in ("train", "val", "test"):
+        assert _same_dataset(getattr(data.splits, split), getattr(direct, split)), split
+    other = load_folder(FolderConfig(path=held_out, seed=4, **options))
+    assert data.unseen is not None
+    assert _same_dataset(data.unseen, ConcatDataset([d for d in (other.train, other.val, other.test) if len(d)]))
+    assert task.load_data({"source": "folder", "path": str(silo)}).unseen is None
+
+
+def test_segmentation_missing_folder_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        get_task("segmentation-2d").load_data({"source": "folder", "path": str(tmp_path / "nope")})
+
+
+def test_segmentation_models_are_the_registrys() -> None:
+    task = get_task("segmentation-2d")
+    plain = {"channels": [4, 8], "strides": [2], "seed": 3}
+    cfg = task.model_config(plain)
+    assert cfg == ModelConfig.from_mapping(plain) and task.model_config(cfg) is cfg
+    a, b = task.build_model(plain), build_model(ModelConfig.from_mapping(plain))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    with pytest.raises(ValueError, match="no_such_key"):
+        task.model_config({"no_such_key": 1})
+    with pytest.raises(ValueError, match="mapping or a ModelConfig"):
+        task.model_config(3)
+
+
+@cache
+def _small_silo() -> tuple[SiloData, dict[str, Any]]:
+    data = get_task("segmentation-2d").load_data({"seed": 1, "domain": 0, "options": SMALL})
+    return data, {"channels": [4, 8], "strides": [2], "seed": 0}
+
+
+def test_segmentation_training_with_the_task_is_bit_identical() -> None:
+    task = get_task("segmentation-2d")
+    data, plain = _small_silo()
+    cfg = TrainConfig(batch_size=4, local_epochs=2, seed=5, proximal_mu=0.01)
+    models, results = [], []
+    for seam in (None, task):
+        model = task.build_model(plain)
+        results.append(train_local(model, data.splits.train, cfg, round_index=2, task=seam))
+        models.append(model.state_dict())
+    assert results[0] == results[1]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_segmentation_metrics_are_the_agents() -> None:
+    """The names and numbers silo_agent/daemon.py's _catch_up reports today."""
+    task = get_task("segmentation-2d")
+    data, plain = _small_silo()
+    model = task.build_model(plain)
+    train_local(model, data.splits.train, TrainConfig(batch_size=4), round_index=0)
+    model.eval()
+    test, val, unseen = (evaluate(model, ds) for ds in (data.splits.test, data.splits.val, data.unseen))
+    expected = {"dice": (test.dice, test.n), "hd95": (test.hd95, test.n), "val_dice": (val.dice, val.n),
+                "unseen_dice": (unseen.dice, unseen.n), "unseen_hd95": (unseen.hd95, unseen.n)}
+    got: dict[str, tuple[float, int]] = {}
+    for split, ds in zip(EVAL_SPLITS, (data.splits.test, data.splits.val, data.unseen)):
+        got.update(task.evaluate_split(model, ds, split))
+    assert got == expected  # exact
+    assert tuple(got) == task.report_names()
+    assert not model.training  # the mode is restored
+    assert task.evaluate(model, data.splits.test) == {"dice": expected["dice"], "hd95": expected["hd95"]}
+    assert task.evaluate_split(model, None, "unseen") == {}
+    assert task.evaluate_split(model, TensorDataset(torch.zeros(0, 1, 32, 32)), "val") == {}
+    with pytest.raises(ValueError, match="split must be one of"):
+        task.evaluate_split(model, data.splits.test, "train")
+
+
+@settings(max_examples=25, deadline=None)
+@given(indices=st.lists(st.integers(0, SMALL["n_train"] - 1), max_size=8))
+def test_segmentation_collate_stacks_the_examples(indices: list[int]) -> None:
+    task = get_task("segmentation-2d")
+    train = _small_silo()[0].splits.train
+    images, masks = task.collate(train, indices, torch.device("cpu"))
+    assert images.dtype == torch.float32 and masks.dtype == torch.int64
+    assert images.shape[0] == masks.shape[0] == len(indices)
+    for row, i in enumerate(indices):
+        assert torch.equal(images[row], train[i][0]) and torch.equal(masks[row], train[i][1])
