@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsilo.core.atomic import atomic_write
-from fedsilo.privacy.keywrap import (
-    _CERT_PARSE_ERRORS,
+from fedsilo.privacy.pki import validate_name
+from fedsilo.privacy.signed import (
     SIGNATURE_BYTES,
-    KeyWrapError,
-    _check_silo_certificate,
-    _own_signer,
-    _sign,
-    _verify,
+    FieldError,
+    SignatureError,
+    SignedDocument,
+    check_created_at,
+    delta_field,
+    float_text,
+    now_text,
+    own_signer,
+    parse_float,
+    parse_str,
+    real,
 )
-from fedsilo.privacy.ledger import (
-    _check_created_at,
-    _dumps,
-    _exact_keys,
-    _float_text,
-    _now_text,
-    _parse_created_at,
-    _parse_float,
-    _parse_str,
-    parse_json_object,
-)
-from fedsilo.privacy.pki import CertificateError, Role, identity_from_pem, validate_name
 
 __all__ = [
     "BUDGETS_DIR",
@@ -59,7 +51,6 @@ MIRROR_FILE = "ledger_mirror.sqlite"
 BUDGETS_DIR = "budgets"
 """Folder of the coordinator's state directory holding each silo's ``<silo>.json`` budget."""
 
-_MAX_CERT_CHARS = 16 * 1024
 _MAX_FILE_BYTES = 64 * 1024
 
 
@@ -76,7 +67,7 @@ class BudgetError(Exception):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BudgetStatement:
+class BudgetStatement(SignedDocument):
     """A silo's promise of the most ε it will ever spend, signed with its certificate's key.
 
     The budget (ε_max, δ) bounds, for each neighbouring relation separately, the cumulative
@@ -99,59 +90,20 @@ class BudgetStatement:
     certificate: str = field(repr=False)
     signature: bytes = field(repr=False)
 
+    FORMAT: ClassVar[str] = BUDGET_FORMAT
+
     def __post_init__(self) -> None:
         try:
             validate_name(self.silo)
         except ValueError as exc:
             raise ValueError(f"invalid field silo: {exc}") from None
-        epsilon = _finite(self.epsilon, "epsilon")
+        epsilon = real(self.epsilon, "epsilon")
         if epsilon <= 0.0:
             raise ValueError(f"invalid field epsilon {self.epsilon!r}: must be > 0")
         object.__setattr__(self, "epsilon", epsilon)
-        delta = _finite(self.delta, "delta")
-        if not 0.0 < delta < 1.0:
-            raise ValueError(f"invalid field delta {self.delta!r}: must be in (0, 1)")
-        object.__setattr__(self, "delta", delta)
-        _check_created_at(self.created_at)
-        if (
-            not isinstance(self.certificate, str)
-            or not 0 < len(self.certificate) <= _MAX_CERT_CHARS
-            or not self.certificate.startswith("-----BEGIN CERTIFICATE-----")
-            or not self.certificate.isascii()
-        ):
-            raise ValueError(
-                "invalid field certificate: expected the silo's PEM certificate as ASCII text "
-                f"of at most {_MAX_CERT_CHARS} characters"
-            )
-        if isinstance(self.signature, (bytearray, memoryview)):
-            object.__setattr__(self, "signature", bytes(self.signature))
-        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_BYTES:
-            shown = len(self.signature) if isinstance(self.signature, bytes) else self.signature
-            raise ValueError(
-                f"invalid field signature {shown!r}: expected {SIGNATURE_BYTES} bytes"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The statement as JSON-ready values (floats as their `repr` text, signature hex).
-
-        Returns:
-            A new dict; `from_json` accepts it back.
-        """
-        data = self._unsigned_dict()
-        data["signature"] = self.signature.hex()
-        return data
-
-    def canonical_bytes(self) -> bytes:
-        """The bytes the silo signs: `to_dict` without ``signature`` as canonical JSON.
-
-        Returns:
-            JSON with sorted keys, no whitespace and ASCII escapes.
-        """
-        return _dumps(self._unsigned_dict()).encode("ascii")
-
-    def to_json(self) -> str:
-        """The statement as canonical JSON text (sorted keys, no whitespace, ASCII escapes)."""
-        return _dumps(self.to_dict())
+        object.__setattr__(self, "delta", delta_field(self.delta))
+        check_created_at(self.created_at)
+        self._check_signed_fields()
 
     @classmethod
     def from_json(cls, data: str | bytes | Mapping[str, Any]) -> BudgetStatement:
@@ -169,21 +121,18 @@ class BudgetStatement:
             BudgetError: If the data is not a well-formed, canonical budget statement; the
                 message names the field.
         """
-        try:
-            parsed, text = parse_json_object(data, what="budget statement")
-        except ValueError as exc:
-            raise BudgetError(str(exc)) from None
-        try:
-            statement = cls._from_mapping(parsed)
-        except _FieldError as exc:
-            raise BudgetError(f"malformed budget statement: {exc}", field=exc.field) from None
-        if text is not None and statement.to_json() != text:
-            raise BudgetError(
-                f"budget statement of silo {statement.silo!r} is not in canonical form (the text "
-                "differs from what the silo signed: changed bytes, whitespace, escapes or "
-                "letter case)"
-            )
-        return statement
+        return cls._decode(
+            data,
+            what="budget statement",
+            refuse=lambda message, field_: BudgetError(message, field=field_),
+        )
+
+    def _not_canonical(self) -> BudgetError:
+        return BudgetError(
+            f"budget statement of silo {self.silo!r} is not in canonical form (the text "
+            "differs from what the silo signed: changed bytes, whitespace, escapes or "
+            "letter case)"
+        )
 
     def verify(self, *, ca_pem: bytes | str) -> None:
         """Checks the certificate and the signature.
@@ -197,31 +146,16 @@ class BudgetStatement:
         Raises:
             BudgetError: Saying what is wrong (naming the field).
         """
-        ca_bytes = ca_pem.encode("ascii") if isinstance(ca_pem, str) else bytes(ca_pem)
-        cert_pem = self.certificate.encode("ascii")
-        whose = f"the certificate in silo {self.silo!r}'s budget statement"
         try:
-            identity = identity_from_pem(cert_pem)
-        except (CertificateError, *_CERT_PARSE_ERRORS):  # a damaged certificate may raise
-            identity = None  # _check_silo_certificate below says what is wrong with it
-        if identity is not None and identity.role is not Role.SILO:
-            raise BudgetError(
-                f"{whose} belongs to the {identity.role.value} {identity.name!r}, not to a "
-                "silo; only a silo states its own privacy budget",
-                field="certificate",
-            )
-        try:
-            public_key = _check_silo_certificate(
-                cert_pem,
-                ca_bytes,
-                name=self.silo,
-                now=_parse_created_at(self.created_at),
-                whose=whose,
+            public_key = self.certificate_key(
+                ca_pem,
+                whose=f"the certificate in silo {self.silo!r}'s budget statement",
                 consequence="do not trust this budget statement",
+                only="only a silo states its own privacy budget",
             )
-        except KeyWrapError as exc:
+        except SignatureError as exc:
             raise BudgetError(str(exc), field="certificate") from None
-        if not _verify(public_key, self.signature, self.canonical_bytes()):
+        if not self.signature_matches(public_key):
             raise BudgetError(
                 f"silo {self.silo!r}'s budget statement: the signature does not match its "
                 "certificate, so a field was changed after the silo signed it (or another key "
@@ -231,49 +165,30 @@ class BudgetStatement:
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> BudgetStatement:
-        try:
-            _exact_keys(data, {"format", *(f.name for f in fields(cls))}, "budget statement")
-        except ValueError as exc:
-            raise _FieldError(str(exc), field=None) from None
-        if data["format"] != BUDGET_FORMAT:
-            raise _FieldError(
-                f"field format is {data['format']!r}, this fedsilo reads {BUDGET_FORMAT!r}",
-                field="format",
-            )
-        signature = data["signature"]
-        if (
-            not isinstance(signature, str)
-            or len(signature) != 2 * SIGNATURE_BYTES
-            or any(c not in "0123456789abcdef" for c in signature)
-        ):
-            raise _FieldError(
-                f"invalid field signature {signature!r}: expected {2 * SIGNATURE_BYTES} "
-                "lowercase hex digits",
-                field="signature",
-            )
-        values: dict[str, Any] = {"signature": bytes.fromhex(signature)}
+        values: dict[str, Any] = {"signature": cls._envelope(data, what="budget statement")}
         for name, parse in (
-            ("silo", _parse_str),
-            ("epsilon", _parse_float),
-            ("delta", _parse_float),
-            ("created_at", _parse_str),
-            ("certificate", _parse_str),
+            ("silo", parse_str),
+            ("epsilon", parse_float),
+            ("delta", parse_float),
+            ("created_at", parse_str),
+            ("certificate", parse_str),
         ):
             try:
                 values[name] = parse(data[name], name)
             except ValueError as exc:
-                raise _FieldError(str(exc), field=name) from None
+                raise FieldError(str(exc), field=name) from None
         try:
             return cls(**values)
         except ValueError as exc:
-            raise _FieldError(str(exc), field=_field_named(str(exc))) from None
+            raise FieldError(str(exc), field=_field_named(str(exc))) from None
 
     def _unsigned_dict(self) -> dict[str, Any]:
+        """Every field but the signature as JSON values: what `canonical_bytes` encodes."""
         return {
             "format": BUDGET_FORMAT,
             "silo": self.silo,
-            "epsilon": _float_text(self.epsilon),
-            "delta": _float_text(self.delta),
+            "epsilon": float_text(self.epsilon),
+            "delta": float_text(self.delta),
             "created_at": self.created_at,
             "certificate": self.certificate,
         }
@@ -308,18 +223,18 @@ def sign_budget(
         silo=silo,
         epsilon=epsilon,
         delta=delta,
-        created_at=_now_text(),
+        created_at=now_text(),
         certificate=cert_text,
         signature=bytes(SIGNATURE_BYTES),
     )
     key = private_key_pem.encode("ascii") if isinstance(private_key_pem, str) else private_key_pem
     try:
-        signer = _own_signer(
+        signer = own_signer(
             cert_text.encode("ascii"), key, name=silo, purpose="privacy budget statements"
         )
-    except KeyWrapError as exc:
+    except SignatureError as exc:
         raise BudgetError(str(exc), field="certificate") from None
-    return replace(unsigned, signature=_sign(signer, unsigned.canonical_bytes()))
+    return unsigned.signed_with(signer)
 
 
 def save_budget(statement: BudgetStatement, path: Path | str) -> Path:
@@ -367,21 +282,6 @@ def load_budget(path: Path | str) -> BudgetStatement | None:
         return BudgetStatement.from_json(data)
     except BudgetError as exc:
         raise BudgetError(f"{str(path)!r}: {exc}", field=exc.field) from None
-
-
-class _FieldError(ValueError):
-    def __init__(self, message: str, *, field: str | None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _finite(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"invalid field {name} {value!r}: expected a number")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"invalid field {name} {value!r}: must be finite")
-    return result
 
 
 def _field_named(message: str) -> str | None:

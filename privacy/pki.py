@@ -11,12 +11,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedsilo.core.atomic import atomic_write_with
+from fedsilo.core.validators import is_silo_name
 
 __all__ = [
     "CA_CERT_FILENAME",
@@ -39,7 +43,6 @@ CA_CERT_FILENAME = "ca.pem"
 CA_KEY_FILENAME = "ca.key"
 ORGANIZATION = "fedsilo"
 
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # Certificates start this long before "now" so that a silo whose clock runs a little
 # behind the operator's machine does not see a brand-new certificate as "not yet valid".
@@ -112,7 +115,7 @@ def validate_name(name: str) -> str:
         ValueError: If the name is not 1-63 characters of lowercase letters, digits,
             ``.``, ``_`` or ``-`` starting with a letter or digit.
     """
-    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+    if not is_silo_name(name):
         raise ValueError(
             f"invalid name {name!r}: use 1-63 characters of lowercase letters, digits, "
             "'.', '_' or '-', starting with a letter or digit (e.g. 'hospital-a')"
@@ -672,10 +675,18 @@ def _write_pair(
 def _write_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
     """Writes via a temp file in the same directory, then renames (or links) it in.
 
-    The temp file is created 0600 by `tempfile.mkstemp`, so key material is never
-    readable by others, even briefly. Without ``overwrite`` the final name is
-    claimed with a hard link, which fails if the name already exists.
+    With ``overwrite`` this is `atomic_write_with` (the temp file is ``mode`` before any
+    byte is written). Without it the temp file is created 0600 by `tempfile.mkstemp`, so
+    key material is never readable by others, even briefly, and the final name is claimed
+    with a hard link, which fails if the name already exists.
     """
+    if overwrite:
+        def write(handle: BinaryIO) -> None:
+            os.fchmod(handle.fileno(), mode)  # also when a stale temporary file was looser
+            handle.write(data)
+
+        atomic_write_with(path, write, mode=mode)
+        return
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
@@ -684,24 +695,21 @@ def _write_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool) -> Non
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(
+                f"refusing to overwrite {str(path)!r}: it already exists"
+            ) from None
+        except OSError:
+            # No hard links on this filesystem: check, then rename (tiny race window).
+            if path.exists():
                 raise FileExistsError(
                     f"refusing to overwrite {str(path)!r}: it already exists"
                 ) from None
-            except OSError:
-                # No hard links on this filesystem: check, then rename (tiny race window).
-                if path.exists():
-                    raise FileExistsError(
-                        f"refusing to overwrite {str(path)!r}: it already exists"
-                    ) from None
-                os.replace(tmp, path)
-            else:
-                tmp.unlink()
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedsilo.core.validators import probability
 from fedsilo.privacy.accounting import (
     LEDGER_RDP_ORDERS,
     Accountant,
@@ -130,8 +131,10 @@ class PrivacyPlan:
         for name in ("record_level", "silo_level"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"invalid {name} {getattr(self, name)!r}: must be true or false")
-        if not _real(self.delta) or not 0.0 < float(self.delta) < 1.0:
-            raise ValueError(f"invalid delta {self.delta!r}: must be a number in (0, 1)")
+        try:
+            probability("delta", float(self.delta) if _real(self.delta) else self.delta)
+        except ValueError:
+            raise ValueError(f"invalid delta {self.delta!r}: must be a number in (0, 1)") from None
         if self.record_level:
             if not _real(self.sample_rate) or not 0.0 < float(self.sample_rate) <= 1.0:
                 raise ValueError(f"invalid sample_rate {self.sample_rate!r}: must be a number in (0, 1]")
@@ -202,6 +205,11 @@ class PrivacyPlan:
         return PlannedRelease(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD, noise_multiplier=sigma,
                               single_upload_noise_multiplier=sigma, sample_rate=1.0, steps=1,
                               clip_norm=math.sqrt(2.0) * float(self.style_clip_norm))
+
+    def release_for_relay(self, purpose: str) -> PlannedRelease | None:
+        """The planned release that must be mirrored before a silo's blob under ``purpose`` of the
+        sealed relay is accepted (the style bank of private masks); None: the plan accounts none."""
+        return self.style_release() if purpose == "style-bank" and self.resfim_every else None
 
     def mask_round(self, rnd: int) -> bool:
         """Whether the schedule computes ResFIM masks before round ``rnd`` (1-based)."""

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsilo.privacy import keywrap, pki
+from fedsilo.privacy import pki, signed
 from fedsilo.privacy.budget import (
     BUDGET_FORMAT,
     BudgetError,
@@ -82,8 +82,8 @@ def _sign(party: Party, epsilon: float = 8.0, delta: float = 1e-5) -> BudgetStat
 def _resign(statement: BudgetStatement, signer: Party, **changes: Any) -> BudgetStatement:
     """The statement with ``changes``, carrying and signed by ``signer``'s certificate/key."""
     forged = dataclasses.replace(statement, certificate=signer.cert.decode("ascii"), **changes)
-    key = keywrap._load_signing_key(signer.key)
-    return dataclasses.replace(forged, signature=keywrap._sign(key, forged.canonical_bytes()))
+    key = signed.load_signing_key(signer.key)
+    return dataclasses.replace(forged, signature=signed.sign(key, forged.canonical_bytes()))
 
 
 @pytest.fixture(scope="module")

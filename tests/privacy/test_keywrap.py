@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsilo.privacy import keywrap, pki
+from fedsilo.privacy.keywrap import bundle as keywrap_bundle
 from fedsilo.privacy.keywrap import (
     KemKeyPair,
     KeyWrapError,
@@ -436,7 +437,7 @@ def test_nothing_is_decrypted_before_the_signature_verifies(
     fed: Federation, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[bytes] = []
-    real = keywrap.AESGCM
+    real = keywrap_bundle.AESGCM
 
     class Spy:
         def __init__(self, key: bytes) -> None:
@@ -449,7 +450,7 @@ def test_nothing_is_decrypted_before_the_signature_verifies(
     forged = _resign(_wrap(fed), fed.silos["hospital-c"])
     bundle = WrappedKey.from_bytes(_wrap(fed).to_bytes())
     bad_signature = dataclasses.replace(bundle, signature=bytes(64)).to_bytes()
-    monkeypatch.setattr(keywrap, "AESGCM", Spy)
+    monkeypatch.setattr(keywrap_bundle, "AESGCM", Spy)
     for data in (forged, bad_signature):
         with pytest.raises(KeyWrapError):
             _unwrap(fed, data)

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsilo.privacy import keywrap, ledger, pki
+from fedsilo.privacy import ledger, pki, signed
 from fedsilo.privacy.ledger import (
     GENESIS_HASH,
     DuplicateEntryError,
@@ -196,8 +196,8 @@ def _resign(entry: LedgerEntry, signer: Party, **changes: Any) -> LedgerEntry:
     forged = dataclasses.replace(
         entry, certificate=signer.cert.decode("ascii"), **changes
     )
-    key = keywrap._load_signing_key(signer.key)
-    return dataclasses.replace(forged, signature=keywrap._sign(key, forged.canonical_bytes()))
+    key = signed.load_signing_key(signer.key)
+    return dataclasses.replace(forged, signature=signed.sign(key, forged.canonical_bytes()))
 
 
 def _relink(entries: list[LedgerEntry], signer: Party) -> list[LedgerEntry]:
@@ -666,9 +666,9 @@ def test_another_silos_signature_is_caught(
         verify_chain(entries, ca_pem=fed.ca)
     assert info.value.seq == 2
     # Silo A's certificate, silo B's signature.
-    key_b = keywrap._load_signing_key(fed.b.key)
+    key_b = signed.load_signing_key(fed.b.key)
     entries[1] = dataclasses.replace(
-        chain[1], signature=keywrap._sign(key_b, chain[1].canonical_bytes())
+        chain[1], signature=signed.sign(key_b, chain[1].canonical_bytes())
     )
     with pytest.raises(LedgerError, match="seq 2.*signature"):
         verify_chain(entries, ca_pem=fed.ca)
