@@ -155,8 +155,7 @@ def build(task: Task, method: str) -> Any:
 
 def strategy_of(method: str) -> tuple[Any, Any]:
     """(coordinator Strategy name, silo_agent strategy object)."""
-    from fedsilo.coordinator.config import Strategy
-    from fedsilo.silo_agent.strategies import strategy_for
+    from fedsilo.silo_agent.methods import strategy_for
 
     name = Strategy(method)
     return name, strategy_for(name)

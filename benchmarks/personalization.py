@@ -466,8 +466,7 @@ def evaluate_dice(model: Any, dataset: Any) -> float:
 # -- baselines ------------------------------------------------------------------------------------------
 def run_shared(task: Task, method: str, rounds: int, plan: DpPlan | None) -> RunResult:
     """local, fedavg, fedbn: each silo trains its model; the strategy's shared tensors are averaged."""
-    from fedsilo.coordinator.config import Strategy
-    from fedsilo.silo_agent.strategies import strategy_for
+    from fedsilo.silo_agent.methods import strategy_for
 
     t0 = time.monotonic()
     code = METHOD_CODE[method]
@@ -609,7 +608,6 @@ def silo_masks(model: Any, task: Task, i: int, r: int, banks: list[Any], rho: fl
 
 
 def run_resfim(task: Task, rho: float, rounds: int, plan: DpPlan | None, part: str = "main") -> RunResult:
-    from fedsilo.coordinator.config import Strategy
     from fedsilo.coordinator.phases import carries_local_part
     from fedsilo.models.resfim import ResFimConfig, needs_recompute
     from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
@@ -633,7 +631,7 @@ def run_resfim(task: Task, rho: float, rounds: int, plan: DpPlan | None, part: s
     sums = None
     for r in range(rounds):
         uploads, values = [], []
-        local = carries_local_part(Strategy.RESFIM, r + 1, rounds)  # as the agents: the consensus round only
+        local = carries_local_part("resfim", r + 1, rounds)  # as the agents: the consensus round only
         for i, model in enumerate(models):
             if needs_recompute(r, cfg):
                 masks[i], frac, agr = silo_masks(model, task, i, r, banks, rho, names, plan,
@@ -683,20 +681,18 @@ def deviation(layers: Sequence[Any], silo_states: Sequence[dict[str, Any]]) -> f
 def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
     """DEeR (global factors), or deer+resfim (personal factors, masked sharing) when ``masked_rho``."""
     import torch
-
-    from fedsilo.coordinator.config import Strategy
     from fedsilo.core.phases import phase_manifest
     from fedsilo.coordinator.phases import carries_local_part, phase_for
     from fedsilo.core.tensors import Manifest
     from fedsilo.models.lora import lora_layers
     from fedsilo.models.resfim import ResFimConfig, needs_recompute
     from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
-    from fedsilo.silo_agent.strategies import strategy_for
+    from fedsilo.silo_agent.methods import strategy_for
 
     t0 = time.monotonic()
     method = "deer" if masked_rho is None else "deer+resfim"
     code = METHOD_CODE[method]
-    strategy = strategy_for(Strategy.DEER)
+    strategy = strategy_for("deer")
     models = [lora_model(task) for _ in range(NUM_SILOS)]
     trainable = frozenset(k for k, p in models[0].named_parameters() if p.requires_grad)
     shared = strategy.shared_names(models[0])
@@ -712,10 +708,10 @@ def run_deer(task: Task, rounds: int, *, masked_rho: float | None) -> RunResult:
     cons: dict[str, np.ndarray] = {}
     devs: list[float] = []
     for rnd in range(1, rounds + 1):
-        phase = phase_for(Strategy.DEER, rnd)
+        phase = phase_for("deer", rnd)
         names = [t.name for t in phase_manifest(manifest, phase).tensors]
         sizes = [(k, like[k].numel()) for k in names]
-        local = carries_local_part(Strategy.DEER_RESFIM, rnd, rounds)
+        local = carries_local_part("deer+resfim", rnd, rounds)
         uploads, values = [], []
         for i, model in enumerate(models):
             if masked_rho is None:

@@ -13,49 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core import validators
+from fedsilo.core.methods import Method, UnknownMethod, get_method, method_names
 
 
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the field."""
-
-
-class Strategy(enum.Enum):
-    """What silos share each round (values as written in config files)."""
-
-    FEDAVG = "fedavg"
-    FEDBN = "fedbn"
-    DEER = "deer"
-    FEDAVG_LORA = "fedavg-lora"
-    FFA_LORA = "ffa-lora"
-    RESFIM = "resfim"
-    DEER_RESFIM = "deer+resfim"
-    SIOBN = "siobn"
-    FEDPER = "fedper"
-    DITTO = "ditto"
-    FEDRDN = "fedrdn"
-    PFA = "pfa"
-
-    @property
-    def uses_lora(self) -> bool:
-        """Whether silos train LoRA adapters on a frozen base."""
-        return self in (Strategy.DEER, Strategy.FEDAVG_LORA, Strategy.FFA_LORA, Strategy.DEER_RESFIM)
-
-    @property
-    def alternates_factors(self) -> bool:
-        """Whether rounds alternate between sharing LoRA B and LoRA A (DEeR's share phases)."""
-        return self in (Strategy.DEER, Strategy.DEER_RESFIM)
-
-    @property
-    def masked(self) -> bool:
-        """Whether silos share only the elements their ResFIM masks mark domain-invariant."""
-        return self in (Strategy.RESFIM, Strategy.DEER_RESFIM)
-
-    @property
-    def exchanges_banks(self) -> bool:
-        """Whether silos relay sealed per-silo data through the coordinator before training
-        (ResFIM's style banks, FedRDN's normalisation statistics)."""
-        return self.masked or self is Strategy.FEDRDN
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +120,7 @@ class FederationConfig:
         round_deadline_s: seconds a round stays open for uploads, > 0.
         quorum_timeout_s: after the deadline, seconds to wait for quorum before the run fails.
         start_grace_s: once ``min_silos`` have joined, seconds to wait for the rest before round 1.
-        strategy: what silos share.
+        strategy: the registered method (``fedsilo.core.methods``) that decides what silos share.
         aggregation: how uploads are added up (homomorphic by default).
         he: HE parameters (``fedsilo.privacy.he.HeParams`` fields); defaults when empty.
         listen: host:port the gRPC server binds.
@@ -183,7 +146,7 @@ class FederationConfig:
     round_deadline_s: float = 300.0
     quorum_timeout_s: float = 3600.0
     start_grace_s: float = 30.0
-    strategy: Strategy = Strategy.FEDAVG
+    strategy: str = "fedavg"
     aggregation: AggregationMode = AggregationMode.HE
     listen: str = "0.0.0.0:50051"
     state_dir: Path = Path("coordinator-state")
@@ -212,8 +175,10 @@ class FederationConfig:
         _positive("run.round_deadline_s", self.round_deadline_s)
         _positive("run.quorum_timeout_s", self.quorum_timeout_s)
         _non_negative("run.start_grace_s", self.start_grace_s)
-        if not isinstance(self.strategy, Strategy):
-            raise ConfigError(f"run.strategy: {self.strategy!r} is not a Strategy")
+        try:
+            method = get_method(self.strategy)
+        except UnknownMethod as exc:
+            raise ConfigError(f"run.strategy: {exc}") from None
         if not isinstance(self.aggregation, AggregationMode):
             raise ConfigError(f"run.aggregation: {self.aggregation!r} is not an AggregationMode")
         host, sep, port = self.listen.rpartition(":")
@@ -231,26 +196,27 @@ class FederationConfig:
                 json.dumps(dict(value))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
-        if self.lora and not self.strategy.uses_lora:
-            raise ConfigError(f"lora: set, but run.strategy {self.strategy.value!r} trains no LoRA adapters "
-                              "(use deer, fedavg-lora, ffa-lora or deer+resfim)")
+        name = self.strategy
+        if self.lora and not method.uses_lora:
+            users = ", ".join(m.name for m in _methods_with(lambda m: m.uses_lora))
+            raise ConfigError(f"lora: set, but run.strategy {name!r} trains no LoRA adapters (use {users})")
         if self.resfim is not None and not isinstance(self.resfim, ResFimSettings):
             raise ConfigError(f"resfim: {self.resfim!r} is not a ResFimSettings")
-        if self.strategy.masked:
+        if "resfim" in method.tables:
             if self.resfim is None:
                 object.__setattr__(self, "resfim", ResFimSettings())
-            if self.aggregation is not AggregationMode.HE:
-                raise ConfigError(f"run.strategy: {self.strategy.value!r} needs run.aggregation = 'he': its uploads "
-                                  "carry the silos' masks, which only encryption keeps from the coordinator")
-            if len(self.silos) < 2:
-                raise ConfigError(f"run.strategy: {self.strategy.value!r} needs at least 2 enrolled silos (masks are "
-                                  "computed on images in the other silos' styles)")
         elif self.resfim is not None:
-            raise ConfigError(f"resfim: set, but run.strategy {self.strategy.value!r} uses no ResFIM masks "
-                              "(use resfim or deer+resfim)")
-        if self.strategy is Strategy.FEDRDN and self.aggregation is not AggregationMode.HE:
-            raise ConfigError("run.strategy: 'fedrdn' needs run.aggregation = 'he': the silos' normalisation "
-                              "statistics travel sealed under the run's key, which only HE runs have")
+            users = " or ".join(m.name for m in _methods_with(lambda m: "resfim" in m.tables))
+            raise ConfigError(f"resfim: set, but run.strategy {name!r} uses no ResFIM masks (use {users})")
+        if method.needs_he and self.aggregation is not AggregationMode.HE:
+            raise ConfigError(f"run.strategy: {name!r} needs run.aggregation = 'he': {method.needs_he}")
+        fewest, why = method.min_silos
+        if len(self.silos) < fewest:
+            raise ConfigError(f"run.strategy: {name!r} needs at least {fewest} enrolled silos ({why})")
+        try:
+            method.check_run(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.aggregation is AggregationMode.HE:
             self.he_params()  # validates the [he] table now, naming the bad field
             if self.insecure:
@@ -269,7 +235,8 @@ class FederationConfig:
         if not isinstance(plan, PrivacyPlan):
             raise ConfigError(f"privacy: {plan!r} is not a PrivacyPlan")
         resfim = self.resfim
-        if self.strategy.masked and not plan.silo_level and resfim is not None:
+        method = self.method
+        if "resfim" in method.tables and not plan.silo_level and resfim is not None:
             if resfim.masks_without_dp and plan.resfim_every:
                 raise ConfigError("privacy.fisher_noise_multiplier: set, but resfim.masks_without_dp = true")
             if not resfim.masks_without_dp and (plan.resfim_every != resfim.recompute_every
@@ -278,18 +245,11 @@ class FederationConfig:
                                   f"(recompute_every {resfim.recompute_every}, style_clip_norm "
                                   f"{resfim.style_clip_norm:g}); got {plan.resfim_every}, {plan.style_clip_norm:g}")
         elif plan.resfim_every:
-            raise ConfigError(f"privacy.fisher_noise_multiplier: set, but run.strategy {self.strategy.value!r} "
+            raise ConfigError(f"privacy.fisher_noise_multiplier: set, but run.strategy {self.strategy!r} "
                               "computes no ResFIM masks")
-        if self.strategy is Strategy.DITTO and plan.record_level:
-            raise ConfigError("privacy.record_level: not supported with run.strategy 'ditto': its personal model is a "
-                              "second pass over each silo's data every round, a release this plan does not account")
-        if self.strategy is Strategy.PFA and plan.silo_level:
-            raise ConfigError("privacy.silo_level: not supported with run.strategy 'pfa': its uploads are spectrum "
-                              "amplitudes, not updates the noise regulator can clip")
-        if self.strategy.masked and plan.silo_level:
-            raise ConfigError(f"privacy.silo_level: not supported with run.strategy {self.strategy.value!r}: its "
-                              "uploads are parameter values, including ones a silo kept local before (trained "
-                              "without silo-level noise); use record_level DP-SGD")
+        for level, why in method.refuses.items():
+            if getattr(plan, level.value):
+                raise ConfigError(f"privacy.{level.value}: not supported with run.strategy {self.strategy!r}: {why}")
         if self.tls is None:
             raise ConfigError("privacy: differential privacy needs TLS certificates (silos sign their privacy ledgers "
                               "with them); remove server.insecure")
@@ -311,6 +271,11 @@ class FederationConfig:
                 raise ConfigError(f"privacy.budgets.{name}: not an enrolled silo")
             if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
                 raise ConfigError(f"privacy.budgets.{name}: {eps!r} must be a finite ε > 0")
+
+    @property
+    def method(self) -> type[Method]:
+        """The run's registered method (what silos share, the upload layout, DP levels, relays)."""
+        return get_method(self.strategy)
 
     @property
     def key_holder(self) -> str:
@@ -347,7 +312,7 @@ class FederationConfig:
             "run_id": self.run_id,
             "silos": list(self.silos),
             "rounds": self.rounds,
-            "strategy": self.strategy.value,
+            "strategy": self.strategy,
             "aggregation": self.aggregation.value,
             "model": dict(self.model),
             "training": dict(self.training),
@@ -360,6 +325,11 @@ class FederationConfig:
         if self.privacy is not None:
             ident["privacy"] = self.privacy.to_mapping()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _methods_with(rule) -> list[type[Method]]:  # noqa: ANN001 - a predicate on method classes
+    """Registered methods for which ``rule`` holds (names in refusals derive from the registry)."""
+    return [get_method(n) for n in method_names() if rule(get_method(n))]
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
@@ -465,7 +435,9 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         if key in run:
             kwargs[key] = run[key]
     if "strategy" in run:
-        kwargs["strategy"] = parse_enum(Strategy, "run.strategy", run["strategy"])
+        if not isinstance(run["strategy"], str):
+            raise ConfigError(f"run.strategy: {run['strategy']!r} must be a method name (one of {list(method_names())})")
+        kwargs["strategy"] = run["strategy"]
     if "aggregation" in run:
         kwargs["aggregation"] = parse_enum(AggregationMode, "run.aggregation", run["aggregation"])
     if "listen" in server:
@@ -484,17 +456,21 @@ def load_federation_config(path: Path | str) -> FederationConfig:
             raise ConfigError(f"{path}: [resfim] must be a table")
         kwargs["resfim"] = ResFimSettings.from_mapping(data["resfim"])
     if "privacy" in data:
-        strategy = kwargs.get("strategy", Strategy.FEDAVG)
-        resfim = kwargs.get("resfim") or (ResFimSettings() if strategy.masked else None)
+        strategy = kwargs.get("strategy", "fedavg")
+        try:
+            masked = "resfim" in get_method(strategy).tables
+        except UnknownMethod as exc:
+            raise ConfigError(f"run.strategy: {exc}") from None
+        resfim = kwargs.get("resfim") or (ResFimSettings() if masked else None)
         kwargs["privacy"], kwargs["budgets"] = parse_privacy(
             data["privacy"], rounds=run["rounds"], min_silos=run["min_silos"],
             aggregation=kwargs.get("aggregation", AggregationMode.HE), strategy=strategy,
-            resfim=resfim if strategy.masked else None)
+            resfim=resfim if masked else None)
     return FederationConfig(**kwargs)
 
 
 def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
-                  aggregation: AggregationMode, strategy: Strategy = Strategy.FEDAVG,
+                  aggregation: AggregationMode, strategy: str = "fedavg",
                   resfim: ResFimSettings | None = None) -> tuple[Any, dict[str, float]]:
     """The ``[privacy]`` table as a `PrivacyPlan` plus the budgets; σ calibrated from targets.
 
@@ -578,7 +554,7 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
     return plan, dict(budgets)
 
 
-def _resfim_releases(t: dict[str, Any], *, strategy: Strategy, resfim: ResFimSettings | None, record: bool,
+def _resfim_releases(t: dict[str, Any], *, strategy: str, resfim: ResFimSettings | None, record: bool,
                     rounds: Any) -> list[Any]:
     """Checks the [privacy] keys of pFL-ResFIM's private masks, completes ``t`` with the plan's
     ResFIM fields, and returns the run's once-off releases (for calibrating DP-SGD's σ)."""
@@ -588,7 +564,7 @@ def _resfim_releases(t: dict[str, Any], *, strategy: Strategy, resfim: ResFimSet
     given = [k for k in keys if k in t]
     if resfim is None:
         if given:
-            raise ConfigError(f"privacy.{given[0]}: set, but run.strategy {strategy.value!r} computes no ResFIM masks")
+            raise ConfigError(f"privacy.{given[0]}: set, but run.strategy {strategy!r} computes no ResFIM masks")
         return []
     if not record or resfim.masks_without_dp:
         if given:
@@ -597,7 +573,7 @@ def _resfim_releases(t: dict[str, Any], *, strategy: Strategy, resfim: ResFimSet
         return []
     for k in keys:
         if k not in t:
-            raise ConfigError(f"privacy.{k}: missing (run.strategy {strategy.value!r} with record-level DP: the "
+            raise ConfigError(f"privacy.{k}: missing (run.strategy {strategy!r} with record-level DP: the "
                               "masks' Fisher information and the style bank are releases of each silo's images; "
                               "give their noise, or set resfim.masks_without_dp = true to protect them by "
                               "encryption only)")

@@ -34,10 +34,9 @@ from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
-from fedsilo.silo_agent.strategies import strategy_for
-from fedsilo.silo_agent.strategies.base import RunContext
-from fedsilo.core.phases import SharePhase, masked_manifest, phase_manifest
-from fedsilo.coordinator.phases import carries_local_part
+from fedsilo.silo_agent.methods import strategy_for
+from fedsilo.silo_agent.strategy import RunContext
+from fedsilo.core.phases import SharePhase, phase_manifest
 from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
@@ -164,16 +163,16 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
         model = build_model(model_cfg)
-        if info.strategy.uses_lora:
+        method = info.method
+        if method.uses_lora:
             model = self._lora_model(model, model_cfg, info.lora_config or {})
         if info.privacy is not None and info.privacy.record_level:
             from fedsilo.privacy.dpsgd import make_private_compatible
 
             model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
-        self._strategy = strategy_for(info.strategy, local_norm_layers=info.resfim.local_norm_layers
-                                      if info.resfim is not None else True)
-        self._strategy_name, self._total_rounds = info.strategy, info.total_rounds
+        self._strategy = strategy_for(info.strategy, {"resfim": info.resfim.to_mapping()} if info.resfim else {})
+        self._total_rounds = info.total_rounds
         self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         shared = self._strategy.shared_names(model)
         data = load_data(self.cfg.data)
@@ -219,7 +218,7 @@ class Agent:
             self._dp.sync(client)
             log.info("privacy: %s", self._dp.describe())
         log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
-                 silo_name, info.strategy.value, info.total_rounds, len(shared), len(state.model),
+                 silo_name, info.strategy, info.total_rounds, len(shared), len(state.model),
                  manifest.numel)
         beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
         beat.start()
@@ -229,9 +228,9 @@ class Agent:
                 self._he.ensure_key(client, self.stop)
             except KeyCeremonyError as exc:
                 raise AgentError(str(exc)) from None
-        if info.strategy.masked:
+        if method.masked:
             if self._he is None:
-                raise AgentError(f"strategy {info.strategy.value} needs HE aggregation (the masks travel encrypted)")
+                raise AgentError(f"strategy {info.strategy} needs HE aggregation (the masks travel encrypted)")
             self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir, privacy=self._dp)
             if self._dp is not None:  # this silo's own audit reports say what ResFIM shares and how it is covered
                 from fedsilo.privacy.audit import resfim_disclosures, write_disclosures
@@ -352,7 +351,8 @@ class Agent:
                      weight_normalizer: float, phase: SharePhase = SharePhase.ALL) -> None:
         self._round = rnd
         assert self._manifest is not None
-        round_manifest = phase_manifest(self._manifest, phase)
+        method = self._strategy
+        round_manifest = phase_manifest(self._manifest, phase)  # the round's shared tensors
         shared = [t.name for t in round_manifest.tensors]
         state_dir = Path(self.cfg.state_dir)
         dp = self._dp
@@ -413,10 +413,10 @@ class Agent:
         try:
             if self._resfim is not None:
                 assert self._he is not None
-                local_part = carries_local_part(self._strategy_name, rnd, self._total_rounds)
+                local_part = method.carries_local_part(rnd, self._total_rounds)
                 flat = self._resfim.upload_vector(update, state, round_manifest, weight / weight_normalizer,
                                                   local_part=local_part)
-                uploads_in = client.submit_he(rnd, weight, masked_manifest(round_manifest, local_part=local_part),
+                uploads_in = client.submit_he(rnd, weight, method.upload_layout(self._manifest, rnd, self._total_rounds),
                                               self._he.encrypt(flat))
             elif self._he is not None:
                 flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in round_manifest.tensors])

@@ -21,40 +21,24 @@ from rich.table import Table
 
 from fedsilo.privacy.pki import Role, init_ca, issue_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+from fedsilo.silo_agent.presets import (
+    DEMO_MODEL,
+    DEMO_TRAINING,
+    DEMO_PRIVACY,
+    DEMO_BUDGET,
+    DEMO_LORA,
+    DEMO_LORA_PRIVACY,
+    DEMO_PRETRAIN_EPOCHS,
+    DEMO_LORA_HE_BOUND,
+    DEMO_RESFIM,
+    DEMO_RESFIM_HE_BOUND,
+    PFA_HE_BOUND,
+    DEMO_RESFIM_PRIVACY,
+)
 
 console = Console(stderr=True)
 
 ADMIN_NAME = "demo-operator"
-#: Model and local-training settings of the demo (small enough for a 2-core laptop).
-DEMO_MODEL: dict[str, Any] = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
-DEMO_TRAINING: dict[str, Any] = {"local_epochs": 1, "batch_size": 8}
-#: The demo's privacy plan: record-level DP-SGD, σ calibrated so that the whole run costs at most
-#: ε = 8 at δ = 1e-5 (each silo holds 48 training images: q = 0.25 is about 12 per step).
-DEMO_PRIVACY: dict[str, Any] = {"record_level": True, "sample_rate": 0.25, "steps_per_round": 12,
-                                "max_grad_norm": 1.0, "target_epsilon": 8.0, "delta": 1e-5}
-#: Each demo hospital's budget (silo.toml [privacy]); the run fits it with room to spare.
-DEMO_BUDGET: dict[str, Any] = {"epsilon": 10.0, "delta": 1e-5}
-#: LoRA strategies fine-tune a base pretrained on a source domain no silo holds; their privacy is
-#: silo-level (DEeR's noise regulator), split into shares under HE, σ calibrated for ε ≤ 8 per run
-#: against the aggregate.
-DEMO_LORA: dict[str, Any] = {"rank": 4, "alpha": 8.0, "init_seed": 0}
-DEMO_LORA_PRIVACY: dict[str, Any] = {"silo_level": True, "update_clip_norm": 0.05, "update_target_epsilon": 8.0,
-                                     "delta": 1e-5}
-DEMO_PRETRAIN_EPOCHS = 30
-DEMO_LORA_HE_BOUND = 64.0
-LORA_STRATEGIES = ("deer", "fedavg-lora", "ffa-lora", "deer+resfim")
-#: pFL-ResFIM strategies; their uploads are parameter values (not differences), so the HE bound
-#: covers the largest weight of the demo network.
-RESFIM_STRATEGIES = ("resfim", "deer+resfim")
-DEMO_RESFIM: dict[str, Any] = {"rho": 0.1, "recompute_every": 5, "max_examples": 32}
-DEMO_RESFIM_HE_BOUND = 8.0
-#: ResFIM with DP: the masks' noisy Fisher (σ_F = 5, per-example clip 1) and the style bank (σ = 3,
-#: clip 40 per image, [resfim] style_clip_norm) are ledgered too, inside the same ε ≤ 8 target.
-#: PFA uploads spectrum amplitudes: up to about 17 for the demo UNet at initialisation (the window's DC
-#: term of a (64, 288) weight), so its HE bound leaves room for training to grow them.
-PFA_HE_BOUND = 64.0
-DEMO_RESFIM_PRIVACY: dict[str, Any] = {**DEMO_PRIVACY, "fisher_noise_multiplier": 5.0, "fisher_clip_norm": 1.0,
-                                       "style_noise_multiplier": 3.0}
 
 
 class DemoError(Exception):
@@ -280,25 +264,25 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         if not insecure:
             make_certs(work / "certs", names)
         port = free_port()
-        uses_lora = strategy in LORA_STRATEGIES
+        from fedsilo.core.methods import DpLevel, get_method
+
+        method = get_method(strategy)
+        uses_lora, masked = method.uses_lora, method.masked
+        if method.needs_he and aggregation != "he":
+            raise DemoError(f"--strategy {strategy} needs --aggregation he ({method.needs_he})")
+        silo_dp = uses_lora and not masked  # masked uploads are values: record-level DP-SGD only
+        level = DpLevel.SILO if silo_dp else DpLevel.RECORD
+        if dp and level in method.refuses:
+            raise DemoError(f"--strategy {strategy} cannot run with the demo's {level.value} DP ({method.refuses[level]});"
+                            " add --no-dp")
         base = make_base(work / "base.pt", seed) if uses_lora else None
-        masked = strategy in RESFIM_STRATEGIES
-        if masked and aggregation != "he":
-            raise DemoError(f"--strategy {strategy} needs --aggregation he (the masks travel only inside ciphertexts)")
-        if strategy == "ditto" and dp:
-            raise DemoError("--strategy ditto trains a personal model in a second pass over each silo's data, which "
-                            "the record-level plan does not account; add --no-dp")
-        if strategy == "fedrdn" and aggregation != "he":
-            raise DemoError("--strategy fedrdn needs --aggregation he (the silos' statistics travel sealed under the "
-                            "run's key)")
-        silo_dp = uses_lora and not masked  # ResFIM uploads values: record-level DP-SGD only
         privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_RESFIM_PRIVACY if masked else DEMO_PRIVACY) if dp else None
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,
                                         lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
                                         resfim=DEMO_RESFIM if masked else None,
-                                        he_bound=PFA_HE_BOUND if strategy == "pfa" else None)
+                                        he_bound=method.he_bound)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
                       f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "

@@ -14,9 +14,8 @@ from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, PrvAccountant, RdpAcco
 from fedsilo.privacy.budget import BUDGET_FILE, CA_FILE, LEDGER_FILE, save_budget, sign_budget
 from fedsilo.privacy.ledger import EntryStatus, GuaranteeScope, Ledger, LedgerError, Neighbouring
 from fedsilo.privacy.plan import PlannedRelease, PrivacyPlan, entry_key, ledger_fields, projected_spend
-from fedsilo.coordinator.config import Strategy
 from fedsilo.core.phases import SharePhase
-from fedsilo.coordinator.phases import ledger_position
+from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.config import AgentConfig
 
 log = logging.getLogger("fedsilo.agent")
@@ -36,7 +35,7 @@ class PrivacySession:
     """
 
     def __init__(self, *, cfg: AgentConfig, plan: PrivacyPlan, run_id: str, ledger: Ledger,
-                 budget_statement: bytes, strategy: Strategy = Strategy.FEDAVG) -> None:
+                 budget_statement: bytes, strategy: str = "fedavg") -> None:
         assert cfg.budget is not None
         self.cfg = cfg
         self.plan = plan
@@ -50,7 +49,7 @@ class PrivacySession:
 
     @classmethod
     def open(cls, *, cfg: AgentConfig, plan: PrivacyPlan, run_id: str, silo: str, n_train: int,
-             strategy: Strategy = Strategy.FEDAVG) -> PrivacySession:
+             strategy: str = "fedavg") -> PrivacySession:
         """Checks the config against the plan, opens the ledger and signs the budget statement.
 
         Raises:
@@ -141,7 +140,7 @@ class PrivacySession:
         """
         if not self.plan.silo_level:
             return dict(update)
-        if self.strategy is Strategy.DEER and phase is not SharePhase.ALL:
+        if get_method(self.strategy).alternates and phase is not SharePhase.ALL:
             from fedsilo.silo_agent.lora_privacy import regulate_lora_update
 
             assert model is not None and frozen is not None
@@ -161,7 +160,7 @@ class PrivacySession:
         return dict(out.arrays)
 
     def _position(self, rnd: int) -> tuple[int, int]:
-        return ledger_position(self.strategy, rnd)
+        return get_method(self.strategy).ledger_position(rnd)
 
     def _round_entries(self, rnd: int) -> list[Any]:
         pos = self._position(rnd)

@@ -1,4 +1,4 @@
-"""The sharing ``Strategy`` seam."""
+"""The ``Strategy`` seam: a method's agent side (what a silo shares, uploads, applies and evaluates), on top of its torch-free declaration."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from fedsilo.core.lazy import lazy_module
+from fedsilo.core.methods import Method
 from fedsilo.core.phases import SharePhase
 
+torch = lazy_module("torch")
+
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from fedsilo.models import TrainConfig
     from fedsilo.silo_agent.state import AgentState
 
@@ -45,13 +49,24 @@ class RunContext:
     idle: Any = None
 
 
-class Strategy(abc.ABC):
-    """Decides which of a model's state_dict entries are shared with the federation.
+class Strategy(Method, abc.ABC):
+    """A method's agent side: decides which of a model's state_dict entries are shared with the federation.
+
+    A method module subclasses it once, sets the :class:`~fedsilo.core.methods.Method`
+    declarations and registers the class with :func:`~fedsilo.core.methods.register_method`;
+    the agent instantiates it with :meth:`for_run`. torch is imported on first use only, so the
+    coordinator can import every method module without it.
 
     Shared entries are averaged across silos each round; the rest stay local (personalised).
     Only floating-point entries can be shared. The contract test in
     tests/silo_agent/test_strategy_contract.py runs on every implementation.
     """
+
+    @classmethod
+    def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> Strategy:
+        """The strategy for a run whose method tables (e.g. ``{"resfim": {...}}``) are ``tables``
+        (default: no settings)."""
+        return cls()
 
     @abc.abstractmethod
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Every test process knows the built-in methods (the CLI registers them the same way); the method
+# modules import without torch, so coordinator-only tests can load them too.
+import fedsilo.silo_agent.methods  # noqa: F401
+
 
 def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's hook signature
     """Under pytest-xdist each worker computes with one thread: the two workers then share this 2-core

@@ -16,6 +16,16 @@ from pathlib import Path
 import click
 
 from fedsilo import __version__
+from fedsilo.cli.plugins import PluginError, load_plugins
+from fedsilo.core.methods import method_names, methods
+from fedsilo.silo_agent import methods as builtin_methods  # noqa: F401 - registers the built-in methods
+from fedsilo.silo_agent.bench.methods import study_method_names
+
+try:  # before the options below list the registered methods
+    load_plugins()
+    _PLUGIN_ERROR: PluginError | None = None
+except PluginError as exc:
+    _PLUGIN_ERROR = exc
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -27,6 +37,8 @@ def _fail(message: str, code: int = 2) -> None:
 @click.version_option(__version__, prog_name="fedsilo")
 def main() -> None:
     """fedsilo: cross-silo federated learning for medical imaging."""
+    if _PLUGIN_ERROR is not None:
+        _fail(str(_PLUGIN_ERROR))
 
 
 # -- certificates ------------------------------------------------------------------------
@@ -191,12 +203,9 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
 @main.command()
 @click.option("--silos", type=click.IntRange(1, 16), default=3, show_default=True, help="Number of silo agents.")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedbn", "siobn", "fedper", "ditto", "fedrdn", "pfa", "deer",
-                                               "fedavg-lora", "ffa-lora", "resfim", "deer+resfim"]), default="fedavg",
-              show_default=True, help="deer / fedavg-lora / ffa-lora fine-tune LoRA adapters on a base pretrained "
-                                      "on another domain (silo-level DP when --dp); resfim personalises per "
-                                      "parameter with masks that stay encrypted, deer+resfim does so on DEeR's "
-                                      "LoRA factors (record-level DP-SGD when --dp); ditto runs only with --no-dp.")
+@click.option("--strategy", type=click.Choice(method_names()), default="fedavg", show_default=True,
+              help="The method (registered in fedsilo.core.methods): " + "; ".join(
+                  f"{m.name}: {m.summary}" for m in methods()) + ".")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-demo"), show_default=True,
               help="Where results.json (and the run's logs) go.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -333,8 +342,7 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 
 @main.command()
 @click.option("--methods", "methods_csv", default="fedavg,fedbn,resfim", show_default=True,
-              help="Comma-separated methods: local, centralised, fedavg, fedprox, fedbn, siobn, fedper, ditto, "
-                   "fedrdn, pfa, resfim, deer (or 'all').")
+              help="Comma-separated methods: " + ", ".join(study_method_names()) + " (or 'all').")
 @click.option("--seeds", default="1", show_default=True,
               help="A count (3 = seeds 0, 1, 2) or a comma-separated list of seeds.")
 @click.option("--rounds", type=int, default=10, show_default=True, help="Rounds of the main schedule.")
@@ -357,7 +365,6 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, out: Path) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
-    from fedsilo.silo_agent.bench.methods import METHOD_NAMES
     from fedsilo.silo_agent.bench.runner import (
         BenchConfig,
         BenchError,
@@ -368,7 +375,7 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
     )
 
     try:
-        names = METHOD_NAMES if methods_csv.strip() == "all" else tuple(
+        names = study_method_names() if methods_csv.strip() == "all" else tuple(
             m.strip() for m in methods_csv.split(",") if m.strip())
         if sweep is None:
             schedules = default_sweep(rounds, local_epochs) if rounds >= 1 and local_epochs >= 1 else ()

@@ -1,4 +1,4 @@
-"""The methods ``fedsilo bench`` compares: each is a deployed run strategy with its settings, or a reference run."""
+"""The methods ``fedsilo bench`` compares: the registered methods that declare bench defaults, plus the two reference runs."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsilo.silo_agent.demo import (
-    DEMO_LORA,
-    DEMO_LORA_HE_BOUND,
-    DEMO_LORA_PRIVACY,
-    DEMO_PRIVACY,
-    DEMO_RESFIM,
-    DEMO_RESFIM_HE_BOUND,
-    DEMO_RESFIM_PRIVACY,
-    PFA_HE_BOUND,
-)
+from fedsilo.core.methods import methods as registered_methods
+
+#: The reference runs that need no federation, with their one-line notes (they run without DP).
+REFERENCES: dict[str, str] = {
+    "local": "no federation: each silo trains alone on its own data (0 bytes)",
+    "centralised": "pooled data of all silos in one place (the upper reference; the pooling itself is what "
+                   "federated learning avoids)",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,47 +45,30 @@ class Method:
     why_no_dp: str = ""
 
 
-def methods(*, mu: float = 0.01) -> dict[str, Method]:
-    """Every method, by name, with FedProx's μ = ``mu``."""
-    ms = [
-        Method(name="local", strategy=None, note="no federation: each silo trains alone on its own data (0 bytes)",
-               why_no_dp="reference run without DP"),
-        Method(name="centralised", strategy=None, note="pooled data of all silos in one place (the upper reference; "
-               "the pooling itself is what federated learning avoids)", why_no_dp="reference run without DP"),
-        Method(name="fedavg", strategy="fedavg", note="every parameter averaged (McMahan et al. 2017)",
-               privacy=DEMO_PRIVACY),
-        Method(name="fedprox", strategy="fedavg", training={"proximal_mu": mu},
-               note=f"FedAvg with the proximal term mu/2 ||w - w_global||^2, mu = {mu:g} (Li et al. 2020)",
-               privacy=DEMO_PRIVACY),
-        Method(name="fedbn", strategy="fedbn", note="normalisation layers local, the rest averaged (Li et al. 2021)",
-               privacy=DEMO_PRIVACY),
-        Method(name="siobn", strategy="siobn", note="norm affine parameters shared, running statistics local "
-               "(Andreux et al. 2020; fedsilo's InstanceNorm UNet has no running statistics: equals FedAvg)",
-               privacy=DEMO_PRIVACY),
-        Method(name="fedper", strategy="fedper", note="output head local, the rest averaged (Arivazhagan et al. 2019)",
-               privacy=DEMO_PRIVACY),
-        Method(name="ditto", strategy="ditto", note="global model as FedAvg; personal model pulled to it by "
-               "lambda/2 ||v - w||^2, lambda = 0.1 (Li et al. 2021); evaluated with the personal model",
-               why_no_dp="its personal model is a second pass over the data that the plan does not account"),
-        Method(name="fedrdn", strategy="fedrdn", note="FedAvg on images normalised with a random silo's channel "
-               "mean/std (Yan et al. 2023); the 2 x C statistics per silo are shared sealed, outside the DP ledger",
-               privacy=DEMO_PRIVACY),
-        Method(name="pfa", strategy="pfa", he_bound=PFA_HE_BOUND, note="amplitudes inside a low-frequency window "
-               "(0.7 -> 0.95) averaged; own phase, outer amplitude and norm layers kept (PRR-FL, Chen et al. 2021)",
-               privacy=DEMO_PRIVACY),
-        Method(name="resfim", strategy="resfim", he_bound=DEMO_RESFIM_HE_BOUND, resfim=DEMO_RESFIM,
-               note=f"pFL-ResFIM: the top rho = {DEMO_RESFIM['rho']:g} of each tensor by residual Fisher information "
-               "kept local, the rest averaged (masked, under HE)", privacy=DEMO_RESFIM_PRIVACY),
-        Method(name="deer", strategy="deer", lora=True, he_bound=DEMO_LORA_HE_BOUND, note="LoRA adapters on a base "
-               "pretrained on a domain no silo holds; B and A shared in alternate rounds (DEeR); with DP: "
-               "silo-level (the whole silo's data), noise regulator, noise split into shares under HE, "
-               "ε against one upload",
-               privacy=DEMO_LORA_PRIVACY),
-    ]
-    return {m.name: m for m in ms}
+def study_method_names() -> tuple[str, ...]:
+    """Method names in the order of the study's tables: the references, then every registered
+    method with bench defaults (by the registry's order)."""
+    return tuple(REFERENCES) + tuple(m.name for m in registered_methods() if m.bench is not None)
 
 
-#: Method names in the order of the study's tables.
-METHOD_NAMES: tuple[str, ...] = tuple(methods())
+def methods(*, mu: float | None = None) -> dict[str, Method]:
+    """Every method of the study, by name; ``mu`` (if given) replaces any ``proximal_mu`` a method's
+    bench defaults set (FedProx's μ)."""
+    out = {name: Method(name=name, strategy=None, note=note, why_no_dp="reference run without DP")
+           for name, note in REFERENCES.items()}
+    for m in registered_methods():
+        b = m.bench
+        if b is None:
+            continue
+        training = dict(b.training)
+        note = b.note or m.summary
+        if mu is not None and "proximal_mu" in training:
+            training["proximal_mu"] = mu
+            note = note.replace(f"mu = {b.training['proximal_mu']:g}", f"mu = {mu:g}")
+        out[m.name] = Method(name=m.name, strategy=b.strategy or m.name, note=note, training=training,
+                             he_bound=m.he_bound, resfim=b.tables.get("resfim"), lora=b.needs_base,
+                             privacy=b.privacy, why_no_dp=b.why_no_dp)
+    return out
 
-__all__ = ["METHOD_NAMES", "Method", "PFA_HE_BOUND", "methods"]
+
+__all__ = ["REFERENCES", "Method", "methods", "study_method_names"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core.atomic import atomic_write
-from fedsilo.silo_agent.bench.methods import METHOD_NAMES, Method, methods
+from fedsilo.silo_agent.bench.methods import Method, methods, study_method_names
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -66,8 +66,8 @@ class BenchConfig:
         if not self.methods:
             raise BenchError("methods: give at least one method")
         for m in self.methods:
-            if m not in METHOD_NAMES:
-                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}")
+            if m not in study_method_names():
+                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(study_method_names())}")
         if len(set(self.methods)) != len(self.methods):
             raise BenchError(f"methods: {','.join(self.methods)} names a method twice")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):

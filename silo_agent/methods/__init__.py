@@ -1,39 +1,32 @@
-"""Sharing strategies: which parameters a silo shares each round and which stay local."""
+"""The built-in methods, one module each; importing this package registers every one of them.
 
-from fedsilo.coordinator.config import Strategy as StrategyName
-from fedsilo.silo_agent.strategies.base import Strategy
-from fedsilo.silo_agent.strategies.fedavg import FedAvg
-from fedsilo.silo_agent.strategies.fedbn import FedBN
-from fedsilo.silo_agent.strategies.lora import Deer, FedAvgLora, FfaLora
-from fedsilo.silo_agent.strategies.fedper import FedPer
-from fedsilo.silo_agent.strategies.resfim import DeerResFim, ResFim
-from fedsilo.silo_agent.strategies.siobn import SioBN
-from fedsilo.silo_agent.strategies.ditto import Ditto
-from fedsilo.silo_agent.strategies.fedrdn import FedRdn
-from fedsilo.silo_agent.strategies.pfa import Pfa
+The modules are found by listing this folder (nothing lists methods by hand); each registers its
+class with :func:`fedsilo.core.methods.register_method`. They import without torch, so the
+coordinator can validate a run's method with them.
+"""
 
-STRATEGIES: dict[StrategyName, type[Strategy]] = {
-    StrategyName.FEDAVG: FedAvg,
-    StrategyName.FEDBN: FedBN,
-    StrategyName.DEER: Deer,
-    StrategyName.FEDAVG_LORA: FedAvgLora,
-    StrategyName.FFA_LORA: FfaLora,
-    StrategyName.RESFIM: ResFim,
-    StrategyName.DEER_RESFIM: DeerResFim,
-    StrategyName.SIOBN: SioBN,
-    StrategyName.FEDPER: FedPer,
-    StrategyName.DITTO: Ditto,
-    StrategyName.FEDRDN: FedRdn,
-    StrategyName.PFA: Pfa,
-}
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from fedsilo.core.methods import get_method
+from fedsilo.silo_agent.strategy import Strategy
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 
-def strategy_for(name: StrategyName, *, local_norm_layers: bool = True) -> Strategy:
-    """The strategy implementing ``name`` (``local_norm_layers``: ResFIM's setting of that name)."""
-    if name is StrategyName.RESFIM:
-        return ResFim(local_norm_layers=local_norm_layers)
-    return STRATEGIES[name]()
+def strategy_for(name: str, tables: dict | None = None) -> Strategy:
+    """The agent-side strategy of registered method ``name`` for a run with method ``tables``.
+
+    Raises:
+        UnknownMethod: no module registered ``name``.
+    """
+    cls = get_method(name)
+    if not issubclass(cls, Strategy):
+        raise TypeError(f"method {name!r} has no agent implementation (its class is not a Strategy)")
+    return cls.for_run(tables or {})
 
 
-__all__ = ["STRATEGIES", "Deer", "DeerResFim", "Ditto", "FedAvg", "FedAvgLora", "FedBN", "FedPer", "FedRdn", "FfaLora",
-           "Pfa", "ResFim", "SioBN", "Strategy", "strategy_for"]
+__all__ = ["strategy_for"]

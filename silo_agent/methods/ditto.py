@@ -23,13 +23,16 @@ import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import Dataset
+from fedsilo.core.lazy import lazy_module
+from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
+from fedsilo.silo_agent.strategy import Strategy
 
-from fedsilo.models.training import train_local
-from fedsilo.silo_agent.strategies.base import Strategy
+training = lazy_module("fedsilo.models.training")
 
 if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
     from fedsilo.models import TrainConfig
     from fedsilo.silo_agent.state import AgentState
 
@@ -43,6 +46,7 @@ def personal_model(state: AgentState) -> dict[str, torch.Tensor]:
     return {k[n:]: v.clone() for k, v in state.strategy_state.items() if k.startswith(PERSONAL_PREFIX)}
 
 
+@register_method
 class Ditto(Strategy):
     """Shares everything (FedAvg's global model) and trains a personal model beside it.
 
@@ -50,6 +54,15 @@ class Ditto(Strategy):
     (every state_dict entry), so it is saved with the agent's checkpoint. Its first step starts
     from the round's global model w^t.
     """
+
+    name = "ditto"
+    summary = "global model as FedAvg; personal model pulled to it by lambda/2 ||v - w||^2 (Li et al. 2021)"
+    order = 50
+    refuses = {DpLevel.RECORD: "its personal model is a second pass over each silo's data every round, a release "
+                               "this plan does not account"}
+    bench = BenchDefaults(note="global model as FedAvg; personal model pulled to it by lambda/2 ||v - w||^2, "
+                               "lambda = 0.1 (Li et al. 2021); evaluated with the personal model",
+                          why_no_dp="its personal model is a second pass over the data that the plan does not account")
 
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:
         return True
@@ -77,7 +90,7 @@ class Ditto(Strategy):
         start = {**global_model, **personal_model(state)}
         personal = copy.deepcopy(model)
         personal.load_state_dict(start)
-        train_local(personal, train, replace(train_cfg, proximal_mu=train_cfg.personal_lambda), round_index=rnd,
+        training.train_local(personal, train, replace(train_cfg, proximal_mu=train_cfg.personal_lambda), round_index=rnd,
                     anchor=global_model)
         for k, v in personal.state_dict().items():
             state.strategy_state[PERSONAL_PREFIX + k] = v.detach().to("cpu").clone()

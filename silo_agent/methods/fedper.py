@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from fedsilo.silo_agent.strategies.base import Strategy
+from fedsilo.core.methods import BenchDefaults, register_method
+from fedsilo.silo_agent.presets import DEMO_PRIVACY
+from fedsilo.silo_agent.strategy import Strategy
+
+if TYPE_CHECKING:
+    import torch
 
 
 def head_prefix(model: torch.nn.Module) -> str:
@@ -23,9 +28,15 @@ def head_prefix(model: torch.nn.Module) -> str:
     return last
 
 
+@register_method
 class FedPer(Strategy):
     """Shares everything except the parameters and buffers of the output head (:func:`head_prefix`),
     which each silo personalises."""
+
+    name = "fedper"
+    summary = "output head local, the rest averaged (Arivazhagan et al. 2019)"
+    order = 40
+    bench = BenchDefaults(note="output head local, the rest averaged (Arivazhagan et al. 2019)", privacy=DEMO_PRIVACY)
 
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:
         head = head_prefix(model)

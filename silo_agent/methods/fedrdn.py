@@ -7,8 +7,8 @@ FedAvg; what changes is the data (``fedsilo.models.rdn``):
 - once per run (:meth:`FedRdn.prepare`) each silo computes the channel-wise mean and std of its
   training images, seals them with the run's shared HE secret (purpose ``fedrdn-stats/v1``),
   keeps the sealed copy in its state dir (a restarted agent resends the identical bytes),
-  publishes it through the coordinator's sealed relay (``PublishStyleBank`` /
-  ``GetStyleBanks``) and collects the other joined silos' statistics into a table, own row first;
+  publishes it through the coordinator's sealed relay (purpose ``rdn-stats``: ``PublishSealed`` /
+  ``GetSealed``) and collects the other joined silos' statistics into a table, own row first;
 - in training, each image is normalised with the statistics of a silo drawn uniformly from the
   table each time it is loaded, ``x' = (x − μ_j) / σ_j`` (:meth:`FedRdn.train_data`);
 - in evaluation on its own validation and test data a silo normalises with its own statistics,
@@ -36,19 +36,30 @@ import logging
 import struct
 import zlib
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
-from fedsilo.models.rdn import Normalized, RandomNormalized, channel_stats
+import numpy as np
+
+from fedsilo.core.lazy import lazy_module
+from fedsilo.core.methods import BenchDefaults, register_method
 from fedsilo.silo_agent.client import Stopped
+from fedsilo.silo_agent.presets import DEMO_PRIVACY
 from fedsilo.silo_agent.secure import write_private
-from fedsilo.silo_agent.state import AgentState
-from fedsilo.silo_agent.strategies.base import RunContext, Strategy
+from fedsilo.silo_agent.strategy import RunContext, Strategy
+
+torch = lazy_module("torch")
+rdn = lazy_module("fedsilo.models.rdn")
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from fedsilo.silo_agent.state import AgentState
 
 log = logging.getLogger("fedsilo.agent")
 
 STATS_PURPOSE = "fedrdn-stats/v1"
+#: The sealed-relay purpose the statistics are published under.
+RELAY_PURPOSE = "rdn-stats"
 STATS_FILE = "fedrdn_stats.sealed"
 #: ``state.strategy_state`` keys: this silo's ``[2, C]`` (mean; std) and the ``[S, 2, C]`` table, own row first.
 OWN_KEY = "rdn/own"
@@ -109,6 +120,7 @@ def rdn_seed(run_id: str) -> int:
     return zlib.crc32(f"fedrdn/{run_id}".encode())
 
 
+@register_method
 class FedRdn(Strategy):
     """Shares every floating-point entry (FedAvg's model) and normalises images FedRDN's way.
 
@@ -119,6 +131,15 @@ class FedRdn(Strategy):
     Raises:
         ValueError: a non-positive ``poll_s`` or negative ``wait_s``.
     """
+
+    name = "fedrdn"
+    summary = "FedAvg on images normalised with a random silo's channel mean/std, relayed sealed (Yan et al. 2023)"
+    order = 60
+    needs_he = ("the silos' normalisation statistics travel sealed under the run's key, which only HE runs have")
+    relays = frozenset({RELAY_PURPOSE})
+    bench = BenchDefaults(privacy=DEMO_PRIVACY, note="FedAvg on images normalised with a random silo's channel "
+                          "mean/std (Yan et al. 2023); the 2 x C statistics per silo are shared sealed, outside the "
+                          "DP ledger")
 
     def __init__(self, *, poll_s: float = STATS_POLL_S, wait_s: float = STATS_WAIT_S) -> None:
         if not poll_s > 0:
@@ -156,7 +177,7 @@ class FedRdn(Strategy):
                 own = stats_from_bytes(he.open_sealed(sealed, purpose=STATS_PURPOSE, silo=he.me))
         else:
             if own is None:
-                mean, std = channel_stats(ctx.train)
+                mean, std = rdn.channel_stats(ctx.train)
                 own = torch.stack([mean, std])
             sealed = he.seal(stats_to_bytes(own), purpose=STATS_PURPOSE)
             ctx.state_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +187,7 @@ class FedRdn(Strategy):
         if changed:
             state.strategy_state[OWN_KEY] = own
             state.save(ctx.state_dir)
-        published = ctx.client.publish_style_bank(sealed)
+        published = ctx.client.publish_sealed(RELAY_PURPOSE, sealed)
         log.info("FedRDN statistics published (%d silo(s) have published theirs)", published)
         if TABLE_KEY in state.strategy_state:
             log.info("FedRDN: statistics table of %d silo(s) kept from before the restart",
@@ -183,7 +204,7 @@ class FedRdn(Strategy):
         he = ctx.he
         waited = 0.0
         while True:
-            sealed, joined = ctx.client.style_banks()
+            sealed, joined = ctx.client.sealed(RELAY_PURPOSE)
             sealed = {s: b for s, b in sealed.items() if s != he.me}
             if (sealed and len(sealed) >= joined - 1) or waited >= self.wait_s:
                 break
@@ -223,7 +244,7 @@ class FedRdn(Strategy):
         table = _entry(state, TABLE_KEY)
         if table.dim() != 3 or table.shape[1] != 2:
             raise ValueError(f"fedrdn: {TABLE_KEY!r} must be [S, 2, C], got shape {tuple(table.shape)}")
-        return RandomNormalized(train, table[:, 0], table[:, 1], seed=rdn_seed(state.run_id), rnd=rnd)
+        return rdn.RandomNormalized(train, table[:, 0], table[:, 1], seed=rdn_seed(state.run_id), rnd=rnd)
 
     def eval_data(self, dataset: Dataset, *, state: AgentState) -> Dataset:
         """One of this silo's evaluation sets, normalised with its own statistics.
@@ -234,7 +255,7 @@ class FedRdn(Strategy):
         own = _entry(state, OWN_KEY)
         if own.dim() != 2 or own.shape[0] != 2:
             raise ValueError(f"fedrdn: {OWN_KEY!r} must be [2, C], got shape {tuple(own.shape)}")
-        return Normalized(dataset, own[0], own[1])
+        return rdn.Normalized(dataset, own[0], own[1])
 
     def unseen_data(self, dataset: Dataset, *, state: AgentState | None = None) -> Dataset:
         """A domain no silo trained on, normalised with the statistics of its own images.
@@ -242,7 +263,7 @@ class FedRdn(Strategy):
         Raises:
             ValueError: an empty dataset (it has no statistics).
         """
-        return Normalized(dataset, *channel_stats(dataset))
+        return rdn.Normalized(dataset, *rdn.channel_stats(dataset))
 
 
 def _entry(state: AgentState, key: str) -> torch.Tensor:

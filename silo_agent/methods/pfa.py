@@ -23,30 +23,41 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from fedsilo.models import local_parameter_names
-from fedsilo.models.fourier_agg import combine_array, window_amplitude_array, window_ratio
-from fedsilo.silo_agent.strategies.base import Strategy
+from fedsilo.core.lazy import lazy_module
+from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
+from fedsilo.silo_agent.presets import DEMO_PRIVACY, PFA_HE_BOUND
+from fedsilo.silo_agent.strategy import Strategy
+
+torch = lazy_module("torch")
+models = lazy_module("fedsilo.models")
+fourier = lazy_module("fedsilo.models.fourier_agg")
 
 if TYPE_CHECKING:
     from fedsilo.silo_agent.state import AgentState
 
-_WIRE_DTYPES = {torch.float64: np.float64, torch.float16: np.float16}
-
-
 def _wire_dtype(dtype: torch.dtype) -> type[np.floating]:
     """The upload's numpy dtype for a tensor of ``dtype``: the same where numpy has it, else float32."""
-    return _WIRE_DTYPES.get(dtype, np.float32)
+    return {torch.float64: np.float64, torch.float16: np.float16}.get(dtype, np.float32)
 
 
+@register_method
 class Pfa(Strategy):
     """Shares the low-frequency amplitudes of every non-normalisation floating-point tensor of at
     least one dimension; the upload and apply rules are the module's."""
 
+    name = "pfa"
+    summary = ("amplitudes of each weight's spectrum inside a low-frequency window (0.7 -> 0.95) averaged; own phase "
+               "and norm layers kept (PRR-FL, Chen et al. 2021)")
+    order = 70
+    refuses = {DpLevel.SILO: "its uploads are spectrum amplitudes, not updates the noise regulator can clip"}
+    he_bound = PFA_HE_BOUND
+    bench = BenchDefaults(privacy=DEMO_PRIVACY, note="amplitudes inside a low-frequency window (0.7 -> 0.95) "
+                          "averaged; own phase, outer amplitude and norm layers kept (PRR-FL, Chen et al. 2021)")
+
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:
         value = model.state_dict()[name]
-        return value.dim() >= 1 and value.numel() > 0 and name not in local_parameter_names(model)
+        return value.dim() >= 1 and value.numel() > 0 and name not in models.local_parameter_names(model)
 
     def upload(self, *, trained: Mapping[str, torch.Tensor], state: AgentState, names: Sequence[str], rnd: int,
                total_rounds: int) -> dict[str, np.ndarray]:
@@ -56,20 +67,20 @@ class Pfa(Strategy):
             Per name, an array of the tensor's shape (float64 for a float64 tensor, float16 for
             float16, float32 otherwise).
         """
-        ratio = window_ratio(rnd, total_rounds)
+        ratio = fourier.window_ratio(rnd, total_rounds)
         out: dict[str, np.ndarray] = {}
         for k in names:
             value = trained[k].detach().cpu()
-            amplitudes = window_amplitude_array(value.to(torch.float64).numpy(), ratio)
+            amplitudes = fourier.window_amplitude_array(value.to(torch.float64).numpy(), ratio)
             out[k] = amplitudes.astype(_wire_dtype(value.dtype))
         return out
 
     def apply(self, *, mean: Mapping[str, np.ndarray], state: AgentState, rnd: int, total_rounds: int) -> None:
         """Sets each shared tensor to the silo's trained weight (``state.model``) with the mean
         amplitudes inside the round's window, in the dtype ``state.global_shared`` stores it in."""
-        ratio = window_ratio(rnd, total_rounds)
+        ratio = fourier.window_ratio(rnd, total_rounds)
         for k, arr in mean.items():
             own = state.model[k].detach().cpu()
             dtype = state.global_shared[k].dtype if k in state.global_shared else own.dtype
-            new = combine_array(own.to(torch.float64).numpy(), np.asarray(arr), ratio)
+            new = fourier.combine_array(own.to(torch.float64).numpy(), np.asarray(arr), ratio)
             state.global_shared[k] = torch.from_numpy(np.ascontiguousarray(new)).to(dtype)

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset
 from fedsilo.models import ModelConfig, SyntheticConfig, TrainConfig, build_model, evaluate, silo_splits, train_local
 from fedsilo.silo_agent.bench.centralised import run_centralised
 from fedsilo.silo_agent.bench.local import run_local
-from fedsilo.silo_agent.bench.methods import METHOD_NAMES
+from fedsilo.silo_agent.bench.methods import study_method_names
 from fedsilo.silo_agent.bench.reference import Silo
 from fedsilo.silo_agent.bench.runner import (
     BenchConfig,
@@ -121,9 +121,9 @@ def test_study_settings_known_answer(tmp_path: Path) -> None:
 
 
 def test_every_method_is_accepted_under_he(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, methods=METHOD_NAMES, aggregation="he")
-    assert cfg.methods == METHOD_NAMES
-    assert {"local", "centralised", "fedavg", "resfim", "fedrdn"} <= set(METHOD_NAMES)
+    cfg = _cfg(tmp_path, methods=study_method_names(), aggregation="he")
+    assert cfg.methods == study_method_names()
+    assert {"local", "centralised", "fedavg", "resfim", "fedrdn"} <= set(study_method_names())
 
 
 # -- sweep and seeds ----------------------------------------------------------------------------

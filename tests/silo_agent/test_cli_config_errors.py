@@ -33,7 +33,7 @@ insecure = true
     (FED_OK + "\n[bogus]\n", "bogus"),
     (FED_OK.replace('listen = "127.0.0.1:0"', 'listen = "nowhere"'), "server.listen"),
     (FED_OK.replace("insecure = true", "insecure = false"), "server.ca"),
-    (FED_OK.replace("[run]", "[run]\nstrategy = \"fedprox\""), "run.strategy"),
+    (FED_OK.replace("[run]", "[run]\nstrategy = \"fedsgd\""), "run.strategy"),
     (FED_OK.replace('aggregation = "plain"', 'aggregation = "he"'), "run.aggregation"),
     (FED_OK.replace('enrolled = ["hospital-a"]', 'enrolled = ["Hospital A"]'), "silos.enrolled"),
     (FED_OK.replace("rounds = 3", "rounds = "), "not valid TOML"),

@@ -70,7 +70,7 @@ def _refused(err: pytest.ExceptionInfo[grpc.RpcError], code: grpc.StatusCode, *f
 def test_silo_certificate_gets_the_run(fed: Federation) -> None:
     info = fed.client("hospital-b").get_run()
     assert info.run_id == "demo-0"
-    assert info.strategy.value == "fedavg"
+    assert info.strategy == "fedavg"
     assert info.total_rounds == 1
     assert info.aggregation.value == "plain"
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fedsilo.models import ModelConfig, build_model
-from fedsilo.silo_agent.strategies.fedper import FedPer, head_prefix
-from fedsilo.silo_agent.strategies.siobn import SioBN
+from fedsilo.silo_agent.methods.fedper import FedPer, head_prefix
+from fedsilo.silo_agent.methods.siobn import SioBN
 
 
 def test_siobn_shares_affine_not_running_statistics() -> None:

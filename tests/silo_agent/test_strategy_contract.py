@@ -3,13 +3,17 @@
 import pytest
 import torch
 
-from fedsilo.coordinator.config import Strategy as StrategyName
 from fedsilo.models import ModelConfig, Norm, build_model, local_parameter_names
 from fedsilo.core.phases import SharePhase, phase_manifest
 from fedsilo.core.tensors import Manifest
 from fedsilo.models.lora import LoraSettings, add_lora, lora_layers, lora_parameter_names
-from fedsilo.silo_agent.strategies.fedper import head_prefix
-from fedsilo.silo_agent.strategies import STRATEGIES, Deer, FedAvg, FedBN, FfaLora, strategy_for
+from fedsilo.core.methods import get_method, method_names
+from fedsilo.silo_agent.methods import strategy_for
+from fedsilo.silo_agent.methods.deer import Deer
+from fedsilo.silo_agent.methods.fedavg import FedAvg
+from fedsilo.silo_agent.methods.fedbn import FedBN
+from fedsilo.silo_agent.methods.fedper import head_prefix
+from fedsilo.silo_agent.methods.ffa_lora import FfaLora
 
 MODELS = {
     "instance": ModelConfig(channels=(4, 8, 16), strides=(2, 2), norm=Norm.INSTANCE),
@@ -17,13 +21,15 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("model_key", list(MODELS))
-def test_contract(name: StrategyName, model_key: str) -> None:
+def test_contract(name: str, model_key: str) -> None:
+    method = get_method(name)
+
     def make() -> torch.nn.Module:
         model = build_model(MODELS[model_key])
         return add_lora(model, LoraSettings(rank=2), architecture=MODELS[model_key].architecture) \
-            if name.uses_lora else model
+            if method.uses_lora else model
 
     model = make()
     strategy = strategy_for(name)
@@ -35,7 +41,7 @@ def test_contract(name: StrategyName, model_key: str) -> None:
     assert len(set(shared)) == len(shared)
     assert all(sd[k].is_floating_point() for k in shared)
     trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
-    if name.uses_lora:
+    if method.uses_lora:
         # only adapter factors are shared, never the frozen base, and some of every layer's
         lora = set(lora_parameter_names(model))
         assert shared and set(shared) <= lora and set(shared) <= trainable
@@ -44,16 +50,16 @@ def test_contract(name: StrategyName, model_key: str) -> None:
         # at least the convolution weights are shared: otherwise nothing is federated
         # (FedPer's output head, the last convolution, is the one exception: it stays local by design)
         conv_weights = [k for k, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
-                        and not (name is StrategyName.FEDPER and k == head_prefix(model))]
+                        and not (name == "fedper" and k == head_prefix(model))]
         assert conv_weights and all(f"{k}.weight" in shared for k in conv_weights)
     # every phase trains a non-empty subset of the trainable parameters, all of it shared in that phase
     for phase in SharePhase:
-        if not name.alternates_factors and phase is not SharePhase.ALL:
+        if not method.alternates and phase is not SharePhase.ALL:
             continue
         strategy.set_trainable(model, phase, trainable)
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trained and trained <= trainable
-        if name.uses_lora:
+        if method.uses_lora:
             manifest = Manifest.of_arrays({k: sd[k].numpy() for k in shared})
             assert trained <= {t.name for t in phase_manifest(manifest, phase).tensors}
         strategy.set_trainable(model, SharePhase.ALL, trainable)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from fedsilo.models import ModelConfig, Optimizer, TrainConfig, build_model, train_local
 from fedsilo.silo_agent.state import AgentState
-from fedsilo.silo_agent.strategies.ditto import Ditto
+from fedsilo.silo_agent.methods.ditto import Ditto
 
 NET = ModelConfig.from_mapping({"channels": [4, 8], "strides": [2], "num_res_units": 0, "seed": 0})
 SGD = TrainConfig(batch_size=8, lr=0.05, optimizer=Optimizer.SGD)  # 6 images: one full-batch step per epoch

@@ -12,7 +12,7 @@ from torch import nn
 from fedsilo.models import local_parameter_names
 from fedsilo.models.fourier_agg import as_matrix, combine_array, window_amplitude_array, window_mask
 from fedsilo.silo_agent.state import AgentState
-from fedsilo.silo_agent.strategies.pfa import Pfa
+from fedsilo.silo_agent.methods.pfa import Pfa
 
 SIZES = (10.0, 30.0, 60.0)  # the silos' training sizes, the coordinator's weights
 NORM = {"1.weight", "1.bias"}
