@@ -21,7 +21,8 @@ from fedsilo.core.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from fedsilo.coordinator.run import Coordinator, TaskKind
+from fedsilo.coordinator.records import TaskKind
+from fedsilo.coordinator.run import Coordinator
 from fedsilo.privacy.pki import CertificateError, Identity, Role, identity_from_pem
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 
@@ -159,7 +160,6 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                                         wire_bytes=request.ByteSize())
         return wire.metrics_response(stored)
 
-
     @_rpc
     def ListKeyRecipients(self, request, context):  # noqa: N802
         return wire.key_recipients_response(self._c.key_recipients(self._who(context)))
@@ -187,15 +187,15 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         return wire.decline_response(state, training)
 
     @_rpc
-    def PublishStyleBank(self, request, context):  # noqa: N802
+    def PublishSealed(self, request, context):  # noqa: N802
         caller = self._who(context)
         self._c.run_config(caller)  # identity before input
-        return wire.style_bank_published_response(self._c.publish_style_bank(caller, request.sealed_bank))
+        return wire.sealed_published_response(self._c.publish_sealed(caller, request.purpose, request.blob))
 
     @_rpc
-    def GetStyleBanks(self, request, context):  # noqa: N802
-        banks, joined, more = self._c.style_banks(self._who(context), after_silo=request.after_silo)
-        return wire.style_banks_response(banks, joined, more)
+    def GetSealed(self, request, context):  # noqa: N802
+        page = self._c.sealed(self._who(context), request.purpose, after_silo=request.after_silo)
+        return wire.sealed_page_response(page)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

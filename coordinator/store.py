@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one table of sealed-relay blobs by (purpose, silo)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,10 +27,12 @@ CREATE TABLE IF NOT EXISTS wrapped_keys (
     wrapped BLOB NOT NULL,
     stored_at_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS style_banks (
-    silo TEXT PRIMARY KEY,
-    sealed BLOB NOT NULL,
-    stored_at_ms INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS sealed_blobs (
+    purpose TEXT NOT NULL,
+    silo TEXT NOT NULL,
+    blob BLOB NOT NULL,
+    stored_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (purpose, silo)
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -304,17 +306,32 @@ class Store:
         with self._lock:
             return {r["recipient"] for r in self._db.execute("SELECT recipient FROM wrapped_keys").fetchall()}
 
-    # -- style banks (pFL-ResFIM; sealed for the silos, opaque bytes) -----------------------
-    def put_style_bank(self, silo: str, sealed: bytes, now_ms: int) -> None:
-        """Stores a silo's sealed style bank (the caller checked it has none)."""
+    # -- the sealed relay (opaque blobs by purpose and silo) -------------------------------
+    def put_sealed(self, purpose: str, silo: str, blob: bytes, now_ms: int) -> None:
+        """Stores a silo's blob under ``purpose`` (the caller checked it has none)."""
         with self.transaction() as db:
-            db.execute("INSERT INTO style_banks (silo, sealed, stored_at_ms) VALUES (?, ?, ?)", (silo, sealed, now_ms))
+            db.execute("INSERT INTO sealed_blobs (purpose, silo, blob, stored_at_ms) VALUES (?, ?, ?, ?)",
+                       (purpose, silo, blob, now_ms))
 
-    def style_banks(self) -> dict[str, bytes]:
-        """Silo -> its sealed style bank."""
+    def sealed(self, purpose: str, silo: str) -> bytes | None:
+        """A silo's blob under ``purpose``, or None."""
         with self._lock:
-            rows = self._db.execute("SELECT silo, sealed FROM style_banks ORDER BY silo").fetchall()
-        return {r["silo"]: bytes(r["sealed"]) for r in rows}
+            row = self._db.execute("SELECT blob FROM sealed_blobs WHERE purpose = ? AND silo = ?",
+                                   (purpose, silo)).fetchone()
+        return None if row is None else bytes(row["blob"])
+
+    def sealed_count(self, purpose: str) -> int:
+        """How many silos stored a blob under ``purpose``."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM sealed_blobs WHERE purpose = ?", (purpose,)).fetchone()[0])
+
+    def sealed_sizes(self, purpose: str, *, after: str, exclude: str) -> list[tuple[str, int]]:
+        """(silo, blob size) under ``purpose`` for silos named after ``after``, but ``exclude``, by name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT silo, length(blob) AS n FROM sealed_blobs WHERE purpose = ? AND silo > ? AND silo != ? "
+                "ORDER BY silo", (purpose, after, exclude)).fetchall()
+        return [(r["silo"], int(r["n"])) for r in rows]
 
     # -- metrics ------------------------------------------------------------------------
     def retire(self, silo: str, *, from_round: int, reason: str, now_ms: int) -> None:

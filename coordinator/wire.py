@@ -8,11 +8,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fedsilo.core.errors import InvalidArgument
-from fedsilo.coordinator.run import (
+from fedsilo.coordinator.records import (
     AggregateInfo,
     RoundSummary,
-    RunState,
     PayloadEncoding,
+    RunState,
+    SealedPage,
     Status,
     SubmitResult,
     Task,
@@ -22,7 +23,7 @@ from fedsilo.coordinator.run import (
     UploadPart,
     UploadTrailer,
 )
-from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy
+from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.core.phases import SharePhase
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
@@ -38,14 +39,8 @@ _TASK_KIND = {
     TaskKind.TRAIN: federation_pb2.TASK_KIND_TRAIN,
     TaskKind.STOP: federation_pb2.TASK_KIND_STOP,
 }
-_STRATEGY = {Strategy.FEDAVG: federation_pb2.STRATEGY_FEDAVG, Strategy.FEDBN: federation_pb2.STRATEGY_FEDBN,
-             Strategy.DEER: federation_pb2.STRATEGY_DEER, Strategy.FEDAVG_LORA: federation_pb2.STRATEGY_FEDAVG_LORA,
-             Strategy.FFA_LORA: federation_pb2.STRATEGY_FFA_LORA, Strategy.RESFIM: federation_pb2.STRATEGY_RESFIM,
-             Strategy.DEER_RESFIM: federation_pb2.STRATEGY_DEER_RESFIM, Strategy.SIOBN: federation_pb2.STRATEGY_SIOBN,
-             Strategy.FEDPER: federation_pb2.STRATEGY_FEDPER, Strategy.DITTO: federation_pb2.STRATEGY_DITTO, Strategy.FEDRDN: federation_pb2.STRATEGY_FEDRDN,
-             Strategy.PFA: federation_pb2.STRATEGY_PFA}
-_PHASE = {SharePhase.ALL: federation_pb2.SHARE_PHASE_ALL, SharePhase.LORA_B: federation_pb2.SHARE_PHASE_LORA_B,
-          SharePhase.LORA_A: federation_pb2.SHARE_PHASE_LORA_A}
+#: Each share phase as its wire value, by name (``SharePhase.X`` is ``SHARE_PHASE_X``).
+_PHASE = {phase: federation_pb2.SharePhase.Value(f"SHARE_PHASE_{phase.name}") for phase in SharePhase}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
 
 
@@ -111,28 +106,36 @@ def upload_parts(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iter
 def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
     """The run parameters agents need."""
     return federation_pb2.GetRunResponse(
-        run_id=cfg.run_id, total_rounds=cfg.rounds, strategy=_STRATEGY[cfg.strategy],
+        run_id=cfg.run_id, total_rounds=cfg.rounds, method=cfg.strategy, task=cfg.task,
         aggregation=_AGGREGATION[cfg.aggregation], model_config_json=json.dumps(dict(cfg.model)),
         training_config_json=json.dumps(dict(cfg.training)), max_chunk_bytes=cfg.max_chunk_bytes,
         key_holder=cfg.key_holder if cfg.aggregation is AggregationMode.HE else "",
         he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
         privacy=privacy_plan_to_proto(cfg.privacy),
-        lora_config_json=json.dumps(dict(cfg.lora)) if cfg.strategy.uses_lora else "",
-        resfim_config_json=json.dumps(cfg.resfim.to_mapping()) if cfg.resfim is not None else "",
+        lora_config_json=json.dumps(dict(cfg.lora)) if cfg.method.uses_lora else "",
+        **_method_tables(cfg),
     )
 
 
+def _method_tables(cfg: FederationConfig) -> dict[str, str]:
+    """Each config table the run's method reads travels as the field ``<table>_config_json``: its
+    settings' mapping as a JSON object."""
+    fields = federation_pb2.GetRunResponse.DESCRIPTOR.fields_by_name
+    out = {}
+    for table in sorted(cfg.method.tables):
+        settings = getattr(cfg, table, None)
+        if f"{table}_config_json" in fields and settings is not None:
+            out[f"{table}_config_json"] = json.dumps(settings.to_mapping())
+    return out
+
+
 def privacy_plan_to_proto(plan) -> federation_pb2.PrivacyPlan:  # plan: PrivacyPlan | None
-    """The run's DP plan; an all-default message when the run has none."""
+    """The run's DP plan, field by field (the message's fields are the plan's); an all-default
+    message when the run has none."""
     if plan is None:
         return federation_pb2.PrivacyPlan()
-    return federation_pb2.PrivacyPlan(
-        record_level=plan.record_level, sample_rate=plan.sample_rate, steps_per_round=plan.steps_per_round,
-        max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier, silo_level=plan.silo_level,
-        update_clip_norm=plan.update_clip_norm, update_noise_multiplier=plan.update_noise_multiplier,
-        noise_shares=plan.noise_shares, delta=plan.delta, resfim_every=plan.resfim_every,
-        fisher_noise_multiplier=plan.fisher_noise_multiplier, fisher_clip_norm=plan.fisher_clip_norm,
-        style_noise_multiplier=plan.style_noise_multiplier, style_clip_norm=plan.style_clip_norm)
+    return federation_pb2.PrivacyPlan(**{f.name: getattr(plan, f.name)
+                                         for f in federation_pb2.PrivacyPlan.DESCRIPTOR.fields})
 
 
 def ledger_response(mirrored_through: int) -> federation_pb2.SubmitLedgerEntriesResponse:
@@ -245,14 +248,13 @@ def wrapped_key_response(wrapped: bytes | None) -> federation_pb2.GetWrappedKeyR
     return federation_pb2.GetWrappedKeyResponse(ready=wrapped is not None, wrapped=wrapped or b"")
 
 
-def style_bank_published_response(count: int) -> federation_pb2.PublishStyleBankResponse:
-    """Reply to PublishStyleBank."""
-    return federation_pb2.PublishStyleBankResponse(banks_published=count)
+def sealed_published_response(count: int) -> federation_pb2.PublishSealedResponse:
+    """Reply to PublishSealed."""
+    return federation_pb2.PublishSealedResponse(published=count)
 
 
-def style_banks_response(banks: list[tuple[str, bytes]], joined: int,
-                         more: bool) -> federation_pb2.GetStyleBanksResponse:
-    """Reply to GetStyleBanks (one page)."""
-    return federation_pb2.GetStyleBanksResponse(
-        banks=[federation_pb2.StyleBankEntry(silo=s, sealed_bank=b) for s, b in banks], silos_joined=joined,
-        more=more)
+def sealed_page_response(page: SealedPage) -> federation_pb2.GetSealedResponse:
+    """Reply to GetSealed (one page)."""
+    return federation_pb2.GetSealedResponse(
+        entries=[federation_pb2.SealedEntry(silo=s, blob=b) for s, b in page.entries],
+        silos_joined=page.silos_joined, more=page.more)

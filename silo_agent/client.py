@@ -196,23 +196,24 @@ class CoordinatorClient:
         return int(self._retry("DeclineRound", lambda: self._stub.DeclineRound(
             req, metadata=self._md, timeout=30)).silos_training)
 
-    def publish_style_bank(self, sealed: bytes) -> int:
-        """Publishes this silo's sealed style bank; returns how many silos have published one."""
-        req = wire.publish_style_bank_request(sealed)
-        return int(self._retry("PublishStyleBank", lambda: self._stub.PublishStyleBank(
-            req, metadata=self._md, timeout=60)).banks_published)
+    def publish_sealed(self, purpose: str, blob: bytes) -> int:
+        """Publishes this silo's sealed ``blob`` under ``purpose`` of the coordinator's sealed relay;
+        returns how many silos have published under it."""
+        req = wire.publish_sealed_request(purpose, blob)
+        return int(self._retry("PublishSealed", lambda: self._stub.PublishSealed(
+            req, metadata=self._md, timeout=60)).published)
 
-    def style_banks(self) -> tuple[dict[str, bytes], int]:
-        """The other silos' sealed style banks so far (every page), and how many silos have joined."""
-        banks: dict[str, bytes] = {}
+    def sealed(self, purpose: str) -> tuple[dict[str, bytes], int]:
+        """The other silos' sealed blobs under ``purpose`` so far (every page), and how many silos have joined."""
+        blobs: dict[str, bytes] = {}
         after = ""
         while True:
-            req = wire.get_style_banks_request(after)
-            page, joined, more = wire.style_banks_from_proto(self._retry("GetStyleBanks", lambda: self._stub.GetStyleBanks(
+            req = wire.get_sealed_request(purpose, after)
+            page, joined, more = wire.sealed_from_proto(self._retry("GetSealed", lambda: self._stub.GetSealed(
                 req, metadata=self._md, timeout=60)))
-            banks.update(page)
+            blobs.update(page)
             if not more or not page:
-                return banks, joined
+                return blobs, joined
             after = max(page)
 
     def key_recipients(self) -> list[tuple[str, bytes]]:

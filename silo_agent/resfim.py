@@ -17,6 +17,7 @@ from fedsilo.silo_agent.client import CoordinatorClient, Stopped
 from fedsilo.silo_agent.masked import apply_shared_mean, consensus, masked_upload, split_sums
 from fedsilo.silo_agent.secure import HeSession, write_private
 from fedsilo.silo_agent.state import AgentState
+from fedsilo.silo_agent.strategy import StrategyError
 
 log = logging.getLogger("fedsilo.agent")
 
@@ -27,7 +28,7 @@ BANK_POLL_S = 1.0
 BANK_WAIT_S = 120.0
 
 
-class ResFimError(Exception):
+class ResFimError(StrategyError):
     """pFL-ResFIM cannot go on; the message says why."""
 
 
@@ -101,7 +102,7 @@ class ResFimSession:
         if self.private:
             self.privacy.account_style_bank()
             self.privacy.sync(client)
-        published = client.publish_style_bank(sealed)
+        published = client.publish_sealed(BANK_PURPOSE, sealed)
         if self.private:
             self.privacy.commit_style_bank()
         log.info("style bank published (%d silo(s) have published theirs)", published)
@@ -112,7 +113,7 @@ class ResFimSession:
 
         waited = 0.0
         while True:
-            sealed, joined = client.style_banks()
+            sealed, joined = client.sealed(BANK_PURPOSE)
             if sealed and (len(sealed) >= joined - 1 or waited >= BANK_WAIT_S):
                 break
             if idle is not None:
@@ -181,10 +182,9 @@ class ResFimSession:
         return out
 
     # -- uploads and aggregates -----------------------------------------------------------
-    def upload_vector(self, values: dict[str, np.ndarray], state: AgentState, round_manifest: Manifest,
+    def upload_vector(self, values: dict[str, np.ndarray], state: AgentState, names: list[str],
                       weight: float, *, local_part: bool) -> np.ndarray:
-        """``[w·s⊙θ | w·s (| w·(1−s)⊙θ)]`` over the round's tensors (``weight`` already normalised)."""
-        names = [t.name for t in round_manifest.tensors]
+        """``[w·s⊙θ | w·s (| w·(1−s)⊙θ)]`` over the round's tensors ``names`` (``weight`` already normalised)."""
         return masked_upload(values, self._masks_np(state, names), names, weight, local_part=local_part)
 
     def apply(self, state: AgentState, decrypted: np.ndarray, manifest: Manifest, *, total_weight: float) -> None:

@@ -12,21 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from fedsilo.coordinator.config import AggregationMode, Strategy
+from fedsilo.coordinator.config import AggregationMode
+from fedsilo.core.methods import Method, UnknownMethod, get_method
 from fedsilo.core.errors import InvalidArgument
 from fedsilo.core.phases import SharePhase
 from fedsilo.coordinator.run import PayloadEncoding
 from fedsilo.core.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
-_STRATEGY = {federation_pb2.STRATEGY_FEDAVG: Strategy.FEDAVG, federation_pb2.STRATEGY_FEDBN: Strategy.FEDBN,
-             federation_pb2.STRATEGY_DEER: Strategy.DEER, federation_pb2.STRATEGY_FEDAVG_LORA: Strategy.FEDAVG_LORA,
-             federation_pb2.STRATEGY_FFA_LORA: Strategy.FFA_LORA,
-             federation_pb2.STRATEGY_RESFIM: Strategy.RESFIM,
-             federation_pb2.STRATEGY_DEER_RESFIM: Strategy.DEER_RESFIM,
-             federation_pb2.STRATEGY_SIOBN: Strategy.SIOBN, federation_pb2.STRATEGY_FEDPER: Strategy.FEDPER,
-             federation_pb2.STRATEGY_DITTO: Strategy.DITTO,
-             federation_pb2.STRATEGY_FEDRDN: Strategy.FEDRDN, federation_pb2.STRATEGY_PFA: Strategy.PFA}
 _PHASE = {federation_pb2.SHARE_PHASE_ALL: SharePhase.ALL, federation_pb2.SHARE_PHASE_LORA_B: SharePhase.LORA_B,
           federation_pb2.SHARE_PHASE_LORA_A: SharePhase.LORA_A}
 _AGGREGATION = {federation_pb2.AGGREGATION_PLAIN: AggregationMode.PLAIN, federation_pb2.AGGREGATION_HE: AggregationMode.HE}
@@ -47,7 +40,8 @@ class RunInfo:
 
     run_id: str
     total_rounds: int
-    strategy: Strategy
+    strategy: str
+    task: str = "segmentation-2d"
     aggregation: AggregationMode
     model_config: dict[str, Any]
     training_config: dict[str, Any]
@@ -57,6 +51,21 @@ class RunInfo:
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan, or None for a run without DP
     lora_config: dict[str, Any] | None = None  # LoRA strategies: the adapters' settings
     resfim: Any = None  # ResFIM strategies: fedsilo.coordinator.config.ResFimSettings
+
+    @property
+    def method(self) -> type[Method]:
+        """The run's registered method (``strategy`` names it)."""
+        return get_method(self.strategy)
+
+    @property
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """The run's method tables by name (e.g. ``lora``, ``resfim``), as the method's ``for_run`` takes them."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.lora_config is not None:
+            out["lora"] = dict(self.lora_config)
+        if self.resfim is not None:
+            out["resfim"] = self.resfim.to_mapping()
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,11 +104,13 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
     Raises:
         InvalidArgument: a strategy or aggregation this agent does not implement.
     """
-    if msg.strategy not in _STRATEGY:
-        raise InvalidArgument(f"the coordinator asks for strategy {msg.strategy}, which this agent does not know")
+    try:
+        get_method(msg.method)
+    except UnknownMethod as exc:
+        raise InvalidArgument(f"the coordinator asks for a method this agent does not implement: {exc}") from None
     if msg.aggregation not in _AGGREGATION:
         raise InvalidArgument(f"the coordinator asks for aggregation {msg.aggregation}, which this agent does not know")
-    return RunInfo(run_id=msg.run_id, total_rounds=msg.total_rounds, strategy=_STRATEGY[msg.strategy],
+    return RunInfo(run_id=msg.run_id, total_rounds=msg.total_rounds, strategy=msg.method, task=msg.task or "segmentation-2d",
                    aggregation=_AGGREGATION[msg.aggregation], model_config=json.loads(msg.model_config_json or "{}"),
                    training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
                    key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters),
@@ -111,8 +122,7 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
 def _resfim(msg: federation_pb2.GetRunResponse) -> Any:
     from fedsilo.coordinator.config import ConfigError, ResFimSettings
 
-    strategy = _STRATEGY[msg.strategy]
-    if not strategy.masked:
+    if "resfim" not in get_method(msg.method).tables:
         return None
     try:
         return ResFimSettings.from_mapping(_json_object(msg.resfim_config_json or "{}", "resfim_config_json"))
@@ -147,19 +157,19 @@ def ledger_request(entries_json: Sequence[str]) -> federation_pb2.SubmitLedgerEn
     return federation_pb2.SubmitLedgerEntriesRequest(entries_json=list(entries_json))
 
 
-def publish_style_bank_request(sealed: bytes) -> federation_pb2.PublishStyleBankRequest:
-    """Builds a PublishStyleBankRequest."""
-    return federation_pb2.PublishStyleBankRequest(sealed_bank=sealed)
+def publish_sealed_request(purpose: str, blob: bytes) -> federation_pb2.PublishSealedRequest:
+    """Builds a PublishSealedRequest: this silo's sealed ``blob`` under ``purpose``."""
+    return federation_pb2.PublishSealedRequest(purpose=purpose, blob=blob)
 
 
-def get_style_banks_request(after_silo: str = "") -> federation_pb2.GetStyleBanksRequest:
-    """Builds a GetStyleBanksRequest for the page after ``after_silo``."""
-    return federation_pb2.GetStyleBanksRequest(after_silo=after_silo)
+def get_sealed_request(purpose: str, after_silo: str = "") -> federation_pb2.GetSealedRequest:
+    """Builds a GetSealedRequest for the page of ``purpose`` after ``after_silo``."""
+    return federation_pb2.GetSealedRequest(purpose=purpose, after_silo=after_silo)
 
 
-def style_banks_from_proto(msg: federation_pb2.GetStyleBanksResponse) -> tuple[dict[str, bytes], int, bool]:
-    """(silo -> sealed bank, silos joined, more pages follow)."""
-    return {e.silo: bytes(e.sealed_bank) for e in msg.banks}, int(msg.silos_joined), bool(msg.more)
+def sealed_from_proto(msg: federation_pb2.GetSealedResponse) -> tuple[dict[str, bytes], int, bool]:
+    """(silo -> sealed blob, silos joined, more pages follow)."""
+    return {e.silo: bytes(e.blob) for e in msg.entries}, int(msg.silos_joined), bool(msg.more)
 
 
 def decline_request(rnd: int, reason: str, final: bool) -> federation_pb2.DeclineRoundRequest:

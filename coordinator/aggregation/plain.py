@@ -1,4 +1,4 @@
-"""Plaintext weighted FedAvg (McMahan et al., 2017): the coordinator sees every upload."""
+"""Plaintext weighted averaging of the uploads: the coordinator sees every upload."""
 
 from __future__ import annotations
 

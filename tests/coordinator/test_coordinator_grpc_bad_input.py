@@ -324,7 +324,7 @@ GOOD = {"hospital-a": (120.0, make_update(1)), "hospital-b": (380.0, make_update
 def test_happy_path_two_silos_one_round_over_several_chunks(fed: Fed) -> None:
     run = fed.stub("hospital-a").GetRun(federation_pb2.GetRunRequest(), timeout=RPC_TIMEOUT_S)
     assert (run.run_id, run.total_rounds, run.max_chunk_bytes) == ("grpc-bad-input", 2, MAX_CHUNK_BYTES)
-    assert run.strategy == federation_pb2.STRATEGY_FEDAVG and run.aggregation == federation_pb2.AGGREGATION_PLAIN
+    assert run.method == "fedavg" and run.aggregation == federation_pb2.AGGREGATION_PLAIN
 
     first = fed.join("hospital-a")
     assert (first.silo_name, first.state) == ("hospital-a", federation_pb2.RUN_STATE_WAITING_FOR_SILOS)

@@ -309,9 +309,9 @@ RESFIM_PLAN = dataclasses.replace(PLAN, resfim_every=2, fisher_noise_multiplier=
 
 
 def resfim_config(fed: Fed, state_dir: Path, **kw: object) -> FederationConfig:
-    from fedsilo.coordinator.config import ResFimSettings, Strategy
+    from fedsilo.coordinator.config import ResFimSettings
 
-    return config(fed, state_dir, strategy=Strategy.RESFIM, aggregation=AggregationMode.HE, privacy=RESFIM_PLAN,
+    return config(fed, state_dir, strategy="resfim", aggregation=AggregationMode.HE, privacy=RESFIM_PLAN,
                   resfim=ResFimSettings(recompute_every=2, style_clip_norm=40.0), **kw)
 
 
@@ -328,15 +328,15 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
         coord.join(who(s), model_fingerprint=FP, num_train_examples=40, manifest=MANIFEST, agent_version="t",
                    kem_announcement=b"kem", budget_statement=statement(fed, s))
     a = ledger(fed, tmp_path, "hospital-a")
-    with pytest.raises(FailedPrecondition, match="no mirrored privacy-ledger entry accounts its style bank"):
-        coord.publish_style_bank(who("hospital-a"), b"sealed bank")
-    assert coord.style_banks(who("hospital-b"))[0] == []
+    with pytest.raises(FailedPrecondition, match="no mirrored privacy-ledger entry accounts its 'style-bank' blob"):
+        coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank")
+    assert coord.sealed(who("hospital-b"), "style-bank").entries == ()
     wrong = dataclasses.replace(RESFIM_PLAN, style_noise_multiplier=1.0).style_release()
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, wrong)])
-    with pytest.raises(FailedPrecondition, match="style bank"):
-        coord.publish_style_bank(who("hospital-a"), b"sealed bank")
+    with pytest.raises(FailedPrecondition, match="accounts its 'style-bank' blob"):
+        coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank")
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.style_release())])
-    assert coord.publish_style_bank(who("hospital-a"), b"sealed bank") == 1
+    assert coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank") == 1
     coord.publish_wrapped_keys(who("hospital-a"), [("hospital-b", b"k"), ("hospital-c", b"k")])  # opaque to it
     assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])
@@ -345,7 +345,7 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
 
     header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST, local_part=False),
                           encoding=PayloadEncoding.HE_CIPHERTEXTS, payload_bytes=1000)
-    with pytest.raises(FailedPrecondition, match=r"no mirrored ResFIM mask \(noisy Fisher\) ledger entry"):
+    with pytest.raises(FailedPrecondition, match=r"no mirrored record-level scheduled extra release ledger entry"):
         coord.submit(who("hospital-a"), [header])
     [open_round] = coord.round_summaries()
     assert open_round.contributors == () and not open_round.closed

@@ -1,10 +1,11 @@
-"""pFL-ResFIM style banks over REAL gRPC with mutual TLS on loopback.
+"""The generic sealed relay over REAL gRPC with mutual TLS on loopback.
 
-A ``CoordinatorServer`` of a ``resfim`` (or ``deer+resfim``) run with HE aggregation and three
-enrolled silos, each joining with a signed X25519 announcement. Silos then publish their style
-banks, sealed with ``fedsilo.silo_agent.secure.seal`` under a shared secret the coordinator never
-holds, through ``PublishStyleBank``, and read the other silos' with ``GetStyleBanks``; the calls
-are made with raw ``fedsilo.v1`` stubs over channels configured like the agent's
+A ``CoordinatorServer`` of a ``resfim`` (or ``deer+resfim``, ``fedrdn``, or a toy method with two
+purposes) run with HE aggregation and three enrolled silos, each joining with a signed X25519
+announcement. Silos then publish blobs under a purpose of their method (ResFIM's style banks:
+``style-bank``), sealed with ``fedsilo.silo_agent.secure.seal`` under a shared secret the
+coordinator never holds, through ``PublishSealed``, and read the other silos' with ``GetSealed``;
+the calls are made with raw ``fedsilo.v1`` stubs over channels configured like the agent's
 (``fedsilo.silo_agent.client.channel_options``).
 
 Every refusal test checks the status code and a meaningful fragment of its details, that the
@@ -26,9 +27,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from fedsilo.coordinator.config import AggregationMode, FederationConfig, Strategy, TlsFiles
-from fedsilo.coordinator.run import MAX_STYLE_BANK_BYTES
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles
+from fedsilo.coordinator.records import MAX_SEALED_BYTES
 from fedsilo.coordinator.server import CoordinatorServer
+from fedsilo.core.methods import Method, register_method, unregister_method
 from fedsilo.privacy import pki
 from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public
 from fedsilo.privacy.pki import Role
@@ -150,21 +152,21 @@ class Fed:
                                          kem_announcement=self.announcements[silo])
         return self.stub(silo).Join(req, timeout=RPC_TIMEOUT_S)
 
-    def publish(self, who: str, sealed: bytes) -> int:
-        req = federation_pb2.PublishStyleBankRequest(sealed_bank=sealed)
-        return self.stub(who).PublishStyleBank(req, timeout=RPC_TIMEOUT_S).banks_published
+    def publish(self, who: str, sealed: bytes, purpose: str = PURPOSE) -> int:
+        req = federation_pb2.PublishSealedRequest(purpose=purpose, blob=sealed)
+        return self.stub(who).PublishSealed(req, timeout=RPC_TIMEOUT_S).published
 
-    def banks_response(self, who: str) -> federation_pb2.GetStyleBanksResponse:
-        return self.stub(who).GetStyleBanks(federation_pb2.GetStyleBanksRequest(), timeout=RPC_TIMEOUT_S)
+    def banks_response(self, who: str, purpose: str = PURPOSE, after: str = "") -> federation_pb2.GetSealedResponse:
+        return self.stub(who).GetSealed(federation_pb2.GetSealedRequest(purpose=purpose, after_silo=after),
+                                        timeout=RPC_TIMEOUT_S)
 
-    def banks(self, who: str) -> Banks:
+    def banks(self, who: str, purpose: str = PURPOSE) -> Banks:
         """Every page, as an agent reads them."""
         out: Banks = []
         after = ""
         while True:
-            resp = self.stub(who).GetStyleBanks(federation_pb2.GetStyleBanksRequest(after_silo=after),
-                                                timeout=RPC_TIMEOUT_S)
-            out += [(e.silo, bytes(e.sealed_bank)) for e in resp.banks]
+            resp = self.banks_response(who, purpose, after)
+            out += [(e.silo, bytes(e.blob)) for e in resp.entries]
             if not resp.more:
                 return out
             after = out[-1][0]
@@ -172,7 +174,7 @@ class Fed:
 
 def make_config(certs: Certs, state_dir: Path, **overrides: object) -> FederationConfig:
     kwargs: dict[str, object] = dict(
-        run_id=RUN_ID, silos=SILOS, rounds=2, min_silos=2, strategy=Strategy.RESFIM,
+        run_id=RUN_ID, silos=SILOS, rounds=2, min_silos=2, strategy="resfim",
         aggregation=AggregationMode.HE, he={},
         # The run waits for the key ceremony, which these tests never run: no round ever opens.
         round_deadline_s=60.0, quorum_timeout_s=600.0, start_grace_s=600.0,
@@ -218,19 +220,19 @@ def joined(fed: Fed) -> Fed:
 # -- the happy path ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", [Strategy.RESFIM, Strategy.DEER_RESFIM], ids=lambda s: s.value)
+@pytest.mark.parametrize("strategy", ["resfim", "deer+resfim"])
 def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
-        start_fed: Callable[..., Fed], strategy: Strategy) -> None:
+        start_fed: Callable[..., Fed], strategy: str) -> None:
     fed = start_fed(strategy=strategy)
     secret = random_secret(7)
-    plain = {silo: plaintext(f"{strategy.value} {silo}") for silo in SILOS[:2]}
+    plain = {silo: plaintext(f"{strategy} {silo}") for silo in SILOS[:2]}
     sealed = {silo: seal(secret, plain[silo], run_id=RUN_ID, purpose=PURPOSE, silo=silo) for silo in plain}
     a, b = sealed["hospital-a"], sealed["hospital-b"]
 
     for i, silo in enumerate(SILOS, start=1):
         fed.join(silo)
         resp = fed.banks_response(silo)  # nothing published yet
-        assert (list(resp.banks), resp.silos_joined) == ([], i)
+        assert (list(resp.entries), resp.silos_joined) == ([], i)
     before = fed.snapshot()
 
     assert fed.publish("hospital-a", a) == 1
@@ -239,7 +241,7 @@ def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
     assert fed.publish("hospital-b", b) == 2
 
     resp = fed.banks_response("hospital-c")
-    assert [(e.silo, bytes(e.sealed_bank)) for e in resp.banks] == [("hospital-a", a), ("hospital-b", b)]
+    assert [(e.silo, bytes(e.blob)) for e in resp.entries] == [("hospital-a", a), ("hospital-b", b)]
     assert resp.silos_joined == 3
     assert fed.banks("hospital-a") == [("hospital-b", b)]
     assert fed.banks("hospital-b") == [("hospital-a", a)]
@@ -271,7 +273,7 @@ def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
 
 
 def test_a_bank_of_exactly_the_limit_is_stored_and_relayed(joined: Fed) -> None:
-    big = os.urandom(MAX_STYLE_BANK_BYTES)
+    big = os.urandom(MAX_SEALED_BYTES)
     assert joined.publish("hospital-b", big) == 1
     assert joined.banks("hospital-a") == [("hospital-b", big)]
 
@@ -284,7 +286,7 @@ def test_a_different_second_bank_is_already_exists_and_the_first_is_kept(joined:
     assert joined.publish("hospital-a", first) == 1
     before = joined.snapshot()
     for other in (second, first + b"\x00", first[:-1]):
-        expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its style bank for this run",
+        expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its 'style-bank' blob for this run",
                lambda other=other: joined.publish("hospital-a", other))
         assert joined.banks("hospital-c") == [("hospital-a", first)]
         assert joined.snapshot() == before
@@ -298,9 +300,9 @@ def test_an_empty_or_oversized_bank_is_invalid_argument_and_nothing_is_stored(jo
     assert joined.publish("hospital-b", kept) == 1
     before = joined.snapshot()
     # 4 MiB + 1 is within the gRPC message limits (8 MiB both ways): the coordinator itself refuses it.
-    for size in (0, MAX_STYLE_BANK_BYTES + 1):
+    for size in (0, MAX_SEALED_BYTES + 1):
         expect(grpc.StatusCode.INVALID_ARGUMENT,
-               f"sealed_bank has {size} bytes; 1..{MAX_STYLE_BANK_BYTES} allowed",
+               f"blob has {size} bytes; 1..{MAX_SEALED_BYTES} allowed",
                lambda size=size: joined.publish("hospital-a", b"\x07" * size))
         assert joined.banks("hospital-c") == [("hospital-b", kept)]
         assert joined.banks("hospital-b") == []
@@ -327,21 +329,21 @@ def test_a_bank_beyond_the_grpc_message_limit_is_refused_by_grpc(joined: Fed) ->
                                                              ("grpc.use_local_subchannel_pool", 1)]) as ch:
         stub = federation_pb2_grpc.FederationStub(ch)
         expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER: Received message larger than max",
-               lambda: stub.PublishStyleBank(federation_pb2.PublishStyleBankRequest(sealed_bank=huge),
-                                             timeout=RPC_TIMEOUT_S))
+               lambda: stub.PublishSealed(federation_pb2.PublishSealedRequest(purpose=PURPOSE, blob=huge),
+                                          timeout=RPC_TIMEOUT_S))
     assert joined.banks("hospital-c") == [("hospital-b", kept)]
     assert joined.banks("hospital-b") == []
     assert joined.snapshot() == before
 
 
 def test_two_banks_within_the_limit_can_be_read_by_a_third_silo(joined: Fed) -> None:
-    """Each bank may take MAX_STYLE_BANK_BYTES; replies are paged so any number of them fits gRPC's limit."""
-    a, b = os.urandom(MAX_STYLE_BANK_BYTES), os.urandom(MAX_STYLE_BANK_BYTES)
+    """Each bank may take MAX_SEALED_BYTES; replies are paged so any number of them fits gRPC's limit."""
+    a, b = os.urandom(MAX_SEALED_BYTES), os.urandom(MAX_SEALED_BYTES)
     assert joined.publish("hospital-a", a) == 1
     assert joined.publish("hospital-b", b) == 2  # both accepted: each is within the documented limit
     assert joined.banks("hospital-a") == [("hospital-b", b)]  # one bank alone fits in a message
     first = joined.banks_response("hospital-c")  # two 4 MiB banks come in two pages
-    assert [e.silo for e in first.banks] == ["hospital-a"] and first.more
+    assert [e.silo for e in first.entries] == ["hospital-a"] and first.more
     assert joined.banks("hospital-c") == [("hospital-a", a), ("hospital-b", b)]
 
 
@@ -366,23 +368,24 @@ def test_a_caller_that_is_not_a_joined_silo_can_neither_publish_nor_read(
     assert fed.banks_response("hospital-b").silos_joined == 2
 
 
-def test_a_run_without_resfim_masks_exchanges_no_banks(start_fed: Callable[..., Fed]) -> None:
-    """Sealed banks are relayed only for strategies that exchange them (ResFIM's style banks, FedRDN's
-    statistics); FedAvg's run refuses both directions and stores nothing."""
-    fed = start_fed(strategy=Strategy.FEDAVG)
+def test_a_run_whose_method_relays_nothing_refuses_every_purpose(start_fed: Callable[..., Fed]) -> None:
+    """Blobs are relayed only under the purposes the run's method declares (ResFIM's style banks,
+    FedRDN's statistics); FedAvg's run declares none and refuses both directions, storing nothing."""
+    fed = start_fed(strategy="fedavg")
     for silo in SILOS:
         fed.join(silo)
     before = fed.snapshot()
-    fragment = (f"run '{RUN_ID}' uses strategy 'fedavg'; sealed banks are exchanged only by resfim, "
-                "deer+resfim and fedrdn runs")
-    expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", b"a's bank"))
-    for silo in SILOS:
-        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda silo=silo: fed.banks(silo))
+    for purpose in (PURPOSE, "rdn-stats"):
+        fragment = (f"run '{RUN_ID}' relays nothing under purpose '{purpose}': its method 'fedavg' uses the "
+                    "sealed relay for none")
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", b"a's bank", purpose))
+        for silo in SILOS:
+            expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda silo=silo: fed.banks(silo, purpose))
     assert fed.snapshot() == before
-    # Nothing was stored: the coordinator's database has no style bank row.
+    # Nothing was stored: the coordinator's database has no relayed blob.
     fed.server.stop(grace=1.0)
     with sqlite3.connect(fed.state_dir / "coordinator.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM style_banks").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM sealed_blobs").fetchone() == (0,)
 
 
 # -- sealing --------------------------------------------------------------------------------------------
@@ -432,6 +435,118 @@ def test_seal_opens_only_for_its_run_purpose_and_silo(seed: int) -> None:
 def test_a_bad_page_cursor_is_refused(joined: Fed) -> None:
     joined.publish("hospital-a", b"bank")
     expect(grpc.StatusCode.INVALID_ARGUMENT, "after_silo must be a silo name",
-           lambda: joined.stub("hospital-b").GetStyleBanks(
-               federation_pb2.GetStyleBanksRequest(after_silo="x" * 65), timeout=RPC_TIMEOUT_S))
+           lambda: joined.banks_response("hospital-b", after="x" * 65))
     assert joined.banks("hospital-b") == [("hospital-a", b"bank")]
+
+
+# -- purposes ---------------------------------------------------------------------------------------------
+
+
+@register_method
+class TwoRelays(Method):
+    """A toy method relaying under two purposes (registered for these tests only)."""
+
+    name = "test-two-relays"
+    summary = "test only: FedAvg's layout, two sealed-relay purposes"
+    relays = frozenset({"first-purpose", "second-purpose"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_method() -> Iterator[None]:
+    yield
+    unregister_method(TwoRelays.name)
+
+
+def test_a_purpose_the_method_does_not_use_is_failed_precondition_naming_it(joined: Fed) -> None:
+    """A ResFIM run relays style banks only: FedRDN's purpose, or any other well-formed one, is refused
+    both ways, naming the purpose and the run's own; nothing is stored under it or under style banks."""
+    kept = b"a's bank"
+    assert joined.publish("hospital-a", kept) == 1
+    before = joined.snapshot()
+    for purpose in ("rdn-stats", "wrapped-key", "0", "a" * 64):
+        fragment = (f"run '{RUN_ID}' relays nothing under purpose '{purpose}': its method 'resfim' uses the "
+                    "sealed relay for style-bank")
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda p=purpose: joined.publish("hospital-b", kept, p))
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda p=purpose: joined.banks("hospital-c", p))
+    assert joined.banks("hospital-c") == [("hospital-a", kept)]
+    assert joined.publish("hospital-b", b"b's bank") == 2  # b published nothing before
+    assert joined.snapshot() == before
+    joined.server.stop(grace=1.0)
+    with sqlite3.connect(joined.state_dir / "coordinator.sqlite") as db:
+        assert db.execute("SELECT purpose, silo FROM sealed_blobs ORDER BY silo").fetchall() == [
+            (PURPOSE, "hospital-a"), (PURPOSE, "hospital-b")]
+
+
+@pytest.mark.parametrize("purpose", ["", "Style-Bank", "style_bank", "style-bank/v1", "style bank", "a" * 65,
+                                     "style-bänk", "style-bank\n", "\x00"],
+                         ids=["empty", "upper-case", "underscore", "slash", "space", "65-chars", "non-ascii",
+                              "newline", "nul"])
+def test_a_malformed_purpose_is_invalid_argument_and_nothing_is_stored(joined: Fed, purpose: str) -> None:
+    kept = b"a's bank"
+    assert joined.publish("hospital-a", kept) == 1
+    before = joined.snapshot()
+    fragment = "is not 1..64 characters of [a-z0-9-]"
+    expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: joined.publish("hospital-b", b"b's bank", purpose))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: joined.banks_response("hospital-c", purpose))
+    assert joined.banks("hospital-c") == [("hospital-a", kept)]
+    assert joined.snapshot() == before
+
+
+def test_a_fedrdn_run_relays_its_statistics_and_nothing_else(start_fed: Callable[..., Fed]) -> None:
+    fed = start_fed(strategy="fedrdn")
+    for silo in SILOS:
+        fed.join(silo)
+    assert fed.publish("hospital-b", b"b's statistics", "rdn-stats") == 1
+    assert fed.banks("hospital-a", "rdn-stats") == [("hospital-b", b"b's statistics")]
+    expect(grpc.StatusCode.FAILED_PRECONDITION,
+           f"run '{RUN_ID}' relays nothing under purpose 'style-bank': its method 'fedrdn' uses the sealed relay "
+           "for rdn-stats", lambda: fed.publish("hospital-a", b"a's bank"))
+
+
+def test_each_purpose_holds_its_own_blob_per_silo(start_fed: Callable[..., Fed]) -> None:
+    """Under a method with two purposes a silo publishes one blob under each: the same bytes under both
+    are fine, a different second blob under one purpose is refused without touching the other."""
+    fed = start_fed(strategy=TwoRelays.name)
+    for silo in SILOS:
+        fed.join(silo)
+    assert fed.publish("hospital-a", b"one", "first-purpose") == 1
+    assert fed.publish("hospital-a", b"one", "second-purpose") == 1
+    assert fed.publish("hospital-b", b"two", "second-purpose") == 2
+    expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its 'second-purpose' blob",
+           lambda: fed.publish("hospital-a", b"other", "second-purpose"))
+    assert fed.banks("hospital-c", "first-purpose") == [("hospital-a", b"one")]
+    assert fed.banks("hospital-c", "second-purpose") == [("hospital-a", b"one"), ("hospital-b", b"two")]
+    assert fed.banks("hospital-a", "first-purpose") == []
+    assert fed.banks_response("hospital-b", "first-purpose").silos_joined == 3
+
+
+# -- paging ------------------------------------------------------------------------------------------------
+
+
+def test_pages_follow_the_cursor_never_hold_the_callers_own_and_hold_at_least_one(joined: Fed) -> None:
+    half = MAX_SEALED_BYTES // 2
+    a, b, c = os.urandom(half), os.urandom(half + 1), os.urandom(MAX_SEALED_BYTES)
+    for silo, blob in zip(SILOS, (a, b, c)):
+        joined.publish(silo, blob)
+    # a + b exceed a page by one byte: b starts the next page; c alone fills a page.
+    pages = []
+    after = ""
+    while True:
+        resp = joined.banks_response("hospital-c", after=after)
+        pages.append([(e.silo, bytes(e.blob)) for e in resp.entries])
+        if not resp.more:
+            break
+        after = pages[-1][-1][0]
+    assert pages == [[("hospital-a", a)], [("hospital-b", b)]]
+    # For a, whose own blob is skipped, b and c are two pages as well (b + c > 4 MiB).
+    first = joined.banks_response("hospital-a")
+    assert [e.silo for e in first.entries] == ["hospital-b"] and first.more
+    assert joined.banks("hospital-a") == [("hospital-b", b), ("hospital-c", c)]
+    # A cursor between names, past the caller's own, or past everyone.
+    assert joined.banks_response("hospital-a", after="hospital-b").entries[0].silo == "hospital-c"
+    resp = joined.banks_response("hospital-b", after="hospital-a")
+    assert [e.silo for e in resp.entries] == ["hospital-c"] and not resp.more
+    resp = joined.banks_response("hospital-a", after="hospital-c")
+    assert (list(resp.entries), resp.more, resp.silos_joined) == ([], False, 3)
+    resp = joined.banks_response("hospital-a", after="x" * 64)  # the longest cursor allowed
+    assert (list(resp.entries), resp.more) == ([], False)

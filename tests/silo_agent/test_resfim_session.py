@@ -2,7 +2,7 @@
 coordinator tampered with are refused, and masks are computed once per scheduled round and kept.
 
 The coordinator side here is a small in-memory stand-in (these tests are about the silo's state);
-the real exchange over gRPC with mTLS is in tests/coordinator/test_coordinator_style_banks.py and
+the real exchange over gRPC with mTLS is in tests/coordinator/test_coordinator_sealed_relay.py and
 the e2e tests. Sealing is the real AES-GCM sealing of ``fedsilo.silo_agent.secure``.
 """
 
@@ -21,8 +21,7 @@ from fedsilo.models import ModelConfig, SyntheticConfig, build_model, silo_split
 from fedsilo.silo_agent.resfim import BANK_PURPOSE, ResFimError, ResFimSession
 from fedsilo.silo_agent.secure import open_sealed, seal
 from fedsilo.silo_agent.state import AgentState
-from fedsilo.silo_agent.strategies import strategy_for
-from fedsilo.coordinator.config import Strategy
+from fedsilo.silo_agent.methods import strategy_for
 
 RUN = "resfim-run"
 SECRET = os.urandom(32)
@@ -51,12 +50,14 @@ class Relay:
         self.published: list[bytes] = []
         self.caller = ""
 
-    def publish_style_bank(self, sealed: bytes) -> int:
+    def publish_sealed(self, purpose: str, sealed: bytes) -> int:
+        assert purpose == "style-bank"  # the purpose ResFIM's method declares (Method.relays)
         self.published.append(sealed)
         self.banks.setdefault(self.caller, sealed)
         return len(self.banks)
 
-    def style_banks(self) -> tuple[dict[str, bytes], int]:
+    def sealed(self, purpose: str) -> tuple[dict[str, bytes], int]:
+        assert purpose == "style-bank"
         return {s: b for s, b in self.banks.items() if s != self.caller}, len(self.banks)
 
 
@@ -104,7 +105,7 @@ def test_masks_are_computed_on_schedule_and_kept(tmp_path: Path) -> None:
     a = session(tmp_path, "hospital-a")
     torch.manual_seed(0)
     model = build_model(ModelConfig(channels=(4, 8, 16), strides=(2, 2)))
-    strategy = strategy_for(Strategy.RESFIM)
+    strategy = strategy_for("resfim")
     shared = strategy.shared_names(model)
     sd = model.state_dict()
     state = AgentState(run_id=RUN, fingerprint="f" * 64, global_shared={k: sd[k].clone() for k in shared},

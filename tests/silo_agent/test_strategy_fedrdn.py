@@ -1,7 +1,7 @@
 """FedRDN strategy: silos exchange sealed channel statistics once, restart idempotently, refuse tampered blobs.
 
-The coordinator here is a small in-memory relay (the real gRPC relay is tested with the style
-banks in tests/coordinator); the sealing is the real AES-GCM sealing of ``fedsilo.silo_agent.secure``.
+The coordinator here is a small in-memory relay (the real gRPC relay, purpose ``rdn-stats`` included, is tested
+in tests/coordinator/test_coordinator_sealed_relay.py); the sealing is the real AES-GCM sealing of ``fedsilo.silo_agent.secure``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from fedsilo.models import Normalized, RandomNormalized, SegmentationDataset, ch
 from fedsilo.silo_agent.client import Stopped
 from fedsilo.silo_agent.secure import open_sealed, seal
 from fedsilo.silo_agent.state import AgentState
-from fedsilo.silo_agent.strategies.base import RunContext
-from fedsilo.silo_agent.strategies.fedavg import FedAvg
-from fedsilo.silo_agent.strategies.fedrdn import (
+from fedsilo.silo_agent.strategy import RunContext
+from fedsilo.silo_agent.methods.fedavg import FedAvg
+from fedsilo.silo_agent.methods.fedrdn import (
     OWN_KEY,
     STATS_FILE,
     STATS_PURPOSE,
@@ -61,19 +61,21 @@ class Relay:
 
 
 class Client:
-    """One silo's view of the relay (publish_style_bank / style_banks, as CoordinatorClient)."""
+    """One silo's view of the relay (publish_sealed / sealed, as CoordinatorClient)."""
 
     def __init__(self, relay: Relay, me: str) -> None:
         self.relay, self.me = relay, me
         self.polls = 0
 
-    def publish_style_bank(self, sealed: bytes) -> int:
+    def publish_sealed(self, purpose: str, sealed: bytes) -> int:
+        assert purpose == "rdn-stats" and purpose in FedRdn.relays  # what FedRDN's method declares
         with self.relay.lock:
             self.relay.published.setdefault(self.me, []).append(sealed)
             self.relay.blobs.setdefault(self.me, sealed)
             return len(self.relay.blobs)
 
-    def style_banks(self) -> tuple[dict[str, bytes], int]:
+    def sealed(self, purpose: str) -> tuple[dict[str, bytes], int]:
+        assert purpose == "rdn-stats"
         with self.relay.lock:
             self.polls += 1
             return {s: b for s, b in self.relay.blobs.items() if s != self.me}, self.relay.joined

@@ -8,22 +8,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
-    STRATEGY_FEDAVG: _ClassVar[Strategy]
-    STRATEGY_FEDBN: _ClassVar[Strategy]
-    STRATEGY_DEER: _ClassVar[Strategy]
-    STRATEGY_FEDAVG_LORA: _ClassVar[Strategy]
-    STRATEGY_FFA_LORA: _ClassVar[Strategy]
-    STRATEGY_RESFIM: _ClassVar[Strategy]
-    STRATEGY_DEER_RESFIM: _ClassVar[Strategy]
-    STRATEGY_SIOBN: _ClassVar[Strategy]
-    STRATEGY_FEDPER: _ClassVar[Strategy]
-    STRATEGY_DITTO: _ClassVar[Strategy]
-    STRATEGY_FEDRDN: _ClassVar[Strategy]
-    STRATEGY_PFA: _ClassVar[Strategy]
-
 class SharePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SHARE_PHASE_UNSPECIFIED: _ClassVar[SharePhase]
@@ -65,19 +49,6 @@ class AgentActivity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_ACTIVITY_TRAINING: _ClassVar[AgentActivity]
     AGENT_ACTIVITY_UPLOADING: _ClassVar[AgentActivity]
     AGENT_ACTIVITY_EVALUATING: _ClassVar[AgentActivity]
-STRATEGY_UNSPECIFIED: Strategy
-STRATEGY_FEDAVG: Strategy
-STRATEGY_FEDBN: Strategy
-STRATEGY_DEER: Strategy
-STRATEGY_FEDAVG_LORA: Strategy
-STRATEGY_FFA_LORA: Strategy
-STRATEGY_RESFIM: Strategy
-STRATEGY_DEER_RESFIM: Strategy
-STRATEGY_SIOBN: Strategy
-STRATEGY_FEDPER: Strategy
-STRATEGY_DITTO: Strategy
-STRATEGY_FEDRDN: Strategy
-STRATEGY_PFA: Strategy
 SHARE_PHASE_UNSPECIFIED: SharePhase
 SHARE_PHASE_ALL: SharePhase
 SHARE_PHASE_LORA_B: SharePhase
@@ -142,10 +113,9 @@ class GetRunRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "strategy", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json", "resfim_config_json")
+    __slots__ = ("run_id", "total_rounds", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json", "resfim_config_json", "method", "task")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
-    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -155,9 +125,10 @@ class GetRunResponse(_message.Message):
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     RESFIM_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
-    strategy: Strategy
     aggregation: Aggregation
     model_config_json: str
     training_config_json: str
@@ -167,7 +138,9 @@ class GetRunResponse(_message.Message):
     privacy: PrivacyPlan
     lora_config_json: str
     resfim_config_json: str
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ..., resfim_config_json: _Optional[str] = ...) -> None: ...
+    method: str
+    task: str
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ..., resfim_config_json: _Optional[str] = ..., method: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement", "budget_statement")
@@ -413,38 +386,42 @@ class DeclineRoundResponse(_message.Message):
     silos_training: int
     def __init__(self, state: _Optional[_Union[RunState, str]] = ..., silos_training: _Optional[int] = ...) -> None: ...
 
-class PublishStyleBankRequest(_message.Message):
-    __slots__ = ("sealed_bank",)
-    SEALED_BANK_FIELD_NUMBER: _ClassVar[int]
-    sealed_bank: bytes
-    def __init__(self, sealed_bank: _Optional[bytes] = ...) -> None: ...
+class PublishSealedRequest(_message.Message):
+    __slots__ = ("purpose", "blob")
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    purpose: str
+    blob: bytes
+    def __init__(self, purpose: _Optional[str] = ..., blob: _Optional[bytes] = ...) -> None: ...
 
-class PublishStyleBankResponse(_message.Message):
-    __slots__ = ("banks_published",)
-    BANKS_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
-    banks_published: int
-    def __init__(self, banks_published: _Optional[int] = ...) -> None: ...
+class PublishSealedResponse(_message.Message):
+    __slots__ = ("published",)
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    published: int
+    def __init__(self, published: _Optional[int] = ...) -> None: ...
 
-class GetStyleBanksRequest(_message.Message):
-    __slots__ = ("after_silo",)
+class GetSealedRequest(_message.Message):
+    __slots__ = ("purpose", "after_silo")
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     AFTER_SILO_FIELD_NUMBER: _ClassVar[int]
+    purpose: str
     after_silo: str
-    def __init__(self, after_silo: _Optional[str] = ...) -> None: ...
+    def __init__(self, purpose: _Optional[str] = ..., after_silo: _Optional[str] = ...) -> None: ...
 
-class StyleBankEntry(_message.Message):
-    __slots__ = ("silo", "sealed_bank")
+class SealedEntry(_message.Message):
+    __slots__ = ("silo", "blob")
     SILO_FIELD_NUMBER: _ClassVar[int]
-    SEALED_BANK_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
     silo: str
-    sealed_bank: bytes
-    def __init__(self, silo: _Optional[str] = ..., sealed_bank: _Optional[bytes] = ...) -> None: ...
+    blob: bytes
+    def __init__(self, silo: _Optional[str] = ..., blob: _Optional[bytes] = ...) -> None: ...
 
-class GetStyleBanksResponse(_message.Message):
-    __slots__ = ("banks", "silos_joined", "more")
-    BANKS_FIELD_NUMBER: _ClassVar[int]
+class GetSealedResponse(_message.Message):
+    __slots__ = ("entries", "silos_joined", "more")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SILOS_JOINED_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
-    banks: _containers.RepeatedCompositeFieldContainer[StyleBankEntry]
+    entries: _containers.RepeatedCompositeFieldContainer[SealedEntry]
     silos_joined: int
     more: bool
-    def __init__(self, banks: _Optional[_Iterable[_Union[StyleBankEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
+    def __init__(self, entries: _Optional[_Iterable[_Union[SealedEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...

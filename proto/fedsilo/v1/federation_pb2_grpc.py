@@ -94,15 +94,15 @@ class FederationStub:
                 request_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.FromString,
                 _registered_method=True)
-        self.PublishStyleBank = channel.unary_unary(
-                '/fedsilo.v1.Federation/PublishStyleBank',
-                request_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.SerializeToString,
-                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.FromString,
+        self.PublishSealed = channel.unary_unary(
+                '/fedsilo.v1.Federation/PublishSealed',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishSealedRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishSealedResponse.FromString,
                 _registered_method=True)
-        self.GetStyleBanks = channel.unary_unary(
-                '/fedsilo.v1.Federation/GetStyleBanks',
-                request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.SerializeToString,
-                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.FromString,
+        self.GetSealed = channel.unary_unary(
+                '/fedsilo.v1.Federation/GetSealed',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.FromString,
                 _registered_method=True)
 
 
@@ -194,16 +194,18 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PublishStyleBank(self, request, context):
-        """ResFIM runs: stores the caller's style bank, sealed for the other silos (opaque to the
-        coordinator). Once per run; the same bytes again are accepted.
+    def PublishSealed(self, request, context):
+        """The sealed relay: stores the caller's blob under a purpose its run's method relays, sealed
+        for the other silos (opaque to the coordinator). One blob per (purpose, silo) per run; the
+        same bytes again are accepted. (Replaces PublishStyleBank; that name stays unused.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetStyleBanks(self, request, context):
-        """ResFIM runs: the other silos' sealed style banks published so far, a page at a time.
+    def GetSealed(self, request, context):
+        """The sealed relay: the other silos' blobs under a purpose published so far, a page at a time.
+        (Replaces GetStyleBanks; that name stays unused.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,15 +274,15 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_federation__pb2.DeclineRoundResponse.SerializeToString,
             ),
-            'PublishStyleBank': grpc.unary_unary_rpc_method_handler(
-                    servicer.PublishStyleBank,
-                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.FromString,
-                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.SerializeToString,
+            'PublishSealed': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishSealed,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.PublishSealedRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.PublishSealedResponse.SerializeToString,
             ),
-            'GetStyleBanks': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetStyleBanks,
-                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.FromString,
-                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.SerializeToString,
+            'GetSealed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSealed,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,7 +620,7 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
-    def PublishStyleBank(request,
+    def PublishSealed(request,
             target,
             options=(),
             channel_credentials=None,
@@ -631,9 +633,9 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedsilo.v1.Federation/PublishStyleBank',
-            fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankRequest.SerializeToString,
-            fedsilo_dot_v1_dot_federation__pb2.PublishStyleBankResponse.FromString,
+            '/fedsilo.v1.Federation/PublishSealed',
+            fedsilo_dot_v1_dot_federation__pb2.PublishSealedRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.PublishSealedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -645,7 +647,7 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
-    def GetStyleBanks(request,
+    def GetSealed(request,
             target,
             options=(),
             channel_credentials=None,
@@ -658,9 +660,9 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedsilo.v1.Federation/GetStyleBanks',
-            fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksRequest.SerializeToString,
-            fedsilo_dot_v1_dot_federation__pb2.GetStyleBanksResponse.FromString,
+            '/fedsilo.v1.Federation/GetSealed',
+            fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.FromString,
             options,
             channel_credentials,
             insecure,

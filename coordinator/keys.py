@@ -1,0 +1,105 @@
+"""The HE key relay: the key holder lists who needs the run's key and publishes it wrapped per silo; opaque to the coordinator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fedsilo.coordinator.config import AggregationMode
+from fedsilo.coordinator.context import RunContext
+from fedsilo.coordinator.records import MAX_WRAPPED_KEY_BYTES
+from fedsilo.coordinator.store import SiloRow
+from fedsilo.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from fedsilo.privacy.pki import Identity
+
+log = logging.getLogger("fedsilo.coordinator")
+
+
+class KeyRelay:
+    """Relays the wrapped HE key from the key holder to every other joined silo.
+
+    Args:
+        ctx: the run's shared state.
+        on_published: called (lock held) after wrapped keys were stored: the run may start now.
+    """
+
+    def __init__(self, ctx: RunContext, on_published: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self._on_published = on_published
+
+    def start_gate(self, silos: dict[str, SiloRow]) -> str | None:
+        """Why round 1 may not open yet given the joined ``silos`` (None: it may): an HE run waits
+        for the key holder to join and wrap the key for every other joined silo."""
+        cfg = self.ctx.cfg
+        if cfg.aggregation is not AggregationMode.HE:
+            return None
+        missing = self._missing(silos)
+        if cfg.key_holder not in silos or missing:
+            return (f"waiting for the key holder {cfg.key_holder!r} to join and "
+                    f"wrap the run's key for {sorted(missing) or 'the others'}")
+        return None
+
+    def _missing(self, silos: dict[str, SiloRow]) -> set[str]:
+        have = self.ctx.store.wrapped_key_recipients()
+        return {n for n in silos if n != self.ctx.cfg.key_holder and n not in have}
+
+    def _require_he(self) -> None:
+        cfg = self.ctx.cfg
+        if cfg.aggregation is not AggregationMode.HE:
+            raise FailedPrecondition(f"run {cfg.run_id!r} uses {cfg.aggregation.value} aggregation; "
+                                     "there is no key ceremony")
+
+    def _require_holder(self, caller: Identity, what: str) -> str:
+        name = self.ctx.require_joined(caller)
+        self._require_he()
+        if name != self.ctx.cfg.key_holder:
+            raise PermissionDenied(f"only the key holder {self.ctx.cfg.key_holder!r} {what}")
+        return name
+
+    def recipients(self, caller: Identity) -> list[tuple[str, bytes]]:
+        """Key holder only: joined silos still without a wrapped key, with their signed X25519 keys.
+
+        Raises:
+            PermissionDenied: the caller is not the key holder.
+            FailedPrecondition: the run does not use HE.
+        """
+        self._require_holder(caller, "lists key recipients")
+        silos = self.ctx.store.silos()
+        return [(n, silos[n].kem_public_key or b"") for n in sorted(self._missing(silos))]
+
+    def publish(self, caller: Identity, entries: list[tuple[str, bytes]]) -> int:
+        """Key holder only: stores wrapped keys (opaque: the coordinator cannot open them).
+
+        Raises:
+            PermissionDenied: the caller is not the key holder.
+            InvalidArgument: empty, duplicate, oversized, or for a silo not joined / the holder itself.
+        """
+        name = self._require_holder(caller, "publishes wrapped keys")
+        if not 1 <= len(entries) <= 1000:
+            raise InvalidArgument(f"expected 1..1000 wrapped keys, got {len(entries)}")
+        silos = self.ctx.store.silos()
+        seen: set[str] = set()
+        for recipient, wrapped in entries:
+            if recipient in seen:
+                raise InvalidArgument(f"two wrapped keys for {recipient!r}")
+            seen.add(recipient)
+            if recipient == name or recipient not in silos:
+                raise InvalidArgument(f"{recipient!r} is not a joined silo that needs the key")
+            if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY_BYTES:
+                raise InvalidArgument(f"wrapped key for {recipient!r} has {len(wrapped)} bytes (1..4 MiB allowed)")
+        with self.ctx.cond:
+            self.ctx.store.put_wrapped_keys(entries, self.ctx.now_ms())
+            log.info("stored wrapped keys for %s", ", ".join(sorted(seen)))
+            self._on_published()
+            self.ctx.cond.notify_all()
+        return len(entries)
+
+    def wrapped_key(self, caller: Identity) -> bytes | None:
+        """The run's key wrapped for the caller, or None while the key holder has not published it.
+
+        Raises:
+            FailedPrecondition: the run does not use HE.
+        """
+        name = self.ctx.require_joined(caller)
+        self._require_he()
+        return self.ctx.store.wrapped_key(name)

@@ -1,0 +1,185 @@
+"""Plain records the coordinator's functions take and return: run states, tasks, upload parts, summaries, limits."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.coordinator.config import AggregationMode
+from fedsilo.core.phases import SharePhase
+from fedsilo.core.tensors import Manifest
+
+#: Largest weight (example count) an upload or a join may carry.
+MAX_WEIGHT = 1e9
+#: Longest task long-poll, in seconds.
+MAX_WAIT_S = 60
+#: A resumed open round gets at least this long (or its whole deadline) before it may close.
+RESUME_GRACE_S = 30.0
+#: The running sum is saved after every this many uploads; payloads after it are kept until then.
+SUM_CHECKPOINT_EVERY = 8
+#: Seconds between writes of the batched liveness and traffic counters.
+TELEMETRY_FLUSH_S = 2.0
+MAX_WRAPPED_KEY_BYTES = 4 * 2**20
+MAX_ANNOUNCEMENT_BYTES = 16 * 2**10
+MAX_BUDGET_STATEMENT_BYTES = 32 * 2**10
+MAX_LEDGER_BATCH = 64
+MAX_LEDGER_ENTRY_CHARS = 32 * 2**10
+#: Largest blob of the sealed relay (one per purpose and silo).
+MAX_SEALED_BYTES = 4 * 2**20
+#: A page of relayed blobs holds at most this many bytes (and always at least one blob).
+SEALED_PAGE_BYTES = 4 * 2**20
+
+
+class RunState(enum.Enum):
+    """Life cycle of a run (values are stored in the database)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class PayloadEncoding(enum.Enum):
+    """Layout of an upload or aggregate payload (values match ``fedsilo.v1.PayloadEncoding``)."""
+
+    RAW_TENSORS = 1
+    HE_CIPHERTEXTS = 2
+
+
+ENCODING_FOR: dict[AggregationMode, PayloadEncoding] = {
+    AggregationMode.PLAIN: PayloadEncoding.RAW_TENSORS,
+    AggregationMode.HE: PayloadEncoding.HE_CIPHERTEXTS,
+}
+
+
+class TaskKind(enum.Enum):
+    """What an agent should do next."""
+
+    WAIT = "wait"
+    TRAIN = "train"
+    STOP = "stop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """Answer to a task poll."""
+
+    kind: TaskKind
+    round: int = 0
+    base_round: int = 0
+    deadline_ms: int = 0
+    last_closed_round: int = 0
+    state: RunState = RunState.WAITING
+    message: str = ""
+    weight_normalizer: float = 0.0
+    phase: SharePhase = SharePhase.ALL
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadHeader:
+    """First part of an upload stream."""
+
+    round: int
+    weight: float
+    manifest: Manifest
+    encoding: PayloadEncoding = PayloadEncoding.RAW_TENSORS
+    payload_bytes: int = -1  # -1: the manifest's raw size
+    wire_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """Payload bytes that follow the header."""
+        return self.manifest.total_bytes if self.payload_bytes < 0 else self.payload_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadChunk:
+    """Payload bytes of an upload stream."""
+
+    data: bytes
+    wire_bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadTrailer:
+    """Last part of an upload stream."""
+
+    num_chunks: int
+    sha256: bytes
+    wire_bytes: int = 0
+
+
+UploadPart = UploadHeader | UploadChunk | UploadTrailer
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitResult:
+    """An accepted upload."""
+
+    round: int
+    bytes_received: int
+    uploads_in_round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregateInfo:
+    """A closed round's aggregate on disk."""
+
+    round: int
+    num_contributors: int
+    total_weight: float
+    manifest: Manifest
+    path: Path
+    encoding: PayloadEncoding
+    weight_normalizer: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SealedPage:
+    """A page of the sealed relay: other silos' blobs under one purpose, in silo-name order."""
+
+    entries: tuple[tuple[str, bytes], ...]
+    silos_joined: int
+    more: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloStatus:
+    """An enrolled silo as the coordinator sees it."""
+
+    name: str
+    joined: bool
+    last_seen_ms: int
+    rounds_contributed: int
+    num_train_examples: int
+    retired_from_round: int = 0
+    retired_reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status:
+    """The run at a glance."""
+
+    run_id: str
+    state: RunState
+    open_round: int
+    last_closed_round: int
+    total_rounds: int
+    silos: tuple[SiloStatus, ...]
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSummary:
+    """One round's record."""
+
+    round: int
+    closed: bool
+    contributors: tuple[str, ...]
+    params_shared: int
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    total_weight: float
+    metrics: dict[str, list[tuple[str, float, int]]]

@@ -1,0 +1,123 @@
+"""The generic sealed relay: opaque blobs by (purpose, sender silo), which the coordinator stores and pages out but cannot open.
+
+A method declares the purposes it relays (``Method.relays``): what a silo publishes under one
+of them (sealed with a secret only the silos hold) reaches the other joined silos byte for
+byte. One blob per purpose and silo per run; the same bytes again are accepted (an agent that
+restarted before it saw the reply), different bytes are refused. In a DP run, a purpose whose
+blob the privacy plan accounts (``PrivacyPlan.release_for_relay``) is relayed only once that
+release is mirrored from the silo's ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fedsilo.coordinator.context import RunContext
+from fedsilo.coordinator.records import MAX_SEALED_BYTES, SEALED_PAGE_BYTES, SealedPage
+from fedsilo.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from fedsilo.privacy.pki import Identity
+from fedsilo.privacy.plan import entry_key
+
+log = logging.getLogger("fedsilo.coordinator")
+
+#: A purpose: 1..64 characters of lowercase letters, digits and dashes.
+PURPOSE_RE = re.compile(r"[a-z0-9-]{1,64}")
+
+
+class SealedRelay:
+    """Stores and serves the run's sealed blobs.
+
+    Args:
+        ctx: the run's shared state.
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def _check_purpose(self, purpose: object) -> str:
+        """Raises unless ``purpose`` is well-formed and one the run's method relays."""
+        if not isinstance(purpose, str) or not PURPOSE_RE.fullmatch(purpose):
+            raise InvalidArgument(f"purpose {str(purpose)[:80]!r} is not 1..64 characters of [a-z0-9-]")
+        method = self.ctx.method
+        if purpose not in method.relays:
+            used = ", ".join(sorted(method.relays)) or "none"
+            raise FailedPrecondition(f"run {self.ctx.cfg.run_id!r} relays nothing under purpose {purpose!r}: its "
+                                     f"method {method.name!r} uses the sealed relay for {used}")
+        return purpose
+
+    def _check_accounted(self, name: str, purpose: str) -> None:
+        """In a DP run, the release the plan ties to ``purpose`` must be mirrored first."""
+        plan = self.ctx.cfg.privacy
+        planned = plan.release_for_relay(purpose) if plan is not None else None
+        if planned is None:
+            return
+        assert self.ctx.mirror is not None
+        want = planned.key()
+        if not any(e.run_id == self.ctx.cfg.run_id and entry_key(e) == want for e in self.ctx.mirror.entries(name)):
+            raise FailedPrecondition(f"silo {name!r}: no mirrored privacy-ledger entry accounts its {purpose!r} blob "
+                                     f"(mechanism, σ, q, steps, C) = {want}; send it with SubmitLedgerEntries "
+                                     "before publishing")
+
+    def publish(self, caller: Identity, purpose: str, blob: bytes) -> int:
+        """Stores the caller's blob under ``purpose``, sealed for the other silos.
+
+        Returns:
+            How many silos have published under ``purpose``.
+
+        Raises:
+            InvalidArgument: a malformed purpose, or an empty or oversized blob.
+            FailedPrecondition: the run's method relays nothing under ``purpose``, or (DP) the
+                release the plan ties to it is not mirrored yet.
+            AlreadyExists: the caller already published different bytes under ``purpose``.
+        """
+        ctx = self.ctx
+        name = ctx.require_joined(caller)
+        self._check_purpose(purpose)
+        if not 1 <= len(blob) <= MAX_SEALED_BYTES:
+            raise InvalidArgument(f"blob has {len(blob)} bytes; 1..{MAX_SEALED_BYTES} allowed")
+        self._check_accounted(name, purpose)
+        blob = bytes(blob)
+        with ctx.cond:
+            known = ctx.store.sealed(purpose, name)
+            if known is not None:
+                if known != blob:
+                    raise AlreadyExists(f"silo {name!r} already published its {purpose!r} blob for this run "
+                                        "(one per purpose and run; the agent keeps the sealed copy in its state dir)")
+                return ctx.store.sealed_count(purpose)
+            ctx.store.put_sealed(purpose, name, blob, ctx.now_ms())
+            log.info("relay: stored the sealed %s blob of %s (%d bytes)", purpose, name, len(blob))
+            ctx.cond.notify_all()
+            return ctx.store.sealed_count(purpose)
+
+    def page(self, caller: Identity, purpose: str, *, after_silo: str = "") -> SealedPage:
+        """A page of the other silos' blobs under ``purpose``, how many silos have joined, and whether more follow.
+
+        A page holds the blobs of the silos named after ``after_silo`` (in name order, never the
+        caller's own) up to ``SEALED_PAGE_BYTES`` in all, and at least one, so every reply fits
+        in one gRPC message however many silos publish.
+
+        Raises:
+            InvalidArgument: a malformed purpose, or an ``after_silo`` longer than a silo name can be.
+            FailedPrecondition: the run's method relays nothing under ``purpose``.
+        """
+        ctx = self.ctx
+        name = ctx.require_joined(caller)
+        self._check_purpose(purpose)
+        if not isinstance(after_silo, str) or len(after_silo) > 64:
+            raise InvalidArgument("after_silo must be a silo name (at most 64 characters) or empty")
+        chosen: list[str] = []
+        size = 0
+        more = False
+        for silo, n in ctx.store.sealed_sizes(purpose, after=after_silo, exclude=name):
+            if chosen and size + n > SEALED_PAGE_BYTES:
+                more = True
+                break
+            chosen.append(silo)
+            size += n
+        entries = []
+        for silo in chosen:
+            blob = ctx.store.sealed(purpose, silo)
+            assert blob is not None  # blobs are never deleted
+            entries.append((silo, blob))
+        return SealedPage(entries=tuple(entries), silos_joined=len(ctx.store.silos()), more=more)
