@@ -18,7 +18,7 @@ from fedsilo.privacy.pki import Identity
 
 log = logging.getLogger("fedsilo.coordinator")
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Membership:
@@ -80,7 +80,7 @@ class Membership:
         ctx = self.ctx
         cfg = ctx.cfg
         name = ctx.require_silo(caller)
-        if not isinstance(model_fingerprint, str) or not _HEX64.match(model_fingerprint):
+        if not isinstance(model_fingerprint, str) or not _HEX64.fullmatch(model_fingerprint):
             raise InvalidArgument("model_fingerprint must be 64 lowercase hex characters (SHA-256)")
         if not 1 <= num_train_examples <= MAX_WEIGHT:
             raise InvalidArgument(f"num_train_examples {num_train_examples} is not in [1, 10^9]")

@@ -12,7 +12,7 @@ from fedsilo.coordinator.records import MAX_WEIGHT, TELEMETRY_FLUSH_S, RoundSumm
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 from fedsilo.privacy.pki import Identity
 
-_METRIC_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+_METRIC_RE = re.compile(r"[a-z0-9_]{1,64}")
 
 
 class Telemetry:
@@ -76,7 +76,7 @@ class Telemetry:
             raise InvalidArgument(f"expected 1..64 metrics, got {len(metrics)}")
         names: set[str] = set()
         for mname, value, n in metrics:
-            if not _METRIC_RE.match(mname):
+            if not _METRIC_RE.fullmatch(mname):
                 raise InvalidArgument(f"metric name {mname!r} is not 1..64 chars of [a-z0-9_]")
             if mname in names:
                 raise InvalidArgument(f"metric {mname!r} appears twice")

@@ -395,3 +395,22 @@ def test_restart_across_sum_checkpoints_counts_every_upload_once(new_coordinator
     assert second.status().last_closed_round == 1
     assert_mean(second, 1, updates, caller=names[0])
     assert second.round_summaries()[0].total_weight == sum(w for w, _ in updates)
+
+
+def test_a_trailing_newline_does_not_pass_for_a_fingerprint_or_a_metric_name(new_coordinator) -> None:
+    """Names are matched whole: a regex ``$`` would let ``"...\\n"`` through."""
+    from fedsilo.core.errors import InvalidArgument
+
+    coord = new_coordinator(min_silos=3, rounds=1)
+    with pytest.raises(InvalidArgument, match="model_fingerprint must be 64 lowercase hex"):
+        coord.join(silo("hospital-a"), model_fingerprint=FINGERPRINT + "\n", num_train_examples=1,
+                   manifest=MANIFEST, agent_version="test")
+    assert coord.status().silos[0].joined is False
+    for name in SILOS:
+        join(coord, name)
+    for name in SILOS:
+        submit(coord, name, 1, 1.0, make_update(1))
+    with pytest.raises(InvalidArgument, match="is not 1..64 chars"):
+        coord.report_metrics(silo("hospital-a"), 1, [("dice\n", 0.5, 3)])
+    assert coord.round_summaries()[0].metrics == {}
+    assert coord.report_metrics(silo("hospital-a"), 1, [("dice", 0.5, 3)]) == 1
