@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 import math
 import tomllib
 from collections.abc import Mapping
@@ -83,6 +84,11 @@ class ResFimSettings:
         return (rnd - 1) % self.recompute_every == 0
 
 
+#: The Task of a run that names none: today's 2-D segmentation.
+DEFAULT_TASK = "segmentation-2d"
+_TASK_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+
+
 class AggregationMode(enum.Enum):
     """How the coordinator adds up uploads."""
 
@@ -121,6 +127,8 @@ class FederationConfig:
         quorum_timeout_s: after the deadline, seconds to wait for quorum before the run fails.
         start_grace_s: once ``min_silos`` have joined, seconds to wait for the rest before round 1.
         strategy: the registered method (``fedsilo.core.methods``) that decides what silos share.
+        task: the registered Task of the run (``fedsilo.models.tasks``: data, model, loss, metrics),
+            validated by the agents, which hold the Tasks (the coordinator never builds a model).
         aggregation: how uploads are added up (homomorphic by default).
         he: HE parameters (``fedsilo.privacy.he.HeParams`` fields); defaults when empty.
         listen: host:port the gRPC server binds.
@@ -147,6 +155,7 @@ class FederationConfig:
     quorum_timeout_s: float = 3600.0
     start_grace_s: float = 30.0
     strategy: str = "fedavg"
+    task: str = DEFAULT_TASK
     aggregation: AggregationMode = AggregationMode.HE
     listen: str = "0.0.0.0:50051"
     state_dir: Path = Path("coordinator-state")
@@ -196,6 +205,8 @@ class FederationConfig:
                 json.dumps(dict(value))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+        if not isinstance(self.task, str) or not _TASK_NAME_RE.fullmatch(self.task):
+            raise ConfigError(f"run.task: {self.task!r} is not a Task name (lowercase words joined by '-')")
         name = self.strategy
         if self.lora and not method.uses_lora:
             users = ", ".join(m.name for m in _methods_with(lambda m: m.uses_lora))
@@ -313,6 +324,7 @@ class FederationConfig:
             "silos": list(self.silos),
             "rounds": self.rounds,
             "strategy": self.strategy,
+            **({"task": self.task} if self.task != DEFAULT_TASK else {}),  # earlier runs' fingerprints stay
             "aggregation": self.aggregation.value,
             "model": dict(self.model),
             "training": dict(self.training),
@@ -345,7 +357,8 @@ def _non_negative(name: str, value: Any) -> None:
 
 
 _SECTIONS = {
-    "run": {"id", "rounds", "min_silos", "round_deadline_s", "quorum_timeout_s", "start_grace_s", "strategy", "aggregation"},
+    "run": {"id", "rounds", "min_silos", "round_deadline_s", "quorum_timeout_s", "start_grace_s", "strategy", "aggregation",
+            "task"},
     "silos": {"enrolled"},
     "server": {"listen", "state_dir", "ca", "cert", "key", "insecure", "max_upload_bytes", "max_chunk_bytes"},
     "model": None,
@@ -434,6 +447,8 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
         if key in run:
             kwargs[key] = run[key]
+    if "task" in run:
+        kwargs["task"] = run["task"]
     if "strategy" in run:
         if not isinstance(run["strategy"], str):
             raise ConfigError(f"run.strategy: {run['strategy']!r} must be a method name (one of {list(method_names())})")

@@ -15,29 +15,19 @@ from torch.utils.data import Dataset
 
 from fedsilo import __version__
 from fedsilo.core.tensors import Manifest
-from fedsilo.models import (
-    ModelConfig,
-    SiloSplits,
-    SyntheticConfig,
-    TrainConfig,
-    build_model,
-    evaluate,
-    model_fingerprint,
-    silo_splits,
-    train_local,
-    unseen_domain,
-)
+from fedsilo.coordinator.config import DEFAULT_TASK
+from fedsilo.models import ModelConfig, TrainConfig, model_fingerprint, train_local
+from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
-from fedsilo.silo_agent.config import AgentConfig, DataConfig, DataSource
+from fedsilo.silo_agent.config import AgentConfig, DataConfig
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.methods import strategy_for
-from fedsilo.silo_agent.strategy import RunContext
+from fedsilo.silo_agent.strategy import RunContext, StrategyError
 from fedsilo.core.phases import SharePhase, phase_manifest
-from fedsilo.silo_agent.resfim import ResFimError, ResFimSession
 from fedsilo.silo_agent.wire import Activity
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
@@ -51,34 +41,15 @@ class AgentError(Exception):
     """A condition the agent cannot continue from; the message says what to fix."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class SiloData:
-    """A silo's splits and, for the built-in data, the unseen domain."""
-
-    splits: SiloSplits
-    unseen: Dataset | None
-
-
-def load_data(cfg: DataConfig) -> SiloData:
-    """Loads the silo's data as configured.
+def load_data(cfg: DataConfig, task: Task | None = None) -> SiloData:
+    """Loads the silo's data as configured, the way the run's Task reads it (default: 2-D segmentation).
 
     Raises:
         AgentError: a bad data setting or unreadable folder.
     """
+    task = task if task is not None else get_task(DEFAULT_TASK)
     try:
-        if cfg.source is DataSource.BUILTIN:
-            scfg = SyntheticConfig.from_mapping({"seed": cfg.seed, **cfg.options})
-            return SiloData(splits=silo_splits(scfg, cfg.domain), unseen=unseen_domain(scfg))
-        from fedsilo.models import FolderConfig, load_folder
-
-        fcfg = FolderConfig.from_mapping({"path": str(cfg.path), "seed": cfg.seed, **cfg.options})
-        unseen = None
-        if cfg.unseen_path is not None:
-            from torch.utils.data import ConcatDataset
-
-            held_out = load_folder(FolderConfig.from_mapping({**fcfg.to_mapping(), "path": str(cfg.unseen_path)}))
-            unseen = ConcatDataset([ds for ds in (held_out.train, held_out.val, held_out.test) if _len(ds)])
-        return SiloData(splits=load_folder(fcfg), unseen=unseen)
+        return task.load_data(cfg)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise AgentError(f"data: {exc}") from None
 
@@ -112,7 +83,7 @@ class Agent:
         self._he: HeSession | None = None
         self._manifest: Manifest | None = None
         self._dp: PrivacySession | None = None
-        self._resfim: ResFimSession | None = None
+        self._ctx: RunContext | None = None
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -148,7 +119,7 @@ class Agent:
         except Stopped:
             log.info("stopped")
             return EXIT_OK
-        except (TlsRefused, ResFimError) as exc:
+        except (TlsRefused, StrategyError) as exc:
             raise AgentError(str(exc)) from None
         except grpc.RpcError as err:
             raise AgentError(f"the coordinator refused: {err.code().name}: {err.details()}") from None
@@ -158,11 +129,12 @@ class Agent:
     def _run(self, client: CoordinatorClient) -> int:
         info = client.get_run()
         try:
-            model_cfg = ModelConfig.from_mapping(info.model_config)
+            task = get_task(info.task)
+            model_cfg = task.model_config(info.model_config)
             train_cfg = TrainConfig.from_mapping(info.training_config)
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
-        model = build_model(model_cfg)
+        model = task.build_model(model_cfg)
         method = info.method
         if method.uses_lora:
             model = self._lora_model(model, model_cfg, info.lora_config or {})
@@ -171,11 +143,12 @@ class Agent:
 
             model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
-        self._strategy = strategy_for(info.strategy, {"resfim": info.resfim.to_mapping()} if info.resfim else {})
+        self._strategy = strategy_for(info.strategy, info.tables)
         self._total_rounds = info.total_rounds
         self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         shared = self._strategy.shared_names(model)
-        data = load_data(self.cfg.data)
+        self._task = task
+        data = load_data(self.cfg.data, task)
         n_train = _len(data.splits.train)
         state_dir = Path(self.cfg.state_dir)
         state = AgentState.load(state_dir)
@@ -228,29 +201,19 @@ class Agent:
                 self._he.ensure_key(client, self.stop)
             except KeyCeremonyError as exc:
                 raise AgentError(str(exc)) from None
-        if method.masked:
-            if self._he is None:
-                raise AgentError(f"strategy {info.strategy} needs HE aggregation (the masks travel encrypted)")
-            self._resfim = ResFimSession(settings=info.resfim, he=self._he, state_dir=state_dir, privacy=self._dp)
-            if self._dp is not None:  # this silo's own audit reports say what ResFIM shares and how it is covered
-                from fedsilo.privacy.audit import resfim_disclosures, write_disclosures
+        if method.needs_he and self._he is None:
+            raise AgentError(f"strategy {info.strategy} needs HE aggregation ({method.needs_he})")
+        disclosures = self._strategy.disclosures(train=data.splits.train, plan=self._dp.plan if self._dp else None)
+        if self._dp is not None and disclosures:  # what this silo's audit reports state beside the ledger
+            from fedsilo.privacy.audit import write_disclosures
 
-                r = info.resfim
-                write_disclosures(state_dir, resfim_disclosures(
-                    rho=r.rho, recompute_every=r.recompute_every, beta=r.beta, clusters=r.clusters,
-                    plan=self._dp.plan if self._resfim.private else None))
-            try:
-                self._resfim.publish_bank(client, data.splits.train)
-            except PrivacyError as exc:
-                raise AgentError(str(exc)) from None
-        else:
-            disclosures = self._strategy.disclosures(train=data.splits.train)
-            if self._dp is not None and disclosures:  # what this silo's audit reports state beside the ledger
-                from fedsilo.privacy.audit import write_disclosures
-
-                write_disclosures(state_dir, disclosures)
-            self._strategy.prepare(RunContext(client=client, he=self._he, train=data.splits.train, state=state,
-                                              state_dir=state_dir, stop=self.stop, idle=self._serve_keys(client)))
+            write_disclosures(state_dir, disclosures)
+        self._ctx = RunContext(client=client, he=self._he, train=data.splits.train, state=state, state_dir=state_dir,
+                               stop=self.stop, idle=self._serve_keys(client), privacy=self._dp)
+        try:
+            self._strategy.prepare(self._ctx)
+        except PrivacyError as exc:
+            raise AgentError(str(exc)) from None
         while True:
             self._activity = Activity.IDLE
             if holder:
@@ -284,16 +247,16 @@ class Agent:
         while state.applied_round < target:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
-            if self._resfim is not None:
-                if self._he is None or agg.ciphertexts is None:
-                    raise AgentError("a ResFIM run's aggregate must be encrypted")
-                decrypted = self._he.decrypt_sum(agg.ciphertexts, agg.manifest.numel)
-                self._resfim.apply(state, decrypted, agg.manifest,
-                                   total_weight=agg.total_weight / agg.weight_normalizer)
+            if agg.arrays is not None:  # plain aggregation: the weighted mean of the round's shared tensors
+                self._strategy.apply(mean={t.name: agg.arrays[t.name] for t in agg.manifest.tensors}, state=state,
+                                     rnd=rnd, total_rounds=total_rounds)
             else:
-                arrays = agg.arrays if agg.arrays is not None else self._decrypt_mean(agg)
-                self._strategy.apply(mean={t.name: arrays[t.name] for t in agg.manifest.tensors}, state=state,
-                                     rnd=rnd, total_rounds=total_rounds)  # the round's phase of the shared tensors
+                if self._he is None or agg.ciphertexts is None:
+                    raise AgentError("received an encrypted aggregate but this silo has no HE key")
+                total = self._he.decrypt_sum(agg.ciphertexts, agg.manifest.numel)
+                self._strategy.apply_sum(total, layout=agg.manifest, total_weight=agg.total_weight,
+                                         weight_normalizer=agg.weight_normalizer, state=state, rnd=rnd,
+                                         total_rounds=total_rounds)
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
             log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
@@ -303,43 +266,24 @@ class Agent:
             metrics: dict[str, tuple[float, int]] = {}
             strategy = self._strategy
             model.load_state_dict(strategy.eval_state_dict(state))
+            task = self._task
             if _len(data.splits.test):
-                res = evaluate(model, strategy.eval_data(data.splits.test, state=state))
-                metrics.update(dice=(res.dice, res.n), hd95=(res.hd95, res.n))
+                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.test, state=state), "test"))
             if _len(data.splits.val):
-                res = evaluate(model, strategy.eval_data(data.splits.val, state=state))
-                metrics.update(val_dice=(res.dice, res.n))
+                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.val, state=state), "val"))
             if state.last_train_loss is not None and state.done_round == rnd:
                 metrics["train_loss"] = (state.last_train_loss, _len(data.splits.train))
             if state.shared_fraction is not None:
                 metrics["shared_fraction"] = (state.shared_fraction, _len(data.splits.train))
             if (rnd == total_rounds or self._unseen_every_round) and data.unseen is not None:
-                if self._resfim is not None and state.consensus:
-                    # the unseen domain has no personal part: the consensus of the silos' models
-                    model.load_state_dict(self._resfim.consensus_state_dict(state))
-                else:
-                    model.load_state_dict(strategy.unseen_state_dict(state))
-                res = evaluate(model, strategy.unseen_data(data.unseen, state=state))
-                metrics.update(unseen_dice=(res.dice, res.n), unseen_hd95=(res.hd95, res.n))
+                model.load_state_dict(strategy.unseen_state_dict(state))
+                metrics.update(task.evaluate_split(model, strategy.unseen_data(data.unseen, state=state), "unseen"))
             self._load_global(model, state)
             if metrics:
                 client.report_metrics(rnd, metrics)
                 log.info("round %d: %s", rnd, ", ".join(f"{k}={v:.4f}" for k, (v, _) in metrics.items()))
             state.reported_round = rnd
             state.save(Path(self.cfg.state_dir))
-
-    def _decrypt_mean(self, agg) -> dict[str, np.ndarray]:
-        """Weighted mean from an encrypted aggregate: decrypt, undo the normalizer, divide."""
-        if self._he is None or agg.ciphertexts is None:
-            raise AgentError("received an encrypted aggregate but this silo has no HE key")
-        total = agg.manifest.numel
-        weighted_sum = self._he.decrypt_sum(agg.ciphertexts, total)
-        mean = weighted_sum * (agg.weight_normalizer / agg.total_weight)
-        out, pos = {}, 0
-        for spec in agg.manifest.tensors:
-            out[spec.name] = mean[pos : pos + spec.numel].astype(spec.dtype.numpy).reshape(spec.shape)
-            pos += spec.numel
-        return out
 
     @staticmethod
     def _load_global(model: torch.nn.Module, state: AgentState) -> None:
@@ -362,8 +306,7 @@ class Agent:
                 state.pending_round, state.pending_update = 0, {}
                 state.save(state_dir)
             if state.pending_round != rnd:
-                extra = self._resfim.mask_releases(state, rnd, ahead=True) if self._resfim is not None else []
-                refusal = dp.refusal(extra)
+                refusal = dp.refusal(self._strategy.extra_releases(state, rnd, ahead=True))
                 if refusal is not None:
                     self._decline(client, state, rnd, refusal)
                     return
@@ -373,11 +316,9 @@ class Agent:
             loss = state.last_train_loss if state.last_train_loss is not None else float("nan")
         else:
             self._activity = Activity.TRAINING
-            if self._resfim is not None:
-                self._resfim.ensure_masks(client, self.stop, model=model, state=state, train=data.splits.train,
-                                          rnd=rnd, trainable=self._trainable, strategy=self._strategy,
-                                          shared_names=[t.name for t in self._manifest.tensors],
-                                          idle=self._serve_keys(client))
+            assert self._ctx is not None
+            self._strategy.before_training(self._ctx, model=model, state=state, rnd=rnd, trainable=self._trainable,
+                                           shared_names=[t.name for t in self._manifest.tensors])
             self._strategy.set_trainable(model, phase, self._trainable)
             train = self._strategy.train_data(data.splits.train, state=state, rnd=rnd)
             if dp is not None and dp.plan.record_level:
@@ -385,15 +326,12 @@ class Agent:
 
                 result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
             else:
-                result = train_local(model, train, train_cfg, round_index=rnd)
+                result = train_local(model, train, train_cfg, round_index=rnd, task=self._task)
             if self.stop.is_set():
                 raise Stopped("training")
             sd = model.state_dict()
-            if self._resfim is not None:  # masked uploads carry values: personal elements differ per silo
-                update = {k: sd[k].detach().clone().numpy() for k in shared}
-            else:
-                update = self._strategy.upload(trained=sd, state=state, names=shared, rnd=rnd,
-                                               total_rounds=self._total_rounds)
+            update = self._strategy.upload(trained=sd, state=state, names=shared, rnd=rnd,
+                                           total_rounds=self._total_rounds)
             loss = result.loss
             self._strategy.after_training(model=model, state=state, train=train, train_cfg=train_cfg, rnd=rnd)
             state.model = {k: v.detach().clone() for k, v in sd.items()}
@@ -405,23 +343,17 @@ class Agent:
                                         for k, v in update.items()}
                 state.save(state_dir)  # the exact release is durable before it is accounted and sent
         if dp is not None:
-            dp.account_round(rnd, self._resfim.mask_releases(state, rnd) if self._resfim is not None else [])
+            dp.account_round(rnd, self._strategy.extra_releases(state, rnd))
             dp.sync(client)
         weight = 1.0 if dp is not None and dp.plan.silo_level else float(n_train)
         self._activity = Activity.UPLOADING
         sent = True
         try:
-            if self._resfim is not None:
-                assert self._he is not None
-                local_part = method.carries_local_part(rnd, self._total_rounds)
-                flat = self._resfim.upload_vector(update, state, round_manifest, weight / weight_normalizer,
-                                                  local_part=local_part)
-                uploads_in = client.submit_he(rnd, weight, method.upload_layout(self._manifest, rnd, self._total_rounds),
-                                              self._he.encrypt(flat))
-            elif self._he is not None:
-                flat = np.concatenate([update[t.name].astype(np.float64).ravel() for t in round_manifest.tensors])
-                blobs = self._he.encrypt(flat * (weight / weight_normalizer))
-                uploads_in = client.submit_he(rnd, weight, round_manifest, blobs)
+            if self._he is not None:
+                flat = method.he_vector(update, state=state, names=shared, scale=weight / weight_normalizer, rnd=rnd,
+                                        total_rounds=self._total_rounds)
+                layout = method.upload_layout(self._manifest, rnd, self._total_rounds)
+                uploads_in = client.submit_he(rnd, weight, layout, self._he.encrypt(flat))
             else:
                 uploads_in = client.submit(rnd, weight, update)
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, loss, uploads_in)

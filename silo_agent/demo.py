@@ -84,11 +84,13 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                   min_silos: int | None = None, lora: dict[str, Any] | None = None,
                   base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None,
                   training: dict[str, Any] | None = None, he_bound: float | None = None,
-                  data: list[dict[str, Any]] | None = None) -> tuple[Path, list[Path]]:
+                  data: list[dict[str, Any]] | None = None, task: str | None = None,
+                  model: dict[str, Any] | None = None) -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
 
     ``training`` overrides entries of the demo's ``[training]`` table, ``he_bound`` the HE
-    bound, and ``data`` gives each silo's ``[data]`` table (default: built-in domain i).
+    bound, and ``data`` gives each silo's ``[data]`` table (default: built-in domain i); ``task``
+    names the run's Task and ``model`` replaces the demo's ``[model]`` table (default: the demo UNet).
 
     ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
     name to its silo.toml ``[privacy]`` table (its own budget).
@@ -108,9 +110,11 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                 "aggregation": aggregation},
         "silos": {"enrolled": names},
         "server": server,
-        "model": {**DEMO_MODEL, "seed": seed},
+        "model": dict(model) if model is not None else {**DEMO_MODEL, "seed": seed},
         "training": {**DEMO_TRAINING, "seed": seed, **(training or {})},
     }
+    if task is not None:
+        fed_sections["run"]["task"] = task
     if lora is not None and aggregation == "he":
         # the noise regulator maps product-space noise to factor values well above 1
         fed_sections["he"] = {"bound": DEMO_LORA_HE_BOUND}

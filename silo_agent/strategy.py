@@ -38,6 +38,7 @@ class RunContext:
         state_dir: where the agent keeps its state.
         stop: set when the agent must stop (raise ``Stopped`` from long waits).
         idle: called while waiting (the key holder keeps serving late joiners), or None.
+        privacy: the silo's ``PrivacySession`` (its plan and ledger), or None without DP.
     """
 
     client: Any
@@ -47,6 +48,11 @@ class RunContext:
     state_dir: Path
     stop: threading.Event
     idle: Any = None
+    privacy: Any = None
+
+
+class StrategyError(Exception):
+    """A method cannot go on (e.g. no usable relayed data); the message says why. The agent stops with it."""
 
 
 class Strategy(Method, abc.ABC):
@@ -122,10 +128,38 @@ class Strategy(Method, abc.ABC):
         The default does nothing; FedRDN exchanges its normalisation statistics here.
         """
 
-    def disclosures(self, *, train: Dataset) -> list[dict[str, str]]:
+    def disclosures(self, *, train: Dataset, plan: Any = None) -> list[dict[str, str]]:
         """What the strategy shares outside the privacy ledger, as ``{"topic", "statement"}`` items
-        for the audit report of a DP run (default: nothing)."""
+        for the audit report of a DP run with privacy ``plan`` (default: nothing)."""
         return []
+
+    def extra_releases(self, state: AgentState, rnd: int, *, ahead: bool = False) -> list[Any]:
+        """Ledger releases of round ``rnd`` besides its upload (e.g. masks computed from the data);
+        ``ahead``: those about to be made (for the budget check before training). Default: none."""
+        return []
+
+    def before_training(self, ctx: RunContext, *, model: torch.nn.Module, state: AgentState, rnd: int,
+                        trainable: frozenset[str], shared_names: Sequence[str]) -> None:
+        """Called before round ``rnd``'s local training (e.g. to compute masks); may update ``state``
+        (it saves it). Default: nothing."""
+
+    def he_vector(self, update: Mapping[str, np.ndarray], *, state: AgentState, names: Sequence[str], scale: float,
+                  rnd: int, total_rounds: int) -> np.ndarray:
+        """The flat vector an HE upload encrypts, laid out as :meth:`upload_layout` says: by default
+        the round's tensors ``names`` flattened in order, times ``scale`` (the normalised weight)."""
+        flat = np.concatenate([np.asarray(update[k]).astype(np.float64).ravel() for k in names])
+        return flat * scale
+
+    def apply_sum(self, flat_sum: np.ndarray, *, layout: Any, total_weight: float, weight_normalizer: float,
+                  state: AgentState, rnd: int, total_rounds: int) -> None:
+        """Applies a decrypted HE aggregate (the sum of the uploads' :meth:`he_vector`, laid out as
+        ``layout``). The default divides by the total weight and hands the mean to :meth:`apply`."""
+        mean = flat_sum * (weight_normalizer / total_weight)
+        out, pos = {}, 0
+        for spec in layout.tensors:
+            out[spec.name] = mean[pos : pos + spec.numel].astype(spec.dtype.numpy).reshape(spec.shape)
+            pos += spec.numel
+        self.apply(mean=out, state=state, rnd=rnd, total_rounds=total_rounds)
 
     def train_data(self, train: Dataset, *, state: AgentState, rnd: int) -> Dataset:
         """The training set of round ``rnd`` as the model sees it (default: unchanged)."""

@@ -114,3 +114,19 @@ def test_every_module_has_a_real_docstring(module: str) -> None:
     doc = ast.get_docstring(ast.parse(MODULES[module].read_text(encoding="utf-8")))
     assert doc and doc.strip().lower().rstrip(".") not in ("placeholder", "todo", ""), f"{module}: no real docstring"
     assert len(doc.splitlines()[0]) > 20, f"{module}: its docstring's first line says too little: {doc.splitlines()[0]!r}"
+
+
+def test_pyproject_lists_every_package_folder() -> None:
+    """Every folder with an ``__init__.py`` below a mapped package dir is a listed package (a missing one
+    would be left out of the wheel; a listed one without a folder breaks the install)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for pkg, folder in PACKAGE_DIRS.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            if pkg == "fedsilo" and rel[:1] not in ((), ("core",), ("cli",)):
+                continue
+            found.add(".".join([pkg, *rel]))
+    assert listed == found, f"listed but missing: {sorted(listed - found)}; present but unlisted: {sorted(found - listed)}"

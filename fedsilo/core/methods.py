@@ -4,7 +4,7 @@ A method is one module (``silo_agent/methods/<name>.py``) with one class registe
 :func:`register_method`, the way Opacus registers grad samplers. The class's torch-free part —
 everything on :class:`Method` — is all the coordinator, config validation, the CLI and the bench
 ever read; the agent instantiates the same class and calls its training-side hooks (defined by
-``fedsilo.silo_agent.strategies.base.Strategy``, which imports torch only inside its methods).
+``fedsilo.silo_agent.strategy.Strategy``, which imports torch only inside its methods).
 Nothing else lists methods by hand: every choice list and rule derives from :func:`method_names`
 and :func:`get_method`.
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core.atomic import atomic_write
+from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.bench.methods import Method, methods, study_method_names
 
 log = logging.getLogger("fedsilo.bench")
@@ -89,9 +90,11 @@ class BenchConfig:
                                                                                       and self.mu >= 0):
             raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
         if self.aggregation == "plain":
+            table = methods()
             for m in self.methods:
-                if m in ("resfim", "fedrdn"):
-                    raise BenchError(f"methods: {m} needs --aggregation he (what it shares travels only encrypted)")
+                strategy = table[m].strategy
+                if strategy is not None and get_method(strategy).needs_he:
+                    raise BenchError(f"methods: {m} needs --aggregation he ({get_method(strategy).needs_he})")
         if self.data is not None:
             if not Path(self.data).is_dir():
                 raise BenchError(f"data: {self.data} is not a folder")

@@ -36,7 +36,7 @@ import logging
 import struct
 import zlib
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -229,7 +229,7 @@ class FedRdn(Strategy):
         return out
 
     # -- data ----------------------------------------------------------------------------
-    def disclosures(self, *, train: Dataset) -> list[dict[str, str]]:
+    def disclosures(self, *, train: Dataset, plan: Any = None) -> list[dict[str, str]]:
         """The statistics this silo shares outside the ledger (its images' channel count from ``train``)."""
         from fedsilo.privacy.audit import fedrdn_disclosures
 

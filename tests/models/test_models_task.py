@@ -452,3 +452,37 @@ def test_segmentation_collate_stacks_the_examples(indices: list[int]) -> None:
     assert images.shape[0] == masks.shape[0] == len(indices)
     for row, i in enumerate(indices):
         assert torch.equal(images[row], train[i][0]) and torch.equal(masks[row], train[i][1])
+
+
+# -- the toy Task through a whole federation ------------------------------------------------------
+
+
+def test_the_toy_task_federates_with_fedavg_under_he(toy: Task, tmp_path: Path) -> None:
+    """The toy Task, registered by this module only, runs FedAvg through ``simulate()`` (the deployed
+    coordinator and agents, BFV aggregation): every silo ends on the same global model, reports the
+    Task's own metrics (accuracy, nll; no Dice) and learns its classes."""
+    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.silo_agent.config import load_agent_config
+    from fedsilo.silo_agent.demo import make_certs, silo_names, write_configs
+    from fedsilo.silo_agent.simulation import simulate
+
+    names = silo_names(2)
+    make_certs(tmp_path / "certs", names)
+    fed, agents = write_configs(tmp_path, names=names, rounds=2, strategy="fedavg", seed=0, port=1, insecure=False,
+                                aggregation="he", min_silos=2, training={"local_epochs": 5},
+                                data=[{"source": "builtin", "domain": i, "seed": 0} for i in range(2)],
+                                task="toy-classification", model={"seed": 0})
+    federation = load_federation_config(fed)
+    assert federation.task == "toy-classification" and federation.aggregation.value == "he"
+    result = simulate(federation, [load_agent_config(a) for a in agents], timeout_s=300)
+    assert [r.round for r in result.rounds] == [1, 2]
+    a, b = (result.states[n] for n in names)
+    assert a.global_shared.keys() == b.global_shared.keys() and a.global_shared
+    for k in a.global_shared:  # one global model, decrypted by each silo on its own
+        assert torch.allclose(a.global_shared[k], b.global_shared[k], atol=1e-6), k
+    last = result.rounds[-1]
+    for name in names:
+        metrics = {m: v for m, v, _ in last.metrics[name]}
+        assert {"accuracy", "nll", "val_accuracy", "unseen_accuracy", "unseen_nll"} <= set(metrics)
+        assert not any("dice" in m for m in metrics)
+        assert metrics["accuracy"] >= 0.9, (name, metrics)
