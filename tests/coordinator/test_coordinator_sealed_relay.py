@@ -442,7 +442,6 @@ def test_a_bad_page_cursor_is_refused(joined: Fed) -> None:
 # -- purposes ---------------------------------------------------------------------------------------------
 
 
-@register_method
 class TwoRelays(Method):
     """A toy method relaying under two purposes (registered for these tests only)."""
 
@@ -453,6 +452,8 @@ class TwoRelays(Method):
 
 @pytest.fixture(scope="module", autouse=True)
 def _toy_method() -> Iterator[None]:
+    """Registered while this module's tests run only: tests elsewhere list every registered method."""
+    register_method(TwoRelays)
     yield
     unregister_method(TwoRelays.name)
 
