@@ -14,74 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core import validators
-from fedsilo.core.methods import Method, UnknownMethod, get_method, method_names
+from fedsilo.core.methods import DEFAULT_METHOD, Method, UnknownMethod, get_method, method_names
 
 
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the field."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResFimSettings:
-    """The ``[resfim]`` table: pFL-ResFIM's settings, the same on every silo (DESIGN §5).
-
-    Attributes:
-        rho: ρ in (0, 1): the fraction of each shared tensor (rounded up) that a silo keeps local.
-        recompute_every: rounds between two mask computations, >= 1 (masks at rounds 1, 1+k, …).
-        local_norm_layers: whether normalisation-layer parameters stay local as a whole.
-        max_examples: most local examples (and their re-styled twins) per Fisher, >= 1.
-        beta: window ratio of the style banks' low-frequency amplitude window, in (0, 0.5].
-        clusters: most styles per silo's bank, >= 1.
-        style_clip_norm: C > 0: each image's log-amplitude window is clipped to this L2 norm
-            before it enters a bank (with DP, the bank's sensitivity is √2·C).
-        masks_without_dp: in a run with record-level DP, compute masks and style banks without
-            noise and protect them by encryption only (stated in every audit report). Off by
-            default: such runs give ``[privacy] fisher_noise_multiplier``, ``fisher_clip_norm``
-            and ``style_noise_multiplier`` and account both releases in the ledger.
-    """
-
-    rho: float = 0.1
-    recompute_every: int = 5
-    local_norm_layers: bool = True
-    max_examples: int = 64
-    beta: float = 0.05
-    clusters: int = 4
-    style_clip_norm: float = 40.0
-    masks_without_dp: bool = False
-
-    def __post_init__(self) -> None:
-        rho = self.rho
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < 1:
-            raise ConfigError(f"resfim.rho: {rho!r} must be a number in (0, 1)")
-        _int_in("resfim.recompute_every", self.recompute_every, 1, 100_000)
-        if not isinstance(self.local_norm_layers, bool):
-            raise ConfigError(f"resfim.local_norm_layers: {self.local_norm_layers!r} must be true or false")
-        _int_in("resfim.max_examples", self.max_examples, 1, 1_000_000)
-        beta = self.beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 0.5:
-            raise ConfigError(f"resfim.beta: {beta!r} must be a number in (0, 0.5]")
-        _int_in("resfim.clusters", self.clusters, 1, 64)
-        _positive("resfim.style_clip_norm", self.style_clip_norm)
-        if not isinstance(self.masks_without_dp, bool):
-            raise ConfigError(f"resfim.masks_without_dp: {self.masks_without_dp!r} must be true or false")
-
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> ResFimSettings:
-        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"resfim.{key}: unknown key (expected one of {sorted(known)})")
-        return cls(**dict(table))
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The plain table form (what GetRun sends the silos)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def recompute(self, rnd: int) -> bool:
-        """Whether masks are (re)computed before training round ``rnd`` (1-based): 1, 1+k, 1+2k, …"""
-        return (rnd - 1) % self.recompute_every == 0
 
 
 #: The Task of a run that names none: today's 2-D segmentation.
@@ -139,8 +77,9 @@ class FederationConfig:
         max_chunk_bytes: largest accepted chunk of an upload stream (<= 4 MiB).
         model: model config handed to silos (validated by the agents, which build the model).
         training: local-training config handed to silos.
-        lora: LoRA strategies: the adapters every silo adds to its frozen base
-            (``fedsilo.models.lora.LoraSettings`` fields; validated by the agents); defaults when empty.
+        tables: the method's own config tables by name (the method declares them and their parsers
+            in ``Method.tables``; a table the method needs is filled with its defaults), each a plain
+            mapping that GetRun hands the silos.
         privacy: the run's differential-privacy plan (``fedsilo.privacy.plan.PrivacyPlan``);
             None (the default) means no differential privacy, which is loudly warned.
         budgets: ε budgets agreed with enrolled silos (name -> ε at ``privacy.delta``); the
@@ -154,7 +93,7 @@ class FederationConfig:
     round_deadline_s: float = 300.0
     quorum_timeout_s: float = 3600.0
     start_grace_s: float = 30.0
-    strategy: str = "fedavg"
+    strategy: str = DEFAULT_METHOD
     task: str = DEFAULT_TASK
     aggregation: AggregationMode = AggregationMode.HE
     listen: str = "0.0.0.0:50051"
@@ -166,8 +105,7 @@ class FederationConfig:
     model: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     he: Mapping[str, Any] = field(default_factory=dict)
-    lora: Mapping[str, Any] = field(default_factory=dict)
-    resfim: ResFimSettings | None = None
+    tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
     budgets: Mapping[str, float] = field(default_factory=dict)
 
@@ -197,7 +135,7 @@ class FederationConfig:
             raise ConfigError("server.tls: ca, cert and key are required unless server.insecure = true")
         _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
         _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
-        for name in ("model", "training", "he", "lora"):
+        for name in ("model", "training", "he"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
@@ -208,17 +146,7 @@ class FederationConfig:
         if not isinstance(self.task, str) or not _TASK_NAME_RE.fullmatch(self.task):
             raise ConfigError(f"run.task: {self.task!r} is not a Task name (lowercase words joined by '-')")
         name = self.strategy
-        if self.lora and not method.uses_lora:
-            users = ", ".join(m.name for m in _methods_with(lambda m: m.uses_lora))
-            raise ConfigError(f"lora: set, but run.strategy {name!r} trains no LoRA adapters (use {users})")
-        if self.resfim is not None and not isinstance(self.resfim, ResFimSettings):
-            raise ConfigError(f"resfim: {self.resfim!r} is not a ResFimSettings")
-        if "resfim" in method.tables:
-            if self.resfim is None:
-                object.__setattr__(self, "resfim", ResFimSettings())
-        elif self.resfim is not None:
-            users = " or ".join(m.name for m in _methods_with(lambda m: "resfim" in m.tables))
-            raise ConfigError(f"resfim: set, but run.strategy {name!r} uses no ResFIM masks (use {users})")
+        object.__setattr__(self, "tables", parse_tables(method, self.tables))
         if method.needs_he and self.aggregation is not AggregationMode.HE:
             raise ConfigError(f"run.strategy: {name!r} needs run.aggregation = 'he': {method.needs_he}")
         fewest, why = method.min_silos
@@ -245,19 +173,16 @@ class FederationConfig:
             return
         if not isinstance(plan, PrivacyPlan):
             raise ConfigError(f"privacy: {plan!r} is not a PrivacyPlan")
-        resfim = self.resfim
         method = self.method
-        if "resfim" in method.tables and not plan.silo_level and resfim is not None:
-            if resfim.masks_without_dp and plan.resfim_every:
-                raise ConfigError("privacy.fisher_noise_multiplier: set, but resfim.masks_without_dp = true")
-            if not resfim.masks_without_dp and (plan.resfim_every != resfim.recompute_every
-                                                or plan.style_clip_norm != resfim.style_clip_norm):
-                raise ConfigError("privacy.resfim_every: the plan's ResFIM releases must follow [resfim] "
-                                  f"(recompute_every {resfim.recompute_every}, style_clip_norm "
-                                  f"{resfim.style_clip_norm:g}); got {plan.resfim_every}, {plan.style_clip_norm:g}")
-        elif plan.resfim_every:
+        if plan.has_extra_releases and not method.privacy_keys:
             raise ConfigError(f"privacy.fisher_noise_multiplier: set, but run.strategy {self.strategy!r} "
-                              "computes no ResFIM masks")
+                              "plans no release of its own")
+        try:
+            method.check_privacy(plan, self)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for level, why in method.refuses.items():
             if getattr(plan, level.value):
                 raise ConfigError(f"privacy.{level.value}: not supported with run.strategy {self.strategy!r}: {why}")
@@ -330,13 +255,52 @@ class FederationConfig:
             "training": dict(self.training),
             "he": dict(self.he),
         }
-        if self.lora:  # absent keys keep fingerprints of earlier runs unchanged
-            ident["lora"] = dict(self.lora)
-        if self.resfim is not None:
-            ident["resfim"] = self.resfim.to_mapping()
+        for name, table in sorted(self.tables.items()):
+            if table:  # absent or empty tables keep fingerprints of earlier runs unchanged
+                ident[name] = dict(table)
         if self.privacy is not None:
             ident["privacy"] = self.privacy.to_mapping()
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def parse_tables(method: type[Method], tables: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's method tables checked against ``method``: each one it reads, parsed by its parser (defaults
+    filled in for those it needs); one it does not read is refused, naming the methods that do.
+
+    Raises:
+        ConfigError: naming the table (or its bad key).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        if name not in method.tables:
+            users = ", ".join(m.name for m in _methods_with(lambda m: name in m.tables)) or "none"
+            raise ConfigError(f"{name}: set, but run.strategy {method.name!r} does not read a [{name}] table "
+                              f"(used by {users})")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{name}: must be a table, got {type(table).__name__}")
+        try:
+            json.dumps(dict(table))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+    for name in sorted(set(tables) | set(method.default_tables)):
+        parser = method.tables[name]
+        raw = dict(tables.get(name, {}))
+        try:
+            out[name] = dict(parser(raw)) if parser is not None else raw
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return out
+
+
+def method_tables() -> set[str]:
+    """Every config table some registered method reads."""
+    return {name for n in method_names() for name in get_method(n).tables}
+
+
+def _method_privacy_keys() -> set[str]:
+    return {k for n in method_names() for k in get_method(n).privacy_keys}
 
 
 def _methods_with(rule) -> list[type[Method]]:  # noqa: ANN001 - a predicate on method classes
@@ -364,13 +328,18 @@ _SECTIONS = {
     "model": None,
     "training": None,
     "he": None,
-    "lora": None,
-    "resfim": None,
     "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
                 "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
-                "update_target_epsilon", "distributed_noise", "delta", "budgets", "fisher_noise_multiplier",
-                "fisher_clip_norm", "style_noise_multiplier"},
+                "update_target_epsilon", "distributed_noise", "delta", "budgets"},
 }
+
+
+def _sections() -> dict[str, set[str] | None]:
+    """The config file's sections: the common ones, every registered method's tables, and the
+    ``[privacy]`` keys registered methods add."""
+    sections: dict[str, set[str] | None] = {**_SECTIONS, **{name: None for name in method_tables()}}
+    sections["privacy"] = set(_SECTIONS["privacy"] or ()) | _method_privacy_keys()
+    return sections
 
 
 def parse_enum(enum_cls: type[enum.Enum], name: str, value: Any) -> Any:
@@ -416,7 +385,7 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     """
     path = Path(path)
     data = read_toml(path)
-    check_keys(data, _SECTIONS, str(path))
+    check_keys(data, _sections(), str(path))
     run = data.get("run", {})
     server = data.get("server", {})
     base = path.parent
@@ -442,7 +411,6 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         "model": data.get("model", {}),
         "training": data.get("training", {}),
         "he": data.get("he", {}),
-        "lora": data.get("lora", {}),
     }
     for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
         if key in run:
@@ -466,37 +434,31 @@ def load_federation_config(path: Path | str) -> FederationConfig:
     for key in ("max_upload_bytes", "max_chunk_bytes"):
         if key in server:
             kwargs[key] = server[key]
-    if "resfim" in data:
-        if not isinstance(data["resfim"], Mapping):
-            raise ConfigError(f"{path}: [resfim] must be a table")
-        kwargs["resfim"] = ResFimSettings.from_mapping(data["resfim"])
+    strategy = kwargs.get("strategy", DEFAULT_METHOD)
+    try:
+        method = get_method(strategy)
+    except UnknownMethod as exc:
+        raise ConfigError(f"run.strategy: {exc}") from None
+    kwargs["tables"] = parse_tables(method, {name: data[name] for name in method_tables() if name in data})
     if "privacy" in data:
-        strategy = kwargs.get("strategy", "fedavg")
-        try:
-            masked = "resfim" in get_method(strategy).tables
-        except UnknownMethod as exc:
-            raise ConfigError(f"run.strategy: {exc}") from None
-        resfim = kwargs.get("resfim") or (ResFimSettings() if masked else None)
         kwargs["privacy"], kwargs["budgets"] = parse_privacy(
             data["privacy"], rounds=run["rounds"], min_silos=run["min_silos"],
-            aggregation=kwargs.get("aggregation", AggregationMode.HE), strategy=strategy,
-            resfim=resfim if masked else None)
+            aggregation=kwargs.get("aggregation", AggregationMode.HE), strategy=strategy, tables=kwargs["tables"])
     return FederationConfig(**kwargs)
 
 
 def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
-                  aggregation: AggregationMode, strategy: str = "fedavg",
-                  resfim: ResFimSettings | None = None) -> tuple[Any, dict[str, float]]:
+                  aggregation: AggregationMode, strategy: str = DEFAULT_METHOD,
+                  tables: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, dict[str, float]]:
     """The ``[privacy]`` table as a `PrivacyPlan` plus the budgets; σ calibrated from targets.
 
     ``target_epsilon`` / ``update_target_epsilon`` (instead of ``noise_multiplier`` /
     ``update_noise_multiplier``) ask for the smallest σ whose whole-run ε (all ``rounds``,
     at ``delta``) is at most the target against anyone who sees one silo's upload — the
     figure silos' budgets are checked against; with distributed noise the aggregate's σ is
-    then √min_silos times larger (and its ε lower). In pFL-ResFIM runs (``resfim`` given) with
-    record-level DP the noisy Fisher computations and the style bank (``fisher_noise_multiplier``,
-    ``fisher_clip_norm``, ``style_noise_multiplier``) are part of the run's spend: a record-level
-    target then covers them too, and DP-SGD gets what is left. ``distributed_noise``
+    then √min_silos times larger (and its ε lower). A method's own releases (its
+    ``privacy_keys``, planned by ``Method.plan_privacy`` from its ``tables``) are part of the run's
+    spend: a record-level target then covers them too, and DP-SGD gets what is left. ``distributed_noise``
     (HE runs only; default true there when silo-level is on) splits the silo-level noise
     into ``min_silos`` shares.
 
@@ -523,7 +485,21 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
     delta = t.get("delta", 1e-5)
     validators.probability("privacy.delta", delta, error=ConfigError)
     accountant = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
-    fixed = _resfim_releases(t, strategy=strategy, resfim=resfim, record=record, rounds=rounds)
+    try:
+        method = get_method(strategy)
+    except UnknownMethod as exc:
+        raise ConfigError(f"run.strategy: {exc}") from None
+    foreign = [k for k in t if k in _method_privacy_keys() and k not in method.privacy_keys]
+    if foreign:
+        users = " or ".join(m.name for m in _methods_with(lambda m: foreign[0] in m.privacy_keys))
+        raise ConfigError(f"privacy.{foreign[0]}: set, but run.strategy {strategy!r} plans no release it configures "
+                          f"(it belongs to {users})")
+    try:
+        fixed = method.plan_privacy(t, parse_tables(method, tables or {}), record=record, rounds=rounds)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for target, sigma, on, q_key, steps in (
         ("target_epsilon", "noise_multiplier", record, "sample_rate", "steps_per_round"),
         ("update_target_epsilon", "update_noise_multiplier", silo, None, None),
@@ -567,42 +543,6 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
     except TypeError as exc:
         raise ConfigError(f"privacy: {exc}") from None
     return plan, dict(budgets)
-
-
-def _resfim_releases(t: dict[str, Any], *, strategy: str, resfim: ResFimSettings | None, record: bool,
-                    rounds: Any) -> list[Any]:
-    """Checks the [privacy] keys of pFL-ResFIM's private masks, completes ``t`` with the plan's
-    ResFIM fields, and returns the run's once-off releases (for calibrating DP-SGD's σ)."""
-    from fedsilo.privacy.accounting import Mechanism, Neighbouring, Release
-
-    keys = ("fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier")
-    given = [k for k in keys if k in t]
-    if resfim is None:
-        if given:
-            raise ConfigError(f"privacy.{given[0]}: set, but run.strategy {strategy!r} computes no ResFIM masks")
-        return []
-    if not record or resfim.masks_without_dp:
-        if given:
-            why = "resfim.masks_without_dp = true" if record else "record_level is off"
-            raise ConfigError(f"privacy.{given[0]}: set, but {why}")
-        return []
-    for k in keys:
-        if k not in t:
-            raise ConfigError(f"privacy.{k}: missing (run.strategy {strategy!r} with record-level DP: the "
-                              "masks' Fisher information and the style bank are releases of each silo's images; "
-                              "give their noise, or set resfim.masks_without_dp = true to protect them by "
-                              "encryption only)")
-        _positive(f"privacy.{k}", t[k])
-    t["resfim_every"] = resfim.recompute_every
-    t["style_clip_norm"] = float(resfim.style_clip_norm)
-    try:
-        masks = sum(1 for r in range(1, int(rounds) + 1) if resfim.recompute(r))
-    except (TypeError, ValueError):
-        return []  # a bad rounds value fails its own check
-    return [Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
-                    noise_multiplier=float(t["fisher_noise_multiplier"]), sample_rate=1.0, steps=2 * masks),
-            Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
-                    noise_multiplier=float(t["style_noise_multiplier"]), sample_rate=1.0, steps=1)]
 
 
 def tls_files(table: Mapping[str, Any], section: str, base: Path, *, insecure: bool,

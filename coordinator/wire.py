@@ -112,21 +112,8 @@ def run_info_to_proto(cfg: FederationConfig) -> federation_pb2.GetRunResponse:
         key_holder=cfg.key_holder if cfg.aggregation is AggregationMode.HE else "",
         he_parameters=cfg.he_params().to_bytes() if cfg.aggregation is AggregationMode.HE else b"",
         privacy=privacy_plan_to_proto(cfg.privacy),
-        lora_config_json=json.dumps(dict(cfg.lora)) if cfg.method.uses_lora else "",
-        **_method_tables(cfg),
+        method_tables_json=json.dumps({name: dict(table) for name, table in cfg.tables.items()}, sort_keys=True),
     )
-
-
-def _method_tables(cfg: FederationConfig) -> dict[str, str]:
-    """Each config table the run's method reads travels as the field ``<table>_config_json``: its
-    settings' mapping as a JSON object."""
-    fields = federation_pb2.GetRunResponse.DESCRIPTOR.fields_by_name
-    out = {}
-    for table in sorted(cfg.method.tables):
-        settings = getattr(cfg, table, None)
-        if f"{table}_config_json" in fields and settings is not None:
-            out[f"{table}_config_json"] = json.dumps(settings.to_mapping())
-    return out
 
 
 def privacy_plan_to_proto(plan) -> federation_pb2.PrivacyPlan:  # plan: PrivacyPlan | None

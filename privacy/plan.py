@@ -211,6 +211,11 @@ class PrivacyPlan:
         sealed relay is accepted (the style bank of private masks); None: the plan accounts none."""
         return self.style_release() if purpose == "style-bank" and self.resfim_every else None
 
+    @property
+    def has_extra_releases(self) -> bool:
+        """Whether the plan schedules releases besides the rounds' uploads (a method's own, e.g. masks)."""
+        return bool(self.resfim_every)
+
     def mask_round(self, rnd: int) -> bool:
         """Whether the schedule computes ResFIM masks before round ``rnd`` (1-based)."""
         return bool(self.resfim_every) and (rnd - 1) % self.resfim_every == 0

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from fedsilo import __version__
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
-from fedsilo.models import ModelConfig, TrainConfig, model_fingerprint, train_local
+from fedsilo.models import TrainConfig, model_fingerprint, train_local
 from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
@@ -134,16 +134,15 @@ class Agent:
             train_cfg = TrainConfig.from_mapping(info.training_config)
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
-        model = task.build_model(model_cfg)
-        method = info.method
-        if method.uses_lora:
-            model = self._lora_model(model, model_cfg, info.lora_config or {})
+        self._strategy = strategy_for(info.strategy, info.tables)
+        method = self._strategy
+        model = method.wrap_model(task.build_model(model_cfg), model_cfg=model_cfg,
+                                  base_checkpoint=self.cfg.base_checkpoint)
         if info.privacy is not None and info.privacy.record_level:
             from fedsilo.privacy.dpsgd import make_private_compatible
 
             model = make_private_compatible(model)  # deterministic, so every silo builds the same model
         fingerprint = model_fingerprint(model)
-        self._strategy = strategy_for(info.strategy, info.tables)
         self._total_rounds = info.total_rounds
         self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         shared = self._strategy.shared_names(model)
@@ -380,26 +379,6 @@ class Agent:
         if he is None or not he.is_key_holder:
             return None
         return lambda: he.serve_recipients(client)
-
-    def _lora_model(self, model: torch.nn.Module, model_cfg: ModelConfig, lora: dict) -> torch.nn.Module:
-        """The frozen base (this silo's base checkpoint, if configured) with the run's LoRA adapters."""
-        from fedsilo.models.lora import LoraSettings, add_lora
-        from fedsilo.models.pretrain import load_base_checkpoint
-
-        base = self.cfg.base_checkpoint
-        if base is not None:
-            try:
-                model.load_state_dict(load_base_checkpoint(base, model_cfg))
-            except (ValueError, OSError, RuntimeError) as exc:
-                raise AgentError(f"model.base_checkpoint {base}: {exc}") from None
-            log.info("base model loaded from %s", base)
-        else:
-            log.warning("no model.base_checkpoint: the LoRA adapters sit on a freshly initialised base")
-        try:
-            settings = LoraSettings.from_mapping(lora)
-        except ValueError as exc:
-            raise AgentError(f"the run's LoRA settings are invalid for this agent: {exc}") from None
-        return add_lora(model, settings, architecture=model_cfg.architecture)
 
     def _decline(self, client: CoordinatorClient, state: AgentState, rnd: int, reason: str) -> None:
         """Declines ``rnd`` and every later round: the privacy budget would be exceeded."""

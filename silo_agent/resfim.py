@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsilo.coordinator.config import ResFimSettings
+from fedsilo.silo_agent.methods.resfim import ResFimSettings
 from fedsilo.core.phases import MASK_SUFFIXES, SharePhase
 from fedsilo.core.tensors import Manifest
 from fedsilo.silo_agent.client import CoordinatorClient, Stopped

@@ -74,6 +74,11 @@ class Strategy(Method, abc.ABC):
         (default: no settings)."""
         return cls()
 
+    def wrap_model(self, model: torch.nn.Module, *, model_cfg: Any, base_checkpoint: Path | None) -> torch.nn.Module:
+        """The network the silo trains, built from the Task's ``model`` (e.g. a frozen base with
+        adapters); every silo must build the same one. Default: ``model`` itself."""
+        return model
+
     @abc.abstractmethod
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:
         """Whether state_dict entry ``name`` of ``model`` is shared."""

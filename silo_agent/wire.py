@@ -7,7 +7,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,23 +49,13 @@ class RunInfo:
     key_holder: str
     he_parameters: bytes
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan, or None for a run without DP
-    lora_config: dict[str, Any] | None = None  # LoRA strategies: the adapters' settings
-    resfim: Any = None  # ResFIM strategies: fedsilo.coordinator.config.ResFimSettings
+    #: The method's own tables by name, parsed by the method's declared parsers.
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def method(self) -> type[Method]:
         """The run's registered method (``strategy`` names it)."""
         return get_method(self.strategy)
-
-    @property
-    def tables(self) -> dict[str, dict[str, Any]]:
-        """The run's method tables by name (e.g. ``lora``, ``resfim``), as the method's ``for_run`` takes them."""
-        out: dict[str, dict[str, Any]] = {}
-        if self.lora_config is not None:
-            out["lora"] = dict(self.lora_config)
-        if self.resfim is not None:
-            out["resfim"] = self.resfim.to_mapping()
-        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +95,7 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
         InvalidArgument: a strategy or aggregation this agent does not implement.
     """
     try:
-        get_method(msg.method)
+        method = get_method(msg.method)
     except UnknownMethod as exc:
         raise InvalidArgument(f"the coordinator asks for a method this agent does not implement: {exc}") from None
     if msg.aggregation not in _AGGREGATION:
@@ -114,20 +104,29 @@ def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
                    aggregation=_AGGREGATION[msg.aggregation], model_config=json.loads(msg.model_config_json or "{}"),
                    training_config=json.loads(msg.training_config_json or "{}"), max_chunk_bytes=msg.max_chunk_bytes,
                    key_holder=msg.key_holder, he_parameters=bytes(msg.he_parameters),
-                   privacy=privacy_plan_from_proto(msg.privacy),
-                   lora_config=_json_object(msg.lora_config_json, "lora_config_json") if msg.lora_config_json else None,
-                   resfim=_resfim(msg))
+                   privacy=privacy_plan_from_proto(msg.privacy), tables=_method_tables(method, msg.method_tables_json))
 
 
-def _resfim(msg: federation_pb2.GetRunResponse) -> Any:
-    from fedsilo.coordinator.config import ConfigError, ResFimSettings
+def _method_tables(method: type[Method], text: str) -> dict[str, dict[str, Any]]:
+    """The run's method tables: a JSON object of objects, each a table ``method`` reads, parsed by its parser.
 
-    if "resfim" not in get_method(msg.method).tables:
-        return None
-    try:
-        return ResFimSettings.from_mapping(_json_object(msg.resfim_config_json or "{}", "resfim_config_json"))
-    except ConfigError as exc:
-        raise InvalidArgument(f"the coordinator's ResFIM settings are invalid: {exc}") from None
+    Raises:
+        InvalidArgument: malformed JSON, a table the method does not read, or one its parser refuses.
+    """
+    raw = _json_object(text or "{}", "method_tables_json")
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(raw) | set(method.default_tables)):
+        if name not in method.tables:
+            raise InvalidArgument(f"method_tables_json: method {method.name!r} reads no table {name!r}")
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise InvalidArgument(f"method_tables_json: table {name!r} must be a JSON object")
+        parser = method.tables[name]
+        try:
+            out[name] = dict(parser(table)) if parser is not None else dict(table)
+        except ValueError as exc:
+            raise InvalidArgument(f"the coordinator's [{name}] settings are invalid: {exc}") from None
+    return out
 
 
 def privacy_plan_from_proto(msg: federation_pb2.PrivacyPlan) -> Any:

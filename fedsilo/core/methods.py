@@ -12,7 +12,7 @@ and :func:`get_method`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -20,8 +20,12 @@ from fedsilo.core.errors import InvalidArgument
 from fedsilo.core.phases import LORA_A_MARK, LORA_B_MARK, MASK_SUFFIXES, SharePhase, phase_manifest
 from fedsilo.core.tensors import Manifest
 
-__all__ = ["BenchDefaults", "DpLevel", "Method", "UnknownMethod", "get_method", "method_names", "methods",
+__all__ = ["DEFAULT_METHOD", "BenchDefaults", "DpLevel", "Method", "UnknownMethod", "get_method", "method_names", "methods",
            "register_method", "unregister_method"]
+
+
+#: The method of a run that names none (``run.strategy`` left out): FedAvg.
+DEFAULT_METHOD = "fedavg"
 
 
 class DpLevel(enum.Enum):
@@ -74,8 +78,12 @@ class Method:
         min_silos: the fewest enrolled silos it works with, and why ("" when 1).
         he_bound: the HE bound its uploads need (None: the run's default).
         relays: purposes of the sealed relay it exchanges blobs under before training.
-        tables: config tables it reads besides the common ones (e.g. ``resfim``).
-        default_tables: those of ``tables`` it needs even when the config leaves them out.
+        tables: config tables it reads besides the common ones, each with its parser (a callable
+            that takes the table and returns its complete, validated settings as a plain mapping,
+            raising ValueError naming the key), or None for a table its agents validate.
+        default_tables: those of ``tables`` it needs even when the config leaves them out (the
+            parser's defaults are used).
+        privacy_keys: ``[privacy]`` keys it adds to the common ones (its own releases' settings).
         alternates: whether its rounds alternate LoRA factors (DEeR's share phases).
         masked: whether uploads carry ResFIM's companion sets (mask weights, local parts).
         uses_lora: whether silos train LoRA adapters on a frozen base.
@@ -90,8 +98,9 @@ class Method:
     min_silos: ClassVar[tuple[int, str]] = (1, "")
     he_bound: ClassVar[float | None] = None
     relays: ClassVar[frozenset[str]] = frozenset()
-    tables: ClassVar[frozenset[str]] = frozenset()
+    tables: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]] | None]] = {}
     default_tables: ClassVar[frozenset[str]] = frozenset()
+    privacy_keys: ClassVar[frozenset[str]] = frozenset()
     alternates: ClassVar[bool] = False
     masked: ClassVar[bool] = False
     uses_lora: ClassVar[bool] = False
@@ -163,6 +172,32 @@ class Method:
 
         Args:
             run: the ``FederationConfig`` being validated (its other fields are already valid).
+
+        Raises:
+            ValueError: naming the config field at fault.
+        """
+
+    @classmethod
+    def plan_privacy(cls, table: dict[str, Any], tables: Mapping[str, Mapping[str, Any]], *, record: bool,
+                     rounds: int) -> list[Any]:
+        """Completes a run's ``[privacy]`` table (in place) with the plan fields of this method's own
+        releases and returns those releases that are fixed in advance (DP-SGD's σ is calibrated on
+        what they leave of a target ε). Default: no releases of its own.
+
+        Args:
+            table: the ``[privacy]`` table being parsed (its ``privacy_keys`` included).
+            tables: the run's method tables (parsed).
+            record: whether the plan is record-level.
+            rounds: the run's rounds.
+
+        Raises:
+            ValueError: naming the ``[privacy]`` key at fault.
+        """
+        return []
+
+    @classmethod
+    def check_privacy(cls, plan: Any, run: Any) -> None:
+        """Rules between the run's privacy plan and this method's tables (default: none).
 
         Raises:
             ValueError: naming the config field at fault.

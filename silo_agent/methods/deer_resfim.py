@@ -5,7 +5,10 @@ from __future__ import annotations
 from fedsilo.core.methods import register_method
 from fedsilo.silo_agent.presets import DEMO_LORA_HE_BOUND
 from fedsilo.silo_agent.methods.deer import Deer
-from fedsilo.silo_agent.methods.resfim import MaskedMethod
+from collections.abc import Mapping
+from typing import Any
+
+from fedsilo.silo_agent.methods.resfim import MaskedMethod, ResFimSettings, parse_settings
 
 
 @register_method
@@ -18,3 +21,12 @@ class DeerResFim(MaskedMethod, Deer):
     order = 120
     he_bound = DEMO_LORA_HE_BOUND  # LoRA factor values under the noise regulator, as DEeR's
     bench = None
+    tables = {"resfim": parse_settings, "lora": None}
+
+    def __init__(self, *, settings: ResFimSettings | None = None, lora: Mapping[str, Any] | None = None) -> None:
+        MaskedMethod.__init__(self, settings=settings)
+        Deer.__init__(self, lora=lora)
+
+    @classmethod
+    def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> DeerResFim:
+        return cls(settings=ResFimSettings.from_mapping(tables.get("resfim", {})), lora=tables.get("lora", {}))

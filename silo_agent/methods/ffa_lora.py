@@ -6,24 +6,20 @@ from typing import TYPE_CHECKING
 
 from fedsilo.core.methods import register_method
 from fedsilo.core.phases import SharePhase
-from fedsilo.silo_agent.presets import DEMO_LORA_HE_BOUND
-from fedsilo.silo_agent.methods.fedavg_lora import is_lora_b
-from fedsilo.silo_agent.strategy import Strategy
+from fedsilo.silo_agent.methods.fedavg_lora import LoraMethod, is_lora_b
 
 if TYPE_CHECKING:
     import torch
 
 
 @register_method
-class FfaLora(Strategy):
+class FfaLora(LoraMethod):
     """FFA-LoRA: A stays frozen at its shared initialisation; only B is trained and shared, so the
     aggregate is exact and the noise is not amplified by a trained A."""
 
     name = "ffa-lora"
     summary = "LoRA adapters; A frozen at its shared initialisation, only B trained and shared (Sun et al. 2024)"
     order = 110
-    uses_lora = True
-    he_bound = DEMO_LORA_HE_BOUND
 
     def is_shared(self, name: str, model: torch.nn.Module) -> bool:
         return is_lora_b(name)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedsilo.coordinator.config import ConfigError
+from fedsilo.core import validators
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
 from fedsilo.silo_agent.presets import DEMO_RESFIM, DEMO_RESFIM_HE_BOUND, DEMO_RESFIM_PRIVACY
@@ -21,6 +24,75 @@ if TYPE_CHECKING:
 
 #: The sealed-relay purpose of the silos' style banks.
 BANK_PURPOSE = "style-bank"
+#: The ``[privacy]`` keys of the masks' and banks' own releases.
+PRIVACY_KEYS = ("fisher_noise_multiplier", "fisher_clip_norm", "style_noise_multiplier")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResFimSettings:
+    """The ``[resfim]`` table: pFL-ResFIM's settings, the same on every silo (DESIGN §5).
+
+    Attributes:
+        rho: ρ in (0, 1): the fraction of each shared tensor (rounded up) that a silo keeps local.
+        recompute_every: rounds between two mask computations, >= 1 (masks at rounds 1, 1+k, …).
+        local_norm_layers: whether normalisation-layer parameters stay local as a whole.
+        max_examples: most local examples (and their re-styled twins) per Fisher, >= 1.
+        beta: window ratio of the style banks' low-frequency amplitude window, in (0, 0.5].
+        clusters: most styles per silo's bank, >= 1.
+        style_clip_norm: C > 0: each image's log-amplitude window is clipped to this L2 norm
+            before it enters a bank (with DP, the bank's sensitivity is √2·C).
+        masks_without_dp: in a run with record-level DP, compute masks and style banks without
+            noise and protect them by encryption only (stated in every audit report). Off by
+            default: such runs give ``[privacy] fisher_noise_multiplier``, ``fisher_clip_norm``
+            and ``style_noise_multiplier`` and account both releases in the ledger.
+    """
+
+    rho: float = 0.1
+    recompute_every: int = 5
+    local_norm_layers: bool = True
+    max_examples: int = 64
+    beta: float = 0.05
+    clusters: int = 4
+    style_clip_norm: float = 40.0
+    masks_without_dp: bool = False
+
+    def __post_init__(self) -> None:
+        rho = self.rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < 1:
+            raise ConfigError(f"resfim.rho: {rho!r} must be a number in (0, 1)")
+        validators.int_in("resfim.recompute_every", self.recompute_every, 1, 100_000, error=ConfigError)
+        if not isinstance(self.local_norm_layers, bool):
+            raise ConfigError(f"resfim.local_norm_layers: {self.local_norm_layers!r} must be true or false")
+        validators.int_in("resfim.max_examples", self.max_examples, 1, 1_000_000, error=ConfigError)
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 0.5:
+            raise ConfigError(f"resfim.beta: {beta!r} must be a number in (0, 0.5]")
+        validators.int_in("resfim.clusters", self.clusters, 1, 64, error=ConfigError)
+        validators.positive("resfim.style_clip_norm", self.style_clip_norm, error=ConfigError)
+        if not isinstance(self.masks_without_dp, bool):
+            raise ConfigError(f"resfim.masks_without_dp: {self.masks_without_dp!r} must be true or false")
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> ResFimSettings:
+        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
+        known = {f.name for f in fields(cls)}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"resfim.{key}: unknown key (expected one of {sorted(known)})")
+        return cls(**dict(table))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The plain table form (what GetRun sends the silos)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def recompute(self, rnd: int) -> bool:
+        """Whether masks are (re)computed before training round ``rnd`` (1-based): 1, 1+k, 1+2k, …"""
+        return (rnd - 1) % self.recompute_every == 0
+
+
+def parse_settings(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[resfim]`` table validated and completed with the defaults (ConfigError names the key)."""
+    return ResFimSettings.from_mapping(table).to_mapping()
 
 
 class MaskedMethod(Strategy):
@@ -33,20 +105,17 @@ class MaskedMethod(Strategy):
     refuses = {DpLevel.SILO: "its uploads are parameter values, including ones a silo kept local before (trained "
                              "without silo-level noise); use record_level DP-SGD"}
     relays = frozenset({BANK_PURPOSE})
-    tables = frozenset({"resfim"})
+    tables = {"resfim": parse_settings}
     default_tables = frozenset({"resfim"})
+    privacy_keys = frozenset(PRIVACY_KEYS)
     he_bound = DEMO_RESFIM_HE_BOUND
 
-    def __init__(self, *, settings: Any = None) -> None:
-        from fedsilo.coordinator.config import ResFimSettings
-
+    def __init__(self, *, settings: ResFimSettings | None = None) -> None:
         self.settings = settings if settings is not None else ResFimSettings()
         self.session: Any = None  # fedsilo.silo_agent.resfim.ResFimSession, made by prepare()
 
     @classmethod
     def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> MaskedMethod:
-        from fedsilo.coordinator.config import ResFimSettings
-
         return cls(settings=ResFimSettings.from_mapping(tables.get("resfim", {})))
 
     @property
@@ -107,15 +176,64 @@ class MaskedMethod(Strategy):
             return self.session.consensus_state_dict(state)
         return super().unseen_state_dict(state)
 
+    # -- the coordinator's view: the plan of the masks' and banks' releases -----------------
+    @classmethod
+    def plan_privacy(cls, table: dict[str, Any], tables: Mapping[str, Mapping[str, Any]], *, record: bool,
+                     rounds: int) -> list[Any]:
+        """Checks the ``[privacy]`` keys of the private masks, completes ``table`` with the plan's mask and
+        bank fields, and returns the run's once-off releases: 2 noisy Fisher computations per mask
+        round (originals and twins) and one style bank."""
+        from fedsilo.privacy.accounting import Mechanism, Neighbouring, Release
+
+        settings = ResFimSettings.from_mapping(tables.get("resfim", {}))
+        given = [k for k in PRIVACY_KEYS if k in table]
+        if not record or settings.masks_without_dp:
+            if given:
+                why = "resfim.masks_without_dp = true" if record else "record_level is off"
+                raise ConfigError(f"privacy.{given[0]}: set, but {why}")
+            return []
+        for k in PRIVACY_KEYS:
+            if k not in table:
+                raise ConfigError(f"privacy.{k}: missing (run.strategy {cls.name!r} with record-level DP: the "
+                                  "masks' Fisher information and the style bank are releases of each silo's images; "
+                                  "give their noise, or set resfim.masks_without_dp = true to protect them by "
+                                  "encryption only)")
+            validators.positive(f"privacy.{k}", table[k], error=ConfigError)
+        table["resfim_every"] = settings.recompute_every
+        table["style_clip_norm"] = float(settings.style_clip_norm)
+        try:
+            masks = sum(1 for r in range(1, int(rounds) + 1) if settings.recompute(r))
+        except (TypeError, ValueError):
+            return []  # a bad rounds value fails its own check
+        return [Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
+                        noise_multiplier=float(table["fisher_noise_multiplier"]), sample_rate=1.0, steps=2 * masks),
+                Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.RECORD,
+                        noise_multiplier=float(table["style_noise_multiplier"]), sample_rate=1.0, steps=1)]
+
+    @classmethod
+    def check_privacy(cls, plan: Any, run: Any) -> None:
+        """A record-level plan's mask and bank releases follow ``[resfim]`` (or are absent with
+        ``masks_without_dp``)."""
+        if plan.silo_level:
+            return
+        r = ResFimSettings.from_mapping(run.tables.get("resfim", {}))
+        if r.masks_without_dp and plan.resfim_every:
+            raise ConfigError("privacy.fisher_noise_multiplier: set, but resfim.masks_without_dp = true")
+        if not r.masks_without_dp and (plan.resfim_every != r.recompute_every
+                                       or plan.style_clip_norm != r.style_clip_norm):
+            raise ConfigError("privacy.resfim_every: the plan's ResFIM releases must follow [resfim] "
+                              f"(recompute_every {r.recompute_every}, style_clip_norm "
+                              f"{r.style_clip_norm:g}); got {plan.resfim_every}, {plan.style_clip_norm:g}")
+
     @classmethod
     def run_disclosures(cls, run: Any) -> list[dict[str, str]]:
         """What a DP run's masks and style banks disclose, for the coordinator's audit reports."""
         from fedsilo.privacy.audit import resfim_disclosures
 
-        r = run.resfim
         plan = run.privacy
-        if plan is None or r is None:
+        if plan is None:
             return []
+        r = ResFimSettings.from_mapping(run.tables.get("resfim", {}))
         return resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every, beta=r.beta, clusters=r.clusters,
                                   plan=plan if plan.resfim_every else None)
 

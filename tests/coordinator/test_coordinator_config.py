@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.coordinator.config import AggregationMode, ConfigError, load_federation_config
+from fedsilo.silo_agent.methods.resfim import ResFimSettings
 
 VALID = """\
 [run]
@@ -191,10 +192,10 @@ def test_bad_resfim_settings_name_the_field(config_dir: Path, text: str, pattern
 def test_resfim_defaults_schedule_and_fingerprint(config_dir: Path) -> None:
     cfg = load_federation_config(write(config_dir, RESFIM))
     assert cfg.strategy == "resfim" and cfg.method.masked and not cfg.method.uses_lora
-    assert cfg.resfim is not None and cfg.resfim.rho == 0.1 and cfg.resfim.recompute_every == 5
-    assert [r for r in range(1, 13) if cfg.resfim.recompute(r)] == [1, 6, 11]
+    assert cfg.tables["resfim"]["rho"] == 0.1 and cfg.tables["resfim"]["recompute_every"] == 5
+    assert [r for r in range(1, 13) if ResFimSettings.from_mapping(cfg.tables["resfim"]).recompute(r)] == [1, 6, 11]
     other = load_federation_config(write(config_dir, RESFIM + "\n[resfim]\nrho = 0.2\n"))
-    assert other.resfim.rho == 0.2 and other.run_fingerprint() != cfg.run_fingerprint()
+    assert other.tables["resfim"]["rho"] == 0.2 and other.run_fingerprint() != cfg.run_fingerprint()
     deer = load_federation_config(write(config_dir, replace_line(RESFIM, "strategy =", 'strategy = "deer+resfim"')))
     assert deer.method.uses_lora and deer.method.alternates and deer.method.masked
 
@@ -214,7 +215,8 @@ RESFIM_DP_BAD = {
     "fisher-missing": (RESFIM_DP, r"^privacy\.fisher_noise_multiplier: missing \(run\.strategy 'resfim' with "
                                   r"record-level DP.*resfim\.masks_without_dp = true"),
     "fisher-without-resfim": (replace_line(RESFIM_DP + FISHER, "strategy =", 'strategy = "fedbn"'),
-                              r"^privacy\.fisher_noise_multiplier: set, but run\.strategy 'fedbn' computes no ResFIM"),
+                              r"^privacy\.fisher_noise_multiplier: set, but run\.strategy 'fedbn' plans no release it configures "
+                              r"\(it belongs to resfim or deer\+resfim\)"),
     "fisher-with-masks-without-dp": (RESFIM_DP + FISHER + "\n[resfim]\nmasks_without_dp = true\n",
                                      r"^privacy\.fisher_noise_multiplier: set, but resfim\.masks_without_dp = true"),
     "fisher-negative": (RESFIM_DP + FISHER.replace("= 5.0", "= -5.0"), r"^privacy\.fisher_noise_multiplier: -5\.0"),

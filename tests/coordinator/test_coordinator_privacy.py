@@ -309,10 +309,8 @@ RESFIM_PLAN = dataclasses.replace(PLAN, resfim_every=2, fisher_noise_multiplier=
 
 
 def resfim_config(fed: Fed, state_dir: Path, **kw: object) -> FederationConfig:
-    from fedsilo.coordinator.config import ResFimSettings
-
     return config(fed, state_dir, strategy="resfim", aggregation=AggregationMode.HE, privacy=RESFIM_PLAN,
-                  resfim=ResFimSettings(recompute_every=2, style_clip_norm=40.0), **kw)
+                  tables={"resfim": {"recompute_every": 2, "style_clip_norm": 40.0}}, **kw)
 
 
 def reserve(led: Ledger, planned, rnd: int = 1) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsilo.coordinator.config import ResFimSettings
+from fedsilo.silo_agent.methods.resfim import ResFimSettings
 from fedsilo.models import ModelConfig, SyntheticConfig, build_model, silo_splits
 from fedsilo.silo_agent.resfim import BANK_PURPOSE, ResFimError, ResFimSession
 from fedsilo.silo_agent.secure import open_sealed, seal

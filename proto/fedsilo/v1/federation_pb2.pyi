@@ -113,7 +113,7 @@ class GetRunRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "total_rounds", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "lora_config_json", "resfim_config_json", "method", "task")
+    __slots__ = ("run_id", "total_rounds", "aggregation", "model_config_json", "training_config_json", "max_chunk_bytes", "key_holder", "he_parameters", "privacy", "method", "task", "method_tables_json")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -123,10 +123,9 @@ class GetRunResponse(_message.Message):
     KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
     HE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
-    LORA_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
-    RESFIM_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    METHOD_TABLES_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     total_rounds: int
     aggregation: Aggregation
@@ -136,11 +135,10 @@ class GetRunResponse(_message.Message):
     key_holder: str
     he_parameters: bytes
     privacy: PrivacyPlan
-    lora_config_json: str
-    resfim_config_json: str
     method: str
     task: str
-    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., lora_config_json: _Optional[str] = ..., resfim_config_json: _Optional[str] = ..., method: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
+    method_tables_json: str
+    def __init__(self, run_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., model_config_json: _Optional[str] = ..., training_config_json: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., key_holder: _Optional[str] = ..., he_parameters: _Optional[bytes] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., method: _Optional[str] = ..., task: _Optional[str] = ..., method_tables_json: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("model_fingerprint", "num_train_examples", "shared_tensors", "agent_version", "kem_announcement", "budget_statement")
