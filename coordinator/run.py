@@ -27,21 +27,14 @@ from fedsilo.coordinator.keys import KeyRelay
 from fedsilo.coordinator.membership import Membership
 from fedsilo.coordinator.mirror import Mirror
 from fedsilo.coordinator.records import (
-    MAX_SEALED_BYTES,
-    SEALED_PAGE_BYTES,
     AggregateInfo,
-    PayloadEncoding,
     RoundSummary,
     RunState,
     SealedPage,
     Status,
     SubmitResult,
     Task,
-    TaskKind,
-    UploadChunk,
-    UploadHeader,
     UploadPart,
-    UploadTrailer,
 )
 from fedsilo.coordinator.relay import SealedRelay
 from fedsilo.coordinator.rounds import Rounds
@@ -50,9 +43,7 @@ from fedsilo.core.errors import PermissionDenied
 from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.pki import Identity, Role
 
-__all__ = ["MAX_SEALED_BYTES", "SEALED_PAGE_BYTES", "AggregateInfo", "Coordinator", "PayloadEncoding",
-           "RoundSummary", "RunState", "SealedPage", "Status", "SubmitResult", "Task", "TaskKind", "UploadChunk",
-           "UploadHeader", "UploadPart", "UploadTrailer"]
+__all__ = ["Coordinator"]
 
 
 class Coordinator:

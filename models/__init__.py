@@ -7,54 +7,30 @@ The package imports its parts lazily (PEP 562): ``from fedsilo.models import Mod
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import Any
 
-# Public name -> the submodule that defines it. The function pretrain() stays in
-# fedsilo.models.pretrain: exported here it would shadow that module.
-_EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("SegmentationDataset", "SiloSplits"), "data"),
-    **dict.fromkeys(("FolderConfig", "load_folder"), "folder"),
-    **dict.fromkeys(
-        (
-            "LoraLayer",
-            "LoraSettings",
-            "add_lora",
-            "build_lora_model",
-            "default_target_modules",
-            "from_matrix",
-            "lora_layers",
-            "lora_parameter_names",
-            "merged_delta",
-            "to_matrix",
-        ),
-        "lora",
-    ),
-    **dict.fromkeys(("SegmentationScores", "dice_and_hd95", "hd95_pixels", "to_labels"), "metrics"),
-    **dict.fromkeys(("PRETRAIN_DOMAIN", "PretrainConfig", "load_base_checkpoint", "save_checkpoint"), "pretrain"),
-    **dict.fromkeys(("Normalized", "RandomNormalized", "channel_stats"), "rdn"),
-    **dict.fromkeys(
-        (
-            "UNETR_PATCH",
-            "Architecture",
-            "ModelConfig",
-            "Norm",
-            "build_model",
-            "local_parameter_names",
-            "model_fingerprint",
-            "parameter_count",
-        ),
-        "registry",
-    ),
-    **dict.fromkeys(
-        ("UNSEEN_DOMAIN", "DomainStyle", "SyntheticConfig", "domain_style", "silo_splits", "unseen_domain"),
-        "synthetic",
-    ),
-    **dict.fromkeys(
-        ("EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "train_local"), "training"
-    ),
-    **dict.fromkeys(("DataSpec", "SiloData", "Task", "get_task", "register_task", "task_names"), "tasks"),
-}
+#: The submodules whose public names (their ``__all__``) the package re-exports.
+_PARTS = ("data", "folder", "lora", "metrics", "pretrain", "rdn", "registry", "synthetic", "training", "tasks")
+
+
+def _exports() -> dict[str, str]:
+    """Public name -> the submodule that defines it, read from each part's ``__all__`` without importing
+    it (so no torch). A name equal to a submodule's (e.g. the function ``pretrain``) is not exported:
+    it would shadow that module."""
+    here = Path(__file__).parent
+    out: dict[str, str] = {}
+    for part in _PARTS:
+        path = here / part / "__init__.py" if (here / part).is_dir() else here / f"{part}.py"
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                out.update((name, part) for name in ast.literal_eval(node.value) if name not in _PARTS)
+    return out
+
+
+_EXPORTS = _exports()
 
 __all__ = sorted(_EXPORTS)
 

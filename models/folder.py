@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.core.validators import check_float, check_int, check_seed, config_from_mapping, config_to_mapping
+from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
 from fedsilo.models.data import SegmentationDataset, SiloSplits, standardize
 
 __all__ = ["SUPPORTED_SUFFIXES", "FolderConfig", "load_folder"]
@@ -26,7 +26,7 @@ _HIGH_PERCENTILE = 99.5
 
 
 @dataclass(frozen=True, kw_only=True)
-class FolderConfig:
+class FolderConfig(MappingConfig):
     """Where a silo's real data lives and how to split it.
 
     Attributes:
@@ -64,14 +64,6 @@ class FolderConfig:
             )
         check_seed(owner, "seed", self.seed)
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> FolderConfig:
-        """Builds a config from plain TOML values; raises ValueError naming a bad or unknown key."""
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form of this config."""
-        return config_to_mapping(self)
 
 
 def _suffix(path: Path) -> str | None:

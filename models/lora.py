@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsilo.core.validators import check_float, check_int, check_seed, config_from_mapping, config_to_mapping
+from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
 from fedsilo.models.registry import Architecture, ModelConfig, build_model
 from fedsilo.core.rng import seeded_global_rng
 
@@ -40,7 +40,7 @@ _ArrayT = TypeVar("_ArrayT", torch.Tensor, np.ndarray)
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoraSettings:
+class LoraSettings(MappingConfig):
     """Run-wide LoRA settings; every silo must use the same ones.
 
     Attributes:
@@ -80,24 +80,6 @@ class LoraSettings:
         """The factor ``alpha / rank`` by which peft multiplies ``B @ A``."""
         return self.alpha / self.rank
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> LoraSettings:
-        """Builds settings from plain TOML values (a list for ``target_modules``).
-
-        Args:
-            d: Mapping of field names to values; missing keys take the defaults.
-
-        Returns:
-            The validated settings.
-
-        Raises:
-            ValueError: On an unknown key or a bad value; the message names the key.
-        """
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form; ``LoraSettings.from_mapping(s.to_mapping()) == s``."""
-        return config_to_mapping(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,12 +14,11 @@ from torch import nn
 
 from fedsilo.core.rng import seeded_global_rng
 from fedsilo.core.validators import (
+    MappingConfig,
     check_enum,
     check_float,
     check_int,
     check_seed,
-    config_from_mapping,
-    config_to_mapping,
 )
 
 __all__ = [
@@ -57,7 +56,7 @@ class Architecture(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(MappingConfig):
     """Everything needed to build the same network, with the same initial weights, anywhere.
 
     ``channels``, ``strides`` and ``num_res_units`` shape ``Architecture.UNET2D`` only;
@@ -152,24 +151,6 @@ class ModelConfig:
                     f"{owner}.norm_groups={self.norm_groups} must divide feature_size={self.feature_size}"
                 )
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Builds a config from plain TOML values (enum values as strings, lists for tuples).
-
-        Args:
-            d: Mapping of field names to values; missing keys take the defaults.
-
-        Returns:
-            The validated config.
-
-        Raises:
-            ValueError: On an unknown key or a bad value; the message names the key.
-        """
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form; ``ModelConfig.from_mapping(c.to_mapping()) == c``."""
-        return config_to_mapping(self)
 
 
 def _build_unet2d(cfg: ModelConfig) -> nn.Module:

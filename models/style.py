@@ -79,11 +79,10 @@ import numpy as np
 import torch
 
 from fedsilo.core.validators import (
+    MappingConfig,
     check_float,
     check_int,
     check_seed,
-    config_from_mapping,
-    config_to_mapping,
 )
 from fedsilo.privacy.accounting import Mechanism, Neighbouring, Release
 from fedsilo.privacy.update_noise import add_gaussian_noise
@@ -185,7 +184,7 @@ def _symmetrise(window: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StyleBankConfig:
+class StyleBankConfig(MappingConfig):
     """How a silo summarises its style (see the module docstring for the privacy design).
 
     Attributes:
@@ -216,14 +215,6 @@ class StyleBankConfig:
         check_int(owner, "clusters", self.clusters, minimum=1)
         check_seed(owner, "seed", self.seed)
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> StyleBankConfig:
-        """Builds a config from plain TOML values; raises ValueError naming a bad or unknown key."""
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form of this config."""
-        return config_to_mapping(self)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.core.validators import check_int, check_seed, config_from_mapping, config_to_mapping
+from fedsilo.core.validators import MappingConfig, check_int, check_seed
 from fedsilo.models.data import SegmentationDataset, SiloSplits, standardize
 
 __all__ = [
@@ -68,7 +68,7 @@ _TAG_IMAGE = 0x1A6E
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyntheticConfig:
+class SyntheticConfig(MappingConfig):
     """Size and seed of the built-in data.
 
     Attributes:
@@ -93,14 +93,6 @@ class SyntheticConfig:
         check_int(owner, "n_val", self.n_val, minimum=0)
         check_int(owner, "n_test", self.n_test, minimum=0)
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> SyntheticConfig:
-        """Builds a config from plain TOML values; raises ValueError naming a bad or unknown key."""
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form of this config."""
-        return config_to_mapping(self)
 
 
 @dataclass(frozen=True, kw_only=True)

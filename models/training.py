@@ -13,12 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedsilo.core.validators import (
+    MappingConfig,
     check_enum,
     check_float,
     check_int,
     check_seed,
-    config_from_mapping,
-    config_to_mapping,
 )
 from fedsilo.models.data import SegmentationDataset
 from fedsilo.models.metrics import dice_and_hd95
@@ -40,7 +39,7 @@ class Optimizer(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(MappingConfig):
     """Local training settings of one silo.
 
     The defaults (Adam, lr 1e-3, batch 8) were measured on the built-in data: with three
@@ -81,14 +80,6 @@ class TrainConfig:
         check_float(owner, "proximal_mu", self.proximal_mu, low=0.0, high=1e6)
         check_float(owner, "personal_lambda", self.personal_lambda, low=0.0, high=1e6)
 
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Builds a config from plain TOML values; raises ValueError naming a bad or unknown key."""
-        return config_from_mapping(cls, d)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """Returns the plain TOML form of this config."""
-        return config_to_mapping(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.coordinator.config import FederationConfig
-from fedsilo.coordinator.run import Coordinator, RoundSummary, RunState, Status
+from fedsilo.coordinator.run import Coordinator
+from fedsilo.coordinator.records import RoundSummary, RunState, Status
 from fedsilo.silo_agent.config import AgentConfig
 from fedsilo.silo_agent.daemon import EXIT_OK, Agent
 from fedsilo.silo_agent.inprocess import InProcessCoordinator

@@ -262,3 +262,24 @@ def config_to_mapping(config: object) -> dict[str, Any]:
             v = str(v)
         out[f.name] = v
     return out
+
+
+class MappingConfig:
+    """Mixin of the frozen config dataclasses: built from plain TOML values and turned back into them.
+
+    ``Config.from_mapping(c.to_mapping()) == c``; enum values travel as strings, tuples as lists,
+    and an unknown key or bad value raises ValueError naming it (:func:`config_from_mapping`).
+    """
+
+    @classmethod
+    def from_mapping(cls: type[T], d: Mapping[str, Any]) -> T:
+        """Builds a config from plain TOML values; missing keys take the defaults.
+
+        Raises:
+            ValueError: on an unknown key or a bad value; the message names the key.
+        """
+        return config_from_mapping(cls, d)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Returns the plain TOML form of this config."""
+        return config_to_mapping(self)

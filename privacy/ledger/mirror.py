@@ -17,7 +17,7 @@ from fedsilo.privacy.ledger.entries import (
     LedgerError,
 )
 from fedsilo.privacy.ledger.fields import _enum
-from fedsilo.privacy.ledger.sqlite import _MIRROR_SCHEMA, _SCHEMA_VERSION, _connect, _statements, _transaction
+from fedsilo.privacy.ledger.sqlite import _MIRROR_SCHEMA, _SCHEMA_VERSION, _transaction, open_database
 from fedsilo.privacy.signed import now_text
 
 
@@ -48,26 +48,13 @@ class LedgerMirror:
                 write-ahead logging there.
         """
         path = Path(path)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        conn = _connect(path)
-        try:
-            with _transaction(conn):
-                for statement in _statements(_MIRROR_SCHEMA):
-                    conn.execute(statement)
-                stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if not stored:
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [("schema", _SCHEMA_VERSION), ("kind", "ledger-mirror")],
-                    )
-                elif stored.get("kind") != "ledger-mirror":
-                    raise LedgerError(
-                        f"{str(path)!r} is not a ledger mirror (it is {stored.get('kind')!r}); "
-                        "check the coordinator's state directory"
-                    )
-        except BaseException:
-            conn.close()
-            raise
+
+        def check(stored: dict[str, str]) -> None:
+            if stored.get("kind") != "ledger-mirror":
+                raise LedgerError(f"{str(path)!r} is not a ledger mirror (it is {stored.get('kind')!r}); "
+                                  "check the coordinator's state directory")
+
+        conn = open_database(path, _MIRROR_SCHEMA, {"schema": _SCHEMA_VERSION, "kind": "ledger-mirror"}, check)
         return cls(conn, path=path)
 
     def close(self) -> None:

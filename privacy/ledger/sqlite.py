@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,3 +106,25 @@ BEGIN SELECT RAISE(ABORT, 'the ledger mirror is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS mirrored_append_only_update BEFORE UPDATE ON mirrored
 BEGIN SELECT RAISE(ABORT, 'the ledger mirror is append-only'); END;
 """
+
+
+def open_database(path: Path, schema: str, meta: Mapping[str, str],
+                  check: Callable[[dict[str, str]], None]) -> sqlite3.Connection:
+    """Opens (creating if new) a ledger database: its folder (0700), the schema, and its ``meta``
+    rows on first use; an existing file's stored meta must pass ``check`` (which raises
+    LedgerError naming what the file is instead). The connection is closed on any error."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conn = _connect(path)
+    try:
+        with _transaction(conn):
+            for statement in _statements(schema):
+                conn.execute(statement)
+            stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if not stored:
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            else:
+                check(stored)
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -19,7 +19,7 @@ from fedsilo.privacy.ledger.entries import (
     LedgerError,
 )
 from fedsilo.privacy.ledger.fields import _enum, _integer
-from fedsilo.privacy.ledger.sqlite import _LEDGER_SCHEMA, _SCHEMA_VERSION, _connect, _statements, _transaction
+from fedsilo.privacy.ledger.sqlite import _LEDGER_SCHEMA, _SCHEMA_VERSION, _transaction, open_database
 from fedsilo.privacy.pki import validate_name
 from fedsilo.privacy.signed import SIGNATURE_BYTES, SignatureError, now_text, own_signer
 
@@ -129,32 +129,17 @@ class Ledger:
         except SignatureError as exc:
             raise LedgerError(str(exc)) from None
         path = Path(path)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        conn = _connect(path)
-        try:
-            with _transaction(conn):
-                for statement in _statements(_LEDGER_SCHEMA):
-                    conn.execute(statement)
-                stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if not stored:
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [("schema", _SCHEMA_VERSION), ("kind", "silo-ledger"), ("silo", silo)],
-                    )
-                elif stored.get("kind") != "silo-ledger" or stored.get("silo") != silo:
-                    raise LedgerError(
-                        f"{str(path)!r} is not silo {silo!r}'s privacy ledger (it is "
-                        f"{stored.get('kind')!r} of {stored.get('silo')!r}); check the state "
-                        "directory"
-                    )
-                elif stored.get("schema") != _SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"{str(path)!r} has ledger schema {stored.get('schema')!r}, this "
-                        f"fedsilo reads {_SCHEMA_VERSION!r}"
-                    )
-        except BaseException:
-            conn.close()
-            raise
+
+        def check(stored: dict[str, str]) -> None:
+            if stored.get("kind") != "silo-ledger" or stored.get("silo") != silo:
+                raise LedgerError(f"{str(path)!r} is not silo {silo!r}'s privacy ledger (it is "
+                                  f"{stored.get('kind')!r} of {stored.get('silo')!r}); check the state directory")
+            if stored.get("schema") != _SCHEMA_VERSION:
+                raise LedgerError(f"{str(path)!r} has ledger schema {stored.get('schema')!r}, this "
+                                  f"fedsilo reads {_SCHEMA_VERSION!r}")
+
+        meta = {"schema": _SCHEMA_VERSION, "kind": "silo-ledger", "silo": silo}
+        conn = open_database(path, _LEDGER_SCHEMA, meta, check)
         return cls(
             conn,
             path=path,

@@ -17,16 +17,8 @@ import pytest
 
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
 from fedsilo.core.errors import AlreadyExists, FailedPrecondition, PermissionDenied
-from fedsilo.coordinator.run import (
-    Coordinator,
-    RunState,
-    SubmitResult,
-    TaskKind,
-    UploadChunk,
-    UploadHeader,
-    UploadPart,
-    UploadTrailer,
-)
+from fedsilo.coordinator.run import Coordinator
+from fedsilo.coordinator.records import RunState, SubmitResult, TaskKind, UploadChunk, UploadHeader, UploadPart, UploadTrailer
 from fedsilo.core.tensors import Manifest, arrays_from_payload, payload_chunks
 from fedsilo.privacy.pki import Identity, Role
 

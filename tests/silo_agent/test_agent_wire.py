@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedsilo.coordinator import wire as coord_wire
 from fedsilo.core.errors import InvalidArgument
-from fedsilo.coordinator.run import UploadChunk, UploadHeader, UploadTrailer
+from fedsilo.coordinator.records import UploadChunk, UploadHeader, UploadTrailer
 from fedsilo.silo_agent import wire
 from fedsilo.v1 import federation_pb2, tensor_pb2
 
