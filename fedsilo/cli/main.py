@@ -113,7 +113,8 @@ def _check_insecure(config_insecure: bool, flag: bool, key: str) -> None:
 @click.option("--insecure", is_flag=True, help=_INSECURE_HELP)
 def coordinator(config_path: Path, insecure: bool) -> None:
     """Run the coordinator service (no torch needed)."""
-    from fedsilo.coordinator.config import ConfigError, load_federation_config
+    from fedsilo.coordinator.config import ConfigError
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.coordinator.server import serve
 
     try:

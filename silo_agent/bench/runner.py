@@ -217,7 +217,7 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
     Raises:
         BenchError: the cell failed (the message names its log).
     """
-    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.silo_agent.config import load_agent_config
     from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_LORA, make_certs, write_configs
     from fedsilo.silo_agent.simulation import SimulationError, simulate

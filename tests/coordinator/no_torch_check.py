@@ -21,7 +21,8 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 import fedsilo.silo_agent.methods  # noqa: E402,F401 - as the CLI: the built-in methods, torch-free
-from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles, parse_privacy  # noqa: E402
+from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles  # noqa: E402
+from fedsilo.coordinator.loading import parse_privacy
 from fedsilo.coordinator.server import CoordinatorServer  # noqa: E402
 from fedsilo.privacy.pki import Role, init_ca, issue_certificate  # noqa: E402
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.coordinator.config import AggregationMode, ConfigError, load_federation_config
+from fedsilo.coordinator.config import AggregationMode, ConfigError
+from fedsilo.coordinator.loading import load_federation_config
 from fedsilo.silo_agent.methods.resfim import ResFimSettings
 
 VALID = """\

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig, TlsFiles, load_federation_config
+from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig, TlsFiles
+from fedsilo.coordinator.loading import load_federation_config
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 from fedsilo.coordinator.run import Coordinator
 from fedsilo.coordinator.records import RunState, TaskKind, UploadChunk, UploadHeader, UploadTrailer

@@ -487,7 +487,7 @@ def test_simulated_run_equals_the_deployed_run(tmp_path: Path, federation_factor
     sgd = {"optimizer": "sgd", "lr": 0.01}
     small = [{"source": "builtin", "domain": i, "seed": 0, "n_train": 24, "n_val": 8, "n_test": 8} for i in range(3)]
 
-    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.silo_agent.config import load_agent_config
     from fedsilo.silo_agent.simulation import simulate
     from fedsilo.silo_agent.state import AgentState

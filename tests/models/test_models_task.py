@@ -461,7 +461,7 @@ def test_the_toy_task_federates_with_fedavg_under_he(toy: Task, tmp_path: Path) 
     """The toy Task, registered by this module only, runs FedAvg through ``simulate()`` (the deployed
     coordinator and agents, BFV aggregation): every silo ends on the same global model, reports the
     Task's own metrics (accuracy, nll; no Dice) and learns its classes."""
-    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.silo_agent.config import load_agent_config
     from fedsilo.silo_agent.demo import make_certs, silo_names, write_configs
     from fedsilo.silo_agent.simulation import simulate

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedsilo.coordinator.config import load_federation_config
+from fedsilo.coordinator.loading import load_federation_config
 from fedsilo.coordinator.run import Coordinator
 from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.pki import Role, issue_certificate

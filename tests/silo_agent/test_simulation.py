@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.coordinator.config import load_federation_config
+from fedsilo.coordinator.loading import load_federation_config
 from fedsilo.privacy.audit import DISCLOSURES_FILE
 from fedsilo.silo_agent.config import load_agent_config
 from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_PRIVACY, make_certs, silo_names, write_configs

@@ -138,7 +138,8 @@ def _demo_shared_numel() -> tuple[int, int]:
 
 # -- (1) config validation ------------------------------------------------------------------------
 def test_config_accepts_the_toy_and_refuses_what_it_declares(tmp_path: Path) -> None:
-    from fedsilo.coordinator.config import ConfigError, load_federation_config
+    from fedsilo.coordinator.config import ConfigError
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.silo_agent.demo import DEMO_LORA_PRIVACY, DEMO_PRIVACY
     from fedsilo.silo_agent.methods import strategy_for
 
@@ -183,7 +184,7 @@ def test_simulated_run_keeps_biases_local_and_averages_the_rest(tmp_path: Path) 
     """Two rounds, three silos on different domains: every non-bias entry is one federation value
     (bit-equal on every silo, and what each silo evaluates), every bias is the silo's own (some
     differ between silos, none is in the shared set); each round shares exactly the toy's elements."""
-    from fedsilo.coordinator.config import load_federation_config
+    from fedsilo.coordinator.loading import load_federation_config
     from fedsilo.models import ModelConfig, build_model
     from fedsilo.silo_agent.config import load_agent_config
     from fedsilo.silo_agent.simulation import simulate
