@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.core.phases import SharePhase
-from fedsilo.core.tensors import Manifest
+from fedsilo.core.tensors import Manifest, PayloadEncoding
 
 #: Largest weight (example count) an upload or a join may carry.
 MAX_WEIGHT = 1e9
@@ -38,13 +38,6 @@ class RunState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
-
-
-class PayloadEncoding(enum.Enum):
-    """Layout of an upload or aggregate payload (values match ``fedsilo.v1.PayloadEncoding``)."""
-
-    RAW_TENSORS = 1
-    HE_CIPHERTEXTS = 2
 
 
 ENCODING_FOR: dict[AggregationMode, PayloadEncoding] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core import validators
-from fedsilo.coordinator.config import ConfigError, TlsFiles
+from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.configfile import check_keys, parse_enum, read_toml, resolve_path, tls_files
 
 

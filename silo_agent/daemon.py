@@ -28,7 +28,7 @@ from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.methods import strategy_for
 from fedsilo.silo_agent.strategy import RunContext, StrategyError
 from fedsilo.core.phases import SharePhase, phase_manifest
-from fedsilo.silo_agent.wire import Activity
+from fedsilo.silo_agent.wire import Activity, RunInfo
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
 log = logging.getLogger("fedsilo.agent")
@@ -128,45 +128,16 @@ class Agent:
 
     def _run(self, client: CoordinatorClient) -> int:
         info = client.get_run()
-        try:
-            task = get_task(info.task)
-            model_cfg = task.model_config(info.model_config)
-            train_cfg = TrainConfig.from_mapping(info.training_config)
-        except ValueError as exc:
-            raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
-        self._strategy = strategy_for(info.strategy, info.tables)
-        method = self._strategy
-        model = method.wrap_model(task.build_model(model_cfg), model_cfg=model_cfg,
-                                  base_checkpoint=self.cfg.base_checkpoint)
-        if info.privacy is not None and info.privacy.record_level:
-            from fedsilo.privacy.dpsgd import make_private_compatible
-
-            model = make_private_compatible(model)  # deterministic, so every silo builds the same model
-        fingerprint = model_fingerprint(model)
-        self._total_rounds = info.total_rounds
-        self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+        model, train_cfg, fingerprint = self._build(info)
         shared = self._strategy.shared_names(model)
-        self._task = task
-        data = load_data(self.cfg.data, task)
+        data = load_data(self.cfg.data, self._task)
         n_train = _len(data.splits.train)
         state_dir = Path(self.cfg.state_dir)
-        state = AgentState.load(state_dir)
-        if state is None:
-            sd = model.state_dict()
-            state = AgentState(run_id=info.run_id, fingerprint=fingerprint, model_config=dict(info.model_config),
-                               global_shared={k: sd[k].detach().clone() for k in shared},
-                               model={k: v.detach().clone() for k, v in sd.items()})
-            state.save(state_dir)
-        elif state.run_id != info.run_id or state.fingerprint != fingerprint:
-            raise AgentError(f"state dir {state_dir} belongs to run {state.run_id!r} with model "
-                             f"{state.fingerprint[:12]}…, not run {info.run_id!r} with model {fingerprint[:12]}…; "
-                             "use a new agent.state_dir for a new run")
-        else:
-            log.info("resuming: aggregates applied up to round %d, last round done %d",
-                     state.applied_round, state.done_round)
+        state = self._open_state(info, model, fingerprint, shared)
         model.load_state_dict(state.model)
         manifest = Manifest.of_arrays({k: state.global_shared[k].numpy() for k in shared})
         self._manifest = manifest
+        method = self._strategy
         if info.aggregation is AggregationMode.HE:
             if self.cfg.tls is None:
                 raise AgentError("the run uses HE aggregation, which needs this silo's TLS certificate and key")
@@ -232,6 +203,45 @@ class Agent:
             self._train_round(client, model, state, data, task.round, train_cfg, n_train,
                               task.weight_normalizer, task.phase)
 
+    def _build(self, info: RunInfo) -> tuple[torch.nn.Module, TrainConfig, str]:
+        """The run's Task, strategy and network (the Task's model, wrapped by the method; made DP-SGD
+        compatible under a record-level plan), its training settings and the model's fingerprint."""
+        try:
+            self._task = get_task(info.task)
+            model_cfg = self._task.model_config(info.model_config)
+            train_cfg = TrainConfig.from_mapping(info.training_config)
+        except ValueError as exc:
+            raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
+        self._strategy = strategy_for(info.strategy, info.tables)
+        model = self._strategy.wrap_model(self._task.build_model(model_cfg), model_cfg=model_cfg,
+                                          base_checkpoint=self.cfg.base_checkpoint)
+        if info.privacy is not None and info.privacy.record_level:
+            from fedsilo.privacy.dpsgd import make_private_compatible
+
+            model = make_private_compatible(model)  # deterministic, so every silo builds the same model
+        self._total_rounds = info.total_rounds
+        self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+        return model, train_cfg, model_fingerprint(model)
+
+    def _open_state(self, info: RunInfo, model: torch.nn.Module, fingerprint: str, shared: list[str]) -> AgentState:
+        """This silo's persistent state: new for a new run, resumed for the same run and model, else refused."""
+        state_dir = Path(self.cfg.state_dir)
+        state = AgentState.load(state_dir)
+        if state is None:
+            sd = model.state_dict()
+            state = AgentState(run_id=info.run_id, fingerprint=fingerprint, model_config=dict(info.model_config),
+                               global_shared={k: sd[k].detach().clone() for k in shared},
+                               model={k: v.detach().clone() for k, v in sd.items()})
+            state.save(state_dir)
+        elif state.run_id != info.run_id or state.fingerprint != fingerprint:
+            raise AgentError(f"state dir {state_dir} belongs to run {state.run_id!r} with model "
+                             f"{state.fingerprint[:12]}…, not run {info.run_id!r} with model {fingerprint[:12]}…; "
+                             "use a new agent.state_dir for a new run")
+        else:
+            log.info("resuming: aggregates applied up to round %d, last round done %d",
+                     state.applied_round, state.done_round)
+        return state
+
     def _heartbeats(self, client: CoordinatorClient) -> None:
         while not self.stop.wait(self.cfg.heartbeat_s):
             try:
@@ -292,66 +302,98 @@ class Agent:
     def _train_round(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                      data: SiloData, rnd: int, train_cfg: TrainConfig, n_train: int,
                      weight_normalizer: float, phase: SharePhase = SharePhase.ALL) -> None:
+        """One round as a pipeline: budget check → train → ``strategy.upload`` → privacy (noise,
+        ledger reserve) → codec → submit → ledger commit. Every method-specific step is a hook of
+        the run's strategy; the daemon never asks which method it runs."""
         self._round = rnd
         assert self._manifest is not None
-        method = self._strategy
-        round_manifest = phase_manifest(self._manifest, phase)  # the round's shared tensors
-        shared = [t.name for t in round_manifest.tensors]
-        state_dir = Path(self.cfg.state_dir)
+        shared = [t.name for t in phase_manifest(self._manifest, phase).tensors]  # the round's shared tensors
         dp = self._dp
-        if dp is not None:
-            if state.pending_round and state.pending_round != rnd:
-                dp.abandon_round(state.pending_round)  # its round closed while this agent was away
-                state.pending_round, state.pending_update = 0, {}
-                state.save(state_dir)
-            if state.pending_round != rnd:
-                refusal = dp.refusal(self._strategy.extra_releases(state, rnd, ahead=True))
-                if refusal is not None:
-                    self._decline(client, state, rnd, refusal)
-                    return
+        if dp is not None and not self._budget_allows(client, state, rnd):
+            return
         if state.pending_round == rnd:
             log.info("round %d: resending the update saved before the restart (its ledger entries stand)", rnd)
             update = {k: v.numpy() for k, v in state.pending_update.items()}
             loss = state.last_train_loss if state.last_train_loss is not None else float("nan")
         else:
-            self._activity = Activity.TRAINING
-            assert self._ctx is not None
-            self._strategy.before_training(self._ctx, model=model, state=state, rnd=rnd, trainable=self._trainable,
-                                           shared_names=[t.name for t in self._manifest.tensors])
-            self._strategy.set_trainable(model, phase, self._trainable)
-            train = self._strategy.train_data(data.splits.train, state=state, rnd=rnd)
-            if dp is not None and dp.plan.record_level:
-                from fedsilo.models.dp_training import train_local_dp
-
-                result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
-            else:
-                result = train_local(model, train, train_cfg, round_index=rnd, task=self._task)
-            if self.stop.is_set():
-                raise Stopped("training")
-            sd = model.state_dict()
-            update = self._strategy.upload(trained=sd, state=state, names=shared, rnd=rnd,
-                                           total_rounds=self._total_rounds)
-            loss = result.loss
-            self._strategy.after_training(model=model, state=state, train=train, train_cfg=train_cfg, rnd=rnd)
-            state.model = {k: v.detach().clone() for k, v in sd.items()}
-            state.last_train_loss = loss
+            update, loss = self._train(model, state, data, rnd, train_cfg, phase, shared)
             if dp is not None:
                 update = dp.noise_update(update, phase=phase, model=model, frozen=state.global_shared)
                 state.pending_round = rnd
                 state.pending_update = {k: torch.from_numpy(np.ascontiguousarray(v)).clone()
                                         for k, v in update.items()}
-                state.save(state_dir)  # the exact release is durable before it is accounted and sent
+                state.save(Path(self.cfg.state_dir))  # the exact release is durable before it is accounted and sent
         if dp is not None:
             dp.account_round(rnd, self._strategy.extra_releases(state, rnd))
             dp.sync(client)
         weight = 1.0 if dp is not None and dp.plan.silo_level else float(n_train)
+        sent = self._submit(client, state, rnd, update, shared, weight, weight_normalizer, loss)
+        if dp is not None:
+            if sent:
+                dp.commit_round(rnd)
+            else:
+                dp.abandon_round(rnd)
+            state.pending_round, state.pending_update = 0, {}
+        state.done_round = rnd
+        state.save(Path(self.cfg.state_dir))
+
+    def _budget_allows(self, client: CoordinatorClient, state: AgentState, rnd: int) -> bool:
+        """Drops a reservation whose round closed while this agent was away, then declines ``rnd`` (and
+        retires) if its releases would take this silo past its budget."""
+        dp = self._dp
+        assert dp is not None
+        if state.pending_round and state.pending_round != rnd:
+            dp.abandon_round(state.pending_round)
+            state.pending_round, state.pending_update = 0, {}
+            state.save(Path(self.cfg.state_dir))
+        if state.pending_round != rnd:
+            refusal = dp.refusal(self._strategy.extra_releases(state, rnd, ahead=True))
+            if refusal is not None:
+                self._decline(client, state, rnd, refusal)
+                return False
+        return True
+
+    def _train(self, model: torch.nn.Module, state: AgentState, data: SiloData, rnd: int, train_cfg: TrainConfig,
+               phase: SharePhase, shared: list[str]) -> tuple[dict[str, np.ndarray], float]:
+        """Local training (DP-SGD when the plan is record-level) and the strategy's upload of it."""
+        self._activity = Activity.TRAINING
+        strategy = self._strategy
+        assert self._ctx is not None and self._manifest is not None
+        strategy.before_training(self._ctx, model=model, state=state, rnd=rnd, trainable=self._trainable,
+                                 shared_names=[t.name for t in self._manifest.tensors])
+        strategy.set_trainable(model, phase, self._trainable)
+        train = strategy.train_data(data.splits.train, state=state, rnd=rnd)
+        dp = self._dp
+        if dp is not None and dp.plan.record_level:
+            from fedsilo.models.dp_training import train_local_dp
+
+            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
+        else:
+            result = train_local(model, train, train_cfg, round_index=rnd, task=self._task)
+        if self.stop.is_set():
+            raise Stopped("training")
+        sd = model.state_dict()
+        update = strategy.upload(trained=sd, state=state, names=shared, rnd=rnd, total_rounds=self._total_rounds)
+        strategy.after_training(model=model, state=state, train=train, train_cfg=train_cfg, rnd=rnd)
+        state.model = {k: v.detach().clone() for k, v in sd.items()}
+        state.last_train_loss = result.loss
+        return update, result.loss
+
+    def _submit(self, client: CoordinatorClient, state: AgentState, rnd: int, update: dict[str, np.ndarray],
+                shared: list[str], weight: float, weight_normalizer: float, loss: float) -> bool:
+        """Encodes (the strategy's HE vector under the method's layout, or raw tensors) and uploads.
+
+        Returns:
+            Whether the coordinator has this silo's upload (False: it refused the round's upload).
+        """
         self._activity = Activity.UPLOADING
-        sent = True
+        strategy = self._strategy
+        assert self._manifest is not None
         try:
             if self._he is not None:
-                flat = method.he_vector(update, state=state, names=shared, scale=weight / weight_normalizer, rnd=rnd,
-                                        total_rounds=self._total_rounds)
-                layout = method.upload_layout(self._manifest, rnd, self._total_rounds)
+                flat = strategy.he_vector(update, state=state, names=shared, scale=weight / weight_normalizer,
+                                          rnd=rnd, total_rounds=self._total_rounds)
+                layout = strategy.upload_layout(self._manifest, rnd, self._total_rounds)
                 uploads_in = client.submit_he(rnd, weight, layout, self._he.encrypt(flat))
             else:
                 uploads_in = client.submit(rnd, weight, update)
@@ -360,18 +402,11 @@ class Agent:
             if err.code() is grpc.StatusCode.ALREADY_EXISTS:
                 log.info("round %d: the coordinator already has this silo's upload", rnd)
             elif err.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                sent = False
                 log.warning("round %d: upload not accepted (%s); skipping this round", rnd, err.details())
+                return False
             else:
                 raise
-        if dp is not None:
-            if sent:
-                dp.commit_round(rnd)
-            else:
-                dp.abandon_round(rnd)
-            state.pending_round, state.pending_update = 0, {}
-        state.done_round = rnd
-        state.save(state_dir)
+        return True
 
     def _serve_keys(self, client: CoordinatorClient):
         """While this silo waits (e.g. for style banks), the key holder keeps wrapping keys for late joiners."""

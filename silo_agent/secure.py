@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsilo.core.atomic import atomic_write_with
-from fedsilo.coordinator.config import TlsFiles
+from fedsilo.core.configfile import TlsFiles
 from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
 from fedsilo.privacy.keywrap import (
     KemKeyPair,

@@ -16,7 +16,7 @@ from fedsilo.coordinator.config import AggregationMode
 from fedsilo.core.methods import Method, UnknownMethod, get_method
 from fedsilo.core.errors import InvalidArgument
 from fedsilo.core.phases import SharePhase
-from fedsilo.coordinator.records import PayloadEncoding
+from fedsilo.core.tensors import PayloadEncoding
 from fedsilo.core.tensors import DType, Manifest, TensorSpec, arrays_from_payload, payload_chunks
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 

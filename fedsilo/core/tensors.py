@@ -18,6 +18,13 @@ MAX_TENSORS = 100_000
 MAX_DIM = 2**31
 
 
+class PayloadEncoding(enum.Enum):
+    """Layout of an upload or aggregate payload (values match ``fedsilo.v1.PayloadEncoding``)."""
+
+    RAW_TENSORS = 1
+    HE_CIPHERTEXTS = 2
+
+
 class DType(enum.Enum):
     """Element types allowed on the wire (values match ``fedsilo.v1.DType``)."""
 

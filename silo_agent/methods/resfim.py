@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedsilo.coordinator.config import ConfigError
+from fedsilo.core.configfile import ConfigError
 from fedsilo.core import validators
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method

@@ -341,7 +341,7 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
     assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])
     from fedsilo.core.phases import masked_manifest
-    from fedsilo.coordinator.records import PayloadEncoding
+    from fedsilo.core.tensors import PayloadEncoding
 
     header = UploadHeader(round=1, weight=40.0, manifest=masked_manifest(MANIFEST, local_part=False),
                           encoding=PayloadEncoding.HE_CIPHERTEXTS, payload_bytes=1000)

@@ -84,3 +84,19 @@ def test_truncated_ciphertext_framing_is_refused() -> None:
     for cut in set(range(1, len(payload))) - {first_frame}:
         with pytest.raises(InvalidArgument):
             wire.unframe_blobs(payload[:cut])
+
+
+def test_agent_code_knows_the_built_in_methods_outside_the_cli() -> None:
+    """A fresh process that uses the agent's client library (as benchmarks/round_overhead.py's silos
+    do, without the CLI or this suite's conftest) reads a run of a built-in method."""
+    import subprocess
+    import sys
+
+    code = ("from fedsilo.silo_agent.wire import run_info_from_proto\n"
+            "from fedsilo.v1 import federation_pb2\n"
+            "info = run_info_from_proto(federation_pb2.GetRunResponse(run_id='r', total_rounds=1, method='fedavg',\n"
+            "    aggregation=federation_pb2.AGGREGATION_PLAIN))\n"
+            "print(info.strategy, info.method.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fedavg", "FedAvg"]
