@@ -360,10 +360,16 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
               help="A user dataset: one sub-folder per silo (images/ + masks/, or a datalist), instead of the "
                    "built-in data.")
 @click.option("--held-out", default=None, help="With --data: the sub-folder of a domain no silo trains on.")
+@click.option("--task", "task_name", default="segmentation-2d", show_default=True,
+              help="The registered Task every run learns ([run] task); reports name its headline metric.")
+@click.option("--model-json", default=None,
+              help="The runs' [model] table as a JSON object (default: the demo UNet for segmentation-2d, "
+                   "else the Task's default model config).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-bench"), show_default=True,
               help="Output folder: results.csv, summary.md, plots; finished cells are kept and reused.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
-          aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, out: Path) -> None:
+          aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, task_name: str,
+          model_json: str | None, out: Path) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
     from fedsilo.silo_agent.bench.runner import (
@@ -384,9 +390,13 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
             schedules = ()
         else:
             schedules = parse_sweep(sweep)
+        try:
+            model = None if model_json is None else json.loads(model_json)
+        except ValueError as exc:
+            raise BenchError(f"model: --model-json is not JSON: {exc}") from None
         cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
                           sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
-                          held_out=held_out, out=out)
+                          held_out=held_out, task=task_name, model=model, out=out)
     except BenchError as exc:
         _fail(str(exc))
     started = time.perf_counter()

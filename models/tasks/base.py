@@ -229,6 +229,20 @@ class Task(abc.ABC):
             ValueError: Naming a bad or unknown key.
         """
 
+    def default_model_config(self, seed: int = 0) -> dict[str, Any]:
+        """The model table a run uses when nobody wrote one (e.g. ``fedsilo bench`` without ``--model-json``).
+
+        The default is ``{}``: every key at its :meth:`model_config` default. A Task whose model
+        config takes a seed puts ``seed`` in, so each seed of a study starts from other weights.
+
+        Args:
+            seed: The run's seed.
+
+        Returns:
+            A plain TOML mapping :meth:`model_config` accepts.
+        """
+        return {}
+
     @abc.abstractmethod
     def build_model(self, config: Mapping[str, Any] | Any) -> nn.Module:
         """Builds the network with deterministic initial weights (the same config gives the same weights).

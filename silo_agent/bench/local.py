@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fedsilo.models import ModelConfig, TrainConfig, build_model, train_local
+from fedsilo.models import TrainConfig, train_local
 from fedsilo.silo_agent.bench.reference import Silo, round_record
 
+if TYPE_CHECKING:
+    from fedsilo.models.tasks import Task
 
-def run_local(silos: Sequence[Silo], *, model_cfg: ModelConfig, train_cfg: TrainConfig, rounds: int,
-              on_round: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+
+def run_local(silos: Sequence[Silo], *, task: Task, model_cfg: Mapping[str, Any] | Any, train_cfg: TrainConfig,
+              rounds: int, on_round: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Trains one model per silo, ``train_cfg.local_epochs`` epochs per "round", and evaluates
     every round as an agent would; nothing leaves a silo, so every round's bytes are 0.
 
-    Each silo starts from the same initialisation as a federated run (``build_model(model_cfg)``)
-    and trains with the agents' ``train_local`` and the same (seed, round) shuffling.
+    Each silo starts from the same initialisation as a federated run (``task.build_model(model_cfg)``)
+    and trains with the agents' ``train_local`` (the Task's batches and loss) and the same
+    (seed, round) shuffling.
+
+    Args:
+        silos: The silos and their data (see :func:`~fedsilo.silo_agent.bench.reference.load_silos`).
+        task: The study's Task: model, loss and metrics.
+        model_cfg: The run's model table (or the Task's parsed config).
+        train_cfg: The run's training settings.
+        rounds: How many "rounds" to train and evaluate.
+        on_round: Called with each round number when it is done.
 
     Returns:
         The cell's ``rounds_log``.
     """
-    models = [build_model(model_cfg) for _ in silos]
+    models = [task.build_model(model_cfg) for _ in silos]
     log = []
     for rnd in range(1, rounds + 1):
         for model, silo in zip(models, silos, strict=True):
-            train_local(model, silo.data.splits.train, train_cfg, round_index=rnd)
-        log.append(round_record(rnd, models, silos))
+            train_local(model, silo.data.splits.train, train_cfg, round_index=rnd, task=task)
+        log.append(round_record(rnd, models, silos, task))
         if on_round is not None:
             on_round(rnd)
     return log

@@ -9,20 +9,22 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.methods import get_method
+from fedsilo.silo_agent.bench.cells import task_fields, upgrade_cell
 from fedsilo.silo_agent.bench.methods import Method, methods, study_method_names
 
 log = logging.getLogger("fedsilo.bench")
 
 CELLS_DIR = "cells"
 #: Written into every cell: a cell made under other study settings is not reused.
-STUDY_KEYS = ("aggregation", "dp", "data", "held_out", "mu")
+STUDY_KEYS = ("task", "model", "aggregation", "dp", "data", "held_out", "mu")
 
 
 class BenchError(Exception):
@@ -48,6 +50,10 @@ class BenchConfig:
         data: None for the built-in data, else a folder holding one sub-folder per silo.
         held_out: with ``data``: the sub-folder of the held-out (unseen) domain, or None.
         out: the output folder (cells, logs, results).
+        task: the registered Task every cell runs (``[run] task``): data, model, loss and metrics;
+            reports name its headline metric.
+        model: the runs' ``[model]`` table; None: the demo UNet for ``segmentation-2d``, else the
+            Task's :meth:`~fedsilo.models.tasks.Task.default_model_config` for each seed.
     """
 
     methods: tuple[str, ...]
@@ -62,8 +68,24 @@ class BenchConfig:
     mu: float = 0.01
     data: Path | None = None
     held_out: str | None = None
+    task: str = DEFAULT_TASK
+    model: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        from fedsilo.models.tasks import get_task
+
+        try:
+            task = get_task(self.task)
+        except ValueError as exc:
+            raise BenchError(f"task: {exc}") from None
+        if self.model is not None:
+            if not isinstance(self.model, Mapping) or not all(isinstance(k, str) for k in self.model):
+                raise BenchError(f"model: {self.model!r} must be a table (a JSON object) of the Task's model keys")
+            try:
+                task.model_config(dict(self.model))
+            except (ValueError, TypeError) as exc:
+                raise BenchError(f"model: {exc}") from None
+            object.__setattr__(self, "model", dict(self.model))
         if not self.methods:
             raise BenchError("methods: give at least one method")
         for m in self.methods:
@@ -89,13 +111,21 @@ class BenchConfig:
         if not isinstance(self.mu, (int, float)) or isinstance(self.mu, bool) or not (math.isfinite(self.mu)
                                                                                       and self.mu >= 0):
             raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
+        table = methods()
+        if self.task != DEFAULT_TASK:
+            for m in self.methods:
+                if table[m].lora:
+                    raise BenchError(f"methods: {m} fine-tunes a pretrained base, which the bench makes for "
+                                     f"{DEFAULT_TASK} only, not for task {self.task!r}")
         if self.aggregation == "plain":
-            table = methods()
             for m in self.methods:
                 strategy = table[m].strategy
                 if strategy is not None and get_method(strategy).needs_he:
                     raise BenchError(f"methods: {m} needs --aggregation he ({get_method(strategy).needs_he})")
         if self.data is not None:
+            if "folder" not in task.data_sources:
+                raise BenchError(f"data: task {self.task!r} reads no folder data (its sources: "
+                                 f"{', '.join(task.data_sources)})")
             if not Path(self.data).is_dir():
                 raise BenchError(f"data: {self.data} is not a folder")
             folders = silo_folders(Path(self.data), self.held_out)
@@ -113,7 +143,8 @@ class BenchConfig:
 
     def study(self) -> dict[str, Any]:
         """The settings every cell of this study shares (stored in each cell)."""
-        return {"aggregation": self.aggregation, "dp": self.dp,
+        return {"task": self.task, "model": None if self.model is None else dict(self.model),
+                "aggregation": self.aggregation, "dp": self.dp,
                 "data": str(self.data) if self.data is not None else "builtin", "held_out": self.held_out,
                 "mu": self.mu}
 
@@ -123,7 +154,6 @@ def default_sweep(rounds: int, local_epochs: int = 1) -> tuple[tuple[int, int], 
     epochs and E' ∈ {1, 2, 4, 5, 8, 10, …} dividing the total (at most 8 epochs per round, at least
     one round), e.g. 40 × 1 → 40×1, 20×2, 10×4, 8×5, 5×8; 3 × 1 → 3×1, 1×3."""
     total = rounds * local_epochs
-    out = []
     return tuple((total // e, e) for e in range(1, min(total, 8) + 1) if total % e == 0)
 
 
@@ -193,6 +223,18 @@ def _names(cfg: BenchConfig) -> list[str]:
     return silo_names(cfg.silos)
 
 
+def _model_table(cfg: BenchConfig, seed: int) -> dict[str, Any]:
+    """The ``[model]`` table of the runs of ``seed``: the study's, the demo UNet or the Task's default."""
+    from fedsilo.models.tasks import get_task
+    from fedsilo.silo_agent.demo import DEMO_MODEL
+
+    if cfg.model is not None:
+        return dict(cfg.model)
+    if cfg.task == DEFAULT_TASK:
+        return {**DEMO_MODEL, "seed": seed}
+    return dict(get_task(cfg.task).default_model_config(seed))
+
+
 def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
     """DEeR's frozen base for ``seed``, pretrained once per study on a domain no silo holds."""
     from fedsilo.silo_agent.demo import make_base
@@ -218,6 +260,7 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         BenchError: the cell failed (the message names its log).
     """
     from fedsilo.coordinator.loading import load_federation_config
+    from fedsilo.models.tasks import get_task
     from fedsilo.silo_agent.config import load_agent_config
     from fedsilo.silo_agent.demo import DEMO_BUDGET, DEMO_LORA, make_certs, write_configs
     from fedsilo.silo_agent.simulation import SimulationError, simulate
@@ -236,30 +279,32 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
     training = {"local_epochs": local_epochs, **method.training}
     make_certs(work / "certs", names)
     base = _base_checkpoint(cfg, seed) if method.lora else None
+    task = get_task(cfg.task)
+    model_table = _model_table(cfg, seed)
     fed_path, agent_paths = write_configs(
         work, names=names, rounds=rounds, strategy=method.strategy or "fedavg", seed=seed, port=1, insecure=False,
         aggregation=cfg.aggregation, privacy=privacy, budgets={n: DEMO_BUDGET for n in names} if privacy else None,
         min_silos=len(names), lora=dict(DEMO_LORA) if method.lora else None, base_checkpoint=base,
         resfim=dict(method.resfim) if method.resfim is not None else None, training=training,
-        he_bound=method.he_bound, data=_agent_data(cfg, seed, names))
+        he_bound=method.he_bound, data=_agent_data(cfg, seed, names), task=cfg.task, model=model_table)
     agents = [load_agent_config(p) for p in agent_paths]
     test_sizes: dict[str, int] = {}
     epsilon: dict[str, float] | None = None
     if method.strategy is None:
-        from fedsilo.models import ModelConfig, TrainConfig
+        from fedsilo.models import TrainConfig
         from fedsilo.silo_agent.bench.centralised import run_centralised
         from fedsilo.silo_agent.bench.local import run_local
         from fedsilo.silo_agent.bench.reference import load_silos
-        from fedsilo.silo_agent.demo import DEMO_MODEL, DEMO_TRAINING
+        from fedsilo.silo_agent.demo import DEMO_TRAINING
 
         import torch
 
         torch.set_num_threads(1)  # as each simulated agent (threads = 1), so s/run compares like with like
-        silos = load_silos(agents, names)
-        model_cfg = ModelConfig.from_mapping({**DEMO_MODEL, "seed": seed})
+        silos = load_silos(agents, names, task)
         train_cfg = TrainConfig.from_mapping({**DEMO_TRAINING, "seed": seed, **training})
         run = run_local if method.name == "local" else run_centralised
-        rounds_log = run(silos, model_cfg=model_cfg, train_cfg=train_cfg, rounds=rounds, on_round=on_round)
+        rounds_log = run(silos, task=task, model_cfg=model_table, train_cfg=train_cfg, rounds=rounds,
+                         on_round=on_round)
         test_sizes = {s.name: len(s.data.splits.test) for s in silos}  # type: ignore[arg-type]
     else:
         fed = load_federation_config(fed_path)
@@ -277,14 +322,15 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         rounds_log = []
         for summary in result.rounds:
             metrics = {silo: {k: (v, n) for k, v, n in values} for silo, values in summary.metrics.items()}
-            test_sizes.update({silo: int(m["dice"][1]) for silo, m in metrics.items() if "dice" in m})
-            rounds_log.append(round_entry(summary.round, metrics, bytes_up=summary.bytes_up,
+            head = task.headline_metric
+            test_sizes.update({silo: int(m[head][1]) for silo, m in metrics.items() if head in m})
+            rounds_log.append(round_entry(summary.round, metrics, task=task, bytes_up=summary.bytes_up,
                                           bytes_down=summary.bytes_down))
         epsilon = dict(result.epsilon) if dp else None
     shutil.rmtree(work, ignore_errors=True)
     note = method.note if not cfg.dp or dp else f"{method.note} [run WITHOUT DP: {method.why_no_dp}]"
     return {"method": method.name, "seed": seed, "rounds": rounds, "local_epochs": local_epochs,
-            "main": (rounds, local_epochs) == (cfg.rounds, cfg.local_epochs), **cfg.study(),
+            "main": (rounds, local_epochs) == (cfg.rounds, cfg.local_epochs), **cfg.study(), **task_fields(task),
             "silos": names, "test_sizes": test_sizes, "rounds_log": rounds_log, "epsilon": epsilon,
             "seconds": time.monotonic() - t0, "note": note}
 
@@ -292,9 +338,11 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
 # -- the study ------------------------------------------------------------------------------
 def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
     try:
-        cell = json.loads(path.read_text())
+        cell = upgrade_cell(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None  # a torn or foreign file: recompute it
+    if not isinstance(cell, dict):
+        return None
     study = cfg.study()
     silos = cell.get("silos")
     if any(cell.get(k) != study[k] for k in STUDY_KEYS) or not isinstance(silos, list) or len(silos) != cfg.silos:

@@ -1,4 +1,5 @@
-"""``fedsilo bench``'s report: validation-selected Dice, the derived measures by hand, and the files."""
+"""``fedsilo bench``'s report: validation-selected Dice, the derived measures by hand, the files, older cells
+read alike, and a lower-is-better headline."""
 
 from __future__ import annotations
 
@@ -9,39 +10,48 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.silo_agent.bench.report import (
-    CSV_COLUMNS,
+from fedsilo.silo_agent.bench.cells import LEGACY_TASK, upgrade_cell, validate_cell
+from fedsilo.silo_agent.bench.measures import (
     bytes_to_95,
     convergence_curve,
-    format_vs_reference,
     mean_std,
-    render_summary,
     sample_std,
     select_rounds,
     summarize_cell,
-    unseen_dice,
-    validate_cell,
+    unseen_score,
     weighted_mean,
-    write_outputs,
 )
+from fedsilo.silo_agent.bench.report import csv_columns, format_vs_reference, render_summary, write_outputs
 
 A, B = "hospital-a", "hospital-b"
 SIZES = {A: 30, B: 10}
 PNG = b"\x89PNG\r\n\x1a\n"
 MINUS = "\u2212"
+#: The columns of results.csv for 2-D segmentation, as every study before the Task seam wrote them.
+CSV_COLUMNS = (
+    "method", "seed", "rounds", "local_epochs", "main", "silo", "test_size", "selected_round",
+    "dice", "hd95", "val_dice_at_selected", "cell_mean_dice", "cell_std_dice", "cell_worst_dice",
+    "unseen_dice", "bytes_total", "bytes_to_95", "epsilon", "seconds",
+)
+SEGMENTATION = {"task": "segmentation-2d", "model": None, "headline": "dice", "metric_names": ["dice", "hd95"],
+                "lower_is_better": ["hd95"]}
 
 # Three rounds of a 2-silo run. Test Dice peaks at round 2 for A and round 3 for B, but validation
 # Dice peaks at round 3 for A and round 1 for B: those are the rounds reported.
 # Validation values are dyadic so the weighted means tie exactly: round 1 (30*0.5 + 10*1.0)/40 =
 # 0.625 = round 2 (0.625 everywhere) > round 3 (30*0.75 + 0)/40 = 0.5625. The unweighted mean
 # would pick round 1 (0.75); the later of the tied rounds is round 2.
+def _entry(bytes_up: int, bytes_down: int, dice: dict, hd95: dict, val_dice: dict, unseen: float | None) -> dict:
+    """One round of a cell in the current format (the test values of each silo under ``metrics``)."""
+    return {"bytes_up": bytes_up, "bytes_down": bytes_down,
+            "metrics": {"dice": dice, "hd95": hd95, "val_dice": val_dice},
+            "unseen": {} if unseen is None else {"dice": unseen}}
+
+
 BASE_ROUNDS = [
-    {"bytes_up": 1_000_000, "bytes_down": 3_000_000, "dice": {A: 0.40, B: 0.50},
-     "hd95": {A: 20.0, B: 14.0}, "val_dice": {A: 0.5, B: 1.0}, "unseen_dice": 0.30},
-    {"bytes_up": 1_500_000, "bytes_down": 3_500_000, "dice": {A: 0.80, B: 0.65},
-     "hd95": {A: 8.0, B: 12.0}, "val_dice": {A: 0.625, B: 0.625}, "unseen_dice": 0.35},
-    {"bytes_up": 2_000_000, "bytes_down": 4_000_000, "dice": {A: 0.70, B: 0.80},
-     "hd95": {A: 10.0, B: 6.0}, "val_dice": {A: 0.75, B: 0.0}, "unseen_dice": 0.40},
+    _entry(1_000_000, 3_000_000, {A: 0.40, B: 0.50}, {A: 20.0, B: 14.0}, {A: 0.5, B: 1.0}, 0.30),
+    _entry(1_500_000, 3_500_000, {A: 0.80, B: 0.65}, {A: 8.0, B: 12.0}, {A: 0.625, B: 0.625}, 0.35),
+    _entry(2_000_000, 4_000_000, {A: 0.70, B: 0.80}, {A: 10.0, B: 6.0}, {A: 0.75, B: 0.0}, 0.40),
 ]
 
 
@@ -51,9 +61,9 @@ def _cell(method: str, seed: int, offset: float = 0.0, *, epsilon: dict | None =
     for i, r in enumerate(BASE_ROUNDS, start=1):
         entry = copy.deepcopy(r)
         entry["round"] = i
-        entry["dice"] = {s: round(v + offset, 6) for s, v in r["dice"].items()}
+        entry["metrics"]["dice"] = {s: round(v + offset, 6) for s, v in r["metrics"]["dice"].items()}
         log.append(entry)
-    return {"method": method, "seed": seed, "rounds": 3, "local_epochs": 1, "main": True,
+    return {"method": method, "seed": seed, "rounds": 3, "local_epochs": 1, "main": True, **SEGMENTATION,
             "dp": epsilon is not None, "aggregation": "he", "silos": [A, B],
             "test_sizes": dict(SIZES), "rounds_log": log, "epsilon": epsilon,
             "seconds": 40.0 + seed, "note": f"{method} note"}
@@ -61,11 +71,10 @@ def _cell(method: str, seed: int, offset: float = 0.0, *, epsilon: dict | None =
 
 def _sweep_cell() -> dict:
     """fedavg, seed 0, one round of three local epochs (not the main schedule)."""
-    return {"method": "fedavg", "seed": 0, "rounds": 1, "local_epochs": 3, "main": False,
+    return {"method": "fedavg", "seed": 0, "rounds": 1, "local_epochs": 3, "main": False, **SEGMENTATION,
             "dp": False, "aggregation": "he", "silos": [A, B], "test_sizes": dict(SIZES),
-            "rounds_log": [{"round": 1, "bytes_up": 100, "bytes_down": 200,
-                            "dice": {A: 0.6, B: 0.4}, "hd95": {A: 5.0, B: 7.0},
-                            "val_dice": {A: 0.5, B: 0.5}, "unseen_dice": None}],
+            "rounds_log": [{"round": 1, **_entry(100, 200, {A: 0.6, B: 0.4}, {A: 5.0, B: 7.0},
+                                                 {A: 0.5, B: 0.5}, None)}],
             "epsilon": None, "seconds": 15.0, "note": "fedavg note"}
 
 
@@ -86,32 +95,33 @@ def test_selection_uses_validation_not_test() -> None:
     cell = _cell("fedavg", 0)
     assert select_rounds(cell) == {A: 3, B: 1}  # test Dice would pick 2 and 3
     s = summarize_cell(cell)
-    assert s.dice == {A: pytest.approx(0.70), B: pytest.approx(0.50)}
-    assert s.hd95 == {A: 10.0, B: 14.0}
-    assert s.val_dice_at_selected == {A: 0.75, B: 1.0}
+    assert s.scores["dice"] == {A: pytest.approx(0.70), B: pytest.approx(0.50)}
+    assert s.scores["hd95"] == {A: 10.0, B: 14.0}
+    assert s.val_at_selected == {A: 0.75, B: 1.0}
 
 
 def test_selection_ties_go_to_later_round_and_no_val_means_last_round() -> None:
     cell = _cell("fedavg", 0)
-    cell["rounds_log"][1]["val_dice"] = {A: 0.75}  # A: rounds 2 and 3 tie at 0.75
+    cell["rounds_log"][1]["metrics"]["val_dice"] = {A: 0.75}  # A: rounds 2 and 3 tie at 0.75
     for entry in cell["rounds_log"]:
-        entry["val_dice"].pop(B, None)  # B: no validation Dice at all
+        entry["metrics"]["val_dice"].pop(B, None)  # B: no validation Dice at all
     assert select_rounds(cell) == {A: 3, B: 3}
-    cell["rounds_log"][2]["val_dice"] = {A: 0.5}
+    cell["rounds_log"][2]["metrics"]["val_dice"] = {A: 0.5}
     assert select_rounds(cell) == {A: 2, B: 3}
     s = summarize_cell(cell)
-    assert s.val_dice_at_selected == {A: 0.75, B: None}
-    assert s.dice[B] == pytest.approx(0.80)
+    assert s.val_at_selected == {A: 0.75, B: None}
+    assert s.scores["dice"][B] == pytest.approx(0.80)
 
 
 def test_cell_measures_by_hand() -> None:
     s = summarize_cell(_cell("fedavg", 0))
     # Dice 0.70 (A, 30 images) and 0.50 (B, 10 images)
-    assert s.mean_dice == pytest.approx((30 * 0.70 + 10 * 0.50) / 40)  # 0.65
-    assert s.mean_dice == pytest.approx(0.65)
-    assert s.std_dice == pytest.approx(math.sqrt(0.02))  # sample std of {0.7, 0.5}
-    assert (s.worst_dice, s.worst_silo) == (pytest.approx(0.50), B)
-    assert s.mean_hd95 == pytest.approx((30 * 10.0 + 10 * 14.0) / 40)  # 11.0
+    assert s.headline == "dice" and s.task == "segmentation-2d"
+    assert s.mean == s.means["dice"] == pytest.approx((30 * 0.70 + 10 * 0.50) / 40)  # 0.65
+    assert s.mean == pytest.approx(0.65)
+    assert s.std == pytest.approx(math.sqrt(0.02))  # sample std of {0.7, 0.5}
+    assert (s.worst, s.worst_silo) == (pytest.approx(0.50), B)
+    assert s.means["hd95"] == pytest.approx((30 * 10.0 + 10 * 14.0) / 40)  # 11.0
     assert s.bytes_total == 15_000_000
     assert s.epsilon is None and s.epsilon_max is None
     assert s.curve == pytest.approx((0.425, 0.7625, 0.725))
@@ -123,21 +133,21 @@ def test_bytes_to_95_by_hand() -> None:
     # curve 0.425, 0.7625, 0.725: target 0.95 * 0.725 = 0.68875, first reached at round 2
     assert bytes_to_95(cell) == 9_000_000
     # round 2 just below the target (weighted 0.68): only round 3 reaches it
-    cell["rounds_log"][1]["dice"] = {A: 0.70, B: 0.62}
+    cell["rounds_log"][1]["metrics"]["dice"] = {A: 0.70, B: 0.62}
     assert convergence_curve(cell)[1] == pytest.approx(0.68)
     assert bytes_to_95(cell) == 15_000_000
     # round 1 already above 95% of the final round
-    cell["rounds_log"][0]["dice"] = {A: 0.70, B: 0.70}
+    cell["rounds_log"][0]["metrics"]["dice"] = {A: 0.70, B: 0.70}
     assert bytes_to_95(cell) == 4_000_000
     # final mean Dice 0: the whole run's bytes
-    cell["rounds_log"][2]["dice"] = {A: 0.0, B: 0.0}
+    cell["rounds_log"][2]["metrics"]["dice"] = {A: 0.0, B: 0.0}
     assert bytes_to_95(cell) == 15_000_000
 
 
 def test_curve_uses_only_silos_present_in_the_round() -> None:
     cell = _cell("fedavg", 0)
-    del cell["rounds_log"][0]["dice"][B]
-    del cell["rounds_log"][0]["hd95"][B]
+    del cell["rounds_log"][0]["metrics"]["dice"][B]
+    del cell["rounds_log"][0]["metrics"]["hd95"][B]
     assert convergence_curve(cell)[0] == pytest.approx(0.40)  # A alone
     # B's best validation round (1) has no test Dice: selection runs over rounds 2 and 3
     assert select_rounds(cell)[B] == 2
@@ -145,14 +155,16 @@ def test_curve_uses_only_silos_present_in_the_round() -> None:
 
 def test_unseen_picks_best_weighted_validation_round() -> None:
     cell = _cell("fedavg", 0)
-    assert unseen_dice(cell) == pytest.approx(0.35)  # round 2 (tie with round 1, later wins)
-    cell["rounds_log"][1]["val_dice"] = {A: 0.5, B: 0.5}  # round 2 drops to 0.5: round 1 wins
-    assert unseen_dice(cell) == pytest.approx(0.30)
-    cell["rounds_log"][0]["unseen_dice"] = None  # round 1 logged none: best of rounds 2, 3 is 3
-    assert unseen_dice(cell) == pytest.approx(0.40)
+    assert unseen_score(cell) == pytest.approx(0.35)  # round 2 (tie with round 1, later wins)
+    assert unseen_score(cell, "dice") == pytest.approx(0.35)
+    assert unseen_score(cell, "hd95") is None  # no round logged an unseen HD95
+    cell["rounds_log"][1]["metrics"]["val_dice"] = {A: 0.5, B: 0.5}  # round 2 drops to 0.5: round 1 wins
+    assert unseen_score(cell) == pytest.approx(0.30)
+    cell["rounds_log"][0]["unseen"] = {}  # round 1 logged none: best of rounds 2, 3 is 3
+    assert unseen_score(cell) == pytest.approx(0.40)
     for entry in cell["rounds_log"]:
-        entry["unseen_dice"] = None
-    assert unseen_dice(cell) is None
+        entry["unseen"] = {}
+    assert unseen_score(cell) is None
 
 
 def test_small_helpers() -> None:
@@ -183,7 +195,7 @@ def test_missing_rounds_log_is_named(tmp_path: Path) -> None:
 
 def test_non_finite_dice_is_named(tmp_path: Path) -> None:
     cell = _cell("fedavg", 0)
-    cell["rounds_log"][1]["dice"][A] = float("nan")
+    cell["rounds_log"][1]["metrics"]["dice"][A] = float("nan")
     with pytest.raises(ValueError, match=r"round 2: 'dice'\['hospital-a'\] is nan"):
         validate_cell(cell)
     out = tmp_path / "out"
@@ -195,7 +207,12 @@ def test_non_finite_dice_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c["rounds_log"][0].update(round=2), "expected 1"),
     (lambda c: c.update(rounds=4), "has 3 entries"),
-    (lambda c: c["rounds_log"][2]["hd95"].pop(B), "'hd95' lacks 'hospital-b'"),
+    (lambda c: c["rounds_log"][2]["metrics"]["hd95"].pop(B), "'hd95' lacks 'hospital-b'"),
+    (lambda c: c["rounds_log"][2]["metrics"].pop("val_dice"), "round 3: 'val_dice' must be a mapping"),
+    (lambda c: c["rounds_log"][0]["metrics"].update(accuracy={}), "'metrics' names \\['accuracy'\\]"),
+    (lambda c: c["rounds_log"][0].update(unseen={"dice": math.inf}), r"'unseen'\['dice'\] is inf"),
+    (lambda c: c.update(headline="accuracy"), "'headline' 'accuracy' is not one of"),
+    (lambda c: c.update(lower_is_better=["nll"]), "'lower_is_better'"),
     (lambda c: c["test_sizes"].pop(B), r"'test_sizes'\['hospital-b'\]"),
     (lambda c: c["rounds_log"][0].update(bytes_up=-1), "'bytes_up'"),
     (lambda c: c.update(epsilon={A: float("inf")}), "'epsilon'"),
@@ -235,7 +252,7 @@ def test_write_outputs(tmp_path: Path) -> None:
 
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == CSV_COLUMNS
+    assert tuple(rows[0]) == CSV_COLUMNS == csv_columns("dice", ("dice", "hd95"))
     assert len(rows) == 10  # 4 main cells x 2 silos + the sweep cell x 2 silos
     row = next(r for r in rows if (r["method"], r["seed"], r["rounds"], r["silo"]) == ("fedavg", "0", "3", B))
     assert row["selected_round"] == "1" and row["main"] == "true" and row["test_size"] == "10"
@@ -253,6 +270,7 @@ def test_write_outputs(tmp_path: Path) -> None:
 
     text = (tmp_path / "summary.md").read_text()
     assert "Seeds: 2 (0, 1)" in text and "validation Dice" in text
+    assert "Task: segmentation-2d (headline metric: dice; metrics: dice, hd95)" in text
     main = _section(text, "Main results")
     fedavg, local = _row(main, "fedavg"), _row(main, "local")
     # fedavg: cell means 0.65 and 0.67; local: 0.55 and 0.57
@@ -293,3 +311,79 @@ def test_a_method_run_without_dp_in_a_dp_study_is_marked_not_compared_as_equal()
     plain = _section(render_summary([summarize_cell(_cell("fedavg", 0)), summarize_cell(_cell("ditto", 0, 0.1))]),
                      "Main results")
     assert _row(plain, "ditto")[8] == "\u2014" and _row(plain, "ditto")[10] == "+0.100"
+
+
+# ----------------------------------------------------------------------------- other cell shapes and Tasks
+
+
+def _legacy(cell: dict) -> dict:
+    """``cell`` as bench wrote it before cells named their Task (per-round dice, hd95, val_dice, unseen_dice)."""
+    old = {k: v for k, v in copy.deepcopy(cell).items() if k not in SEGMENTATION}
+    for entry in old["rounds_log"]:
+        metrics, unseen = entry.pop("metrics"), entry.pop("unseen")
+        entry.update(metrics, unseen_dice=unseen.get("dice"))
+    return old
+
+
+def test_cells_written_before_the_task_seam_read_alike(tmp_path: Path) -> None:
+    cells = _cells()
+    legacy = [_legacy(c) for c in cells]
+    assert "metrics" not in legacy[0]["rounds_log"][0] and "unseen_dice" in legacy[0]["rounds_log"][0]
+    assert [upgrade_cell(c) for c in legacy] == cells
+    assert upgrade_cell(cells[0]) is cells[0]  # a current cell is left as it is
+    assert {k: LEGACY_TASK[k] for k in SEGMENTATION} == SEGMENTATION
+    new, old = tmp_path / "new", tmp_path / "old"
+    write_outputs(cells, new)
+    write_outputs(legacy, old)
+    for name in ("results.csv", "summary.md"):
+        assert (old / name).read_text() == (new / name).read_text(), name
+    broken = _legacy(_cell("fedavg", 0))
+    del broken["rounds_log"][1]["hd95"]  # a missing key stays missing and is named
+    with pytest.raises(ValueError, match="round 2: 'hd95' must be a mapping"):
+        summarize_cell(broken)
+
+
+def test_cells_of_two_tasks_are_not_one_study(tmp_path: Path) -> None:
+    other = _cell("local", 0)
+    other.update(task="segmentation-3d")
+    with pytest.raises(ValueError, match=r"cell 1 \('local', seed 0\): task 'segmentation-3d'.*one study, one Task"):
+        write_outputs([_cell("fedavg", 0), other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _loss_cell(method: str, losses: list[dict], val: list[dict], *, seed: int = 0) -> dict:
+    """A cell of a Task whose only metric, ``loss``, is lower-is-better."""
+    log = [{"round": i, "bytes_up": 10, "bytes_down": 10, "metrics": {"loss": t, "val_loss": v},
+            "unseen": {"loss": 2.0 + i}} for i, (t, v) in enumerate(zip(losses, val), start=1)]
+    return {"method": method, "seed": seed, "rounds": len(log), "local_epochs": 1, "main": True,
+            "task": "toy-regression", "model": None, "headline": "loss", "metric_names": ["loss"],
+            "lower_is_better": ["loss"], "dp": False, "aggregation": "plain", "silos": [A, B],
+            "test_sizes": dict(SIZES), "rounds_log": log, "epsilon": None, "seconds": 1.0, "note": ""}
+
+
+def test_a_lower_is_better_headline_selects_and_compares_the_lowest(tmp_path: Path) -> None:
+    cell = _loss_cell("fedavg", [{A: 4.0, B: 2.0}, {A: 1.0, B: 3.0}, {A: 1.1, B: 2.0}],
+                      [{A: 3.0, B: 1.0}, {A: 1.0, B: 1.0}, {A: 2.0, B: 5.0}])
+    assert select_rounds(cell) == {A: 2, B: 2}  # the lowest validation loss; B's tie goes to the later round
+    s = summarize_cell(cell)
+    assert s.scores["loss"] == {A: 1.0, B: 3.0}
+    assert (s.worst, s.worst_silo) == (3.0, B)  # the worst silo has the highest loss
+    assert s.unseen == 4.0  # round 2: weighted mean validation loss 1.0 is the lowest
+    # curve 3.5, 1.5, 1.325: within 5% of the final (<= 1.39125) first at round 3
+    assert convergence_curve(cell) == pytest.approx([3.5, 1.5, 1.325])
+    assert bytes_to_95(cell) == 60
+    assert format_vs_reference(0.2, higher_is_better=False) == "+0.200 (loses)"
+    assert format_vs_reference(-0.2, higher_is_better=False) == f"{MINUS}0.200"
+    better = _loss_cell("ditto", [{A: 0.5, B: 0.5}] * 3, [{A: 0.5, B: 0.5}] * 3)
+    paths = write_outputs([cell, better], tmp_path)
+    assert [p.name for p in paths[2:]] == ["loss_vs_rounds.png", "loss_vs_bytes.png", "per_silo.png", "sweep.png"]
+    text = (tmp_path / "summary.md").read_text()
+    assert "validation loss was lowest" in text and "comes within 5% of" in text
+    main = _section(text, "Main results")
+    assert "| Method | loss (weighted mean) | Std across silos | Worst silo | Unseen loss |" in main
+    assert _row(main, "ditto")[-1] == f"{MINUS}1.000" and "(loses)" not in main
+    assert _row(_section(text, "loss per silo"), "fedavg")[1:] == ["1.000", "3.000"]
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert header.split(",")[8:13] == ["loss", "val_loss_at_selected", "cell_mean_loss", "cell_std_loss",
+                                       "cell_worst_loss"]
+    assert "dice" not in text.lower() and "dice" not in header

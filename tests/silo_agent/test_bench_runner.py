@@ -1,9 +1,11 @@
 """``fedsilo bench``'s runner: settings refused with a message naming the bad value, the sweep and
-seed parsers' known answers, the reference methods' defining rules on tiny real data, and the CLI
-end to end (a real two-method study, resumed cell by cell, refusing a reused folder)."""
+seed parsers' known answers, the reference methods' defining rules on tiny real data, the CLI
+end to end (a real two-method study, resumed cell by cell, refusing a reused folder), and a study
+of a toy classification Task whose reports name accuracy, never Dice."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 from torch.utils.data import ConcatDataset
 
 from fedsilo.models import ModelConfig, SyntheticConfig, TrainConfig, build_model, evaluate, silo_splits, train_local
+from fedsilo.models.tasks import Task, get_task, register_task, unregister_task
 from fedsilo.silo_agent.bench.centralised import run_centralised
 from fedsilo.silo_agent.bench.local import run_local
 from fedsilo.silo_agent.bench.methods import study_method_names
@@ -33,6 +36,30 @@ from fedsilo.silo_agent.bench.runner import (
 )
 from fedsilo.cli.main import main
 from fedsilo.silo_agent.daemon import SiloData
+from fedsilo.silo_agent.demo import DEMO_TRAINING
+from tests.models.test_models_task import ToyImageClassification
+
+SEGMENTATION = get_task("segmentation-2d")
+
+
+class BenchToy(ToyImageClassification):
+    """The Task seam's toy classification Task (headline accuracy, metrics accuracy and nll), whose
+    default model config follows the seed, under a name of its own for this module."""
+
+    name = "toy-bench-classification"
+
+    def default_model_config(self, seed: int = 0) -> dict:
+        return {"seed": seed}
+
+
+@pytest.fixture
+def toy_task() -> Iterator[Task]:
+    """The toy Task, registered for one test and removed after."""
+    register_task(BenchToy)
+    try:
+        yield get_task(BenchToy.name)
+    finally:
+        unregister_task(BenchToy.name)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,6 +101,9 @@ def _cfg(tmp_path: Path, **kw) -> BenchConfig:
     ({"methods": ("fedavg", "resfim")}, "resfim"),
     ({"methods": ("fedrdn",)}, "fedrdn"),
     ({"held_out": "site-z"}, "held_out"),
+    ({"task": "segmentation-9d"}, "task: unknown task 'segmentation-9d'"),
+    ({"model": {"channels": [4, 8], "bogus": 1}}, "model: "),
+    ({"model": [1, 2]}, "model: [1, 2] must be a table"),
 ])
 def test_bench_config_refuses_bad_settings(tmp_path: Path, kw: dict, fragment: str) -> None:
     with pytest.raises(BenchError, match=re.escape(fragment)):
@@ -116,8 +146,24 @@ def test_schedules_main_first_and_no_duplicate(tmp_path: Path) -> None:
 
 
 def test_study_settings_known_answer(tmp_path: Path) -> None:
-    assert _cfg(tmp_path, mu=0.5).study() == {"aggregation": "plain", "dp": False, "data": "builtin",
-                                              "held_out": None, "mu": 0.5}
+    assert _cfg(tmp_path, mu=0.5).study() == {"task": "segmentation-2d", "model": None, "aggregation": "plain",
+                                              "dp": False, "data": "builtin", "held_out": None, "mu": 0.5}
+    model = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
+    assert _cfg(tmp_path, model=model).study()["model"] == model
+
+
+def test_another_task_is_its_own_study_and_needs_no_segmentation_base(tmp_path: Path, toy_task: Task) -> None:
+    cfg = _cfg(tmp_path, task=toy_task.name)
+    assert cfg.study()["task"] == "toy-bench-classification"
+    with pytest.raises(BenchError, match="deer fine-tunes a pretrained base"):
+        _cfg(tmp_path, task=toy_task.name, methods=("fedavg", "deer"), aggregation="he")
+    data = tmp_path / "data"
+    for site in ("site-a", "site-b"):
+        (data / site).mkdir(parents=True)
+    with pytest.raises(BenchError, match="reads no folder data"):
+        _cfg(tmp_path, task=toy_task.name, data=data)
+    with pytest.raises(BenchError, match="model: ToyModelConfig: unknown key"):
+        _cfg(tmp_path, task=toy_task.name, model={"channels": [4]})
 
 
 def test_every_method_is_accepted_under_he(tmp_path: Path) -> None:
@@ -218,28 +264,29 @@ def _no_bytes_and_shape(log: list[dict], silos: list[Silo], rounds: int) -> None
     names = {s.name for s in silos}
     for r in log:
         assert r["bytes_up"] == 0 and r["bytes_down"] == 0
-        assert set(r["dice"]) == set(r["hd95"]) == set(r["val_dice"]) == names
-        assert r["unseen_dice"] is None
-        assert all(0.0 <= v <= 1.0 for v in r["dice"].values())
+        assert set(r["metrics"]) == {"dice", "hd95", "val_dice"}
+        assert set(r["metrics"]["dice"]) == set(r["metrics"]["hd95"]) == set(r["metrics"]["val_dice"]) == names
+        assert r["unseen"] == {}
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"]["dice"].values())
 
 
 def test_local_trains_each_silo_on_its_own_data_only(silos: list[Silo]) -> None:
     seen: list[int] = []
-    log = run_local(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=2, on_round=seen.append)
+    log = run_local(silos, task=SEGMENTATION, model_cfg=MODEL, train_cfg=TRAIN, rounds=2, on_round=seen.append)
     assert seen == [1, 2]
     _no_bytes_and_shape(log, silos, 2)
     for silo in silos:  # a model built the same way, trained on this silo's data and nothing else
         alone = build_model(MODEL)
         train_local(alone, silo.data.splits.train, TRAIN, round_index=1)
-        assert log[0]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
+        assert log[0]["metrics"]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
         train_local(alone, silo.data.splits.train, TRAIN, round_index=2)
-        assert log[1]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
-        assert log[1]["hd95"][silo.name] == evaluate(alone, silo.data.splits.test).hd95
-        assert log[1]["val_dice"][silo.name] == evaluate(alone, silo.data.splits.val).dice
+        assert log[1]["metrics"]["dice"][silo.name] == evaluate(alone, silo.data.splits.test).dice
+        assert log[1]["metrics"]["hd95"][silo.name] == evaluate(alone, silo.data.splits.test).hd95
+        assert log[1]["metrics"]["val_dice"][silo.name] == evaluate(alone, silo.data.splits.val).dice
 
 
 def test_centralised_trains_one_model_on_the_pooled_data(silos: list[Silo]) -> None:
-    log = run_centralised(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=2)
+    log = run_centralised(silos, task=SEGMENTATION, model_cfg=MODEL, train_cfg=TRAIN, rounds=2)
     _no_bytes_and_shape(log, silos, 2)
     pooled = build_model(MODEL)
     data = ConcatDataset([s.data.splits.train for s in silos])
@@ -247,16 +294,16 @@ def test_centralised_trains_one_model_on_the_pooled_data(silos: list[Silo]) -> N
     train_local(pooled, data, TRAIN, round_index=2)
     for silo in silos:  # the one model, scored on each silo's own test set
         res = evaluate(pooled, silo.data.splits.test)
-        assert log[1]["dice"][silo.name] == res.dice
-        assert log[1]["hd95"][silo.name] == res.hd95
-        assert log[1]["val_dice"][silo.name] == evaluate(pooled, silo.data.splits.val).dice
+        assert log[1]["metrics"]["dice"][silo.name] == res.dice
+        assert log[1]["metrics"]["hd95"][silo.name] == res.hd95
+        assert log[1]["metrics"]["val_dice"][silo.name] == evaluate(pooled, silo.data.splits.val).dice
 
 
 def test_centralised_is_not_local(silos: list[Silo]) -> None:
     """The two references differ (else the checks above could not tell them apart)."""
-    local = run_local(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
-    central = run_centralised(silos, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
-    assert local[0]["dice"] != central[0]["dice"] or local[0]["val_dice"] != central[0]["val_dice"]
+    local = run_local(silos, task=SEGMENTATION, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
+    central = run_centralised(silos, task=SEGMENTATION, model_cfg=MODEL, train_cfg=TRAIN, rounds=1)
+    assert local[0]["metrics"] != central[0]["metrics"]
 
 
 # -- the CLI ------------------------------------------------------------------------------------
@@ -285,6 +332,8 @@ def fedsilo_logger() -> Iterator[None]:
     (["--seeds", "0"], "seeds: '0'"),
     (["--methods", "resfim", "--aggregation", "plain"], "resfim needs --aggregation he"),
     (["--rounds", "0"], "rounds: 0"),
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--model-json", "{channels"], "--model-json is not JSON"),
 ])
 def test_cli_bench_refuses_bad_input_and_writes_nothing(tmp_path: Path, args: list[str], fragment: str,
                                                         fedsilo_logger: None) -> None:
@@ -332,13 +381,16 @@ def test_cli_bench_study_resumes_and_refuses_other_settings(tmp_path: Path, feds
         assert cell["main"] is ((rounds, epochs) == (2, 1))
         assert (cell["aggregation"], cell["dp"], cell["mu"], cell["data"], cell["held_out"]) == (
             "plain", False, 0.01, "builtin", None)
+        assert (cell["task"], cell["model"], cell["headline"], cell["metric_names"], cell["lower_is_better"]) == (
+            "segmentation-2d", None, "dice", ["dice", "hd95"], ["hd95"])
         assert cell["silos"] == SILO_NAMES
         assert cell["epsilon"] is None
         assert [r["round"] for r in cell["rounds_log"]] == list(range(1, rounds + 1))
         assert set(cell["test_sizes"]) == set(SILO_NAMES) and all(n > 0 for n in cell["test_sizes"].values())
         for rec in cell["rounds_log"]:
-            assert set(rec["dice"]) == set(SILO_NAMES), cid
-            assert rec["unseen_dice"] is not None, cid  # evaluated every round on the held-out domain
+            assert set(rec["metrics"]) == {"dice", "hd95", "val_dice"}, cid
+            assert set(rec["metrics"]["dice"]) == set(SILO_NAMES), cid
+            assert set(rec["unseen"]) == {"dice", "hd95"}, cid  # evaluated every round on the held-out domain
             if method == "fedavg":
                 assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0, cid
             else:
@@ -385,3 +437,54 @@ def test_cli_bench_study_resumes_and_refuses_other_settings(tmp_path: Path, feds
     assert result.exit_code != 0 and "use a new --out" in _flat(result.output), result.output
     assert "silos=['hospital-a', 'hospital-b', 'hospital-c']" in _flat(result.output), result.output
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cells_dir.glob("*.json") if p != gone} == kept
+
+
+def test_cli_bench_study_of_another_task_names_its_headline_never_dice(tmp_path: Path, toy_task: Task,
+                                                                     fedsilo_logger: None) -> None:
+    """A toy classification Task (headline accuracy, nll lower-is-better): fedavg and local for 2 rounds;
+    the cells, results.csv, summary.md and plot names speak of accuracy, and the local reference
+    trains and scores with the Task (the same numbers as the Task's own calls)."""
+    out = tmp_path / "toy"
+    result = CliRunner().invoke(main, ["bench", "--task", toy_task.name, "--methods", "fedavg,local", "--rounds", "2",
+                                       "--seeds", "1", "--sweep", "none", "--silos", "2", "--aggregation", "plain",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = ["hospital-a", "hospital-b"]
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {cell_id(m, 0, 2, 1) for m in ("fedavg", "local")}
+    for cid, cell in cells.items():
+        assert (cell["task"], cell["headline"], cell["metric_names"], cell["lower_is_better"]) == (
+            toy_task.name, "accuracy", ["accuracy", "nll"], ["nll"]), cid
+        assert cell["test_sizes"] == {n: ToyImageClassification.N["test"] for n in names}, cid
+        for rec in cell["rounds_log"]:
+            assert set(rec["metrics"]) == {"accuracy", "nll", "val_accuracy"}, cid
+            assert all(set(v) == set(names) for v in rec["metrics"].values()), cid
+            assert set(rec["unseen"]) == {"accuracy", "nll"}, cid
+    # the local reference: each silo's model built, trained and scored by the Task, nothing else
+    local = cells[cell_id("local", 0, 2, 1)]["rounds_log"]
+    train = TrainConfig.from_mapping({**DEMO_TRAINING, "seed": 0})
+    for i, silo in enumerate(names):
+        data = toy_task.load_data({"source": "builtin", "domain": i, "seed": 0})
+        model = toy_task.build_model(toy_task.default_model_config(0))
+        for rnd in (1, 2):
+            train_local(model, data.splits.train, train, round_index=rnd, task=toy_task)
+        assert local[1]["metrics"]["accuracy"][silo] == toy_task.evaluate(model, data.splits.test)["accuracy"][0]
+        assert local[1]["metrics"]["val_accuracy"][silo] == toy_task.evaluate(model, data.splits.val)["accuracy"][0]
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == sorted(["results.csv", "summary.md", "accuracy_vs_rounds.png", "accuracy_vs_bytes.png",
+                            "per_silo.png", "sweep.png"])
+    summary = (out / "summary.md").read_text()
+    assert "dice" not in summary.lower() and "hd95" not in summary.lower()
+    assert "Task: toy-bench-classification (headline metric: accuracy; metrics: accuracy, nll)" in summary
+    assert "| Method | accuracy (weighted mean) | Std across silos | Worst silo | nll | Unseen accuracy |" in summary
+    assert "## accuracy per silo" in summary and "validation accuracy peaked" in summary
+    for method in ("fedavg", "local"):
+        assert re.search(rf"^\| {method} \| \d\.\d{{3}}", summary, re.MULTILINE), summary
+    text = (out / "results.csv").read_text()
+    assert "dice" not in text.lower()
+    with (out / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(names)
+    assert {"accuracy", "nll", "val_accuracy_at_selected", "cell_mean_accuracy", "unseen_accuracy"} <= set(rows[0])
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) >= 0 for r in rows)

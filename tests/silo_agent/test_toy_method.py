@@ -249,7 +249,7 @@ def test_bench_runs_the_toy_as_a_study_method(tmp_path: Path, fedsilo_logger: No
     assert (cell["method"], cell["rounds"], cell["note"]) == (TOY, 1, TOY_NOTE)
     assert cell["silos"] == ["hospital-a", "hospital-b"]
     [rec] = cell["rounds_log"]
-    assert set(rec["dice"]) == {"hospital-a", "hospital-b"} and rec["bytes_up"] > 0
+    assert set(rec["metrics"]["dice"]) == {"hospital-a", "hospital-b"} and rec["bytes_up"] > 0
     summary = (out / "summary.md").read_text()
     assert re.search(rf"^\| {re.escape(TOY)} \|", summary, re.MULTILINE), summary
     assert TOY_NOTE in summary, summary
