@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedsilo.coordinator.aggregation import Aggregator, PlainAggregator
+from fedsilo.coordinator.aggregation import Aggregator
 from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
 from fedsilo.coordinator.records import RunState
 from fedsilo.coordinator.store import Store
@@ -18,17 +18,6 @@ from fedsilo.core.errors import FailedPrecondition, PermissionDenied
 from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.ledger import LedgerMirror
 from fedsilo.privacy.pki import Identity, Role
-
-
-def aggregator_for(config: FederationConfig, manifest: Manifest) -> Aggregator:
-    """The run's aggregator (plain or HE) for uploads laid out as ``manifest``."""
-    if config.aggregation is AggregationMode.PLAIN:
-        return PlainAggregator(manifest)
-    if config.aggregation is AggregationMode.HE:
-        from fedsilo.coordinator.aggregation.he import HeAggregator
-
-        return HeAggregator(manifest, config.he_params())
-    raise ConfigError(f"run.aggregation: {config.aggregation.value!r} is not supported")
 
 
 class RunContext:

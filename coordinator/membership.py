@@ -7,7 +7,8 @@ import re
 
 from fedsilo.coordinator.aggregation import Aggregator
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
-from fedsilo.coordinator.context import RunContext, aggregator_for, to_json
+from fedsilo.coordinator.aggregation import aggregator_for
+from fedsilo.coordinator.context import RunContext, to_json
 from fedsilo.coordinator.mirror import Mirror
 from fedsilo.coordinator.records import MAX_ANNOUNCEMENT_BYTES, MAX_WEIGHT, RunState
 from fedsilo.coordinator.rounds import Rounds

@@ -15,7 +15,8 @@ import os
 import time
 from collections.abc import Callable
 
-from fedsilo.coordinator.context import RunContext, aggregator_for, file_sha256
+from fedsilo.coordinator.aggregation import aggregator_for
+from fedsilo.coordinator.context import RunContext, file_sha256
 from fedsilo.coordinator.records import (
     ENCODING_FOR,
     MAX_WAIT_S,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import Any
 
 from fedsilo.core.tensors import Manifest
 
@@ -23,6 +24,11 @@ class Aggregator(abc.ABC):
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
+
+    @classmethod
+    def for_run(cls, manifest: Manifest, config: Any) -> Aggregator:
+        """The aggregator of a run with ``config`` (a ``FederationConfig``) for uploads laid out as ``manifest``."""
+        return cls(manifest)
 
     @abc.abstractmethod
     def payload_bytes_bound(self) -> int:

@@ -6,6 +6,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fedsilo.coordinator.aggregation.base import Aggregator
 from fedsilo.core.atomic import atomic_write
@@ -52,6 +53,11 @@ class HeAggregator(Aggregator):
     parameters (``PublicContext``): it never has a secret, public, Galois or relinearisation
     key, and it never decrypts.
     """
+
+    @classmethod
+    def for_run(cls, manifest: Manifest, config: Any) -> HeAggregator:
+        """The aggregator of an HE run: the run's public HE parameters, no key."""
+        return cls(manifest, config.he_params())
 
     def __init__(self, manifest: Manifest, params: HeParams) -> None:
         super().__init__(manifest)
