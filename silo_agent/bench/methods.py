@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedsilo.core.methods import methods as registered_methods
@@ -71,4 +72,40 @@ def methods(*, mu: float | None = None) -> dict[str, Method]:
     return out
 
 
-__all__ = ["REFERENCES", "Method", "methods", "study_method_names"]
+def resolve(name: str, *, mu: float | None = None) -> Method:
+    """A study method by name, or a variant of one: ``base@table.key=value[&table.key=value…]`` runs
+    ``base`` with entries of its ``[training]`` or ``[resfim]`` table replaced (e.g.
+    ``resfim@resfim.rho=0.2``); values are read as JSON where they parse, else as text.
+
+    Raises:
+        ValueError: an unknown base, a malformed variant, or a table the base method has not got.
+    """
+    base, sep, spec = name.partition("@")
+    table = methods(mu=mu)
+    if base not in table:
+        raise ValueError(f"unknown method {base!r}; choose from {', '.join(study_method_names())}")
+    method = table[base]
+    if not sep:
+        return method
+    if method.strategy is None:
+        raise ValueError(f"{name}: {base} is a reference run; it has no settings to vary")
+    training, resfim = dict(method.training), dict(method.resfim) if method.resfim is not None else None
+    for item in spec.split("&"):
+        key, eq, raw = item.partition("=")
+        table_name, dot, field = key.partition(".")
+        if not (eq and dot and field and raw):
+            raise ValueError(f"{name}: a variant is base@table.key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if table_name == "training":
+            training[field] = value
+        elif table_name == "resfim" and resfim is not None:
+            resfim[field] = value
+        else:
+            raise ValueError(f"{name}: {base} has no [{table_name}] table to vary")
+    return replace(method, name=name, training=training, resfim=resfim, note=f"{method.note} [{spec}]")
+
+
+__all__ = ["REFERENCES", "Method", "methods", "resolve", "study_method_names"]

@@ -18,7 +18,7 @@ from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.bench.cells import task_fields, upgrade_cell
-from fedsilo.silo_agent.bench.methods import Method, methods, study_method_names
+from fedsilo.silo_agent.bench.methods import Method, resolve
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -89,8 +89,10 @@ class BenchConfig:
         if not self.methods:
             raise BenchError("methods: give at least one method")
         for m in self.methods:
-            if m not in study_method_names():
-                raise BenchError(f"methods: unknown method {m!r}; choose from {', '.join(study_method_names())}")
+            try:
+                resolve(m)
+            except ValueError as exc:
+                raise BenchError(f"methods: {exc}") from None
         if len(set(self.methods)) != len(self.methods):
             raise BenchError(f"methods: {','.join(self.methods)} names a method twice")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
@@ -111,7 +113,7 @@ class BenchConfig:
         if not isinstance(self.mu, (int, float)) or isinstance(self.mu, bool) or not (math.isfinite(self.mu)
                                                                                       and self.mu >= 0):
             raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
-        table = methods()
+        table = {m: resolve(m) for m in self.methods}
         if self.task != DEFAULT_TASK:
             for m in self.methods:
                 if table[m].lora:
@@ -198,8 +200,8 @@ def silo_folders(root: Path, held_out: str | None) -> list[Path]:
 
 
 def cell_id(method: str, seed: int, rounds: int, local_epochs: int) -> str:
-    """The file stem of a cell."""
-    return f"{method}-seed{seed}-{rounds}x{local_epochs}"
+    """The file stem of a cell (a variant's ``@``, ``=`` and ``&`` become ``_``)."""
+    return f"{re.sub(r'[^A-Za-z0-9+._-]', '_', method)}-seed{seed}-{rounds}x{local_epochs}"
 
 
 # -- one cell -------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedsilo.silo_agent.bench.report import write_outputs
-    table = methods(mu=cfg.mu)
+    table = {m: resolve(m, mu=cfg.mu) for m in cfg.methods}
     plan = [(table[m], s, r, e) for (r, e, _main) in cfg.schedules for m in cfg.methods for s in cfg.seeds]
     cells: list[dict[str, Any]] = []
     todo = []

@@ -488,3 +488,41 @@ def test_cli_bench_study_of_another_task_names_its_headline_never_dice(tmp_path:
     assert len(rows) == 2 * len(names)
     assert {"accuracy", "nll", "val_accuracy_at_selected", "cell_mean_accuracy", "unseen_accuracy"} <= set(rows[0])
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) >= 0 for r in rows)
+
+
+# -- method variants: base@table.key=value ------------------------------------------------------
+
+
+def test_a_variant_replaces_entries_of_its_base_tables() -> None:
+    from fedsilo.silo_agent.bench.methods import resolve
+
+    base = resolve("resfim")
+    rho = resolve("resfim@resfim.rho=0.2")
+    assert rho.name == "resfim@resfim.rho=0.2" and rho.strategy == base.strategy == "resfim"
+    assert rho.resfim == {**base.resfim, "rho": 0.2} and base.resfim["rho"] != 0.2
+    both = resolve("fedavg@training.proximal_mu=0.05&training.optimizer=sgd")
+    assert both.training == {"proximal_mu": 0.05, "optimizer": "sgd"} and both.strategy == "fedavg"
+    assert resolve("fedprox", mu=0.3).training == {"proximal_mu": 0.3}
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("nosuch@training.x=1", "unknown method 'nosuch'"),
+    ("local@training.lr=0.1", "local is a reference run"),
+    ("fedavg@resfim.rho=0.2", "fedavg has no [resfim] table"),
+    ("fedavg@rho=0.2", "a variant is base@table.key=value"),
+    ("fedavg@training.lr=", "a variant is base@table.key=value"),
+])
+def test_malformed_variants_are_refused_naming_them(tmp_path: Path, name: str, fragment: str) -> None:
+    with pytest.raises(BenchError, match=re.escape(fragment)):
+        _cfg(tmp_path, methods=(name,))
+
+
+def test_a_variant_cell_is_its_own_file_and_says_what_changed(tmp_path: Path, fedsilo_logger: None) -> None:
+    from fedsilo.silo_agent.bench.runner import run_study
+
+    cfg = _cfg(tmp_path, methods=("fedavg", "fedavg@training.proximal_mu=0.5"), rounds=1, silos=2)
+    run_study(cfg)
+    cells = sorted(p.name for p in (tmp_path / "out" / "cells").glob("*.json"))
+    assert cells == ["fedavg-seed0-1x1.json", "fedavg_training.proximal_mu_0.5-seed0-1x1.json"]
+    variant = json.loads((tmp_path / "out" / "cells" / cells[1]).read_text())
+    assert variant["method"] == "fedavg@training.proximal_mu=0.5" and variant["note"].endswith("[training.proximal_mu=0.5]")
