@@ -289,3 +289,12 @@ def test_personalised_strategies_load_where_they_work(config_dir: Path, text: st
     cfg = load_federation_config(write(config_dir, text))
     assert cfg.strategy in ("ditto", "pfa", "fedrdn")
     assert bool(cfg.method.relays) is (cfg.strategy == "fedrdn")
+
+
+def test_fedprox_needs_its_mu(config_dir: Path) -> None:
+    """FedProx is a registered method whose run states μ > 0 in [training] (with μ = 0 it would be FedAvg)."""
+    text = replace_line(VALID, "strategy =", 'strategy = "fedprox"')
+    with pytest.raises(ConfigError, match=r"^training\.proximal_mu: run\.strategy 'fedprox' needs mu > 0"):
+        load_federation_config(write(config_dir, text))
+    cfg = load_federation_config(write(config_dir, text.replace("[training]\n", "[training]\nproximal_mu = 0.01\n")))
+    assert cfg.strategy == "fedprox" and cfg.method.name == "fedprox" and cfg.training["proximal_mu"] == 0.01

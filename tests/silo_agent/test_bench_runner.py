@@ -307,22 +307,6 @@ def test_centralised_is_not_local(silos: list[Silo]) -> None:
 
 
 # -- the CLI ------------------------------------------------------------------------------------
-@pytest.fixture
-def fedsilo_logger() -> Iterator[None]:
-    """``run_study`` points the "fedsilo" logger at its bench.log (and stops propagation): put it back."""
-    logger = logging.getLogger("fedsilo")
-    saved = (logger.level, logger.propagate, list(logger.handlers))
-    try:
-        yield
-    finally:
-        for h in logger.handlers:
-            if h not in saved[2]:
-                h.close()
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        logger.handlers[:] = saved[2]
-
-
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--methods", "fedavg,fedavg"], "names a method twice"),

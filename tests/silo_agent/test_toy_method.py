@@ -91,24 +91,6 @@ def toy_method() -> Iterator[type[ToyLocalBias]]:
         unregister_method(TOY)
 
 
-@pytest.fixture
-def fedsilo_logger() -> Iterator[None]:
-    """``run_study`` points the "fedsilo" logger at its bench.log (and stops propagation): put it back."""
-    import logging
-
-    logger = logging.getLogger("fedsilo")
-    saved = (logger.level, logger.propagate, list(logger.handlers))
-    try:
-        yield
-    finally:
-        for h in logger.handlers:
-            if h not in saved[2]:
-                h.close()
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        logger.handlers[:] = saved[2]
-
-
 def _configs(work: Path, *, silos: int, rounds: int, strategy: str = TOY, privacy: dict | None = None,
              aggregation: str = "plain", data: bool = True) -> tuple[Path, list[Path]]:
     from fedsilo.silo_agent.demo import DEMO_BUDGET, make_certs, silo_names, write_configs
