@@ -41,6 +41,7 @@ def train_local_dp(
     *,
     round_index: int,
     noise_seed: int | None = None,
+    task: Any = None,
 ) -> TrainResult:
     """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
 
@@ -76,11 +77,14 @@ def train_local_dp(
 
     Args:
         model: Opacus-compatible network (see :func:`make_private_compatible`); trained in place.
-        dataset: Map-style dataset of ``(image [C, H, W], mask [1, H, W])`` pairs.
+        dataset: Map-style dataset of the Task's examples (2-D segmentation: ``(image [C, H, W],
+            mask [1, H, W])`` pairs).
         train_cfg: Optimiser kind, learning rate and seed.
         dp: Noise multiplier, clip norm, sampling rate and steps.
         round_index: Federated round number (>= 0).
         noise_seed: None for secure randomness, or an int in [0, 2**63 - 1] for reproducibility.
+        task: The run's Task (``fedsilo.models.tasks``): its batches (``collate``) and loss (a mean of
+            per-example losses); None: 2-D segmentation's, as before Tasks existed.
 
     Returns:
         ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
@@ -118,7 +122,8 @@ def train_local_dp(
     anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] \
         if train_cfg.proximal_mu else []
     seed = _derived_seed(train_cfg.seed, round_index)
-    empty = tuple(t[:0] for t in stack_batch(dataset, [0], device))
+    collate = task.collate if task is not None else stack_batch
+    empty = tuple(t[:0] for t in collate(dataset, [0], device))
     total_loss = 0.0
     examples = 0
     model.train()
@@ -130,9 +135,10 @@ def train_local_dp(
             noise_multiplier=dp.noise_multiplier,
             expected_batch_size=expected,
             generator=noise_gen,
+            loss_fn=task.loss if task is not None else None,
         ) as stepper:
             for indices in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
-                images, masks = stack_batch(dataset, indices, device) if indices else empty
+                images, masks = collate(dataset, indices, device) if indices else empty
                 if anchor:
                     loss = stepper.privatize(images, masks)
                     for p, p0 in anchor:

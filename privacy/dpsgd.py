@@ -7,7 +7,7 @@ import math
 import numbers
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -378,9 +378,10 @@ class DpSgdStep:
     closed-form rules of :func:`register_grad_samplers` (registered on construction)
     instead of Opacus' slower functorch fallback.
 
-    The loss is MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``, as in
-    :func:`fedsilo.models.training.train_local`; its batch mean is a mean of per-example
-    losses (Dice per image and class; cross-entropy a pixel mean over equal-size images), so
+    The loss is ``loss_fn`` (a Task's loss), by default MONAI's
+    ``DiceCELoss(softmax=True, to_onehot_y=True)`` of 2-D segmentation, as in
+    :func:`fedsilo.models.training.train_local`. It must be a batch mean of per-example losses
+    (DiceCE is: Dice per image and class; cross-entropy a pixel mean over equal-size images), so
     per-example gradients are well defined. An empty batch gives a noise-only step.
 
     The model is trained in place and never wrapped for the caller: :meth:`close` (or leaving
@@ -399,6 +400,7 @@ class DpSgdStep:
         noise_multiplier: float,
         expected_batch_size: int,
         generator: torch.Generator | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> None:
         """Attaches the hooks and wraps the optimiser.
 
@@ -413,6 +415,7 @@ class DpSgdStep:
             generator: Source of the noise; None draws a fresh generator seeded with 64 bits
                 from the OS CSPRNG. torch's CPU generator is a Mersenne Twister, not a CSPRNG
                 (a CSPRNG needs torchcsprng, which this torch build lacks).
+            loss_fn: ``(model output, targets) -> batch mean of per-example losses``; None: DiceCE.
 
         Raises:
             ValueError: On bad numbers, an Opacus-incompatible model, or an optimiser whose
@@ -454,9 +457,11 @@ class DpSgdStep:
         except BaseException:
             self.close()
             raise
-        from monai.losses import DiceCELoss
+        if loss_fn is None:
+            from monai.losses import DiceCELoss
 
-        self._loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+            loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        self._loss_fn = loss_fn
 
     def __enter__(self) -> DpSgdStep:
         return self

@@ -367,7 +367,7 @@ class Agent:
         if dp is not None and dp.plan.record_level:
             from fedsilo.models.dp_training import train_local_dp
 
-            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd)
+            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd, task=self._task)
         else:
             result = train_local(model, train, train_cfg, round_index=rnd, task=self._task)
         if self.stop.is_set():

@@ -486,3 +486,48 @@ def test_the_toy_task_federates_with_fedavg_under_he(toy: Task, tmp_path: Path) 
         assert {"accuracy", "nll", "val_accuracy", "unseen_accuracy", "unseen_nll"} <= set(metrics)
         assert not any("dice" in m for m in metrics)
         assert metrics["accuracy"] >= 0.9, (name, metrics)
+
+
+# -- DP-SGD takes the Task's batches and loss -------------------------------------------------------
+
+
+def test_dp_sgd_on_the_toy_task_without_noise_or_clipping_is_ordinary_training(toy: Task) -> None:
+    """With σ = 0, no clipping and q = 1, DP-SGD over the toy Task (its collate and cross-entropy) is
+    ordinary full-batch SGD with the same Task: the per-example machinery adds nothing."""
+    import copy
+    import math
+
+    from fedsilo.models.dp_training import train_local_dp
+    from fedsilo.models.training import Optimizer
+    from fedsilo.privacy.dpsgd import DpSgdConfig
+
+    train = toy.load_data(DataSpec(seed=3, domain=1)).splits.train
+    model = toy.build_model({"seed": 3})
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer=Optimizer.SGD, lr=0.5, batch_size=len(train), local_epochs=3)
+    dp = DpSgdConfig(noise_multiplier=0.0, max_grad_norm=math.inf, sample_rate=1.0, steps=3)
+    result = train_local_dp(model, train, cfg, dp, round_index=0, noise_seed=1, task=toy)
+    train_local(twin, train, cfg, round_index=0, task=toy)
+    worst = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
+                                                           toy.build_model({"seed": 3}).state_dict().values()))
+    assert worst < 1e-5 < moved
+    assert result.steps == 3 and result.examples == 3 * len(train)
+
+
+def test_dp_sgd_with_the_segmentation_task_is_the_default(toy: Task) -> None:
+    """Handing DP-SGD the segmentation Task gives bit-identical weights to the default (its loss and batches)."""
+    import math
+
+    from fedsilo.models.dp_training import train_local_dp
+    from fedsilo.privacy.dpsgd import DpSgdConfig, make_private_compatible
+
+    seg = get_task("segmentation-2d")
+    data = seg.load_data(DataSpec(seed=0, domain=0, options={**SMALL, "n_train": 4})).splits.train
+    cfg = ModelConfig(channels=(4, 8), strides=(2,), num_res_units=0)
+    dp = DpSgdConfig(noise_multiplier=0.7, max_grad_norm=1.0, sample_rate=0.5, steps=2)
+    a, b = (make_private_compatible(build_model(cfg)) for _ in range(2))
+    train_local_dp(a, data, TrainConfig(), dp, round_index=1, noise_seed=5)
+    train_local_dp(b, data, TrainConfig(), dp, round_index=1, noise_seed=5, task=seg)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert math.isfinite(float(next(iter(a.parameters())).detach().sum()))
