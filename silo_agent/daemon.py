@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedsilo import __version__
+from fedsilo.core.rng import seeded_global_rng
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.models import TrainConfig, model_fingerprint, train_local
@@ -213,8 +214,9 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
         self._strategy = strategy_for(info.strategy, info.tables)
-        model = self._strategy.wrap_model(self._task.build_model(model_cfg), model_cfg=model_cfg,
-                                          base_checkpoint=self.cfg.base_checkpoint)
+        with seeded_global_rng(None):  # one silo at a time: a Task that reseeds torch's RNG stays deterministic
+            built = self._task.build_model(model_cfg)
+        model = self._strategy.wrap_model(built, model_cfg=model_cfg, base_checkpoint=self.cfg.base_checkpoint)
         if info.privacy is not None and info.privacy.record_level:
             from fedsilo.privacy.dpsgd import make_private_compatible
 

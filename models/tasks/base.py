@@ -247,6 +247,9 @@ class Task(abc.ABC):
     def build_model(self, config: Mapping[str, Any] | Any) -> nn.Module:
         """Builds the network with deterministic initial weights (the same config gives the same weights).
 
+        Seed torch's global RNG only inside ``fedsilo.core.rng.seeded_global_rng(seed)``: simulated
+        silos build their models in threads of one process, and every silo must build the same one.
+
         Args:
             config: A plain mapping or a parsed config (see :meth:`model_config`).
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 import fedsilo.models
+from fedsilo.core.rng import seeded_global_rng
 from fedsilo.models.data import SiloSplits
 from fedsilo.models.folder import FolderConfig, load_folder
 from fedsilo.models.registry import ModelConfig, build_model
@@ -92,8 +93,7 @@ class ToyImageClassification(Task):
 
     def build_model(self, config: Mapping[str, Any] | ToyModelConfig) -> nn.Module:
         cfg = self.model_config(config)
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
+        with seeded_global_rng(cfg.seed):  # the process-wide lock: simulated silos build models in threads
             return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 
     def collate(self, dataset: Dataset[Any], indices: Sequence[int], device: torch.device) -> tuple[Any, Any]:
