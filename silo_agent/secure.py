@@ -192,14 +192,33 @@ class HeSession:
         return self.context.encrypt(ints)
 
     def seal(self, data: bytes, *, purpose: str) -> bytes:
-        """Seals ``data`` from this silo for the run's other silos (see :func:`seal`)."""
+        """Seals ``data`` from this silo for the run's other silos (see :func:`seal`) and signs the sealed
+        bytes with this silo's certificate key: the relay blob (``fedsilo.privacy.relay_blob``) says
+        which silo made it, which the run's shared secret alone cannot."""
+        from fedsilo.privacy.relay_blob import sign_relay_blob
+
         assert self.context is not None
-        return seal(self.context.secret_key_bytes(), data, run_id=self.run_id, purpose=purpose, silo=self.me)
+        sealed = seal(self.context.secret_key_bytes(), data, run_id=self.run_id, purpose=purpose, silo=self.me)
+        return sign_relay_blob(run_id=self.run_id, purpose=purpose, silo=self.me, payload=sealed,
+                               certificate_pem=self._cert, private_key_pem=self._key).to_json().encode("ascii")
 
     def open_sealed(self, blob: bytes, *, purpose: str, silo: str) -> bytes:
-        """Opens a blob ``silo`` sealed (see :func:`open_sealed`)."""
+        """Opens a relay blob ``silo`` published: verifies it is that silo's (its certificate from the
+        federation CA, its signature, this run and purpose), then opens the sealed bytes.
+
+        Raises:
+            ValueError: a blob that is malformed, not that silo's, or fails authentication.
+        """
+        from fedsilo.privacy.relay_blob import RelayBlob, RelayBlobError
+
         assert self.context is not None
-        return open_sealed(self.context.secret_key_bytes(), blob, run_id=self.run_id, purpose=purpose, silo=silo)
+        try:
+            doc = RelayBlob.from_json(blob)
+            doc.verify(ca_pem=self._ca, run_id=self.run_id, purpose=purpose, silo=silo)
+        except RelayBlobError as exc:
+            raise ValueError(f"relay blob of {silo!r} refused: {exc}") from None
+        return open_sealed(self.context.secret_key_bytes(), doc.payload, run_id=self.run_id, purpose=purpose,
+                           silo=silo)
 
     def decrypt_sum(self, blobs: list[bytes], n: int) -> np.ndarray:
         """The decrypted sum of the contributors' ``w_i * u_i`` (float64, ``n`` values)."""

@@ -1,9 +1,9 @@
 """Signed documents: one base for what a silo signs with its federation certificate key.
 
-Ledger entries and budget statements are `SignedDocument` subclasses (canonical JSON);
-wrapped keys and key announcements (`fedsilo.privacy.keywrap`) sign their binary encodings
-with the same keys (`own_signer`, `sign`) and check them the same way
-(`check_silo_certificate`, `verify`).
+Ledger entries, budget statements and relay blobs (`fedsilo.privacy.relay_blob`: what a silo
+publishes through the sealed relay) are `SignedDocument` subclasses (canonical JSON); wrapped
+keys and key announcements (`fedsilo.privacy.keywrap`) sign their binary encodings with the same
+keys (`own_signer`, `sign`) and check them the same way (`check_silo_certificate`, `verify`).
 """
 
 from fedsilo.privacy.signed.certificates import check_silo_certificate
