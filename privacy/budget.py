@@ -11,6 +11,7 @@ from fedsilo.core.atomic import atomic_write
 from fedsilo.privacy.pki import validate_name
 from fedsilo.privacy.signed import (
     SIGNATURE_BYTES,
+    DocumentError,
     FieldError,
     SignatureError,
     SignedDocument,
@@ -54,16 +55,8 @@ BUDGETS_DIR = "budgets"
 _MAX_FILE_BYTES = 64 * 1024
 
 
-class BudgetError(Exception):
-    """A budget statement is malformed, not canonical, or does not verify.
-
-    Attributes:
-        field: The statement field at fault, or None when the error is not about one field.
-    """
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+class BudgetError(DocumentError):
+    """A budget statement is malformed, not canonical, or does not verify (``field`` names the field at fault)."""
 
 
 @dataclass(frozen=True, kw_only=True)

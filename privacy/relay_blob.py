@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from fedsilo.privacy.pki import validate_name
 from fedsilo.privacy.signed import (
     SIGNATURE_BYTES,
+    DocumentError,
     FieldError,
     SignatureError,
     SignedDocument,
@@ -30,16 +31,9 @@ RELAY_BLOB_FORMAT = "fedsilo-relay-blob-v1"
 _PURPOSE_RE = re.compile(r"[a-z0-9][a-z0-9./-]{0,63}")
 
 
-class RelayBlobError(Exception):
-    """A relayed blob is malformed, not canonical, not from the silo it names, or does not verify.
-
-    Attributes:
-        field: The document field at fault, or None when the error is not about one field.
-    """
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+class RelayBlobError(DocumentError):
+    """A relayed blob is malformed, not canonical, not from the silo it names, or does not verify
+    (``field`` names the field at fault)."""
 
 
 @dataclass(frozen=True, kw_only=True)

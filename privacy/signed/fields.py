@@ -20,6 +20,19 @@ CREATED_AT_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _CREATED_AT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 
+class DocumentError(Exception):
+    """A signed document is malformed, not canonical, or does not verify; each kind of document
+    subclasses it (e.g. ``BudgetError``).
+
+    Attributes:
+        field: The document field at fault, or None when the error is not about one field.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class FieldError(ValueError):
     """A field of a signed document is malformed.
 
