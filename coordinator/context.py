@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedsilo.coordinator.aggregation import Aggregator
-from fedsilo.coordinator.config import AggregationMode, ConfigError, FederationConfig
+from fedsilo.coordinator.config import ConfigError, FederationConfig
 from fedsilo.coordinator.records import RunState
 from fedsilo.coordinator.store import Store
 from fedsilo.core.atomic import atomic_write

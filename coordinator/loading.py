@@ -18,7 +18,7 @@ from fedsilo.coordinator.config import (
 )
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, check_keys, parse_enum, read_toml, resolve_path, tls_files
-from fedsilo.core.methods import UnknownMethod, get_method
+from fedsilo.core.methods import UnknownMethod, get_method, method_names
 
 __all__ = ["load_federation_config", "parse_privacy"]
 

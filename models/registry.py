@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

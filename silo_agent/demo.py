@@ -32,7 +32,6 @@ from fedsilo.silo_agent.presets import (
     DEMO_LORA_HE_BOUND,
     DEMO_RESFIM,
     DEMO_RESFIM_HE_BOUND,
-    PFA_HE_BOUND,
     DEMO_RESFIM_PRIVACY,
 )
 

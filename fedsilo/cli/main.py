@@ -18,7 +18,7 @@ import click
 from fedsilo import __version__
 from fedsilo.cli.plugins import PluginError, load_plugins
 from fedsilo.core.methods import method_names, methods
-from fedsilo.silo_agent import methods as builtin_methods  # noqa: F401 - registers the built-in methods
+import fedsilo.silo_agent.methods  # noqa: F401 - registers the built-in methods
 from fedsilo.silo_agent.bench.methods import study_method_names
 
 try:  # before the options below list the registered methods

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedsilo.core.methods import BenchDefaults, register_method
 from fedsilo.core.phases import SharePhase
-from fedsilo.silo_agent.presets import DEMO_LORA_HE_BOUND, DEMO_LORA_PRIVACY
+from fedsilo.silo_agent.presets import DEMO_LORA_PRIVACY
 from fedsilo.silo_agent.methods.fedavg_lora import FedAvgLora, is_lora_a, is_lora_b
 
 

@@ -114,6 +114,8 @@ BAD_CASES = {
     "rounds-bool": (replace_line(VALID, "rounds =", "rounds = true"), r"^run\.rounds: True "),
     "bad-strategy": (replace_line(VALID, "strategy =", 'strategy = "fedsgd"'),
                      r"^run\.strategy: 'fedsgd' is not one of"),
+    "strategy-not-a-name": (replace_line(VALID, "strategy =", "strategy = 3"),
+                            r"^run\.strategy: 3 must be a method name \(one of \[.*'fedavg'"),
     "bad-aggregation": (replace_line(VALID, "aggregation =", 'aggregation = "ckks"'), r"^run\.aggregation: 'ckks'"),
     "negative-deadline": (replace_line(VALID, "round_deadline_s =", "round_deadline_s = -1"),
                           r"^run\.round_deadline_s: -1 "),
