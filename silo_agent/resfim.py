@@ -137,7 +137,7 @@ class ResFimSession:
                      idle=None) -> None:
         """(Re)computes the masks before training round ``rnd`` when due, and saves them."""
         from fedsilo.models.resfim import FisherDp, ResFimConfig, compute_resfim
-        from fedsilo.models.style import simulate_styles
+        from fedsilo.models.style_transfer import simulate_styles
 
         if not self.masks_due(state, rnd):  # masks_round == rnd: computed before a restart
             return

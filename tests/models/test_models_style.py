@@ -18,10 +18,9 @@ from fedsilo.models.style import (
     amplitude_window,
     build_style_bank,
     low_freq_window,
-    simulate_styles,
-    spectral_transfer,
 )
-from fedsilo.models.style import _cluster_sums, _dp_assign, _transfer_spectrum
+from fedsilo.models.style import _cluster_sums, _dp_assign
+from fedsilo.models.style_transfer import _transfer_spectrum, simulate_styles, spectral_transfer
 from fedsilo.models.synthetic import SyntheticConfig, silo_splits
 from fedsilo.privacy.accounting import Mechanism, Neighbouring, Release
 
