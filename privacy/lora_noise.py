@@ -71,24 +71,35 @@ Numerics: products are computed in float64 from power-of-two-normalised factors,
 tiny values neither overflow nor underflow needlessly; the clip bound then holds up to the
 rounding of the float64 product itself (relative to s·‖|ΔB|·|A|‖_F, which matters only under
 catastrophic cancellation). Outputs are cast to each delta's dtype.
+
+The factor types and reshaping live in :mod:`fedsilo.privacy.lora_factors`, the deviation in
+:mod:`fedsilo.privacy.lora_deviation`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedsilo.privacy.lora_deviation import aggregation_deviation
+from fedsilo.privacy.lora_factors import (
+    LoraFactors,
+    LoraPhase,
+    _check_delta,
+    _check_layers,
+    _check_phase,
+    _check_ridge,
+    from_matrix,
+    to_matrix,
+)
 from fedsilo.privacy.update_noise import (
     _cast_toward_zero,
     _check_clip_norm,
     _check_noise_multiplier,
     _check_shares,
-    _is_real,
     _sampler,
     _scaled_norm,
     _within,
@@ -109,57 +120,6 @@ __all__ = [
 _MAX_SHRINK_STEPS = 64
 
 
-class LoraPhase(enum.Enum):
-    """Which LoRA factor an upload trains and shares (the other one is frozen)."""
-
-    A = "a"
-    """A is trained and shared; B is frozen."""
-    B = "b"
-    """B is trained and shared; A is frozen."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraFactors:
-    """The current (public, identical on every silo) LoRA factors of one adapted layer.
-
-    The arrays are stored as read-only copies, validated once here.
-
-    Attributes:
-        a: A as an r × d_in floating-point matrix (a convolution's A flattened, see
-            :func:`to_matrix`).
-        b: B as a d_out × r floating-point matrix.
-        scaling: s = alpha / r (or alpha / √r with rsLoRA), a finite number > 0.
-    """
-
-    a: np.ndarray
-    b: np.ndarray
-    scaling: float = 1.0
-
-    def __post_init__(self) -> None:
-        a = _check_matrix("LoraFactors.a", self.a)
-        b = _check_matrix("LoraFactors.b", self.b)
-        if a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"invalid LoraFactors: a has rank {a.shape[0]} (shape {a.shape}) but b has "
-                f"rank {b.shape[1]} (shape {b.shape}); need a: r × d_in and b: d_out × r"
-            )
-        s = self.scaling
-        if not _is_real(s) or not math.isfinite(float(s)) or not float(s) > 0.0:
-            raise ValueError(f"invalid LoraFactors.scaling {s!r}: must be a finite number > 0")
-        a = np.array(a, copy=True)
-        b = np.array(b, copy=True)
-        a.setflags(write=False)
-        b.setflags(write=False)
-        object.__setattr__(self, "a", a)
-        object.__setattr__(self, "b", b)
-        object.__setattr__(self, "scaling", float(s))
-
-    @property
-    def rank(self) -> int:
-        """r, the LoRA rank."""
-        return int(self.a.shape[0])
-
-
 @dataclass(frozen=True, kw_only=True)
 class RegulatedUpdate:
     """A LoRA upload after product-space clipping, noise and the map back to the factor.
@@ -176,77 +136,6 @@ class RegulatedUpdate:
     original_norm: float
     clipped: bool
     noise_std: float
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_matrix(field: str, value: object) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind != "f":
-        raise ValueError(f"invalid {field}: must be a floating-point array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"invalid {field}: must be a 2-D matrix, got shape {arr.shape}")
-    if 0 in arr.shape:
-        raise ValueError(f"invalid {field}: must have no empty dimension, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"invalid {field}: contains NaN or inf values")
-    return arr
-
-
-def _check_phase(phase: object) -> LoraPhase:
-    if not isinstance(phase, LoraPhase):
-        raise ValueError(f"invalid phase {phase!r}: must be a LoraPhase (LoraPhase.A or LoraPhase.B)")
-    return phase
-
-
-def _check_kind(kind: object) -> LoraPhase:
-    if isinstance(kind, LoraPhase):
-        return kind
-    if kind in ("a", "b"):
-        return LoraPhase(kind)
-    raise ValueError(f"invalid kind {kind!r}: must be 'a', 'b' or a LoraPhase")
-
-
-def _check_ridge(value: object) -> float:
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0.0:  # type: ignore[arg-type]
-        raise ValueError(f"invalid ridge {value!r}: must be a finite number >= 0")
-    return float(value)  # type: ignore[arg-type]
-
-
-def _check_layers(layers: object) -> dict[str, LoraFactors]:
-    if not isinstance(layers, Mapping):
-        raise ValueError(f"invalid layers: must be a mapping of names to LoraFactors, got {type(layers).__name__}")
-    out: dict[str, LoraFactors] = {}
-    for name, factors in layers.items():
-        if not isinstance(name, str):
-            raise ValueError(f"invalid layers key {name!r}: must be a string")
-        if not isinstance(factors, LoraFactors):
-            raise ValueError(f"invalid layers[{name!r}]: must be LoraFactors, got {type(factors).__name__}")
-        out[name] = factors
-    return out
-
-
-def _check_delta(layers: Mapping[str, LoraFactors], delta: object, phase: LoraPhase) -> dict[str, np.ndarray]:
-    """``{name: delta matrix}`` (views, never modified), one per layer, of the trained factor's shape."""
-    if not isinstance(delta, Mapping):
-        raise ValueError(f"invalid delta: must be a mapping of layer names to arrays, got {type(delta).__name__}")
-    for name in delta:
-        if name not in layers:
-            raise ValueError(f"invalid delta[{name!r}]: no such layer in layers")
-    out: dict[str, np.ndarray] = {}
-    for name, factors in layers.items():
-        if name not in delta:
-            raise ValueError(f"invalid delta: missing layer {name!r}")
-        arr = _check_matrix(f"delta[{name!r}]", delta[name])
-        trained = factors.b if phase is LoraPhase.B else factors.a
-        if arr.shape != trained.shape:
-            raise ValueError(
-                f"invalid delta[{name!r}]: shape {arr.shape} does not match the trained factor "
-                f"{phase.name} of shape {trained.shape}"
-            )
-        out[name] = arr
-    return out
 
 
 # ------------------------------------------------------------------ scaled float64 products
@@ -556,164 +445,3 @@ def regulate(
             )
         released[name] = value
     return RegulatedUpdate(deltas=released, original_norm=norm, clipped=clipped, noise_std=std)
-
-
-# ------------------------------------------------------------------------------- deviation
-
-
-def _check_silo_factors(field: str, silos: object, count: int | None) -> list[Mapping[str, object]]:
-    if isinstance(silos, (str, bytes, Mapping)) or not isinstance(silos, Sequence):
-        raise ValueError(f"invalid {field}: must be a sequence (one mapping per silo)")
-    items = list(silos)
-    if not items:
-        raise ValueError(f"invalid {field}: need at least one silo")
-    if count is not None and len(items) != count:
-        raise ValueError(f"invalid {field}: {len(items)} silos, expected {count}")
-    for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise ValueError(f"invalid {field}[{i}]: must be a mapping of layer names to arrays")
-    return items
-
-
-def aggregation_deviation(
-    bs: Sequence[Mapping[str, np.ndarray]],
-    as_: Sequence[Mapping[str, np.ndarray]],
-    weights: Sequence[float],
-    *,
-    scaling: Mapping[str, float] | float = 1.0,
-) -> float:
-    """How far averaging both LoRA factors at once is from averaging the silos' ΔW.
-
-    Per layer, D = Σ_i w_i·s·B_i·A_i − s·B̄·Ā with weighted means B̄ = Σ_i w_i·B_i,
-    Ā = Σ_i w_i·A_i and weights normalised to sum to 1; returns ‖(D_ℓ)_ℓ‖_F jointly over the
-    layers. This is the aggregation deviation of FedAvg-style LoRA (Zhu et al. 2024, DEeR,
-    §3); it is zero when all silos share the same A (B phase) or the same B (A phase). It is
-    computed as D = s·Σ_i w_i·(B_i − B̄)(A_i − Ā), algebraically equal, which avoids
-    cancelling large terms.
-
-    Args:
-        bs: Per silo, ``{layer: B_i}`` (d_out × r); never modified.
-        as_: Per silo, ``{layer: A_i}`` (r × d_in), the same layers; never modified.
-        weights: Per silo, a finite weight >= 0 (e.g. dataset sizes), not all zero.
-        scaling: s for every layer, or ``{layer: s}`` for each layer; finite, > 0.
-
-    Returns:
-        The joint Frobenius norm of the deviation (``inf`` only beyond the float64 range).
-
-    Raises:
-        ValueError: On a bad argument or input, naming it (silo index and layer).
-    """
-    b_list = _check_silo_factors("bs", bs, None)
-    a_list = _check_silo_factors("as_", as_, len(b_list))
-    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
-        raise ValueError("invalid weights: must be a sequence of numbers, one per silo")
-    if len(weights) != len(b_list):
-        raise ValueError(f"invalid weights: {len(weights)} weights for {len(b_list)} silos")
-    for i, w in enumerate(weights):
-        if not _is_real(w) or not math.isfinite(float(w)) or float(w) < 0.0:
-            raise ValueError(f"invalid weights[{i}] {w!r}: must be a finite number >= 0")
-    w_arr = np.array([float(w) for w in weights], dtype=np.float64)
-    total = math.fsum(w_arr.tolist())
-    if not total > 0.0:
-        raise ValueError("invalid weights: they must not all be zero")
-    w_arr = w_arr / total
-
-    names = list(b_list[0].keys())
-    for field, silos in (("bs", b_list), ("as_", a_list)):
-        for i, silo in enumerate(silos):
-            if set(silo.keys()) != set(names):
-                raise ValueError(
-                    f"invalid {field}[{i}]: layers {sorted(map(str, silo.keys()))} differ from "
-                    f"bs[0]'s {sorted(map(str, names))}"
-                )
-    if isinstance(scaling, Mapping):
-        if set(scaling.keys()) != set(names):
-            raise ValueError(
-                f"invalid scaling: layers {sorted(map(str, scaling.keys()))} differ from "
-                f"{sorted(map(str, names))}"
-            )
-        scales = dict(scaling)
-    else:
-        scales = {name: scaling for name in names}
-    for name, s in scales.items():
-        if not _is_real(s) or not math.isfinite(float(s)) or not float(s) > 0.0:
-            raise ValueError(f"invalid scaling[{name!r}] {s!r}: must be a finite number > 0")
-
-    deviations: dict[str, np.ndarray] = {}
-    for name in names:
-        b_mats = [_check_matrix(f"bs[{i}][{name!r}]", silo[name]) for i, silo in enumerate(b_list)]
-        a_mats = [_check_matrix(f"as_[{i}][{name!r}]", silo[name]) for i, silo in enumerate(a_list)]
-        for i, (b, a) in enumerate(zip(b_mats, a_mats)):
-            if b.shape != b_mats[0].shape:
-                raise ValueError(f"invalid bs[{i}][{name!r}]: shape {b.shape}, bs[0] has {b_mats[0].shape}")
-            if a.shape != a_mats[0].shape:
-                raise ValueError(f"invalid as_[{i}][{name!r}]: shape {a.shape}, as_[0] has {a_mats[0].shape}")
-            if b.shape[1] != a.shape[0]:
-                raise ValueError(
-                    f"invalid layer {name!r} of silo {i}: B {b.shape} and A {a.shape} do not multiply "
-                    "(need B: d_out × r, A: r × d_in)"
-                )
-        b64 = [b.astype(np.float64) for b in b_mats]
-        a64 = [a.astype(np.float64) for a in a_mats]
-        with np.errstate(over="ignore", invalid="ignore"):
-            b_bar = sum((w * b for w, b in zip(w_arr, b64)), np.zeros_like(b64[0]))
-            a_bar = sum((w * a for w, a in zip(w_arr, a64)), np.zeros_like(a64[0]))
-            dev = sum(
-                (w * ((b - b_bar) @ (a - a_bar)) for w, b, a in zip(w_arr, b64, a64)),
-                np.zeros((b64[0].shape[0], a64[0].shape[1])),
-            )
-            deviations[name] = float(scales[name]) * dev
-    m, r = _scaled_norm(deviations)
-    if not (math.isfinite(m) and math.isfinite(r)):
-        return math.inf
-    return m * r
-
-
-# ------------------------------------------------------------------------- conv LoRA shapes
-
-
-def to_matrix(array: np.ndarray, kind: LoraPhase | str) -> np.ndarray:
-    """A peft LoRA weight as the 2-D matrix this module works on (a new array).
-
-    ``kind`` "a" (or ``LoraPhase.A``): ``lora_A`` weight (r, d_in) for a linear layer or
-    (r, c_in, k, …) for a convolution → r × (c_in·k·…). ``kind`` "b": ``lora_B`` weight
-    (d_out, r) or (c_out, r, 1, …) for a convolution (peft's 1×…×1 conv) → c_out × r. Then
-    ΔW = s·B·A reshaped to (c_out, c_in, k, …) is the convolution's weight update (grouped
-    convolutions are not covered).
-
-    Raises:
-        ValueError: On a bad kind or shape.
-    """
-    which = _check_kind(kind)
-    arr = np.asarray(array)
-    if arr.ndim < 2:
-        raise ValueError(f"invalid array: a LoRA {which.name} weight needs >= 2 dimensions, got shape {arr.shape}")
-    if which is LoraPhase.A:
-        return np.array(arr, copy=True).reshape(arr.shape[0], -1)
-    if any(d != 1 for d in arr.shape[2:]):
-        raise ValueError(f"invalid array: a conv LoRA B weight must be (c_out, r, 1, …), got shape {arr.shape}")
-    return np.array(arr, copy=True).reshape(arr.shape[0], arr.shape[1])
-
-
-def from_matrix(matrix: np.ndarray, kind: LoraPhase | str, shape: Sequence[int]) -> np.ndarray:
-    """The inverse of :func:`to_matrix`: a 2-D factor matrix reshaped to peft's weight ``shape`` (a new array).
-
-    Raises:
-        ValueError: On a bad kind, or a shape that does not fit the matrix (naming both).
-    """
-    which = _check_kind(kind)
-    mat = np.asarray(matrix)
-    if mat.ndim != 2:
-        raise ValueError(f"invalid matrix: must be 2-D, got shape {mat.shape}")
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) < 2:
-        raise ValueError(f"invalid shape {shape!r}: must be a sequence of >= 2 dimensions")
-    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 1 for d in shape):
-        raise ValueError(f"invalid shape {tuple(shape)!r}: dimensions must be integers >= 1")
-    dims = tuple(int(d) for d in shape)
-    if which is LoraPhase.A:
-        fits = dims[0] == mat.shape[0] and math.prod(dims[1:]) == mat.shape[1]
-    else:
-        fits = dims[:2] == mat.shape and all(d == 1 for d in dims[2:])
-    if not fits:
-        raise ValueError(f"invalid shape {dims}: does not fit a LoRA {which.name} matrix of shape {mat.shape}")
-    return np.array(mat, copy=True).reshape(dims)
