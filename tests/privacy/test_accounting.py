@@ -1,4 +1,4 @@
-"""Tests for privacy accounting (privacy/accounting.py): known answers, invariants, validation."""
+"""Tests for privacy accounting (privacy/accounting/): known answers, invariants, validation."""
 
 from __future__ import annotations
 

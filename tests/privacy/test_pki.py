@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from fedsilo.privacy import pki
 from fedsilo.privacy.pki import CertificateError, Identity, Role
+from fedsilo.privacy.pki import storage as pki_storage
 
 UTC = dt.timezone.utc
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,62}"
@@ -352,7 +353,7 @@ def test_issue_without_hard_links(
     def no_links(src: object, dst: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(pki.os, "link", no_links)
+    monkeypatch.setattr(pki_storage.os, "link", no_links)
     paths = pki.issue_certificate(fed.ca_dir, tmp_path, role=Role.SILO, name="hospital-e")
     assert _mode(paths.key) == 0o600
     assert pki.check_certificate(paths.cert, fed.ca.cert, key_path=paths.key).name == "hospital-e"

@@ -1,0 +1,41 @@
+"""Privacy accounting: releases, the accountant seam (RDP, PRV, dp_accounting), calibration."""
+
+from __future__ import annotations
+
+from fedsilo.privacy.accounting.accountants import (
+    DEFAULT_PRV_MAX_POINTS,
+    Accountant,
+    DpAccountingVerifier,
+    PrvAccountant,
+    RdpAccountant,
+)
+from fedsilo.privacy.accounting.calibration import calibrate_noise
+from fedsilo.privacy.accounting.config import check_privacy_config
+from fedsilo.privacy.accounting.orders import DEFAULT_RDP_ORDERS, INTEGER_RDP_ORDERS, LEDGER_RDP_ORDERS
+from fedsilo.privacy.accounting.releases import (
+    AccountingError,
+    AccountingMethod,
+    EpsilonResult,
+    Mechanism,
+    Neighbouring,
+    Release,
+)
+
+__all__ = [
+    "DEFAULT_PRV_MAX_POINTS",
+    "DEFAULT_RDP_ORDERS",
+    "INTEGER_RDP_ORDERS",
+    "LEDGER_RDP_ORDERS",
+    "Accountant",
+    "AccountingError",
+    "AccountingMethod",
+    "DpAccountingVerifier",
+    "EpsilonResult",
+    "Mechanism",
+    "Neighbouring",
+    "PrvAccountant",
+    "RdpAccountant",
+    "Release",
+    "calibrate_noise",
+    "check_privacy_config",
+]
