@@ -84,6 +84,8 @@ class Agent:
         self._manifest: Manifest | None = None
         self._dp: PrivacySession | None = None
         self._ctx: RunContext | None = None
+        self._beat: threading.Thread | None = None
+        self._beat_stop = threading.Event()
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -124,6 +126,7 @@ class Agent:
         except grpc.RpcError as err:
             raise AgentError(f"the coordinator refused: {err.code().name}: {err.details()}") from None
         finally:
+            self._stop_heartbeats()  # before the channel closes under a heartbeat in flight
             client.close()
 
     def _run(self, client: CoordinatorClient) -> int:
@@ -163,8 +166,8 @@ class Agent:
         log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
                  silo_name, info.strategy, info.total_rounds, len(shared), len(state.model),
                  manifest.numel)
-        beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
-        beat.start()
+        self._beat = threading.Thread(target=self._heartbeats, args=(client,), name="heartbeat", daemon=True)
+        self._beat.start()
         holder = self._he is not None and self._he.is_key_holder
         if self._he is not None:
             try:
@@ -244,11 +247,19 @@ class Agent:
         return state
 
     def _heartbeats(self, client: CoordinatorClient) -> None:
-        while not self.stop.wait(self.cfg.heartbeat_s):
+        while not self._beat_stop.wait(self.cfg.heartbeat_s) and not self.stop.is_set():
             try:
                 client.heartbeat(self._round, self._activity)
             except grpc.RpcError:
                 pass
+
+    def _stop_heartbeats(self) -> None:
+        """Ends the heartbeat thread and waits for a heartbeat in flight, so the client can close.
+
+        (Closing the channel under a call in flight made a finished agent abort at exit.)"""
+        self._beat_stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=30)
 
     def _catch_up(self, client: CoordinatorClient, model: torch.nn.Module, state: AgentState,
                   data: SiloData, target: int, total_rounds: int) -> None:
