@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedsilo.privacy.he.contexts import PublicContext, SecretContext
-from fedsilo.privacy.he.params import HeParams, HeScheme
+from fedsilo.privacy.he.params import HeParams, HeScheme, finite_positive
 
 
 # Fixed-point codec
@@ -39,14 +38,7 @@ class FixedPoint:
         if not isinstance(self.params, HeParams) or self.params.scheme is not HeScheme.BFV:
             raise ValueError(f"invalid params {self.params!r}: FixedPoint needs BFV HeParams")
         bound = self.params.bound if self.bound is None else self.bound
-        if (
-            not isinstance(bound, (int, float))
-            or isinstance(bound, bool)
-            or not math.isfinite(bound)
-            or bound <= 0
-        ):
-            raise ValueError(f"invalid bound {bound!r}: must be a finite number > 0")
-        object.__setattr__(self, "bound", float(bound))
+        object.__setattr__(self, "bound", finite_positive("bound", bound))
 
     @property
     def cap(self) -> int:
@@ -131,14 +123,8 @@ def decrypt_mean(
         HeError: If the aggregate does not decrypt (see `SecretContext.decrypt`).
     """
     _same_params(ctx, q)
-    if (
-        not isinstance(total_weight, (int, float))
-        or isinstance(total_weight, bool)
-        or not math.isfinite(total_weight)
-        or total_weight <= 0
-    ):
-        raise ValueError(f"invalid total_weight {total_weight!r}: must be a finite number > 0")
-    return q.decode(ctx.decrypt(blobs, n)) / float(total_weight)
+    weight = finite_positive("total_weight", total_weight)
+    return q.decode(ctx.decrypt(blobs, n)) / weight
 
 
 def _same_params(ctx: PublicContext, q: FixedPoint) -> None:

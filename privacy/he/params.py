@@ -64,6 +64,13 @@ class HeError(Exception):
 # Parameters
 
 
+def finite_positive(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0, else ValueError naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"invalid {name} {value!r}: must be a finite number > 0")
+    return float(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -174,14 +181,7 @@ class HeParams:
         if not _is_int(self.max_silos) or self.max_silos < 1:
             raise ValueError(f"invalid max_silos {self.max_silos!r}: must be an integer >= 1")
         bound = self.bound
-        if (
-            not isinstance(bound, (int, float))
-            or isinstance(bound, bool)
-            or not math.isfinite(bound)
-            or bound <= 0
-        ):
-            raise ValueError(f"invalid bound {bound!r}: must be a finite number > 0")
-        object.__setattr__(self, "bound", float(bound))
+        object.__setattr__(self, "bound", finite_positive("bound", bound))
 
         if self.scheme is HeScheme.BFV:
             self._check_bfv(q_data)
