@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import re
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from fedsilo.core.methods import DEFAULT_METHOD, Method, UnknownMethod, get_meth
 
 #: The Task of a run that names none: today's 2-D segmentation.
 DEFAULT_TASK = "segmentation-2d"
-_TASK_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
 
 class AggregationMode(enum.Enum):
@@ -115,14 +113,8 @@ class FederationConfig:
         _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
         _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
         for name in ("model", "training", "he"):
-            value = getattr(self, name)
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
-            try:
-                json.dumps(dict(value))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
-        if not isinstance(self.task, str) or not _TASK_NAME_RE.fullmatch(self.task):
+            _check_json_table(name, getattr(self, name))
+        if not validators.is_task_name(self.task):
             raise ConfigError(f"run.task: {self.task!r} is not a Task name (lowercase words joined by '-')")
         name = self.strategy
         object.__setattr__(self, "tables", parse_tables(method, self.tables))
@@ -255,12 +247,7 @@ def parse_tables(method: type[Method], tables: Mapping[str, Any]) -> dict[str, d
             users = ", ".join(m.name for m in methods_with(lambda m: name in m.tables)) or "none"
             raise ConfigError(f"{name}: set, but run.strategy {method.name!r} does not read a [{name}] table "
                               f"(used by {users})")
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{name}: must be a table, got {type(table).__name__}")
-        try:
-            json.dumps(dict(table))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
+        _check_json_table(name, table)
     for name in sorted(set(tables) | set(method.default_tables)):
         parser = method.tables[name]
         raw = dict(tables.get(name, {}))
@@ -271,6 +258,16 @@ def parse_tables(method: type[Method], tables: Mapping[str, Any]) -> dict[str, d
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     return out
+
+
+def _check_json_table(name: str, value: Any) -> None:
+    """Raises ConfigError unless ``value`` is a table (mapping) that JSON can carry to the silos."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: must be a table, got {type(value).__name__}")
+    try:
+        json.dumps(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: not representable as JSON ({exc})") from None
 
 
 def method_tables() -> set[str]:

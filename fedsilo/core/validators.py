@@ -25,6 +25,8 @@ SILO_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: A SHA-256 digest as 64 lowercase hex characters.
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
+#: A Task name: lowercase words of [a-z0-9] joined by '-', starting with a letter (e.g. "segmentation-2d").
+TASK_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
 
 def is_silo_name(value: object) -> bool:
@@ -35,6 +37,11 @@ def is_silo_name(value: object) -> bool:
 def is_run_id(value: object) -> bool:
     """Whether ``value`` is a valid run id (:data:`RUN_ID_RE`)."""
     return isinstance(value, str) and RUN_ID_RE.fullmatch(value) is not None
+
+
+def is_task_name(value: object) -> bool:
+    """Whether ``value`` is a valid Task name (:data:`TASK_NAME_RE`)."""
+    return isinstance(value, str) and TASK_NAME_RE.fullmatch(value) is not None
 
 
 def is_hex64(value: object) -> bool:

@@ -18,14 +18,13 @@ the Tasks and validate a data spec.
 from __future__ import annotations
 
 import abc
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from fedsilo.core.validators import check_int, check_seed
+from fedsilo.core.validators import check_int, check_seed, is_task_name
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +47,6 @@ __all__ = [
 #: The datasets :meth:`Task.evaluate_split` scores, in the order the agent reports them.
 EVAL_SPLITS = ("test", "val", "unseen")
 
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 _DATA_FIELDS = ("source", "domain", "seed", "path", "options", "unseen_path")
 
 
@@ -385,7 +383,7 @@ def _check_task_class(cls: object) -> None:
         value = getattr(cls, attr, None)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}.{attr} must be a non-empty string, got {value!r}")
-    if not _NAME.match(cls.name):
+    if not is_task_name(cls.name):
         raise ValueError(f"{where}.name {cls.name!r} must be lower-case words joined by hyphens")
     if "\n" in cls.summary.strip():
         raise ValueError(f"{where}.summary must be one line")
