@@ -227,15 +227,11 @@ class MaskedMethod(Strategy):
 
     @classmethod
     def run_disclosures(cls, run: Any) -> list[dict[str, str]]:
-        """What a DP run's masks and style banks disclose, for the coordinator's audit reports."""
-        from fedsilo.privacy.audit import resfim_disclosures
-
-        plan = run.privacy
-        if plan is None:
+        """What a DP run's masks and style banks disclose, for the coordinator's audit reports: the
+        statements each silo's own reports carry (:meth:`disclosures`)."""
+        if run.privacy is None:
             return []
-        r = ResFimSettings.from_mapping(run.tables.get("resfim", {}))
-        return resfim_disclosures(rho=r.rho, recompute_every=r.recompute_every, beta=r.beta, clusters=r.clusters,
-                                  plan=plan if plan.resfim_every else None)
+        return cls.for_run(run.tables).disclosures(train=None, plan=run.privacy)
 
 
 @register_method
