@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from torch.utils.data import Dataset
 
 from fedsilo.privacy.grad_samplers import (
     _compatibility_problems,
