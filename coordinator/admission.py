@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from fedsilo.coordinator import weights
 from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import (
     ENCODING_FOR,
+    MAX_UPLOAD_STATEMENT_CHARS,
     MAX_WEIGHT,
     PayloadEncoding,
     RunState,
@@ -28,7 +30,8 @@ from fedsilo.coordinator.records import (
     UploadTrailer,
 )
 from fedsilo.coordinator.rounds import Rounds
-from fedsilo.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from fedsilo.core.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
+from fedsilo.core.validators import excerpt
 from fedsilo.privacy.ledger import GuaranteeScope
 from fedsilo.privacy.pki import Identity
 from fedsilo.privacy.plan import entry_key
@@ -82,11 +85,13 @@ class Admission:
                                       f"can be ({agg.payload_bytes_bound()} bytes)")
         spool = ctx.spool / f"r{header.round:06d}-{name}-{uuid.uuid4().hex}.part"
         try:
-            received, digest, wire = self.receive(it, header, spool)
+            received, digest, wire, statement = self.receive(it, header, spool)
+            self.check_statement(name, header.round, digest, received, statement)
             agg.validate(spool)
             with ctx.cond:
                 self.check_round(name, header)
-                return self.rounds.accept(name, header, spool, digest, wire + header.wire_bytes, received)
+                return self.rounds.accept(name, header, spool, digest, wire + header.wire_bytes, received,
+                                          statement=statement)
         finally:
             spool.unlink(missing_ok=True)
 
@@ -127,10 +132,14 @@ class Admission:
         retired = ctx.store.retired().get(name)
         if retired is not None:
             raise FailedPrecondition(f"silo {name!r} stopped training from round {retired[0]} ({retired[1]})")
-        plan = ctx.cfg.privacy
-        if plan is not None:
-            if plan.silo_level and header.weight != 1.0:
-                raise InvalidArgument(f"weight {header.weight} must be 1: silo-level DP weights every silo equally")
+        weight = weights.upload_weight(ctx, name)
+        if header.weight != weight:
+            why = ("silo-level DP weights every silo equally" if weight == 1.0 and ctx.cfg.privacy is not None
+                   and ctx.cfg.privacy.silo_level else f"the {int(weight)} training examples silo {name!r} declared "
+                   "at join")
+            raise InvalidArgument(f"weight {header.weight} must be {weight:g}: the coordinator fixes an upload's "
+                                  f"weight ({why})")
+        if ctx.cfg.privacy is not None:
             self.check_accounted(name, header.round)
 
     def check_accounted(self, name: str, rnd: int) -> None:
@@ -140,8 +149,7 @@ class Admission:
         plan = ctx.cfg.privacy
         assert plan is not None and ctx.mirror is not None
         position = ctx.method.ledger_position(rnd)
-        entries = [e for e in ctx.mirror.entries(name)
-                   if e.run_id == ctx.cfg.run_id and (e.round, e.upload_index) == position]
+        entries = ctx.mirror.entries_at(name, ctx.cfg.run_id, *position)
         extra = plan.extra_releases(rnd)
         for planned in plan.round_releases() + extra:
             relation = planned.neighbouring.value
@@ -161,11 +169,11 @@ class Admission:
                     f"accounts {entry_key(e)}")
 
     # -- the stream -------------------------------------------------------------------------
-    def receive(self, it: Iterator[UploadPart], header: UploadHeader, spool: Path) -> tuple[int, str, int]:
+    def receive(self, it: Iterator[UploadPart], header: UploadHeader, spool: Path) -> tuple[int, str, int, str]:
         """Spools the payload chunks to ``spool``, checking them as they come.
 
         Returns:
-            (payload bytes, hex SHA-256, wire bytes of the chunks and trailer).
+            (payload bytes, hex SHA-256, wire bytes of the chunks and trailer, the trailer's upload statement).
         """
         total = header.size
         received = chunks = wire = 0
@@ -178,7 +186,7 @@ class Admission:
                     part = next(it)
                 except StopIteration:
                     break
-                except InvalidArgument:
+                except (InvalidArgument, Cancelled):  # Cancelled: the client went away or the stream stalled
                     raise
                 except Exception as exc:  # the transport broke mid-stream (client cancelled, reset)
                     raise InvalidArgument(f"upload stream broken after {received} of {total} bytes: {exc}") from None
@@ -209,4 +217,29 @@ class Admission:
             raise InvalidArgument(f"trailer announces {trailer.num_chunks} chunks, {chunks} were received")
         if trailer.sha256 != sha.digest():
             raise InvalidArgument("payload SHA-256 does not match the trailer: the upload was corrupted")
-        return received, sha.hexdigest(), wire
+        return received, sha.hexdigest(), wire, trailer.statement
+
+    # -- the sender's statement ---------------------------------------------------------------
+    def check_statement(self, name: str, rnd: int, digest: str, size: int, statement: str) -> None:
+        """With mTLS, an upload carries its sender's signed statement of exactly these bytes (run, round,
+        silo, SHA-256, size), verified against the federation CA; it is kept with the upload.
+
+        Raises:
+            InvalidArgument: missing (with mTLS), oversized, malformed, or not verifying for this upload.
+        """
+        cfg = self.ctx.cfg
+        if cfg.insecure or cfg.tls is None:
+            if statement:
+                raise InvalidArgument("upload_statement given, but this coordinator runs without TLS and cannot "
+                                      "verify it")
+            return
+        if not 1 <= len(statement) <= MAX_UPLOAD_STATEMENT_CHARS:
+            raise InvalidArgument(f"upload_statement (the silo's signed statement of its upload) is required, "
+                                  f"1..{MAX_UPLOAD_STATEMENT_CHARS} characters; got {len(statement)}")
+        from fedsilo.privacy.upload_statement import UploadStatement, UploadStatementError
+
+        try:
+            UploadStatement.from_json(statement).verify(
+                ca_pem=self.ctx.ca_pem, run_id=cfg.run_id, round=rnd, silo=name, sha256=digest, payload_bytes=size)
+        except UploadStatementError as exc:
+            raise InvalidArgument(f"upload_statement refused: {excerpt(exc, 300)}") from None

@@ -16,6 +16,9 @@ from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.methods import DEFAULT_METHOD, Method, UnknownMethod, get_method, method_names
 
 
+#: The largest training-set size a silo may declare (and so the largest upload weight).
+MAX_DECLARED_EXAMPLES = 10**9
+
 #: The Task of a run that names none: today's 2-D segmentation.
 DEFAULT_TASK = "segmentation-2d"
 
@@ -27,6 +30,15 @@ class AggregationMode(enum.Enum):
     HE = "he"
     #: Plaintext: the coordinator sees every update. Only where the coordinator is trusted.
     PLAIN = "plain"
+
+
+class FailedRoundPolicy(enum.Enum):
+    """What a run does once a round is marked failed (its aggregate was unusable; nobody applies it)."""
+
+    #: Go on with the next round, from the last good aggregate.
+    CONTINUE = "continue"
+    #: End the run as failed, naming the round.
+    STOP = "stop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +56,13 @@ class FederationConfig:
         strategy: the registered method (``fedsilo.core.methods``) that decides what silos share.
         task: the registered Task of the run (``fedsilo.models.tasks``: data, model, loss, metrics),
             validated by the agents, which hold the Tasks (the coordinator never builds a model).
+        model_fingerprint: the study's pin of the model every silo must build (``[run]
+            model_fingerprint``, 64 hex; ``fedsilo pin-model`` prints it); None: the first silo to join
+            decides the model, which is loudly warned. Set together with ``shared_tensors_sha256``.
+        shared_tensors_sha256: the pin of the shared-tensor manifest (``Manifest.digest()``: SHA-256 of
+            its canonical JSON); set exactly when ``model_fingerprint`` is.
         aggregation: how uploads are added up (homomorphic by default).
+        on_failed_round: what the run does once a round is marked failed (``run.on_failed_round``).
         he: HE parameters (``fedsilo.privacy.he.HeParams`` fields); defaults when empty.
         listen: host:port the gRPC server binds.
         state_dir: SQLite database, checkpoints, logs.
@@ -52,6 +70,12 @@ class FederationConfig:
         insecure: plaintext gRPC without TLS (development only; loudly warned).
         max_upload_bytes: largest accepted upload payload.
         max_chunk_bytes: largest accepted chunk of an upload stream (<= 4 MiB).
+        stall_timeout_s: a call waiting longer than this on one message from (or to) its peer is cut
+            (>= 1 s; ``fedsilo.coordinator.limits``). An operational setting, not part of the run.
+        min_transfer_bytes_per_s: a transfer averaging fewer bytes a second, after its first
+            ``stall_timeout_s`` of waiting on the peer, is cut; 0 switches the rule off.
+        max_calls_per_identity: calls one silo (or admin) may hold at once, of any kind (4..1024);
+            the worker pool is sized from it.
         model: model config handed to silos (validated by the agents, which build the model).
         training: local-training config handed to silos.
         tables: the method's own config tables by name (the method declares them and their parsers
@@ -61,6 +85,11 @@ class FederationConfig:
             None (the default) means no differential privacy, which is loudly warned.
         budgets: ε budgets agreed with enrolled silos (name -> ε at ``privacy.delta``); the
             coordinator refuses to start a run whose planned spend exceeds one of them.
+        train_examples: training-set sizes the study expects of silos (name -> n, ``[silos]
+            train_examples``); a silo that declares another size at join is refused.
+        max_train_examples: the largest training-set size a silo may declare at join (``[silos]
+            max_train_examples``); None: up to 10^9. An upload's weight is the size its silo declared
+            (1 under silo-level DP), frozen once round 1 opens.
     """
 
     run_id: str
@@ -72,19 +101,27 @@ class FederationConfig:
     start_grace_s: float = 30.0
     strategy: str = DEFAULT_METHOD
     task: str = DEFAULT_TASK
+    model_fingerprint: str | None = None
+    shared_tensors_sha256: str | None = None
     aggregation: AggregationMode = AggregationMode.HE
+    on_failed_round: FailedRoundPolicy = FailedRoundPolicy.CONTINUE
     listen: str = "0.0.0.0:50051"
     state_dir: Path = Path("coordinator-state")
     tls: TlsFiles | None = None
     insecure: bool = False
     max_upload_bytes: int = 4 * 2**30
     max_chunk_bytes: int = 2**20
+    stall_timeout_s: float = 30.0
+    min_transfer_bytes_per_s: int = 16 * 1024
+    max_calls_per_identity: int = 8
     model: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     he: Mapping[str, Any] = field(default_factory=dict)
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
     budgets: Mapping[str, float] = field(default_factory=dict)
+    train_examples: Mapping[str, int] = field(default_factory=dict)
+    max_train_examples: int | None = None
 
     def __post_init__(self) -> None:
         validators.run_id("run.id", self.run_id, error=ConfigError)
@@ -94,6 +131,7 @@ class FederationConfig:
             validators.silo_name("silos.enrolled", s, error=ConfigError)
         if len(set(self.silos)) != len(self.silos):
             raise ConfigError(f"silos.enrolled: duplicate names in {list(self.silos)}")
+        self._check_sizes()
         _int_in("run.rounds", self.rounds, 1, 100_000)
         _int_in("run.min_silos", self.min_silos, 1, len(self.silos))
         _positive("run.round_deadline_s", self.round_deadline_s)
@@ -105,6 +143,8 @@ class FederationConfig:
             raise ConfigError(f"run.strategy: {exc}") from None
         if not isinstance(self.aggregation, AggregationMode):
             raise ConfigError(f"run.aggregation: {self.aggregation!r} is not an AggregationMode")
+        if not isinstance(self.on_failed_round, FailedRoundPolicy):
+            raise ConfigError(f"run.on_failed_round: {self.on_failed_round!r} is not a FailedRoundPolicy")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"server.listen: {self.listen!r} is not host:port")
@@ -112,10 +152,16 @@ class FederationConfig:
             raise ConfigError("server.tls: ca, cert and key are required unless server.insecure = true")
         _int_in("server.max_upload_bytes", self.max_upload_bytes, 1, 2**40)
         _int_in("server.max_chunk_bytes", self.max_chunk_bytes, 1024, 4 * 2**20)
+        _positive("server.stall_timeout_s", self.stall_timeout_s)
+        if self.stall_timeout_s < 1:
+            raise ConfigError(f"server.stall_timeout_s: {self.stall_timeout_s!r} must be at least 1 (seconds)")
+        _int_in("server.min_transfer_bytes_per_s", self.min_transfer_bytes_per_s, 0, 2**30)
+        _int_in("server.max_calls_per_identity", self.max_calls_per_identity, 4, 1024)
         for name in ("model", "training", "he"):
             _check_json_table(name, getattr(self, name))
         if not validators.is_task_name(self.task):
             raise ConfigError(f"run.task: {self.task!r} is not a Task name (lowercase words joined by '-')")
+        self._check_model_pin()
         name = self.strategy
         object.__setattr__(self, "tables", parse_tables(method, self.tables))
         if method.needs_he and self.aggregation is not AggregationMode.HE:
@@ -133,6 +179,41 @@ class FederationConfig:
                 raise ConfigError("run.aggregation: 'he' needs TLS certificates (the key ceremony signs with them); "
                                   "use aggregation = 'plain' with server.insecure")
         self._check_privacy()
+
+    def _check_sizes(self) -> None:
+        """The study's bounds on declared training-set sizes: enrolled names, whole numbers in range."""
+        if self.max_train_examples is not None:
+            _int_in("silos.max_train_examples", self.max_train_examples, 1, MAX_DECLARED_EXAMPLES)
+        if not isinstance(self.train_examples, Mapping):
+            raise ConfigError("silos.train_examples: must be a table of silo name = number of training examples")
+        for name, n in self.train_examples.items():
+            if name not in self.silos:
+                raise ConfigError(f"silos.train_examples.{name}: not an enrolled silo")
+            _int_in(f"silos.train_examples.{name}", n, 1, self.max_train_examples or MAX_DECLARED_EXAMPLES)
+
+    def declared_size_error(self, silo: str, n: int) -> str | None:
+        """Why silo ``silo`` may not declare ``n`` training examples under this config (None: it may)."""
+        want = self.train_examples.get(silo)
+        if want is not None and n != want:
+            return f"silo {silo!r} declared {n} training examples; the study expects {want} (silos.train_examples)"
+        top = self.max_train_examples or MAX_DECLARED_EXAMPLES
+        if not 1 <= n <= top:
+            return f"num_train_examples {n} is not in [1, {top}]" + (
+                " (silos.max_train_examples)" if self.max_train_examples else "")
+        return None
+
+    def _check_model_pin(self) -> None:
+        """The study's model pin: both digests or neither, each 64 lowercase hex characters."""
+        pins = {"run.model_fingerprint": self.model_fingerprint,
+                "run.shared_tensors_sha256": self.shared_tensors_sha256}
+        for key, value in pins.items():
+            if value is not None and not validators.is_hex64(value):
+                raise ConfigError(f"{key}: {value!r} must be 64 lowercase hex characters (a SHA-256 digest, "
+                                  "as `fedsilo pin-model` prints it)")
+        for key, value in pins.items():
+            if value is None and any(v is not None for v in pins.values()):
+                raise ConfigError(f"{key}: missing: pin model_fingerprint and shared_tensors_sha256 together "
+                                  "(`fedsilo pin-model` prints both)")
 
     def _check_privacy(self) -> None:
         from fedsilo.privacy.plan import PrivacyPlan
@@ -231,6 +312,12 @@ class FederationConfig:
                 ident[name] = dict(table)
         if self.privacy is not None:
             ident["privacy"] = self.privacy.to_mapping()
+        if self.model_fingerprint is not None:  # set only: earlier runs' fingerprints stay
+            ident["model_pin"] = [self.model_fingerprint, self.shared_tensors_sha256]
+        if self.train_examples:  # set only: earlier runs' fingerprints stay
+            ident["train_examples"] = dict(sorted(self.train_examples.items()))
+        if self.max_train_examples is not None:
+            ident["max_train_examples"] = self.max_train_examples
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -47,7 +47,8 @@ class RunContext:
         for leftover in self.spool.iterdir():
             leftover.unlink()
         self.store = Store(state_dir / "coordinator.sqlite")
-        self.ca_pem: bytes | None = None
+        #: The federation CA (verifies what silos sign: upload statements, announcements, ledgers); None without TLS.
+        self.ca_pem: bytes | None = Path(config.tls.ca).read_bytes() if config.tls is not None else None
         self.mirror: LedgerMirror | None = None
         #: The open round's aggregator (None until the first silo joined and fixed the manifest).
         self.agg: Aggregator | None = None
@@ -81,9 +82,10 @@ class RunContext:
         from fedsilo.privacy.budget import CA_FILE, MIRROR_FILE
 
         assert self.cfg.tls is not None  # the config refuses DP without TLS
-        self.ca_pem = Path(self.cfg.tls.ca).read_bytes()
+        assert self.ca_pem is not None
         atomic_write(self.state_dir / CA_FILE, self.ca_pem)
-        self.mirror = LedgerMirror.open(self.state_dir / MIRROR_FILE)
+        self.mirror = LedgerMirror.open(self.state_dir / MIRROR_FILE, run_id=self.cfg.run_id,
+                                        last_round=self.method.ledger_position(self.cfg.rounds)[0])
         disclosures = self.method.run_disclosures(self.cfg)
         if disclosures:
             from fedsilo.privacy.audit import write_disclosures

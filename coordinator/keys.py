@@ -1,4 +1,12 @@
-"""The HE key relay: the key holder lists who needs the run's key and publishes it wrapped per silo; opaque to the coordinator."""
+"""The HE key relay: the key holder lists who needs the run's key and publishes it wrapped per silo; opaque to the coordinator.
+
+The coordinator cannot open what it relays, but it checks at the door what it can: a silo's KEM
+key announcement must verify (this run, this silo, signed with its federation certificate)
+before the silo is joined, so the key holder never meets an announcement it must refuse. Round
+1 waits for the key holder to wrap the key for every joined silo; once ``min_silos`` silos hold
+the key and ``start_grace_s`` passed since ``min_silos`` silos joined, it no longer waits for
+the rest (they join the rounds when the key holder wraps for them).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import MAX_WRAPPED_KEY_BYTES
 from fedsilo.coordinator.store import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from fedsilo.core.validators import excerpt
+from fedsilo.privacy.keywrap import KeyWrapError, verify_kem_announcement
 from fedsilo.privacy.pki import Identity
 
 log = logging.getLogger("fedsilo.coordinator")
@@ -26,17 +36,52 @@ class KeyRelay:
     def __init__(self, ctx: RunContext, on_published: Callable[[], None]) -> None:
         self.ctx = ctx
         self._on_published = on_published
+        self._started_without: set[str] = set()
+
+    def check_announcement(self, name: str, blob: bytes) -> None:
+        """Raises unless ``blob`` is silo ``name``'s KEM key announcement for this run, signed with
+        its federation certificate (what the key holder checks before wrapping the key for it).
+        Nothing to check in a run without HE.
+
+        Raises:
+            InvalidArgument: naming why the announcement does not verify.
+        """
+        cfg = self.ctx.cfg
+        if cfg.aggregation is not AggregationMode.HE:
+            return
+        assert cfg.tls is not None  # an HE run always has TLS (FederationConfig)
+        try:
+            verify_kem_announcement(bytes(blob), run_id=cfg.run_id, expected_silo=name,
+                                    ca_pem=cfg.tls.ca.read_bytes())
+        except KeyWrapError as exc:
+            raise InvalidArgument(f"kem_announcement refused: {excerpt(exc, 400)}") from None
 
     def start_gate(self, silos: dict[str, SiloRow]) -> str | None:
-        """Why round 1 may not open yet given the joined ``silos`` (None: it may): an HE run waits
-        for the key holder to join and wrap the key for every other joined silo."""
+        """Why round 1 may not open yet given the joined ``silos`` (None: it may).
+
+        An HE run waits for the key holder to join and wrap the key for every other joined silo.
+        Once ``min_silos`` joined silos hold the key (the key holder included) and ``start_grace_s``
+        passed since ``min_silos`` silos joined, it stops waiting for the others: a silo without
+        the key cannot upload anything useful, and the key holder wraps for it while the run goes on.
+        """
         cfg = self.ctx.cfg
         if cfg.aggregation is not AggregationMode.HE:
             return None
         missing = self._missing(silos)
-        if cfg.key_holder not in silos or missing:
-            return (f"waiting for the key holder {cfg.key_holder!r} to join and "
-                    f"wrap the run's key for {sorted(missing) or 'the others'}")
+        if cfg.key_holder in silos and not missing:
+            return None
+        waiting = (f"waiting for the key holder {cfg.key_holder!r} to join and "
+                   f"wrap the run's key for {sorted(missing) or 'the others'}")
+        if cfg.key_holder not in silos or len(silos) - len(missing) < cfg.min_silos:
+            return waiting
+        quorum_ms = sorted(s.joined_at_ms for s in silos.values())[cfg.min_silos - 1]
+        if self.ctx.now_ms() < quorum_ms + cfg.start_grace_s * 1000:
+            return (f"{waiting}; {len(silos) - len(missing)} joined silos hold it (min_silos = {cfg.min_silos}), "
+                    "so the run starts without the others once start_grace_s has passed")
+        if missing != self._started_without:
+            self._started_without = missing
+            log.warning("the run may start without %s: the key holder has not wrapped the run's key for them "
+                        "within start_grace_s", ", ".join(sorted(missing)))
         return None
 
     def _missing(self, silos: dict[str, SiloRow]) -> set[str]:
@@ -81,10 +126,10 @@ class KeyRelay:
         seen: set[str] = set()
         for recipient, wrapped in entries:
             if recipient in seen:
-                raise InvalidArgument(f"two wrapped keys for {recipient!r}")
+                raise InvalidArgument(f"two wrapped keys for '{excerpt(recipient)}'")
             seen.add(recipient)
             if recipient == name or recipient not in silos:
-                raise InvalidArgument(f"{recipient!r} is not a joined silo that needs the key")
+                raise InvalidArgument(f"'{excerpt(recipient)}' is not a joined silo that needs the key")
             if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY_BYTES:
                 raise InvalidArgument(f"wrapped key for {recipient!r} has {len(wrapped)} bytes (1..4 MiB allowed)")
         with self.ctx.cond:

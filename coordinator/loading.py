@@ -10,6 +10,7 @@ from typing import Any
 from fedsilo.coordinator.config import (
     DEFAULT_METHOD,
     AggregationMode,
+    FailedRoundPolicy,
     FederationConfig,
     method_privacy_keys,
     method_tables,
@@ -25,9 +26,10 @@ __all__ = ["load_federation_config", "parse_privacy"]
 
 _SECTIONS = {
     "run": {"id", "rounds", "min_silos", "round_deadline_s", "quorum_timeout_s", "start_grace_s", "strategy", "aggregation",
-            "task"},
-    "silos": {"enrolled"},
-    "server": {"listen", "state_dir", "ca", "cert", "key", "insecure", "max_upload_bytes", "max_chunk_bytes"},
+            "task", "model_fingerprint", "shared_tensors_sha256", "on_failed_round"},
+    "silos": {"enrolled", "train_examples", "max_train_examples"},
+    "server": {"listen", "state_dir", "ca", "cert", "key", "insecure", "max_upload_bytes", "max_chunk_bytes",
+               "stall_timeout_s", "min_transfer_bytes_per_s", "max_calls_per_identity"},
     "model": None,
     "training": None,
     "he": None,
@@ -80,17 +82,25 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         "training": data.get("training", {}),
         "he": data.get("he", {}),
     }
+    for key in ("train_examples", "max_train_examples"):
+        if key in data["silos"]:
+            kwargs[key] = data["silos"][key]
     for key in ("round_deadline_s", "quorum_timeout_s", "start_grace_s"):
         if key in run:
             kwargs[key] = run[key]
     if "task" in run:
         kwargs["task"] = run["task"]
+    for key in ("model_fingerprint", "shared_tensors_sha256"):  # the study's model pin (`fedsilo pin-model`)
+        if key in run:
+            kwargs[key] = run[key]
     if "strategy" in run:
         if not isinstance(run["strategy"], str):
             raise ConfigError(f"run.strategy: {run['strategy']!r} must be a method name (one of {list(method_names())})")
         kwargs["strategy"] = run["strategy"]
     if "aggregation" in run:
         kwargs["aggregation"] = parse_enum(AggregationMode, "run.aggregation", run["aggregation"])
+    if "on_failed_round" in run:
+        kwargs["on_failed_round"] = parse_enum(FailedRoundPolicy, "run.on_failed_round", run["on_failed_round"])
     if "listen" in server:
         if not isinstance(server["listen"], str):
             raise ConfigError(f"server.listen: {server['listen']!r} is not host:port")
@@ -99,7 +109,8 @@ def load_federation_config(path: Path | str) -> FederationConfig:
         kwargs["state_dir"] = resolve_path(base, server["state_dir"], "server.state_dir")
     else:
         kwargs["state_dir"] = base / "coordinator-state"
-    for key in ("max_upload_bytes", "max_chunk_bytes"):
+    for key in ("max_upload_bytes", "max_chunk_bytes", "stall_timeout_s", "min_transfer_bytes_per_s",
+                "max_calls_per_identity"):
         if key in server:
             kwargs[key] = server[key]
     strategy = kwargs.get("strategy", DEFAULT_METHOD)

@@ -9,8 +9,10 @@ from fedsilo.coordinator.aggregation import Aggregator
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.coordinator.aggregation import aggregator_for
 from fedsilo.coordinator.context import RunContext, to_json
+from fedsilo.coordinator.keys import KeyRelay
 from fedsilo.coordinator.mirror import Mirror
-from fedsilo.coordinator.records import MAX_ANNOUNCEMENT_BYTES, MAX_WEIGHT, RunState
+from fedsilo.coordinator import weights
+from fedsilo.coordinator.records import MAX_ANNOUNCEMENT_BYTES, RunState
 from fedsilo.coordinator.rounds import Rounds
 from fedsilo.coordinator.store import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -23,18 +25,21 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Membership:
-    """Joins silos to the run; the first join fixes the model fingerprint and the shared tensors.
+    """Joins silos to the run: the model and shared tensors must be the ones the study pins
+    (``run.model_fingerprint``, ``run.shared_tensors_sha256``); in a run that pins none, the first join fixes them.
 
     Args:
         ctx: the run's shared state.
         rounds: the round state machine (a join may start the run).
         mirror: verifies budget statements.
+        keys: verifies KEM key announcements (HE).
     """
 
-    def __init__(self, ctx: RunContext, rounds: Rounds, mirror: Mirror) -> None:
+    def __init__(self, ctx: RunContext, rounds: Rounds, mirror: Mirror, keys: KeyRelay) -> None:
         self.ctx = ctx
         self.rounds = rounds
         self.mirror = mirror
+        self.keys = keys
         self._largest: tuple[Manifest, int] | None = None
         self._first: Aggregator | None = None
 
@@ -64,6 +69,26 @@ class Membership:
             self._largest = (manifest, max(agg.payload_bytes_bound() for agg in aggs.values()))
         return self._largest[1]
 
+    def _check_pin(self, model_fingerprint: str, manifest: Manifest) -> None:
+        """Refuses a model or shared-tensor manifest other than the study pins (no-op in an unpinned run).
+
+        Raises:
+            FailedPrecondition: naming the pinned digest and the silo's (short prefixes).
+        """
+        cfg = self.ctx.cfg
+        if cfg.model_fingerprint is None:
+            return
+        if model_fingerprint != cfg.model_fingerprint:
+            raise FailedPrecondition(
+                f"model fingerprint {model_fingerprint[:12]}… is not the study's run.model_fingerprint "
+                f"{cfg.model_fingerprint[:12]}…: the silo built a different model (check the fedsilo version, "
+                "model settings and base checkpoint)")
+        digest = manifest.digest()
+        if digest != cfg.shared_tensors_sha256:
+            raise FailedPrecondition(
+                f"shared tensors {digest[:12]}… are not the study's run.shared_tensors_sha256 "
+                f"{str(cfg.shared_tensors_sha256)[:12]}… ({len(manifest.tensors)} tensors sent)")
+
     def join(self, caller: Identity, *, model_fingerprint: str, num_train_examples: int,
              manifest: Manifest, agent_version: str, kem_announcement: bytes = b"",
              budget_statement: bytes = b"") -> tuple[str, RunState, int]:
@@ -75,7 +100,8 @@ class Membership:
         Raises:
             PermissionDenied: not an enrolled silo.
             InvalidArgument: malformed fingerprint, example count, manifest, announcement or budget.
-            FailedPrecondition: a model or manifest that differs from the other silos'.
+            FailedPrecondition: a model or manifest that differs from the study's pin (or from the other
+                silos' in a run that pins none).
             ResourceExhausted: the model's uploads would exceed ``server.max_upload_bytes``.
         """
         ctx = self.ctx
@@ -83,15 +109,16 @@ class Membership:
         name = ctx.require_silo(caller)
         if not isinstance(model_fingerprint, str) or not _HEX64.fullmatch(model_fingerprint):
             raise InvalidArgument("model_fingerprint must be 64 lowercase hex characters (SHA-256)")
-        if not 1 <= num_train_examples <= MAX_WEIGHT:
-            raise InvalidArgument(f"num_train_examples {num_train_examples} is not in [1, 10^9]")
         if len(agent_version) > 64:
             raise InvalidArgument("agent_version is longer than 64 characters")
         if cfg.aggregation is AggregationMode.HE and not 1 <= len(kem_announcement) <= MAX_ANNOUNCEMENT_BYTES:
             raise InvalidArgument("kem_announcement (the silo's signed X25519 key) is required for HE aggregation, "
                                   f"1..{MAX_ANNOUNCEMENT_BYTES} bytes")
+        self.keys.check_announcement(name, kem_announcement)
         budget = self.mirror.check_budget_statement(name, budget_statement)
         with ctx.cond:
+            weights.check_declared(ctx, name, num_train_examples)
+            self._check_pin(model_fingerprint, manifest)
             known_fp = ctx.store.get_meta("model_fingerprint")
             if known_fp is not None and known_fp != model_fingerprint:
                 raise FailedPrecondition(

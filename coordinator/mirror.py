@@ -8,8 +8,8 @@ from fedsilo.coordinator.config import ConfigError
 from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import MAX_BUDGET_STATEMENT_BYTES, MAX_LEDGER_BATCH, MAX_LEDGER_ENTRY_CHARS
 from fedsilo.core.atomic import atomic_write
-from fedsilo.core.errors import FailedPrecondition, InvalidArgument
-from fedsilo.privacy.ledger import DuplicateEntryError, LedgerError
+from fedsilo.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from fedsilo.privacy.ledger import DuplicateEntryError, LedgerError, MirrorQuotaError
 from fedsilo.privacy.pki import Identity
 
 
@@ -97,6 +97,8 @@ class Mirror:
             InvalidArgument: too many or too large entries, or one that does not verify
                 (chain, signature, certificate, another silo's, not canonical); the message
                 names its seq.
+            ResourceExhausted: an entry beyond what the mirror keeps of the caller (see
+                `LedgerMirror.open`: entries of other runs, or of one round of this run).
             FailedPrecondition: the run has no differential privacy.
         """
         ctx = self.ctx
@@ -114,6 +116,8 @@ class Mirror:
                 ctx.mirror.accept(text, ca_pem=ctx.ca_pem, expected_silo=name)
             except DuplicateEntryError:
                 continue
+            except MirrorQuotaError as exc:
+                raise ResourceExhausted(str(exc)) from None
             except LedgerError as exc:
                 raise InvalidArgument(str(exc)) from None
         last = ctx.mirror.last(name)

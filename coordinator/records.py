@@ -25,6 +25,10 @@ MAX_ANNOUNCEMENT_BYTES = 16 * 2**10
 MAX_BUDGET_STATEMENT_BYTES = 32 * 2**10
 MAX_LEDGER_BATCH = 64
 MAX_LEDGER_ENTRY_CHARS = 32 * 2**10
+#: Longest signed upload statement (it carries the silo's certificate).
+MAX_UPLOAD_STATEMENT_CHARS = 16 * 2**10
+#: Longest reason a silo gives when it reports a round's aggregate unusable.
+MAX_FAILURE_REASON_CHARS = 1024
 #: Largest blob of the sealed relay (one per purpose and silo).
 MAX_SEALED_BYTES = 4 * 2**20
 #: A page of relayed blobs holds at most this many bytes (and always at least one blob).
@@ -101,6 +105,8 @@ class UploadTrailer:
     num_chunks: int
     sha256: bytes
     wire_bytes: int = 0
+    #: The sender's signed statement of the upload (``fedsilo.privacy.upload_statement``); "" if none.
+    statement: str = ""
 
 
 UploadPart = UploadHeader | UploadChunk | UploadTrailer
@@ -126,6 +132,8 @@ class AggregateInfo:
     path: Path
     encoding: PayloadEncoding
     weight_normalizer: float
+    #: Why the round failed ("" if it did not): then nobody applies it and no payload is sent.
+    failed: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,3 +184,14 @@ class RoundSummary:
     seconds: float
     total_weight: float
     metrics: dict[str, list[tuple[str, float, int]]]
+    #: Why the round failed ("" if it did not).
+    failure: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureReport:
+    """The state of a round's failure reports after one more."""
+
+    round_failed: bool
+    reports: int
+    needed: int

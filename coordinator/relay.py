@@ -2,10 +2,13 @@
 
 A method declares the purposes it relays (``Method.relays``): what a silo publishes under one
 of them (sealed with a secret only the silos hold) reaches the other joined silos byte for
-byte. One blob per purpose and silo per run; the same bytes again are accepted (an agent that
-restarted before it saw the reply), different bytes are refused. In a DP run, a purpose whose
-blob the privacy plan accounts (``PrivacyPlan.release_for_relay``) is relayed only once that
-release is mirrored from the silo's ledger.
+byte. What a silo publishes is a signed relay blob (``fedsilo.privacy.relay_blob``): the
+coordinator cannot open its sealed payload, but checks at the door that it is the caller's own,
+for this run and purpose, signed with its federation certificate. One blob per purpose and silo
+per run; the same bytes again are accepted (an agent that restarted before it saw the reply),
+different bytes are refused. In a DP run, a purpose whose blob the privacy plan accounts
+(``PrivacyPlan.release_for_relay``) is relayed only once that release is mirrored from the
+silo's ledger.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import re
 from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import MAX_SEALED_BYTES, SEALED_PAGE_BYTES, SealedPage
 from fedsilo.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from fedsilo.core.validators import excerpt
 from fedsilo.privacy.pki import Identity
 from fedsilo.privacy.plan import entry_key
+from fedsilo.privacy.relay_blob import RelayBlob, RelayBlobError
 
 log = logging.getLogger("fedsilo.coordinator")
 
@@ -38,7 +43,7 @@ class SealedRelay:
     def _check_purpose(self, purpose: object) -> str:
         """Raises unless ``purpose`` is well-formed and one the run's method relays."""
         if not isinstance(purpose, str) or not PURPOSE_RE.fullmatch(purpose):
-            raise InvalidArgument(f"purpose {str(purpose)[:80]!r} is not 1..64 characters of [a-z0-9-]")
+            raise InvalidArgument(f"purpose '{excerpt(purpose)}' is not 1..64 characters of [a-z0-9-]")
         method = self.ctx.method
         if purpose not in method.relays:
             used = ", ".join(sorted(method.relays)) or "none"
@@ -54,21 +59,23 @@ class SealedRelay:
             return
         assert self.ctx.mirror is not None
         want = planned.key()
-        if not any(e.run_id == self.ctx.cfg.run_id and entry_key(e) == want for e in self.ctx.mirror.entries(name)):
+        if not any(entry_key(e) == want for e in self.ctx.mirror.entries_of_run(name, self.ctx.cfg.run_id)):
             raise FailedPrecondition(f"silo {name!r}: no mirrored privacy-ledger entry accounts its {purpose!r} blob "
                                      f"(mechanism, σ, q, steps, C) = {want}; send it with SubmitLedgerEntries "
                                      "before publishing")
 
     def publish(self, caller: Identity, purpose: str, blob: bytes) -> int:
-        """Stores the caller's blob under ``purpose``, sealed for the other silos.
+        """Stores the caller's relay blob under ``purpose``, sealed for the other silos.
 
         Returns:
             How many silos have published under ``purpose``.
 
         Raises:
-            InvalidArgument: a malformed purpose, or an empty or oversized blob.
-            FailedPrecondition: the run's method relays nothing under ``purpose``, or (DP) the
-                release the plan ties to it is not mirrored yet.
+            InvalidArgument: a malformed purpose; an empty or oversized blob; or a blob that is not
+                the caller's relay blob for this run and ``purpose``, signed with its certificate.
+            FailedPrecondition: the run's method relays nothing under ``purpose``; the run has no TLS
+                (no CA to verify blobs against); or (DP) the release the plan ties to it is not
+                mirrored yet.
             AlreadyExists: the caller already published different bytes under ``purpose``.
         """
         ctx = self.ctx
@@ -76,8 +83,19 @@ class SealedRelay:
         self._check_purpose(purpose)
         if not 1 <= len(blob) <= MAX_SEALED_BYTES:
             raise InvalidArgument(f"blob has {len(blob)} bytes; 1..{MAX_SEALED_BYTES} allowed")
-        self._check_accounted(name, purpose)
         blob = bytes(blob)
+        if ctx.cfg.tls is None:
+            raise FailedPrecondition("the sealed relay needs TLS: the coordinator checks every blob against "
+                                     "the federation CA; remove server.insecure")
+        try:
+            # Run, sender and signature are checked here; the sealing purpose inside (which the method's
+            # silos choose, and which may differ from the relay purpose) is checked by the receivers.
+            doc = RelayBlob.from_json(blob)
+            doc.verify(ca_pem=ctx.ca_pem or ctx.cfg.tls.ca.read_bytes(), run_id=ctx.cfg.run_id, purpose=doc.purpose,
+                       silo=name)
+        except RelayBlobError as exc:
+            raise InvalidArgument(f"blob refused: {excerpt(exc, 400)}") from None
+        self._check_accounted(name, purpose)
         with ctx.cond:
             known = ctx.store.sealed(purpose, name)
             if known is not None:

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
+from fedsilo.coordinator import weights
 from fedsilo.coordinator.aggregation import aggregator_for
 from fedsilo.coordinator.context import RunContext, file_sha256
 from fedsilo.coordinator.records import (
@@ -87,11 +88,7 @@ class Rounds:
         if layout != ctx.agg.manifest:  # another phase shares other tensors
             ctx.agg = aggregator_for(ctx.cfg, layout)
         now = ctx.now_ms()
-        silos = ctx.store.silos()
-        if ctx.cfg.privacy is not None and ctx.cfg.privacy.silo_level:
-            normalizer = float(len(silos))  # every silo has weight 1 (silo-level DP)
-        else:
-            normalizer = float(sum(s.num_train_examples for s in silos.values()))
+        normalizer = weights.fix_normalizer(ctx, ctx.store.silos())
         ctx.store.insert_round(rnd, opened_at_ms=now, deadline_ms=now + int(ctx.cfg.round_deadline_s * 1000),
                                params_shared=shared_numel(ctx.agg.manifest), weight_normalizer=normalizer)
         ctx.store.set_meta("state", RunState.RUNNING.value)
@@ -147,7 +144,7 @@ class Rounds:
 
     # -- accept and close -------------------------------------------------------------------
     def accept(self, name: str, header: UploadHeader, spool: os.PathLike[str], digest: str, wire: int,
-               received: int) -> SubmitResult:
+               received: int, *, statement: str = "") -> SubmitResult:
         """Adds an admitted upload and makes it durable before recording it (lock held).
 
         The payload file is kept (renamed into ``accepted/``) until the round closes, so a
@@ -171,7 +168,7 @@ class Rounds:
                 ctx.agg.save(ctx.sum_path(rnd, seq))
             with ctx.store.transaction():
                 ctx.store.record_upload(rnd, name, seq=seq, weight=header.weight, payload_bytes=received,
-                                        sha256=digest, wire_bytes=wire, now_ms=ctx.now_ms())
+                                        sha256=digest, wire_bytes=wire, now_ms=ctx.now_ms(), statement=statement)
                 if checkpoint:
                     ctx.store.set_sum_version(rnd, seq)
         except BaseException:
@@ -238,14 +235,14 @@ class Rounds:
                             row.round, n, len(ctx.cfg.silos), ctx.cfg.min_silos)
                 self._close_round(row.round)
             elif now >= row.deadline_ms + ctx.cfg.quorum_timeout_s * 1000:
-                self._fail(f"failed: round {row.round} got {n} upload(s), fewer than min_silos = "
+                self.fail(f"failed: round {row.round} got {n} upload(s), fewer than min_silos = "
                            f"{ctx.cfg.min_silos}, within round_deadline_s + quorum_timeout_s")
             elif self._waiting_logged != row.round:
                 self._waiting_logged = row.round
                 log.warning("round %d: deadline passed with %d upload(s); waiting for quorum (%d)",
                             row.round, n, ctx.cfg.min_silos)
 
-    def _fail(self, msg: str) -> None:
+    def fail(self, msg: str) -> None:
         """Ends the run as failed, saying why (lock held)."""
         with self.ctx.store.transaction():
             self.ctx.store.set_meta("state", RunState.FAILED.value)
@@ -288,7 +285,7 @@ class Rounds:
             training = ctx.training_silos()
             if len(training) < ctx.cfg.min_silos:
                 retired = ctx.store.retired()
-                self._fail(f"failed: only {len(training)} silo(s) still training, fewer than min_silos = "
+                self.fail(f"failed: only {len(training)} silo(s) still training, fewer than min_silos = "
                            f"{ctx.cfg.min_silos}; stopped training: "
                            + "; ".join(f"{s} from round {r} ({why})" for s, (r, why) in sorted(retired.items())))
             else:
@@ -321,7 +318,8 @@ class Rounds:
             raise NotFound(f"aggregate of round {rnd} is missing from the state dir")
         return AggregateInfo(round=rnd, num_contributors=len(ctx.store.uploads(rnd)),
                              total_weight=row.total_weight, manifest=ctx.round_layout(rnd), path=path,
-                             encoding=ENCODING_FOR[ctx.cfg.aggregation], weight_normalizer=row.weight_normalizer)
+                             encoding=ENCODING_FOR[ctx.cfg.aggregation], weight_normalizer=row.weight_normalizer,
+                             failed=ctx.store.failed_rounds().get(rnd, ""))
 
     # -- resume ---------------------------------------------------------------------------------
     def resume(self) -> None:

@@ -5,6 +5,8 @@ Where things happen:
 - ``coordinator.rounds``: the round state machine (start, open, tasks, accept, close at quorum,
   deadlines, declines, resume);
 - ``coordinator.admission``: every check of an upload, and receiving its stream;
+- ``coordinator.weights``: upload weights and the weight normalizer, fixed by the coordinator;
+- ``coordinator.failures``: silos' reports of unusable aggregates, and failed rounds;
 - ``coordinator.membership``: the run's config for silos, and joins;
 - ``coordinator.keys``: the HE key relay; ``coordinator.relay``: the generic sealed relay;
 - ``coordinator.mirror``: the privacy-ledger mirror, budget statements, planned spend;
@@ -23,11 +25,13 @@ from collections.abc import Callable, Iterable
 from fedsilo.coordinator.admission import Admission
 from fedsilo.coordinator.config import ConfigError, FederationConfig
 from fedsilo.coordinator.context import RunContext
+from fedsilo.coordinator.failures import RoundFailures
 from fedsilo.coordinator.keys import KeyRelay
 from fedsilo.coordinator.membership import Membership
 from fedsilo.coordinator.mirror import Mirror
 from fedsilo.coordinator.records import (
     AggregateInfo,
+    FailureReport,
     RoundSummary,
     RunState,
     SealedPage,
@@ -69,8 +73,9 @@ class Coordinator:
         self._keys = KeyRelay(ctx, on_published=lambda: self._rounds.maybe_start())
         self._rounds = Rounds(ctx, gate=self._keys.start_gate)
         self._admission = Admission(ctx, self._rounds)
-        self._members = Membership(ctx, self._rounds, self._mirror)
+        self._members = Membership(ctx, self._rounds, self._mirror, self._keys)
         self._relay = SealedRelay(ctx)
+        self._failures = RoundFailures(ctx, self._rounds)
         try:
             self._mirror.check_planned_spend()
             self._rounds.resume()
@@ -124,6 +129,12 @@ class Coordinator:
     def aggregate(self, caller: Identity, rnd: int) -> AggregateInfo:
         """A closed round's aggregate, for a joined silo (see ``Rounds.aggregate``)."""
         return self._rounds.aggregate(caller, rnd)
+
+    def report_aggregate_failure(self, caller: Identity, rnd: int, reason: str) -> FailureReport:
+        """A silo reports round ``rnd``'s aggregate unusable; a majority marks it failed (see ``RoundFailures.report``)."""
+        name = self._ctx.require_joined(caller)
+        self._telemetry.seen(name)
+        return self._failures.report(name, rnd, reason)
 
     # -- telemetry ----------------------------------------------------------------------
     def count_bytes(self, rnd: int, *, up: int = 0, down: int = 0) -> None:

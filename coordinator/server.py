@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import signal
 import sys
@@ -14,8 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
+from fedsilo.coordinator.guard import CallGuard
+from fedsilo.coordinator.limits import CallLimits, RateLimitedLog, worker_threads
 from fedsilo.coordinator.run import Coordinator
-from fedsilo.coordinator.servicer import AdminServicer, FederationServicer
+from fedsilo.coordinator.servicer import AdminServicer, FederationServicer, abort_refused, caller_label
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 
 log = logging.getLogger("fedsilo.coordinator")
@@ -30,6 +33,11 @@ NO_DP_WARNING = (
     "no [privacy] section: this run has no differential privacy. Encryption hides updates from the "
     "coordinator, but the shared model itself can leak training images to whoever receives it."
 )
+UNPINNED_MODEL_WARNING = (
+    "no run.model_fingerprint: the first silo to join decides the run's model and shared tensors, so an enrolled "
+    "silo that joins first with a made-up model locks every other silo out. Pin the model: run `fedsilo pin-model "
+    "--config federation.toml` where torch is installed and paste its two lines under [run]."
+)
 INSECURE_WARNING = (
     "INSECURE: the coordinator is serving plaintext gRPC without TLS. Silo identities are unverified "
     "and everything on the wire is readable. Use this only on a development machine."
@@ -42,15 +50,29 @@ INSECURE_WARNING = (
 STREAM_WINDOW_BYTES = 2**18
 
 
+#: The coordinator pings each connection after this long without traffic, and drops it when the ping
+#: is not answered within KEEPALIVE_TIMEOUT_MS: the calls of a peer that vanished end, freeing their slots.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+#: A client's pings closer together than this count as strikes; after MAX_PING_STRIKES the
+#: connection is closed (GOAWAY "too_many_pings"). The agent pings every 30 s (silo_agent.client).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+MAX_PING_STRIKES = 2
+
+
 def server_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
-    """gRPC channel options: message limit just above one chunk, bounded windows, keepalive."""
+    """gRPC channel options: message limit just above one chunk, bounded windows, keepalive and
+    the ping policy clients must keep to."""
     return [
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ("grpc.max_receive_message_length", max(_MAX_MESSAGE, max_chunk_bytes + 2**20)),
         ("grpc.max_send_message_length", max(_MAX_MESSAGE, max_chunk_bytes + 2**20)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 
@@ -58,24 +80,42 @@ def server_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
 class CoordinatorServer:
     """A running coordinator: the ``Coordinator`` state machine behind a gRPC server.
 
+    Every call passes a ``CallGuard`` first (``fedsilo.coordinator.limits``): per-identity limits and
+    stall timeouts from the config's ``[server]`` settings.
+
     Args:
         config: validated run config.
-        max_workers: gRPC worker threads (long polls hold one each).
+        max_workers: gRPC worker threads; None (the default) sizes the pool so that every enrolled
+            silo, an admin and all other callers can hold all the calls they may hold, plus a
+            reserve (``limits.worker_threads``). A smaller pool lets one identity exhaust it.
     """
 
-    def __init__(self, config: FederationConfig, *, max_workers: int = 64) -> None:
+    def __init__(self, config: FederationConfig, *, max_workers: int | None = None) -> None:
         self.config = config
         self.coordinator = Coordinator(config)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                                   options=server_options(config.max_chunk_bytes))
-        federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(self.coordinator), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.coordinator), self._server)
+        limits = CallLimits.from_config(config)
+        needed = worker_threads(limits, len(config.silos))
+        if max_workers is not None and max_workers < needed:
+            log.warning("%d gRPC workers: fewer than the %d every identity's share needs; one caller may "
+                        "exhaust them", max_workers, needed)
+        refusals = RateLimitedLog(log)
+        self._guard = CallGuard(limits, enrolled=config.silos,
+                                identify=functools.partial(caller_label, insecure=config.insecure),
+                                refuse=functools.partial(abort_refused, refusals=refusals), log=refusals)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers or needed, thread_name_prefix="rpc"),
+            interceptors=[self._guard], options=server_options(config.max_chunk_bytes))
+        federation_pb2_grpc.add_FederationServicer_to_server(
+            FederationServicer(self.coordinator, refusals=refusals), self._server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.coordinator, refusals=refusals), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if config.aggregation is AggregationMode.PLAIN:
             log.warning(PLAINTEXT_AGGREGATION_WARNING)
         if config.privacy is None:
             log.warning(NO_DP_WARNING)
+        if config.model_fingerprint is None:
+            log.warning(UNPINNED_MODEL_WARNING)
         if config.insecure:
             log.warning(INSECURE_WARNING)
             self.port = self._server.add_insecure_port(config.listen)
@@ -101,6 +141,7 @@ class CoordinatorServer:
 
     def start(self) -> None:
         """Starts serving."""
+        self._guard.start()
         self._server.start()
         for name in ("", "fedsilo.v1.Federation", "fedsilo.v1.Admin"):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -113,6 +154,7 @@ class CoordinatorServer:
         self._health.enter_graceful_shutdown()
         self._stop.set()
         self._server.stop(grace).wait()
+        self._guard.stop()
         if self._ticker.is_alive():
             self._ticker.join()
         self.coordinator.close()

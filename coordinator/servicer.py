@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from fedsilo.coordinator import wire
 from fedsilo.core.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     FedsiloError,
     InvalidArgument,
@@ -21,8 +23,10 @@ from fedsilo.core.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from fedsilo.coordinator.limits import RateLimitedLog
 from fedsilo.coordinator.records import TaskKind
 from fedsilo.coordinator.run import Coordinator
+from fedsilo.core.validators import excerpt
 from fedsilo.privacy.pki import CertificateError, Identity, Role, identity_from_pem
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
 
@@ -37,7 +41,11 @@ STATUS_CODES: dict[type[FedsiloError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
+
+#: Longest status message, and longest quoted exception text in a log line (callers choose much of it).
+MAX_DETAIL_CHARS = 512
 
 #: Metadata key carrying "role:name" in --insecure mode only (there is no certificate then).
 INSECURE_IDENTITY_KEY = "x-fedsilo-insecure-identity"
@@ -66,19 +74,64 @@ def caller_identity(context: grpc.ServicerContext, *, insecure: bool) -> Identit
         raise PermissionDenied(f"client certificate not usable: {exc}") from None
 
 
+def caller_label(context: grpc.ServicerContext, *, insecure: bool) -> str:
+    """The caller as "role:name" for limits and log lines; "unidentified" when it has no identity."""
+    try:
+        who = caller_identity(context, insecure=insecure)
+    except FedsiloError:
+        return "unidentified"
+    return f"{who.role.value}:{excerpt(who.name, 64)}"
+
+
+def bounded(text: object, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters: its head and its tail, where a refusal says what is
+    wrong with the caller's value it quotes in between."""
+    s = str(text)
+    if len(s) <= limit:
+        return s
+    tail = limit // 4
+    return f"{s[:limit - tail]}… ({len(s) - limit} more characters) …{s[-tail:]}"
+
+
+def abort_refused(context: grpc.ServicerContext, exc: FedsiloError, *, what: str, caller: str,
+                  refusals: RateLimitedLog) -> NoReturn:
+    """Logs a refusal (rate-limited per caller) and aborts the call with its exception's status code;
+    the message is cut to about :data:`MAX_DETAIL_CHARS` in both (:func:`bounded`)."""
+    code = STATUS_CODES[type(exc)]
+    details = bounded(exc)
+    refusals.log(logging.INFO, caller, "%s of %s refused: %s: %s", what, caller, code.name, details)
+    context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover - it always raises
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A traceback whose exception messages are cut to :data:`MAX_DETAIL_CHARS` (they may quote input)."""
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_tb(exc.__traceback__))
+    text += f"{type(exc).__name__}: {bounded(exc)}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        text += f"\n(while handling {type(cause).__name__}: {bounded(cause)})"
+    return text
+
+
+#: Refusal log lines of servicers built without their own limiter.
+_REFUSALS = RateLimitedLog(log)
+
+
 def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Maps our exceptions to status codes; anything else is INTERNAL and logged."""
+    """Maps our exceptions to status codes; anything else is INTERNAL and logged. Log lines and
+    status messages are cut short and rate-limited per caller (:func:`abort_refused`)."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except FedsiloError as exc:
-            code = STATUS_CODES[type(exc)]
-            log.info("%s refused: %s: %s", fn.__name__, code.name, exc)
-            context.abort(code, str(exc))
-        except Exception:
-            log.exception("%s failed", fn.__name__)
+        except Exception as exc:
+            caller = caller_label(context, insecure=self._c.cfg.insecure)
+            refusals = getattr(self, "_refusals", _REFUSALS)
+            if isinstance(exc, FedsiloError):
+                abort_refused(context, exc, what=fn.__name__, caller=caller, refusals=refusals)
+            refusals.log(logging.ERROR, caller, "%s of %s failed:\n%s", fn.__name__, caller, _failure_text(exc))
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator log")
 
     return wrapper
@@ -87,9 +140,11 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
 class FederationServicer(federation_pb2_grpc.FederationServicer):
     """The agents' service."""
 
-    def __init__(self, coordinator: Coordinator, *, max_concurrent_transfers: int = 2) -> None:
+    def __init__(self, coordinator: Coordinator, *, max_concurrent_transfers: int = 2,
+                 refusals: RateLimitedLog | None = None) -> None:
         self._c = coordinator
         self._insecure = coordinator.cfg.insecure
+        self._refusals = refusals or RateLimitedLog(log)
         # Payload streams in flight at once, each way. gRPC buffers a stream's outgoing messages
         # in memory regardless of the peer's pace, so without this bound the coordinator's memory
         # would grow with the number of silos fetching (or uploading) at the same moment.
@@ -197,12 +252,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         page = self._c.sealed(self._who(context), request.purpose, after_silo=request.after_silo)
         return wire.sealed_page_response(page)
 
+    @_rpc
+    def ReportAggregateFailure(self, request, context):  # noqa: N802
+        report = self._c.report_aggregate_failure(self._who(context), request.round, request.reason)
+        return wire.failure_report_response(report)
+
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """The study lead's service."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, *, refusals: RateLimitedLog | None = None) -> None:
         self._c = coordinator
+        self._refusals = refusals or RateLimitedLog(log)
 
     def _admin(self, context: grpc.ServicerContext) -> None:
         self._c.require_admin(caller_identity(context, insecure=self._c.cfg.insecure))
@@ -218,4 +279,4 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return wire.rounds_to_proto(self._c.round_summaries())
 
 
-__all__ = ["AdminServicer", "FederationServicer", "STATUS_CODES", "caller_identity"]
+__all__ = ["AdminServicer", "FederationServicer", "STATUS_CODES", "abort_refused", "caller_identity", "caller_label"]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: one table of sealed-relay blobs by (purpose, silo)
+SCHEMA_VERSION = 3  # 2: one table of sealed-relay blobs by (purpose, silo); 3: upload statements, failed rounds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +62,24 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS retired (
     silo TEXT PRIMARY KEY,
     from_round INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upload_statements (
+    round INTEGER NOT NULL,
+    silo TEXT NOT NULL,
+    statement TEXT NOT NULL,
+    PRIMARY KEY (round, silo)
+);
+CREATE TABLE IF NOT EXISTS failure_reports (
+    round INTEGER NOT NULL,
+    silo TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (round, silo)
+);
+CREATE TABLE IF NOT EXISTS failed_rounds (
+    round INTEGER PRIMARY KEY,
     reason TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
@@ -125,7 +143,8 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-            if self.get_meta("schema_version") is None:
+            stored = self.get_meta("schema_version")
+            if stored is None or int(stored) < SCHEMA_VERSION:  # later versions only add tables
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def close(self) -> None:
@@ -237,13 +256,17 @@ class Store:
             self._db.execute("UPDATE rounds SET deadline_ms = ? WHERE round = ?", (deadline_ms, rnd))
 
     def record_upload(self, rnd: int, silo: str, *, seq: int, weight: float, payload_bytes: int, sha256: str,
-                      wire_bytes: int, now_ms: int) -> None:
-        """Counts an accepted upload (the ``seq``-th of its round); call inside a transaction."""
+                      wire_bytes: int, now_ms: int, statement: str = "") -> None:
+        """Counts an accepted upload (the ``seq``-th of its round) with the sender's signed statement of
+        it, if any; call inside a transaction."""
         self._db.execute(
             """INSERT INTO uploads (round, seq, silo, weight, payload_bytes, sha256, accepted_at_ms)
                VALUES (?, ?, ?, ?, ?, ?, ?)""",
             (rnd, seq, silo, weight, payload_bytes, sha256, now_ms),
         )
+        if statement:
+            self._db.execute("INSERT INTO upload_statements (round, silo, statement) VALUES (?, ?, ?)",
+                             (rnd, silo, statement))
         self._db.execute(
             "UPDATE rounds SET total_weight = total_weight + ?, bytes_up = bytes_up + ? WHERE round = ?",
             (weight, wire_bytes, rnd),
@@ -282,6 +305,38 @@ class Store:
                    WHERE r.state = 'closed' GROUP BY u.silo"""
             ).fetchall()
         return {r["silo"]: r["n"] for r in rows}
+
+    def upload_statements(self, rnd: int) -> dict[str, str]:
+        """Silo -> its signed statement of its upload in round ``rnd`` (silos that sent one)."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, statement FROM upload_statements WHERE round = ? ORDER BY silo",
+                                    (rnd,)).fetchall()
+        return {r["silo"]: r["statement"] for r in rows}
+
+    # -- failed rounds ------------------------------------------------------------------------
+    def add_failure_report(self, rnd: int, silo: str, reason: str, now_ms: int) -> None:
+        """Records that ``silo`` found round ``rnd``'s aggregate unusable (its first report stands)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO failure_reports (round, silo, reason, at_ms) VALUES (?, ?, ?, ?)",
+                       (rnd, silo, reason, now_ms))
+
+    def failure_reports(self, rnd: int) -> dict[str, str]:
+        """Silo -> the reason it gave, for the reports on round ``rnd``."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, reason FROM failure_reports WHERE round = ? ORDER BY silo",
+                                    (rnd,)).fetchall()
+        return {r["silo"]: r["reason"] for r in rows}
+
+    def mark_failed(self, rnd: int, reason: str, now_ms: int) -> None:
+        """Marks a closed round failed; call inside a transaction."""
+        self._db.execute("INSERT OR IGNORE INTO failed_rounds (round, reason, at_ms) VALUES (?, ?, ?)",
+                         (rnd, reason, now_ms))
+
+    def failed_rounds(self) -> dict[int, str]:
+        """Round -> why it failed, for every failed round."""
+        with self._lock:
+            rows = self._db.execute("SELECT round, reason FROM failed_rounds ORDER BY round").fetchall()
+        return {r["round"]: r["reason"] for r in rows}
 
     # -- wrapped keys (HE key ceremony; opaque bytes) ---------------------------------------
     def put_wrapped_keys(self, entries: list[tuple[str, bytes]], now_ms: int) -> None:

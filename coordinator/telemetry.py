@@ -10,6 +10,7 @@ import time
 from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import MAX_WEIGHT, TELEMETRY_FLUSH_S, RoundSummary, RunState, SiloStatus, Status
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
+from fedsilo.core.validators import excerpt
 from fedsilo.privacy.pki import Identity
 
 _METRIC_RE = re.compile(r"[a-z0-9_]{1,64}")
@@ -74,10 +75,11 @@ class Telemetry:
         name = ctx.require_joined(caller)
         if not 1 <= len(metrics) <= 64:
             raise InvalidArgument(f"expected 1..64 metrics, got {len(metrics)}")
+        for mname, _, _ in metrics:  # every name first: nothing below touches a long one
+            if not isinstance(mname, str) or not _METRIC_RE.fullmatch(mname):
+                raise InvalidArgument(f"metric name '{excerpt(mname)}' is not 1..64 chars of [a-z0-9_]")
         names: set[str] = set()
         for mname, value, n in metrics:
-            if not _METRIC_RE.fullmatch(mname):
-                raise InvalidArgument(f"metric name {mname!r} is not 1..64 chars of [a-z0-9_]")
             if mname in names:
                 raise InvalidArgument(f"metric {mname!r} appears twice")
             names.add(mname)
@@ -122,10 +124,12 @@ class Telemetry:
         self.flush()
         store = self.ctx.store
         out = []
+        failed = store.failed_rounds()
         for r in store.rounds():
             seconds = ((r.closed_at_ms - r.opened_at_ms) / 1000.0) if r.closed_at_ms else 0.0
             out.append(RoundSummary(round=r.round, closed=r.state == "closed",
                                     contributors=tuple(store.uploads(r.round)), params_shared=r.params_shared,
                                     bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=seconds,
-                                    total_weight=r.total_weight, metrics=store.metrics(r.round)))
+                                    total_weight=r.total_weight, metrics=store.metrics(r.round),
+                                    failure=failed.get(r.round, "")))
         return out

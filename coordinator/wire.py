@@ -7,9 +7,11 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fedsilo.core.errors import InvalidArgument
+from fedsilo.core.errors import Cancelled, FedsiloError, InvalidArgument
 from fedsilo.coordinator.records import (
+    MAX_UPLOAD_STATEMENT_CHARS,
     AggregateInfo,
+    FailureReport,
     RoundSummary,
     PayloadEncoding,
     RunState,
@@ -80,9 +82,30 @@ def manifest_to_proto(manifest: Manifest) -> tensor_pb2.PayloadManifest:
     )
 
 
+def _received(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iterator[federation_pb2.SubmitUpdateRequest]:
+    """The messages of a request stream; a stream the transport breaks off raises ``Cancelled``."""
+    it = iter(requests)
+    while True:
+        try:
+            req = next(it)
+        except StopIteration:
+            return
+        except FedsiloError:
+            raise
+        except Exception as exc:  # gRPC raises a bare RpcError when the client cancels or the connection drops
+            raise Cancelled(f"the upload stream broke off ({type(exc).__name__}): the client cancelled "
+                            "or the connection dropped") from None
+        yield req
+
+
 def upload_parts(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iterator[UploadPart]:
-    """Converts an upload stream lazily, part by part, with each message's wire size."""
-    for req in requests:
+    """Converts an upload stream lazily, part by part, with each message's wire size.
+
+    Raises:
+        InvalidArgument: a malformed message.
+        Cancelled: the stream broke off (client cancelled, connection dropped, cut as stalled).
+    """
+    for req in _received(requests):
         kind = req.WhichOneof("part")
         size = req.ByteSize()
         if kind == "header":
@@ -98,7 +121,10 @@ def upload_parts(requests: Iterable[federation_pb2.SubmitUpdateRequest]) -> Iter
         elif kind == "trailer":
             if len(req.trailer.sha256) != 32:
                 raise InvalidArgument("trailer sha256 must be exactly 32 bytes")
-            yield UploadTrailer(num_chunks=req.trailer.num_chunks, sha256=req.trailer.sha256, wire_bytes=size)
+            if len(req.trailer.upload_statement) > MAX_UPLOAD_STATEMENT_CHARS:
+                raise InvalidArgument(f"upload_statement is longer than {MAX_UPLOAD_STATEMENT_CHARS} characters")
+            yield UploadTrailer(num_chunks=req.trailer.num_chunks, sha256=req.trailer.sha256, wire_bytes=size,
+                                statement=req.trailer.upload_statement)
         else:
             raise InvalidArgument("an upload message carries none of header, chunk or trailer")
 
@@ -135,6 +161,12 @@ def decline_response(state: RunState, training: int) -> federation_pb2.DeclineRo
     return federation_pb2.DeclineRoundResponse(state=_RUN_STATE[state], silos_training=training)
 
 
+def failure_report_response(report: FailureReport) -> federation_pb2.ReportAggregateFailureResponse:
+    """Converts the state of a round's failure reports."""
+    return federation_pb2.ReportAggregateFailureResponse(round_failed=report.round_failed, reports=report.reports,
+                                                          needed=report.needed)
+
+
 def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
     """Converts a task."""
     return federation_pb2.GetTaskResponse(
@@ -146,13 +178,18 @@ def task_to_proto(task: Task) -> federation_pb2.GetTaskResponse:
 
 
 def aggregate_stream(info: AggregateInfo, chunk_bytes: int) -> Iterator[federation_pb2.FetchAggregateResponse]:
-    """Header, chunks of the aggregate file, trailer."""
+    """Header, chunks of the aggregate file, trailer; for a failed round, a header saying why and an empty trailer."""
+    size = 0 if info.failed else Path(info.path).stat().st_size
     yield federation_pb2.FetchAggregateResponse(header=federation_pb2.AggregateHeader(
         round=info.round, num_contributors=info.num_contributors, total_weight=info.total_weight,
         manifest=manifest_to_proto(info.manifest), encoding=info.encoding.value,
-        payload_bytes=Path(info.path).stat().st_size, weight_normalizer=info.weight_normalizer))
+        payload_bytes=size, weight_normalizer=info.weight_normalizer, failed=info.failed[:1024]))
     sha = hashlib.sha256()
     n = 0
+    if info.failed:
+        yield federation_pb2.FetchAggregateResponse(trailer=tensor_pb2.PayloadTrailer(num_chunks=0,
+                                                                                      sha256=sha.digest()))
+        return
     with open(Path(info.path), "rb") as f:
         while block := f.read(chunk_bytes):
             sha.update(block)
@@ -186,7 +223,7 @@ def rounds_to_proto(rounds: list[RoundSummary]) -> admin_pb2.ListRoundsResponse:
         admin_pb2.RoundSummary(
             round=r.round, closed=r.closed, contributors=list(r.contributors), params_shared=r.params_shared,
             bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=r.seconds,
-            total_weight=r.total_weight, metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
+            total_weight=r.total_weight, failure=r.failure[:1024], metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
                 federation_pb2.Metric(name=n, value=v, num_examples=k) for n, v, k in ms])
                 for silo, ms in sorted(r.metrics.items())],
         ) for r in rounds

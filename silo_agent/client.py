@@ -168,21 +168,30 @@ class CoordinatorClient:
         return wire.task_from_proto(self._retry("GetTask", lambda: self._stub.GetTask(
             req, metadata=self._md, timeout=wait_s + 30)))
 
-    def submit(self, rnd: int, weight: float, arrays: Mapping[str, np.ndarray]) -> int:
-        """Streams one update (a retry after a lost connection resends the whole stream).
+    def submit(self, rnd: int, weight: float, arrays: Mapping[str, np.ndarray],
+               sign: wire.UploadSigner | None = None) -> int:
+        """Streams one update (a retry after a lost connection resends the whole stream), its trailer
+        carrying the statement ``sign`` makes of it (required with mTLS).
 
         Returns:
             The number of uploads the round has so far, this one included.
         """
         return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
-            wire.upload_requests(rnd, weight, arrays, self.chunk_bytes), metadata=self._md,
+            wire.upload_requests(rnd, weight, arrays, self.chunk_bytes, sign), metadata=self._md,
             timeout=3600)).uploads_in_round
 
-    def submit_he(self, rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes]) -> int:
-        """Streams one encrypted update; returns the number of uploads the round has so far."""
+    def submit_he(self, rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes],
+                  sign: wire.UploadSigner | None = None) -> int:
+        """Streams one encrypted update (signed as :meth:`submit`); returns the number of uploads the round has so far."""
         return self._retry("SubmitUpdate", lambda: self._stub.SubmitUpdate(
-            wire.upload_he_requests(rnd, weight, manifest, blobs, self.chunk_bytes), metadata=self._md,
+            wire.upload_he_requests(rnd, weight, manifest, blobs, self.chunk_bytes, sign), metadata=self._md,
             timeout=3600)).uploads_in_round
+
+    def report_aggregate_failure(self, rnd: int, reason: str) -> bool:
+        """Reports round ``rnd``'s aggregate unusable; returns whether the round is now marked failed."""
+        req = wire.failure_report_request(rnd, reason)
+        return bool(self._retry("ReportAggregateFailure", lambda: self._stub.ReportAggregateFailure(
+            req, metadata=self._md, timeout=30)).round_failed)
 
     def submit_ledger_entries(self, entries_json: Sequence[str]) -> int:
         """Sends ledger entries to the coordinator's mirror; returns the highest mirrored seq."""

@@ -13,22 +13,21 @@ import torch
 from torch.utils.data import Dataset
 
 from fedsilo import __version__
-from fedsilo.core.rng import seeded_global_rng
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
-from fedsilo.models import TrainConfig, model_fingerprint, train_local
+from fedsilo.models import TrainConfig, train_local
 from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
 from fedsilo.silo_agent.config import AgentConfig, DataConfig
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
-from fedsilo.privacy.he import HeParams
+from fedsilo.privacy.he import HeError, HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
-from fedsilo.silo_agent.methods import strategy_for
+from fedsilo.silo_agent.model_pin import ModelSettingsError, RunModel, build_run_model
 from fedsilo.silo_agent.strategy import RunContext, StrategyError
 from fedsilo.core.phases import SharePhase, phase_manifest
-from fedsilo.silo_agent.wire import Activity, RunInfo
+from fedsilo.silo_agent.wire import Activity, Aggregate, RunInfo
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 
 log = logging.getLogger("fedsilo.agent")
@@ -86,6 +85,8 @@ class Agent:
         self._ctx: RunContext | None = None
         self._beat: threading.Thread | None = None
         self._beat_stop = threading.Event()
+        self._run_id: str | None = None
+        self._signer = None
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -131,14 +132,15 @@ class Agent:
 
     def _run(self, client: CoordinatorClient) -> int:
         info = client.get_run()
-        model, train_cfg, fingerprint = self._build(info)
-        shared = self._strategy.shared_names(model)
+        self._run_id = info.run_id
+        built, train_cfg = self._build(info)
+        model, fingerprint, shared = built.model, built.fingerprint, list(built.shared)
         data = load_data(self.cfg.data, self._task)
         n_train = _len(data.splits.train)
         state_dir = Path(self.cfg.state_dir)
         state = self._open_state(info, model, fingerprint, shared)
         model.load_state_dict(state.model)
-        manifest = Manifest.of_arrays({k: state.global_shared[k].numpy() for k in shared})
+        manifest = built.manifest  # what the study's run.shared_tensors_sha256 pins
         self._manifest = manifest
         method = self._strategy
         if info.aggregation is AggregationMode.HE:
@@ -206,26 +208,25 @@ class Agent:
             self._train_round(client, model, state, data, task.round, train_cfg, n_train,
                               task.weight_normalizer, task.phase)
 
-    def _build(self, info: RunInfo) -> tuple[torch.nn.Module, TrainConfig, str]:
-        """The run's Task, strategy and network (the Task's model, wrapped by the method; made DP-SGD
-        compatible under a record-level plan), its training settings and the model's fingerprint."""
+    def _build(self, info: RunInfo) -> tuple[RunModel, TrainConfig]:
+        """The run's Task, strategy and network with its fingerprint and shared manifest, built by the
+        one rule `fedsilo pin-model` uses too (``model_pin.build_run_model``), and its training settings."""
+        invalid = "the run's model/training settings are invalid for this agent"
         try:
-            self._task = get_task(info.task)
-            model_cfg = self._task.model_config(info.model_config)
+            built = build_run_model(task=info.task, model_config=info.model_config, strategy=info.strategy,
+                                    tables=info.tables,
+                                    record_level=info.privacy is not None and info.privacy.record_level,
+                                    base_checkpoint=self.cfg.base_checkpoint)
+        except ModelSettingsError as exc:
+            raise AgentError(f"{invalid}: {exc}") from None
+        try:
             train_cfg = TrainConfig.from_mapping(info.training_config)
         except ValueError as exc:
-            raise AgentError(f"the run's model/training settings are invalid for this agent: {exc}") from None
-        self._strategy = strategy_for(info.strategy, info.tables)
-        with seeded_global_rng(None):  # one silo at a time: a Task that reseeds torch's RNG stays deterministic
-            built = self._task.build_model(model_cfg)
-        model = self._strategy.wrap_model(built, model_cfg=model_cfg, base_checkpoint=self.cfg.base_checkpoint)
-        if info.privacy is not None and info.privacy.record_level:
-            from fedsilo.privacy.dpsgd import make_private_compatible
-
-            model = make_private_compatible(model)  # deterministic, so every silo builds the same model
+            raise AgentError(f"{invalid}: {exc}") from None
+        self._task, self._strategy = built.task, built.strategy
         self._total_rounds = info.total_rounds
-        self._trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
-        return model, train_cfg, model_fingerprint(model)
+        self._trainable = frozenset(n for n, p in built.model.named_parameters() if p.requires_grad)
+        return built, train_cfg
 
     def _open_state(self, info: RunInfo, model: torch.nn.Module, fingerprint: str, shared: list[str]) -> AgentState:
         """This silo's persistent state: new for a new run, resumed for the same run and model, else refused."""
@@ -268,19 +269,20 @@ class Agent:
         while state.applied_round < target:
             rnd = state.applied_round + 1
             agg = client.fetch(rnd)
-            if agg.arrays is not None:  # plain aggregation: the weighted mean of the round's shared tensors
-                self._strategy.apply(mean={t.name: agg.arrays[t.name] for t in agg.manifest.tensors}, state=state,
-                                     rnd=rnd, total_rounds=total_rounds)
+            if agg.failed:
+                log.error("round %d failed; skipping it (this silo keeps its model from the last good round): %s",
+                          rnd, agg.failed)
             else:
-                if self._he is None or agg.ciphertexts is None:
-                    raise AgentError("received an encrypted aggregate but this silo has no HE key")
-                total = self._he.decrypt_sum(agg.ciphertexts, agg.manifest.numel)
-                self._strategy.apply_sum(total, layout=agg.manifest, total_weight=agg.total_weight,
-                                         weight_normalizer=agg.weight_normalizer, state=state, rnd=rnd,
-                                         total_rounds=total_rounds)
+                problem = self._apply(agg, state, rnd, total_rounds)
+                if problem is None:
+                    log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
+                else:
+                    failed = client.report_aggregate_failure(rnd, problem)
+                    log.error("round %d: the aggregate is unusable (%s); reported to the coordinator (round marked "
+                              "failed: %s) and skipped: this silo keeps its model from the last good round",
+                              rnd, problem, "yes" if failed else "not yet")
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
-            log.info("applied aggregate of round %d (%d contributors)", rnd, agg.num_contributors)
         self._load_global(model, state)
         if state.applied_round > state.reported_round:
             rnd = state.applied_round
@@ -305,6 +307,28 @@ class Agent:
                 log.info("round %d: %s", rnd, ", ".join(f"{k}={v:.4f}" for k, (v, _) in metrics.items()))
             state.reported_round = rnd
             state.save(Path(self.cfg.state_dir))
+
+    def _apply(self, agg: Aggregate, state: AgentState, rnd: int, total_rounds: int) -> str | None:
+        """Applies a fetched aggregate; returns why it is unusable instead (then nothing changed).
+
+        An HE aggregate that does not decrypt (an upload encrypted under another key) or that
+        decrypts beyond the public bound is unusable: the agent reports it rather than crash, so a
+        poisoned round never stops the silo (nor, restarted, stops it again).
+        """
+        if agg.arrays is not None:  # plain aggregation: the weighted mean of the round's shared tensors
+            self._strategy.apply(mean={t.name: agg.arrays[t.name] for t in agg.manifest.tensors}, state=state,
+                                 rnd=rnd, total_rounds=total_rounds)
+            return None
+        if self._he is None or agg.ciphertexts is None:
+            raise AgentError("received an encrypted aggregate but this silo has no HE key")
+        try:
+            total = self._he.decrypt_sum(agg.ciphertexts, agg.manifest.numel, contributors=agg.num_contributors)
+        except HeError as exc:
+            return f"round {rnd}'s aggregate does not decrypt: {exc}"
+        self._strategy.apply_sum(total, layout=agg.manifest, total_weight=agg.total_weight,
+                                 weight_normalizer=agg.weight_normalizer, state=state, rnd=rnd,
+                                 total_rounds=total_rounds)
+        return None
 
     @staticmethod
     def _load_global(model: torch.nn.Module, state: AgentState) -> None:
@@ -406,9 +430,9 @@ class Agent:
                 flat = strategy.he_vector(update, state=state, names=shared, scale=weight / weight_normalizer,
                                           rnd=rnd, total_rounds=self._total_rounds)
                 layout = strategy.upload_layout(self._manifest, rnd, self._total_rounds)
-                uploads_in = client.submit_he(rnd, weight, layout, self._he.encrypt(flat))
+                uploads_in = client.submit_he(rnd, weight, layout, self._he.encrypt(flat), self._upload_signer())
             else:
-                uploads_in = client.submit(rnd, weight, update)
+                uploads_in = client.submit(rnd, weight, update, self._upload_signer())
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, loss, uploads_in)
         except grpc.RpcError as err:
             if err.code() is grpc.StatusCode.ALREADY_EXISTS:
@@ -419,6 +443,20 @@ class Agent:
             else:
                 raise
         return True
+
+    def _upload_signer(self):  # -> wire.UploadSigner | None
+        """Signs each upload's statement (run, round, silo, SHA-256, size) with this silo's certificate
+        key, so the study can hold it to what it sent; None without TLS."""
+        tls = self.cfg.tls
+        if tls is None or self._run_id is None:
+            return None
+        if self._signer is None:
+            from fedsilo.privacy.upload_statement import statement_signer
+
+            self._signer = statement_signer(run_id=self._run_id, silo=self._name,
+                                            certificate_pem=Path(tls.cert).read_bytes(),
+                                            private_key_pem=Path(tls.key).read_bytes())
+        return self._signer
 
     def _serve_keys(self, client: CoordinatorClient):
         """While this silo waits (e.g. for style banks), the key holder keeps wrapping keys for late joiners."""

@@ -84,7 +84,7 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                   base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None,
                   training: dict[str, Any] | None = None, he_bound: float | None = None,
                   data: list[dict[str, Any]] | None = None, task: str | None = None,
-                  model: dict[str, Any] | None = None) -> tuple[Path, list[Path]]:
+                  model: dict[str, Any] | None = None, pin_model: bool = True) -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
 
     ``training`` overrides entries of the demo's ``[training]`` table, ``he_bound`` the HE
@@ -93,6 +93,10 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
 
     ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
     name to its silo.toml ``[privacy]`` table (its own budget).
+
+    The run is pinned: ``[run] model_fingerprint`` and ``shared_tensors_sha256`` are those of the model
+    every agent builds (``model_pin.build_run_model``, with ``base_checkpoint`` for LoRA methods);
+    ``pin_model=False`` leaves them out (the first silo to join decides, as in an unpinned study).
     """
     certs = work / "certs"
     server: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "state_dir": str(work / "coordinator")}
@@ -127,6 +131,8 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
         fed_sections["lora"] = dict(lora)
     if privacy is not None:
         fed_sections["privacy"] = dict(privacy)
+    if pin_model:
+        fed_sections["run"].update(_model_pin(fed_sections, base_checkpoint))
     fed.write_text(_toml(fed_sections))
     agents = []
     for i, name in enumerate(names):
@@ -146,6 +152,27 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
         p.write_text(_toml(sections))
         agents.append(p)
     return fed, agents
+
+
+def _model_pin(sections: dict[str, dict[str, Any]], base_checkpoint: Path | None) -> dict[str, str]:
+    """The ``[run]`` pin of the model that agents build for the federation.toml ``sections``; none for
+    sections whose method, tables or model no agent can build (the coordinator or the agents then refuse
+    the config with their own message)."""
+    from fedsilo.coordinator.config import DEFAULT_TASK, ConfigError, parse_tables
+    from fedsilo.core.methods import UnknownMethod, get_method
+    from fedsilo.silo_agent.model_pin import ModelSettingsError, build_run_model
+    from fedsilo.silo_agent.strategy import StrategyError
+
+    run = sections["run"]
+    try:
+        method = get_method(run["strategy"])
+        built = build_run_model(
+            task=run.get("task", DEFAULT_TASK), model_config=sections["model"], strategy=method.name,
+            tables=parse_tables(method, {k: v for k, v in sections.items() if k in method.tables}),
+            record_level=bool(sections.get("privacy", {}).get("record_level", False)), base_checkpoint=base_checkpoint)
+    except (UnknownMethod, ConfigError, ModelSettingsError, StrategyError):
+        return {}
+    return {"model_fingerprint": built.fingerprint, "shared_tensors_sha256": built.manifest.digest()}
 
 
 def make_certs(certs: Path, names: list[str]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedsilo.core.atomic import atomic_write_with
 from fedsilo.core.configfile import TlsFiles
-from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
+from fedsilo.privacy.he import FixedPoint, HeError, HeParams, SecretContext
 from fedsilo.privacy.keywrap import (
     KemKeyPair,
     KeyWrapError,
@@ -220,7 +220,25 @@ class HeSession:
         return open_sealed(self.context.secret_key_bytes(), doc.payload, run_id=self.run_id, purpose=purpose,
                            silo=silo)
 
-    def decrypt_sum(self, blobs: list[bytes], n: int) -> np.ndarray:
-        """The decrypted sum of the contributors' ``w_i * u_i`` (float64, ``n`` values)."""
+    def decrypt_sum(self, blobs: list[bytes], n: int, contributors: int | None = None) -> np.ndarray:
+        """The decrypted sum of the contributors' ``w_i * u_i`` (float64, ``n`` values).
+
+        Every honest upload is clipped to the public bound before it is encrypted, so the sum of
+        ``contributors`` uploads lies within ``contributors * bound``; a sum beyond it proves that
+        some upload was not encoded honestly (encrypted values outside the bound, or under another
+        key). Values out of bound but within that total cannot be told apart without range proofs.
+
+        Raises:
+            HeError: a ciphertext does not decrypt (e.g. no noise budget: encrypted under another
+                key), or the sum lies outside what ``contributors`` honest uploads can add up to.
+        """
         assert self.context is not None
-        return self.codec.decode(self.context.decrypt(blobs, n))
+        total = self.codec.decode(self.context.decrypt(blobs, n))
+        if contributors is not None and total.size:
+            limit = contributors * float(self.codec.bound)
+            worst = float(np.max(np.abs(total)))
+            if not worst <= limit * (1 + 1e-9):
+                raise HeError(f"the decrypted sum reaches {worst:.3g}, beyond what {contributors} upload(s) within "
+                              f"the public bound {self.codec.bound:g} can add up to ({limit:.3g}): an upload was "
+                              "encoded outside the bound or encrypted under another key")
+        return total

@@ -6,7 +6,7 @@ import enum
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,8 @@ class Aggregate:
     arrays: dict[str, np.ndarray] | None  # plain
     ciphertexts: list[bytes] | None  # HE
     wire_bytes: int
+    #: Why the round failed ("" if it did not): then there is no payload and nobody applies it.
+    failed: str = ""
 
 
 def run_info_from_proto(msg: federation_pb2.GetRunResponse) -> RunInfo:
@@ -199,20 +201,25 @@ def task_from_proto(msg: federation_pb2.GetTaskResponse) -> Task:
                 phase=_PHASE.get(msg.phase, SharePhase.ALL))
 
 
-def upload_requests(rnd: int, weight: float, arrays: Mapping[str, np.ndarray],
-                    chunk_bytes: int) -> Iterator[federation_pb2.SubmitUpdateRequest]:
-    """The upload stream of a plaintext update: header, raw tensor chunks, trailer."""
+#: Signs an upload: (round, payload SHA-256 hex, payload bytes) -> the signed statement's JSON
+#: (``fedsilo.privacy.upload_statement.statement_signer``).
+UploadSigner = Callable[[int, str, int], str]
+
+
+def upload_requests(rnd: int, weight: float, arrays: Mapping[str, np.ndarray], chunk_bytes: int,
+                    sign: UploadSigner | None = None) -> Iterator[federation_pb2.SubmitUpdateRequest]:
+    """The upload stream of a plaintext update: header, raw tensor chunks, trailer (with the signed statement)."""
     manifest = Manifest.of_arrays(arrays)
     return _upload_stream(rnd, weight, manifest, PayloadEncoding.RAW_TENSORS, manifest.total_bytes,
-                          payload_chunks(arrays, chunk_bytes))
+                          payload_chunks(arrays, chunk_bytes), sign)
 
 
-def upload_he_requests(rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes],
-                       chunk_bytes: int) -> Iterator[federation_pb2.SubmitUpdateRequest]:
+def upload_he_requests(rnd: int, weight: float, manifest: Manifest, blobs: Sequence[bytes], chunk_bytes: int,
+                       sign: UploadSigner | None = None) -> Iterator[federation_pb2.SubmitUpdateRequest]:
     """The upload stream of an encrypted update: header, length-prefixed ciphertexts in chunks, trailer."""
     size = sum(4 + len(b) for b in blobs)
     return _upload_stream(rnd, weight, manifest, PayloadEncoding.HE_CIPHERTEXTS, size,
-                          rechunk(frame_blobs(blobs), chunk_bytes))
+                          rechunk(frame_blobs(blobs), chunk_bytes), sign)
 
 
 def frame_blobs(blobs: Iterable[bytes]) -> Iterator[bytes]:
@@ -254,7 +261,7 @@ def rechunk(parts: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
 
 
 def _upload_stream(rnd: int, weight: float, manifest: Manifest, encoding: PayloadEncoding, size: int,
-                   chunks: Iterable[bytes]) -> Iterator[federation_pb2.SubmitUpdateRequest]:
+                   chunks: Iterable[bytes], sign: UploadSigner | None) -> Iterator[federation_pb2.SubmitUpdateRequest]:
     yield federation_pb2.SubmitUpdateRequest(header=federation_pb2.UpdateHeader(
         round=rnd, weight=weight, manifest=tensor_pb2.PayloadManifest(tensors=specs_to_proto(manifest),
                                                                       total_bytes=manifest.total_bytes),
@@ -265,7 +272,9 @@ def _upload_stream(rnd: int, weight: float, manifest: Manifest, encoding: Payloa
         sha.update(chunk)
         n += 1
         yield federation_pb2.SubmitUpdateRequest(chunk=chunk)
-    yield federation_pb2.SubmitUpdateRequest(trailer=tensor_pb2.PayloadTrailer(num_chunks=n, sha256=sha.digest()))
+    statement = sign(rnd, sha.hexdigest(), size) if sign is not None else ""
+    yield federation_pb2.SubmitUpdateRequest(trailer=tensor_pb2.PayloadTrailer(num_chunks=n, sha256=sha.digest(),
+                                                                               upload_statement=statement))
 
 
 def aggregate_from_stream(responses: Iterable[federation_pb2.FetchAggregateResponse]) -> Aggregate:
@@ -302,12 +311,21 @@ def aggregate_from_stream(responses: Iterable[federation_pb2.FetchAggregateRespo
         encoding = PayloadEncoding(header.encoding)
     except ValueError:
         raise InvalidArgument(f"unknown aggregate encoding {header.encoding}") from None
+    if header.failed:  # the round failed: no payload, nobody applies it
+        return Aggregate(round=header.round, num_contributors=header.num_contributors, total_weight=header.total_weight,
+                         manifest=manifest, encoding=encoding, weight_normalizer=header.weight_normalizer, arrays=None,
+                         ciphertexts=None, wire_bytes=wire, failed=header.failed)
     payload = bytes(buf)
     he = encoding is PayloadEncoding.HE_CIPHERTEXTS
     return Aggregate(round=header.round, num_contributors=header.num_contributors, total_weight=header.total_weight,
                      manifest=manifest, encoding=encoding, weight_normalizer=header.weight_normalizer,
                      arrays=None if he else arrays_from_payload(manifest, payload),
                      ciphertexts=unframe_blobs(payload) if he else None, wire_bytes=wire)
+
+
+def failure_report_request(rnd: int, reason: str) -> federation_pb2.ReportAggregateFailureRequest:
+    """A report that round ``rnd``'s aggregate is unusable (the reason cut to 1024 characters)."""
+    return federation_pb2.ReportAggregateFailureRequest(round=rnd, reason=reason[:1024] or "unusable")
 
 
 def metrics_request(rnd: int, metrics: Mapping[str, tuple[float, int]]) -> federation_pb2.ReportMetricsRequest:
@@ -342,7 +360,7 @@ def rounds_from_proto(msg: Any) -> list[dict[str, Any]]:
     return [{
         "round": r.round, "closed": r.closed, "contributors": list(r.contributors), "params_shared": r.params_shared,
         "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "seconds": r.seconds,
-        "total_weight": r.total_weight,
+        "total_weight": r.total_weight, "failure": r.failure,
         "metrics": {sm.silo: {m.name: {"value": m.value, "num_examples": m.num_examples} for m in sm.metrics}
                     for sm in r.metrics},
     } for r in msg.rounds]

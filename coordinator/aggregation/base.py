@@ -19,7 +19,8 @@ class Aggregator(abc.ABC):
     Contract (tests/coordinator/test_aggregator_contract.py runs it on every implementation):
     after ``reset``, adding payloads ``u_i`` with weights ``w_i`` and calling ``write_result``
     with ``W = sum(w_i)`` yields ``sum(w_i * u_i) / W`` per element; a payload that fails
-    ``validate`` changes nothing; ``save``/``load`` round-trips the running state exactly.
+    ``validate``, or that ``add`` refuses with ``InvalidArgument`` (e.g. one that would overflow
+    the running sum), changes nothing; ``save``/``load`` round-trips the running state exactly.
     """
 
     def __init__(self, manifest: Manifest) -> None:
@@ -48,7 +49,11 @@ class Aggregator(abc.ABC):
 
     @abc.abstractmethod
     def add(self, payload: Path, weight: float) -> None:
-        """Adds ``weight * payload`` to the running sum (payload already validated)."""
+        """Adds ``weight * payload`` to the running sum (payload already validated).
+
+        Raises:
+            InvalidArgument: the payload cannot be added (e.g. the sum would overflow); nothing changes.
+        """
 
     @abc.abstractmethod
     def save(self, path: Path) -> None:
@@ -60,4 +65,8 @@ class Aggregator(abc.ABC):
 
     @abc.abstractmethod
     def write_result(self, path: Path, total_weight: float) -> Manifest:
-        """Writes the round's aggregate payload atomically and returns its manifest."""
+        """Writes the round's aggregate payload atomically and returns its manifest.
+
+        Raises:
+            ValueError: nothing was added, or the aggregate would not be finite; nothing is written.
+        """

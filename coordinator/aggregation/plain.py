@@ -52,6 +52,21 @@ class PlainAggregator(Aggregator):
                 raise InvalidArgument(f"tensor {spec.name!r} contains {bad}")
 
     def add(self, payload: Path, weight: float) -> None:
+        """Adds ``weight * payload`` to the float64 sum, or nothing.
+
+        A first pass computes every block's new sum without writing it, so an upload that would
+        overflow the sum is refused with the sum unchanged; the second pass (the payload file is
+        in the page cache by then) writes the very same values.
+
+        Raises:
+            InvalidArgument: some element of the sum would become Inf or NaN; nothing changes.
+        """
+        for spec, offset, block in self._blocks(payload):
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = self._sum[offset : offset + block.size] + weight * block.astype(np.float64)
+            if not np.isfinite(new).all():
+                raise InvalidArgument(f"tensor {spec.name!r}: adding this upload with weight {weight:g} "
+                                      "would overflow the running sum")
         for _, offset, block in self._blocks(payload):
             self._sum[offset : offset + block.size] += weight * block.astype(np.float64)
 
@@ -66,18 +81,33 @@ class PlainAggregator(Aggregator):
             raise ValueError(f"{path}: holds {data.size} values, expected {self._sum.size}")
         self._sum[:] = data
 
+    def _mean(self, spec: TensorSpec, offset: int, total_weight: float) -> np.ndarray:
+        """One tensor's sum / ``total_weight`` in its dtype.
+
+        Raises:
+            ValueError: a value is not finite in the tensor's dtype.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = self._sum[offset : offset + spec.numel] / total_weight
+            if not spec.dtype.is_float:
+                mean = np.rint(mean)
+            out = mean.astype(spec.dtype.numpy)
+        if not np.isfinite(mean).all() or (spec.dtype.is_float and not np.isfinite(out).all()):
+            raise ValueError(f"tensor {spec.name!r}: the weighted mean is not finite in {spec.dtype.name}")
+        return out
+
     def write_result(self, path: Path, total_weight: float) -> Manifest:
+        """Writes sum / ``total_weight`` in each tensor's dtype.
+
+        Raises:
+            ValueError: ``total_weight`` is not > 0, or a value of the mean is not finite in its
+                tensor's dtype; nothing is written then.
+        """
         if not total_weight > 0:
             raise ValueError(f"total_weight must be > 0, got {total_weight}")
-
-        def chunks() -> Iterator[bytes]:
-            offset = 0
-            for spec in self.manifest.tensors:
-                mean = self._sum[offset : offset + spec.numel] / total_weight
-                if not spec.dtype.is_float:
-                    mean = np.rint(mean)
-                yield mean.astype(spec.dtype.numpy).tobytes()
-                offset += spec.numel
-
-        atomic_write(path, chunks())
+        offsets = np.cumsum([0, *(spec.numel for spec in self.manifest.tensors)])
+        for spec, offset in zip(self.manifest.tensors, offsets):
+            self._mean(spec, int(offset), total_weight)  # every value checked before the file is touched
+        atomic_write(path, (self._mean(spec, int(offset), total_weight).tobytes()
+                            for spec, offset in zip(self.manifest.tensors, offsets)))
         return self.manifest

@@ -1,4 +1,4 @@
-"""The ``fedsilo`` command line: certs, coordinator, agent, status, demo.
+"""The ``fedsilo`` command line: certs, coordinator, pin-model, agent, status, demo.
 
 Commands import torch only when they need it, so ``fedsilo certs`` and ``fedsilo coordinator``
 run on a machine without torch.
@@ -126,6 +126,44 @@ def coordinator(config_path: Path, insecure: bool) -> None:
     except OSError as exc:
         _fail(f"cannot start the coordinator: {exc}", 1)
     sys.exit(code)
+
+
+@main.command("pin-model")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="federation.toml")
+@click.option("--base-checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="The frozen base of a LoRA run: the file the silos name as model.base_checkpoint.")
+def pin_model(config_path: Path, base_checkpoint: Path | None) -> None:
+    """Print the [run] lines that pin the study's model: built from the config as every agent builds it
+    (needs torch), its fingerprint and the SHA-256 of its shared tensors."""
+    from fedsilo.coordinator.config import ConfigError
+    from fedsilo.coordinator.loading import load_federation_config
+
+    try:
+        cfg = load_federation_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from fedsilo.silo_agent.model_pin import ModelSettingsError, run_model_of_config
+    from fedsilo.silo_agent.strategy import StrategyError
+
+    if cfg.method.uses_lora and base_checkpoint is None:
+        click.echo(f"note: run.strategy {cfg.strategy!r} trains LoRA adapters on a frozen base; without "
+                   "--base-checkpoint this pins a freshly initialised base, which silos with a "
+                   "model.base_checkpoint do not build", err=True)
+    try:
+        built = run_model_of_config(cfg, base_checkpoint=base_checkpoint)
+    except ModelSettingsError as exc:
+        _fail(f"model: the [model] settings of {config_path} are invalid for Task {cfg.task!r}: {exc}", 1)
+    except StrategyError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"# the model of run {cfg.run_id} ({cfg.task}, {cfg.strategy}, fedsilo {__version__}): "
+               f"{len(built.shared)} shared tensors, {built.manifest.numel} parameters; paste under [run]")
+    click.echo(built.pin_lines(), nl=False)
+    if cfg.model_fingerprint is not None:
+        same = (cfg.model_fingerprint, cfg.shared_tensors_sha256) == (built.fingerprint, built.manifest.digest())
+        click.echo(f"note: {config_path} already pins " + ("this model" if same else
+                   f"another model ({cfg.model_fingerprint[:12]}…): silos that build this one will be refused"),
+                   err=True)
 
 
 @main.command()

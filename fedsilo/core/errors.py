@@ -30,4 +30,8 @@ class NotFound(FedsiloError):
 
 
 class ResourceExhausted(FedsiloError):
-    """A payload or chunk beyond the configured limit."""
+    """A payload or chunk beyond the configured limit, or a caller beyond the calls it may hold at once."""
+
+
+class Cancelled(FedsiloError):
+    """A call that ended before it was complete: the client cancelled it, or the coordinator cut it as stalled."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -144,6 +145,13 @@ class Manifest:
     def to_json(self) -> list[dict]:
         """Plain-data form for storage."""
         return [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)} for t in self.tensors]
+
+    def digest(self) -> str:
+        """SHA-256 (64 lowercase hex characters) of the canonical JSON of :meth:`to_json` (sorted keys,
+        no spaces): the ``run.shared_tensors_sha256`` a study pins, computed the same way by agent and
+        coordinator."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     @classmethod
     def from_json(cls, data: Sequence[Mapping]) -> Manifest:

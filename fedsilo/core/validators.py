@@ -49,6 +49,15 @@ def is_hex64(value: object) -> bool:
     return isinstance(value, str) and HEX64_RE.fullmatch(value) is not None
 
 
+def excerpt(text: object, limit: int = 80) -> str:
+    """Caller-supplied text as it may appear in a message or a log line: at most ``limit`` characters
+    (non-printable ones escaped), then how many were left out. No message quotes unbounded input.
+    """
+    s = text if isinstance(text, str) else str(text)
+    head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s[:limit])
+    return head if len(s) <= limit else f"{head}… ({len(s) - limit} more characters)"
+
+
 def silo_name(field: str, value: object, *, error: type[Exception] = ValueError) -> str:
     """Returns ``value`` if it is a valid silo name, else raises ``error`` naming ``field``."""
     if not is_silo_name(value):

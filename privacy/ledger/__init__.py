@@ -8,6 +8,7 @@ from fedsilo.privacy.ledger.entries import (
     GuaranteeScope,
     LedgerEntry,
     LedgerError,
+    MirrorQuotaError,
     UploadGuarantee,
 )
 from fedsilo.privacy.ledger.store import Ledger
@@ -27,6 +28,7 @@ __all__ = [
     "LedgerError",
     "LedgerMirror",
     "Mechanism",
+    "MirrorQuotaError",
     "Neighbouring",
     "UploadGuarantee",
     "check_cumulative",

@@ -57,6 +57,10 @@ class DuplicateEntryError(LedgerError):
     """The mirror already holds this exact entry: a resend, safe to treat as delivered."""
 
 
+class MirrorQuotaError(LedgerError):
+    """The mirror refused an entry because it already keeps as many entries of that kind from the silo as it may."""
+
+
 class GuaranteeScope(enum.Enum):
     """Who a guarantee holds against.
 

@@ -38,12 +38,18 @@ def _rdp_order(value: object, name: str) -> float:
     return result
 
 
+#: The largest integer field: SQLite's INTEGER (the ledger and its mirror store seq, round, upload_index).
+_MAX_INTEGER = 2**63 - 1
+
+
 def _integer(value: object, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"invalid field {name} {value!r}: expected an integer")
     result = int(value)
     if result < minimum:
         raise ValueError(f"invalid field {name} {value!r}: must be >= {minimum}")
+    if result > _MAX_INTEGER:
+        raise ValueError(f"invalid field {name} {value!r}: must be <= {_MAX_INTEGER} (a 64-bit integer)")
     return result
 
 

@@ -19,7 +19,7 @@ from fedsilo.privacy.ledger.entries import (
     LedgerError,
 )
 from fedsilo.privacy.ledger.fields import _enum, _integer
-from fedsilo.privacy.ledger.sqlite import _LEDGER_SCHEMA, _SCHEMA_VERSION, _transaction, open_database
+from fedsilo.privacy.ledger.sqlite import _LEDGER_SCHEMA, _LEDGER_SCHEMA_VERSION, _transaction, open_database
 from fedsilo.privacy.pki import validate_name
 from fedsilo.privacy.signed import SIGNATURE_BYTES, SignatureError, now_text, own_signer
 
@@ -134,11 +134,11 @@ class Ledger:
             if stored.get("kind") != "silo-ledger" or stored.get("silo") != silo:
                 raise LedgerError(f"{str(path)!r} is not silo {silo!r}'s privacy ledger (it is "
                                   f"{stored.get('kind')!r} of {stored.get('silo')!r}); check the state directory")
-            if stored.get("schema") != _SCHEMA_VERSION:
+            if stored.get("schema") != _LEDGER_SCHEMA_VERSION:
                 raise LedgerError(f"{str(path)!r} has ledger schema {stored.get('schema')!r}, this "
-                                  f"fedsilo reads {_SCHEMA_VERSION!r}")
+                                  f"fedsilo reads {_LEDGER_SCHEMA_VERSION!r}")
 
-        meta = {"schema": _SCHEMA_VERSION, "kind": "silo-ledger", "silo": silo}
+        meta = {"schema": _LEDGER_SCHEMA_VERSION, "kind": "silo-ledger", "silo": silo}
         conn = open_database(path, _LEDGER_SCHEMA, meta, check)
         return cls(
             conn,

@@ -37,3 +37,4 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
               for name in (*HOSPITALS, "hospital-x")},
         admin=pki.issue_certificate(root / "ca", out, role=Role.ADMIN, name="study-lead"),
     )
+

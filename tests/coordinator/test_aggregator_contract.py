@@ -401,6 +401,25 @@ def test_validate_refuses_an_unusable_payload_and_changes_nothing(codec: Codec, 
     codec.assert_close(result(codec, agg, tmp_path, good[0], good[0]), weighted_mean([good]))
 
 
+@pytest.mark.parametrize("codec, poison", POISONS, ids=[f"{c.id}-{p.id}" for c, p in POISONS])
+def test_add_refusing_a_payload_changes_nothing(codec: Codec, poison: Poison, tmp_path: Path) -> None:
+    """``add`` may refuse (``InvalidArgument``) what reaches it unvalidated; the sum is then as before."""
+    agg = codec.make(MANIFEST)
+    good = (4.0, make_update(1))
+    agg.reset()
+    agg.add(codec.write(tmp_path / "good.bin", MANIFEST, good[1], good[0], good[0]), good[0])
+    agg.save(tmp_path / "before.sum")
+
+    path = tmp_path / "poisoned.bin"
+    poison.write(path)
+    with pytest.raises(InvalidArgument):
+        agg.add(path, good[0])
+
+    agg.save(tmp_path / "after.sum")
+    assert (tmp_path / "after.sum").read_bytes() == (tmp_path / "before.sum").read_bytes()
+    codec.assert_close(result(codec, agg, tmp_path, good[0], good[0]), weighted_mean([good]))
+
+
 # -- save / load --------------------------------------------------------------------------------
 
 
@@ -456,6 +475,85 @@ def test_plain_validate_names_the_tensor_with_non_finite_values(tmp_path: Path, 
     path = PLAIN.write(tmp_path / "poisoned.bin", MANIFEST, poisoned, 1.0, 1.0)
     with pytest.raises(InvalidArgument, match=f"^tensor 'enc.bias' contains {word}$"):
         PlainAggregator(MANIFEST).validate(path)
+
+
+# float64 tensors: finite uploads whose weighted sum exceeds float64 (max ~1.8e308).
+WIDE = Manifest.of_arrays({"enc.weight": np.zeros(4, np.float64), "head.bias": np.zeros(3, np.float64)})
+
+
+def saved_sum(agg: Aggregator, folder: Path) -> bytes:
+    """The running sum as ``save`` writes it (little-endian float64)."""
+    agg.save(folder / "probe.sum")
+    return (folder / "probe.sum").read_bytes()
+
+
+def test_plain_add_refuses_an_upload_that_would_overflow_the_sum_naming_the_tensor(tmp_path: Path) -> None:
+    agg = PlainAggregator(WIDE)
+    agg.reset()
+    first = {"enc.weight": np.full(4, 1e299), "head.bias": np.array([1e299, -2.0, 3.0])}
+    agg.add(PLAIN.write(tmp_path / "first.bin", WIDE, first, 1.0, 1.0), 1.0)
+    before = saved_sum(agg, tmp_path)
+    # Every value finite, and enc.weight (read first) would fit: head.bias[0] alone overflows.
+    big = {"enc.weight": np.full(4, 1.0), "head.bias": np.array([1e300, 0.0, 0.0])}
+    path = PLAIN.write(tmp_path / "big.bin", WIDE, big, 1e9, 1e9)
+    agg.validate(path)  # the payload itself is fine
+    with pytest.raises(InvalidArgument,
+                       match=r"^tensor 'head\.bias': adding this upload with weight 1e\+09 would overflow the "
+                             r"running sum$"):
+        agg.add(path, 1e9)
+    assert saved_sum(agg, tmp_path) == before  # enc.weight was not added either
+    # A negative overflow is refused the same way; a fitting upload is still added.
+    with pytest.raises(InvalidArgument, match="would overflow the running sum"):
+        agg.add(PLAIN.write(tmp_path / "neg.bin", WIDE, {k: -v for k, v in big.items()}, 1e9, 1e9), 1e9)
+    assert saved_sum(agg, tmp_path) == before
+    agg.add(PLAIN.write(tmp_path / "small.bin", WIDE, big, 1.0, 1.0), 1.0)
+    agg.write_result(tmp_path / "r.bin", 2.0)
+    got = arrays_from_payload(WIDE, (tmp_path / "r.bin").read_bytes())
+    np.testing.assert_array_equal(got["enc.weight"], np.full(4, 5e298))  # (1e299 + 1) / 2 in float64
+    np.testing.assert_array_equal(got["head.bias"], np.array([5.5e299, -1.0, 1.5]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(uploads=st.lists(
+    st.tuples(st.floats(1e-3, 1e9, allow_nan=False, allow_infinity=False),
+              hnp.arrays(np.float64, WIDE.numel, elements=st.floats(allow_nan=False, allow_infinity=False))),
+    min_size=1, max_size=6))
+def test_plain_add_either_keeps_the_sum_finite_or_changes_nothing(uploads: list[tuple[float, np.ndarray]]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        agg = PlainAggregator(WIDE)
+        agg.reset()
+        for i, (w, values) in enumerate(uploads):
+            before = saved_sum(agg, folder)
+            path = folder / f"u{i}.bin"
+            path.write_bytes(values.astype("<f8").tobytes())
+            agg.validate(path)
+            with np.errstate(over="ignore", invalid="ignore"):
+                want = np.frombuffer(before, "<f8") + w * values
+            try:
+                agg.add(path, w)
+            except InvalidArgument as exc:
+                assert "would overflow the running sum" in str(exc)
+                assert not np.isfinite(want).all()
+                assert saved_sum(agg, folder) == before  # bit for bit
+            else:
+                after = np.frombuffer(saved_sum(agg, folder), "<f8")
+                assert np.isfinite(after).all()
+                np.testing.assert_array_equal(after, want)
+
+
+def test_plain_write_result_refuses_a_mean_that_is_not_finite_in_its_dtype(tmp_path: Path) -> None:
+    """Finite float32 uploads summed in float64 fit; divided by less than their weight they would not."""
+    agg = PlainAggregator(MANIFEST)
+    agg.reset()
+    big = {k: np.full(a.shape, 3e38, np.float32) for k, a in make_update(1).items()}
+    agg.add(PLAIN.write(tmp_path / "u.bin", MANIFEST, big, 1e9, 1e9), 1e9)
+    with pytest.raises(ValueError, match=r"^tensor 'enc\.weight': the weighted mean is not finite in FLOAT32$"):
+        agg.write_result(tmp_path / "r.bin", 1.0)
+    assert list(tmp_path.iterdir()) == [tmp_path / "u.bin"]  # nothing written, not even a temporary file
+    agg.write_result(tmp_path / "r.bin", 1e9)
+    got = arrays_from_payload(MANIFEST, (tmp_path / "r.bin").read_bytes())
+    assert all(np.array_equal(got[k], big[k]) for k in big)
 
 
 # -- HE only: several ciphertexts per update, no key on the coordinator's side --------------------

@@ -300,3 +300,87 @@ def test_fedprox_needs_its_mu(config_dir: Path) -> None:
         load_federation_config(write(config_dir, text))
     cfg = load_federation_config(write(config_dir, text.replace("[training]\n", "[training]\nproximal_mu = 0.01\n")))
     assert cfg.strategy == "fedprox" and cfg.method.name == "fedprox" and cfg.training["proximal_mu"] == 0.01
+
+
+def _sizes(*lines: str) -> str:
+    """VALID with ``lines`` added under [silos] (after ``enrolled``)."""
+    enrolled = 'enrolled = ["hospital-a", "hospital-b", "hospital-c"]'
+    return replace_line(VALID, "enrolled =", "\n".join((enrolled, *lines)))
+
+
+SIZES_BAD = {
+    "unknown-silo": (_sizes("train_examples = { hospital-x = 100 }"),
+                     r"^silos\.train_examples\.hospital-x: not an enrolled silo"),
+    "zero": (_sizes("train_examples = { hospital-a = 0 }"),
+             r"^silos\.train_examples\.hospital-a: 0 must be an integer in \[1, 1000000000\]"),
+    "negative": (_sizes("train_examples = { hospital-a = -120 }"), r"^silos\.train_examples\.hospital-a: -120 "),
+    "float": (_sizes("train_examples = { hospital-a = 120.0 }"),
+              r"^silos\.train_examples\.hospital-a: 120\.0 must be an integer"),
+    "string": (_sizes('train_examples = { hospital-a = "120" }'),
+               r"^silos\.train_examples\.hospital-a: '120' must be an integer"),
+    "bool": (_sizes("train_examples = { hospital-a = true }"),
+             r"^silos\.train_examples\.hospital-a: True must be an integer"),
+    "above-10-to-the-9": (_sizes("train_examples = { hospital-a = 1000000001 }"),
+                          r"^silos\.train_examples\.hospital-a: 1000000001 must be an integer in \[1, 1000000000\]"),
+    "above-max": (_sizes("train_examples = { hospital-a = 120, hospital-b = 501 }", "max_train_examples = 500"),
+                  r"^silos\.train_examples\.hospital-b: 501 must be an integer in \[1, 500\]"),
+    "not-a-table": (_sizes("train_examples = 120"), r"^silos\.train_examples: must be a table"),
+    "max-zero": (_sizes("max_train_examples = 0"), r"^silos\.max_train_examples: 0 must be an integer in \[1, 1000000000\]"),
+    "max-above-10-to-the-9": (_sizes("max_train_examples = 1000000001"), r"^silos\.max_train_examples: 1000000001 "),
+    "max-float": (_sizes("max_train_examples = 500.5"), r"^silos\.max_train_examples: 500\.5 must be an integer"),
+    "misspelt-key": (_sizes("train_example = { hospital-a = 120 }"), r"^silos\.train_example: unknown key"),
+}
+
+
+@pytest.mark.parametrize("text, pattern", list(SIZES_BAD.values()), ids=list(SIZES_BAD))
+def test_bad_training_set_sizes_name_the_setting(config_dir: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federation_config(write(config_dir, text))
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_training_set_sizes_load_and_enter_the_run_fingerprint(config_dir: Path) -> None:
+    plain = load_federation_config(write(config_dir, VALID))
+    assert (dict(plain.train_examples), plain.max_train_examples) == ({}, None)
+    cfg = load_federation_config(write(config_dir, _sizes("train_examples = { hospital-a = 120, hospital-c = 500 }",
+                                                          "max_train_examples = 500")))
+    assert dict(cfg.train_examples) == {"hospital-a": 120, "hospital-c": 500} and cfg.max_train_examples == 500
+    assert cfg.declared_size_error("hospital-a", 120) is None
+    assert "silos.train_examples" in (cfg.declared_size_error("hospital-a", 121) or "")
+    assert cfg.declared_size_error("hospital-b", 500) is None
+    assert "silos.max_train_examples" in (cfg.declared_size_error("hospital-b", 501) or "")
+    # A restart may not change the sizes the run's weights rest on.
+    other = load_federation_config(write(config_dir, _sizes("train_examples = { hospital-a = 121, hospital-c = 500 }",
+                                                            "max_train_examples = 500")))
+    fingerprints = {plain.run_fingerprint(), cfg.run_fingerprint(), other.run_fingerprint()}
+    assert len(fingerprints) == 3
+
+
+# -- [server] call limits and stall timeouts (operational: not part of the run's fingerprint) ------
+
+SERVER_LIMITS = "max_chunk_bytes = 65536\nstall_timeout_s = 5\nmin_transfer_bytes_per_s = 0\nmax_calls_per_identity = 16\n"
+
+
+def test_server_limits_load_with_defaults_and_stay_out_of_the_fingerprint(config_dir: Path) -> None:
+    default = load_federation_config(write(config_dir, VALID))
+    assert (default.stall_timeout_s, default.min_transfer_bytes_per_s, default.max_calls_per_identity) == (30.0, 16384, 8)
+    tuned = load_federation_config(write(config_dir, VALID.replace("max_chunk_bytes = 65536\n", SERVER_LIMITS)))
+    assert (tuned.stall_timeout_s, tuned.min_transfer_bytes_per_s, tuned.max_calls_per_identity) == (5, 0, 16)
+    assert tuned.run_fingerprint() == default.run_fingerprint()  # a restart may retune them
+
+
+@pytest.mark.parametrize("line, pattern", [
+    ("stall_timeout_s = 0", r"server\.stall_timeout_s: 0 must be a finite number > 0"),
+    ("stall_timeout_s = nan", r"server\.stall_timeout_s: nan must be a finite number > 0"),
+    ("stall_timeout_s = \"30\"", r"server\.stall_timeout_s: '30' must be a finite number > 0"),
+    ("stall_timeout_s = 0.5", r"server\.stall_timeout_s: 0\.5 must be at least 1"),
+    ("min_transfer_bytes_per_s = -1", r"server\.min_transfer_bytes_per_s: -1 must be an integer in \[0, "),
+    ("min_transfer_bytes_per_s = 1.5", r"server\.min_transfer_bytes_per_s: 1\.5 must be an integer"),
+    ("max_calls_per_identity = 3", r"server\.max_calls_per_identity: 3 must be an integer in \[4, 1024\]"),
+    ("max_calls_per_identity = true", r"server\.max_calls_per_identity: True must be an integer"),
+], ids=["stall-zero", "stall-nan", "stall-string", "stall-below-1s", "rate-negative", "rate-float", "calls-3",
+        "calls-bool"])
+def test_bad_server_limit_is_a_config_error_naming_it(config_dir: Path, line: str, pattern: str) -> None:
+    text = VALID.replace("max_chunk_bytes = 65536\n", f"max_chunk_bytes = 65536\n{line}\n")
+    with pytest.raises(ConfigError, match=pattern):
+        load_federation_config(write(config_dir, text))

@@ -27,6 +27,7 @@ from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFil
 from fedsilo.coordinator.server import CoordinatorServer
 from fedsilo.privacy import pki
 from fedsilo.privacy.pki import Role
+from fedsilo.privacy.upload_statement import sign_upload_statement
 from fedsilo.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -34,9 +35,14 @@ from fedsilo.v1 import (
     federation_pb2_grpc,
     tensor_pb2,
 )
+from upload_signing import signed
 
+RUN_ID = "grpc-bad-input"
 SILOS = ("hospital-a", "hospital-b")
 EXAMPLES = {"hospital-a": 120, "hospital-b": 380}
+#: The weight each silo's uploads must carry: the size it declared at Join. Refused uploads below
+#: carry it too, so each is wrong in exactly the way its test is about.
+WEIGHT = {silo: float(n) for silo, n in EXAMPLES.items()}
 SHAPES = {"layer.weight": (3, 4), "layer.bias": (5,)}
 PAYLOAD_BYTES = 4 * (12 + 5)  # 68
 FINGERPRINT = "5e" * 32
@@ -213,8 +219,10 @@ class Fed:
         return self.stub(silo).GetTask(federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=0),
                                        timeout=RPC_TIMEOUT_S)
 
-    def submit(self, silo: str,
-               msgs: Iterable[federation_pb2.SubmitUpdateRequest]) -> federation_pb2.SubmitUpdateResponse:
+    def submit(self, silo: str, msgs: Iterable[federation_pb2.SubmitUpdateRequest],
+               sign: bool = True) -> federation_pb2.SubmitUpdateResponse:
+        """Streams ``msgs``, the trailer signed as the silo's agent signs it (unless ``sign`` is False)."""
+        msgs = signed(msgs, self.certs.silo[silo], run_id=RUN_ID, silo=silo) if sign else list(msgs)
         return self.stub(silo).SubmitUpdate(iter(msgs), timeout=RPC_TIMEOUT_S)
 
     def fetch(self, silo: str, rnd: int) -> Fetched:
@@ -269,7 +277,7 @@ class Fed:
 
 def make_config(certs: Certs, state_dir: Path, **overrides: object) -> FederationConfig:
     kwargs: dict[str, object] = dict(
-        run_id="grpc-bad-input", silos=SILOS, rounds=2, min_silos=2, aggregation=AggregationMode.PLAIN,
+        run_id=RUN_ID, silos=SILOS, rounds=2, min_silos=2, aggregation=AggregationMode.PLAIN,
         # Short deadline; quorum is every silo, so a round only closes when both uploaded.
         round_deadline_s=20.0, quorum_timeout_s=600.0, start_grace_s=0.0,
         listen="127.0.0.1:0", state_dir=state_dir,
@@ -339,8 +347,9 @@ def test_happy_path_two_silos_one_round_over_several_chunks(fed: Fed) -> None:
         assert task.deadline_unix_ms > 0
         down += task.ByteSize()
     for i, silo in enumerate(SILOS, start=1):
-        msgs = upload_msgs(1, *GOOD[silo])
+        msgs = signed(upload_msgs(1, *GOOD[silo]), fed.certs.silo[silo], run_id=RUN_ID, silo=silo)
         assert sum(1 for m in msgs if m.WhichOneof("part") == "chunk") == 5
+        assert msgs[-1].trailer.upload_statement, "an agent signs what it uploads"
         up += sum(m.ByteSize() for m in msgs)
         resp = fed.submit(silo, msgs)
         assert (resp.round, resp.bytes_received, resp.uploads_in_round) == (1, PAYLOAD_BYTES, i)
@@ -387,7 +396,8 @@ def test_bad_client_certificate_is_refused_at_the_handshake(running: Fed, client
     # Each of these certificates names "hospital-a" (or nobody): had a handler been reached, the
     # poisoned upload would count as hospital-a's and its real upload below would be refused.
     poisoned = make_update(66)
-    for call in (lambda: stub.SubmitUpdate(iter(upload_msgs(1, 1e9, poisoned)), timeout=RPC_TIMEOUT_S),
+    for call in (lambda: stub.SubmitUpdate(iter(upload_msgs(1, WEIGHT["hospital-a"], poisoned)),
+                                           timeout=RPC_TIMEOUT_S),
                  lambda: stub.GetRun(federation_pb2.GetRunRequest(), timeout=RPC_TIMEOUT_S),
                  lambda: admin_pb2_grpc.AdminStub(running.channel(paths)).GetStatus(
                      admin_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_S)):
@@ -461,9 +471,9 @@ def test_update_for_a_closed_round_is_failed_precondition(running: Fed) -> None:
         assert running.task(silo, 1).round == 2
     before = running.snapshot()
     expect(grpc.StatusCode.FAILED_PRECONDITION, "round 1 is closed; the open round is 2",
-           lambda: running.submit("hospital-a", upload_msgs(1, 1e9, make_update(66))))
+           lambda: running.submit("hospital-a", upload_msgs(1, WEIGHT["hospital-a"], make_update(66))))
     assert running.snapshot() == before
-    round2 = {"hospital-a": (7.0, make_update(21)), "hospital-b": (3.0, make_update(22))}
+    round2 = {"hospital-a": (WEIGHT["hospital-a"], make_update(21)), "hospital-b": (WEIGHT["hospital-b"], make_update(22))}
     running.finish_round(2, round2)
     assert running.fetch("hospital-b", 1).sha256 == round1.sha256, "the closed round's aggregate changed"
 
@@ -471,7 +481,7 @@ def test_update_for_a_closed_round_is_failed_precondition(running: Fed) -> None:
 def test_update_for_a_future_round_is_failed_precondition(running: Fed) -> None:
     before = running.snapshot()
     expect(grpc.StatusCode.FAILED_PRECONDITION, "round 2 is not open yet; the open round is 1",
-           lambda: running.submit("hospital-a", upload_msgs(2, 1e9, make_update(66))))
+           lambda: running.submit("hospital-a", upload_msgs(2, WEIGHT["hospital-a"], make_update(66))))
     assert running.snapshot() == before
     running.finish_round(1, GOOD)
 
@@ -481,7 +491,7 @@ def test_second_upload_for_the_same_round_is_already_exists(running: Fed) -> Non
     assert running.submit("hospital-a", upload_msgs(1, *first)).uploads_in_round == 1
     before = running.snapshot()
     expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already uploaded its update for round 1",
-           lambda: running.submit("hospital-a", upload_msgs(1, 1e9, make_update(66))))
+           lambda: running.submit("hospital-a", upload_msgs(1, WEIGHT["hospital-a"], make_update(66))))
     assert running.snapshot() == before
     running.finish_round(1, {"hospital-b": GOOD["hospital-b"]}, already=[first])
 
@@ -520,7 +530,7 @@ def test_update_not_matching_the_manifest_is_invalid_argument(running: Fed, arra
                                                               fragment: str) -> None:
     before = running.snapshot()
     expect(grpc.StatusCode.INVALID_ARGUMENT, "update does not match the run's shared tensors: " + fragment,
-           lambda: running.submit("hospital-a", upload_msgs(1, 1e9, arrays())))
+           lambda: running.submit("hospital-a", upload_msgs(1, WEIGHT["hospital-a"], arrays())))
     assert running.snapshot() == before
     running.finish_round(1, GOOD)
 
@@ -536,9 +546,34 @@ def test_non_finite_values_are_invalid_argument(running: Fed, bad: float, word: 
     poisoned[where[0]][where[1]] = bad
     before = running.snapshot()
     expect(grpc.StatusCode.INVALID_ARGUMENT, f"tensor '{where[0]}' contains {word}",
-           lambda: running.submit("hospital-a", upload_msgs(1, 1e3, poisoned)))
+           lambda: running.submit("hospital-a", upload_msgs(1, WEIGHT["hospital-a"], poisoned)))
     assert running.snapshot() == before
     running.finish_round(1, GOOD)
+
+
+def test_an_upload_that_would_overflow_the_running_sum_is_invalid_argument(start_fed: Callable[..., Fed]) -> None:
+    """float64 tensors: every value finite, but a's and b's weighted values together exceed float64.
+    b's upload is refused whole (layer.weight, read first, fits: it is not added either)."""
+    fed = start_fed(rounds=1)
+    a_up = {"layer.weight": np.full((3, 4), 1.0), "layer.bias": np.full(5, 1e306)}  # 120 * 1e306 fits
+    for silo in SILOS:
+        fed.join(silo, arrays=a_up)
+    assert fed.submit("hospital-a", upload_msgs(1, 120.0, a_up)).uploads_in_round == 1
+    before = fed.snapshot()
+    b_bad = {"layer.weight": np.full((3, 4), 2.0), "layer.bias": np.full(5, 4e305)}  # 1.2e308 + 1.52e308
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           "tensor 'layer.bias': adding this upload with weight 380 would overflow the running sum",
+           lambda: fed.submit("hospital-b", upload_msgs(1, 380.0, b_bad)))
+    assert fed.snapshot() == before
+    b_good = {"layer.weight": np.full((3, 4), 2.0), "layer.bias": np.full(5, -4e305)}
+    assert fed.submit("hospital-b", upload_msgs(1, 380.0, b_good)).uploads_in_round == 2
+    rounds = fed.snapshot()[1].rounds
+    assert [(r.round, r.closed, sorted(r.contributors)) for r in rounds] == [(1, True, list(SILOS))]
+    buf = b"".join(resp.chunk for resp in fed.stub("hospital-a").FetchAggregate(
+        federation_pb2.FetchAggregateRequest(round=1), timeout=RPC_TIMEOUT_S) if resp.WhichOneof("part") == "chunk")
+    got = np.frombuffer(buf, "<f8")
+    np.testing.assert_allclose(got[:12], np.full(12, (120 * 1.0 + 380 * 2.0) / 500), rtol=1e-15)
+    np.testing.assert_allclose(got[12:], np.full(5, (120 * 1e306 - 380 * 4e305) / 500), rtol=1e-15)
 
 
 # -- broken streams ----------------------------------------------------------------------------------
@@ -597,7 +632,7 @@ def _after_trailer(m: list) -> list:
         "more-bytes", "empty-chunk", "after-trailer"])
 def test_truncated_or_corrupted_stream_is_invalid_argument(running: Fed, tamper: Callable[[list], list],
                                                            fragment: str) -> None:
-    msgs = tamper(upload_msgs(1, 1e9, make_update(66)))
+    msgs = tamper(upload_msgs(1, WEIGHT["hospital-a"], make_update(66)))
     before = running.snapshot()
     expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: running.submit("hospital-a", msgs))
     assert running.snapshot() == before
@@ -605,7 +640,7 @@ def test_truncated_or_corrupted_stream_is_invalid_argument(running: Fed, tamper:
 
 
 def test_upload_cancelled_mid_stream_changes_nothing(running: Fed) -> None:
-    msgs = upload_msgs(1, 1e9, make_update(66))
+    msgs = upload_msgs(1, WEIGHT["hospital-a"], make_update(66))
     sent, release = threading.Event(), threading.Event()
 
     def requests() -> Iterator[federation_pb2.SubmitUpdateRequest]:
@@ -628,7 +663,7 @@ def test_upload_cancelled_mid_stream_changes_nothing(running: Fed) -> None:
 
 def test_payload_beyond_max_upload_bytes_is_resource_exhausted(running: Fed) -> None:
     big = make_update(66, {"layer.weight": (3, 4), "layer.bias": (MAX_UPLOAD_BYTES // 4,)})
-    msgs = upload_msgs(1, 1e9, big, chunk_bytes=MAX_CHUNK_BYTES)
+    msgs = upload_msgs(1, WEIGHT["hospital-a"], big, chunk_bytes=MAX_CHUNK_BYTES)
     before = running.snapshot()
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED,
            f"upload of {12 * 4 + MAX_UPLOAD_BYTES} bytes exceeds server.max_upload_bytes ({MAX_UPLOAD_BYTES})",
@@ -639,7 +674,7 @@ def test_payload_beyond_max_upload_bytes_is_resource_exhausted(running: Fed) -> 
 
 def test_chunk_above_max_chunk_bytes_is_resource_exhausted(running: Fed) -> None:
     # A run whose update is larger than one chunk; the client sends it in one oversized chunk.
-    msgs = upload_msgs(1, 1e9, make_update(66), chunk_bytes=CHUNK)
+    msgs = upload_msgs(1, WEIGHT["hospital-a"], make_update(66), chunk_bytes=CHUNK)
     oversized = [msgs[0], chunk(b"\0" * (MAX_CHUNK_BYTES + 1)), *msgs[1:]]
     before = running.snapshot()
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, f"chunk of {MAX_CHUNK_BYTES + 1} bytes exceeds the limit of "
@@ -708,7 +743,7 @@ def _bad_weight(m: list) -> list:
         "empty-stream", "nan-weight"])
 def test_malformed_upload_message_is_invalid_argument(running: Fed, tamper: Callable[[list], list],
                                                       fragment: str) -> None:
-    msgs = tamper(upload_msgs(1, 1e9, make_update(66)))
+    msgs = tamper(upload_msgs(1, WEIGHT["hospital-a"], make_update(66)))
     before = running.snapshot()
     expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: running.submit("hospital-a", msgs))
     assert running.snapshot() == before
@@ -746,12 +781,13 @@ def test_calls_before_join_are_failed_precondition(fed: Fed) -> None:
     expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
            lambda: stub.GetTask(federation_pb2.GetTaskRequest(), timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
-           lambda: stub.SubmitUpdate(iter(upload_msgs(1, 1.0, make_update(66))), timeout=RPC_TIMEOUT_S))
+           lambda: stub.SubmitUpdate(iter(upload_msgs(1, WEIGHT["hospital-b"], make_update(66))),
+                                     timeout=RPC_TIMEOUT_S))
     expect(grpc.StatusCode.FAILED_PRECONDITION, not_joined,
            lambda: stub.Heartbeat(federation_pb2.HeartbeatRequest(), timeout=RPC_TIMEOUT_S))
     # A joined silo cannot upload before the run starts either.
     expect(grpc.StatusCode.FAILED_PRECONDITION, "run 'grpc-bad-input' is waiting; no round is open",
-           lambda: fed.submit("hospital-a", upload_msgs(1, 1.0, make_update(66))))
+           lambda: fed.submit("hospital-a", upload_msgs(1, WEIGHT["hospital-a"], make_update(66))))
     assert fed.snapshot() == before
 
 
@@ -802,6 +838,23 @@ def test_bad_metrics_are_refused(running: Fed, request_: federation_pb2.ReportMe
     assert [m.silo for m in running.snapshot()[1].rounds[0].metrics] == ["hospital-a"]
 
 
+def test_a_long_metric_name_is_refused_first_quoting_only_an_excerpt(running: Fed) -> None:
+    """A 1 MiB name (a 7 MiB one once wrote 110 MB of logs) is refused before any other check of
+    the report (here a NaN value before it), and the refusal quotes its first 80 characters."""
+    running.finish_round(1, GOOD)
+    stub = running.stub("hospital-a")
+    before = running.snapshot()
+    long = "a" * 2**20 + "X"
+    request_ = _metrics(1, ("dice", float("nan")), (long, 0.5))
+    err = expect(grpc.StatusCode.INVALID_ARGUMENT, "metric name '" + "a" * 80,
+                 lambda: stub.ReportMetrics(request_, timeout=RPC_TIMEOUT_S))
+    details = err.details() or ""
+    assert details.endswith(f" ({2**20 + 1 - 80} more characters)' is not 1..64 chars of [a-z0-9_]"), details
+    assert len(details) < 200
+    assert running.snapshot() == before
+    assert stub.ReportMetrics(_metrics(1, ("dice", 0.5)), timeout=RPC_TIMEOUT_S).stored == 1
+
+
 @pytest.mark.parametrize("request_, fragment", [
     (federation_pb2.GetTaskRequest(after_round=0, wait_seconds=61), "wait_seconds 61 is not in [0, 60]"),
     (federation_pb2.GetTaskRequest(after_round=0, wait_seconds=2**32 - 1), "wait_seconds 4294967295 is not in [0, 60]"),
@@ -836,7 +889,7 @@ def test_64_mib_update_streams_in_1_mib_chunks_under_the_default_message_limit(s
     # Default channel options: the client keeps gRPC's 4 MB receive limit and sends 1 MiB messages.
     stub = federation_pb2_grpc.FederationStub(fed.channel(fed.certs.silo["hospital-a"], options=[]))
     specs = [tensor_pb2.TensorSpec(name="big.weight", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4096, 4096])]
-    stub.Join(federation_pb2.JoinRequest(model_fingerprint=FINGERPRINT, num_train_examples=10,
+    stub.Join(federation_pb2.JoinRequest(model_fingerprint=FINGERPRINT, num_train_examples=3,  # the weight below
                                          shared_tensors=specs), timeout=RPC_TIMEOUT_S)
     sha = hashlib.sha256()
     counter = {"chunks": 0}
@@ -849,7 +902,12 @@ def test_64_mib_update_streams_in_1_mib_chunks_under_the_default_message_limit(s
             sha.update(data)
             counter["chunks"] += 1
             yield chunk(data)
-        yield trailer(counter["chunks"], sha.digest())
+        paths = fed.certs.silo["hospital-a"]
+        statement = sign_upload_statement(run_id=RUN_ID, round=1, silo="hospital-a", sha256=sha.hexdigest(),
+                                          payload_bytes=4 * BIG_ELEMS, certificate_pem=paths.cert.read_bytes(),
+                                          private_key_pem=paths.key.read_bytes()).to_json()
+        yield federation_pb2.SubmitUpdateRequest(trailer=tensor_pb2.PayloadTrailer(
+            num_chunks=counter["chunks"], sha256=sha.digest(), upload_statement=statement))
 
     resp = stub.SubmitUpdate(requests(), timeout=60)
     assert (resp.round, resp.bytes_received, resp.uploads_in_round) == (1, 4 * BIG_ELEMS, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from fedsilo.privacy.he import FixedPoint, HeParams, SecretContext
 from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public, unwrap_key, verify_kem_announcement, wrap_key
 from fedsilo.privacy.pki import Role
 from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
+from upload_signing import signed
 
 if TYPE_CHECKING:
     from conftest import Certs  # tests/coordinator/conftest.py: the module-scoped `certs` fixture
@@ -261,9 +263,11 @@ class Fed:
         return self.stub(silo).GetTask(federation_pb2.GetTaskRequest(after_round=after_round, wait_seconds=wait_s),
                                        timeout=RPC_TIMEOUT_S + wait_s)
 
-    def submit(self, silo: str,
-               msgs: Iterable[federation_pb2.SubmitUpdateRequest]) -> federation_pb2.SubmitUpdateResponse:
-        return self.stub(silo).SubmitUpdate(iter(list(msgs)), timeout=RPC_TIMEOUT_S)
+    def submit(self, silo: str, msgs: Iterable[federation_pb2.SubmitUpdateRequest],
+               sign: bool = True) -> federation_pb2.SubmitUpdateResponse:
+        """Streams ``msgs``, the trailer signed as the silo's agent signs it (unless ``sign`` is False)."""
+        msgs = signed(msgs, self.certs.silo[silo], run_id=RUN_ID, silo=silo) if sign else list(msgs)
+        return self.stub(silo).SubmitUpdate(iter(msgs), timeout=RPC_TIMEOUT_S)
 
     # -- the key ceremony, as the key holder and the other silos run it --------------------------
     def holder_context(self) -> SecretContext:
@@ -479,6 +483,108 @@ def test_key_ceremony_starts_the_run_only_once_every_joined_silo_has_its_wrapped
     fed.finish_round(1, GOOD)
 
 
+def _for_another_run(fed: Fed) -> bytes:
+    paths = fed.certs.silo["hospital-b"]
+    return announce_kem_public(run_id="another-run", silo="hospital-b", public=fed.silos["hospital-b"].kem.public_bytes(),
+                               certificate_pem=paths.cert.read_bytes(), private_key_pem=paths.key.read_bytes())
+
+
+def _another_silos(fed: Fed) -> bytes:
+    return fed.silos["hospital-c"].announcement  # valid, but c's
+
+
+def _foreign_ca(fed: Fed) -> bytes:
+    """Signed with a certificate for hospital-b that another CA issued."""
+    root = fed.state_dir.parent / "foreign-pki"
+    pki.init_ca(root / "ca", common_name="another federation CA")
+    paths = pki.issue_certificate(root / "ca", root / "certs", role=Role.SILO, name="hospital-b")
+    return announce_kem_public(run_id=RUN_ID, silo="hospital-b", public=fed.silos["hospital-b"].kem.public_bytes(),
+                               certificate_pem=paths.cert.read_bytes(), private_key_pem=paths.key.read_bytes())
+
+
+def _tampered(fed: Fed) -> bytes:
+    blob = bytearray(fed.silos["hospital-b"].announcement)
+    blob[-1] ^= 0x01  # the last byte of the signature
+    return bytes(blob)
+
+
+def _garbage(fed: Fed) -> bytes:
+    return b"\x01" * 64
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (_for_another_run, f"refusing a KEM key announcement for run 'another-run': this is run '{RUN_ID}'"),
+    (_another_silos, "refusing a KEM key announcement from silo 'hospital-c' offered as silo 'hospital-b'"),
+    (_foreign_ca, "silo 'hospital-b''s certificate in its KEM key announcement was not issued by this federation's CA"),
+    (_tampered, "refusing silo 'hospital-b''s KEM key: its signature does not match 'hospital-b''s certificate"),
+    (_garbage, "this is not a fedsilo KEM key announcement"),
+], ids=["another-run", "another-silos", "foreign-ca", "tampered", "garbage"])
+def test_a_key_announcement_that_does_not_verify_is_invalid_argument_and_the_silo_is_not_joined(
+        fed: Fed, make: Callable[[Fed], bytes], fragment: str) -> None:
+    """Join checks the announcement as the key holder would: a silo the key holder could not wrap
+    the key for is not joined, so the run never waits for it."""
+    fed.join(KEY_HOLDER)
+    before = fed.snapshot()
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "kem_announcement refused: " + fragment,
+           lambda: fed.join("hospital-b", announcement=make(fed)))
+    assert fed.snapshot() == before
+    assert [(s.name, s.joined) for s in before[0].silos] == [(KEY_HOLDER, True), ("hospital-b", False),
+                                                             ("hospital-c", False)]
+    assert fed.recipients() == []  # nothing stored for the key holder to wrap for
+    expect(grpc.StatusCode.FAILED_PRECONDITION, "silo 'hospital-b' has not joined",
+           lambda: fed.wrapped_key("hospital-b"))
+    # With its own announcement b joins, and the key ceremony runs as usual.
+    fed.ceremony()
+
+
+def test_a_quorum_of_good_silos_starts_the_run_although_one_announcement_was_for_another_run(
+        start_fed: Callable[..., Fed]) -> None:
+    """The measured attack: b's replayed announcement was stored, the key holder refused to wrap for
+    it, and the run waited forever. Now b is refused at Join and a + c start the run after the grace."""
+    fed = start_fed(start_grace_s=0.5)
+    fed.join(KEY_HOLDER)
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "kem_announcement refused",
+           lambda: fed.join("hospital-b", announcement=_for_another_run(fed)))
+    fed.join("hospital-c")
+    assert fed.serve_recipients() == ["hospital-c"]
+    fed.receive_key("hospital-c")
+    task = fed.task("hospital-c", 0, wait_s=10)  # the server's ticker starts the run after start_grace_s
+    assert (task.kind, task.round) == (federation_pb2.TASK_KIND_TRAIN, 1)
+    assert fed.state() == federation_pb2.RUN_STATE_RUNNING
+
+
+def test_after_the_grace_the_run_starts_with_the_silos_that_hold_the_key(start_fed: Callable[..., Fed]) -> None:
+    """Every silo joined, but the key holder wrapped the key only for b: once min_silos silos hold it
+    and start_grace_s passed, the run starts rather than wait for c forever; the key holder still
+    wraps for c during the run, and c then holds the run's key."""
+    grace = 3.0
+    fed = start_fed(start_grace_s=grace)
+    fed.holder_context()  # the key holder's key exists before anyone joins
+    fed.join(KEY_HOLDER)
+    joined_at = time.monotonic()
+    fed.join("hospital-b")
+    fed.join("hospital-c")
+    wrapped_b = fed.wrap_for("hospital-b", fed.silos["hospital-b"].announcement)
+    assert fed.publish([("hospital-b", wrapped_b)]) == 1
+    fed.published["hospital-b"] = wrapped_b
+    status = fed.snapshot()[0]
+    assert time.monotonic() - joined_at < grace, "too slow to see the waiting run"
+    assert status.state == federation_pb2.RUN_STATE_WAITING_FOR_SILOS
+    assert ("waiting for the key holder 'hospital-a' to join and wrap the run's key for ['hospital-c']; 2 joined "
+            "silos hold it (min_silos = 2), so the run starts without the others once start_grace_s has passed"
+            ) == status.message
+
+    task = fed.task("hospital-b", 0, wait_s=10)
+    assert time.monotonic() - joined_at >= grace - 0.1  # b's join (the second) started the grace
+    assert (task.kind, task.round, task.weight_normalizer) == (federation_pb2.TASK_KIND_TRAIN, 1, NORMALIZER)
+    assert fed.state() == federation_pb2.RUN_STATE_RUNNING
+    assert fed.wrapped_key("hospital-c").ready is False
+    # The key holder keeps serving late recipients while the run goes on.
+    assert fed.serve_recipients() == ["hospital-c"]
+    assert fed.receive_key("hospital-c").secret_key_bytes() == fed.holder_context().secret_key_bytes()
+    assert fed.task("hospital-c", 0).kind == federation_pb2.TASK_KIND_TRAIN
+
+
 def test_non_key_holder_cannot_list_recipients_or_publish_keys(fed: Fed) -> None:
     for silo in SILOS:
         fed.join(silo)
@@ -511,7 +617,9 @@ def test_non_key_holder_cannot_list_recipients_or_publish_keys(fed: Fed) -> None
     ("hospital-z", "'hospital-z' is not a joined silo that needs the key"),
     ("hospital-x", "'hospital-x' is not a joined silo that needs the key"),
     (KEY_HOLDER, "'hospital-a' is not a joined silo that needs the key"),
-], ids=["unknown", "not-enrolled", "key-holder-itself"])
+    ("h" * 100_000, "'" + "h" * 80),  # quoted as an excerpt: the first 80 characters ...
+    ("h" * 100_000, " (99920 more characters)' is not a joined silo that needs the key"),  # ... and how many more
+], ids=["unknown", "not-enrolled", "key-holder-itself", "long-name-head", "long-name-tail"])
 def test_publishing_for_an_unknown_recipient_is_invalid_argument(fed: Fed, recipient: str, fragment: str) -> None:
     for silo in SILOS:
         fed.join(silo)

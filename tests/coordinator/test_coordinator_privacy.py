@@ -24,6 +24,7 @@ from fedsilo.privacy import pki
 from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, RdpAccountant
 from fedsilo.privacy.budget import BUDGETS_DIR, sign_budget
 from fedsilo.privacy.ledger import Ledger
+from fedsilo.privacy.upload_statement import sign_upload_statement
 from fedsilo.privacy.pki import Identity, Role
 from fedsilo.privacy.plan import PrivacyPlan, ledger_fields
 
@@ -34,6 +35,8 @@ FP = "cd" * 32
 PLAN = PrivacyPlan(record_level=True, sample_rate=0.2, steps_per_round=5, max_grad_norm=1.0, noise_multiplier=1.2,
                    delta=1e-5)
 RDP = RdpAccountant(orders=LEDGER_RDP_ORDERS)
+#: The silos' (certificate, key) PEMs of the module's PKI (filled by the `fed` fixture): `upload` signs with them.
+_CERTS: dict[str, tuple[bytes, bytes]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Fed:
         certs[name] = (p.cert.read_bytes(), p.key.read_bytes())
     coord = pki.issue_certificate(root / "ca", root / "certs", role=Role.COORDINATOR, name="coordinator",
                                   hosts=["localhost"])
+    _CERTS.update(certs)
     return Fed(root=root, ca=ca.cert, certs=certs, coordinator=coord)
 
 
@@ -103,11 +107,20 @@ def account(led: Ledger, rnd: int, plan: PrivacyPlan = PLAN, run_id: str = "dp-r
 
 
 def upload(coord: Coordinator, name: str, rnd: int, weight: float = 40.0) -> None:
+    """Uploads as the silo's agent does, the trailer carrying its signed statement."""
     arrays = {k: np.full(s, 0.5, np.float32) for k, s in SHAPES.items()}
     chunks = list(payload_chunks(arrays, 64))
     coord.submit(who(name), [UploadHeader(round=rnd, weight=weight, manifest=MANIFEST),
                              *(UploadChunk(data=c) for c in chunks),
-                             UploadTrailer(num_chunks=len(chunks), sha256=hashlib.sha256(b"".join(chunks)).digest())])
+                             UploadTrailer(num_chunks=len(chunks), sha256=hashlib.sha256(b"".join(chunks)).digest(),
+                                           statement=_statement(coord, name, rnd, b"".join(chunks)))])
+
+
+def _statement(coord: Coordinator, name: str, rnd: int, payload: bytes) -> str:
+    cert, key = _CERTS[name]
+    return sign_upload_statement(run_id=coord.cfg.run_id, round=rnd, silo=name,
+                                 sha256=hashlib.sha256(payload).hexdigest(), payload_bytes=len(payload),
+                                 certificate_pem=cert, private_key_pem=key).to_json()
 
 
 def test_join_needs_a_valid_budget_statement_and_refusals_store_nothing(fed: Fed, tmp_path: Path) -> None:
@@ -323,20 +336,28 @@ def reserve(led: Ledger, planned, rnd: int = 1) -> str:
 def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, tmp_path: Path) -> None:
     """With private masks, a style bank is refused until its Gaussian release is mirrored, and an upload in
     a mask round until the mask's noisy-Fisher release is (beside DP-SGD's); refusals store nothing."""
+    from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public
+    from fedsilo.privacy.relay_blob import sign_relay_blob
+
     coord = Coordinator(resfim_config(fed, tmp_path / "c"), clock=Clock())
     for s in SILOS:
+        kem = announce_kem_public(run_id="dp-run", silo=s, public=KemKeyPair.generate().public_bytes(),
+                                  certificate_pem=fed.certs[s][0], private_key_pem=fed.certs[s][1])
         coord.join(who(s), model_fingerprint=FP, num_train_examples=40, manifest=MANIFEST, agent_version="t",
-                   kem_announcement=b"kem", budget_statement=statement(fed, s))
+                   kem_announcement=kem, budget_statement=statement(fed, s))
+    bank = sign_relay_blob(run_id="dp-run", purpose="style-bank", silo="hospital-a", payload=b"sealed bank",
+                           certificate_pem=fed.certs["hospital-a"][0],
+                           private_key_pem=fed.certs["hospital-a"][1]).to_json().encode("ascii")
     a = ledger(fed, tmp_path, "hospital-a")
     with pytest.raises(FailedPrecondition, match="no mirrored privacy-ledger entry accounts its 'style-bank' blob"):
-        coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank")
+        coord.publish_sealed(who("hospital-a"), "style-bank", bank)
     assert coord.sealed(who("hospital-b"), "style-bank").entries == ()
     wrong = dataclasses.replace(RESFIM_PLAN, style_noise_multiplier=1.0).style_release()
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, wrong)])
     with pytest.raises(FailedPrecondition, match="accounts its 'style-bank' blob"):
-        coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank")
+        coord.publish_sealed(who("hospital-a"), "style-bank", bank)
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.style_release())])
-    assert coord.publish_sealed(who("hospital-a"), "style-bank", b"sealed bank") == 1
+    assert coord.publish_sealed(who("hospital-a"), "style-bank", bank) == 1
     coord.publish_wrapped_keys(who("hospital-a"), [("hospital-b", b"k"), ("hospital-c", b"k")])  # opaque to it
     assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])

@@ -23,6 +23,9 @@ from fedsilo.core.tensors import Manifest, arrays_from_payload, payload_chunks
 from fedsilo.privacy.pki import Identity, Role
 
 SILOS = ("hospital-a", "hospital-b", "hospital-c")
+#: Training examples each silo declares at join; an upload's weight must be its silo's (the coordinator
+#: fixes it), so every weighted mean here is weighted by these sizes.
+EXAMPLES = {"hospital-a": 25, "hospital-b": 75, "hospital-c": 40, **{f"site-{i:02d}": i + 1 for i in range(12)}}
 SHAPES = {"layer.weight": (3, 4), "layer.bias": (5,)}
 MANIFEST = Manifest.of_arrays({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
 FINGERPRINT = "ab" * 32
@@ -118,10 +121,22 @@ def new_coordinator(state_dir: Path, clock: FakeClock) -> Iterator[Callable[...,
         coord.close()  # closing twice is harmless
 
 
-def join(coord: Coordinator, name: str, examples: int = 100) -> RunState:
-    _, state, _ = coord.join(silo(name), model_fingerprint=FINGERPRINT, num_train_examples=examples,
+def join(coord: Coordinator, name: str, examples: int | None = None) -> RunState:
+    """Joins ``name`` declaring ``examples`` training examples (default: its size in EXAMPLES)."""
+    n = EXAMPLES.get(name, 1) if examples is None else examples
+    _, state, _ = coord.join(silo(name), model_fingerprint=FINGERPRINT, num_train_examples=n,
                              manifest=MANIFEST, agent_version="test")
     return state
+
+
+def weight(name: str) -> float:
+    """The only weight ``name``'s uploads may carry: the size it declared at join."""
+    return float(EXAMPLES[name])
+
+
+def update_of(name: str, seed: int) -> tuple[float, dict[str, np.ndarray]]:
+    """A valid upload of ``name``: its declared weight and a random update."""
+    return weight(name), make_update(seed)
 
 
 def submit(coord: Coordinator, name: str, rnd: int, weight: float, arrays: dict[str, np.ndarray]) -> SubmitResult:
@@ -192,7 +207,7 @@ def test_round_closes_early_when_every_enrolled_silo_uploaded(new_coordinator) -
     coord = new_coordinator()
     for name in SILOS:
         join(coord, name)
-    updates = {name: (10.0 * (i + 1), make_update(i)) for i, name in enumerate(SILOS)}
+    updates = {name: update_of(name, i) for i, name in enumerate(SILOS)}
     for i, name in enumerate(SILOS):
         result = submit(coord, name, 1, *updates[name])
         assert (result.round, result.uploads_in_round) == (1, i + 1)
@@ -214,7 +229,7 @@ def test_deadline_closes_round_with_quorum_and_leaves_out_the_missing_silo(
     coord = new_coordinator()
     for name in SILOS:
         join(coord, name)
-    updates = [(3.0, make_update(1)), (7.0, make_update(2))]
+    updates = [update_of("hospital-a", 1), update_of("hospital-b", 2)]
     submit(coord, "hospital-a", 1, *updates[0])
     submit(coord, "hospital-b", 1, *updates[1])
     clock.advance(DEADLINE_S - 0.001)
@@ -229,7 +244,7 @@ def test_deadline_closes_round_with_quorum_and_leaves_out_the_missing_silo(
     assert_mean(coord, 1, updates)
     # The silo that missed the deadline can no longer upload round 1.
     with pytest.raises(FailedPrecondition, match="round 1 is closed"):
-        submit(coord, "hospital-c", 1, 5.0, make_update(3))
+        submit(coord, "hospital-c", 1, *update_of("hospital-c", 3))
 
 
 def test_below_quorum_at_deadline_waits_and_a_late_upload_closes_the_round(
@@ -237,14 +252,14 @@ def test_below_quorum_at_deadline_waits_and_a_late_upload_closes_the_round(
     coord = new_coordinator()
     for name in SILOS:
         join(coord, name)
-    first = (4.0, make_update(1))
+    first = update_of("hospital-a", 1)
     submit(coord, "hospital-a", 1, *first)
     clock.advance(DEADLINE_S + QUORUM_TIMEOUT_S - 1)
     coord.tick()
     status = coord.status()
     assert (status.state, status.open_round, status.last_closed_round) == (RunState.RUNNING, 1, 0)
     # Still waiting for quorum: a late upload is accepted and the next tick closes the round.
-    late = (6.0, make_update(2))
+    late = update_of("hospital-b", 2)
     assert submit(coord, "hospital-b", 1, *late).uploads_in_round == 2
     coord.tick()
     assert coord.status().last_closed_round == 1
@@ -256,7 +271,7 @@ def test_run_fails_after_quorum_timeout_with_a_message(new_coordinator, clock: F
     coord = new_coordinator()
     for name in SILOS:
         join(coord, name)
-    submit(coord, "hospital-a", 1, 1.0, make_update(1))
+    submit(coord, "hospital-a", 1, *update_of("hospital-a", 1))
     clock.advance(DEADLINE_S)
     coord.tick()
     assert coord.status().state is RunState.RUNNING
@@ -275,7 +290,7 @@ def test_run_fails_after_quorum_timeout_with_a_message(new_coordinator, clock: F
         assert task.kind is TaskKind.STOP and task.state is RunState.FAILED
         assert task.message == status.message
     with pytest.raises(FailedPrecondition, match="failed"):
-        submit(coord, "hospital-b", 1, 1.0, make_update(2))
+        submit(coord, "hospital-b", 1, *update_of("hospital-b", 2))
     with pytest.raises(FailedPrecondition, match="not closed"):
         coord.aggregate(silo("hospital-a"), 1)
 
@@ -286,7 +301,8 @@ def test_last_round_finishes_the_run(new_coordinator) -> None:
         join(coord, name)
     per_round = {}
     for rnd in (1, 2):
-        per_round[rnd] = [(float(rnd + i), make_update(10 * rnd + i)) for i in range(2)]
+        # Weights are fixed per silo (its declared size); the updates differ per round.
+        per_round[rnd] = [update_of(name, 10 * rnd + i) for i, name in enumerate(SILOS[:2])]
         for name, update in zip(SILOS[:2], per_round[rnd], strict=True):
             task = coord.get_task(silo(name), after_round=rnd - 1, wait_s=0)
             assert (task.kind, task.round, task.base_round) == (TaskKind.TRAIN, rnd, rnd - 1)
@@ -300,7 +316,7 @@ def test_last_round_finishes_the_run(new_coordinator) -> None:
     for rnd in (1, 2):
         assert_mean(coord, rnd, per_round[rnd])
     with pytest.raises(FailedPrecondition, match="finished"):
-        submit(coord, "hospital-a", 2, 1.0, make_update(99))
+        submit(coord, "hospital-a", 2, *update_of("hospital-a", 99))
 
 
 # -- restarts -----------------------------------------------------------------------------
@@ -310,8 +326,8 @@ def test_restart_keeps_an_accepted_upload_exactly_once(new_coordinator, clock: F
     first = new_coordinator(silos=SILOS[:2])
     for name in SILOS[:2]:
         join(first, name)
-    update_a = (25.0, make_update(1))
-    update_b = (75.0, make_update(2))
+    update_a = update_of("hospital-a", 1)  # 25 examples
+    update_b = update_of("hospital-b", 2)  # 75 examples
     assert submit(first, "hospital-a", 1, *update_a).uploads_in_round == 1
     first.close()
 
@@ -351,8 +367,8 @@ def test_dropped_silo_gets_the_next_round_with_the_right_base(new_coordinator, c
     coord = new_coordinator(rounds=3)
     for name in SILOS:
         join(coord, name)
-    submit(coord, "hospital-a", 1, 1.0, make_update(1))
-    submit(coord, "hospital-b", 1, 1.0, make_update(2))
+    submit(coord, "hospital-a", 1, *update_of("hospital-a", 1))
+    submit(coord, "hospital-b", 1, *update_of("hospital-b", 2))
     clock.advance(DEADLINE_S)
     coord.tick()
     assert coord.status().open_round == 2
@@ -360,7 +376,7 @@ def test_dropped_silo_gets_the_next_round_with_the_right_base(new_coordinator, c
     task = coord.get_task(silo("hospital-c"), after_round=0, wait_s=0)
     assert (task.kind, task.round, task.base_round, task.last_closed_round) == (TaskKind.TRAIN, 2, 1, 1)
     assert task.deadline_ms == int((clock.now + DEADLINE_S) * 1000)
-    update = (2.0, make_update(3))
+    update = update_of("hospital-c", 3)
     assert submit(coord, "hospital-c", 2, *update).uploads_in_round == 1
     assert coord.get_task(silo("hospital-c"), after_round=2, wait_s=0).kind is TaskKind.WAIT
     # Its round-1 aggregate exists and does not include it.
@@ -376,7 +392,7 @@ def test_restart_across_sum_checkpoints_counts_every_upload_once(new_coordinator
     first = new_coordinator(silos=names, min_silos=1)
     for name in names:
         join(first, name)
-    updates = [(float(i + 1), make_update(100 + i)) for i in range(len(names))]
+    updates = [update_of(name, 100 + i) for i, name in enumerate(names)]  # weights 1..12
     for name, (w, arrays) in zip(names[:before_restart], updates[:before_restart]):
         submit(first, name, 1, w, arrays)
     first.close()
@@ -401,7 +417,7 @@ def test_a_trailing_newline_does_not_pass_for_a_fingerprint_or_a_metric_name(new
     for name in SILOS:
         join(coord, name)
     for name in SILOS:
-        submit(coord, name, 1, 1.0, make_update(1))
+        submit(coord, name, 1, *update_of(name, 1))
     with pytest.raises(InvalidArgument, match="is not 1..64 chars"):
         coord.report_metrics(silo("hospital-a"), 1, [("dice\n", 0.5, 3)])
     assert coord.round_summaries()[0].metrics == {}

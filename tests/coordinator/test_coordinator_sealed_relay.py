@@ -4,9 +4,14 @@ A ``CoordinatorServer`` of a ``resfim`` (or ``deer+resfim``, ``fedrdn``, or a to
 purposes) run with HE aggregation and three enrolled silos, each joining with a signed X25519
 announcement. Silos then publish blobs under a purpose of their method (ResFIM's style banks:
 ``style-bank``), sealed with ``fedsilo.silo_agent.secure.seal`` under a shared secret the
-coordinator never holds, through ``PublishSealed``, and read the other silos' with ``GetSealed``;
+coordinator never holds and signed as relay blobs (``fedsilo.privacy.relay_blob``) with the
+silo's certificate key, through ``PublishSealed``, and read the other silos' with ``GetSealed``;
 the calls are made with raw ``fedsilo.v1`` stubs over channels configured like the agent's
-(``fedsilo.silo_agent.client.channel_options``).
+(``fedsilo.silo_agent.client.channel_options``). The coordinator verifies every blob at the door
+(the caller's own, for this run and purpose, signed under the federation CA).
+
+A signed blob's size steps by 4 bytes with its payload (base64); tests that need a blob of an
+exact size run under a run id whose length makes that size reachable (``exact_run``).
 
 Every refusal test checks the status code and a meaningful fragment of its details, that the
 banks another silo reads are unchanged, and that the run status and round history (Admin RPCs)
@@ -15,7 +20,9 @@ are unchanged. The last tests check ``seal`` / ``open_sealed`` themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -34,6 +41,7 @@ from fedsilo.core.methods import Method, register_method, unregister_method
 from fedsilo.privacy import pki
 from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public
 from fedsilo.privacy.pki import Role
+from fedsilo.privacy.relay_blob import RelayBlob, sign_relay_blob
 from fedsilo.silo_agent.client import channel_options
 from fedsilo.silo_agent.secure import open_sealed, seal
 from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
@@ -57,20 +65,54 @@ Snapshot = tuple[admin_pb2.GetStatusResponse, admin_pb2.ListRoundsResponse]
 Banks = list[tuple[str, bytes]]
 
 
-# -- certificates -------------------------------------------------------------------------------
+# -- certificates and signed blobs --------------------------------------------------------------
 
 
+def announce(certs: Certs, run_id: str) -> dict[str, bytes]:
+    """Each silo's signed X25519 announcement for ``run_id`` (HE runs need one at join)."""
+    out = {}
+    for name, paths in certs.silo.items():
+        out[name] = announce_kem_public(run_id=run_id, silo=name, public=KemKeyPair.generate().public_bytes(),
+                                        certificate_pem=paths.cert.read_bytes(),
+                                        private_key_pem=paths.key.read_bytes())
+    return out
+
+
+def signed(certs: Certs, silo: str, payload: bytes, purpose: str = PURPOSE, run_id: str = RUN_ID) -> bytes:
+    """``payload`` as silo ``silo`` publishes it: a relay blob signed with its certificate key (JSON bytes)."""
+    paths = certs.silo[silo]
+    return sign_relay_blob(run_id=run_id, purpose=purpose, silo=silo, payload=payload,
+                           certificate_pem=paths.cert.read_bytes(),
+                           private_key_pem=paths.key.read_bytes()).to_json().encode("ascii")
+
+
+def overhead(certs: Certs, silo: str, run_id: str) -> int:
+    """A signed blob's size less its payload's base64 size (the same for every payload)."""
+    return len(signed(certs, silo, b"\x00" * 3, run_id=run_id)) - 4
+
+
+def sized(certs: Certs, silo: str, size: int, run_id: str) -> bytes:
+    """A signed blob of exactly ``size`` bytes with a random payload (``size`` must be reachable)."""
+    body = size - overhead(certs, silo, run_id)
+    assert body > 0 and body % 4 == 0, f"{size} bytes is not reachable under run id {run_id!r}"
+    blob = signed(certs, silo, os.urandom(body // 4 * 3), run_id=run_id)
+    assert len(blob) == size
+    return blob
+
+
+@pytest.fixture(scope="module")
+def exact_run(certs: Certs) -> str:
+    """A run id under which every silo's signed blobs take every size that is a multiple of 4."""
+    for pad in range(4):
+        run_id = RUN_ID + "-" + "x" * pad
+        if all(overhead(certs, silo, run_id) % 4 == 0 for silo in SILOS):
+            return run_id
+    raise AssertionError("the three silos' blobs have different size steps")
 
 
 @pytest.fixture(scope="module")
 def announcements(certs: Certs) -> dict[str, bytes]:
-    """Each silo's signed X25519 announcement for the run (HE runs need one at join)."""
-    out = {}
-    for name, paths in certs.silo.items():
-        out[name] = announce_kem_public(run_id=RUN_ID, silo=name, public=KemKeyPair.generate().public_bytes(),
-                                        certificate_pem=paths.cert.read_bytes(),
-                                        private_key_pem=paths.key.read_bytes())
-    return out
+    return announce(certs, RUN_ID)
 
 
 # -- plaintexts and sealed banks ------------------------------------------------------------------
@@ -146,6 +188,10 @@ class Fed:
         return (admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_S),
                 admin.ListRounds(admin_pb2.ListRoundsRequest(), timeout=RPC_TIMEOUT_S))
 
+    def blob(self, who: str, payload: bytes, purpose: str = PURPOSE) -> bytes:
+        """``payload`` signed by silo ``who`` for this run and ``purpose``."""
+        return signed(self.certs, who, payload, purpose, self.server.config.run_id)
+
     def join(self, silo: str) -> federation_pb2.JoinResponse:
         req = federation_pb2.JoinRequest(model_fingerprint=FINGERPRINT, num_train_examples=EXAMPLES.get(silo, 1),
                                          shared_tensors=manifest_msg(), agent_version="test/1",
@@ -193,7 +239,8 @@ def start_fed(certs: Certs, announcements: dict[str, bytes], tmp_path: Path) -> 
     def start(**overrides: object) -> Fed:
         server = CoordinatorServer(make_config(certs, tmp_path / f"state{len(started)}", **overrides), max_workers=8)
         server.start()
-        fed = Fed(server, certs, announcements)
+        run_id = server.config.run_id
+        fed = Fed(server, certs, announcements if run_id == RUN_ID else announce(certs, run_id))
         started.append(fed)
         return fed
 
@@ -226,7 +273,8 @@ def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
     fed = start_fed(strategy=strategy)
     secret = random_secret(7)
     plain = {silo: plaintext(f"{strategy} {silo}") for silo in SILOS[:2]}
-    sealed = {silo: seal(secret, plain[silo], run_id=RUN_ID, purpose=PURPOSE, silo=silo) for silo in plain}
+    sealed = {silo: fed.blob(silo, seal(secret, plain[silo], run_id=RUN_ID, purpose=PURPOSE, silo=silo))
+              for silo in plain}
     a, b = sealed["hospital-a"], sealed["hospital-b"]
 
     for i, silo in enumerate(SILOS, start=1):
@@ -253,9 +301,11 @@ def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
     # Publishing touches neither the run status nor the round history.
     assert fed.snapshot() == before
 
-    # What c reads opens, with the run's secret, to exactly what each silo sealed.
+    # What c reads verifies as each silo's own and opens, with the run's secret, to exactly what it sealed.
     for silo, blob in fed.banks("hospital-c"):
-        assert open_sealed(secret, blob, run_id=RUN_ID, purpose=PURPOSE, silo=silo) == plain[silo]
+        doc = RelayBlob.from_json(blob)
+        doc.verify(ca_pem=fed.certs.ca.read_bytes(), run_id=RUN_ID, purpose=PURPOSE, silo=silo)
+        assert open_sealed(secret, doc.payload, run_id=RUN_ID, purpose=PURPOSE, silo=silo) == plain[silo]
 
     # The coordinator keeps only sealed bytes: no 16-byte window of a plaintext in its state dir,
     # running or stopped (the sealed blobs themselves are found there: the scan looks where banks live).
@@ -272,31 +322,41 @@ def test_banks_are_relayed_byte_for_byte_to_the_other_silos_and_stored_sealed(
                 assert not contains_any_window(data, text), f"plaintext bank of {silo} in {p} ({when})"
 
 
-def test_a_bank_of_exactly_the_limit_is_stored_and_relayed(joined: Fed) -> None:
-    big = os.urandom(MAX_SEALED_BYTES)
-    assert joined.publish("hospital-b", big) == 1
-    assert joined.banks("hospital-a") == [("hospital-b", big)]
+def test_a_bank_of_exactly_the_limit_is_stored_and_relayed(start_fed: Callable[..., Fed], exact_run: str) -> None:
+    fed = start_fed(run_id=exact_run)
+    for silo in SILOS:
+        fed.join(silo)
+    big = sized(fed.certs, "hospital-b", MAX_SEALED_BYTES, exact_run)
+    assert fed.publish("hospital-b", big) == 1
+    assert fed.banks("hospital-a") == [("hospital-b", big)]
 
 
 # -- refusals -----------------------------------------------------------------------------------------
 
 
 def test_a_different_second_bank_is_already_exists_and_the_first_is_kept(joined: Fed) -> None:
-    first, second = b"\x01first bank" * 10, b"\x02second bank" * 10
+    first = joined.blob("hospital-a", b"\x01first bank" * 10)
+    second = joined.blob("hospital-a", b"\x02second bank" * 10)
     assert joined.publish("hospital-a", first) == 1
     before = joined.snapshot()
-    for other in (second, first + b"\x00", first[:-1]):
-        expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its 'style-bank' blob for this run",
-               lambda other=other: joined.publish("hospital-a", other))
+    resigned = joined.blob("hospital-a", b"\x01first bank" * 10)  # the same bank signed again, later
+    assert resigned != first
+    exists = (grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its 'style-bank' blob for this run")
+    # Another valid blob of a's, the same bank signed again; a damaged copy is not a's blob at all.
+    for other, (code, fragment) in ((second, exists), (resigned, exists),
+                                    (first + b" ", (grpc.StatusCode.INVALID_ARGUMENT, "not in canonical form")),
+                                    (first[:-1], (grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"))):
+        expect(code, fragment, lambda other=other: joined.publish("hospital-a", other))
         assert joined.banks("hospital-c") == [("hospital-a", first)]
         assert joined.snapshot() == before
     # The count is still one bank: b's is the second.
-    assert joined.publish("hospital-b", second) == 2
-    assert joined.banks("hospital-c") == [("hospital-a", first), ("hospital-b", second)]
+    b_bank = joined.blob("hospital-b", b"\x02second bank" * 10)
+    assert joined.publish("hospital-b", b_bank) == 2
+    assert joined.banks("hospital-c") == [("hospital-a", first), ("hospital-b", b_bank)]
 
 
 def test_an_empty_or_oversized_bank_is_invalid_argument_and_nothing_is_stored(joined: Fed) -> None:
-    kept = b"b's bank"
+    kept = joined.blob("hospital-b", b"b's bank")
     assert joined.publish("hospital-b", kept) == 1
     before = joined.snapshot()
     # 4 MiB + 1 is within the gRPC message limits (8 MiB both ways): the coordinator itself refuses it.
@@ -309,12 +369,82 @@ def test_an_empty_or_oversized_bank_is_invalid_argument_and_nothing_is_stored(jo
         assert joined.snapshot() == before
     # a was refused, not counted: its first valid bank is the second one stored, and c reads
     # both ordered by silo name (not by publication).
-    assert joined.publish("hospital-a", b"a's bank") == 2
-    assert joined.banks("hospital-c") == [("hospital-a", b"a's bank"), ("hospital-b", kept)]
+    a_bank = joined.blob("hospital-a", b"a's bank")
+    assert joined.publish("hospital-a", a_bank) == 2
+    assert joined.banks("hospital-c") == [("hospital-a", a_bank), ("hospital-b", kept)]
+
+
+def _another_run(fed: Fed) -> bytes:
+    return signed(fed.certs, "hospital-b", b"b's bank", run_id="another-run")
+
+
+def _another_silos(fed: Fed) -> bytes:
+    return fed.blob("hospital-a", b"a's bank")  # valid, but a's: b relays it as its own
+
+
+def _bad_signature(fed: Fed) -> bytes:
+    doc = RelayBlob.from_json(fed.blob("hospital-b", b"b's bank"))
+    return dataclasses.replace(doc, payload=b"another bank").to_json().encode("ascii")
+
+
+def _another_silos_certificate(fed: Fed) -> bytes:
+    """a's blob renamed to b: a's certificate and signature, claiming to be b's."""
+    doc = RelayBlob.from_json(fed.blob("hospital-a", b"a's bank"))
+    return dataclasses.replace(doc, silo="hospital-b").to_json().encode("ascii")
+
+
+def _foreign_ca(fed: Fed) -> bytes:
+    """Signed with a certificate for hospital-b that another CA issued."""
+    root = fed.state_dir.parent / "foreign-pki"
+    pki.init_ca(root / "ca", common_name="another federation CA")
+    paths = pki.issue_certificate(root / "ca", root / "certs", role=Role.SILO, name="hospital-b")
+    return sign_relay_blob(run_id=RUN_ID, purpose=PURPOSE, silo="hospital-b", payload=b"b's bank",
+                           certificate_pem=paths.cert.read_bytes(),
+                           private_key_pem=paths.key.read_bytes()).to_json().encode("ascii")
+
+
+def _not_json(fed: Fed) -> bytes:
+    return seal(random_secret(1), b"b's bank", run_id=RUN_ID, purpose=PURPOSE, silo="hospital-b")  # unsigned
+
+
+def _huge_field(fed: Fed) -> bytes:
+    """b's blob with a 3 MiB format name: refused, and the refusal quotes only an excerpt of it."""
+    fields = json.loads(fed.blob("hospital-b", b"b's bank"))
+    fields["format"] = "x" * (3 * 2**20)
+    return json.dumps(fields).encode("ascii")
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (_another_run, f"relay blob run_id is 'another-run', expected '{RUN_ID}'"),
+    (_another_silos, "relay blob silo is 'hospital-a', expected 'hospital-b'"),
+    (_bad_signature, "silo 'hospital-b''s relay blob: the signature does not match its certificate"),
+    (_another_silos_certificate, "the certificate in silo 'hospital-b''s relay blob"),
+    (_foreign_ca, "the certificate in silo 'hospital-b''s relay blob"),
+    (_not_json, "relay blob is not valid UTF-8 text"),
+    (_huge_field, "malformed relay blob: field format is 'xxxxxxxx"),
+], ids=["another-run", "another-silos-blob", "bad-signature", "another-silos-certificate",
+        "foreign-ca", "not-json", "huge-field"])
+def test_a_blob_that_is_not_the_callers_own_for_this_run_and_purpose_is_invalid_argument(
+        joined: Fed, make: Callable[[Fed], bytes], fragment: str) -> None:
+    """The coordinator verifies every blob at the door (run, sender, certificate, signature; the sealing
+    purpose inside is the receivers' to check, as a method may relay one under another name): refused ones
+    are never stored, so no silo reads them and the caller may still publish its real blob."""
+    kept = joined.blob("hospital-a", b"a's bank")
+    assert joined.publish("hospital-a", kept) == 1
+    before = joined.snapshot()
+    err = expect(grpc.StatusCode.INVALID_ARGUMENT, "blob refused: " + fragment,
+                 lambda: joined.publish("hospital-b", make(joined)))
+    assert len(err.details() or "") <= 600, "the refusal quotes an excerpt, never the whole blob"
+    assert joined.banks("hospital-c") == [("hospital-a", kept)]
+    assert joined.banks("hospital-a") == []
+    assert joined.snapshot() == before
+    b_bank = joined.blob("hospital-b", b"b's bank")
+    assert joined.publish("hospital-b", b_bank) == 2
+    assert joined.banks("hospital-c") == [("hospital-a", kept), ("hospital-b", b_bank)]
 
 
 def test_a_bank_beyond_the_grpc_message_limit_is_refused_by_grpc(joined: Fed) -> None:
-    kept = b"b's bank"
+    kept = joined.blob("hospital-b", b"b's bank")
     assert joined.publish("hospital-b", kept) == 1
     before = joined.snapshot()
     huge = b"\x07" * (8 * 2**20 + 1)
@@ -336,9 +466,12 @@ def test_a_bank_beyond_the_grpc_message_limit_is_refused_by_grpc(joined: Fed) ->
     assert joined.snapshot() == before
 
 
-def test_two_banks_within_the_limit_can_be_read_by_a_third_silo(joined: Fed) -> None:
+def test_two_banks_within_the_limit_can_be_read_by_a_third_silo(start_fed: Callable[..., Fed], exact_run: str) -> None:
     """Each bank may take MAX_SEALED_BYTES; replies are paged so any number of them fits gRPC's limit."""
-    a, b = os.urandom(MAX_SEALED_BYTES), os.urandom(MAX_SEALED_BYTES)
+    joined = start_fed(run_id=exact_run)
+    for silo in SILOS:
+        joined.join(silo)
+    a, b = (sized(joined.certs, silo, MAX_SEALED_BYTES, exact_run) for silo in SILOS[:2])
     assert joined.publish("hospital-a", a) == 1
     assert joined.publish("hospital-b", b) == 2  # both accepted: each is within the documented limit
     assert joined.banks("hospital-a") == [("hospital-b", b)]  # one bank alone fits in a message
@@ -357,10 +490,11 @@ def test_a_caller_that_is_not_a_joined_silo_can_neither_publish_nor_read(
         fed: Fed, caller: str, code: grpc.StatusCode, fragment: str) -> None:
     for silo in SILOS[:2]:  # c stays out
         fed.join(silo)
-    kept = b"a's bank"
+    kept = fed.blob("hospital-a", b"a's bank")
     assert fed.publish("hospital-a", kept) == 1
     before = fed.snapshot()
-    for bank in (b"intruder's bank", kept, b""):  # refused on identity first, whatever the bank
+    own = fed.blob(caller, b"caller's bank") if caller in fed.certs.silo else b"admin's bank"
+    for bank in (b"intruder's bank", own, kept, b""):  # refused on identity first, whatever the bank
         expect(code, fragment, lambda bank=bank: fed.publish(caller, bank))
     expect(code, fragment, lambda: fed.banks(caller))
     assert fed.banks("hospital-b") == [("hospital-a", kept)]
@@ -378,7 +512,8 @@ def test_a_run_whose_method_relays_nothing_refuses_every_purpose(start_fed: Call
     for purpose in (PURPOSE, "rdn-stats"):
         fragment = (f"run '{RUN_ID}' relays nothing under purpose '{purpose}': its method 'fedavg' uses the "
                     "sealed relay for none")
-        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", b"a's bank", purpose))
+        bank = fed.blob("hospital-a", b"a's bank", purpose)
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda: fed.publish("hospital-a", bank, purpose))
         for silo in SILOS:
             expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda silo=silo: fed.banks(silo, purpose))
     assert fed.snapshot() == before
@@ -433,10 +568,11 @@ def test_seal_opens_only_for_its_run_purpose_and_silo(seed: int) -> None:
 
 
 def test_a_bad_page_cursor_is_refused(joined: Fed) -> None:
-    joined.publish("hospital-a", b"bank")
+    bank = joined.blob("hospital-a", b"bank")
+    joined.publish("hospital-a", bank)
     expect(grpc.StatusCode.INVALID_ARGUMENT, "after_silo must be a silo name",
            lambda: joined.banks_response("hospital-b", after="x" * 65))
-    assert joined.banks("hospital-b") == [("hospital-a", b"bank")]
+    assert joined.banks("hospital-b") == [("hospital-a", bank)]
 
 
 # -- purposes ---------------------------------------------------------------------------------------------
@@ -461,16 +597,17 @@ def _toy_method() -> Iterator[None]:
 def test_a_purpose_the_method_does_not_use_is_failed_precondition_naming_it(joined: Fed) -> None:
     """A ResFIM run relays style banks only: FedRDN's purpose, or any other well-formed one, is refused
     both ways, naming the purpose and the run's own; nothing is stored under it or under style banks."""
-    kept = b"a's bank"
+    kept = joined.blob("hospital-a", b"a's bank")
     assert joined.publish("hospital-a", kept) == 1
     before = joined.snapshot()
     for purpose in ("rdn-stats", "wrapped-key", "0", "a" * 64):
         fragment = (f"run '{RUN_ID}' relays nothing under purpose '{purpose}': its method 'resfim' uses the "
                     "sealed relay for style-bank")
-        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda p=purpose: joined.publish("hospital-b", kept, p))
+        bank = joined.blob("hospital-b", b"b's bank", purpose)  # signed for that purpose: only the method refuses it
+        expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda p=purpose: joined.publish("hospital-b", bank, p))
         expect(grpc.StatusCode.FAILED_PRECONDITION, fragment, lambda p=purpose: joined.banks("hospital-c", p))
     assert joined.banks("hospital-c") == [("hospital-a", kept)]
-    assert joined.publish("hospital-b", b"b's bank") == 2  # b published nothing before
+    assert joined.publish("hospital-b", joined.blob("hospital-b", b"b's bank")) == 2  # b published nothing before
     assert joined.snapshot() == before
     joined.server.stop(grace=1.0)
     with sqlite3.connect(joined.state_dir / "coordinator.sqlite") as db:
@@ -483,11 +620,12 @@ def test_a_purpose_the_method_does_not_use_is_failed_precondition_naming_it(join
                          ids=["empty", "upper-case", "underscore", "slash", "space", "65-chars", "non-ascii",
                               "newline", "nul"])
 def test_a_malformed_purpose_is_invalid_argument_and_nothing_is_stored(joined: Fed, purpose: str) -> None:
-    kept = b"a's bank"
+    kept = joined.blob("hospital-a", b"a's bank")
     assert joined.publish("hospital-a", kept) == 1
     before = joined.snapshot()
     fragment = "is not 1..64 characters of [a-z0-9-]"
-    expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: joined.publish("hospital-b", b"b's bank", purpose))
+    bank = joined.blob("hospital-b", b"b's bank")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: joined.publish("hospital-b", bank, purpose))
     expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: joined.banks_response("hospital-c", purpose))
     assert joined.banks("hospital-c") == [("hospital-a", kept)]
     assert joined.snapshot() == before
@@ -497,26 +635,30 @@ def test_a_fedrdn_run_relays_its_statistics_and_nothing_else(start_fed: Callable
     fed = start_fed(strategy="fedrdn")
     for silo in SILOS:
         fed.join(silo)
-    assert fed.publish("hospital-b", b"b's statistics", "rdn-stats") == 1
-    assert fed.banks("hospital-a", "rdn-stats") == [("hospital-b", b"b's statistics")]
+    stats = fed.blob("hospital-b", b"b's statistics", "rdn-stats")
+    assert fed.publish("hospital-b", stats, "rdn-stats") == 1
+    assert fed.banks("hospital-a", "rdn-stats") == [("hospital-b", stats)]
     expect(grpc.StatusCode.FAILED_PRECONDITION,
            f"run '{RUN_ID}' relays nothing under purpose 'style-bank': its method 'fedrdn' uses the sealed relay "
-           "for rdn-stats", lambda: fed.publish("hospital-a", b"a's bank"))
+           "for rdn-stats", lambda: fed.publish("hospital-a", fed.blob("hospital-a", b"a's bank")))
 
 
 def test_each_purpose_holds_its_own_blob_per_silo(start_fed: Callable[..., Fed]) -> None:
-    """Under a method with two purposes a silo publishes one blob under each: the same bytes under both
-    are fine, a different second blob under one purpose is refused without touching the other."""
+    """Under a method with two purposes a silo publishes one blob under each: the same payload under both
+    is fine (each blob signed for its purpose; the receivers check the sealing purpose inside), and a
+    different second blob under one purpose is refused without touching the other."""
     fed = start_fed(strategy=TwoRelays.name)
     for silo in SILOS:
         fed.join(silo)
-    assert fed.publish("hospital-a", b"one", "first-purpose") == 1
-    assert fed.publish("hospital-a", b"one", "second-purpose") == 1
-    assert fed.publish("hospital-b", b"two", "second-purpose") == 2
+    one_first, one_second = (fed.blob("hospital-a", b"one", p) for p in ("first-purpose", "second-purpose"))
+    two = fed.blob("hospital-b", b"two", "second-purpose")
+    assert fed.publish("hospital-a", one_first, "first-purpose") == 1
+    assert fed.publish("hospital-a", one_second, "second-purpose") == 1
+    assert fed.publish("hospital-b", two, "second-purpose") == 2
     expect(grpc.StatusCode.ALREADY_EXISTS, "silo 'hospital-a' already published its 'second-purpose' blob",
-           lambda: fed.publish("hospital-a", b"other", "second-purpose"))
-    assert fed.banks("hospital-c", "first-purpose") == [("hospital-a", b"one")]
-    assert fed.banks("hospital-c", "second-purpose") == [("hospital-a", b"one"), ("hospital-b", b"two")]
+           lambda: fed.publish("hospital-a", fed.blob("hospital-a", b"other", "second-purpose"), "second-purpose"))
+    assert fed.banks("hospital-c", "first-purpose") == [("hospital-a", one_first)]
+    assert fed.banks("hospital-c", "second-purpose") == [("hospital-a", one_second), ("hospital-b", two)]
     assert fed.banks("hospital-a", "first-purpose") == []
     assert fed.banks_response("hospital-b", "first-purpose").silos_joined == 3
 
@@ -524,12 +666,18 @@ def test_each_purpose_holds_its_own_blob_per_silo(start_fed: Callable[..., Fed])
 # -- paging ------------------------------------------------------------------------------------------------
 
 
-def test_pages_follow_the_cursor_never_hold_the_callers_own_and_hold_at_least_one(joined: Fed) -> None:
+def test_pages_follow_the_cursor_never_hold_the_callers_own_and_hold_at_least_one(
+        start_fed: Callable[..., Fed], exact_run: str) -> None:
+    joined = start_fed(run_id=exact_run)
+    for silo in SILOS:
+        joined.join(silo)
     half = MAX_SEALED_BYTES // 2
-    a, b, c = os.urandom(half), os.urandom(half + 1), os.urandom(MAX_SEALED_BYTES)
+    # The smallest step of a signed blob's size is 4 bytes.
+    a, b, c = (sized(joined.certs, silo, size, exact_run)
+               for silo, size in zip(SILOS, (half, half + 4, MAX_SEALED_BYTES)))
     for silo, blob in zip(SILOS, (a, b, c)):
         joined.publish(silo, blob)
-    # a + b exceed a page by one byte: b starts the next page; c alone fills a page.
+    # a + b exceed a page by one step: b starts the next page; c alone fills a page.
     pages = []
     after = ""
     while True:
@@ -551,3 +699,16 @@ def test_pages_follow_the_cursor_never_hold_the_callers_own_and_hold_at_least_on
     assert (list(resp.entries), resp.more, resp.silos_joined) == ([], False, 3)
     resp = joined.banks_response("hospital-a", after="x" * 64)  # the longest cursor allowed
     assert (list(resp.entries), resp.more) == ([], False)
+
+
+def test_blobs_that_fill_a_page_exactly_come_in_one_page(start_fed: Callable[..., Fed], exact_run: str) -> None:
+    fed = start_fed(run_id=exact_run)
+    for silo in SILOS:
+        fed.join(silo)
+    half = MAX_SEALED_BYTES // 2
+    a, b = (sized(fed.certs, silo, half, exact_run) for silo in SILOS[:2])
+    fed.publish("hospital-a", a)
+    fed.publish("hospital-b", b)
+    resp = fed.banks_response("hospital-c")
+    assert [(e.silo, bytes(e.blob)) for e in resp.entries] == [("hospital-a", a), ("hospital-b", b)]
+    assert not resp.more

@@ -156,11 +156,10 @@ def test_agent_killed_mid_round_rejoins_later(federation_factory) -> None:
 
     The deadline leaves the restarted agent time to start (import torch, open its state), catch up on
     round 2's aggregate and train round 3 while the other test worker keeps the CPU busy."""
-    fed = federation_factory(silos=3, rounds=3, deadline_s=30.0)
+    fed = federation_factory(silos=3, rounds=3, deadline_s=45.0)
     # hospital-c has more data, so it is still training when round 2 opens and we kill it
     cfg_c = fed.agent_cfgs["hospital-c"]
-    normal = cfg_c.read_text()
-    cfg_c.write_text(normal + "n_train = 960\n")
+    cfg_c.write_text(cfg_c.read_text() + "n_train = 960\n")
     fed.start("coordinator")
     for n in fed.names:
         fed.start(n)
@@ -169,8 +168,9 @@ def test_agent_killed_mid_round_rejoins_later(federation_factory) -> None:
     _, rounds = fed.wait_for(lambda s, r: len(r) >= 2 and r[1]["closed"], 120, "round 2 to close at quorum")
     r2 = rounds[1]
     assert sorted(r2["contributors"]) == ["hospital-a", "hospital-b"]
-    assert r2["seconds"] >= 30.0 - 0.5, "closed before its deadline without all silos"
-    cfg_c.write_text(normal)  # back at its usual speed (a restart may change local settings, not the model)
+    assert r2["seconds"] >= 45.0 - 0.5, "closed before its deadline without all silos"
+    # The restarted agent keeps its 960 examples: the size a silo declared is frozen once round 1 opened
+    # (a re-join with another size is refused; tests/e2e/test_hostile_silo.py, weight lies).
     fed.start("hospital-c")
     status, rounds = fed.wait_for(lambda s, r: s["state"] == "finished", 240, "the run to finish")
     assert sorted(rounds[2]["contributors"]) == ["hospital-a", "hospital-b", "hospital-c"]

@@ -18,6 +18,7 @@ from fedsilo.coordinator.run import Coordinator
 from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.pki import Role, issue_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+from fedsilo.privacy.upload_statement import statement_signer
 from fedsilo.silo_agent.demo import ADMIN_NAME, make_certs, write_configs
 from fedsilo.silo_agent.inprocess import InProcessCoordinator, InProcessRpcError
 
@@ -45,7 +46,8 @@ def fed(tmp_path: Path) -> Iterator[Federation]:
     certs = tmp_path / "certs"
     make_certs(certs, SILOS)
     fed_path, _agents = write_configs(tmp_path, names=SILOS, rounds=1, strategy="fedavg", seed=0, port=1,
-                                      insecure=False, aggregation="plain")
+                                      insecure=False, aggregation="plain",
+                                      pin_model=False)  # these silos join with a made-up model (FINGERPRINT)
     coordinator = Coordinator(load_federation_config(fed_path))
     try:
         yield Federation(certs=certs, coordinator=coordinator, served=InProcessCoordinator(coordinator))
@@ -124,8 +126,10 @@ def _close_round_one(fed: Federation) -> None:
     clients = {n: fed.client(n) for n in SILOS}
     for c in clients.values():
         _join(c)
-    for i, c in enumerate(clients.values(), start=1):
-        assert c.submit(1, 10.0, ARRAYS) == i
+    for i, (name, c) in enumerate(clients.items(), start=1):
+        sign = statement_signer(run_id="demo-0", silo=name, certificate_pem=(fed.certs / f"{name}.pem").read_bytes(),
+                                private_key_pem=(fed.certs / f"{name}.key").read_bytes())
+        assert c.submit(1, 10.0, ARRAYS, sign) == i
     [summary] = fed.coordinator.round_summaries()
     assert summary.closed and sorted(summary.contributors) == SILOS
     assert summary.metrics == {}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedsilo.v1 import federation_pb2 as fedsilo_dot_v1_dot_federation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64silo/v1/admin.proto\x12\nfedsilo.v1\x1a\x1b\x66\x65\x64silo/v1/federation.proto\"\x12\n\x10GetStatusRequest\"\xb1\x01\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06joined\x18\x02 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x03 \x01(\x04\x12\x1a\n\x12rounds_contributed\x18\x04 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x05 \x01(\x04\x12\x1a\n\x12retired_from_round\x18\x06 \x01(\r\x12\x16\n\x0eretired_reason\x18\x07 \x01(\t\"\xc5\x01\n\x11GetStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fedsilo.v1.RunState\x12\x12\n\nopen_round\x18\x03 \x01(\r\x12\x19\n\x11last_closed_round\x18\x04 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12%\n\x05silos\x18\x06 \x03(\x0b\x32\x16.fedsilo.v1.SiloStatus\x12\x0f\n\x07message\x18\x07 \x01(\t\"\x13\n\x11ListRoundsRequest\"@\n\x0bSiloMetrics\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12#\n\x07metrics\x18\x02 \x03(\x0b\x32\x12.fedsilo.v1.Metric\"\xd1\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63ontributors\x18\x03 \x03(\t\x12\x15\n\rparams_shared\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12(\n\x07metrics\x18\x08 \x03(\x0b\x32\x17.fedsilo.v1.SiloMetrics\x12\x14\n\x0ctotal_weight\x18\t \x01(\x01\">\n\x12ListRoundsResponse\x12(\n\x06rounds\x18\x01 \x03(\x0b\x32\x18.fedsilo.v1.RoundSummary2\x9e\x01\n\x05\x41\x64min\x12H\n\tGetStatus\x12\x1c.fedsilo.v1.GetStatusRequest\x1a\x1d.fedsilo.v1.GetStatusResponse\x12K\n\nListRounds\x12\x1d.fedsilo.v1.ListRoundsRequest\x1a\x1e.fedsilo.v1.ListRoundsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64silo/v1/admin.proto\x12\nfedsilo.v1\x1a\x1b\x66\x65\x64silo/v1/federation.proto\"\x12\n\x10GetStatusRequest\"\xb1\x01\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06joined\x18\x02 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x03 \x01(\x04\x12\x1a\n\x12rounds_contributed\x18\x04 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x05 \x01(\x04\x12\x1a\n\x12retired_from_round\x18\x06 \x01(\r\x12\x16\n\x0eretired_reason\x18\x07 \x01(\t\"\xc5\x01\n\x11GetStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fedsilo.v1.RunState\x12\x12\n\nopen_round\x18\x03 \x01(\r\x12\x19\n\x11last_closed_round\x18\x04 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12%\n\x05silos\x18\x06 \x03(\x0b\x32\x16.fedsilo.v1.SiloStatus\x12\x0f\n\x07message\x18\x07 \x01(\t\"\x13\n\x11ListRoundsRequest\"@\n\x0bSiloMetrics\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12#\n\x07metrics\x18\x02 \x03(\x0b\x32\x12.fedsilo.v1.Metric\"\xe2\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63ontributors\x18\x03 \x03(\t\x12\x15\n\rparams_shared\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12(\n\x07metrics\x18\x08 \x03(\x0b\x32\x17.fedsilo.v1.SiloMetrics\x12\x14\n\x0ctotal_weight\x18\t \x01(\x01\x12\x0f\n\x07\x66\x61ilure\x18\n \x01(\t\">\n\x12ListRoundsResponse\x12(\n\x06rounds\x18\x01 \x03(\x0b\x32\x18.fedsilo.v1.RoundSummary2\x9e\x01\n\x05\x41\x64min\x12H\n\tGetStatus\x12\x1c.fedsilo.v1.GetStatusRequest\x1a\x1d.fedsilo.v1.GetStatusResponse\x12K\n\nListRounds\x12\x1d.fedsilo.v1.ListRoundsRequest\x1a\x1e.fedsilo.v1.ListRoundsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SILOMETRICS']._serialized_start=488
   _globals['_SILOMETRICS']._serialized_end=552
   _globals['_ROUNDSUMMARY']._serialized_start=555
-  _globals['_ROUNDSUMMARY']._serialized_end=764
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=766
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=828
-  _globals['_ADMIN']._serialized_start=831
-  _globals['_ADMIN']._serialized_end=989
+  _globals['_ROUNDSUMMARY']._serialized_end=781
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=783
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=845
+  _globals['_ADMIN']._serialized_start=848
+  _globals['_ADMIN']._serialized_end=1006
 # @@protoc_insertion_point(module_scope)

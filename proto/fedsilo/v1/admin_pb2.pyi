@@ -60,7 +60,7 @@ class SiloMetrics(_message.Message):
     def __init__(self, silo: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_federation_pb2.Metric, _Mapping]]] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "closed", "contributors", "params_shared", "bytes_up", "bytes_down", "seconds", "metrics", "total_weight")
+    __slots__ = ("round", "closed", "contributors", "params_shared", "bytes_up", "bytes_down", "seconds", "metrics", "total_weight", "failure")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class RoundSummary(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     closed: bool
     contributors: _containers.RepeatedScalarFieldContainer[str]
@@ -79,7 +80,8 @@ class RoundSummary(_message.Message):
     seconds: float
     metrics: _containers.RepeatedCompositeFieldContainer[SiloMetrics]
     total_weight: float
-    def __init__(self, round: _Optional[int] = ..., closed: _Optional[bool] = ..., contributors: _Optional[_Iterable[str]] = ..., params_shared: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., total_weight: _Optional[float] = ...) -> None: ...
+    failure: str
+    def __init__(self, round: _Optional[int] = ..., closed: _Optional[bool] = ..., contributors: _Optional[_Iterable[str]] = ..., params_shared: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Iterable[_Union[SiloMetrics, _Mapping]]] = ..., total_weight: _Optional[float] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
     __slots__ = ("rounds",)

@@ -237,7 +237,7 @@ class FetchAggregateRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class AggregateHeader(_message.Message):
-    __slots__ = ("round", "num_contributors", "total_weight", "manifest", "encoding", "payload_bytes", "weight_normalizer")
+    __slots__ = ("round", "num_contributors", "total_weight", "manifest", "encoding", "payload_bytes", "weight_normalizer", "failed")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class AggregateHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_NORMALIZER_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_contributors: int
     total_weight: float
@@ -252,7 +253,8 @@ class AggregateHeader(_message.Message):
     encoding: PayloadEncoding
     payload_bytes: int
     weight_normalizer: float
-    def __init__(self, round: _Optional[int] = ..., num_contributors: _Optional[int] = ..., total_weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., payload_bytes: _Optional[int] = ..., weight_normalizer: _Optional[float] = ...) -> None: ...
+    failed: str
+    def __init__(self, round: _Optional[int] = ..., num_contributors: _Optional[int] = ..., total_weight: _Optional[float] = ..., manifest: _Optional[_Union[_tensor_pb2.PayloadManifest, _Mapping]] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., payload_bytes: _Optional[int] = ..., weight_normalizer: _Optional[float] = ..., failed: _Optional[str] = ...) -> None: ...
 
 class FetchAggregateResponse(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
@@ -423,3 +425,21 @@ class GetSealedResponse(_message.Message):
     silos_joined: int
     more: bool
     def __init__(self, entries: _Optional[_Iterable[_Union[SealedEntry, _Mapping]]] = ..., silos_joined: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class ReportAggregateFailureRequest(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportAggregateFailureResponse(_message.Message):
+    __slots__ = ("round_failed", "reports", "needed")
+    ROUND_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_FIELD_NUMBER: _ClassVar[int]
+    round_failed: bool
+    reports: int
+    needed: int
+    def __init__(self, round_failed: _Optional[bool] = ..., reports: _Optional[int] = ..., needed: _Optional[int] = ...) -> None: ...

@@ -104,6 +104,11 @@ class FederationStub:
                 request_serializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.FromString,
                 _registered_method=True)
+        self.ReportAggregateFailure = channel.unary_unary(
+                '/fedsilo.v1.Federation/ReportAggregateFailure',
+                request_serializer=fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -211,6 +216,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAggregateFailure(self, request, context):
+        """A silo reports that a closed round's aggregate is unusable (it does not decrypt, or decrypts
+        outside the public bound). Once a majority of the silos still training report it, the round
+        is marked failed: nobody applies it, and the run continues or stops as run.on_failed_round says.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +297,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetSealed,
                     request_deserializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.SerializeToString,
+            ),
+            'ReportAggregateFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAggregateFailure,
+                    request_deserializer=fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -663,6 +682,33 @@ class Federation:
             '/fedsilo.v1.Federation/GetSealed',
             fedsilo_dot_v1_dot_federation__pb2.GetSealedRequest.SerializeToString,
             fedsilo_dot_v1_dot_federation__pb2.GetSealedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAggregateFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Federation/ReportAggregateFailure',
+            fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureRequest.SerializeToString,
+            fedsilo_dot_v1_dot_federation__pb2.ReportAggregateFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

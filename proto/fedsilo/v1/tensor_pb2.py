@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64silo/v1/tensor.proto\x12\nfedsilo.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedsilo.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\x0fPayloadManifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedsilo.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"4\n\x0ePayloadTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c*y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64silo/v1/tensor.proto\x12\nfedsilo.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedsilo.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\x0fPayloadManifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.fedsilo.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"N\n\x0ePayloadTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x18\n\x10upload_statement\x18\x03 \x01(\t*y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsilo.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=251
-  _globals['_DTYPE']._serialized_end=372
+  _globals['_DTYPE']._serialized_start=277
+  _globals['_DTYPE']._serialized_end=398
   _globals['_TENSORSPEC']._serialized_start=39
   _globals['_TENSORSPEC']._serialized_end=114
   _globals['_PAYLOADMANIFEST']._serialized_start=116
   _globals['_PAYLOADMANIFEST']._serialized_end=195
   _globals['_PAYLOADTRAILER']._serialized_start=197
-  _globals['_PAYLOADTRAILER']._serialized_end=249
+  _globals['_PAYLOADTRAILER']._serialized_end=275
 # @@protoc_insertion_point(module_scope)

@@ -41,9 +41,11 @@ class PayloadManifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class PayloadTrailer(_message.Message):
-    __slots__ = ("num_chunks", "sha256")
+    __slots__ = ("num_chunks", "sha256", "upload_statement")
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_STATEMENT_FIELD_NUMBER: _ClassVar[int]
     num_chunks: int
     sha256: bytes
-    def __init__(self, num_chunks: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    upload_statement: str
+    def __init__(self, num_chunks: _Optional[int] = ..., sha256: _Optional[bytes] = ..., upload_statement: _Optional[str] = ...) -> None: ...
