@@ -113,11 +113,12 @@ class HostileFederation:
 
     def __init__(self, work: Path, *, aggregation: str = "he", dp: bool = True, round_deadline_s: float = 4.0,
                  start_grace_s: float = 600.0, rounds: int = 60, server: dict[str, Any] | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", port: int | None = None) -> None:
         self.work = work
         self.certs = work / "certs"
-        make_certs(self.certs, list(SILOS))
-        self.port = free_port()
+        if port is None:  # a new federation; with a port: another process's handle on a running one
+            make_certs(self.certs, list(SILOS))
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.aggregation, self.dp = aggregation, dp
         self.manifest = MANIFEST if dtype == "float32" else Manifest.of_arrays(
@@ -135,7 +136,9 @@ class HostileFederation:
         }
         if dp:
             sections["privacy"] = dict(PLAN)
-        self.config = write_toml(work / "federation.toml", sections)
+        self.config = work / "federation.toml"
+        if port is None:
+            write_toml(self.config, sections)
         self.plan = PrivacyPlan(**PLAN) if dp else None
         self.rdp = RdpAccountant(orders=LEDGER_RDP_ORDERS)
         self.proc: subprocess.Popen | None = None
@@ -143,6 +146,13 @@ class HostileFederation:
         self.honest: dict[str, Honest] = {}
         self.normalizer = 0.0
         self.log_path = work / "coordinator.out"
+        self.kwargs = dict(aggregation=aggregation, dp=dp, dtype=dtype, port=self.port)
+
+    @classmethod
+    def attach(cls, work: Path, **kwargs: Any) -> HostileFederation:
+        """A handle on the federation another process started in ``work`` (``kwargs``: its ``kwargs``);
+        its honest-silo state (keys, ledgers) lives in a separate folder so the two never share files."""
+        return cls(work, **kwargs)
 
     # -- processes and channels ---------------------------------------------------------------
     def start(self) -> None:

@@ -96,8 +96,8 @@ class CallGuard(grpc.ServerInterceptor):
             caller = self._identify(context)
             try:
                 release = self.gate.admit(bucket_of(caller, self._enrolled), kind)
-            except ResourceExhausted as exc:
-                self._refuse(context, exc, what=name, caller=caller)
+            except ResourceExhausted as exc:  # refused a slot: answered at once (never delayed)
+                self._refuse(context, exc, what=name, caller=caller, holds_slot=False)
             watch = self.watchdog.watch(f"{name} of {caller}", caller, context.cancel)
             handed_on = False
             try:

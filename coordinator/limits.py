@@ -321,7 +321,7 @@ class RateLimitedLog:
         for note_level, note, note_args in notes:
             self._logger.log(note_level, note, *note_args)  # type: ignore[misc]
         if emit:
-            self._logger.log(level, msg, *args)
+            self._logger.log(level, msg, *args, stacklevel=2)
         return emit
 
 

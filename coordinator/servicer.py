@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -93,13 +94,25 @@ def bounded(text: object, limit: int = MAX_DETAIL_CHARS) -> str:
     return f"{s[:limit - tail]}… ({len(s) - limit} more characters) …{s[-tail:]}"
 
 
+#: How long a refusal waits before it is sent, once its caller was refused more often than its log lines allow.
+REFUSAL_DELAY_S = 1.0
+
+
 def abort_refused(context: grpc.ServicerContext, exc: FedsiloError, *, what: str, caller: str,
-                  refusals: RateLimitedLog) -> NoReturn:
+                  refusals: RateLimitedLog, holds_slot: bool = True) -> NoReturn:
     """Logs a refusal (rate-limited per caller) and aborts the call with its exception's status code;
-    the message is cut to about :data:`MAX_DETAIL_CHARS` in both (:func:`bounded`)."""
+    the message is cut to about :data:`MAX_DETAIL_CHARS` in both (:func:`bounded`). Past its caller's
+    log-line limit a refusal is held back :data:`REFUSAL_DELAY_S` first, if the call holds one of its
+    caller's slots (``holds_slot``): a call refused a slot is answered at once, so a caller's delayed
+    refusals never take more workers than its share."""
     code = STATUS_CODES[type(exc)]
     details = bounded(exc)
-    refusals.log(logging.INFO, caller, "%s of %s refused: %s: %s", what, caller, code.name, details)
+    logged = refusals.log(logging.INFO, caller, "%s of %s refused: %s: %s", what, caller, code.name, details)
+    if not logged and holds_slot:
+        # A caller refused more often than its log lines allow is hammering the coordinator: answer it
+        # late. It holds only its own call slots meanwhile (``limits``), and its loop slows to a few
+        # refusals a second, so decoding what it sends cannot crowd out the other silos.
+        time.sleep(REFUSAL_DELAY_S)
     context.abort(code, details)
     raise AssertionError("context.abort returned")  # pragma: no cover - it always raises
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles
 from fedsilo.coordinator.limits import RateLimitedLog
 from fedsilo.coordinator.server import CoordinatorServer, server_options
-from fedsilo.coordinator.servicer import MAX_DETAIL_CHARS, bounded
+from fedsilo.coordinator.servicer import MAX_DETAIL_CHARS, REFUSAL_DELAY_S, bounded
 from fedsilo.privacy.upload_statement import sign_upload_statement
 from fedsilo.silo_agent.client import channel_options
 from fedsilo.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc, tensor_pb2
@@ -283,14 +283,21 @@ def test_64_stalled_streams_and_200_long_polls_of_one_silo_leave_the_others_prom
 # -- stall timeouts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_header", [False, True], ids=["before-header", "after-header"])
-def test_a_stalled_upload_is_cut_after_stall_timeout_and_its_slot_freed(start_fed: Callable[..., Fed],
-                                                                        with_header: bool) -> None:
+STALLS: dict[str, Callable[[Fed], grpc.Future]] = {
+    "upload-before-header": lambda fed: fed.stalled_upload("hospital-a", with_header=False),
+    "upload-after-header": lambda fed: fed.stalled_upload("hospital-a", with_header=True),
+    "unary-without-request": lambda fed: fed.unary_without_request("hospital-a"),
+}
+
+
+@pytest.mark.parametrize("stall", list(STALLS.values()), ids=list(STALLS))
+def test_a_stalled_call_is_cut_after_stall_timeout_and_its_slot_freed(start_fed: Callable[..., Fed],
+                                                                      stall: Callable[[Fed], grpc.Future]) -> None:
     fed = start_fed(stall_timeout_s=1.0)
     fed.join_all()
     before = fed.snapshot()
     start = time.monotonic()
-    stalled = fed.stalled_upload("hospital-a", with_header=with_header)
+    stalled = stall(fed)
     with pytest.raises(grpc.RpcError) as info:
         stalled.result(timeout=RPC_TIMEOUT_S)
     took = time.monotonic() - start
@@ -395,7 +402,7 @@ def test_a_cancelled_upload_ends_cleanly_without_a_traceback(start_fed: Callable
 # -- bounded logs -----------------------------------------------------------------------------
 
 
-def test_an_oversized_refusal_is_cut_short_in_the_status_and_the_log_and_rate_limited(
+def test_an_oversized_refusal_is_cut_short_in_the_status_and_the_log_rate_limited_and_delayed(
         start_fed: Callable[..., Fed], caplog: pytest.LogCaptureFixture) -> None:
     fed = start_fed()
     fed.join_all()
@@ -405,10 +412,15 @@ def test_an_oversized_refusal_is_cut_short_in_the_status_and_the_log_and_rate_li
         err = expect(grpc.StatusCode.INVALID_ARGUMENT, "is not 1..64 chars",
                      lambda: fed.stub("hospital-a").ReportMetrics(request, timeout=RPC_TIMEOUT_S))
         assert err.details().startswith("metric name 'XXX") and len(err.details()) < 600
+        took = []
         for _ in range(30):
+            t = time.monotonic()
             expect(grpc.StatusCode.INVALID_ARGUMENT, "is not 1..64 chars",
                    lambda: fed.stub("hospital-a").ReportMetrics(request, timeout=RPC_TIMEOUT_S))
+            took.append(time.monotonic() - t)
         fed.assert_others_prompt()
+    # past its 20 logged refusals a hammering caller is answered late (REFUSAL_DELAY_S): its loop slows
+    assert max(took[:19]) < REFUSAL_DELAY_S and min(took[19:]) >= REFUSAL_DELAY_S, took
     refusals = log_lines(caplog, "ReportMetrics of silo:hospital-a refused")
     assert len(refusals) == 20  # 31 refusals: the first 20 logged
     assert all(len(r.getMessage()) < 1000 for r in caplog.records)
