@@ -354,12 +354,14 @@ class HostileFederation:
         return total * (agg.weight_normalizer / agg.total_weight), agg
 
     def honest_round(self, *, with_hostile: bool = False, hostile_values: np.ndarray | None = None,
-                     timeout: float = 60.0) -> dict[str, Any]:
+                     timeout: float = 60.0, between: Callable[[], None] | None = None) -> dict[str, Any]:
         """One round of the honest silos (and the hostile one uploading ``hostile_values`` or its known
-        update if ``with_hostile``): task, upload, close, fetch, decrypt, check against numpy.
+        update if ``with_hostile``, after ``between()`` ran): task, upload, close, fetch, decrypt, check
+        against numpy.
 
         Returns:
-            {"round", "seconds", "error" (max |mean - expected|), "contributors"}.
+            {"round", "seconds", "honest_upload_s" (tasks and the honest uploads), "error" (max |mean -
+            expected|), "contributors", "failed"}.
         """
         t0 = time.monotonic()
         status, _ = self.snapshot()
@@ -373,6 +375,9 @@ class HostileFederation:
         uploaders = list(HONEST)
         for n in HONEST:
             self.upload(n, rnd)
+        honest_upload_s = time.monotonic() - t0
+        if between is not None:
+            between()
         if with_hostile or hostile_values is not None:
             self.upload(HOSTILE, rnd, hostile_values)
             uploaders.append(HOSTILE)
@@ -380,7 +385,7 @@ class HostileFederation:
         mean, agg = self.mean(HONEST[1], rnd)
         seconds = time.monotonic() - t0
         out: dict[str, Any] = {"round": rnd, "seconds": seconds, "contributors": agg.num_contributors,
-                               "failed": agg.failed}
+                               "failed": agg.failed, "honest_upload_s": honest_upload_s}
         if mean is not None:
             contributed = uploaders[:agg.num_contributors]
             w = np.array([EXAMPLES[n] for n in contributed], dtype=np.float64)

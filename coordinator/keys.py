@@ -16,7 +16,7 @@ from collections.abc import Callable
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.coordinator.context import RunContext
 from fedsilo.coordinator.records import MAX_WRAPPED_KEY_BYTES
-from fedsilo.coordinator.store import SiloRow
+from fedsilo.coordinator.schema import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from fedsilo.core.validators import excerpt
 from fedsilo.privacy.keywrap import KeyWrapError, verify_kem_announcement

@@ -14,7 +14,7 @@ from fedsilo.coordinator.mirror import Mirror
 from fedsilo.coordinator import weights
 from fedsilo.coordinator.records import MAX_ANNOUNCEMENT_BYTES, RunState
 from fedsilo.coordinator.rounds import Rounds
-from fedsilo.coordinator.store import SiloRow
+from fedsilo.coordinator.schema import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from fedsilo.core.tensors import Manifest
 from fedsilo.privacy.pki import Identity

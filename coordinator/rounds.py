@@ -30,7 +30,7 @@ from fedsilo.coordinator.records import (
     TaskKind,
     UploadHeader,
 )
-from fedsilo.coordinator.store import SiloRow
+from fedsilo.coordinator.schema import SiloRow
 from fedsilo.core.atomic import fsync_dir
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fedsilo.core.phases import shared_numel
@@ -105,8 +105,10 @@ class Rounds:
         if not 0 <= wait_s <= MAX_WAIT_S:
             raise InvalidArgument(f"wait_seconds {wait_s} is not in [0, {MAX_WAIT_S}]")
 
-    def wait_task(self, name: str, *, after_round: int, wait_s: float) -> Task:
-        """Long-polls for the next task of silo ``name`` after ``after_round``.
+    def wait_task(self, name: str, *, after_round: int, wait_s: float,
+                  alive: Callable[[], bool] = lambda: True) -> Task:
+        """Long-polls for the next task of silo ``name`` after ``after_round``; ends early (within a
+        second) once ``alive`` says the caller has gone, so a cancelled poll frees its slot.
 
         Raises:
             InvalidArgument: ``after_round`` or ``wait_s`` out of range.
@@ -118,7 +120,7 @@ class Rounds:
             while True:
                 task = self._task_for(name, after_round)
                 left = end - time.monotonic()
-                if task.kind is not TaskKind.WAIT or left <= 0:
+                if task.kind is not TaskKind.WAIT or left <= 0 or not alive():
                     return task
                 ctx.cond.wait(timeout=min(left, 1.0))
 

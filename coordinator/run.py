@@ -106,12 +106,14 @@ class Coordinator:
                                   budget_statement=budget_statement)
 
     # -- rounds -------------------------------------------------------------------------
-    def get_task(self, caller: Identity, *, after_round: int, wait_s: float) -> Task:
-        """Long-polls for the next task of ``caller`` after ``after_round`` (see ``Rounds.wait_task``)."""
+    def get_task(self, caller: Identity, *, after_round: int, wait_s: float,
+                 alive: Callable[[], bool] = lambda: True) -> Task:
+        """Long-polls for the next task of ``caller`` after ``after_round``, while ``alive()`` (see
+        ``Rounds.wait_task``)."""
         name = self._ctx.require_joined(caller)
         self._rounds.check_poll(after_round=after_round, wait_s=wait_s)
         self._telemetry.seen(name)
-        return self._rounds.wait_task(name, after_round=after_round, wait_s=wait_s)
+        return self._rounds.wait_task(name, after_round=after_round, wait_s=wait_s, alive=alive)
 
     def submit(self, caller: Identity, parts: Iterable[UploadPart]) -> SubmitResult:
         """Receives, checks and adds one upload stream (see ``Admission.submit``)."""

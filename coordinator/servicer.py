@@ -108,7 +108,7 @@ def abort_refused(context: grpc.ServicerContext, exc: FedsiloError, *, what: str
     code = STATUS_CODES[type(exc)]
     details = bounded(exc)
     logged = refusals.log(logging.INFO, caller, "%s of %s refused: %s: %s", what, caller, code.name, details)
-    if not logged and holds_slot:
+    if not logged and holds_slot and not isinstance(exc, Cancelled):  # (a cancelled caller has gone)
         # A caller refused more often than its log lines allow is hammering the coordinator: answer it
         # late. It holds only its own call slots meanwhile (``limits``), and its loop slows to a few
         # refusals a second, so decoding what it sends cannot crowd out the other silos.
@@ -184,7 +184,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @_rpc
     def GetTask(self, request, context):  # noqa: N802
-        task = self._c.get_task(self._who(context), after_round=request.after_round, wait_s=request.wait_seconds)
+        task = self._c.get_task(self._who(context), after_round=request.after_round, wait_s=request.wait_seconds,
+                                alive=context.is_active)
         resp = wire.task_to_proto(task)
         if task.kind is TaskKind.TRAIN:
             self._c.count_bytes(task.round, down=resp.ByteSize())

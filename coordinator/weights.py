@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from fedsilo.coordinator.context import RunContext
-from fedsilo.coordinator.store import SiloRow
+from fedsilo.coordinator.schema import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 
 _NORMALIZER = "weight_normalizer"

@@ -44,6 +44,10 @@ class _Context:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
+    def is_active(self) -> bool:
+        """An in-process call is never cancelled by its peer."""
+        return True
+
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise InProcessRpcError(code, details)
 
