@@ -139,22 +139,8 @@ class BudgetStatement(SignedDocument):
         Raises:
             BudgetError: Saying what is wrong (naming the field).
         """
-        try:
-            public_key = self.certificate_key(
-                ca_pem,
-                whose=f"the certificate in silo {self.silo!r}'s budget statement",
-                consequence="do not trust this budget statement",
-                only="only a silo states its own privacy budget",
-            )
-        except SignatureError as exc:
-            raise BudgetError(str(exc), field="certificate") from None
-        if not self.signature_matches(public_key):
-            raise BudgetError(
-                f"silo {self.silo!r}'s budget statement: the signature does not match its "
-                "certificate, so a field was changed after the silo signed it (or another key "
-                "signed it)",
-                field="signature",
-            )
+        self.verify_signature(ca_pem, what="budget statement", consequence="do not trust this budget statement",
+                              only="only a silo states its own privacy budget", error=BudgetError)
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> BudgetStatement:

@@ -107,15 +107,8 @@ class RelayBlob(SignedDocument):
         for name, want in (("run_id", run_id), ("purpose", purpose), ("silo", silo)):
             if getattr(self, name) != want:
                 raise RelayBlobError(f"relay blob {name} is {getattr(self, name)!r}, expected {want!r}", field=name)
-        try:
-            public_key = self.certificate_key(
-                ca_pem, whose=f"the certificate in silo {self.silo!r}'s relay blob",
-                consequence="ignore this blob", only="only a silo publishes relay blobs")
-        except SignatureError as exc:
-            raise RelayBlobError(str(exc), field="certificate") from None
-        if not self.signature_matches(public_key):
-            raise RelayBlobError(f"silo {self.silo!r}'s relay blob: the signature does not match its certificate "
-                                 "(changed after signing, or signed with another key)", field="signature")
+        self.verify_signature(ca_pem, what="relay blob", consequence="ignore this blob",
+                              only="only a silo publishes relay blobs", error=RelayBlobError)
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> RelayBlob:

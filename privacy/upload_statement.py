@@ -113,15 +113,8 @@ class UploadStatement(SignedDocument):
                 got = str(getattr(self, name))[:80]
                 raise UploadStatementError(f"upload statement {name} is {got!r}, the upload's is {want!r}",
                                            field=name)
-        try:
-            public_key = self.certificate_key(
-                ca_pem, whose=f"the certificate in silo {self.silo!r}'s upload statement",
-                consequence="refuse the upload", only="only a silo uploads")
-        except SignatureError as exc:
-            raise UploadStatementError(str(exc), field="certificate") from None
-        if not self.signature_matches(public_key):
-            raise UploadStatementError(f"silo {self.silo!r}'s upload statement: the signature does not match its "
-                                       "certificate", field="signature")
+        self.verify_signature(ca_pem, what="upload statement", consequence="refuse the upload",
+                              only="only a silo uploads", error=UploadStatementError)
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> UploadStatement:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from fedsilo.privacy.pki import CertificateError, Role, identity_from_pem
 from fedsilo.privacy.signed.certificates import check_silo_certificate
 from fedsilo.privacy.signed.fields import (
+    DocumentError,
     MAX_CERT_CHARS,
     FieldError,
     canonical_json,
@@ -105,6 +106,30 @@ class SignedDocument:
             whose=whose,
             consequence=consequence,
         )
+
+    def verify_signature(self, ca_pem: bytes | str, *, what: str, consequence: str, only: str,
+                         error: type[DocumentError]) -> None:
+        """Checks the embedded certificate (`certificate_key`) and that the signature verifies with its key.
+
+        Args:
+            ca_pem: The federation CA certificate, PEM.
+            what: The document in messages, e.g. "budget statement".
+            consequence: What the reader should do, for messages.
+            only: Why only a silo may sign this, for the message when another role did.
+            error: The document's error class.
+
+        Raises:
+            DocumentError: ``error`` naming the field at fault ("certificate" or "signature").
+        """
+        silo = self.silo  # type: ignore[attr-defined]
+        try:
+            public_key = self.certificate_key(ca_pem, whose=f"the certificate in silo {silo!r}'s {what}",
+                                              consequence=consequence, only=only)
+        except SignatureError as exc:
+            raise error(str(exc), field="certificate") from None
+        if not self.signature_matches(public_key):
+            raise error(f"silo {silo!r}'s {what}: the signature does not match its certificate, so a field was "
+                        "changed after the silo signed it (or another key signed it)", field="signature")
 
     def _check_signed_fields(self) -> None:
         """Checks ``certificate`` and ``signature`` (a bytearray becomes bytes); for __post_init__."""
