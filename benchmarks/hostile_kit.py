@@ -322,12 +322,13 @@ class HostileFederation:
         weight = float(EXAMPLES[name])
         if h.he is not None:
             scaled = values * (weight / (normalizer or self.normalizer))
-            return h.client.submit_he(rnd, weight, self.manifest, h.he.encrypt(scaled), h.sign)
+            blobs = h.he.encrypt(scaled)
+            return _while_slot_busy(lambda: h.client.submit_he(rnd, weight, self.manifest, blobs, h.sign))
         arrays, offset = {}, 0
         for t in self.manifest.tensors:
             arrays[t.name] = values[offset:offset + t.numel].reshape(t.shape).astype(t.dtype.numpy)
             offset += t.numel
-        return h.client.submit(rnd, weight, arrays, h.sign)
+        return _while_slot_busy(lambda: h.client.submit(rnd, weight, arrays, h.sign))
 
     def task(self, name: str, after: int, wait_s: int = 10):  # -> silo_agent.wire.Task
         return self._honest(name).client.get_task(after, wait_s=wait_s)
@@ -409,6 +410,21 @@ class HostileFederation:
 
         stub = federation_pb2_grpc.FederationStub(channel)
         return stub.SubmitUpdate.future(requests(), timeout=120), release
+
+
+def _while_slot_busy(call: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """``call()``, again while the silo's own upload slot is still held (a stream of its that was just
+    cut or cancelled: the coordinator frees the slot as soon as it notices, which on a loaded machine
+    can take a moment)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            busy = err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "already holds" in (err.details() or "")
+            if not busy or time.monotonic() > end:
+                raise
+            time.sleep(0.2)
 
 
 def _manifest_msg(manifest: Manifest):  # -> tensor_pb2.PayloadManifest

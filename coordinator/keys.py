@@ -19,7 +19,7 @@ from fedsilo.coordinator.records import MAX_WRAPPED_KEY_BYTES
 from fedsilo.coordinator.schema import SiloRow
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from fedsilo.core.validators import excerpt
-from fedsilo.privacy.keywrap import KeyWrapError, verify_kem_announcement
+from fedsilo.privacy.keywrap import KeyWrapError, verify_bundle, verify_kem_announcement
 from fedsilo.privacy.pki import Identity
 
 log = logging.getLogger("fedsilo.coordinator")
@@ -49,12 +49,14 @@ class KeyRelay:
         cfg = self.ctx.cfg
         if cfg.aggregation is not AggregationMode.HE:
             return
-        assert cfg.tls is not None  # an HE run always has TLS (FederationConfig)
         try:
-            verify_kem_announcement(bytes(blob), run_id=cfg.run_id, expected_silo=name,
-                                    ca_pem=cfg.tls.ca.read_bytes())
+            verify_kem_announcement(bytes(blob), run_id=cfg.run_id, expected_silo=name, ca_pem=self._ca())
         except KeyWrapError as exc:
             raise InvalidArgument(f"kem_announcement refused: {excerpt(exc, 400)}") from None
+
+    def _ca(self) -> bytes:
+        assert self.ctx.ca_pem is not None  # an HE run always has TLS (FederationConfig)
+        return self.ctx.ca_pem
 
     def start_gate(self, silos: dict[str, SiloRow]) -> str | None:
         """Why round 1 may not open yet given the joined ``silos`` (None: it may).
@@ -113,11 +115,13 @@ class KeyRelay:
         return [(n, silos[n].kem_public_key or b"") for n in sorted(self._missing(silos))]
 
     def publish(self, caller: Identity, entries: list[tuple[str, bytes]]) -> int:
-        """Key holder only: stores wrapped keys (opaque: the coordinator cannot open them).
+        """Key holder only: stores wrapped keys (the coordinator cannot open them, but checks what needs no
+        secret: run, recipient, the key holder's certificate and signature, the HE parameters).
 
         Raises:
             PermissionDenied: the caller is not the key holder.
-            InvalidArgument: empty, duplicate, oversized, or for a silo not joined / the holder itself.
+            InvalidArgument: empty, duplicate, oversized, for a silo not joined / the holder itself, or a
+                bundle its recipient would refuse.
         """
         name = self._require_holder(caller, "publishes wrapped keys")
         if not 1 <= len(entries) <= 1000:
@@ -132,6 +136,13 @@ class KeyRelay:
                 raise InvalidArgument(f"'{excerpt(recipient)}' is not a joined silo that needs the key")
             if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY_BYTES:
                 raise InvalidArgument(f"wrapped key for {recipient!r} has {len(wrapped)} bytes (1..4 MiB allowed)")
+        fingerprint = self.ctx.cfg.he_params().fingerprint()
+        for recipient, wrapped in entries:  # what no recipient would accept is refused at the door
+            try:
+                verify_bundle(bytes(wrapped), run_id=self.ctx.cfg.run_id, recipient=recipient, ca_pem=self._ca(),
+                              expected_issuer=name, params_fingerprint=fingerprint)
+            except KeyWrapError as exc:
+                raise InvalidArgument(f"wrapped key for {recipient!r} refused: {excerpt(exc, 400)}") from None
         with self.ctx.cond:
             self.ctx.store.put_wrapped_keys(entries, self.ctx.now_ms())
             log.info("stored wrapped keys for %s", ", ".join(sorted(seen)))

@@ -9,7 +9,7 @@ from fedsilo.privacy.keywrap.wire import (
 )
 from fedsilo.privacy.signed import SIGNATURE_BYTES
 from fedsilo.privacy.keywrap.kem import KemKeyPair, kem_public_fingerprint
-from fedsilo.privacy.keywrap.bundle import WrappedKey, _BUNDLE_FIELDS, unwrap_key, wrap_key
+from fedsilo.privacy.keywrap.bundle import WrappedKey, _BUNDLE_FIELDS, unwrap_key, verify_bundle, wrap_key
 from fedsilo.privacy.keywrap.announce import announce_kem_public, verify_kem_announcement
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "announce_kem_public",
     "kem_public_fingerprint",
     "unwrap_key",
+    "verify_bundle",
     "verify_kem_announcement",
     "wrap_key",
 ]

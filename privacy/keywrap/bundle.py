@@ -250,6 +250,75 @@ def wrap_key(
     return WrappedKey(**{**_fields(unsigned), "signature": signature})
 
 
+def verify_bundle(
+    blob: bytes,
+    *,
+    run_id: str,
+    recipient: str,
+    ca_pem: bytes,
+    expected_issuer: str,
+    params_fingerprint: str,
+    now: dt.datetime | None = None,
+) -> WrappedKey:
+    """Checks everything about a key bundle that needs no secret: format, run, recipient, issuer, the
+    issuer's certificate against the CA, the signature and the HE parameters. The recipient runs it
+    before it decrypts (`unwrap_key`); the coordinator runs it when the key holder publishes, so a
+    bundle no recipient would accept is refused at the door.
+
+    Returns:
+        The parsed bundle.
+
+    Raises:
+        KeyWrapError: If the bundle would be refused; the message says why.
+        ValueError: If ``now`` is not timezone-aware.
+    """
+    now = _aware_now(now)
+    _check_params_fingerprint(params_fingerprint)
+    bundle = WrappedKey.from_bytes(blob)
+    if bundle.run_id != run_id:
+        raise KeyWrapError(
+            f"refusing a key bundle made for run {bundle.run_id!r}: this silo is in run "
+            f"{run_id!r}, so the bundle was replayed from another run (or mixed up by the "
+            f"coordinator); do not use it, and {_RESEND} for run {run_id!r}"
+        )
+    if bundle.recipient != recipient:
+        raise KeyWrapError(
+            f"refusing a key bundle addressed to silo {bundle.recipient!r}: this silo is "
+            f"{recipient!r}, so it is the wrong recipient; the coordinator delivered another silo's "
+            f"bundle: ask the coordinator operator to deliver the one for {recipient!r}"
+        )
+    if bundle.issuer != expected_issuer:
+        raise KeyWrapError(
+            f"refusing a key bundle issued by {bundle.issuer!r}: the key holder of run "
+            f"{run_id!r} is {expected_issuer!r}, and only the key holder may hand out the "
+            "key; tell the federation operator if this repeats"
+        )
+    issuer_key = check_silo_certificate(
+        bundle.issuer_certificate,
+        ca_pem,
+        name=bundle.issuer,
+        now=now,
+        whose=f"the key holder's certificate ({bundle.issuer!r}) in the key bundle",
+        consequence="do not use the bundle",
+        error=KeyWrapError,
+    )
+    if not verify(issuer_key, bundle.signature, bundle.signed_bytes()):
+        raise KeyWrapError(
+            f"refusing the key bundle from {bundle.issuer!r}: its signature does not match "
+            f"{bundle.issuer!r}'s certificate, so it was tampered with or substituted on the way "
+            "(e.g. by the coordinator or another silo); do not use it, tell the federation "
+            f"operator, and {_RESEND}"
+        )
+    if bundle.params_fingerprint != params_fingerprint:
+        raise KeyWrapError(
+            f"refusing the key bundle from {bundle.issuer!r}: it is for HE parameters "
+            f"{bundle.params_fingerprint[:16]}..., but this silo expects "
+            f"{params_fingerprint[:16]}...; the key holder and this silo disagree on the "
+            "encryption parameters: check both run the same fedsilo version and run settings"
+        )
+    return bundle
+
+
 def unwrap_key(
     blob: bytes,
     *,
@@ -286,52 +355,10 @@ def unwrap_key(
         ValueError: If ``now`` is not timezone-aware.
         TypeError: If ``my_keypair`` is not a `KemKeyPair`.
     """
-    now = _aware_now(now)
     if not isinstance(my_keypair, KemKeyPair):
         raise TypeError(f"my_keypair must be a KemKeyPair, not {type(my_keypair).__name__}")
-    _check_params_fingerprint(params_fingerprint)
-    bundle = WrappedKey.from_bytes(blob)
-    if bundle.run_id != run_id:
-        raise KeyWrapError(
-            f"refusing a key bundle made for run {bundle.run_id!r}: this silo is in run "
-            f"{run_id!r}, so the bundle was replayed from another run (or mixed up by the "
-            f"coordinator); do not use it, and {_RESEND} for run {run_id!r}"
-        )
-    if bundle.recipient != me:
-        raise KeyWrapError(
-            f"refusing a key bundle addressed to silo {bundle.recipient!r}: this silo is "
-            f"{me!r}, so it is the wrong recipient; the coordinator delivered another silo's "
-            f"bundle: ask the coordinator operator to deliver the one for {me!r}"
-        )
-    if bundle.issuer != expected_issuer:
-        raise KeyWrapError(
-            f"refusing a key bundle issued by {bundle.issuer!r}: the key holder of run "
-            f"{run_id!r} is {expected_issuer!r}, and only the key holder may hand out the "
-            "key; tell the federation operator if this repeats"
-        )
-    issuer_key = check_silo_certificate(
-        bundle.issuer_certificate,
-        ca_pem,
-        name=bundle.issuer,
-        now=now,
-        whose=f"the key holder's certificate ({bundle.issuer!r}) in the key bundle",
-        consequence="do not use the bundle",
-        error=KeyWrapError,
-    )
-    if not verify(issuer_key, bundle.signature, bundle.signed_bytes()):
-        raise KeyWrapError(
-            f"refusing the key bundle from {bundle.issuer!r}: its signature does not match "
-            f"{bundle.issuer!r}'s certificate, so it was tampered with or substituted on the way "
-            "(e.g. by the coordinator or another silo); do not use it, tell the federation "
-            f"operator, and {_RESEND}"
-        )
-    if bundle.params_fingerprint != params_fingerprint:
-        raise KeyWrapError(
-            f"refusing the key bundle from {bundle.issuer!r}: it is for HE parameters "
-            f"{bundle.params_fingerprint[:16]}..., but this silo expects "
-            f"{params_fingerprint[:16]}...; the key holder and this silo disagree on the "
-            "encryption parameters: check both run the same fedsilo version and run settings"
-        )
+    bundle = verify_bundle(blob, run_id=run_id, recipient=me, ca_pem=ca_pem, expected_issuer=expected_issuer,
+                           params_fingerprint=params_fingerprint, now=now)
     ephemeral = _x25519_public(bundle.ephemeral_public, "the bundle's ephemeral key")
     mine = my_keypair.public_bytes()
     try:

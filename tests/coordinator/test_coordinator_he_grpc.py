@@ -638,6 +638,49 @@ def test_publishing_for_an_unknown_recipient_is_invalid_argument(fed: Fed, recip
     fed.finish_round(1, GOOD)
 
 
+def _bundle_for_c_sent_as_b(fed: Fed) -> bytes:
+    return fed.wrap_for("hospital-c", fed.silos["hospital-c"].announcement)
+
+
+def _tampered(fed: Fed) -> bytes:
+    blob = bytearray(fed.wrap_for("hospital-b", fed.silos["hospital-b"].announcement))
+    blob[-10] ^= 0x01  # inside the signature
+    return bytes(blob)
+
+
+def _another_run(fed: Fed) -> bytes:
+    ctx = fed.holder_context()
+    paths = fed.certs.silo[KEY_HOLDER]
+    public = fed.silos["hospital-b"].kem.public_bytes()
+    return wrap_key(secret=ctx.secret_key_bytes(), run_id="another-run", issuer=KEY_HOLDER,
+                    issuer_certificate_pem=paths.cert.read_bytes(), issuer_private_key_pem=paths.key.read_bytes(),
+                    params_fingerprint=ctx.params.fingerprint(), recipient="hospital-b",
+                    recipient_public=public).to_bytes()
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (_bundle_for_c_sent_as_b, "addressed to silo 'hospital-c'"),
+    (_tampered, "signature does not match"),
+    (_another_run, "made for run 'another-run'"),
+    (lambda fed: b"\x01" * 64, "not a fedsilo key bundle"),
+], ids=["another-recipient", "tampered", "another-run", "garbage"])
+def test_a_wrapped_key_its_recipient_would_refuse_is_refused_at_the_door(fed: Fed, make, fragment: str) -> None:
+    """The coordinator cannot open a bundle, but checks what needs no secret (run, recipient, the key
+    holder's certificate and signature, HE parameters); a refused publication stores nothing."""
+    for silo in SILOS:
+        fed.join(silo)
+    before = fed.snapshot()
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "wrapped key for 'hospital-b' refused: ",
+           lambda: fed.publish([("hospital-b", make(fed))]))
+    err = expect(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: fed.publish([("hospital-b", make(fed))]))
+    assert len(err.details()) < 600
+    assert fed.snapshot() == before and fed.wrapped_key("hospital-b").ready is False
+    fed.serve_recipients()
+    for silo in SILOS[1:]:
+        fed.receive_key(silo)
+    fed.finish_round(1, GOOD)
+
+
 def test_silo_not_enrolled_is_permission_denied_for_keys_and_uploads(running: Fed) -> None:
     before = running.snapshot()
     denied = f"silo 'hospital-x' is not enrolled in run '{RUN_ID}'"

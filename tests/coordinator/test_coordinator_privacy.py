@@ -336,12 +336,23 @@ def reserve(led: Ledger, planned, rnd: int = 1) -> str:
 def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, tmp_path: Path) -> None:
     """With private masks, a style bank is refused until its Gaussian release is mirrored, and an upload in
     a mask round until the mask's noisy-Fisher release is (beside DP-SGD's); refusals store nothing."""
-    from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public
+    from fedsilo.privacy.he import SecretContext
+    from fedsilo.privacy.keywrap import KemKeyPair, announce_kem_public, wrap_key
     from fedsilo.privacy.relay_blob import sign_relay_blob
 
     coord = Coordinator(resfim_config(fed, tmp_path / "c"), clock=Clock())
+    kems = {s: KemKeyPair.generate() for s in SILOS}
+    params = coord.cfg.he_params()
+    secret = SecretContext.generate(params).secret_key_bytes()
+
+    def wrapped_for(recipient: str) -> bytes:  # the key holder's bundle, as the coordinator checks it
+        return wrap_key(secret=secret, run_id="dp-run", issuer="hospital-a",
+                        issuer_certificate_pem=fed.certs["hospital-a"][0],
+                        issuer_private_key_pem=fed.certs["hospital-a"][1], params_fingerprint=params.fingerprint(),
+                        recipient=recipient, recipient_public=kems[recipient].public_bytes()).to_bytes()
+
     for s in SILOS:
-        kem = announce_kem_public(run_id="dp-run", silo=s, public=KemKeyPair.generate().public_bytes(),
+        kem = announce_kem_public(run_id="dp-run", silo=s, public=kems[s].public_bytes(),
                                   certificate_pem=fed.certs[s][0], private_key_pem=fed.certs[s][1])
         coord.join(who(s), model_fingerprint=FP, num_train_examples=40, manifest=MANIFEST, agent_version="t",
                    kem_announcement=kem, budget_statement=statement(fed, s))
@@ -358,7 +369,7 @@ def test_resfim_bank_and_masked_uploads_need_their_own_ledger_entries(fed: Fed, 
         coord.publish_sealed(who("hospital-a"), "style-bank", bank)
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, RESFIM_PLAN.style_release())])
     assert coord.publish_sealed(who("hospital-a"), "style-bank", bank) == 1
-    coord.publish_wrapped_keys(who("hospital-a"), [("hospital-b", b"k"), ("hospital-c", b"k")])  # opaque to it
+    coord.publish_wrapped_keys(who("hospital-a"), [(s, wrapped_for(s)) for s in SILOS[1:]])
     assert coord.get_task(who("hospital-a"), after_round=0, wait_s=0).kind is TaskKind.TRAIN
     coord.submit_ledger_entries(who("hospital-a"), [reserve(a, p) for p in RESFIM_PLAN.round_releases()])
     from fedsilo.core.phases import masked_manifest
