@@ -1,4 +1,4 @@
-"""Base checkpoints for LoRA fine-tuning: pretraining on one built-in source domain, saving and loading."""
+"""Base checkpoints for LoRA fine-tuning: pretraining on one built-in source domain or the user's own folder, saving and loading."""
 
 from __future__ import annotations
 
@@ -44,8 +44,13 @@ class PretrainConfig:
             indices mean the same scanners as there.
         image_size: Height and width of the images (>= 32); must equal ``model.image_size``
             for UNETR and be divisible by the product of ``model.strides`` for the UNet.
-        n_train: Source training images (>= 1).
-        n_test: Source test images for the reported Dice (>= 1).
+        n_train: Source training images (>= 1; built-in data).
+        n_test: Source test images for the reported Dice (>= 1; built-in data).
+        folder: The user's own data instead of a built-in domain: a folder of images/ + masks/
+            (or a MONAI datalist JSON), read as a silo's ``[data] source = "folder"`` is, resized to
+            ``image_size``; its test split gives the reported Dice. A base pretrained on data
+            like the federation's (same anatomy and modality, none of the silos' patients) is
+            what LoRA fine-tuning needs: a base from unrelated images can leave it stuck.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -56,6 +61,7 @@ class PretrainConfig:
     image_size: int = 64
     n_train: int = 48
     n_test: int = 24
+    folder: str | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -69,6 +75,8 @@ class PretrainConfig:
         check_int(owner, "image_size", self.image_size, minimum=32)
         check_int(owner, "n_train", self.n_train, minimum=1)
         check_int(owner, "n_test", self.n_test, minimum=1)
+        if self.folder is not None and (not isinstance(self.folder, str) or not self.folder):
+            raise ValueError(f"{owner}.folder must be a folder or datalist path, got {self.folder!r}")
         if self.model.architecture is Architecture.UNETR and self.image_size != self.model.image_size:
             raise ValueError(
                 f"{owner}.image_size={self.image_size} must equal model.image_size={self.model.image_size} for UNETR"
@@ -89,8 +97,26 @@ class PretrainConfig:
 
     @property
     def run_id(self) -> str:
-        """The checkpoint's run id, ``pretrain-<domain>-<seed>``."""
-        return f"pretrain-{self.domain}-{self.seed}"
+        """The checkpoint's run id, ``pretrain-<domain>-<seed>`` (``pretrain-folder-<seed>`` on a folder)."""
+        return f"pretrain-{'folder' if self.folder is not None else self.domain}-{self.seed}"
+
+    def splits(self) -> Any:  # -> fedsilo.models.data.Splits
+        """The training and test data: the built-in source domain, or the folder.
+
+        Raises:
+            ValueError: bad folder options, or a folder with no test images.
+            FileNotFoundError: the folder does not exist.
+        """
+        if self.folder is None:
+            return silo_splits(self.data, self.domain)
+        from fedsilo.models.tasks import DataSpec, get_task
+
+        data = get_task("segmentation-2d").load_data(DataSpec(source="folder", path=self.folder, seed=self.seed,
+                                                             options={"image_size": self.image_size}))
+        if not len(data.splits.train) or not len(data.splits.test):
+            raise ValueError(f"folder {self.folder}: needs training and test images (it gave "
+                             f"{len(data.splits.train)} and {len(data.splits.test)})")
+        return data.splits
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> PretrainConfig:
@@ -143,11 +169,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         The checkpoint (CPU tensors; plain Python values otherwise).
 
     Raises:
-        ValueError: If ``cfg`` is not a PretrainConfig.
+        ValueError: If ``cfg`` is not a PretrainConfig, or its folder has no usable data.
+        FileNotFoundError: If its folder does not exist.
     """
     if not isinstance(cfg, PretrainConfig):
         raise ValueError(f"pretrain needs a PretrainConfig, got {type(cfg).__name__}")
-    splits = silo_splits(cfg.data, cfg.domain)
+    splits = cfg.splits()
     model = build_model(cfg.model)
     fingerprint = model_fingerprint(model)
     result = train_local(model, splits.train, dataclasses.replace(cfg.training, local_epochs=cfg.epochs),
@@ -161,7 +188,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "model_config": cfg.model.to_mapping(),
         "state_dict": state,
         "pretrain": {
-            "domain": cfg.domain,
+            "domain": None if cfg.folder is not None else cfg.domain,
+            "folder": cfg.folder,
             "epochs": cfg.epochs,
             "seed": cfg.seed,
             "dice": scores.dice,

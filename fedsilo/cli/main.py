@@ -19,7 +19,7 @@ from fedsilo import __version__
 from fedsilo.cli.plugins import PluginError, load_plugins
 from fedsilo.core.methods import method_names, methods
 import fedsilo.silo_agent.methods  # noqa: F401 - registers the built-in methods
-from fedsilo.silo_agent.bench.methods import study_method_names
+from fedsilo.silo_agent.bench.methods import resolve, study_method_names
 
 try:  # before the options below list the registered methods
     load_plugins()
@@ -343,15 +343,28 @@ def _json_mapping(option: str, text: str | None) -> dict:
 @click.option("--image-size", type=int, default=None, help="Image height and width (default 64).")
 @click.option("--n-train", type=int, default=None, help="Source training images (default 48).")
 @click.option("--n-test", type=int, default=None, help="Source test images for the Dice (default 24).")
+@click.option("--data", "folder", type=click.Path(path_type=Path), default=None,
+              help="Pretrain on your own data instead: a folder of images/ + masks/ (or a MONAI datalist JSON), "
+                   "like the federation's but holding none of its silos' patients.")
 def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None, model_json: str | None,
-             training_json: str | None, image_size: int | None, n_train: int | None, n_test: int | None) -> None:
-    """Pretrain a base network on one built-in domain: the frozen base of a LoRA run (no downloads)."""
+             training_json: str | None, image_size: int | None, n_train: int | None, n_test: int | None,
+             folder: Path | None) -> None:
+    """Pretrain a base network on one built-in domain, or on your own data (--data): the frozen base of a
+    LoRA run (no downloads)."""
     import time
 
     from fedsilo.models.pretrain import PretrainConfig, pretrain as run_pretrain, save_checkpoint
 
     values: dict = {"model": _json_mapping("--model", model_json),
                     "training": _json_mapping("--training", training_json)}
+    if folder is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in (("domain", domain), ("n_train", n_train), ("n_test", n_test))
+                 if v is not None]
+        if given:
+            _fail(f"{', '.join(given)}: settings of the built-in data; with --data the folder gives the images")
+        if not folder.exists():
+            _fail(f"--data: {folder} does not exist")
+        values["folder"] = str(folder)
     for key, value in (("domain", domain), ("epochs", epochs), ("seed", seed), ("image_size", image_size),
                        ("n_train", n_train), ("n_test", n_test)):
         if value is not None:
@@ -365,15 +378,21 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
     except ValueError as exc:
         _fail(str(exc))
     started = time.perf_counter()
-    ckpt = run_pretrain(cfg)
+    try:
+        ckpt = run_pretrain(cfg)
+    except (ValueError, OSError) as exc:
+        _fail(f"--data: {exc}" if cfg.folder is not None else str(exc), 1)
     seconds = time.perf_counter() - started
     try:
         save_checkpoint(ckpt, out)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc}", 1)
     info = ckpt["pretrain"]
-    click.echo(f"pretrained {cfg.model.architecture.value} ({info['parameters']} parameters) on built-in domain "
-               f"{cfg.domain} (data seed {cfg.seed}, {cfg.n_train} images of {cfg.image_size}x{cfg.image_size}, "
+    source = (f"{cfg.folder} (split seed {cfg.seed}, images resized to {cfg.image_size}x{cfg.image_size}"
+              if cfg.folder is not None else
+              f"built-in domain {cfg.domain} (data seed {cfg.seed}, {cfg.n_train} images of "
+              f"{cfg.image_size}x{cfg.image_size}")
+    click.echo(f"pretrained {cfg.model.architecture.value} ({info['parameters']} parameters) on {source}, "
                f"{cfg.epochs} epochs) in {seconds:.1f} s")
     click.echo(f"source-domain test Dice {info['dice']:.4f} (HD95 {info['hd95']:.2f} px, {info['n_test']} images)")
     click.echo(f"base checkpoint: {out} (run {ckpt['run_id']})")
@@ -403,11 +422,14 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 @click.option("--model-json", default=None,
               help="The runs' [model] table as a JSON object (default: the demo UNet for segmentation-2d, "
                    "else the Task's default model config).")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="The LoRA methods' frozen base: a checkpoint of the runs' model (`fedsilo pretrain --data` on "
+                   "data like yours). Default: pretrained on a built-in synthetic domain.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-bench"), show_default=True,
               help="Output folder: results.csv, summary.md, plots; finished cells are kept and reused.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, task_name: str,
-          model_json: str | None, out: Path) -> None:
+          model_json: str | None, base: Path | None, out: Path) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
     from fedsilo.silo_agent.bench.runner import (
@@ -434,9 +456,14 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
             raise BenchError(f"model: --model-json is not JSON: {exc}") from None
         cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
                           sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
-                          held_out=held_out, task=task_name, model=model, out=out)
+                          held_out=held_out, task=task_name, model=model, base=base, out=out)
     except BenchError as exc:
         _fail(str(exc))
+    lora = [m for m in cfg.methods if resolve(m).lora]
+    if lora and data_dir is not None and base is None:
+        click.echo(f"warning: {', '.join(lora)} fine-tune(s) a base pretrained on the built-in synthetic images, "
+                   "unrelated to your data; pass --base (made with `fedsilo pretrain --data`) for a fair comparison",
+                   err=True)
     started = time.perf_counter()
     try:
         written = run_study(cfg)

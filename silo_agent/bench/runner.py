@@ -24,7 +24,7 @@ log = logging.getLogger("fedsilo.bench")
 
 CELLS_DIR = "cells"
 #: Written into every cell: a cell made under other study settings is not reused.
-STUDY_KEYS = ("task", "model", "aggregation", "dp", "data", "held_out", "mu")
+STUDY_KEYS = ("task", "model", "aggregation", "dp", "data", "held_out", "mu", "base")
 
 
 class BenchError(Exception):
@@ -54,6 +54,9 @@ class BenchConfig:
             reports name its headline metric.
         model: the runs' ``[model]`` table; None: the demo UNet for ``segmentation-2d``, else the
             Task's :meth:`~fedsilo.models.tasks.Task.default_model_config` for each seed.
+        base: the frozen base of the LoRA methods (a ``fedsilo pretrain`` or ``fedsilo export``
+            checkpoint of the runs' model); None: one pretrained per seed on a built-in domain no
+            silo holds, which suits the built-in data, not a user's (``fedsilo pretrain --data``).
     """
 
     methods: tuple[str, ...]
@@ -70,6 +73,7 @@ class BenchConfig:
     held_out: str | None = None
     task: str = DEFAULT_TASK
     model: Mapping[str, Any] | None = None
+    base: Path | None = None
 
     def __post_init__(self) -> None:
         from fedsilo.models.tasks import get_task
@@ -114,7 +118,9 @@ class BenchConfig:
                                                                                       and self.mu >= 0):
             raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
         table = {m: resolve(m) for m in self.methods}
-        if self.task != DEFAULT_TASK:
+        if self.base is not None and not Path(self.base).is_file():
+            raise BenchError(f"base: {self.base} is not a checkpoint file (make one with `fedsilo pretrain`)")
+        if self.task != DEFAULT_TASK and self.base is None:
             for m in self.methods:
                 if table[m].lora:
                     raise BenchError(f"methods: {m} fine-tunes a pretrained base, which the bench makes for "
@@ -148,7 +154,7 @@ class BenchConfig:
         return {"task": self.task, "model": None if self.model is None else dict(self.model),
                 "aggregation": self.aggregation, "dp": self.dp,
                 "data": str(self.data) if self.data is not None else "builtin", "held_out": self.held_out,
-                "mu": self.mu}
+                "mu": self.mu, "base": str(Path(self.base).resolve()) if self.base is not None else None}
 
 
 def default_sweep(rounds: int, local_epochs: int = 1) -> tuple[tuple[int, int], ...]:
@@ -238,8 +244,12 @@ def _model_table(cfg: BenchConfig, seed: int) -> dict[str, Any]:
 
 
 def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
-    """DEeR's frozen base for ``seed``, pretrained once per study on a domain no silo holds."""
+    """The LoRA methods' frozen base for ``seed``: the study's ``base``, else one pretrained once per study
+    on a built-in domain no silo holds."""
     from fedsilo.silo_agent.demo import make_base
+
+    if cfg.base is not None:
+        return Path(cfg.base).resolve()
 
     path = Path(cfg.out).resolve() / "bases" / f"base-seed{seed}.pt"
     if not path.is_file():

@@ -213,3 +213,63 @@ def test_cli_pretrain_bad_arguments_fail(tmp_path: Path, args: list[str], messag
 def test_cli_pretrain_needs_out() -> None:
     result = CliRunner().invoke(main, ["pretrain", "--epochs", "1"])
     assert result.exit_code != 0 and "--out" in result.output
+
+
+# -- pretraining on the user's own folder ------------------------------------------------------------
+
+
+def _write_folder(root: Path, n: int, domain: int = 5) -> Path:
+    """A user's folder of PNG images/ + masks/ (made from a built-in domain no demo silo holds here)."""
+    import numpy as np
+    from PIL import Image
+
+    from fedsilo.models.synthetic import SyntheticConfig, silo_splits
+
+    splits = silo_splits(SyntheticConfig(seed=7, image_size=48, n_train=n, n_val=0, n_test=1), domain)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image, mask = splits.train[i]
+        x = image[0].numpy()
+        png = np.clip((x - x.min()) / (x.max() - x.min() + 1e-9) * 255, 0, 255).astype(np.uint8)
+        Image.fromarray(png).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def test_pretraining_on_a_folder_uses_its_images_and_reports_its_test_dice(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "mr", 10)
+    cfg = dataclasses.replace(TINY, folder=str(folder))
+    assert cfg.run_id == "pretrain-folder-0"
+    assert PretrainConfig.from_mapping(cfg.to_mapping()) == cfg
+    ckpt = pretrain(cfg)
+    info = ckpt["pretrain"]
+    assert info["folder"] == str(folder) and info["domain"] is None
+    assert info["n_test"] == len(cfg.splits().test) >= 1  # the folder's own test split, not TINY's n_test
+    assert 0.0 <= info["dice"] <= 1.0
+    again = pretrain(cfg)
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+    builtin = pretrain(TINY)
+    assert any(not torch.equal(builtin["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+    base = load_base_checkpoint(save_checkpoint(ckpt, tmp_path / "base.pt"), SMALL_UNET)
+    assert base.keys() == build_model(SMALL_UNET).state_dict().keys()
+
+
+def test_pretrain_cli_on_a_folder(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "mr", 10)
+    out = tmp_path / "base.pt"
+    args = ["pretrain", "--out", str(out), "--data", str(folder), "--epochs", "1", "--image-size", "32",
+            "--model", '{"channels": [4, 8], "strides": [2]}']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"on {folder}" in result.output and out.is_file()
+    both = CliRunner().invoke(main, [*args, "--domain", "3", "--n-train", "5"])
+    assert both.exit_code == 2 and "--domain, --n-train: settings of the built-in data" in both.output
+    missing = CliRunner().invoke(main, ["pretrain", "--out", str(out), "--data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    bad = CliRunner().invoke(main, ["pretrain", "--out", str(tmp_path / "x.pt"), "--data", str(empty)])
+    assert bad.exit_code == 1 and bad.output.startswith("error: --data:") and "Traceback" not in bad.output
+    assert not (tmp_path / "x.pt").exists()

@@ -509,3 +509,35 @@ def test_a_variant_cell_is_its_own_file_and_says_what_changed(tmp_path: Path, fe
     assert cells == ["fedavg-seed0-1x1.json", "fedavg_training.proximal_mu_0.5-seed0-1x1.json"]
     variant = json.loads((tmp_path / "out" / "cells" / cells[1]).read_text())
     assert variant["method"] == "fedavg@training.proximal_mu=0.5" and variant["note"].endswith("[training.proximal_mu=0.5]")
+
+
+# -- the LoRA methods' base ------------------------------------------------------------------------
+
+
+def test_a_given_base_must_be_a_file_and_is_part_of_the_study(tmp_path: Path, toy_task: Task) -> None:
+    with pytest.raises(BenchError, match="is not a checkpoint file"):
+        _cfg(tmp_path, methods=("fedavg", "deer"), aggregation="he", base=tmp_path / "missing.pt")
+    base = tmp_path / "base.pt"
+    base.write_bytes(b"a checkpoint")  # the bench checks the file exists; the agents check what it holds
+    assert _cfg(tmp_path).study()["base"] is None
+    assert _cfg(tmp_path, base=base).study()["base"] == str(base.resolve())
+    # with a base of its own, a LoRA method may run on another Task (the bench makes bases only for 2-D)
+    assert _cfg(tmp_path, task=toy_task.name, methods=("fedavg", "deer"), aggregation="he", base=base)
+
+
+def test_a_lora_cell_fine_tunes_the_given_base_and_a_study_without_it_is_another(tmp_path: Path,
+                                                                                 fedsilo_logger: None) -> None:
+    from fedsilo.silo_agent.bench.runner import run_study
+    from fedsilo.silo_agent.demo import make_base
+
+    base = make_base(tmp_path / "my-base.pt", 0)
+    cfg = _cfg(tmp_path, methods=("deer",), aggregation="he", rounds=1, silos=2, base=base)
+    run_study(cfg)
+    out = tmp_path / "out"
+    assert not (out / "bases").exists(), "no base of the bench's own was made"
+    assert json.loads((out / "cells" / "deer-seed0-1x1.json").read_text())["base"] == str(base.resolve())
+    loaded = [line for line in (out / "logs" / "bench.log").read_text().splitlines()
+              if f"base model loaded from {base.resolve()}" in line]
+    assert len(loaded) >= 2, "every agent fine-tunes the given base"
+    with pytest.raises(BenchError, match="other study settings"):
+        run_study(_cfg(tmp_path, methods=("deer",), aggregation="he", rounds=1, silos=2))
