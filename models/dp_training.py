@@ -16,8 +16,9 @@ from fedsilo.models.training import (
     stack_batch,
     _dataset_len,
     _derived_seed,
-    _device_of,
     _make_optimizer,
+    _seeded_device_rng,
+    on_device,
 )
 from fedsilo.privacy.dpsgd import (
     MAX_SEED,
@@ -42,6 +43,7 @@ def train_local_dp(
     round_index: int,
     noise_seed: int | None = None,
     task: Any = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
 
@@ -85,6 +87,13 @@ def train_local_dp(
         noise_seed: None for secure randomness, or an int in [0, 2**63 - 1] for reproducibility.
         task: The run's Task (``fedsilo.models.tasks``): its batches (``collate``) and loss (a mean of
             per-example losses); None: 2-D segmentation's, as before Tasks existed.
+        device: Where to train (:func:`fedsilo.models.training.resolve_device`): the model is
+            moved there for the call (per-sample gradients, clipping and the Gaussian noise, drawn
+            by a generator on that device, all run there) and back to its own device afterwards;
+            the Poisson draws stay on the CPU. None trains where the model is (the CPU for every
+            agent model), as before devices existed; on the CPU, ``"cpu"``, ``"auto"`` and None
+            give bit-identical weights for the same ``noise_seed``. The same seed on CUDA draws
+            other noise than on the CPU (another generator), with the same distribution.
 
     Returns:
         ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
@@ -92,8 +101,8 @@ def train_local_dp(
         ``examples``: the number of sampled examples, summed over steps.
 
     Raises:
-        ValueError: On bad configs, round index or seed, an empty dataset, or a model that
-            Opacus cannot handle.
+        ValueError: On bad configs, round index or seed, an empty dataset, a model that
+            Opacus cannot handle, or a bad or unusable ``device``.
     """
     if not isinstance(train_cfg, TrainConfig):
         raise ValueError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
@@ -108,7 +117,15 @@ def train_local_dp(
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
-    device = _device_of(model)
+    with on_device(model, device) as where:
+        return _train_local_dp(model, dataset, train_cfg, dp, round_index=round_index, noise_seed=noise_seed,
+                               task=task, n=n, device=where)
+
+
+def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainConfig, dp: DpSgdConfig, *,
+                    round_index: int, noise_seed: int | None, task: Any, n: int,
+                    device: torch.device) -> TrainResult:
+    """:func:`train_local_dp`'s loop, ``model`` already on ``device``."""
     expected = max(1, round(dp.sample_rate * n))
     if noise_seed is None:
         noise_gen = secure_generator(device)
@@ -127,7 +144,7 @@ def train_local_dp(
     total_loss = 0.0
     examples = 0
     model.train()
-    with seeded_global_rng(seed ^ 0x5DEECE66D):
+    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D):
         with DpSgdStep(
             model,
             optimizer,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,17 @@ from fedsilo.core.rng import seeded_global_rng
 if TYPE_CHECKING:
     from fedsilo.models.tasks.base import Task
 
-__all__ = ["EvalResult", "Optimizer", "TrainConfig", "TrainResult", "evaluate", "stack_batch", "train_local"]
+__all__ = [
+    "EvalResult",
+    "Optimizer",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "on_device",
+    "resolve_device",
+    "stack_batch",
+    "train_local",
+]
 
 _TAG_TRAIN = 0x7EA1
 
@@ -138,6 +150,96 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,3}))?")
+
+
+def resolve_device(spec: torch.device | str | None) -> torch.device:
+    """The torch device a training or evaluation call runs on.
+
+    Args:
+        spec: ``"auto"`` (CUDA device 0 when CUDA is available, else the CPU), ``"cpu"``,
+            ``"cuda"`` (the current CUDA device), ``"cuda:N"``, a ``torch.device`` of type
+            ``cpu`` or ``cuda``, or None (the CPU).
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: On another string or device type, or on a CUDA device this process cannot
+            use (no CUDA, or N beyond the visible devices); the message names the value.
+    """
+    if spec is None:
+        return torch.device("cpu")
+    if isinstance(spec, torch.device):
+        text = str(spec)
+    elif isinstance(spec, str):
+        text = spec
+    else:
+        raise ValueError(f"device must be a torch.device, a string or None, got {type(spec).__name__}")
+    if not _DEVICE_SPEC.fullmatch(text):
+        raise ValueError(f"device {text!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N >= 0)")
+    if text == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {text!r}: CUDA is not available to this process (torch {torch.__version__}, "
+                         f"built with CUDA {torch.version.cuda or 'none'}); use 'cpu' or 'auto'")
+    device = torch.device(text)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {text!r}: this process sees {count} CUDA device(s) (0..{count - 1})")
+    return device
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Moves ``model`` to ``device`` for the duration of the block, then back to where it was.
+
+    ``device=None`` leaves the model where it is (for every agent model, the CPU), so callers
+    that pass no device behave exactly as before devices existed.
+
+    Args:
+        model: The network; moved in place (``nn.Module.to``: parameters keep their identity).
+        device: As :func:`resolve_device`, or None.
+
+    Yields:
+        The device the block runs on.
+
+    Raises:
+        ValueError: On a bad or unusable device (see :func:`resolve_device`).
+    """
+    home = _device_of(model)
+    if device is None:
+        yield home
+        return
+    target = resolve_device(device)
+    if target == home:
+        yield target
+        return
+    try:
+        model.to(target)  # inside the try: a move that fails part-way (out of memory) is undone too
+        yield target
+    finally:
+        model.to(home)
+
+
+@contextlib.contextmanager
+def _seeded_device_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """On a CUDA device, forks and seeds that device's RNG (dropout draws there); a no-op on the CPU.
+
+    :func:`fedsilo.core.rng.seeded_global_rng` forks the CPU generator only; without this, dropout
+    on CUDA would draw from (and advance) the caller's unseeded CUDA stream.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    with torch.random.fork_rng(devices=[device]):
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def _dataset_len(dataset: Dataset[Any]) -> int:
     try:
         return len(dataset)  # type: ignore[arg-type]
@@ -183,6 +285,7 @@ def train_local(
     round_index: int,
     anchor: Mapping[str, torch.Tensor] | None = None,
     task: Task | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
@@ -206,13 +309,20 @@ def train_local(
             :meth:`~fedsilo.models.tasks.Task.forward` and :meth:`~fedsilo.models.tasks.Task.loss`
             make the batches and the loss; None is 2-D segmentation (:func:`stack_batch`,
             DiceCE), and the ``segmentation-2d`` Task gives the same weights bit for bit.
+        device: Where to train (:func:`resolve_device`: ``"auto"``, ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or a ``torch.device``): the model is moved there for the call and
+            back to its own device afterwards, so its weights, and anything taken from its
+            ``state_dict`` after the call, are where they were before. None trains where the
+            model is (the CPU for every agent model), as before devices existed; on the CPU,
+            ``"cpu"``, ``"auto"`` and None give bit-identical weights.
 
     Returns:
         Loss, steps and examples of this call.
 
     Raises:
-        ValueError: On an empty dataset, a bad config, a bad round index, or an ``anchor``
-            that lacks a trainable parameter or gives it another shape.
+        ValueError: On an empty dataset, a bad config, a bad round index, an ``anchor``
+            that lacks a trainable parameter or gives it another shape, or a bad or unusable
+            ``device``.
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -220,8 +330,16 @@ def train_local(
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
+    with on_device(model, device) as where:
+        return _train_local(model, dataset, cfg, round_index=round_index, anchor=anchor, task=task, n=n,
+                            device=where)
+
+
+def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, round_index: int,
+                 anchor: Mapping[str, torch.Tensor] | None, task: Task | None, n: int,
+                 device: torch.device) -> TrainResult:
+    """:func:`train_local`'s loop, ``model`` already on ``device``."""
     centre = _checked_anchor(model, anchor) if anchor is not None else None
-    device = _device_of(model)
     if task is None:
         from monai.losses import DiceCELoss
 
@@ -240,7 +358,7 @@ def train_local(
     steps = 0
     examples = 0
     model.train()
-    with seeded_global_rng(seed ^ 0x5DEECE66D):
+    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D):
         for _epoch in range(cfg.local_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
@@ -263,6 +381,8 @@ def evaluate(
     model: nn.Module,
     dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
     batch_size: int = 16,
+    *,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
     """Scores ``model`` on ``dataset``: mean per-image Dice and HD95 of the argmax prediction.
 
@@ -273,30 +393,31 @@ def evaluate(
         model: Network producing ``[N, K, H, W]`` logits.
         dataset: Map-style dataset of ``(image, mask)`` pairs.
         batch_size: Images per forward pass.
+        device: Where to run the forward passes (as :func:`train_local`'s ``device``; the model
+            goes back to its own device afterwards); None: where the model is.
 
     Returns:
         Mean Dice, mean HD95 and the number of images.
 
     Raises:
-        ValueError: On an empty dataset or a bad batch size.
+        ValueError: On an empty dataset, a bad batch size, or a bad or unusable device.
     """
     check_int("evaluate", "batch_size", batch_size, minimum=1)
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = _device_of(model)
     was_training = model.training
-    model.eval()
     dice_sum = 0.0
     hd_sum = 0.0
-    try:
-        with torch.no_grad():
+    with on_device(model, device) as where, torch.no_grad():
+        model.eval()
+        try:
             for start in range(0, n, batch_size):
-                images, masks = stack_batch(dataset, list(range(start, min(n, start + batch_size))), device)
+                images, masks = stack_batch(dataset, list(range(start, min(n, start + batch_size))), where)
                 logits = model(images)
                 scores = dice_and_hd95(logits, masks, num_classes=int(logits.shape[1]))
                 dice_sum += float(scores.dice.sum())
                 hd_sum += float(scores.hd95.sum())
-    finally:
-        model.train(was_training)
+        finally:
+            model.train(was_training)
     return EvalResult(dice=dice_sum / n, hd95=hd_sum / n, n=n)

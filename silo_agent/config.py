@@ -20,6 +20,63 @@ class DataSource(enum.Enum):
     FOLDER = "folder"
 
 
+class DeviceKind(enum.Enum):
+    """Which kind of device a silo trains and evaluates on (``[agent] device``)."""
+
+    AUTO = "auto"  # CUDA device 0 when this process can use CUDA, else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"  # the current CUDA device, or device ``index``
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSetting:
+    """The agent's ``device``: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Only the spelling is checked here (the config loads without torch); whether this process
+    can use the device is checked when the agent starts (``Agent.run``).
+
+    Attributes:
+        kind: auto, CPU or CUDA.
+        index: CUDA only: the device number N of ``"cuda:N"``; None is the current CUDA device.
+    """
+
+    kind: DeviceKind = DeviceKind.CPU
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, DeviceKind):
+            raise ConfigError(f"agent.device: {self.kind!r} is not a DeviceKind")
+        if self.index is not None and (
+            self.kind is not DeviceKind.CUDA or isinstance(self.index, bool) or not isinstance(self.index, int)
+            or not 0 <= self.index <= 4095
+        ):
+            raise ConfigError(f"agent.device: index {self.index!r} needs kind 'cuda' and an integer in [0, 4095]")
+
+    @classmethod
+    def parse(cls, text: Any) -> DeviceSetting:
+        """Parses ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (N a decimal integer >= 0).
+
+        Raises:
+            ConfigError: naming ``agent.device`` and the bad value.
+        """
+        want = "must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N an integer >= 0)"
+        if not isinstance(text, str):
+            raise ConfigError(f"agent.device: {text!r} {want}")
+        kind, sep, number = text.partition(":")
+        try:
+            parsed = DeviceKind(kind)
+        except ValueError:
+            raise ConfigError(f"agent.device: {text!r} {want}") from None
+        if not sep:
+            return cls(kind=parsed)
+        if parsed is not DeviceKind.CUDA or not number.isascii() or not number.isdigit() or len(number) > 4:
+            raise ConfigError(f"agent.device: {text!r} {want}")
+        return cls(kind=parsed, index=int(number))
+
+    def __str__(self) -> str:
+        return self.kind.value if self.index is None else f"{self.kind.value}:{self.index}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """A silo's data.
@@ -94,6 +151,10 @@ class AgentConfig:
         insecure: plaintext gRPC (development only; loudly warned).
         name: the silo's name; only used in insecure mode, where there is no certificate.
         threads: torch CPU threads (0 = torch's default).
+        device: where local training and evaluation run (a ``DeviceSetting``, or its string,
+            e.g. ``"cuda:1"``); the default, the CPU, is bit-reproducible. The model is moved there
+            for training and evaluation only: the agent's state, uploads, HE and the strategy's
+            tensors stay on the CPU.
         data: the silo's data.
         heartbeat_s: seconds between heartbeats.
         budget: this silo's privacy budget; required to take part in a run with DP.
@@ -107,6 +168,7 @@ class AgentConfig:
     insecure: bool = False
     name: str | None = None
     threads: int = 0
+    device: DeviceSetting = field(default_factory=DeviceSetting)
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_s: float = 5.0
     budget: BudgetConfig | None = None
@@ -122,12 +184,14 @@ class AgentConfig:
             raise ConfigError(f"agent.name: insecure mode needs a valid silo name, got {self.name!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 0 <= self.threads <= 256:
             raise ConfigError(f"agent.threads: {self.threads!r} must be an integer in [0, 256]")
+        if not isinstance(self.device, DeviceSetting):
+            object.__setattr__(self, "device", DeviceSetting.parse(self.device))
         if not isinstance(self.heartbeat_s, (int, float)) or not 0.1 <= self.heartbeat_s <= 300:
             raise ConfigError(f"agent.heartbeat_s: {self.heartbeat_s!r} must be in [0.1, 300]")
 
 
 _SECTIONS = {
-    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "heartbeat_s"},
+    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "device", "heartbeat_s"},
     "tls": {"ca", "cert", "key"},
     "data": None,
     "privacy": {"epsilon", "delta"},
@@ -176,6 +240,8 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     for key in ("name", "threads", "heartbeat_s"):
         if key in agent:
             kwargs[key] = agent[key]
+    if "device" in agent:
+        kwargs["device"] = DeviceSetting.parse(agent["device"])
     if "base_checkpoint" in data.get("model", {}):
         kwargs["base_checkpoint"] = resolve_path(base, data["model"]["base_checkpoint"], "model.base_checkpoint")
     if "privacy" in data:

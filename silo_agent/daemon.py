@@ -87,6 +87,7 @@ class Agent:
         self._beat_stop = threading.Event()
         self._run_id: str | None = None
         self._signer = None
+        self._device = torch.device("cpu")  # where training and evaluation run; set from agent.device by run()
 
     def _credentials(self) -> Credentials:
         if self.cfg.insecure:
@@ -116,6 +117,7 @@ class Agent:
         """
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        self._device = self._training_device()
         client = self._connect(self.cfg.coordinator, self._credentials(), self.stop)
         try:
             return self._run(client)
@@ -129,6 +131,21 @@ class Agent:
         finally:
             self._stop_heartbeats()  # before the channel closes under a heartbeat in flight
             client.close()
+
+    def _training_device(self) -> torch.device:
+        """The torch device of ``agent.device``; the model visits it for training and evaluation only.
+
+        Raises:
+            AgentError: the setting names a device this process cannot use (e.g. ``"cuda"`` without CUDA).
+        """
+        from fedsilo.models.training import resolve_device
+
+        try:
+            device = resolve_device(str(self.cfg.device))
+        except ValueError as exc:
+            raise AgentError(f"agent.device = {str(self.cfg.device)!r}: {exc}") from None
+        log.info("training and evaluation on %s (agent.device = %r)", device, str(self.cfg.device))
+        return device
 
     def _run(self, client: CoordinatorClient) -> int:
         info = client.get_run()
@@ -291,16 +308,19 @@ class Agent:
             model.load_state_dict(strategy.eval_state_dict(state))
             task = self._task
             if _len(data.splits.test):
-                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.test, state=state), "test"))
+                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.test, state=state), "test",
+                                                   device=self._device))
             if _len(data.splits.val):
-                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.val, state=state), "val"))
+                metrics.update(task.evaluate_split(model, strategy.eval_data(data.splits.val, state=state), "val",
+                                                   device=self._device))
             if state.last_train_loss is not None and state.done_round == rnd:
                 metrics["train_loss"] = (state.last_train_loss, _len(data.splits.train))
             if state.shared_fraction is not None:
                 metrics["shared_fraction"] = (state.shared_fraction, _len(data.splits.train))
             if (rnd == total_rounds or self._unseen_every_round) and data.unseen is not None:
                 model.load_state_dict(strategy.unseen_state_dict(state))
-                metrics.update(task.evaluate_split(model, strategy.unseen_data(data.unseen, state=state), "unseen"))
+                metrics.update(task.evaluate_split(model, strategy.unseen_data(data.unseen, state=state), "unseen",
+                                                   device=self._device))
             self._load_global(model, state)
             if metrics:
                 client.report_metrics(rnd, metrics)
@@ -403,15 +423,16 @@ class Agent:
         if dp is not None and dp.plan.record_level:
             from fedsilo.models.dp_training import train_local_dp
 
-            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd, task=self._task)
-        else:
-            result = train_local(model, train, train_cfg, round_index=rnd, task=self._task)
+            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd, task=self._task,
+                                    device=self._device)
+        else:  # both move the model to the device for the call and back to the CPU after it
+            result = train_local(model, train, train_cfg, round_index=rnd, task=self._task, device=self._device)
         if self.stop.is_set():
             raise Stopped("training")
         sd = model.state_dict()
         update = strategy.upload(trained=sd, state=state, names=shared, rnd=rnd, total_rounds=self._total_rounds)
         strategy.after_training(model=model, state=state, train=train, train_cfg=train_cfg, rnd=rnd)
-        state.model = {k: v.detach().clone() for k, v in sd.items()}
+        state.model = {k: v.detach().cpu().clone() for k, v in sd.items()}
         state.last_train_loss = result.loss
         return update, result.loss
 

@@ -69,6 +69,23 @@ class Strategy(Method, abc.ABC):
     """
 
     @classmethod
+    def check_run(cls, run: Any) -> None:
+        """Refuses a method that declares ``needs_2d`` for a run whose Task is not 2-D (a Task
+        name no module registered is left to the agents). Overrides call ``super().check_run(run)``.
+
+        Raises:
+            ValueError: naming ``run.strategy`` and ``run.task``.
+        """
+        if not cls.needs_2d:
+            return
+        from fedsilo.models.tasks import get_task, task_names
+
+        task = getattr(run, "task", None)
+        if task in task_names() and (dims := get_task(task).spatial_dims) != 2:
+            raise ValueError(f"run.strategy: {cls.name!r} works on 2-D images only ({cls.needs_2d}); "
+                             f"run.task = {task!r} is a {dims}-D Task")
+
+    @classmethod
     def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> Strategy:
         """The strategy for a run whose method tables (e.g. ``{"resfim": {...}}``) are ``tables``
         (default: no settings)."""

@@ -427,9 +427,16 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
                    "data like yours). Default: pretrained on a built-in synthetic domain.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedsilo-bench"), show_default=True,
               help="Output folder: results.csv, summary.md, plots; finished cells are kept and reused.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the cells as Ray tasks: on a local Ray instance (no ADDRESS) or the cluster at ADDRESS "
+                   "(e.g. auto, ray://head:10001). Same cells, results and reports as a serial run. "
+                   "Needs pip install 'fedsilo[cluster]'.")
+@click.option("--cell-cpus", type=float, default=1, show_default=True, help="With --ray: CPUs reserved per cell.")
+@click.option("--cell-gpus", type=float, default=0, show_default=True, help="With --ray: GPUs reserved per cell.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, task_name: str,
-          model_json: str | None, base: Path | None, out: Path) -> None:
+          model_json: str | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
+          cell_gpus: float) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
     from fedsilo.silo_agent.bench.runner import (
@@ -457,6 +464,13 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
         cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
                           sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
                           held_out=held_out, task=task_name, model=model, base=base, out=out)
+        executor = None
+        if ray_address is not None:
+            from fedsilo.silo_agent.bench.ray_runner import ray_executor
+
+            executor = ray_executor(ray_address or None, cell_cpus=cell_cpus, cell_gpus=cell_gpus)
+        elif (cell_cpus, cell_gpus) != (1, 0):
+            raise BenchError("--cell-cpus/--cell-gpus: they apply to --ray only")
     except BenchError as exc:
         _fail(str(exc))
     lora = [m for m in cfg.methods if resolve(m).lora]
@@ -466,7 +480,7 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
                    err=True)
     started = time.perf_counter()
     try:
-        written = run_study(cfg)
+        written = run_study(cfg, executor=executor)
     except BenchError as exc:
         _fail(str(exc), 3)
     click.echo(f"fedsilo bench: {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s) x "

@@ -87,6 +87,8 @@ class Method:
         alternates: whether its rounds alternate LoRA factors (DEeR's share phases).
         masked: whether uploads carry ResFIM's companion sets (mask weights, local parts).
         uses_lora: whether silos train LoRA adapters on a frozen base.
+        needs_2d: why it works on 2-D images only ("" when it takes any Task); a run of a Task
+            whose ``spatial_dims`` is not 2 (e.g. ``segmentation-3d``) refuses it.
         bench: how ``fedsilo bench`` runs it; None: not one of the study's methods.
         order: where it stands in choice lists and the study's tables (then by name).
     """
@@ -104,6 +106,7 @@ class Method:
     alternates: ClassVar[bool] = False
     masked: ClassVar[bool] = False
     uses_lora: ClassVar[bool] = False
+    needs_2d: ClassVar[str] = ""
     bench: ClassVar[BenchDefaults | None] = None
     order: ClassVar[int] = 1000
 

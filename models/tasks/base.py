@@ -154,6 +154,8 @@ class Task(abc.ABC):
       are higher-is-better.
     * ``unseen_domain``: one sentence saying what this Task's unseen domain is.
     * ``data_sources``: the :attr:`DataSpec.source` values :meth:`read_data` accepts.
+    * ``spatial_dims``: 2 for images ``[C, H, W]``, 3 for volumes ``[C, D, H, W]``; a run refuses
+      methods that declare they work on 2-D images only (``Method.needs_2d``) for a 3-D Task.
 
     Subclasses implement :meth:`read_data`, :meth:`model_config`, :meth:`build_model`,
     :meth:`collate`, :meth:`loss` and :meth:`evaluate`; :meth:`forward` may be overridden for
@@ -168,6 +170,7 @@ class Task(abc.ABC):
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     unseen_domain: ClassVar[str]
     data_sources: ClassVar[tuple[str, ...]] = ("builtin", "folder")
+    spatial_dims: ClassVar[int] = 2
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -320,7 +323,8 @@ class Task(abc.ABC):
         """
 
     def evaluate_split(
-        self, model: nn.Module, dataset: Dataset[Any] | None, split: str
+        self, model: nn.Module, dataset: Dataset[Any] | None, split: str, *,
+        device: torch.device | str | None = None,
     ) -> dict[str, tuple[float, int]]:
         """The metrics the agent reports for one of its datasets, under their report names.
 
@@ -332,18 +336,24 @@ class Task(abc.ABC):
             model: The network, with the weights to score already loaded.
             dataset: The dataset; None or an empty one gives no metrics.
             split: One of :data:`EVAL_SPLITS`.
+            device: Where to score (:func:`fedsilo.models.training.resolve_device`): the model
+                is moved there for :meth:`evaluate` (whose batches go where the model is) and
+                back to its own device afterwards; None scores it where it is.
 
         Returns:
             ``{report name: (value, n)}``; empty for no data.
 
         Raises:
-            ValueError: On an unknown split.
+            ValueError: On an unknown split, or a bad or unusable device.
         """
         if split not in EVAL_SPLITS:
             raise ValueError(f"split must be one of {list(EVAL_SPLITS)}, got {split!r}")
         if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
             return {}
-        scores = self.evaluate(model, dataset)
+        from fedsilo.models.training import on_device
+
+        with on_device(model, device):
+            scores = self.evaluate(model, dataset)
         if split == "test":
             return scores
         if split == "val":
@@ -397,6 +407,8 @@ def _check_task_class(cls: object) -> None:
         raise ValueError(f"{where}.lower_is_better names unknown metrics {sorted(set(cls.lower_is_better) - set(metrics))}")
     if not isinstance(cls.data_sources, tuple) or not cls.data_sources:
         raise ValueError(f"{where}.data_sources must be a non-empty tuple, got {cls.data_sources!r}")
+    if cls.spatial_dims not in (2, 3) or isinstance(cls.spatial_dims, bool):
+        raise ValueError(f"{where}.spatial_dims must be 2 or 3, got {cls.spatial_dims!r}")
 
 
 def register_task(cls: T) -> T:

@@ -6,13 +6,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
@@ -157,6 +158,21 @@ class BenchConfig:
                 "mu": self.mu, "base": str(Path(self.base).resolve()) if self.base is not None else None}
 
 
+class Job(NamedTuple):
+    """One cell to run: its method, seed and schedule."""
+
+    method: Method
+    seed: int
+    rounds: int
+    local_epochs: int
+
+
+#: Runs a study's unfinished cells elsewhere (e.g. ``ray_runner.ray_executor``): given the study and its
+#: jobs, yields each (job, cell) as it finishes, in any order; :func:`run_study` writes the cells. It
+#: raises :class:`BenchError` for a failed cell (cells it yielded before are kept).
+Executor = Callable[[BenchConfig, Sequence[Job]], Iterator[tuple[Job, dict[str, Any]]]]
+
+
 def default_sweep(rounds: int, local_epochs: int = 1) -> tuple[tuple[int, int], ...]:
     """The communication-frequency sweep for a main schedule: every R' × E' with the same total
     epochs and E' ∈ {1, 2, 4, 5, 8, 10, …} dividing the total (at most 8 epochs per round, at least
@@ -254,7 +270,7 @@ def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
     path = Path(cfg.out).resolve() / "bases" / f"base-seed{seed}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.pt")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt")  # cells of one seed may run at once (--ray)
         make_base(tmp, seed)
         tmp.replace(path)
     return path
@@ -363,11 +379,17 @@ def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
     return cell
 
 
-def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
+def run_study(cfg: BenchConfig, *, console: Any = None, executor: Executor | None = None) -> list[Path]:
     """Runs every cell not yet finished, then writes results.csv, summary.md and the plots.
 
     A finished cell is a JSON file in ``out/cells``, written atomically when the cell ends; an
     interrupted study started again with the same settings skips them.
+
+    Args:
+        cfg: the study.
+        console: where progress goes (default: a rich console on stderr).
+        executor: runs the unfinished cells elsewhere (e.g. as Ray tasks); None: one after another in
+            this process. Either way this process writes the cells, the same files.
 
     Returns:
         The files written by the report.
@@ -378,10 +400,10 @@ def run_study(cfg: BenchConfig, *, console: Any = None) -> list[Path]:
     out = Path(cfg.out).resolve()
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     with _logs_to(out / "logs"):
-        return _run_study(cfg, out, console)
+        return _run_study(cfg, out, console, executor)
 
 
-def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
+def _run_study(cfg: BenchConfig, out: Path, console: Any, executor: Executor | None) -> list[Path]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedsilo.silo_agent.bench.report import write_outputs
@@ -405,9 +427,22 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
     if cfg.aggregation == "plain":
         console.print("[bold red]WARNING: --aggregation plain: the simulated coordinator sees every update in the "
                       "clear (fine for a benchmark on synthetic data, not for a deployment).[/]")
+
+    def finish(path: Path, cell: dict[str, Any]) -> None:
+        """The one place a finished cell is written (atomically) and counted."""
+        atomic_write(path, json.dumps(cell, indent=1).encode())
+        progress.advance(overall)
+        console.print(f"{path.stem}: {cell['seconds']:.0f} s")
+        cells.append(cell)
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         overall = progress.add_task("cells", total=len(plan), completed=len(cells))
+        if executor is not None:
+            for job, cell in executor(cfg, [Job(method, seed, r, e) for method, seed, r, e, _path in todo]):
+                finish(out / CELLS_DIR / f"{cell_id(job.method.name, job.seed, job.rounds, job.local_epochs)}.json",
+                       cell)
+            todo = []
         for method, seed, r, e, path in todo:
             cid = cell_id(method.name, seed, r, e)
             task = progress.add_task(f"  {cid}", total=r)
@@ -420,12 +455,9 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
                 log.exception("cell %s failed", cid)
                 raise BenchError(f"{cid} failed: {type(exc).__name__}: {exc} (details in "
                                  f"{out / 'logs' / 'bench.log'}; finished cells are kept, run again to resume)") from None
-            atomic_write(path, json.dumps(cell, indent=1).encode())
             progress.update(task, completed=r)
             progress.remove_task(task)
-            progress.advance(overall)
-            console.print(f"{cid}: {cell['seconds']:.0f} s")
-            cells.append(cell)
+            finish(path, cell)
     order = {(m.name, s, r, e): i for i, (m, s, r, e) in enumerate(plan)}
     cells.sort(key=lambda c: order.get((c["method"], c["seed"], c["rounds"], c["local_epochs"]), len(order)))
     reference = "fedavg" if "fedavg" in cfg.methods else cfg.methods[0]
@@ -433,13 +465,13 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _logs_to(folder: Path) -> Iterator[None]:
-    """While running, fedsilo's log lines go to ``folder/bench.log`` only (the console shows the
+def _logs_to(folder: Path, name: str = "bench.log") -> Iterator[None]:
+    """While running, fedsilo's log lines go to ``folder/name`` only (the console shows the
     progress); the logger's previous handlers and settings are restored afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("fedsilo")
     saved = (root.level, root.propagate, list(root.handlers))
-    handler = logging.FileHandler(folder / "bench.log")
+    handler = logging.FileHandler(folder / name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
     root.setLevel(logging.INFO)
     root.propagate = False
@@ -453,5 +485,5 @@ def _logs_to(folder: Path) -> Iterator[None]:
         root.handlers[:] = saved[2]
 
 
-__all__ = ["BenchConfig", "BenchError", "cell_id", "default_sweep", "parse_seeds", "parse_sweep", "run_cell",
-           "run_study"]
+__all__ = ["BenchConfig", "BenchError", "Executor", "Job", "cell_id", "default_sweep", "parse_seeds", "parse_sweep",
+           "run_cell", "run_study"]

@@ -32,6 +32,7 @@ class LoraMethod(Strategy):
     ``[lora]`` adapters (``fedsilo.models.lora.LoraSettings``, validated by the agents)."""
 
     uses_lora = True
+    needs_2d = "LoRA adapts nn.Conv2d and nn.Linear layers only"
     tables = {"lora": None}
     he_bound = DEMO_LORA_HE_BOUND
 

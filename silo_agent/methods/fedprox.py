@@ -23,6 +23,7 @@ class FedProx(FedAvg):
     @classmethod
     def check_run(cls, run: Any) -> None:
         """A FedProx run states its μ: ``[training] proximal_mu`` > 0 (with μ = 0 it is FedAvg)."""
+        super().check_run(run)
         mu = dict(run.training).get("proximal_mu", 0)
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu > 0:
             raise ValueError(f"training.proximal_mu: run.strategy 'fedprox' needs mu > 0 (e.g. {BENCH_MU:g}), got {mu!r}")

@@ -137,6 +137,7 @@ class FedRdn(Strategy):
     order = 60
     needs_he = ("the silos' normalisation statistics travel sealed under the run's key, which only HE runs have")
     relays = frozenset({RELAY_PURPOSE})
+    needs_2d = "its channel statistics read [C, H, W] images"
     bench = BenchDefaults(privacy=DEMO_PRIVACY, note="FedAvg on images normalised with a random silo's channel "
                           "mean/std (Yan et al. 2023); the 2 x C statistics per silo are shared sealed, outside the "
                           "DP ledger")

@@ -101,6 +101,7 @@ class MaskedMethod(Strategy):
 
     masked = True
     needs_he = "its uploads carry the silos' masks, which only encryption keeps from the coordinator"
+    needs_2d = "its style banks are 2-D Fourier amplitudes of [C, H, W] images"
     min_silos = (2, "masks are computed on images in the other silos' styles")
     refuses = {DpLevel.SILO: "its uploads are parameter values, including ones a silo kept local before (trained "
                              "without silo-level noise); use record_level DP-SGD"}

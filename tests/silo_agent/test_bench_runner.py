@@ -146,7 +146,8 @@ def test_schedules_main_first_and_no_duplicate(tmp_path: Path) -> None:
 
 def test_study_settings_known_answer(tmp_path: Path) -> None:
     assert _cfg(tmp_path, mu=0.5).study() == {"task": "segmentation-2d", "model": None, "aggregation": "plain",
-                                              "dp": False, "data": "builtin", "held_out": None, "mu": 0.5}
+                                              "dp": False, "data": "builtin", "held_out": None, "mu": 0.5,
+                                              "base": None}
     model = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
     assert _cfg(tmp_path, model=model).study()["model"] == model
 
