@@ -216,6 +216,17 @@ def _tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
+def _task_model(task: str | None, seed: int) -> dict[str, Any] | None:
+    """The ``[model]`` table of a demo of ``task``: None (the demo UNet) for the default Task, else the
+    Task's default model config for ``seed``."""
+    from fedsilo.coordinator.config import DEFAULT_TASK
+    from fedsilo.models.tasks import get_task
+
+    if task is None or task == DEFAULT_TASK:
+        return None
+    return dict(get_task(task).default_model_config(seed))
+
+
 def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int) -> dict[str, Any]:
     """Turns the coordinator's round history into the demo's results.json structure."""
     out_rounds = []
@@ -266,8 +277,11 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float)
 
 def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
              seed: int = 0, insecure: bool = False, aggregation: str = "he", dp: bool = True,
-             timeout_s: float = 1800.0) -> dict[str, Any]:
+             timeout_s: float = 1800.0, task: str | None = None) -> dict[str, Any]:
     """Runs the demo and writes ``out/results.json`` (and, with DP, the audit report in ``out/audit``).
+
+    ``task`` names a registered Task other than the default 2-D segmentation (its built-in data, silo i
+    on domain i, and its default model for ``seed``); the run refuses methods the Task cannot run.
 
     Raises:
         DemoError: a process failed or the run did not finish in ``timeout_s``.
@@ -312,7 +326,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,
                                         lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
                                         resfim=DEMO_RESFIM if masked else None,
-                                        he_bound=method.he_bound)
+                                        he_bound=method.he_bound, task=task, model=_task_model(task, seed))
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
                       f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "

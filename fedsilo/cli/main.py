@@ -254,14 +254,21 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
               help="Plaintext gRPC without TLS (development only; needs --aggregation plain and --no-dp).")
 @click.option("--dp/--no-dp", default=True, show_default=True,
               help="Record-level DP-SGD with per-silo ledgers and an audit report in OUT/audit.")
+@click.option("--task", "task_name", default="segmentation-2d", show_default=True,
+              help="The registered Task (its built-in data and default model), e.g. segmentation-3d.")
 def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, aggregation: str, insecure: bool,
-         dp: bool) -> None:
+         dp: bool, task_name: str) -> None:
     """Run a whole federation on this machine: CA, coordinator and agents as processes, mTLS on loopback."""
+    from fedsilo.models.tasks import get_task
     from fedsilo.silo_agent.demo import DemoError, run_demo
 
     try:
+        get_task(task_name)
+    except ValueError as exc:
+        _fail(f"--task: {exc}")
+    try:
         run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure,
-                 aggregation=aggregation, dp=dp)
+                 aggregation=aggregation, dp=dp, task=task_name)
     except DemoError as exc:
         _fail(str(exc), 1)
 
