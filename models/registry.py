@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedsilo.core.rng import seeded_global_rng
+from fedsilo.models.unet_shape import check_unet_shape
 from fedsilo.core.validators import (
     MappingConfig,
     check_enum,
@@ -106,22 +107,7 @@ class ModelConfig(MappingConfig):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_enum(owner, "architecture", self.architecture, Architecture)
-        check_int(owner, "in_channels", self.in_channels, minimum=1)
-        check_int(owner, "out_channels", self.out_channels, minimum=2)
-        for name in ("channels", "strides"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                raise ValueError(f"{owner}.{name} must be a tuple of ints, got {value!r}")
-            for i, item in enumerate(value):
-                check_int(owner, f"{name}[{i}]", item, minimum=1)
-        if len(self.channels) < 2:
-            raise ValueError(f"{owner}.channels needs at least 2 levels, got {self.channels!r}")
-        if len(self.strides) != len(self.channels) - 1:
-            raise ValueError(
-                f"{owner}.strides must have len(channels) - 1 = {len(self.channels) - 1} entries, "
-                f"got {self.strides!r}"
-            )
-        check_int(owner, "num_res_units", self.num_res_units, minimum=0)
+        check_unet_shape(owner, self)
         check_enum(owner, "norm", self.norm, Norm)
         check_int(owner, "norm_groups", self.norm_groups, minimum=1)
         if self.norm is Norm.GROUP and self.architecture is Architecture.UNET2D:

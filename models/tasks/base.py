@@ -39,6 +39,7 @@ __all__ = [
     "SiloData",
     "Task",
     "get_task",
+    "pooled",
     "register_task",
     "task_names",
     "unregister_task",
@@ -138,6 +139,14 @@ class SiloData:
 
     splits: SiloSplits
     unseen: Dataset[Any] | None
+
+
+def pooled(splits: SiloSplits) -> Dataset[Any]:
+    """Every example of ``splits`` in one dataset (train, then validation, then test): a held-out
+    folder read as a whole, e.g. the unseen domain of a folder source."""
+    from torch.utils.data import ConcatDataset
+
+    return ConcatDataset([ds for ds in (splits.train, splits.val, splits.test) if len(ds)])
 
 
 class Task(abc.ABC):

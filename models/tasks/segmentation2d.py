@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.models.tasks.base import DataSpec, SiloData, Task, register_task
+from fedsilo.models.tasks.base import DataSpec, SiloData, Task, pooled, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -78,10 +78,8 @@ class Segmentation2D(Task):
         fcfg = FolderConfig.from_mapping({"path": str(spec.path), "seed": spec.seed, **spec.options})
         unseen = None
         if spec.unseen_path is not None:
-            from torch.utils.data import ConcatDataset
-
-            held_out = load_folder(FolderConfig.from_mapping({**fcfg.to_mapping(), "path": str(spec.unseen_path)}))
-            unseen = ConcatDataset([ds for ds in (held_out.train, held_out.val, held_out.test) if len(ds)])
+            unseen = pooled(load_folder(FolderConfig.from_mapping({**fcfg.to_mapping(),
+                                                                  "path": str(spec.unseen_path)})))
         return SiloData(splits=load_folder(fcfg), unseen=unseen)
 
     def model_config(self, config: Mapping[str, Any] | ModelConfig) -> ModelConfig:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
-from fedsilo.models.tasks.base import DataSpec, SiloData, Task, register_task
+from fedsilo.models.unet_shape import check_unet_shape
+from fedsilo.models.tasks.base import DataSpec, SiloData, Task, pooled, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -49,20 +50,7 @@ class UNet3DConfig(MappingConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        check_int(owner, "in_channels", self.in_channels, minimum=1)
-        check_int(owner, "out_channels", self.out_channels, minimum=2)
-        for name in ("channels", "strides"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                raise ValueError(f"{owner}.{name} must be a tuple of ints, got {value!r}")
-            for i, item in enumerate(value):
-                check_int(owner, f"{name}[{i}]", item, minimum=1)
-        if len(self.channels) < 2:
-            raise ValueError(f"{owner}.channels needs at least 2 levels, got {self.channels!r}")
-        if len(self.strides) != len(self.channels) - 1:
-            raise ValueError(f"{owner}.strides must have len(channels) - 1 = {len(self.channels) - 1} entries, "
-                             f"got {self.strides!r}")
-        check_int(owner, "num_res_units", self.num_res_units, minimum=0)
+        check_unet_shape(owner, self)
         check_float(owner, "dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False)
         check_seed(owner, "seed", self.seed)
         check_int(owner, "sw_batch_size", self.sw_batch_size, minimum=1)
@@ -118,10 +106,8 @@ class Segmentation3D(Task):
         fcfg = Folder3DConfig.from_mapping({"path": str(spec.path), "seed": spec.seed, **spec.options})
         unseen = None
         if spec.unseen_path is not None:
-            from torch.utils.data import ConcatDataset
-
-            other = load_folder3d(Folder3DConfig.from_mapping({**fcfg.to_mapping(), "path": str(spec.unseen_path)}))
-            unseen = ConcatDataset([d for d in (other.train, other.val, other.test) if len(d)])
+            unseen = pooled(load_folder3d(Folder3DConfig.from_mapping({**fcfg.to_mapping(),
+                                                                      "path": str(spec.unseen_path)})))
         return SiloData(splits=load_folder3d(fcfg), unseen=unseen)
 
     def model_config(self, config: Mapping[str, Any] | UNet3DConfig) -> UNet3DConfig:
