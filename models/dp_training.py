@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedsilo.core.rng import seeded_global_rng
+from fedsilo.models.parallel import DataParallel
 from fedsilo.models.training import (
     TrainConfig,
     TrainResult,
@@ -44,6 +46,7 @@ def train_local_dp(
     noise_seed: int | None = None,
     task: Any = None,
     device: torch.device | str | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
 
@@ -94,6 +97,15 @@ def train_local_dp(
             agent model), as before devices existed; on the CPU, ``"cpu"``, ``"auto"`` and None
             give bit-identical weights for the same ``noise_seed``. The same seed on CUDA draws
             other noise than on the CPU (another generator), with the same distribution.
+        parallel: This process's place in a data-parallel group
+            (:class:`~fedsilo.models.parallel.DataParallel`; every rank calls with the same
+            arguments). Every rank draws the same global Poisson batch (from rank 0's seed: OS
+            entropy, or ``train_cfg.seed`` with ``noise_seed``) and keeps its share; each clips
+            and sums its own examples' gradients, rank 0 alone adds the noise (from its
+            generator, as a single process would), and the sums are added over the group before
+            each step. The release and its accounting are those of one process with the same
+            q, σ, C and steps; with ``noise_seed`` the weights are the single-process ones up to
+            the order of floating-point sums. None: this process alone.
 
     Returns:
         ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
@@ -102,7 +114,8 @@ def train_local_dp(
 
     Raises:
         ValueError: On bad configs, round index or seed, an empty dataset, a model that
-            Opacus cannot handle, or a bad or unusable ``device``.
+            Opacus cannot handle, a bad or unusable ``device``, or ranks of ``parallel`` that see
+            training sets of different sizes.
     """
     if not isinstance(train_cfg, TrainConfig):
         raise ValueError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
@@ -118,18 +131,26 @@ def train_local_dp(
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
     with on_device(model, device) as where:
-        return _train_local_dp(model, dataset, train_cfg, dp, round_index=round_index, noise_seed=noise_seed,
-                               task=task, n=n, device=where)
+        if parallel is not None:
+            parallel.check_same("the number of training examples", n, where)
+        result = _train_local_dp(model, dataset, train_cfg, dp, round_index=round_index, noise_seed=noise_seed,
+                                 task=task, n=n, device=where, parallel=parallel)
+        if parallel is not None:
+            parallel.average_buffers(model, where)
+        return result
 
 
 def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainConfig, dp: DpSgdConfig, *,
                     round_index: int, noise_seed: int | None, task: Any, n: int,
-                    device: torch.device) -> TrainResult:
+                    device: torch.device, parallel: DataParallel | None = None) -> TrainResult:
     """:func:`train_local_dp`'s loop, ``model`` already on ``device``."""
     expected = max(1, round(dp.sample_rate * n))
     if noise_seed is None:
         noise_gen = secure_generator(device)
         sample_gen = secure_generator(torch.device("cpu"))
+        if parallel is not None:  # one global draw: every rank samples from rank 0's secret seed
+            seed0 = parallel.broadcast_int(secrets.randbits(62), device)
+            sample_gen = seeded_generator(seed0)
     else:
         noise_gen = seeded_generator(_derived_seed(noise_seed, round_index, TAG_NOISE), device)
         sample_gen = seeded_generator(_derived_seed(train_cfg.seed, round_index, TAG_SAMPLE))
@@ -153,8 +174,10 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
             expected_batch_size=expected,
             generator=noise_gen,
             loss_fn=task.loss if task is not None else None,
+            distributed=parallel is not None,
         ) as stepper:
-            for indices in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
+            for drawn in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
+                indices = parallel.share(drawn) if parallel is not None else drawn
                 images, masks = collate(dataset, indices, device) if indices else empty
                 if anchor:
                     loss = stepper.privatize(images, masks)
@@ -167,5 +190,8 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
                 if indices:
                     total_loss += loss * len(indices)
                     examples += len(indices)
+    if parallel is not None:
+        total_loss, total = parallel.sum_floats([total_loss, examples], device)
+        examples = int(total)
     model.train()
     return TrainResult(loss=total_loss / examples if examples else math.nan, steps=dp.steps, examples=examples)

@@ -26,6 +26,7 @@ from fedsilo.models.metrics import dice_and_hd95
 from fedsilo.core.rng import seeded_global_rng
 
 if TYPE_CHECKING:
+    from fedsilo.models.parallel import DataParallel
     from fedsilo.models.tasks.base import Task
 
 __all__ = [
@@ -286,6 +287,7 @@ def train_local(
     anchor: Mapping[str, torch.Tensor] | None = None,
     task: Task | None = None,
     device: torch.device | str | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
@@ -315,14 +317,22 @@ def train_local(
             ``state_dict`` after the call, are where they were before. None trains where the
             model is (the CPU for every agent model), as before devices existed; on the CPU,
             ``"cpu"``, ``"auto"`` and None give bit-identical weights.
+        parallel: This process's place in a data-parallel group
+            (:class:`~fedsilo.models.parallel.DataParallel`; every rank calls with the same
+            model, data and config): each rank trains its share of every batch and the
+            gradients are summed over the group before each step, so all ranks end with the
+            same weights, those of single-process training up to the order of floating-point
+            sums. Floating-point buffers (BatchNorm statistics) are averaged over the ranks at
+            the end. Dropout draws differ from single-process training (other batch shapes).
+            None: this process alone.
 
     Returns:
-        Loss, steps and examples of this call.
+        Loss, steps and examples of this call (over the whole group).
 
     Raises:
         ValueError: On an empty dataset, a bad config, a bad round index, an ``anchor``
-            that lacks a trainable parameter or gives it another shape, or a bad or unusable
-            ``device``.
+            that lacks a trainable parameter or gives it another shape, a bad or unusable
+            ``device``, or ranks of ``parallel`` that see training sets of different sizes.
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -331,13 +341,18 @@ def train_local(
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
     with on_device(model, device) as where:
-        return _train_local(model, dataset, cfg, round_index=round_index, anchor=anchor, task=task, n=n,
-                            device=where)
+        if parallel is not None:
+            parallel.check_same("the number of training examples", n, where)
+        result = _train_local(model, dataset, cfg, round_index=round_index, anchor=anchor, task=task, n=n,
+                              device=where, parallel=parallel)
+        if parallel is not None:
+            parallel.average_buffers(model, where)
+        return result
 
 
 def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, round_index: int,
                  anchor: Mapping[str, torch.Tensor] | None, task: Task | None, n: int,
-                 device: torch.device) -> TrainResult:
+                 device: torch.device, parallel: DataParallel | None = None) -> TrainResult:
     """:func:`train_local`'s loop, ``model`` already on ``device``."""
     centre = _checked_anchor(model, anchor) if anchor is not None else None
     if task is None:
@@ -352,6 +367,7 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
         for name, p in model.named_parameters()
         if p.requires_grad
     ] if cfg.proximal_mu else []
+    trainable = [p for p in model.parameters() if p.requires_grad]
     seed = _derived_seed(cfg.seed, round_index)
     order_gen = torch.Generator().manual_seed(seed)
     total_loss = 0.0
@@ -363,15 +379,27 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
-                inputs, targets = collate(dataset, batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(forward(model, inputs), targets)
-                loss.backward()
+                if parallel is None:
+                    inputs, targets = collate(dataset, batch, device)
+                    loss = loss_fn(forward(model, inputs), targets)
+                    loss.backward()
+                    batch_loss = float(loss.detach())
+                else:  # this rank's share, weighted by its part of the batch; the sum is the batch mean
+                    mine = parallel.share(batch)
+                    part = 0.0
+                    if mine:
+                        inputs, targets = collate(dataset, mine, device)
+                        loss = loss_fn(forward(model, inputs), targets)
+                        (loss * (len(mine) / len(batch))).backward()
+                        part = float(loss.detach()) * len(mine) / len(batch)
+                    parallel.sum_gradients(trainable, device)
+                    batch_loss = parallel.sum_floats([part], device)[0]
                 for p, p0 in prox:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
                     if p.grad is not None:
                         p.grad.add_(p.detach() - p0, alpha=cfg.proximal_mu)
                 optimizer.step()
-                total_loss += float(loss.detach()) * len(batch)
+                total_loss += batch_loss * len(batch)
                 steps += 1
                 examples += len(batch)
     return TrainResult(loss=total_loss / examples, steps=steps, examples=examples)

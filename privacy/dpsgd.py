@@ -113,7 +113,7 @@ class DpSgdConfig:
 
 
 @functools.cache
-def _dp_optimizer_class() -> type:
+def _dp_optimizer_class(distributed: bool = False) -> type:
     """Opacus' DPOptimizer, made to accept σ = 0 with C = inf and to draw the noise in one call.
 
     * σ = 0: the clipped sum is used as is (Opacus would draw std 0 * inf = NaN for C = inf).
@@ -123,8 +123,16 @@ def _dp_optimizer_class() -> type:
       then split into the tensors. Each coordinate gets the same distribution from the same
       generator as in Opacus' ``add_noise``; only the per-call overhead (55 tensors in the
       demo UNet) goes away. Tensors of mixed dtype or device fall back to Opacus' loop.
+
+    ``distributed``: Opacus' ``DistributedDPOptimizer`` on top (data-parallel training in the
+    default ``torch.distributed`` group): each rank clips and sums its own examples' gradients,
+    rank 0 alone adds the noise, and the ranks' scaled sums are averaged over the group in one
+    all-reduce (Opacus reduces tensor by tensor); with each rank's divisor set to the global
+    expected batch size over the group's size, every rank applies (Σ_i clip_C(g_i) + N(0, σ²C²))
+    / expected batch size over the global batch, as a single process does.
     """
     from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
     class _DPOptimizer(DPOptimizer):  # type: ignore[misc]
@@ -149,7 +157,34 @@ def _dp_optimizer_class() -> type:
                 p.grad = (s + chunk.view_as(s)).view_as(p)
                 _mark_as_processed(s)
 
-    return _DPOptimizer
+    if not distributed:
+        return _DPOptimizer
+
+    class _DistributedDPOptimizer(DistributedDPOptimizer, _DPOptimizer):  # type: ignore[misc]
+        # MRO: Opacus' rank-0-only add_noise, then ours (σ = 0, one flat draw), then Opacus'.
+        def add_noise(self) -> None:
+            if self.rank == 0:
+                super().add_noise()
+            else:
+                for p in self.params:
+                    p.grad = p.summed_grad.clone().view_as(p)
+                    _mark_as_processed(p.summed_grad)
+
+        def reduce_gradients(self) -> None:
+            import torch
+            import torch.distributed as dist
+
+            grads = [p.grad for p in self.params if p.requires_grad]
+            if not grads:
+                return
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            if self.loss_reduction == "mean":
+                flat /= self.world_size
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+
+    return _DistributedDPOptimizer
 
 
 def secure_generator(device: torch.device) -> torch.Generator:
@@ -213,6 +248,7 @@ class DpSgdStep:
         expected_batch_size: int,
         generator: torch.Generator | None = None,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        distributed: bool = False,
     ) -> None:
         """Attaches the hooks and wraps the optimiser.
 
@@ -228,6 +264,11 @@ class DpSgdStep:
                 from the OS CSPRNG. torch's CPU generator is a Mersenne Twister, not a CSPRNG
                 (a CSPRNG needs torchcsprng, which this torch build lacks).
             loss_fn: ``(model output, targets) -> batch mean of per-example losses``; None: DiceCE.
+            distributed: data-parallel training in the default ``torch.distributed`` group (every
+                rank builds its step with the same arguments and feeds it its own share of each
+                batch): rank 0 alone adds the noise, the ranks' gradients are summed before every
+                step, and ``expected_batch_size`` is that of the global batch, so the update and its
+                privacy accounting are those of one process drawing the global batch.
 
         Raises:
             ValueError: On bad numbers, an Opacus-incompatible model, or an optimiser whose
@@ -255,13 +296,23 @@ class DpSgdStep:
         self._was_training = model.training
         self._optimizer = optimizer
         model.train()
+        self._distributed = bool(distributed)
+        world = 1
+        if self._distributed:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("DpSgdStep(distributed=True) needs an initialised torch.distributed process group")
+            world = dist.get_world_size()
         self._gsm: Any = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
         try:
-            self._dp_optimizer: Any = _dp_optimizer_class()(
+            self._dp_optimizer: Any = _dp_optimizer_class(self._distributed)(
                 optimizer,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
-                expected_batch_size=self.expected_batch_size,
+                # each rank divides its share by this; their mean over the group is then the
+                # global sum over the global expected batch size
+                expected_batch_size=self.expected_batch_size / world if world > 1 else self.expected_batch_size,
                 loss_reduction="mean",
                 generator=generator if generator is not None else secure_generator(device),
                 secure_mode=True,
@@ -324,7 +375,8 @@ class DpSgdStep:
             without noise: keep it inside the silo.
         """
         loss = self._per_sample_gradients(images, masks)
-        self._dp_optimizer.pre_step()
+        if self._dp_optimizer.pre_step() and self._distributed:
+            self._dp_optimizer.reduce_gradients()
         return loss
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
