@@ -281,11 +281,19 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
     """Runs the demo and writes ``out/results.json`` (and, with DP, the audit report in ``out/audit``).
 
     ``task`` names a registered Task other than the default 2-D segmentation (its built-in data, silo i
-    on domain i, and its default model for ``seed``); the run refuses methods the Task cannot run.
+    on domain i, and its default model for ``seed``); the run refuses methods the Task cannot run. An
+    alias (``seg3d``) runs, and is recorded, as the Task's canonical name (``segmentation-3d``).
 
     Raises:
-        DemoError: a process failed or the run did not finish in ``timeout_s``.
+        DemoError: an unknown ``task``, a process failed or the run did not finish in ``timeout_s``.
     """
+    if task is not None:
+        from fedsilo.models.tasks import canonical_task_name
+
+        try:
+            task = canonical_task_name(task)
+        except ValueError as exc:
+            raise DemoError(f"--task: {exc}") from None
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)

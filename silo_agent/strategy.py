@@ -81,7 +81,7 @@ class Strategy(Method, abc.ABC):
         from fedsilo.models.tasks import get_task, task_names
 
         task = getattr(run, "task", None)
-        if task in task_names() and (dims := get_task(task).spatial_dims) != 2:
+        if task in task_names(aliases=True) and (dims := get_task(task).spatial_dims) != 2:
             raise ValueError(f"run.strategy: {cls.name!r} works on 2-D images only ({cls.needs_2d}); "
                              f"run.task = {task!r} is a {dims}-D Task")
 

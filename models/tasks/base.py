@@ -7,9 +7,11 @@ privacy, encryption) never looks inside: it trains through :meth:`Task.collate`,
 :meth:`Task.forward` and :meth:`Task.loss`, and reports what :meth:`Task.evaluate_split` returns.
 
 Tasks register themselves with the :func:`register_task` class decorator (as Opacus registers
-its grad samplers); :func:`get_task` and :func:`task_names` read the registry, and nothing else
-lists Tasks by hand. Every module of the ``fedsilo.models.tasks`` package is imported with the
-package, so a new Task is one file in that folder plus its tests.
+its grad samplers); :func:`get_task`, :func:`canonical_task_name` and :func:`task_names` read the
+registry, and nothing else lists Tasks by hand. A Task may declare short aliases (``aliases =
+("seg3d",)``) that every lookup accepts; its ``name`` stays the canonical one. Every module of the
+``fedsilo.models.tasks`` package is imported with the package, so a new Task is one file in that
+folder plus its tests.
 
 This module imports neither torch nor the other model modules: a torch-free install can list
 the Tasks and validate a data spec.
@@ -24,7 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from fedsilo.core.validators import check_int, check_seed, is_task_name
+from fedsilo.core.validators import check_int, check_seed, excerpt, is_task_name
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +40,7 @@ __all__ = [
     "DataSpec",
     "SiloData",
     "Task",
+    "canonical_task_name",
     "get_task",
     "pooled",
     "register_task",
@@ -154,7 +157,8 @@ class Task(abc.ABC):
 
     Class attributes every Task sets:
 
-    * ``name``: registry key, lower-case words joined by hyphens (``"segmentation-2d"``).
+    * ``name``: registry key, lower-case words joined by hyphens (``"segmentation-2d"``); the
+      canonical name (``get_task(alias).name``), which entry points record for an alias.
     * ``summary``: one line for CLI help and reports.
     * ``metric_names``: the metrics :meth:`evaluate` returns, headline first by convention.
     * ``headline_metric``: the one metric reports, plots and model selection name (one of
@@ -165,6 +169,8 @@ class Task(abc.ABC):
     * ``data_sources``: the :attr:`DataSpec.source` values :meth:`read_data` accepts.
     * ``spatial_dims``: 2 for images ``[C, H, W]``, 3 for volumes ``[C, D, H, W]``; a run refuses
       methods that declare they work on 2-D images only (``Method.needs_2d``) for a 3-D Task.
+    * ``aliases`` (optional): further names of the same form that :func:`get_task` and
+      :func:`canonical_task_name` accept (``("seg2d",)``); no two Tasks may share a name or alias.
 
     Subclasses implement :meth:`read_data`, :meth:`model_config`, :meth:`build_model`,
     :meth:`collate`, :meth:`loss` and :meth:`evaluate`; :meth:`forward` may be overridden for
@@ -180,6 +186,7 @@ class Task(abc.ABC):
     unseen_domain: ClassVar[str]
     data_sources: ClassVar[tuple[str, ...]] = ("builtin", "folder")
     spatial_dims: ClassVar[int] = 2
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -387,6 +394,8 @@ class Task(abc.ABC):
 
 
 _TASKS: dict[str, type[Task]] = {}
+#: alias -> the canonical name of the Task that declares it (kept in step with ``_TASKS``).
+_ALIASES: dict[str, str] = {}
 
 T = TypeVar("T", bound=type[Task])
 
@@ -418,10 +427,27 @@ def _check_task_class(cls: object) -> None:
         raise ValueError(f"{where}.data_sources must be a non-empty tuple, got {cls.data_sources!r}")
     if cls.spatial_dims not in (2, 3) or isinstance(cls.spatial_dims, bool):
         raise ValueError(f"{where}.spatial_dims must be 2 or 3, got {cls.spatial_dims!r}")
+    aliases = getattr(cls, "aliases", None)
+    if not isinstance(aliases, tuple):
+        raise ValueError(f"{where}.aliases must be a tuple of names, got {aliases!r}")
+    for alias in aliases:
+        if not is_task_name(alias):
+            raise ValueError(f"{where}.aliases: {alias!r} must be lower-case words joined by hyphens")
+    if cls.name in aliases or len(set(aliases)) != len(aliases):
+        raise ValueError(f"{where}.aliases {aliases!r} must be distinct and differ from its name {cls.name!r}")
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _holder(key: str) -> type[Task] | None:
+    """The registered Task class whose name or alias is ``key``, or None."""
+    return _TASKS.get(key) or _TASKS.get(_ALIASES.get(key, ""))
 
 
 def register_task(cls: T) -> T:
-    """Class decorator: adds a Task to the registry under ``cls.name``.
+    """Class decorator: adds a Task to the registry under ``cls.name`` and its ``aliases``.
 
     Example::
 
@@ -436,46 +462,85 @@ def register_task(cls: T) -> T:
     Returns:
         ``cls`` unchanged.
 
+    Registering the same class again changes nothing (it takes its current aliases).
+
     Raises:
         ValueError: If ``cls`` is not a concrete Task with valid attributes, or another class
-            already holds its name.
+            already holds its name or one of its aliases (as a name or an alias); nothing is
+            registered then.
     """
     _check_task_class(cls)
-    existing = _TASKS.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"task name {cls.name!r} is already registered by "
-                         f"{existing.__module__}.{existing.__qualname__}; choose another name")
+    for key in (cls.name, *cls.aliases):
+        existing = _holder(key)
+        if existing is not None and existing is not cls:
+            what = "name" if key == cls.name else f"alias (of {_where(cls)})"
+            role = "" if key in _TASKS else f" as an alias of {existing.name!r}"
+            raise ValueError(f"task {what} {key!r} is already registered by {_where(existing)}{role}; "
+                             "choose another name")
+    _drop(cls)
     _TASKS[cls.name] = cls
+    _ALIASES.update((alias, cls.name) for alias in cls.aliases)
     return cls
 
 
+def _drop(cls: type[Task]) -> None:
+    """Removes ``cls`` and every alias that points to it from the registry (if there)."""
+    for key in [k for k, v in _TASKS.items() if v is cls]:
+        del _TASKS[key]
+        for alias in [a for a, name in _ALIASES.items() if name == key]:
+            del _ALIASES[alias]
+
+
 def unregister_task(name: str) -> None:
-    """Removes a Task from the registry (for tests and plugins that unload).
+    """Removes a Task, with its aliases, from the registry (for tests and plugins that unload).
+
+    Args:
+        name: The Task's name or one of its aliases.
 
     Raises:
-        ValueError: If no Task has that name.
+        ValueError: If no Task has that name or alias.
     """
-    if name not in _TASKS:
-        raise ValueError(_unknown(name))
-    del _TASKS[name]
+    _drop(_lookup(name))
 
 
 def _unknown(name: object) -> str:
-    return f"unknown task {name!r}; known tasks: {', '.join(task_names()) or '(none)'}"
+    known = ", ".join(f"{n} (alias {', '.join(a)})" if (a := _aliases_of(n)) else n for n in task_names())
+    return f"unknown task {excerpt(repr(name))}; known tasks: {known or '(none)'}"
 
 
-def task_names() -> tuple[str, ...]:
-    """The names of the registered Tasks, sorted."""
-    return tuple(sorted(_TASKS))
+def _aliases_of(name: str) -> list[str]:
+    return sorted(a for a, n in _ALIASES.items() if n == name)
+
+
+def _lookup(name: object) -> type[Task]:
+    cls = _holder(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(_unknown(name))
+    return cls
+
+
+def task_names(*, aliases: bool = False) -> tuple[str, ...]:
+    """The canonical names of the registered Tasks, sorted; one per Task.
+
+    Args:
+        aliases: Also list every alias (all the spellings :func:`get_task` accepts), sorted together.
+    """
+    return tuple(sorted([*_TASKS, *_ALIASES] if aliases else _TASKS))
+
+
+def canonical_task_name(name: str) -> str:
+    """The canonical name of the Task registered as ``name`` (its name or an alias): what a run records.
+
+    Raises:
+        ValueError: If no Task has that name or alias; the message lists the known ones.
+    """
+    return _lookup(name).name
 
 
 def get_task(name: str) -> Task:
-    """A fresh instance of the Task registered as ``name``.
+    """A fresh instance of the Task registered as ``name`` (its name or an alias; ``.name`` is canonical).
 
     Raises:
-        ValueError: If no Task has that name; the message lists the known ones.
+        ValueError: If no Task has that name or alias; the message lists the known ones.
     """
-    cls = _TASKS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(_unknown(name))
-    return cls()
+    return _lookup(name)()

@@ -39,9 +39,13 @@ class Segmentation2D(Task):
     * Model: :class:`~fedsilo.models.registry.ModelConfig` (UNet or UNETR), ``[N, K, H, W]`` logits.
     * Loss: MONAI ``DiceCELoss(softmax=True, to_onehot_y=True)``.
     * Metrics: mean per-image Dice (headline) and HD95 in pixels (lower is better).
+
+    ``seg2d`` is an alias of its name (``--task seg2d``, ``task = "seg2d"``): ``get_task("seg2d").name``
+    is ``segmentation-2d``, the name ``fedsilo demo`` and ``fedsilo bench`` record.
     """
 
     name = "segmentation-2d"
+    aliases = ("seg2d",)
     summary = "2-D image segmentation (UNet/UNETR, DiceCE loss) scored by Dice and HD95"
     metric_names = ("dice", "hd95")
     headline_metric = "dice"

@@ -52,7 +52,7 @@ class BenchConfig:
         held_out: with ``data``: the sub-folder of the held-out (unseen) domain, or None.
         out: the output folder (cells, logs, results).
         task: the registered Task every cell runs (``[run] task``): data, model, loss and metrics;
-            reports name its headline metric.
+            reports name its headline metric. An alias (``seg3d``) is stored as the canonical name.
         model: the runs' ``[model]`` table; None: the demo UNet for ``segmentation-2d``, else the
             Task's :meth:`~fedsilo.models.tasks.Task.default_model_config` for each seed.
         base: the frozen base of the LoRA methods (a ``fedsilo pretrain`` or ``fedsilo export``
@@ -83,6 +83,7 @@ class BenchConfig:
             task = get_task(self.task)
         except ValueError as exc:
             raise BenchError(f"task: {exc}") from None
+        object.__setattr__(self, "task", task.name)  # an alias (seg3d) becomes the canonical name
         if self.model is not None:
             if not isinstance(self.model, Mapping) or not all(isinstance(k, str) for k in self.model):
                 raise BenchError(f"model: {self.model!r} must be a table (a JSON object) of the Task's model keys")

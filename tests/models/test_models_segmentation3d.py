@@ -270,3 +270,138 @@ def test_methods_that_need_2d_images_are_refused_for_the_3d_task(strategy: str, 
                 load_federation_config(fed)
         else:
             assert load_federation_config(fed).strategy == strategy
+
+
+# -- the alias through the run's entry points -----------------------------------------------------
+
+
+def test_the_alias_is_refused_with_methods_that_need_2d_images_too(tmp_path: Path) -> None:
+    from fedsilo.core.configfile import ConfigError
+    from fedsilo.coordinator.loading import load_federation_config
+    from fedsilo.silo_agent.demo import make_certs, silo_names, write_configs
+
+    names = silo_names(2)
+    make_certs(tmp_path / "certs", names)
+    fed, _ = write_configs(tmp_path, names=names, rounds=2, strategy="resfim", seed=0, port=1, insecure=False,
+                           aggregation="he", min_silos=2, task="seg3d", pin_model=False)
+    with pytest.raises(ConfigError, match=r"run.task = 'seg3d' is a 3-D Task"):
+        load_federation_config(fed)
+
+
+def test_bench_and_demo_record_the_canonical_name(tmp_path: Path) -> None:
+    from fedsilo.silo_agent.bench.runner import BenchConfig
+    from fedsilo.silo_agent.demo import DemoError, run_demo
+
+    cfg = BenchConfig(methods=("fedavg",), seeds=(0,), rounds=1, out=tmp_path / "bench", aggregation="plain",
+                      task="seg3d")
+    assert cfg.task == "segmentation-3d" and cfg.study()["task"] == "segmentation-3d"
+    with pytest.raises(DemoError, match=r"--task: unknown task 'seg9d'; known tasks: "
+                                        r".*segmentation-3d \(alias seg3d\)"):
+        run_demo(out=tmp_path / "demo", task="seg9d")
+    assert not (tmp_path / "demo").exists()  # refused before anything ran
+
+
+# -- SwinUNETR -----------------------------------------------------------------------------------
+
+TINY_SWIN = {"architecture": "swinunetr", "feature_size": 12, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def volumes32() -> Any:
+    """Built-in 32³ volumes (SwinUNETR's smallest patch): 2 to train on, 1 to test."""
+    return get_task("segmentation-3d").load_data(DataSpec(options={"size": 32, "n_train": 2, "n_val": 1,
+                                                                   "n_test": 1}))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Any:
+    """One thread, as the agents train (this machine's cores are shared)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_a_tiny_swinunetr_builds_forwards_trains_and_scores(volumes32: Any) -> None:
+    from fedsilo.models import model_fingerprint
+    from fedsilo.models.tasks.segmentation3d import Architecture3D, UNet3DConfig
+
+    task = get_task("seg3d")
+    cfg = task.model_config(TINY_SWIN)
+    assert cfg.architecture is Architecture3D.SWINUNETR and cfg.input_multiple == 32
+    # the plain form round-trips (through JSON, as GetRun hands it to silos) and keeps the choice
+    plain = json.loads(json.dumps(cfg.to_mapping()))
+    assert plain["architecture"] == "swinunetr" and UNet3DConfig.from_mapping(plain) == cfg
+    model = task.build_model(plain)
+    assert type(model).__name__ == "SwinUNETR"
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # the same config builds the same network (fingerprint); another seed or architecture does not
+    assert model_fingerprint(model) == model_fingerprint(task.build_model(cfg))
+    assert model_fingerprint(model) != model_fingerprint(task.build_model({**TINY_SWIN, "seed": 1}))
+    assert model_fingerprint(model) != model_fingerprint(task.build_model({"seed": 0}))
+    x, y = task.collate(volumes32.splits.train, [0, 1], torch.device("cpu"))
+    assert x.shape == (2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert task.forward(model, x).shape == (2, 2, 32, 32, 32)  # [N, K, D, H, W] logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, volumes32.splits.train, TrainConfig(batch_size=2), round_index=0, task=task)
+    assert result.steps == 1 and result.examples == 2 and math.isfinite(result.loss)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    scores = task.evaluate(model, volumes32.splits.test)
+    assert 0.0 <= scores["dice"][0] <= 1.0 and math.isfinite(scores["hd95"][0]) and scores["dice"][1] == 1
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"architecture": "swin"}, r"key 'architecture' must be one of 'unet', 'swinunetr', got 'swin'"),
+    ({**TINY_SWIN, "feature_size": 16}, r"UNet3DConfig.feature_size must be a multiple of 12 .*got 16"),
+    ({**TINY_SWIN, "feature_size": 0}, r"UNet3DConfig.feature_size must be >= 12, got 0"),
+    ({**TINY_SWIN, "window_size": 0}, r"UNet3DConfig.window_size must be >= 1, got 0"),
+])
+def test_bad_swinunetr_configs_are_refused(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_task("segmentation-3d").model_config(config)
+
+
+@pytest.mark.parametrize(("config", "side", "multiple"), [
+    (TINY_SWIN, 16, 32),
+    (TINY_SWIN, 48, 32),
+    ({"channels": [4, 8, 8, 8, 8], "strides": [2, 2, 2, 2], "num_res_units": 0}, 24, 16),  # UNet: strides' product
+])
+def test_a_patch_the_network_cannot_take_is_refused_naming_it(config: dict[str, Any], side: int,
+                                                              multiple: int) -> None:
+    task = get_task("segmentation-3d")
+    model = task.build_model(config)
+    assert model.input_multiple == multiple
+    with pytest.raises(ValueError, match=rf"patch \({side}, {side}, {side}\): every side must be a multiple of "
+                                         rf"{multiple} .*data option size \(built-in data\) or patch_size"):
+        task.forward(model, torch.zeros(1, 1, side, side, side))
+    data = task.load_data(DataSpec(options={"size": side, "n_train": 1, "n_val": 0, "n_test": 1}))
+    with pytest.raises(ValueError, match=rf"patch \({side}, {side}, {side}\)"):
+        task.evaluate(model, data.splits.test)
+
+
+def test_swinunetr_is_refused_under_record_level_dp(volumes32: Any) -> None:
+    """Its windowed attention puts every example's windows in the batch dimension (Opacus' per-sample
+    gradients would be per window): every DP-SGD path refuses it with the reason, once."""
+    from fedsilo.privacy.dpsgd import dp_sgd_gradients, make_private_compatible
+    from fedsilo.silo_agent.model_pin import build_run_model
+
+    task = get_task("segmentation-3d")
+    reason = r"architecture = 'swinunetr' cannot be trained with DP-SGD \(a record-level privacy plan\)"
+    with pytest.raises(ValueError, match=reason) as refused:
+        make_private_compatible(task.build_model(TINY_SWIN))
+    assert str(refused.value).count("cannot be trained with DP-SGD (a record-level") == 1
+    x, y = task.collate(volumes32.splits.train, [0, 1], torch.device("cpu"))
+    with pytest.raises(ValueError, match=reason):
+        dp_sgd_gradients(task.build_model(TINY_SWIN), x, y, max_grad_norm=1.0, noise_multiplier=1.0,
+                         expected_batch_size=2)
+    # the model silos build for a run: refused under a record-level plan, built without one
+    with pytest.raises(ValueError, match=reason):
+        build_run_model(task="seg3d", model_config=TINY_SWIN, strategy="fedavg", tables={}, record_level=True,
+                        base_checkpoint=None)
+    run = build_run_model(task="seg3d", model_config=TINY_SWIN, strategy="fedavg", tables={}, record_level=False,
+                          base_checkpoint=None)
+    assert run.task.name == "segmentation-3d" and type(run.model).__name__ == "SwinUNETR"
+    # the default UNet stays DP-SGD compatible as it is
+    unet = task.build_model(TINY_UNET)
+    assert make_private_compatible(unet) is unet

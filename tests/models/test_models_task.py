@@ -32,6 +32,7 @@ from fedsilo.models.tasks import (
     DataSpec,
     SiloData,
     Task,
+    canonical_task_name,
     get_task,
     register_task,
     task_names,
@@ -251,6 +252,79 @@ def test_abstract_and_foreign_classes_are_refused() -> None:
         register_task(Half)
     with pytest.raises(ValueError, match="needs a Task subclass"):
         register_task(int)  # type: ignore[arg-type]
+
+
+def test_aliases_resolve_to_the_canonical_task() -> None:
+    for alias, name in (("seg2d", "segmentation-2d"), ("seg3d", "segmentation-3d")):
+        task = get_task(alias)
+        assert type(task) is type(get_task(name)) and task.name == name  # .name is what runs record
+        assert canonical_task_name(alias) == canonical_task_name(name) == name
+        assert name in task_names() and alias not in task_names()  # one entry per Task
+        assert alias in task_names(aliases=True) and name in task_names(aliases=True)
+    assert list(task_names(aliases=True)) == sorted(task_names(aliases=True))
+    with pytest.raises(ValueError, match="unknown task 'seg9d'"):
+        canonical_task_name("seg9d")
+
+
+def test_unknown_task_lists_the_names_with_their_aliases() -> None:
+    with pytest.raises(ValueError, match=r"unknown task 'seg'; known tasks: segmentation-2d \(alias seg2d\), "
+                                         r"segmentation-3d \(alias seg3d\)"):
+        get_task("seg")
+
+
+def test_a_task_with_aliases_registers_and_unregisters_them_together() -> None:
+    cls = _concrete("alias-toy", aliases=("at", "toy-a"))
+    register_task(cls)
+    try:
+        assert isinstance(get_task("at"), cls) and get_task("toy-a").name == "alias-toy"
+        assert register_task(cls) is cls  # the same class again: no change
+        assert {"alias-toy", "at", "toy-a"} <= set(task_names(aliases=True))
+        with pytest.raises(ValueError, match=r"known tasks: alias-toy \(alias at, toy-a\), segmentation-2d"):
+            get_task("nope")
+    finally:
+        unregister_task("toy-a")  # by an alias: the Task and all its aliases go
+    for key in ("alias-toy", "at", "toy-a"):
+        assert key not in task_names(aliases=True)
+        with pytest.raises(ValueError, match="unknown task"):
+            get_task(key)
+
+
+@pytest.mark.parametrize(("name", "aliases", "message"), [
+    # an alias held by another Task, as its alias or its name
+    ("clash-toy", ("seg3d",), r"task alias \(of .*Made\) 'seg3d' is already registered by fedsilo\.models\."
+                              r"tasks\.segmentation3d\.Segmentation3D as an alias of 'segmentation-3d'"),
+    ("clash-toy", ("segmentation-2d",), r"task alias \(of .*Made\) 'segmentation-2d' is already registered by "
+                                        r"fedsilo\.models\.tasks\.segmentation2d\.Segmentation2D; choose another name"),
+    # a name that is another Task's alias
+    ("seg2d", (), r"task name 'seg2d' is already registered by .*Segmentation2D as an alias of 'segmentation-2d'"),
+    # declarations that are wrong in themselves
+    ("clash-toy", ("ct", "ct"), r"aliases \('ct', 'ct'\) must be distinct and differ from its name"),
+    ("clash-toy", ("clash-toy",), r"must be distinct and differ from its name 'clash-toy'"),
+    ("clash-toy", ("Seg 3D",), r"aliases: 'Seg 3D' must be lower-case words joined by hyphens"),
+    ("clash-toy", ["ct"], r"aliases must be a tuple of names"),
+])
+def test_conflicting_or_bad_aliases_are_refused(name: str, aliases: Any, message: str) -> None:
+    before = task_names(aliases=True)
+    with pytest.raises(ValueError, match=message):
+        register_task(_concrete(name, aliases=aliases))
+    assert task_names(aliases=True) == before  # nothing of the refused class was registered
+    assert get_task("seg3d").name == "segmentation-3d" and get_task("seg2d").name == "segmentation-2d"
+
+
+def test_an_alias_cannot_be_taken_by_a_later_task() -> None:
+    first = _concrete("first-toy", aliases=("ft",))
+    register_task(first)
+    try:
+        with pytest.raises(ValueError, match=r"task alias \(of .*\) 'ft' is already registered by .*Made "
+                                             r"as an alias of 'first-toy'; choose another name"):
+            register_task(_concrete("second-toy", aliases=("ft",)))
+        with pytest.raises(ValueError, match=r"task alias \(of .*\) 'first-toy' is already registered"):
+            register_task(_concrete("third-toy", aliases=("first-toy",)))
+        assert "second-toy" not in task_names() and "third-toy" not in task_names()
+        assert isinstance(get_task("ft"), first)
+    finally:
+        unregister_task("first-toy")
+    assert "ft" not in task_names(aliases=True)
 
 
 def test_the_registry_imports_without_torch() -> None:
