@@ -140,6 +140,9 @@ class BudgetConfig:
                 raise ConfigError(f"privacy.{name}: {v!r} must be {want}")
 
 
+MAX_GROUP = 64  # agent.gpus and agent.nodes
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything a silo agent needs.
@@ -155,6 +158,14 @@ class AgentConfig:
             e.g. ``"cuda:1"``); the default, the CPU, is bit-reproducible. The model is moved there
             for training and evaluation only: the agent's state, uploads, HE and the strategy's
             tensors stay on the CPU.
+        gpus: training processes on each node (one per GPU; with ``device = "cpu"``, CPU
+            processes over gloo, for testing). More than one (or ``nodes`` > 1) makes ``fedsilo
+            agent`` start itself under ``torchrun``: rank 0 is the agent (it alone talks to the
+            coordinator and holds HE keys, the ledger and the checkpoint), every rank trains its
+            share of each batch (data-parallel; ``fedsilo.models.parallel``).
+        nodes: machines of the training group; each runs ``fedsilo agent --node-rank K`` with the
+            same config and the same data, node 0 being the agent's.
+        master: ``host:port`` of node 0 for the group's rendezvous; required when ``nodes`` > 1.
         data: the silo's data.
         heartbeat_s: seconds between heartbeats.
         budget: this silo's privacy budget; required to take part in a run with DP.
@@ -169,6 +180,9 @@ class AgentConfig:
     name: str | None = None
     threads: int = 0
     device: DeviceSetting = field(default_factory=DeviceSetting)
+    gpus: int = 1
+    nodes: int = 1
+    master: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     heartbeat_s: float = 5.0
     budget: BudgetConfig | None = None
@@ -186,12 +200,32 @@ class AgentConfig:
             raise ConfigError(f"agent.threads: {self.threads!r} must be an integer in [0, 256]")
         if not isinstance(self.device, DeviceSetting):
             object.__setattr__(self, "device", DeviceSetting.parse(self.device))
+        for key in ("gpus", "nodes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GROUP:
+                raise ConfigError(f"agent.{key}: {value!r} must be an integer in [1, {MAX_GROUP}]")
+        if self.gpus > 1 and self.device.index is not None:
+            raise ConfigError(f"agent.device: {str(self.device)!r} names one GPU, but agent.gpus = {self.gpus}: use "
+                              "'cuda' (or 'auto'); rank r trains on GPU r of its node")
+        if self.nodes > 1:
+            host, sep, port = (self.master if isinstance(self.master, str) else "").rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"agent.master: {self.master!r} must be host:port of node 0 when agent.nodes = "
+                                  f"{self.nodes}")
+        elif self.master is not None:
+            raise ConfigError(f"agent.master: {self.master!r} is only used with agent.nodes > 1")
         if not isinstance(self.heartbeat_s, (int, float)) or not 0.1 <= self.heartbeat_s <= 300:
             raise ConfigError(f"agent.heartbeat_s: {self.heartbeat_s!r} must be in [0.1, 300]")
 
+    @property
+    def group_size(self) -> int:
+        """The processes that train each round: ``gpus`` × ``nodes`` (1: the agent alone)."""
+        return self.gpus * self.nodes
+
 
 _SECTIONS = {
-    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "device", "heartbeat_s"},
+    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "device", "gpus", "nodes", "master",
+              "heartbeat_s"},
     "tls": {"ca", "cert", "key"},
     "data": None,
     "privacy": {"epsilon", "delta"},
@@ -237,7 +271,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         "insecure": insecure,
         "data": DataConfig(**data_kwargs),
     }
-    for key in ("name", "threads", "heartbeat_s"):
+    for key in ("name", "threads", "gpus", "nodes", "master", "heartbeat_s"):
         if key in agent:
             kwargs[key] = agent[key]
     if "device" in agent:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from fedsilo import __version__
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
-from fedsilo.models import TrainConfig, train_local
+from fedsilo.models import TrainConfig
 from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
@@ -29,6 +29,7 @@ from fedsilo.silo_agent.strategy import RunContext, StrategyError
 from fedsilo.core.phases import SharePhase, phase_manifest
 from fedsilo.silo_agent.wire import Activity, Aggregate, RunInfo
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
+from fedsilo.silo_agent.training_group import TrainingGroup, TrainJob, train_job
 
 log = logging.getLogger("fedsilo.agent")
 
@@ -67,12 +68,15 @@ class Agent:
             gRPC. ``fedsilo bench`` passes an in-process transport to the same servicers.
         unseen_every_round: evaluate the unseen domain after every round, not only the last
             (``fedsilo bench`` selects models by validation Dice over rounds).
+        group: the silo's training group when this agent is its rank 0 (``agent.gpus`` or
+            ``agent.nodes`` > 1): local training runs on every rank of it, on this rank's device.
     """
 
     def __init__(self, cfg: AgentConfig, *, stop: threading.Event | None = None,
                  connect: Callable[[str, Credentials, threading.Event], CoordinatorClient] | None = None,
-                 unseen_every_round: bool = False) -> None:
+                 unseen_every_round: bool = False, group: TrainingGroup | None = None) -> None:
         self.cfg = cfg
+        self._group = group
         self.stop = stop or threading.Event()
         self._connect = connect or (lambda address, creds, stop: CoordinatorClient(address, creds, stop=stop))
         self._unseen_every_round = unseen_every_round
@@ -117,7 +121,7 @@ class Agent:
         """
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        self._device = self._training_device()
+        self._device = self._group.device if self._group is not None else self._training_device()
         client = self._connect(self.cfg.coordinator, self._credentials(), self.stop)
         try:
             return self._run(client)
@@ -420,13 +424,12 @@ class Agent:
         strategy.set_trainable(model, phase, self._trainable)
         train = strategy.train_data(data.splits.train, state=state, rnd=rnd)
         dp = self._dp
-        if dp is not None and dp.plan.record_level:
-            from fedsilo.models.dp_training import train_local_dp
-
-            result = train_local_dp(model, train, train_cfg, dp.dpsgd_config(), round_index=rnd, task=self._task,
-                                    device=self._device)
-        else:  # both move the model to the device for the call and back to the CPU after it
-            result = train_local(model, train, train_cfg, round_index=rnd, task=self._task, device=self._device)
+        job = TrainJob(model=model, train=train, train_cfg=train_cfg, round_index=rnd, task=self._task,
+                       dp=dp.dpsgd_config() if dp is not None and dp.plan.record_level else None)
+        if self._group is not None:  # every rank trains its share; all end with these weights
+            result = self._group.train(job, train_set=data.splits.train)
+        else:  # moves the model to the device for the call and back to the CPU after it
+            result = train_job(job, parallel=None, device=self._device)
         if self.stop.is_set():
             raise Stopped("training")
         sd = model.state_dict()

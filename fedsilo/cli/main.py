@@ -7,6 +7,7 @@ run on a machine without torch.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -169,8 +170,10 @@ def pin_model(config_path: Path, base_checkpoint: Path | None) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="silo.toml")
 @click.option("--insecure", is_flag=True, help=_INSECURE_HELP)
-def agent(config_path: Path, insecure: bool) -> None:
-    """Run a silo agent daemon."""
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This machine's place in a training group of agent.nodes machines (0: the agent's).")
+def agent(config_path: Path, insecure: bool, node_rank: int) -> None:
+    """Run a silo agent daemon (with agent.gpus or agent.nodes > 1: its training group, under torchrun)."""
     from fedsilo.coordinator.config import ConfigError
     from fedsilo.silo_agent.config import load_agent_config
 
@@ -179,10 +182,40 @@ def agent(config_path: Path, insecure: bool) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     _check_insecure(cfg.insecure, insecure, "agent.insecure")
-    from fedsilo.coordinator.server import setup_logging
-    from fedsilo.silo_agent.daemon import Agent, AgentError
+    if node_rank >= cfg.nodes:
+        _fail(f"--node-rank {node_rank}: agent.nodes = {cfg.nodes} (node ranks 0..{cfg.nodes - 1})")
+    from fedsilo.silo_agent import training_group
 
-    setup_logging(Path(cfg.state_dir), "agent.log")
+    if cfg.group_size > 1 and not training_group.in_group():
+        try:
+            training_group.check_devices(str(cfg.device), cfg.gpus)
+        except training_group.GroupError as exc:
+            _fail(str(exc), 1)
+        cmd = training_group.torchrun_command(config_path=config_path.resolve(), gpus=cfg.gpus, nodes=cfg.nodes,
+                                              master=cfg.master, node_rank=node_rank, insecure=insecure)
+        click.echo(f"starting the training group ({cfg.gpus} process(es) on this node, {cfg.nodes} node(s)): "
+                   + " ".join(cmd), err=True)
+        sys.stdout.flush()
+        os.execvpe(cmd[0], cmd, {**os.environ, training_group.GROUP_ENV: "1"})
+    from fedsilo.coordinator.server import setup_logging
+    from fedsilo.silo_agent.daemon import Agent, AgentError, load_data
+
+    group = None
+    if training_group.in_group():
+        rank = int(os.environ["RANK"])
+        setup_logging(Path(cfg.state_dir), "agent.log" if rank == 0 else f"trainer-rank{rank}.log")
+        try:
+            group = training_group.TrainingGroup.join(str(cfg.device))
+        except training_group.GroupError as exc:
+            _fail(str(exc), 1)
+    else:
+        setup_logging(Path(cfg.state_dir), "agent.log")
+    if group is not None and group.rank > 0:  # a trainer: no coordinator, no keys, no ledger
+        try:
+            code = training_group.serve(group, lambda task: load_data(cfg.data, task).splits.train)
+        finally:
+            group.close()
+        sys.exit(code)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -191,9 +224,12 @@ def agent(config_path: Path, insecure: bool) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        code = Agent(cfg, stop=stop).run()
+        code = Agent(cfg, stop=stop, group=group).run()
     except AgentError as exc:
         _fail(str(exc), 1)
+    finally:
+        if group is not None:
+            group.close()
     sys.exit(code)
 
 

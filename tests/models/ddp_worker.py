@@ -3,7 +3,8 @@
 Usage: ``torchrun --standalone --nproc-per-node 2 ddp_worker.py OUTDIR``. For every case of
 ``parallel_cases.MODES`` every rank trains the cases' small UNet on the same built-in data with
 ``parallel=DataParallel.current()`` and writes the trained state_dict and result to
-``OUTDIR/MODE.rankN.pt`` (``torch.save``). Last, the ranks train on training sets of different
+``OUTDIR/MODE.rankN.pt`` (``torch.save``); then DP-SGD with OS-entropy randomness
+(``secure.rankN.pt``). Last, the ranks train on training sets of different
 sizes, and each writes the refusal's message to ``OUTDIR/mismatch.rankN.txt``.
 """
 
@@ -17,7 +18,8 @@ import torch.distributed as dist
 
 from fedsilo.models import SyntheticConfig, silo_splits, train_local
 from fedsilo.models.parallel import DataParallel
-from parallel_cases import MODES, NET, TRAIN, run_case
+from fedsilo.models.dp_training import train_local_dp
+from parallel_cases import DATA, DP_NOISY, MODES, NET, TRAIN, run_case
 from fedsilo.models import build_model
 
 
@@ -32,6 +34,10 @@ def main() -> int:
             state, result = run_case(mode, parallel=parallel)
             torch.save({"state": state, "loss": result.loss, "steps": result.steps, "examples": result.examples},
                        out / f"{mode}.rank{parallel.rank}.pt")
+        # production randomness: Poisson draws from rank 0's OS-entropy seed, noise from rank 0 alone
+        model = build_model(NET)
+        result = train_local_dp(model, silo_splits(DATA, 0).train, TRAIN, DP_NOISY, round_index=1, parallel=parallel)
+        torch.save({"state": model.state_dict(), "examples": result.examples}, out / f"secure.rank{parallel.rank}.pt")
         train = silo_splits(SyntheticConfig(image_size=32, n_train=5 + parallel.rank, n_val=0, n_test=0), 0).train
         try:
             train_local(build_model(NET), train, TRAIN, round_index=0, parallel=parallel)

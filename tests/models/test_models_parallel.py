@@ -54,6 +54,15 @@ def test_two_processes_train_what_one_does(ranks: Path, mode: str) -> None:
             torch.testing.assert_close(ddp["state"][k], v, atol=PARAM_ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_secure_randomness_keeps_the_ranks_in_step(ranks: Path) -> None:
+    """Without seeds every rank still draws rank 0's batches (its secret seed) and applies its noise."""
+    got = [torch.load(ranks / f"secure.rank{r}.pt") for r in range(WORLD)]
+    assert got[0]["examples"] == got[1]["examples"] > 0
+    assert all(torch.equal(got[0]["state"][k], got[1]["state"][k]) for k in got[0]["state"])
+    seeded, _ = run_case("dp-noisy")
+    assert not all(torch.equal(seeded[k], got[0]["state"][k]) for k in seeded)
+
+
 def test_ranks_with_other_data_are_refused(ranks: Path) -> None:
     for r in range(WORLD):
         message = (ranks / f"mismatch.rank{r}.txt").read_text()
