@@ -5,6 +5,8 @@ training as a silo agent runs it in a round (``fedsilo.silo_agent.daemon``'s ``_
 
 * plain: :func:`fedsilo.models.train_local` with ``TrainConfig(batch_size=B)`` (Adam, one local
   epoch, the Task's collation and loss);
+* bf16 (only with ``--modes``): plain under ``torch.autocast`` to bfloat16 (``[agent] precision =
+  "bf16"``); meant for GPUs with bf16 units (on most CPUs it is slower than float32);
 * DP-SGD: :func:`fedsilo.models.dp_training.train_local_dp` on the model passed through
   :func:`fedsilo.privacy.dpsgd.make_private_compatible`, with ``DpSgdConfig(noise_multiplier=1.0,
   max_grad_norm=1.0, sample_rate=B / n, steps=n / B)``: one epoch's worth of examples in expectation,
@@ -74,7 +76,7 @@ SETUPS = {
 @dataclass
 class Result:
     task: str
-    mode: str  # "plain" or "DP-SGD"
+    mode: str  # "plain", "bf16" or "DP-SGD"
     device: str
     unit: str
     seconds: list[float] = field(default_factory=list)
@@ -111,7 +113,7 @@ def _reason(err: BaseException) -> str:
 def run_task(setup: TaskSetup, device: Any, rounds: int, modes: list[str]) -> list[Result]:
     import torch
 
-    from fedsilo.models import train_local
+    from fedsilo.models import Precision, train_local
     from fedsilo.models.dp_training import train_local_dp
     from fedsilo.models.tasks import DataSpec, get_task
     from fedsilo.models.training import TrainConfig
@@ -144,7 +146,9 @@ def run_task(setup: TaskSetup, device: Any, rounds: int, modes: list[str]) -> li
                     out = train_local_dp(model, train, train_cfg, dp_cfg, round_index=r, noise_seed=1000 + r,
                                          task=task, device=device)
                 else:
-                    out = train_local(model, train, train_cfg, round_index=r, task=task, device=device)
+                    precision = Precision.BF16 if mode == "bf16" else Precision.FP32
+                    out = train_local(model, train, train_cfg, round_index=r, task=task, device=device,
+                                      precision=precision)
                 _sync(device)
                 dt = time.perf_counter() - t0
                 if r > 0:
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration, after one warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo's agents)")
     ap.add_argument("--tasks", default=",".join(SETUPS), help="comma-separated Task names")
-    ap.add_argument("--modes", default="plain,DP-SGD", help="comma-separated: plain, DP-SGD")
+    ap.add_argument("--modes", default="plain,DP-SGD", help="comma-separated: plain, DP-SGD, bf16 (plain under bfloat16 autocast, [agent] precision)")
     ap.add_argument("--json", default=None, help="also write the raw timings here")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in SETUPS:
             ap.error(f"unknown task {name!r}; one of {', '.join(SETUPS)}")
     for m in modes:
-        if m not in ("plain", "DP-SGD"):
+        if m not in ("plain", "DP-SGD", "bf16"):
             ap.error(f"unknown mode {m!r}")
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(f"# local-training throughput: {platform.processor() or platform.machine()}, "

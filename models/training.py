@@ -22,6 +22,7 @@ from fedsilo.core.validators import (
     check_seed,
 )
 from fedsilo.models.data import SegmentationDataset
+from fedsilo.models.precision import Precision
 from fedsilo.models.metrics import dice_and_hd95
 from fedsilo.core.rng import seeded_global_rng
 
@@ -288,6 +289,7 @@ def train_local(
     task: Task | None = None,
     device: torch.device | str | None = None,
     parallel: DataParallel | None = None,
+    precision: Precision = Precision.FP32,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
@@ -325,6 +327,10 @@ def train_local(
             sums. Floating-point buffers (BatchNorm statistics) are averaged over the ranks at
             the end. Dropout draws differ from single-process training (other batch shapes).
             None: this process alone.
+        precision: :attr:`Precision.BF16` runs the forward pass and the loss under
+            ``torch.autocast`` to bfloat16 on ``device`` (weights, gradients and the optimiser
+            stay float32); the result is close to, not equal to, float32 training.
+            :attr:`Precision.FP32` (the default) is plain float32.
 
     Returns:
         Loss, steps and examples of this call (over the whole group).
@@ -337,6 +343,7 @@ def train_local(
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     check_int("train_local", "round_index", round_index, minimum=0)
+    check_enum("train_local", "precision", precision, Precision)
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -344,7 +351,7 @@ def train_local(
         if parallel is not None:
             parallel.check_same("the number of training examples", n, where)
         result = _train_local(model, dataset, cfg, round_index=round_index, anchor=anchor, task=task, n=n,
-                              device=where, parallel=parallel)
+                              device=where, parallel=parallel, precision=precision)
         if parallel is not None:
             parallel.average_buffers(model, where)
         return result
@@ -352,8 +359,13 @@ def train_local(
 
 def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, round_index: int,
                  anchor: Mapping[str, torch.Tensor] | None, task: Task | None, n: int,
-                 device: torch.device, parallel: DataParallel | None = None) -> TrainResult:
+                 device: torch.device, parallel: DataParallel | None = None,
+                 precision: Precision = Precision.FP32) -> TrainResult:
     """:func:`train_local`'s loop, ``model`` already on ``device``."""
+    if precision is Precision.BF16:
+        autocast: Any = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
     centre = _checked_anchor(model, anchor) if anchor is not None else None
     if task is None:
         from monai.losses import DiceCELoss
@@ -382,7 +394,8 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
                 optimizer.zero_grad(set_to_none=True)
                 if parallel is None:
                     inputs, targets = collate(dataset, batch, device)
-                    loss = loss_fn(forward(model, inputs), targets)
+                    with autocast():
+                        loss = loss_fn(forward(model, inputs), targets)
                     loss.backward()
                     batch_loss = float(loss.detach())
                 else:  # this rank's share, weighted by its part of the batch; the sum is the batch mean
@@ -390,7 +403,8 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
                     part = 0.0
                     if mine:
                         inputs, targets = collate(dataset, mine, device)
-                        loss = loss_fn(forward(model, inputs), targets)
+                        with autocast():
+                            loss = loss_fn(forward(model, inputs), targets)
                         (loss * (len(mine) / len(batch))).backward()
                         part = float(loss.detach()) * len(mine) / len(batch)
                     parallel.sum_gradients(trainable, device)

@@ -11,6 +11,7 @@ from typing import Any
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.configfile import check_keys, parse_enum, read_toml, resolve_path, tls_files
+from fedsilo.models.precision import Precision
 
 
 class DataSource(enum.Enum):
@@ -158,6 +159,9 @@ class AgentConfig:
             e.g. ``"cuda:1"``); the default, the CPU, is bit-reproducible. The model is moved there
             for training and evaluation only: the agent's state, uploads, HE and the strategy's
             tensors stay on the CPU.
+        precision: non-private local training's forward pass and loss: ``Precision.FP32`` (the
+            default) or ``Precision.BF16`` (``torch.autocast`` to bfloat16; faster on GPUs with
+            bf16 units, close to but not equal to float32). DP-SGD always runs in float32.
         gpus: training processes on each node (one per GPU; with ``device = "cpu"``, CPU
             processes over gloo, for testing). More than one (or ``nodes`` > 1) makes ``fedsilo
             agent`` start itself under ``torchrun``: rank 0 is the agent (it alone talks to the
@@ -180,6 +184,7 @@ class AgentConfig:
     name: str | None = None
     threads: int = 0
     device: DeviceSetting = field(default_factory=DeviceSetting)
+    precision: Precision = Precision.FP32
     gpus: int = 1
     nodes: int = 1
     master: str | None = None
@@ -200,6 +205,8 @@ class AgentConfig:
             raise ConfigError(f"agent.threads: {self.threads!r} must be an integer in [0, 256]")
         if not isinstance(self.device, DeviceSetting):
             object.__setattr__(self, "device", DeviceSetting.parse(self.device))
+        if not isinstance(self.precision, Precision):
+            object.__setattr__(self, "precision", parse_enum(Precision, "agent.precision", self.precision))
         for key in ("gpus", "nodes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GROUP:
@@ -224,7 +231,7 @@ class AgentConfig:
 
 
 _SECTIONS = {
-    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "device", "gpus", "nodes", "master",
+    "agent": {"coordinator", "state_dir", "insecure", "name", "threads", "device", "precision", "gpus", "nodes", "master",
               "heartbeat_s"},
     "tls": {"ca", "cert", "key"},
     "data": None,
@@ -271,7 +278,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         "insecure": insecure,
         "data": DataConfig(**data_kwargs),
     }
-    for key in ("name", "threads", "gpus", "nodes", "master", "heartbeat_s"):
+    for key in ("name", "threads", "precision", "gpus", "nodes", "master", "heartbeat_s"):
         if key in agent:
             kwargs[key] = agent[key]
     if "device" in agent:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from fedsilo import __version__
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
-from fedsilo.models import TrainConfig
+from fedsilo.models import Precision, TrainConfig
 from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
@@ -245,6 +245,9 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"{invalid}: {exc}") from None
         self._task, self._strategy = built.task, built.strategy
+        if self.cfg.precision is not Precision.FP32 and info.privacy is not None and info.privacy.record_level:
+            log.warning("agent.precision = %r does not apply to this run: DP-SGD trains in float32",
+                        self.cfg.precision.value)
         self._total_rounds = info.total_rounds
         self._trainable = frozenset(n for n, p in built.model.named_parameters() if p.requires_grad)
         return built, train_cfg
@@ -425,7 +428,8 @@ class Agent:
         train = strategy.train_data(data.splits.train, state=state, rnd=rnd)
         dp = self._dp
         job = TrainJob(model=model, train=train, train_cfg=train_cfg, round_index=rnd, task=self._task,
-                       dp=dp.dpsgd_config() if dp is not None and dp.plan.record_level else None)
+                       dp=dp.dpsgd_config() if dp is not None and dp.plan.record_level else None,
+                       precision=self.cfg.precision)
         if self._group is not None:  # every rank trains its share; all end with these weights
             result = self._group.train(job, train_set=data.splits.train)
         else:  # moves the model to the device for the call and back to the CPU after it

@@ -31,6 +31,7 @@ import torch
 
 from fedsilo.models import TrainConfig, TrainResult, train_local
 from fedsilo.models.parallel import DataParallel
+from fedsilo.models.precision import Precision
 
 log = logging.getLogger("fedsilo.agent.group")
 
@@ -57,6 +58,7 @@ class TrainJob:
         dp: the DP-SGD settings of a record-level DP run (``DpSgdConfig``), or None.
         round_index: the round.
         task: the run's Task.
+        precision: ``agent.precision`` of non-private training (DP-SGD runs in float32).
     """
 
     model: torch.nn.Module
@@ -65,6 +67,7 @@ class TrainJob:
     dp: Any
     round_index: int
     task: Any
+    precision: Precision = Precision.FP32
 
 
 def torchrun_command(*, config_path: Path, gpus: int, nodes: int, master: str | None, node_rank: int,
@@ -94,7 +97,7 @@ def train_job(job: TrainJob, *, parallel: DataParallel | None, device: torch.dev
         return train_local_dp(job.model, job.train, job.train_cfg, job.dp, round_index=job.round_index,
                               task=job.task, device=device, parallel=parallel)
     return train_local(job.model, job.train, job.train_cfg, round_index=job.round_index, task=job.task,
-                       device=device, parallel=parallel)
+                       device=device, parallel=parallel, precision=job.precision)
 
 
 def encode_job(job: TrainJob, train_set: Any) -> bytes:

@@ -325,3 +325,21 @@ def test_bad_anchor_is_rejected_by_name() -> None:
     dict(model.named_parameters())[name].requires_grad_(False)
     train_local(model, data, cfg, round_index=0, anchor=missing)
     assert not _equal(before, model.state_dict())
+
+
+def test_bf16_autocast_trains_close_to_float32(splits) -> None:  # type: ignore[no-untyped-def]
+    """bfloat16 autocast (on the CPU here, the GPU's path otherwise): float32 weights, another but close
+    result, and the same descent; float32 stays the default."""
+    from fedsilo.models import Precision
+
+    cfg = TrainConfig(local_epochs=2, batch_size=4, seed=1)
+    fp32, bf16, default = (build_model(SMALL_NET) for _ in range(3))
+    r32 = train_local(fp32, splits.train, cfg, round_index=0, precision=Precision.FP32)
+    r16 = train_local(bf16, splits.train, cfg, round_index=0, precision=Precision.BF16)
+    train_local(default, splits.train, cfg, round_index=0)
+    assert _equal(_state(default), _state(fp32))
+    assert all(v.dtype == torch.float32 for v in bf16.state_dict().values())
+    assert not _equal(_state(bf16), _state(fp32))
+    assert r16.loss == pytest.approx(r32.loss, rel=0.05)
+    with pytest.raises(ValueError, match=r"train_local\.precision must be a Precision \('fp32', 'bf16'\), got 'bf16'"):
+        train_local(fp32, splits.train, cfg, round_index=0, precision="bf16")  # type: ignore[arg-type]

@@ -129,3 +129,12 @@ def test_a_job_carries_the_training_set_as_a_reference() -> None:
     assert len(with_copy) > len(data) + train.images.numel() * 4 // 2
     with pytest.raises(pickle.UnpicklingError, match="expected a TrainJob"):
         decode_job(pickle.dumps([1, 2]), mine)
+
+
+def test_the_precision_setting_loads_and_is_checked(tmp_path: Path) -> None:
+    from fedsilo.models import Precision
+
+    assert load_agent_config(_write(tmp_path, 'precision = "bf16"')).precision is Precision.BF16
+    assert load_agent_config(_write(tmp_path, "")).precision is Precision.FP32
+    with pytest.raises(ConfigError, match=r"agent\.precision: 'fp16' is not one of 'fp32', 'bf16'"):
+        load_agent_config(_write(tmp_path, 'precision = "fp16"'))
