@@ -121,7 +121,7 @@ def clip_update(update: Mapping[str, np.ndarray], *, clip_norm: float) -> tuple[
     arrays = _check_update(update)
     m, r = _scaled_norm(arrays)
     norm = m * r
-    if norm <= clip:
+    if m == 0.0 or r <= clip / m:  # not norm <= clip: among subnormals m * r rounds down to C or below
         return {name: np.array(arr, copy=True) for name, arr in arrays.items()}, norm
     factor = clip / r  # applied to arr / m, so neither step overflows nor underflows needlessly
     clipped = {
