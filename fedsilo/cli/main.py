@@ -211,6 +211,10 @@ def agent(config_path: Path, insecure: bool, node_rank: int) -> None:
     else:
         setup_logging(Path(cfg.state_dir), "agent.log")
     if group is not None and group.rank > 0:  # a trainer: no coordinator, no keys, no ledger
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         try:
             code = training_group.serve(group, lambda task: load_data(cfg.data, task).splits.train)
         finally:
