@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedsilo.core.rng import seeded_global_rng
+from fedsilo.models.pn import PopulationNorm, pn_norm_spec
 from fedsilo.models.unet_shape import check_unet_shape
 from fedsilo.core.validators import (
     MappingConfig,
@@ -42,11 +43,14 @@ class Norm(enum.Enum):
     """Normalisation layer of the network.
 
     BatchNorm is deliberately absent: its running statistics mix samples, which breaks the
-    per-sample gradients that DP-SGD needs.
+    per-sample gradients that DP-SGD needs. All three normalise each example on its own.
     """
 
     INSTANCE = "instance"
     GROUP = "group"
+    #: Population Normalization (Wang et al., CVPR 2025; :class:`~fedsilo.models.pn.PopulationNorm`):
+    #: per-channel mean and variance are trained parameters, shared by FedAvg like every weight.
+    PN = "pn"
 
 
 class Architecture(enum.Enum):
@@ -75,9 +79,11 @@ class ModelConfig(MappingConfig):
         strides: Down-sampling stride between consecutive levels; one fewer than ``channels``.
             Input height and width must be divisible by the product of the strides.
         num_res_units: Residual units per block (0 for plain convolutions).
-        norm: Normalisation layer (always with a learnable affine).
+        norm: Normalisation layer (always with a learnable affine), in every convolutional block
+            (UNETR: of its decoder; its transformer keeps LayerNorm).
         norm_groups: Groups of GroupNorm; must divide every entry of ``channels`` and
-            ``out_channels`` (UNet), or ``feature_size`` (UNETR). Ignored for ``Norm.INSTANCE``.
+            ``out_channels`` (UNet), or ``feature_size`` (UNETR). Ignored for ``Norm.INSTANCE``
+            and ``Norm.PN``.
         dropout: Dropout probability in [0, 1) (UNETR: inside the transformer).
         seed: Seed of the initial weights; same config gives bit-identical weights.
         image_size: UNETR: height and width of the (square) input, a multiple of the ViT's
@@ -139,14 +145,18 @@ class ModelConfig(MappingConfig):
 
 
 
+def _norm_spec(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """The MONAI norm spec of ``cfg.norm`` (PN: registered in MONAI's ``Norm`` factory on first use)."""
+    if cfg.norm is Norm.INSTANCE:
+        return ("instance", {"affine": True})
+    if cfg.norm is Norm.PN:
+        return pn_norm_spec()
+    return ("group", {"num_groups": cfg.norm_groups, "affine": True})
+
+
 def _build_unet2d(cfg: ModelConfig) -> nn.Module:
     from monai.networks.nets import UNet
 
-    norm: tuple[str, dict[str, Any]]
-    if cfg.norm is Norm.INSTANCE:
-        norm = ("instance", {"affine": True})
-    else:
-        norm = ("group", {"num_groups": cfg.norm_groups, "affine": True})
     return UNet(
         spatial_dims=2,
         in_channels=cfg.in_channels,
@@ -154,15 +164,9 @@ def _build_unet2d(cfg: ModelConfig) -> nn.Module:
         channels=cfg.channels,
         strides=cfg.strides,
         num_res_units=cfg.num_res_units,
-        norm=norm,
+        norm=_norm_spec(cfg),
         dropout=cfg.dropout,
     )
-
-
-def _norm_spec(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
-    if cfg.norm is Norm.INSTANCE:
-        return ("instance", {"affine": True})
-    return ("group", {"num_groups": cfg.norm_groups, "affine": True})
 
 
 def _build_unetr(cfg: ModelConfig) -> nn.Module:
@@ -285,6 +289,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
+    PopulationNorm,
 )
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
@@ -294,7 +299,9 @@ def local_parameter_names(model: nn.Module) -> frozenset[str]:
     """Returns the ``state_dict`` names of all normalisation-layer parameters and buffers.
 
     Covers InstanceNorm, BatchNorm, GroupNorm, LayerNorm (and RMSNorm): affine weight and bias,
-    running mean/var and ``num_batches_tracked``. FedBN keeps exactly these local.
+    running mean/var and ``num_batches_tracked``; and PN (:class:`~fedsilo.models.pn.PopulationNorm`):
+    its learned mean and log-variance with its affine weight and bias (it has no buffers). FedBN keeps
+    exactly these local.
 
     Args:
         model: The network.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # torch and Opacus are imported inside the functions that use them, so that importing this
@@ -11,7 +12,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["make_private_compatible", "register_grad_samplers"]
+__all__ = ["add_grad_sampler", "make_private_compatible", "register_grad_samplers"]
+
+#: Rules added by layers defined above the privacy layer (e.g. ``fedsilo.models.pn``), by layer type;
+#: :func:`register_grad_samplers` installs them next to the built-in ones.
+_ADDED_RULES: dict[type, Callable[..., Any]] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +178,37 @@ def _conv_transpose_weight_grad(layer: Any, x: torch.Tensor, backprops: torch.Te
     return grad.reshape(n, *layer.weight.shape)
 
 
+def add_grad_sampler(layer_type: type, rule: Callable[..., Any]) -> None:
+    """Adds an exact per-sample gradient rule for a layer type that this (lower) layer cannot import.
+
+    A network layer defined in :mod:`fedsilo.models` (e.g.
+    :class:`~fedsilo.models.pn.PopulationNorm`) calls this when its module is imported, so the rule
+    is here for any model that contains the layer; :func:`register_grad_samplers` (run by every
+    :class:`~fedsilo.privacy.dpsgd.DpSgdStep`) then installs it with Opacus like the built-in ones.
+    Needs neither torch nor Opacus. Adding the same rule again is a no-op.
+
+    Args:
+        layer_type: The exact ``nn.Module`` subclass (Opacus looks rules up by exact type).
+        rule: ``rule(layer, activations, backprops) -> {parameter: [N, *parameter.shape]}``, Opacus'
+            grad-sampler signature; it must be exact (tests compare it with one backward pass per
+            example).
+
+    Raises:
+        ValueError: If ``layer_type`` is not a class, ``rule`` is not callable, or another rule was
+            already added for ``layer_type``.
+    """
+    if not isinstance(layer_type, type):
+        raise ValueError(f"add_grad_sampler.layer_type must be a class, got {layer_type!r}")
+    if not callable(rule):
+        raise ValueError(f"add_grad_sampler.rule must be callable, got {rule!r}")
+    known = _ADDED_RULES.get(layer_type)
+    if known is not None and known is not rule:
+        raise ValueError(
+            f"add_grad_sampler: a per-sample gradient rule for {layer_type.__qualname__} was already added ({known!r})"
+        )
+    _ADDED_RULES[layer_type] = rule
+
+
 def register_grad_samplers() -> None:
     """Registers exact per-sample gradient rules for ``nn.PReLU`` and ``nn.ConvTranspose{1,2,3}d`` with Opacus.
 
@@ -185,7 +221,9 @@ def register_grad_samplers() -> None:
     summed over positions (per channel if it has one weight per channel); a transposed
     convolution's weight gradient is its unfolded backprops contracted with its input, per
     group, and its bias gradient the backprops summed over space. They are not
-    approximations: tests compare them with one ordinary backward pass per example.
+    approximations: tests compare them with one ordinary backward pass per example. Rules that
+    upper layers added with :func:`add_grad_sampler` (PN's:
+    :func:`fedsilo.models.pn.population_norm_grad_sample`) are installed the same way.
 
     Uses Opacus' public ``register_grad_sampler``, which fills the grad-sampler mapping
     shared by every hooks-based ``GradSampleModule`` in the process (``hooks`` and the
@@ -202,6 +240,7 @@ def register_grad_samplers() -> None:
         nn.ConvTranspose1d: _conv_transpose_grad_sample,
         nn.ConvTranspose2d: _conv_transpose_grad_sample,
         nn.ConvTranspose3d: _conv_transpose_grad_sample,
+        **_ADDED_RULES,
     }
     for cls, rule in rules.items():
         if cls not in GradSampleModule.GRAD_SAMPLERS:

@@ -65,6 +65,7 @@ def test_fingerprint_detects_seed_architecture_and_value_changes(default_model: 
     assert model_fingerprint(build_model(ModelConfig(seed=1))) != fp
     assert model_fingerprint(build_model(ModelConfig(channels=(8, 16, 32, 32)))) != fp
     assert model_fingerprint(build_model(ModelConfig(norm=Norm.GROUP))) != fp
+    assert model_fingerprint(build_model(ModelConfig(norm=Norm.PN))) != fp
     tweaked = build_model(ModelConfig())
     with torch.no_grad():
         first = next(iter(tweaked.parameters()))
@@ -129,7 +130,24 @@ def test_local_parameter_names_of_group_norm_unet() -> None:
     assert len(local_parameter_names(model)) == 2 * len(norms)
 
 
+def test_local_parameter_names_of_pn_unet() -> None:
+    from fedsilo.models.pn import PopulationNorm
+
+    model = build_model(ModelConfig(norm=Norm.PN, norm_groups=3))  # norm_groups is ignored for PN
+    norms = [m for m in model.modules() if isinstance(m, PopulationNorm)]
+    assert len(norms) == 9 and not list(model.buffers())
+    names = local_parameter_names(model)
+    assert len(names) == 4 * len(norms)  # learned mean and log-variance, affine weight and bias
+    assert {n.rsplit(".", 1)[1] for n in names} == {"mean", "log_var", "weight", "bias"}
+    # 4 per channel instead of InstanceNorm's 2: 2 * (sum of the normalised channels) more
+    assert parameter_count(model) - parameter_count(build_model(ModelConfig())) == 2 * sum(
+        m.num_features for m in norms
+    )
+
+
 def test_local_parameter_names_cover_every_norm_kind() -> None:
+    from fedsilo.models.pn import PopulationNorm
+
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.BatchNorm2d(4),
@@ -138,12 +156,14 @@ def test_local_parameter_names_cover_every_norm_kind() -> None:
         nn.Flatten(),
         nn.LayerNorm(4 * 6 * 6),
         nn.Linear(4 * 6 * 6, 2),
+        PopulationNorm(2),
     )
     expected = {
         "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked",
         "2.weight", "2.bias", "2.running_mean", "2.running_var", "2.num_batches_tracked",
         "3.weight", "3.bias",
         "5.weight", "5.bias",
+        "7.mean", "7.log_var", "7.weight", "7.bias",
     }  # fmt: skip
     assert local_parameter_names(model) == frozenset(expected)
 
@@ -186,6 +206,7 @@ def test_from_mapping_accepts_toml_values() -> None:
         {"architecture": "unet2d", "channels": [4, 8, 16], "strides": [2, 2], "norm": "GROUP", "dropout": 0}
     )
     assert cfg == ModelConfig(channels=(4, 8, 16), strides=(2, 2), norm=Norm.GROUP, dropout=0.0)
+    assert ModelConfig.from_mapping({"norm": "pn"}) == ModelConfig(norm=Norm.PN)
     assert ModelConfig.from_mapping({}) == ModelConfig()
 
 
