@@ -7,8 +7,8 @@ from dataclasses import replace
 
 from fedsilo.core.tensors import Manifest
 
-__all__ = ["LORA_A_MARK", "LORA_B_MARK", "MASK_SUFFIXES", "SharePhase", "masked_manifest", "phase_manifest",
-           "shared_numel"]
+__all__ = ["COMPANION_MARK", "LORA_A_MARK", "LORA_B_MARK", "MASK_SUFFIXES", "SharePhase", "masked_manifest",
+           "phase_manifest", "shared_numel"]
 
 LORA_A_MARK = ".lora_A."
 LORA_B_MARK = ".lora_B."
@@ -46,6 +46,12 @@ def masked_manifest(manifest: Manifest, *, local_part: bool = True) -> Manifest:
     return Manifest(tensors=manifest.tensors + extra)
 
 
+#: What every companion tensor's name holds and no state_dict entry can (a Python attribute name has no
+#: ``-``): masked uploads' companion sets (:data:`MASK_SUFFIXES`) and a method's extra upload slots.
+COMPANION_MARK = "--"
+
+
 def shared_numel(layout: Manifest) -> int:
-    """Parameters a (possibly masked) upload layout shares: its tensors without the companion sets."""
-    return sum(t.numel for t in layout.tensors if not t.name.endswith(MASK_SUFFIXES))
+    """Parameters an upload layout shares: its tensors without the companion tensors (masked uploads'
+    companion sets, a method's extra slots: every name holding :data:`COMPANION_MARK`)."""
+    return sum(t.numel for t in layout.tensors if COMPANION_MARK not in t.name)
