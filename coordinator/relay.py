@@ -40,15 +40,27 @@ class SealedRelay:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
-    def _check_purpose(self, purpose: object) -> str:
-        """Raises unless ``purpose`` is well-formed and one the run's method relays."""
+    def _check_purpose(self, purpose: object, *, publishing: bool) -> str:
+        """Raises unless ``purpose`` is well-formed and one the run's method relays; a per-round purpose
+        (``Method.round_relays``) is published only while its round is open and read once it has opened."""
         if not isinstance(purpose, str) or not PURPOSE_RE.fullmatch(purpose):
             raise InvalidArgument(f"purpose '{excerpt(purpose)}' is not 1..64 characters of [a-z0-9-]")
         method = self.ctx.method
-        if purpose not in method.relays:
-            used = ", ".join(sorted(method.relays)) or "none"
+        if purpose in method.relays:
+            return purpose
+        rnd = method.relay_round(purpose)
+        if rnd is None:
+            used = ", ".join([*sorted(method.relays), *(f"{p}<round>" for p in sorted(method.round_relays))]) or "none"
             raise FailedPrecondition(f"run {self.ctx.cfg.run_id!r} relays nothing under purpose {purpose!r}: its "
                                      f"method {method.name!r} uses the sealed relay for {used}")
+        with self.ctx.cond:
+            open_round = self.ctx.open_round_number()
+            closed = self.ctx.store.last_closed_round() if not publishing else 0
+        if publishing and rnd != open_round:
+            raise FailedPrecondition(f"purpose {purpose!r} carries round {rnd}'s blobs, published while that round is "
+                                     f"open; the open round is {open_round or 'none'}")
+        if not publishing and rnd > max(open_round, closed):
+            raise FailedPrecondition(f"purpose {purpose!r} carries round {rnd}'s blobs; that round has not opened")
         return purpose
 
     def _check_accounted(self, name: str, purpose: str) -> None:
@@ -80,7 +92,7 @@ class SealedRelay:
         """
         ctx = self.ctx
         name = ctx.require_joined(caller)
-        self._check_purpose(purpose)
+        self._check_purpose(purpose, publishing=True)
         if not 1 <= len(blob) <= MAX_SEALED_BYTES:
             raise InvalidArgument(f"blob has {len(blob)} bytes; 1..{MAX_SEALED_BYTES} allowed")
         blob = bytes(blob)
@@ -121,7 +133,7 @@ class SealedRelay:
         """
         ctx = self.ctx
         name = ctx.require_joined(caller)
-        self._check_purpose(purpose)
+        self._check_purpose(purpose, publishing=False)
         if not isinstance(after_silo, str) or len(after_silo) > 64:
             raise InvalidArgument("after_silo must be a silo name (at most 64 characters) or empty")
         chosen: list[str] = []

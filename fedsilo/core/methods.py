@@ -12,6 +12,7 @@ and :func:`get_method`.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
@@ -23,6 +24,8 @@ from fedsilo.core.tensors import Manifest
 __all__ = ["DEFAULT_METHOD", "BenchDefaults", "DpLevel", "Method", "UnknownMethod", "get_method", "method_names", "methods",
            "register_method", "unregister_method"]
 
+
+_ROUND_DIGITS = re.compile(r"[1-9][0-9]{0,5}")
 
 #: The method of a run that names none (``run.strategy`` left out): FedAvg.
 DEFAULT_METHOD = "fedavg"
@@ -78,6 +81,9 @@ class Method:
         min_silos: the fewest enrolled silos it works with, and why ("" when 1).
         he_bound: the HE bound its uploads need (None: the run's default).
         relays: purposes of the sealed relay it exchanges blobs under before training.
+        round_relays: prefixes of per-round relay purposes: ``<prefix><r>`` carries round r's
+            blobs, published only while round r is open and read only once it has opened (so a
+            silo can store at most one blob per prefix and round).
         tables: config tables it reads besides the common ones, each with its parser (a callable
             that takes the table and returns its complete, validated settings as a plain mapping,
             raising ValueError naming the key), or None for a table its agents validate.
@@ -100,6 +106,7 @@ class Method:
     min_silos: ClassVar[tuple[int, str]] = (1, "")
     he_bound: ClassVar[float | None] = None
     relays: ClassVar[frozenset[str]] = frozenset()
+    round_relays: ClassVar[frozenset[str]] = frozenset()
     tables: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]] | None]] = {}
     default_tables: ClassVar[frozenset[str]] = frozenset()
     privacy_keys: ClassVar[frozenset[str]] = frozenset()
@@ -142,6 +149,16 @@ class Method:
         suffixes = MASK_SUFFIXES if cls.carries_local_part(rnd, total_rounds) else MASK_SUFFIXES[:1]
         extra = tuple(replace(t, name=t.name + suffix) for suffix in suffixes for t in layout.tensors)
         return Manifest(tensors=layout.tensors + extra)
+
+    @classmethod
+    def relay_round(cls, purpose: str) -> int | None:
+        """The round a per-round relay purpose (``<prefix><r>``, a prefix of :attr:`round_relays`)
+        names, or None for any other purpose (r is a decimal without leading zeros, at most 6 digits)."""
+        for prefix in cls.round_relays:
+            tail = purpose[len(prefix):] if purpose.startswith(prefix) else ""
+            if _ROUND_DIGITS.fullmatch(tail):
+                return int(tail)
+        return None
 
     @classmethod
     def check_manifest(cls, manifest: Manifest) -> None:

@@ -25,8 +25,8 @@ identical on every silo) and τ_k this round's update (the shared tensors' ``new
 (‖τ_k − g‖ follows from them and ‖g‖, which every silo knows.) The pair is sealed with the run's
 shared secret (sealing purpose ``fedawa-scalars/v1/r<r>``, the round authenticated), kept in the
 state dir, and published through the coordinator's sealed relay under purpose ``fedawa-r<r>``
-(one blob per silo, purpose and run is the relay's rule, hence a purpose per round:
-:class:`RoundPurposes`).
+(one blob per silo, purpose and run is the relay's rule, hence a purpose per round, declared in
+``Method.round_relays``: the coordinator takes round r's blob only while round r is open).
 
 **The weights** (:func:`aggregation_weights`, a deterministic function of the set of
 (silo, c, n): sorted by silo name, so the order of arrival does not matter). Every client vector
@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -147,7 +146,6 @@ _EPS = 1e-9
 
 _MAGIC = b"FAWASC1\0"
 _PAYLOAD = struct.Struct("<8sIdd")  # magic, round, c, n (little-endian float64)
-_ROUND_RE = re.compile(r"[1-9][0-9]{0,5}")
 
 
 def sealing_purpose(rnd: int) -> str:
@@ -163,34 +161,6 @@ def relay_purpose(rnd: int) -> str:
 def scalars_file(rnd: int) -> str:
     """The state-dir file that keeps round ``rnd``'s sealed scalars (what a restart republishes)."""
     return f"fedawa_r{rnd}.sealed"
-
-
-class RoundPurposes(frozenset):
-    """The relay purposes ``<prefix><r>`` for every round r in 1..MAX_ROUNDS, one per round.
-
-    The coordinator's relay keeps one blob per (purpose, silo) for the whole run and asks only
-    ``purpose in method.relays``; this set answers that by pattern instead of holding 100,000
-    names. Iterating it (e.g. in a refusal message) gives the one pattern ``<prefix><round>``.
-
-    Args:
-        prefix: what every purpose starts with, e.g. ``"fedawa-r"``.
-    """
-
-    prefix: str
-
-    def __new__(cls, prefix: str) -> RoundPurposes:
-        self = super().__new__(cls, (f"{prefix}<round>",))
-        self.prefix = prefix
-        return self
-
-    def __contains__(self, purpose: object) -> bool:
-        if not isinstance(purpose, str) or not purpose.startswith(self.prefix):
-            return False
-        tail = purpose[len(self.prefix):]
-        return bool(_ROUND_RE.fullmatch(tail)) and int(tail) <= MAX_ROUNDS
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.prefix,)
 
 
 # -- the scalars and the weights: pure functions, the same on every silo ---------------------------
@@ -422,7 +392,7 @@ class FedAwa(Strategy):
     refuses = {DpLevel.SILO: "its adaptive weights would scale each silo's share of the noise, so the aggregate would "
                              "no longer carry noise sigma*C against every silo's contribution; use record_level "
                              "DP-SGD (the weights are then post-processing)"}
-    relays = RoundPurposes(RELAY_PREFIX)
+    round_relays = frozenset({RELAY_PREFIX})
     tables = {"fedawa": parse_settings}
     default_tables = frozenset({"fedawa"})
     bench = BenchDefaults(privacy=DEMO_PRIVACY, note="FedAWA: aggregation weights optimised from each silo's update "

@@ -586,12 +586,48 @@ class TwoRelays(Method):
     relays = frozenset({"first-purpose", "second-purpose"})
 
 
+class PerRound(Method):
+    """A toy method relaying one blob per silo and round under ``tally-r<round>`` (as FedAWA does)."""
+
+    name = "test-per-round"
+    summary = "test only: FedAvg's layout, a per-round sealed-relay purpose"
+    round_relays = frozenset({"tally-r"})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _toy_method() -> Iterator[None]:
     """Registered while this module's tests run only: tests elsewhere list every registered method."""
     register_method(TwoRelays)
+    register_method(PerRound)
     yield
     unregister_method(TwoRelays.name)
+    unregister_method(PerRound.name)
+
+
+def test_a_per_round_purpose_is_refused_outside_its_round(start_fed: Callable[..., Fed]) -> None:
+    """``tally-r<r>`` is published only while round r is open and read only once it has opened: before the
+    first round (the key ceremony never runs here) both are FAILED_PRECONDITION and nothing is stored, so a
+    silo cannot fill the relay with blobs for rounds to come; other purposes name the per-round pattern."""
+    fed = start_fed(strategy=PerRound.name)
+    for silo in SILOS:
+        fed.join(silo)
+    before = fed.snapshot()
+    for rnd in (1, 2, 99999):
+        purpose = f"tally-r{rnd}"
+        blob = fed.blob("hospital-a", b"scalars", purpose)
+        expect(grpc.StatusCode.FAILED_PRECONDITION,
+               f"purpose '{purpose}' carries round {rnd}'s blobs, published while that round is open; the open "
+               "round is none", lambda p=purpose, b=blob: fed.publish("hospital-a", b, p))
+        expect(grpc.StatusCode.FAILED_PRECONDITION, f"purpose '{purpose}' carries round {rnd}'s blobs; that round "
+               "has not opened", lambda p=purpose: fed.banks("hospital-b", p))
+    for purpose in ("tally-r0", "tally-r01", "tally-r1234567", "tally-r", "tally-rx"):
+        expect(grpc.StatusCode.FAILED_PRECONDITION, f"relays nothing under purpose '{purpose}': its method "
+               "'test-per-round' uses the sealed relay for tally-r<round>",
+               lambda p=purpose: fed.publish("hospital-a", fed.blob("hospital-a", b"x", p), p))
+    assert fed.snapshot() == before
+    fed.server.stop(grace=1.0)
+    with sqlite3.connect(fed.state_dir / "coordinator.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM sealed_blobs").fetchone() == (0,)
 
 
 def test_a_purpose_the_method_does_not_use_is_failed_precondition_naming_it(joined: Fed) -> None:

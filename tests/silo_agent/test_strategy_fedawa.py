@@ -218,7 +218,7 @@ class Client:
         self.polls = 0
 
     def publish_sealed(self, purpose: str, sealed: bytes) -> int:
-        assert purpose in FedAwa.relays  # a purpose FedAWA's method declares (the coordinator asks the same)
+        assert FedAwa.relay_round(purpose) is not None  # a per-round purpose FedAWA declares (the coordinator asks the same)
         with self.relay.lock:
             self.relay.published.append((purpose, self.me, sealed))
             known = self.relay.blobs.setdefault(purpose, {})
@@ -226,7 +226,7 @@ class Client:
             return len(known)
 
     def sealed(self, purpose: str) -> tuple[dict[str, bytes], int]:
-        assert purpose in FedAwa.relays
+        assert FedAwa.relay_round(purpose) is not None
         with self.relay.lock:
             self.polls += 1
             return {s: b for s, b in self.relay.blobs.get(purpose, {}).items() if s != self.me}, self.relay.joined
@@ -535,8 +535,10 @@ def test_declarations() -> None:
     method = get_method("fedawa")
     assert method is FedAwa and method.needs_he and method.bench is not None
     assert DpLevel.SILO in method.refuses and DpLevel.RECORD not in method.refuses
-    assert "fedawa-r1" in method.relays and "fedawa-r100000" in method.relays
-    assert not any(p in method.relays for p in ("fedawa-r0", "fedawa-r01", "fedawa-r100001", "fedawa-rx", "rdn-stats"))
+    assert method.relays == frozenset() and method.round_relays == frozenset({"fedawa-r"})
+    assert (method.relay_round("fedawa-r1"), method.relay_round("fedawa-r100000")) == (1, 100000)
+    assert all(method.relay_round(p) is None
+               for p in ("fedawa-r0", "fedawa-r01", "fedawa-r1000000", "fedawa-rx", "fedawa-r", "rdn-stats"))
     assert parse_settings({}) == {"steps": 10, "step_size": 0.1, "max_logit": 1.0, "wait_s": 60.0}
     assert parse_settings({"steps": 0})["steps"] == 0
     for bad, key in (({"steps": -1}, "fedawa.steps"), ({"step_size": 0}, "fedawa.step_size"),
