@@ -13,9 +13,12 @@ from torch.utils.data import Dataset
 from fedsilo.core.rng import seeded_global_rng
 from fedsilo.models.parallel import DataParallel
 from fedsilo.models.training import (
+    LocalObjective,
     TrainConfig,
     TrainResult,
     stack_batch,
+    _attached,
+    _check_objective,
     _dataset_len,
     _derived_seed,
     _make_optimizer,
@@ -47,6 +50,7 @@ def train_local_dp(
     task: Any = None,
     device: torch.device | str | None = None,
     parallel: DataParallel | None = None,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place with ``dp.steps`` DP-SGD steps on Poisson-sampled batches.
 
@@ -106,6 +110,13 @@ def train_local_dp(
             each step. The release and its accounting are those of one process with the same
             q, σ, C and steps; with ``noise_seed`` the weights are the single-process ones up to
             the order of floating-point sums. None: this process alone.
+        objective: A method's local objective (:class:`~fedsilo.models.training.LocalObjective`),
+            attached around the call; its ``loss`` is the ``loss_fn`` of :class:`DpSgdStep`, so
+            each example's clipped gradient is that of its own objective loss. Sound only where
+            that loss is a batch mean of per-example losses that read no other record (reference
+            models frozen and outside the trained module, no statistic of the data set); a
+            method whose objective is not refuses record-level DP. None: the Task's loss, exactly
+            as without this argument.
 
     Returns:
         ``loss``: example-weighted mean loss over the sampled examples (NaN if no step drew
@@ -127,6 +138,7 @@ def train_local_dp(
         isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed <= MAX_SEED
     ):
         raise ValueError(f"train_local_dp.noise_seed must be None or an int in [0, 2**63 - 1], got {noise_seed!r}")
+    _check_objective("train_local_dp", objective)
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -134,7 +146,7 @@ def train_local_dp(
         if parallel is not None:
             parallel.check_same("the number of training examples", n, where)
         result = _train_local_dp(model, dataset, train_cfg, dp, round_index=round_index, noise_seed=noise_seed,
-                                 task=task, n=n, device=where, parallel=parallel)
+                                 task=task, n=n, device=where, parallel=parallel, objective=objective)
         if parallel is not None:
             parallel.average_buffers(model, where)
         return result
@@ -142,7 +154,8 @@ def train_local_dp(
 
 def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainConfig, dp: DpSgdConfig, *,
                     round_index: int, noise_seed: int | None, task: Any, n: int,
-                    device: torch.device, parallel: DataParallel | None = None) -> TrainResult:
+                    device: torch.device, parallel: DataParallel | None = None,
+                    objective: LocalObjective | None = None) -> TrainResult:
     """:func:`train_local_dp`'s loop, ``model`` already on ``device``."""
     expected = max(1, round(dp.sample_rate * n))
     if noise_seed is None:
@@ -161,11 +174,21 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
         if train_cfg.proximal_mu else []
     seed = _derived_seed(train_cfg.seed, round_index)
     collate = task.collate if task is not None else stack_batch
+    loss_fn = task.loss if task is not None else None
+    bound = None
+    if objective is not None:
+        if loss_fn is None:
+            from monai.losses import DiceCELoss
+
+            loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        bound = loss_fn = _ObjectiveLoss(objective, model, loss_fn)
     empty = tuple(t[:0] for t in collate(dataset, [0], device))
     total_loss = 0.0
     examples = 0
     model.train()
-    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D):
+    forward = task.forward if task is not None else _plain_forward
+    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D), \
+            _attached(objective, model, device, forward):
         with DpSgdStep(
             model,
             optimizer,
@@ -173,12 +196,14 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
             noise_multiplier=dp.noise_multiplier,
             expected_batch_size=expected,
             generator=noise_gen,
-            loss_fn=task.loss if task is not None else None,
+            loss_fn=loss_fn,
             distributed=parallel is not None,
         ) as stepper:
             for drawn in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
                 indices = parallel.share(drawn) if parallel is not None else drawn
                 images, masks = collate(dataset, indices, device) if indices else empty
+                if bound is not None:
+                    bound.inputs = images
                 if anchor:
                     loss = stepper.privatize(images, masks)
                     for p, p0 in anchor:
@@ -195,3 +220,20 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
         examples = int(total)
     model.train()
     return TrainResult(loss=total_loss / examples if examples else math.nan, steps=dp.steps, examples=examples)
+
+
+def _plain_forward(model: nn.Module, inputs: Any) -> Any:
+    return model(inputs)
+
+
+class _ObjectiveLoss:
+    """A local objective as :class:`DpSgdStep`'s ``loss_fn(output, targets)``: the batch's inputs,
+    which the objective's reference models read, are set before each step (``inputs``)."""
+
+    def __init__(self, objective: LocalObjective, model: nn.Module, task_loss: Any) -> None:
+        self.objective, self.model, self.task_loss = objective, model, task_loss
+        self.inputs: Any = None
+
+    def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+        return self.objective.loss(model=self.model, inputs=self.inputs, targets=targets, output=output,
+                                   task_loss=self.task_loss)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EvalResult",
+    "LocalObjective",
     "Optimizer",
     "TrainConfig",
     "TrainResult",
@@ -124,6 +126,71 @@ class EvalResult:
     dice: float
     hd95: float
     n: int
+
+
+@runtime_checkable
+class LocalObjective(Protocol):
+    """One round's change of a silo's local training loss (MOON's contrastive term, FedRoD's two heads).
+
+    A strategy returns one from ``Strategy.local_objective``; the agent hands it to
+    :func:`train_local` or :func:`fedsilo.models.dp_training.train_local_dp`, which call
+    :meth:`attach` once around the whole call and :meth:`loss` for every batch in place of the
+    Task's loss. Without an objective both loops are exactly as before (bit for bit).
+
+    It is a protocol, not a base class, so that a method module defines its objective without
+    importing torch at import time (the coordinator imports every method module). Rules:
+
+    * Picklable: it travels inside ``TrainJob`` to the other ranks of a training group. Hold
+      numbers, tensors and frozen modules; register hooks only inside :meth:`attach` and remove
+      them when it exits.
+    * :meth:`loss` is a batch mean of per-example losses, like ``Task.loss``: data-parallel ranks
+      weight their shares by size, and DP-SGD's per-sample gradients (Opacus' ``loss_reduction =
+      "mean"``) are those of each example's own loss only then.
+    * Models other than the trained one (a global or previous model) are frozen
+      (``requires_grad`` off), are no part of the trained module, and run under ``torch.no_grad``:
+      under DP-SGD Opacus computes per-sample gradients with hooks on the trained model only, and
+      a term that reads a fixed model on example i alone is still example i's loss.
+    """
+
+    def attach(self, model: nn.Module, *, device: torch.device,
+               forward: Callable[[nn.Module, Any], Any]) -> AbstractContextManager[Any]:
+        """Prepares a training call: moves reference models to ``device``, registers forward hooks
+        on ``model`` (the trained network, already on ``device``) to capture what :meth:`loss`
+        reads; everything is undone when the returned context exits.
+
+        Args:
+            model: The network being trained.
+            device: Where the call trains.
+            forward: The Task's ``forward(model, inputs)`` (for reference models).
+        """
+        ...
+
+    def loss(self, *, model: nn.Module, inputs: Any, targets: Any, output: Any,
+             task_loss: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
+        """The batch's training loss (a scalar; a batch mean of per-example losses).
+
+        Args:
+            model: The network being trained (its hooks from :meth:`attach` have fired for this batch).
+            inputs: The batch's inputs (the Task's ``collate``).
+            targets: The batch's targets.
+            output: ``model``'s output on ``inputs`` (the Task's ``forward``).
+            task_loss: The Task's loss ``(output, targets) -> scalar``; most objectives add terms to it.
+        """
+        ...
+
+
+def _check_objective(owner: str, objective: object) -> None:
+    if objective is not None and not isinstance(objective, LocalObjective):
+        raise ValueError(f"{owner}.objective must be None or a LocalObjective (with attach and loss), "
+                         f"got {type(objective).__name__}")
+
+
+def _attached(objective: LocalObjective | None, model: nn.Module, device: torch.device,
+              forward: Callable[[nn.Module, Any], Any]) -> AbstractContextManager[Any]:
+    """``objective.attach(...)``, or a no-op context without an objective."""
+    if objective is None:
+        return contextlib.nullcontext()
+    return objective.attach(model, device=device, forward=forward)
 
 
 def _derived_seed(*parts: int) -> int:
@@ -290,6 +357,7 @@ def train_local(
     device: torch.device | str | None = None,
     parallel: DataParallel | None = None,
     precision: Precision = Precision.FP32,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
     """Trains ``model`` in place on ``dataset`` for ``cfg.local_epochs`` epochs.
 
@@ -331,6 +399,11 @@ def train_local(
             ``torch.autocast`` to bfloat16 on ``device`` (weights, gradients and the optimiser
             stay float32); the result is close to, not equal to, float32 training.
             :attr:`Precision.FP32` (the default) is plain float32.
+        objective: A method's local objective for this call (:class:`LocalObjective`): attached
+            around the call, and its ``loss`` (under ``precision``'s autocast, like the Task's
+            loss) replaces the Task's loss in every batch; the reported loss is then the
+            objective's (FedProx's term, applied to the gradient, is still not in it). None: the
+            Task's loss, bit for bit as without this argument.
 
     Returns:
         Loss, steps and examples of this call (over the whole group).
@@ -338,12 +411,14 @@ def train_local(
     Raises:
         ValueError: On an empty dataset, a bad config, a bad round index, an ``anchor``
             that lacks a trainable parameter or gives it another shape, a bad or unusable
-            ``device``, or ranks of ``parallel`` that see training sets of different sizes.
+            ``device``, ranks of ``parallel`` that see training sets of different sizes, or an
+            ``objective`` that is not a :class:`LocalObjective`.
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     check_int("train_local", "round_index", round_index, minimum=0)
     check_enum("train_local", "precision", precision, Precision)
+    _check_objective("train_local", objective)
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -351,7 +426,7 @@ def train_local(
         if parallel is not None:
             parallel.check_same("the number of training examples", n, where)
         result = _train_local(model, dataset, cfg, round_index=round_index, anchor=anchor, task=task, n=n,
-                              device=where, parallel=parallel, precision=precision)
+                              device=where, parallel=parallel, precision=precision, objective=objective)
         if parallel is not None:
             parallel.average_buffers(model, where)
         return result
@@ -360,7 +435,8 @@ def train_local(
 def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, round_index: int,
                  anchor: Mapping[str, torch.Tensor] | None, task: Task | None, n: int,
                  device: torch.device, parallel: DataParallel | None = None,
-                 precision: Precision = Precision.FP32) -> TrainResult:
+                 precision: Precision = Precision.FP32,
+                 objective: LocalObjective | None = None) -> TrainResult:
     """:func:`train_local`'s loop, ``model`` already on ``device``."""
     if precision is Precision.BF16:
         autocast: Any = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -373,6 +449,13 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
         collate, forward, loss_fn = stack_batch, _call, DiceCELoss(softmax=True, to_onehot_y=True)
     else:
         collate, forward, loss_fn = task.collate, task.forward, task.loss
+
+    def loss_of(inputs: Any, targets: Any) -> torch.Tensor:
+        output = forward(model, inputs)
+        if objective is None:
+            return loss_fn(output, targets)
+        return objective.loss(model=model, inputs=inputs, targets=targets, output=output, task_loss=loss_fn)
+
     optimizer = _make_optimizer(model, cfg)
     prox = [
         (p, centre[name] if centre is not None else p.detach().clone())
@@ -386,7 +469,8 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
     steps = 0
     examples = 0
     model.train()
-    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D):
+    with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D), \
+            _attached(objective, model, device, forward):
         for _epoch in range(cfg.local_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
             for start in range(0, n, cfg.batch_size):
@@ -395,7 +479,7 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
                 if parallel is None:
                     inputs, targets = collate(dataset, batch, device)
                     with autocast():
-                        loss = loss_fn(forward(model, inputs), targets)
+                        loss = loss_of(inputs, targets)
                     loss.backward()
                     batch_loss = float(loss.detach())
                 else:  # this rank's share, weighted by its part of the batch; the sum is the batch mean
@@ -404,7 +488,7 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
                     if mine:
                         inputs, targets = collate(dataset, mine, device)
                         with autocast():
-                            loss = loss_fn(forward(model, inputs), targets)
+                            loss = loss_of(inputs, targets)
                         (loss * (len(mine) / len(batch))).backward()
                         part = float(loss.detach()) * len(mine) / len(batch)
                     parallel.sum_gradients(trainable, device)

@@ -244,7 +244,7 @@ class Agent:
             train_cfg = TrainConfig.from_mapping(info.training_config)
         except ValueError as exc:
             raise AgentError(f"{invalid}: {exc}") from None
-        self._task, self._strategy = built.task, built.strategy
+        self._task, self._strategy, self._train_cfg = built.task, built.strategy, train_cfg
         if self.cfg.precision is not Precision.FP32 and info.privacy is not None and info.privacy.record_level:
             log.warning("agent.precision = %r does not apply to this run: DP-SGD trains in float32",
                         self.cfg.precision.value)
@@ -312,6 +312,9 @@ class Agent:
             rnd = state.applied_round
             metrics: dict[str, tuple[float, int]] = {}
             strategy = self._strategy
+            if rnd == total_rounds:  # the final model: a strategy may personalise it once more (e.g. fine-tune it)
+                strategy.after_final_aggregate(model=model, state=state, data=data, task=self._task,
+                                               train_cfg=self._train_cfg, rnd=rnd, device=self._device)
             model.load_state_dict(strategy.eval_state_dict(state))
             task = self._task
             if _len(data.splits.test):
@@ -429,7 +432,8 @@ class Agent:
         dp = self._dp
         job = TrainJob(model=model, train=train, train_cfg=train_cfg, round_index=rnd, task=self._task,
                        dp=dp.dpsgd_config() if dp is not None and dp.plan.record_level else None,
-                       precision=self.cfg.precision)
+                       precision=self.cfg.precision,
+                       objective=strategy.local_objective(model=model, state=state, train=train, rnd=rnd))
         if self._group is not None:  # every rank trains its share; all end with these weights
             result = self._group.train(job, train_set=data.splits.train)
         else:  # moves the model to the device for the call and back to the CPU after it

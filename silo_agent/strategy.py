@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from fedsilo.models import TrainConfig
+    from fedsilo.models.training import LocalObjective
+    from fedsilo.models.tasks import SiloData, Task
     from fedsilo.silo_agent.state import AgentState
 
 
@@ -195,11 +197,34 @@ class Strategy(Method, abc.ABC):
         """A domain no silo trains on, as the model sees it (default: as :meth:`eval_data`)."""
         return self.eval_data(dataset, state=state)
 
+    def local_objective(self, *, model: torch.nn.Module, state: AgentState, train: Dataset,
+                        rnd: int) -> LocalObjective | None:
+        """The change of the local training loss for round ``rnd`` (e.g. MOON's contrastive term,
+        FedRoD's balanced loss and personal head), or None: the Task's loss (the default).
+
+        Called before the round's training, after :meth:`before_training` and :meth:`set_trainable`,
+        with ``model`` holding the round's starting weights (the global model plus this silo's
+        local entries) and ``train`` the round's :meth:`train_data`. The objective travels in the
+        round's ``TrainJob`` (it must pickle) to ``train_local`` or, under record-level DP,
+        ``train_local_dp``; see :class:`fedsilo.models.training.LocalObjective` for its rules. A
+        method whose objective is not a mean of per-example losses that read no other record
+        must refuse record-level DP (``refuses``). ``model`` must be left as it is (copy it).
+        """
+        return None
+
     def after_training(self, *, model: torch.nn.Module, state: AgentState, train: Dataset, train_cfg: TrainConfig,
                        rnd: int) -> None:
         """Called after the round's local training and its upload's values are fixed; may update
         ``state`` (it is saved afterwards). The default does nothing; Ditto trains its personal
         model here. ``model`` must be left as it is."""
+
+    def after_final_aggregate(self, *, model: torch.nn.Module, state: AgentState, data: SiloData, task: Task,
+                              train_cfg: TrainConfig, rnd: int, device: torch.device | None = None) -> None:
+        """Called when the run's last aggregate (round ``rnd``, the run's last) is applied, right before
+        the silo's final evaluation (again after a restart that came before that evaluation was
+        reported); may update ``state`` (saved with the report). The default does nothing; FedAvg+FT
+        fine-tunes its personal model here. ``model`` (the final global model) must be left as it is;
+        ``device`` is where the agent trains and evaluates."""
 
     def eval_state_dict(self, state: AgentState) -> dict[str, torch.Tensor]:
         """The model this silo evaluates on its own validation and test data (default: shared

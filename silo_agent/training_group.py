@@ -59,6 +59,8 @@ class TrainJob:
         round_index: the round.
         task: the run's Task.
         precision: ``agent.precision`` of non-private training (DP-SGD runs in float32).
+        objective: the strategy's local objective of the round (``Strategy.local_objective``,
+            a picklable ``fedsilo.models.training.LocalObjective``), or None: the Task's loss.
     """
 
     model: torch.nn.Module
@@ -68,6 +70,7 @@ class TrainJob:
     round_index: int
     task: Any
     precision: Precision = Precision.FP32
+    objective: Any = None
 
 
 def torchrun_command(*, config_path: Path, gpus: int, nodes: int, master: str | None, node_rank: int,
@@ -95,9 +98,9 @@ def train_job(job: TrainJob, *, parallel: DataParallel | None, device: torch.dev
         from fedsilo.models.dp_training import train_local_dp
 
         return train_local_dp(job.model, job.train, job.train_cfg, job.dp, round_index=job.round_index,
-                              task=job.task, device=device, parallel=parallel)
+                              task=job.task, device=device, parallel=parallel, objective=job.objective)
     return train_local(job.model, job.train, job.train_cfg, round_index=job.round_index, task=job.task,
-                       device=device, parallel=parallel, precision=job.precision)
+                       device=device, parallel=parallel, precision=job.precision, objective=job.objective)
 
 
 def encode_job(job: TrainJob, train_set: Any) -> bytes:

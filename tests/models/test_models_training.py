@@ -343,3 +343,71 @@ def test_bf16_autocast_trains_close_to_float32(splits) -> None:  # type: ignore[
     assert r16.loss == pytest.approx(r32.loss, rel=0.05)
     with pytest.raises(ValueError, match=r"train_local\.precision must be a Precision \('fp32', 'bf16'\), got 'bf16'"):
         train_local(fp32, splits.train, cfg, round_index=0, precision="bf16")  # type: ignore[arg-type]
+
+
+class _AddTerm:
+    """A local objective (``LocalObjective``): the Task's loss plus ``weight`` times the mean squared
+    output, with a forward hook that counts the batches it saw."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.attached = 0
+        self.batches = 0
+
+    def attach(self, model: nn.Module, *, device: torch.device, forward):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        @contextlib.contextmanager
+        def attached():  # type: ignore[no-untyped-def]
+            self.attached += 1
+            handle = model.register_forward_hook(lambda *_: setattr(self, "batches", self.batches + 1))
+            try:
+                yield
+            finally:
+                handle.remove()
+
+        return attached()
+
+    def loss(self, *, model, inputs, targets, output, task_loss):  # type: ignore[no-untyped-def]
+        return task_loss(output, targets) + self.weight * output.pow(2).mean()
+
+
+def test_local_objective_seam(splits) -> None:  # type: ignore[no-untyped-def]
+    """An objective whose term is zero trains bit for bit as without one; a non-zero term changes the
+    weights and the reported loss; attach wraps the whole call once and its hooks go with it."""
+    from fedsilo.models.training import LocalObjective
+
+    cfg = TrainConfig(batch_size=4)
+    plain, zero, term = (build_model(SMALL_NET) for _ in range(3))
+    base = train_local(plain, splits.train, cfg, round_index=1)
+    nothing = _AddTerm(0.0)
+    assert isinstance(nothing, LocalObjective)
+    same = train_local(zero, splits.train, cfg, round_index=1, objective=nothing)
+    assert _equal(plain.state_dict(), zero.state_dict()) and same == base
+    assert nothing.attached == 1 and nothing.batches == 3  # 12 images, batches of 4
+    assert not zero._forward_hooks
+    other = train_local(term, splits.train, cfg, round_index=1, objective=_AddTerm(1.0))
+    assert not _equal(plain.state_dict(), term.state_dict()) and other.loss > base.loss
+    with pytest.raises(ValueError, match="objective must be None or a LocalObjective"):
+        train_local(build_model(SMALL_NET), splits.train, cfg, round_index=1,
+                    objective=object())  # type: ignore[arg-type]
+
+
+def test_local_objective_seam_under_dp_sgd(splits) -> None:  # type: ignore[no-untyped-def]
+    """train_local_dp: a zero term gives the DP-SGD weights bit for bit (same noise seed); a term changes them."""
+    from fedsilo.models.dp_training import train_local_dp
+    from fedsilo.privacy.dpsgd import DpSgdConfig
+
+    dp = DpSgdConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=2)
+    cfg = TrainConfig()
+    plain, zero, term = (build_model(SMALL_NET) for _ in range(3))
+    train_local_dp(plain, splits.train, cfg, dp, round_index=1, noise_seed=5)
+    nothing = _AddTerm(0.0)
+    train_local_dp(zero, splits.train, cfg, dp, round_index=1, noise_seed=5, objective=nothing)
+    assert _equal(plain.state_dict(), zero.state_dict())
+    assert nothing.attached == 1 and not zero._forward_hooks
+    train_local_dp(term, splits.train, cfg, dp, round_index=1, noise_seed=5, objective=_AddTerm(1.0))
+    assert not _equal(plain.state_dict(), term.state_dict())
+    with pytest.raises(ValueError, match="objective must be None or a LocalObjective"):
+        train_local_dp(build_model(SMALL_NET), splits.train, cfg, dp, round_index=1,
+                       objective=3)  # type: ignore[arg-type]
