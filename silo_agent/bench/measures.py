@@ -16,6 +16,10 @@ from fedsilo.silo_agent.bench.cells import cell_metrics, upgrade_cell, validate_
 
 __all__ = [
     "CellSummary",
+    "VsReference",
+    "beats",
+    "compare_with",
+    "paired_difference",
     "bytes_to_95",
     "convergence_curve",
     "cumulative_bytes",
@@ -63,6 +67,7 @@ class CellSummary:
         main: Whether the cell ran the main schedule (False: a communication-frequency sweep point).
         note: One line on what the method shares and keeps.
         task: The registered name of the cell's Task.
+        model: The study's ``[model]`` table (None: the bench's default for the Task).
         headline: The Task's headline metric.
         metric_names: Every test metric of the Task, in its order.
         lower_is_better: The metrics where smaller is better.
@@ -117,6 +122,7 @@ class CellSummary:
     curve: tuple[float, ...]
     cumulative_bytes: tuple[int, ...]
     seconds: float
+    model: Mapping[str, Any] | None = None
 
     @property
     def schedule(self) -> tuple[int, int]:
@@ -310,7 +316,7 @@ def summarize_cell(cell: Mapping[str, Any], *, index: int | None = None) -> Cell
         unseen=unseen_score(cell), bytes_total=cum[-1], bytes_to_95=bytes_to_95(cell), epsilon=eps,
         epsilon_max=max(eps.values()) if eps else None, curve=tuple(convergence_curve(cell)),
         cumulative_bytes=tuple(cum), seconds=float(cell["seconds"]),
-        without_dp=bool(cell.get("dp", False)) and eps is None)
+        without_dp=bool(cell.get("dp", False)) and eps is None, model=cell.get("model"))
 
 
 def summarize_cells(cells: Sequence[Mapping[str, Any]]) -> list[CellSummary]:
@@ -339,4 +345,117 @@ def summarize_cells(cells: Sequence[Mapping[str, Any]]) -> list[CellSummary]:
                 raise ValueError(f"cell {i} ({s.method!r}, seed {s.seed}): main schedule "
                                  f"{s.rounds}x{s.local_epochs}, but another main cell of "
                                  f"{s.method!r} ran {first[0]}x{first[1]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- against a reference (local)
+
+
+def beats(diff: float | None, *, higher_is_better: bool = True, decimals: int = 3) -> bool:
+    """Whether a difference to a reference (method minus reference) is a win as the tables show it.
+
+    The difference is rounded to ``decimals`` first (as the tables print it), so a method beats the
+    reference only when it is ahead by at least half a unit in the last printed place: above 0 for a
+    higher-is-better headline, below 0 for a lower-is-better one. None (no pair) is no win.
+    """
+    if diff is None or math.isnan(diff):
+        return False
+    d = round(diff, decimals)
+    return d > 0 if higher_is_better else d < 0
+
+
+def paired_difference(s: CellSummary, ref: CellSummary, silo: str) -> float | None:
+    """``s``'s test headline on ``silo`` minus ``ref``'s (None when either lacks the silo)."""
+    a, b = s.scores[s.headline].get(silo), ref.scores[ref.headline].get(silo)
+    return None if a is None or b is None else a - b
+
+
+@dataclass(frozen=True, kw_only=True)
+class VsReference:
+    """A method's test headline minus a reference method's (``local``), silo by silo, paired by seed.
+
+    Only main-schedule cells count, and only the seeds both methods ran; each difference is between
+    two cells of the same seed (the same data splits and initialisation).
+
+    Attributes:
+        method: The method.
+        reference: The method it is compared with.
+        silos: The silos compared, in the method's order.
+        seeds: The seeds both ran on the main schedule, in the method's order.
+        per_silo: Per silo, one difference per seed of ``seeds``: the method's test headline on that
+            silo (its selected round's, with the model it evaluates there) minus the reference's.
+        weighted: Per seed, the method's weighted mean test headline minus the reference's (the
+            test-size-weighted mean of that seed's per-silo differences).
+        unseen: Per seed, the method's unseen-domain headline minus the reference's (None where
+            either has none).
+        higher_is_better: Whether larger headline values are better.
+        decimals: The decimals the tables print the headline with (``beats`` rounds to them).
+    """
+
+    method: str
+    reference: str
+    silos: tuple[str, ...]
+    seeds: tuple[int, ...]
+    per_silo: dict[str, list[float]]
+    weighted: list[float]
+    unseen: list[float | None]
+    higher_is_better: bool = True
+    decimals: int = 3
+
+    def mean(self, silo: str) -> float | None:
+        """The mean over seeds of ``silo``'s difference (None with no pair)."""
+        values = self.per_silo.get(silo, [])
+        return sum(values) / len(values) if values else None
+
+    @property
+    def beaten_silos(self) -> tuple[str, ...]:
+        """The silos the method beats the reference on: the mean over seeds of its difference there is a
+        win as printed (see :func:`beats`)."""
+        return tuple(silo for silo in self.silos
+                     if beats(self.mean(silo), higher_is_better=self.higher_is_better, decimals=self.decimals))
+
+    @property
+    def beats_count(self) -> int:
+        """How many of ``silos`` the method beats the reference on."""
+        return len(self.beaten_silos)
+
+
+def compare_with(summaries: Sequence[CellSummary], reference: str) -> dict[str, VsReference]:
+    """Every method with main cells (but ``reference``) against ``reference``, paired by seed.
+
+    Args:
+        summaries: Every cell's summary of one study.
+        reference: The method to compare with (e.g. ``local``).
+
+    Returns:
+        Per method, in first-appearance order, its :class:`VsReference`; a method that shares no seed
+        with the reference has empty lists. {} when ``reference`` has no main cells.
+    """
+    main = [s for s in summaries if s.main]
+    refs = {s.seed: s for s in main if s.method == reference}
+    if not refs:
+        return {}
+    out: dict[str, VsReference] = {}
+    for method in dict.fromkeys(s.method for s in main if s.method != reference):
+        cells = [s for s in main if s.method == method]
+        first = cells[0]
+        silos = tuple(dict.fromkeys(silo for s in cells for silo in s.silos))
+        per_silo: dict[str, list[float]] = {silo: [] for silo in silos}
+        weighted: list[float] = []
+        unseen: list[float | None] = []
+        seeds = []
+        for s in cells:
+            ref = refs.get(s.seed)
+            if ref is None:
+                continue
+            seeds.append(s.seed)
+            for silo in silos:
+                d = paired_difference(s, ref, silo)
+                if d is not None:
+                    per_silo[silo].append(d)
+            weighted.append(s.mean - ref.mean)
+            unseen.append(None if s.unseen is None or ref.unseen is None else s.unseen - ref.unseen)
+        out[method] = VsReference(method=method, reference=reference, silos=silos, seeds=tuple(seeds),
+                                  per_silo=per_silo, weighted=weighted, unseen=unseen,
+                                  higher_is_better=first.higher_is_better, decimals=metric_decimals(first.headline))
     return out

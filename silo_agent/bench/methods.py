@@ -9,12 +9,35 @@ from typing import Any
 
 from fedsilo.core.methods import methods as registered_methods
 
+#: The reference run of each silo training alone: what "vs local" and "beats local" compare against.
+LOCAL = "local"
+#: The reference run on the pooled data of all silos.
+CENTRALISED = "centralised"
+
 #: The reference runs that need no federation, with their one-line notes (they run without DP).
 REFERENCES: dict[str, str] = {
-    "local": "no federation: each silo trains alone on its own data (0 bytes)",
-    "centralised": "pooled data of all silos in one place (the upper reference; the pooling itself is what "
-                   "federated learning avoids)",
+    LOCAL: "no federation: each silo trains alone on its own data (0 bytes)",
+    CENTRALISED: "pooled data of all silos in one place (the upper reference; the pooling itself is what "
+                 "federated learning avoids)",
 }
+
+#: :func:`scoring`: every silo evaluates one and the same model, the consensus (global) model, on its own
+#: test set and on the unseen domain: its personal model is the consensus model.
+ONE_MODEL = "one model"
+#: :func:`scoring`: a silo's own test set is scored with its personal model, the unseen domain with the
+#: consensus (global) model.
+PERSONAL_THEN_CONSENSUS = "personal, then consensus"
+#: :func:`scoring`: each silo scores both with its own model after the last aggregate (the shared values
+#: plus what it keeps or makes locally); the unseen figure is the mean over the silos.
+PER_SILO = "per silo"
+#: :func:`scoring`: the ``local`` reference: each silo's own model, trained alone, on both.
+ALONE = "alone"
+#: :func:`scoring`: the ``centralised`` reference: the one model trained on the pooled data, on both.
+POOLED = "pooled"
+
+#: Strategy hooks whose override can make a silo's evaluated model differ from the consensus model.
+_PERSONAL_HOOKS = ("upload", "apply", "apply_sum", "he_vector", "eval_state_dict", "unseen_state_dict",
+                   "after_final_aggregate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,4 +131,71 @@ def resolve(name: str, *, mu: float | None = None) -> Method:
     return replace(method, name=name, training=training, resfim=resfim, note=f"{method.note} [{spec}]")
 
 
-__all__ = ["REFERENCES", "Method", "methods", "resolve", "study_method_names"]
+def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> str | None:
+    """Which model scores a study method's figures: on each silo's own test set and on the unseen domain.
+
+    Derived from the registered class, never from a list of names: a method whose strategy overrides
+    ``unseen_state_dict`` scores the unseen domain with its consensus model (Ditto, FedAvg+FT,
+    pFL-ResFIM) and its own data with the personal model; a method whose every entry that training
+    changes is shared (probed on the study's network) and that overrides none of the hooks that
+    make a silo's model its own (upload, apply, evaluation models, a final personal step) nor masks
+    its uploads evaluates one consensus model everywhere; any other evaluates each silo's own model.
+
+    Args:
+        name: A study method or variant (``resfim@resfim.rho=0.2``).
+        task: The study's Task (its network is the probe).
+        model: The study's ``[model]`` table (None: the bench's default for the Task).
+
+    Returns:
+        :data:`ONE_MODEL`, :data:`PERSONAL_THEN_CONSENSUS`, :data:`PER_SILO`, :data:`ALONE` or
+        :data:`POOLED`; None when it cannot tell (an unknown method or Task, a network that does not build).
+    """
+    try:
+        method = resolve(name)
+    except ValueError:
+        return None
+    if method.strategy is None:
+        return ALONE if name == LOCAL else POOLED
+    from fedsilo.core.methods import get_method
+    from fedsilo.silo_agent.strategy import Strategy
+
+    cls = get_method(method.strategy)
+    if not issubclass(cls, Strategy):
+        return None
+    if cls.unseen_state_dict is not Strategy.unseen_state_dict:
+        return PERSONAL_THEN_CONSENSUS
+    if cls.masked or any(getattr(cls, hook) is not getattr(Strategy, hook) for hook in _PERSONAL_HOOKS):
+        return PER_SILO
+    try:
+        changed, shared = _probe(cls, method, task=task, model=model)
+    except Exception:  # noqa: BLE001 - an unregistered Task or a network that does not build: cannot tell
+        return None
+    return ONE_MODEL if changed <= shared else PER_SILO
+
+
+def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | None) -> tuple[set[str], set[str]]:
+    """(the state_dict entries local training can change, those the method shares) on the study's network."""
+    from fedsilo.coordinator.config import DEFAULT_TASK
+    from fedsilo.core.phases import SharePhase
+    from fedsilo.models.tasks import get_task
+    from fedsilo.silo_agent.demo import DEMO_LORA, DEMO_MODEL
+
+    t = get_task(task)
+    table = dict(model) if model is not None else (
+        {**DEMO_MODEL, "seed": 0} if t.name == DEFAULT_TASK else dict(t.default_model_config(0)))
+    strategy = cls.for_run({"resfim": dict(method.resfim)} if method.resfim is not None else {})
+    net = t.build_model(table)
+    if cls.uses_lora:
+        from fedsilo.models.lora import LoraSettings, add_lora
+
+        net = add_lora(net, LoraSettings.from_mapping(DEMO_LORA), architecture=t.model_config(table).architecture)
+        phases = [p for p in SharePhase if cls.alternates or p is SharePhase.ALL]
+        changed = {n for n, p in net.named_parameters() if p.requires_grad and any(strategy.trains(n, ph)
+                                                                                    for ph in phases)}
+    else:
+        changed = {k for k, v in net.state_dict().items() if v.is_floating_point()}
+    return changed, set(strategy.shared_names(net))
+
+
+__all__ = ["ALONE", "CENTRALISED", "LOCAL", "ONE_MODEL", "PERSONAL_THEN_CONSENSUS", "PER_SILO", "POOLED", "REFERENCES",
+           "Method", "methods", "resolve", "scoring", "study_method_names"]

@@ -15,11 +15,23 @@ from typing import Any
 from fedsilo.core.atomic import atomic_write
 from fedsilo.silo_agent.bench.measures import (
     CellSummary,
+    VsReference,
+    compare_with,
     mean_std,
     metric_decimals,
     metric_label,
     metric_unit,
+    paired_difference,
     summarize_cells,
+)
+from fedsilo.silo_agent.bench.methods import (
+    ALONE,
+    LOCAL,
+    ONE_MODEL,
+    PER_SILO,
+    PERSONAL_THEN_CONSENSUS,
+    POOLED,
+    scoring,
 )
 from fedsilo.silo_agent.bench.plots import write_plots
 
@@ -58,11 +70,12 @@ def csv_columns(headline: str, metric_names: Sequence[str]) -> tuple[str, ...]:
     """The columns of ``results.csv`` for a Task: every test metric, then the headline's cell measures.
 
     For 2-D segmentation (headline ``dice``, metrics ``dice``, ``hd95``): ``..., dice, hd95,
-    val_dice_at_selected, cell_mean_dice, cell_std_dice, cell_worst_dice, unseen_dice, ...``.
+    val_dice_at_selected, cell_mean_dice, cell_std_dice, cell_worst_dice, unseen_dice, vs_local_dice, ...``.
     """
     return ("method", "seed", "rounds", "local_epochs", "main", "silo", "test_size", "selected_round",
             *metric_names, f"val_{headline}_at_selected", f"cell_mean_{headline}", f"cell_std_{headline}",
-            f"cell_worst_{headline}", f"unseen_{headline}", "bytes_total", "bytes_to_95", "epsilon", "seconds")
+            f"cell_worst_{headline}", f"unseen_{headline}", f"vs_{LOCAL}_{headline}", "bytes_total", "bytes_to_95",
+            "epsilon", "seconds")
 
 
 def _csv_value(value: Any) -> Any:
@@ -77,11 +90,14 @@ def results_rows(summaries: Sequence[CellSummary]) -> list[dict[str, Any]]:
     """One row per (method, seed, rounds, local_epochs, silo), keyed by :func:`csv_columns`.
 
     ``epsilon`` is the silo's own ε (None without DP); ``val_<headline>_at_selected`` is None where
-    the silo fell back to its last round.
+    the silo fell back to its last round; ``vs_local_<headline>`` is the row's test headline minus the
+    ``local`` cell's on the same silo, seed and schedule (None for ``local`` itself or without such a cell).
     """
     rows = []
+    alone = {(s.seed, s.rounds, s.local_epochs): s for s in summaries if s.method == LOCAL}
     for s in summaries:
         h = s.headline
+        ref = alone.get((s.seed, s.rounds, s.local_epochs)) if s.method != LOCAL else None
         for silo in s.silos:
             rows.append({
                 "method": s.method, "seed": s.seed, "rounds": s.rounds,
@@ -91,6 +107,7 @@ def results_rows(summaries: Sequence[CellSummary]) -> list[dict[str, Any]]:
                 f"val_{h}_at_selected": s.val_at_selected[silo],
                 f"cell_mean_{h}": s.mean, f"cell_std_{h}": s.std,
                 f"cell_worst_{h}": s.worst, f"unseen_{h}": s.unseen,
+                f"vs_{LOCAL}_{h}": None if ref is None else paired_difference(s, ref, silo),
                 "bytes_total": s.bytes_total, "bytes_to_95": s.bytes_to_95,
                 "epsilon": None if s.epsilon is None else s.epsilon.get(silo),
                 "seconds": s.seconds,
@@ -125,6 +142,28 @@ def _fmt(values: Sequence[float | None], decimals: int, *, scale: float = 1.0) -
         return _DASH
     text = f"{mean:.{decimals}f}"
     return text if std is None else f"{text} ± {std:.{decimals}f}"
+
+
+def _signed(value: float, decimals: int) -> str:
+    """``value`` with its sign (``+0.012``, ``−0.034``) at ``decimals``."""
+    text = f"{abs(value):.{decimals}f}"
+    return f"{_MINUS}{text}" if round(value, decimals) < 0 else f"+{text}"
+
+
+def _fmt_diff(values: Sequence[float | None], decimals: int) -> str:
+    """``"+mean ± std"`` of differences over seeds (std only with two or more); ``"—"`` when empty."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return _DASH
+    return _signed(mean, decimals) + ("" if std is None else f" ± {std:.{decimals}f}")
+
+
+def _beats_cell(vs: VsReference) -> str:
+    """``"2/3 (hospital-a, hospital-c)"``: silos the method beats the reference on, of those compared."""
+    if not vs.seeds:
+        return _DASH
+    won = vs.beaten_silos
+    return f"{len(won)}/{len(vs.silos)}" + (f" ({', '.join(won)})" if won else "")
 
 
 def format_vs_reference(diff: float | None, *, higher_is_better: bool = True) -> str:
@@ -188,13 +227,55 @@ def _header_lines(summaries: Sequence[CellSummary], main_by: Mapping[str, list[C
     return lines
 
 
+def _scoring_notes(methods: Sequence[str], first: CellSummary) -> list[str]:
+    """Table notes: which model scored each method's own-test and unseen figures (see ``methods.scoring``)."""
+    label = metric_label(first.headline)
+    groups: dict[str | None, list[str]] = {}
+    for m in methods:
+        groups.setdefault(scoring(m, task=first.task, model=first.model), []).append(m)
+    say = {
+        ONE_MODEL: "one model for both: the personal model is the consensus (global) model (every entry training "
+                   "changes is shared, the plain mean applied)",
+        PERSONAL_THEN_CONSENSUS: "each silo's personal model on its own test set, the consensus (global) model on "
+                                 "the unseen domain",
+        PER_SILO: "each silo's own model after the last aggregate (the shared values plus what it keeps or makes "
+                  f"locally) on both; no single consensus model is evaluated, and the unseen {label} is the mean over "
+                  "the silos' models",
+        ALONE: f"each silo's own model, trained alone, on both (the unseen {label} is the mean over the silos' models)",
+        POOLED: "the one model trained on the pooled data, on both",
+    }
+    lines = [f"- Which model each figure scores ({label} on the silos' own test sets, and Unseen {label}):"]
+    for kind in (ONE_MODEL, PERSONAL_THEN_CONSENSUS, PER_SILO, ALONE, POOLED, None):
+        if kind in groups:
+            text = say.get(kind, "not known to this fedsilo (a method or Task it does not register)")
+            lines.append(f"  - {', '.join(groups[kind])}: {text}.")
+    return lines
+
+
+def _vs_local_notes(versus: Mapping[str, VsReference], main_by: Mapping[str, list[CellSummary]], local: str,
+                    label: str) -> list[str]:
+    """Table notes: how the "vs local" and "Beats local" columns are made, and a DP study's caveat."""
+    lines = [f"- vs {local}: a method's test {label} on a silo's own test set (the model it evaluates there) minus "
+             f"{local}'s on that silo, both of the same seed, then mean ± std over the seeds both ran; in the main "
+             f"table the weighted mean over silos. Beats {local}: the silos where that mean, as printed, is ahead of "
+             f"{local}'s. Unseen vs {local}: the unseen {label} minus {local}'s, same seed."]
+    dp = [m for m, cs in main_by.items() if cs and any(s.epsilon is not None for s in cs)]
+    if dp and all(s.without_dp or s.epsilon is None for s in main_by.get(local, [])):
+        lines.append(f"- {local} ran without DP in this DP study: vs {local} compares each DP method with training "
+                     "alone without DP.")
+    return lines
+
+
 def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg") -> str:
     """The Markdown report: the main table, the headline per silo, the communication sweep and the notes.
 
     Args:
         summaries: Every cell's summary, all of one Task (main cells feed the main and per-silo
             tables; all cells feed the sweep).
-        reference: The method the last column of the main table compares against.
+        reference: The method the "vs" column of the main table compares against. Every method is
+            also compared with ``local`` (each silo training alone) silo by silo, paired by seed: the
+            "vs local" and "Beats local" columns of the main and per-silo tables; without main cells
+            of ``local`` those columns are left out and the summary says so.
 
     Returns:
         The text of ``summary.md``.
@@ -209,11 +290,16 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
     silos = _ordered([silo for s in summaries for silo in s.silos])
     lines = ["# fedsilo bench", "", *_header_lines(summaries, main_by), ""]
 
+    local = LOCAL
     lines += ["## Main results", ""]
     ref_mean = mean_std([s.mean for s in main_by.get(reference, [])])[0]
+    versus = compare_with(summaries, local)
+    decimals = metric_decimals(h)
     header = ["Method", f"{label} (weighted mean)", "Std across silos", "Worst silo",
               *[metric_label(m) for m in others], f"Unseen {label}", "MB to 95%", "MB total", "\u03b5 (max)",
               "s/run", f"vs {reference}"]
+    if versus:
+        header += [f"vs {local}", f"Beats {local}", f"Unseen vs {local}"]
     rows = []
     for m in main_methods:
         cs = main_by[m]
@@ -233,15 +319,34 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
             format_vs_reference(vs, higher_is_better=higher)
             + (" (no DP)" if vs is not None and all(s.without_dp for s in cs) else ""),
         ])
+        if versus:
+            v = versus.get(m)
+            rows[-1] += ([_DASH] * 3 if v is None else
+                         [_fmt_diff(v.weighted, decimals), _beats_cell(v), _fmt_diff(v.unseen, decimals)])
     lines += _table(header, rows)
     if reference not in main_methods:
         lines += ["", f"The reference method {reference!r} has no main cells: no comparison."]
+    lines += ["", "Notes:", "", *_scoring_notes(main_methods, first)]
+    if versus:
+        lines += _vs_local_notes(versus, main_by, local, label)
+    else:
+        lines += [f"- The method {local!r} (each silo training alone) has no main cells in this study: no vs {local} "
+                  "comparison."]
     lines.append("")
 
     lines += [f"## {label} per silo", "",
-              f"Test {label} at each silo's validation-selected round, mean ± std over seeds.", ""]
+              f"Test {label} at each silo's validation-selected round, mean ± std over seeds"
+              + (f"; then each silo's difference to {local} (same seed, mean ± std over seeds) and the silos "
+                 f"each method beats {local} on." if versus else "."), ""]
     rows = [[m] + [_fmt([s.scores[h].get(silo) for s in main_by[m]], 3) for silo in silos] for m in main_methods]
-    lines += _table(["Method"] + silos, rows)
+    header = ["Method"] + silos
+    if versus:
+        header += [f"{silo} vs {local}" for silo in silos] + [f"Beats {local}"]
+        for row, m in zip(rows, main_methods):
+            v = versus.get(m)
+            row += ([_DASH] * (len(silos) + 1) if v is None else
+                    [_fmt_diff(v.per_silo.get(silo, []), decimals) for silo in silos] + [_beats_cell(v)])
+    lines += _table(header, rows)
     lines.append("")
 
     sweep = sorted(_ordered([s.schedule for s in summaries]), key=lambda rs: (-rs[0], rs[1]))
@@ -275,7 +380,7 @@ def write_outputs(cells: Sequence[Mapping[str, Any]], out: Path, *, reference: s
         cells: Finished runs of one study as loaded from JSON (see
             :func:`fedsilo.silo_agent.bench.cells.validate_cell`; older cells are upgraded).
         out: The output folder (created if missing).
-        reference: The method the summary's last column compares against.
+        reference: The method the summary's "vs" column compares against.
 
     Returns:
         The files written: ``results.csv``, ``summary.md``, then the plots.

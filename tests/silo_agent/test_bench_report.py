@@ -12,7 +12,9 @@ import pytest
 
 from fedsilo.silo_agent.bench.cells import LEGACY_TASK, upgrade_cell, validate_cell
 from fedsilo.silo_agent.bench.measures import (
+    beats,
     bytes_to_95,
+    compare_with,
     convergence_curve,
     mean_std,
     sample_std,
@@ -21,17 +23,19 @@ from fedsilo.silo_agent.bench.measures import (
     unseen_score,
     weighted_mean,
 )
+from fedsilo.silo_agent.bench.methods import ALONE, ONE_MODEL, PER_SILO, PERSONAL_THEN_CONSENSUS, scoring
 from fedsilo.silo_agent.bench.report import csv_columns, format_vs_reference, render_summary, write_outputs
 
 A, B = "hospital-a", "hospital-b"
 SIZES = {A: 30, B: 10}
 PNG = b"\x89PNG\r\n\x1a\n"
 MINUS = "\u2212"
-#: The columns of results.csv for 2-D segmentation, as every study before the Task seam wrote them.
+#: The columns of results.csv for 2-D segmentation: those every study before the Task seam wrote, and
+#: vs_local_dice (the row's Dice minus local's on the same silo, seed and schedule).
 CSV_COLUMNS = (
     "method", "seed", "rounds", "local_epochs", "main", "silo", "test_size", "selected_round",
     "dice", "hd95", "val_dice_at_selected", "cell_mean_dice", "cell_std_dice", "cell_worst_dice",
-    "unseen_dice", "bytes_total", "bytes_to_95", "epsilon", "seconds",
+    "unseen_dice", "vs_local_dice", "bytes_total", "bytes_to_95", "epsilon", "seconds",
 )
 SEGMENTATION = {"task": "segmentation-2d", "model": None, "headline": "dice", "metric_names": ["dice", "hd95"],
                 "lower_is_better": ["hd95"]}
@@ -282,7 +286,7 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert fedavg[9] == "40.5 ± 0.7"
     assert fedavg[10] == "\u2014" and "(loses)" not in " ".join(fedavg)
     assert local[10] == f"{MINUS}0.100 (loses)"
-    assert _row(_section(text, "Dice per silo"), "fedavg")[1:] == ["0.710 ± 0.014", "0.510 ± 0.014"]
+    assert _row(_section(text, "Dice per silo"), "fedavg")[1:3] == ["0.710 ± 0.014", "0.510 ± 0.014"]
     comm = _section(text, "Communication frequency")
     assert "| Method | 3\u00d71 | 1\u00d73 |" in comm
     assert _row(comm, "fedavg")[1:] == ["0.660 ± 0.014", "0.550"]
@@ -387,3 +391,90 @@ def test_a_lower_is_better_headline_selects_and_compares_the_lowest(tmp_path: Pa
     assert header.split(",")[8:13] == ["loss", "val_loss_at_selected", "cell_mean_loss", "cell_std_loss",
                                        "cell_worst_loss"]
     assert "dice" not in text.lower() and "dice" not in header
+
+
+# ----------------------------------------------------------------------------- against local, silo by silo
+
+
+def _final_cell(method: str, seed: int, dice: dict, unseen: float) -> dict:
+    """A one-round cell whose test Dice per silo is ``dice`` (the round every silo selects)."""
+    log = [{"round": 1, **_entry(10, 20, dict(dice), {A: 5.0, B: 5.0}, {A: 0.5, B: 0.5}, unseen)}]
+    return {"method": method, "seed": seed, "rounds": 1, "local_epochs": 1, "main": True, **SEGMENTATION,
+            "dp": False, "aggregation": "he", "silos": [A, B], "test_sizes": dict(SIZES), "rounds_log": log,
+            "epsilon": None, "seconds": 1.0, "note": f"{method} note"}
+
+
+#: local, and three methods against it. ditto: A +0.05 / +0.02, B -0.05 / -0.04 (seeds 0 / 1);
+#: fedavg: seed 0 only pairs (its seed 2 has no local cell), A ties, B +0.0004 (0.000 as printed);
+#: pfa: ahead on both silos.
+VERSUS = [
+    _final_cell("local", 0, {A: 0.80, B: 0.60}, 0.50),
+    _final_cell("local", 1, {A: 0.70, B: 0.70}, 0.40),
+    _final_cell("ditto", 0, {A: 0.85, B: 0.55}, 0.60),
+    _final_cell("ditto", 1, {A: 0.72, B: 0.66}, 0.45),
+    _final_cell("fedavg", 0, {A: 0.80, B: 0.6004}, 0.55),
+    _final_cell("fedavg", 2, {A: 0.99, B: 0.99}, 0.99),
+    _final_cell("pfa", 0, {A: 0.81, B: 0.61}, 0.50),
+]
+
+
+def test_vs_local_by_hand(tmp_path: Path) -> None:
+    versus = compare_with([summarize_cell(c) for c in VERSUS], "local")
+    assert list(versus) == ["ditto", "fedavg", "pfa"]
+    ditto = versus["ditto"]
+    assert ditto.seeds == (0, 1) and ditto.silos == (A, B)
+    assert ditto.per_silo[A] == pytest.approx([0.05, 0.02]) and ditto.per_silo[B] == pytest.approx([-0.05, -0.04])
+    assert ditto.mean(A) == pytest.approx(0.035) and ditto.mean(B) == pytest.approx(-0.045)
+    # weighted by test images (A 30, B 10): seed 0 (1.5 - 0.5) / 40 = 0.025, seed 1 (0.6 - 0.4) / 40 = 0.005
+    assert ditto.weighted == pytest.approx([0.025, 0.005])
+    assert ditto.unseen == pytest.approx([0.10, 0.05])
+    assert ditto.beaten_silos == (A,) and ditto.beats_count == 1
+    fedavg = versus["fedavg"]
+    assert fedavg.seeds == (0,) and fedavg.beats_count == 0  # a tie, and +0.0004 that prints as +0.000
+    assert versus["pfa"].beaten_silos == (A, B)
+
+    write_outputs(VERSUS, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    main = _section(text, "Main results")
+    assert "| s/run | vs fedavg | vs local | Beats local | Unseen vs local |" in main
+    assert _row(main, "ditto")[11:] == ["+0.015 ± 0.014", "1/2 (hospital-a)", "+0.075 ± 0.035"]
+    assert _row(main, "fedavg")[11:] == ["+0.000", "0/2", "+0.050"]
+    assert _row(main, "pfa")[12] == "2/2 (hospital-a, hospital-b)"
+    assert _row(main, "local")[11:] == ["\u2014"] * 3
+    per_silo = _section(text, "Dice per silo")
+    assert "| Method | hospital-a | hospital-b | hospital-a vs local | hospital-b vs local | Beats local |" in per_silo
+    assert _row(per_silo, "ditto")[3:] == ["+0.035 ± 0.021", f"{MINUS}0.045 ± 0.007", "1/2 (hospital-a)"]
+    assert _row(per_silo, "fedavg")[3:] == ["+0.000", "+0.000", "0/2"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = {(r["method"], r["seed"], r["silo"]): r["vs_local_dice"] for r in csv.DictReader(f)}
+    assert float(rows["ditto", "1", B]) == pytest.approx(-0.04)
+    assert rows["local", "0", A] == "" and rows["fedavg", "2", A] == ""  # the reference itself; no local cell of seed 2
+
+
+def test_without_local_the_columns_are_left_out_and_the_summary_says_so() -> None:
+    text = render_summary([summarize_cell(c) for c in VERSUS if c["method"] != "local"])
+    assert "vs local" not in _section(text, "Main results").splitlines()[2]
+    assert "Beats local" not in text and "'local' (each silo training alone) has no main cells" in text
+    assert compare_with([summarize_cell(c) for c in VERSUS if c["method"] != "local"], "local") == {}
+
+
+def test_beats_rounds_as_printed_and_follows_the_headline_direction() -> None:
+    assert beats(0.0006) and not beats(0.0004) and not beats(0.0) and not beats(None)
+    assert beats(-0.2, higher_is_better=False) and not beats(0.2, higher_is_better=False)
+    assert beats(0.06, decimals=1) and not beats(0.04, decimals=1)
+
+
+def test_the_notes_say_which_model_scores_each_figure_from_the_registry() -> None:
+    assert scoring("fedavg", task="segmentation-2d") == ONE_MODEL
+    assert scoring("ditto", task="segmentation-2d") == scoring("fedavg-ft", task="segmentation-2d") == \
+        PERSONAL_THEN_CONSENSUS
+    assert scoring("fedbn", task="segmentation-2d") == scoring("pfa", task="segmentation-2d") == PER_SILO
+    assert scoring("local", task="segmentation-2d") == ALONE
+    assert scoring("no-such-method", task="segmentation-2d") is None
+    text = render_summary([summarize_cell(c) for c in VERSUS])
+    notes = _section(text, "Main results").split("Notes:")[1]
+    assert "  - fedavg: one model for both: the personal model is the consensus (global) model" in notes
+    assert ("  - ditto: each silo's personal model on its own test set, the consensus (global) model on the unseen "
+            "domain.") in notes
+    assert "  - pfa: each silo's own model after the last aggregate" in notes
+    assert "  - local: each silo's own model, trained alone" in notes
