@@ -205,7 +205,8 @@ class Agent:
 
             write_disclosures(state_dir, disclosures)
         self._ctx = RunContext(client=client, he=self._he, train=data.splits.train, state=state, state_dir=state_dir,
-                               stop=self.stop, idle=self._serve_keys(client), privacy=self._dp)
+                               stop=self.stop, idle=self._serve_keys(client), privacy=self._dp,
+                               train_cfg=train_cfg)
         try:
             self._strategy.prepare(self._ctx)
         except PrivacyError as exc:

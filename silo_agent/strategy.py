@@ -41,6 +41,8 @@ class RunContext:
         stop: set when the agent must stop (raise ``Stopped`` from long waits).
         idle: called while waiting (the key holder keeps serving late joiners), or None.
         privacy: the silo's ``PrivacySession`` (its plan and ledger), or None without DP.
+        train_cfg: the run's training settings (``fedsilo.models.TrainConfig``), as the agent
+            validated them from ``GetRun``.
     """
 
     client: Any
@@ -51,6 +53,7 @@ class RunContext:
     stop: threading.Event
     idle: Any = None
     privacy: Any = None
+    train_cfg: Any = None
 
 
 class StrategyError(Exception):

@@ -27,7 +27,7 @@ divided by WORK_UNIT = 2^16 so that p_k·a_k stays inside the default HE bound o
 ⌈n / batch_size⌉ over the silo's n training examples (the last batch of an epoch may be smaller),
 or, under record-level DP-SGD, the plan's ``steps_per_round`` on Poisson-sampled batches
 (``fedsilo.models.dp_training``). The strategy does not see the training call's ``TrainResult``;
-it reads the run's ``[training]`` table (``GetRun``) and DP plan once in :meth:`FedNova.prepare`
+it reads the run's training settings (``RunContext.train_cfg``) and DP plan once in :meth:`FedNova.prepare`
 and the training set's size in :meth:`FedNova.train_data` (the very dataset trained on). A test
 checks the count against ``train_local``'s own.
 
@@ -149,7 +149,11 @@ class LocalWork:
         """
         from fedsilo.models import TrainConfig
 
-        cfg = TrainConfig.from_mapping(dict(training))
+        return cls.of(TrainConfig.from_mapping(dict(training)), plan)
+
+    @classmethod
+    def of(cls, cfg: Any, plan: Any = None) -> LocalWork:
+        """The work of a run with training settings ``cfg`` (a ``TrainConfig``) and privacy ``plan``."""
         dp_steps = int(plan.steps_per_round) if plan is not None and plan.record_level else 0
         return cls(optimizer=cfg.optimizer.value, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
                    dp_steps=dp_steps)
@@ -211,16 +215,14 @@ class FedNova(Strategy):
 
     # -- once per run, and each round's training set ---------------------------------------
     def prepare(self, ctx: RunContext) -> None:
-        """Reads the run's ``[training]`` settings (``GetRun``) and DP plan: how many steps this silo takes.
+        """Reads the run's training settings and DP plan from ``ctx``: how many steps this silo takes.
 
         Raises:
-            StrategyError: the run's training settings are invalid (the agent refuses them too).
+            StrategyError: ``ctx`` carries no training settings.
         """
-        try:
-            self.local = LocalWork.from_run(ctx.client.get_run().training_config,
-                                            ctx.privacy.plan if ctx.privacy is not None else None)
-        except ValueError as exc:
-            raise StrategyError(f"fednova: {exc}") from None
+        if ctx.train_cfg is None:
+            raise StrategyError("fednova: the run's training settings are unknown (RunContext.train_cfg)")
+        self.local = LocalWork.of(ctx.train_cfg, ctx.privacy.plan if ctx.privacy is not None else None)
         self.n_train = len(ctx.train)  # type: ignore[arg-type]
         log.info("FedNova: %d local step(s) a round (%s), a = %.6g", self.local.steps(self.n_train),
                  "DP-SGD" if self.local.dp_steps else self.local.optimizer, self.local.work(self.n_train))

@@ -126,9 +126,10 @@ def test_local_work_from_the_run_and_dp_sgd() -> None:
 
 
 def test_prepare_reads_the_run_and_train_data_the_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    client = SimpleNamespace(get_run=lambda: SimpleNamespace(training_config={"batch_size": 4, "local_epochs": 2}))
-    ctx = RunContext(client=client, he=None, train=list(range(10)), state=None,  # type: ignore[arg-type]
-                     state_dir=tmp_path, stop=None)  # type: ignore[arg-type]
+    from fedsilo.models import TrainConfig
+
+    ctx = RunContext(client=None, he=None, train=list(range(10)), state=None,  # type: ignore[arg-type]
+                     state_dir=tmp_path, stop=None, train_cfg=TrainConfig(batch_size=4, local_epochs=2))  # type: ignore[arg-type]
     s = FedNova()
     with pytest.raises(StrategyError, match="prepare must run first"):
         s.silo_work()
@@ -136,10 +137,9 @@ def test_prepare_reads_the_run_and_train_data_the_size(tmp_path) -> None:  # typ
     assert s.silo_work() == 2 * 3
     assert s.train_data(list(range(13)), state=None, rnd=2) == list(range(13))  # type: ignore[arg-type]
     assert s.silo_work() == 2 * 4
-    bad = RunContext(client=SimpleNamespace(get_run=lambda: SimpleNamespace(training_config={"local_epochs": 0})),
-                     he=None, train=[1], state=None, state_dir=tmp_path, stop=None)  # type: ignore[arg-type]
-    with pytest.raises(StrategyError, match="local_epochs"):
-        FedNova().prepare(bad)
+    bare = RunContext(client=None, he=None, train=[1], state=None, state_dir=tmp_path, stop=None)  # type: ignore[arg-type]
+    with pytest.raises(StrategyError, match="training settings are unknown"):
+        FedNova().prepare(bare)
     huge = FedNova(local=LocalWork(batch_size=1), n_train=int(WORK_UNIT) + 1)
     with pytest.raises(StrategyError, match="fewer local steps"):
         huge.silo_work()
