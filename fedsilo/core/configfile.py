@@ -7,7 +7,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 __all__ = ["ConfigError", "TlsFiles", "check_keys", "parse_enum", "read_toml", "resolve_path", "tls_files"]
 
@@ -92,3 +92,38 @@ def resolve_path(base: Path, value: Any, name: str) -> Path:
         raise ConfigError(f"{name}: {value!r} must be a path string")
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+_S = TypeVar("_S", bound="MethodTable")
+
+
+class MethodTable:
+    """Mixin of a method's settings table (``[resfim]``, ``[moon]``…): a frozen keyword-only dataclass
+    read from a TOML/JSON table, written back as plain values; errors name ``<TABLE>.<key>``.
+
+    Subclasses set ``TABLE`` and validate their fields in ``__post_init__``.
+    """
+
+    TABLE: ClassVar[str] = ""
+
+    @classmethod
+    def from_mapping(cls: type[_S], table: Mapping[str, Any]) -> _S:
+        """Builds the settings from a table; missing keys take the defaults.
+
+        Raises:
+            ConfigError: an unknown key (or, from ``__post_init__``, a bad value), named ``<TABLE>.<key>``.
+        """
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{cls.TABLE}.{key}: unknown key (expected one of {sorted(known)})")
+        return cls(**dict(table))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The plain table form (what GetRun sends the silos)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def parse(cls, table: Mapping[str, Any]) -> dict[str, Any]:
+        """The table validated and completed with the defaults: a method's ``tables`` parser."""
+        return cls.from_mapping(table).to_mapping()

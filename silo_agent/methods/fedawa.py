@@ -105,7 +105,7 @@ import logging
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +113,7 @@ import grpc
 import numpy as np
 
 from fedsilo.core import validators
-from fedsilo.core.configfile import ConfigError
+from fedsilo.core.configfile import ConfigError, MethodTable
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
@@ -306,7 +306,7 @@ def scalars_from_bytes(data: bytes, *, rnd: int) -> tuple[float, float]:
 # -- the [fedawa] table ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class FedAwaSettings:
+class FedAwaSettings(MethodTable):
     """The ``[fedawa]`` table: how the weights are computed (the same on every silo) and how long to wait.
 
     Attributes:
@@ -316,6 +316,8 @@ class FedAwaSettings:
         wait_s: seconds a silo waits for the other silos' scalars each round, >= 0; keep it below
             ``run.round_deadline_s`` (the run config checks).
     """
+
+    TABLE = "fedawa"
 
     steps: int = 10
     step_size: float = 0.1
@@ -328,23 +330,9 @@ class FedAwaSettings:
         validators.positive("fedawa.max_logit", self.max_logit, error=ConfigError)
         validators.non_negative("fedawa.wait_s", self.wait_s, error=ConfigError)
 
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> FedAwaSettings:
-        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"fedawa.{key}: unknown key (expected one of {sorted(known)})")
-        return cls(**dict(table))
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The plain table form (what GetRun sends the silos)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def parse_settings(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``[fedawa]`` table validated and completed with the defaults (ConfigError names the key)."""
-    return FedAwaSettings.from_mapping(table).to_mapping()
+parse_settings = FedAwaSettings.parse  #: the ``[fedawa]`` parser the method declares in ``tables``
 
 
 def fedawa_disclosures(*, plan: Any = None) -> list[dict[str, str]]:

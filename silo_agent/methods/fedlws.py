@@ -53,13 +53,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedsilo.core import validators
-from fedsilo.core.configfile import ConfigError
+from fedsilo.core.configfile import ConfigError, MethodTable
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
@@ -78,7 +78,7 @@ NORM_SLOT = "fedlws--update-ms"
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedLwsSettings:
+class FedLwsSettings(MethodTable):
     """The ``[fedlws]`` table: FedLWS's settings, the same on every silo.
 
     Attributes:
@@ -86,6 +86,8 @@ class FedLwsSettings:
         tau_min: the smallest τ_l, >= 0.
         tau_max: the largest τ_l, >= tau_min.
     """
+
+    TABLE = "fedlws"
 
     beta: float = 0.03
     tau_min: float = 0.01
@@ -98,23 +100,9 @@ class FedLwsSettings:
         if self.tau_max < self.tau_min:
             raise ConfigError(f"fedlws.tau_max: {self.tau_max!r} must be >= fedlws.tau_min ({self.tau_min!r})")
 
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> FedLwsSettings:
-        """Builds the settings from a TOML/JSON table; ConfigError names an unknown or bad key."""
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"fedlws.{key}: unknown key (expected one of {sorted(known)})")
-        return cls(**dict(table))
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The plain table form (what GetRun sends the silos)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def parse_settings(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``[fedlws]`` table validated and completed with the defaults (ConfigError names the key)."""
-    return FedLwsSettings.from_mapping(table).to_mapping()
+parse_settings = FedLwsSettings.parse  #: the ``[fedlws]`` parser the method declares in ``tables``
 
 
 def layers(names: Sequence[str]) -> list[list[str]]:

@@ -6,10 +6,10 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.core.configfile import ConfigError
+from fedsilo.core.configfile import ConfigError, MethodTable
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, register_method
 from fedsilo.silo_agent.methods.fedavg import FedAvg
@@ -29,7 +29,7 @@ PREVIOUS_PREFIX = "moon/previous/"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoonSettings:
+class MoonSettings(MethodTable):
     """The ``[moon]`` table: MOON's settings, the same on every silo.
 
     Attributes:
@@ -39,6 +39,8 @@ class MoonSettings:
             cross-entropy. μ = 0 is FedAvg.
         temperature: τ > 0 of the similarities ``sim / τ``; 0.5 as in the paper.
     """
+
+    TABLE = "moon"
 
     mu: float = 1.0
     temperature: float = 0.5
@@ -53,23 +55,9 @@ class MoonSettings:
                 raise ConfigError(f"moon.{name}: {value!r} must be a finite number {bound} (at most 1e6)")
             object.__setattr__(self, name, float(value))
 
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> MoonSettings:
-        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"moon.{key}: unknown key (expected one of {sorted(known)})")
-        return cls(**dict(table))
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The plain table form (what GetRun sends the silos)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def parse_settings(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``[moon]`` table validated and completed with the defaults (ConfigError names the key)."""
-    return MoonSettings.from_mapping(table).to_mapping()
+parse_settings = MoonSettings.parse  #: the ``[moon]`` parser the method declares in ``tables``
 
 
 # -- the representation and the contrastive term (torch, imported on first use) ---------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedsilo.core.configfile import ConfigError
+from fedsilo.core.configfile import ConfigError, MethodTable
 from fedsilo.core import validators
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
@@ -29,7 +29,7 @@ PRIVACY_KEYS = ("fisher_noise_multiplier", "fisher_clip_norm", "style_noise_mult
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResFimSettings:
+class ResFimSettings(MethodTable):
     """The ``[resfim]`` table: pFL-ResFIM's settings, the same on every silo (DESIGN §5).
 
     Attributes:
@@ -46,6 +46,8 @@ class ResFimSettings:
             default: such runs give ``[privacy] fisher_noise_multiplier``, ``fisher_clip_norm``
             and ``style_noise_multiplier`` and account both releases in the ledger.
     """
+
+    TABLE = "resfim"
 
     rho: float = 0.1
     recompute_every: int = 5
@@ -72,27 +74,13 @@ class ResFimSettings:
         if not isinstance(self.masks_without_dp, bool):
             raise ConfigError(f"resfim.masks_without_dp: {self.masks_without_dp!r} must be true or false")
 
-    @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> ResFimSettings:
-        """Builds the settings from a TOML/JSON table; ConfigError names an unknown key."""
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"resfim.{key}: unknown key (expected one of {sorted(known)})")
-        return cls(**dict(table))
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The plain table form (what GetRun sends the silos)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def recompute(self, rnd: int) -> bool:
         """Whether masks are (re)computed before training round ``rnd`` (1-based): 1, 1+k, 1+2k, …"""
         return (rnd - 1) % self.recompute_every == 0
 
 
-def parse_settings(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``[resfim]`` table validated and completed with the defaults (ConfigError names the key)."""
-    return ResFimSettings.from_mapping(table).to_mapping()
+parse_settings = ResFimSettings.parse  #: the ``[resfim]`` parser the method declares in ``tables``
 
 
 class MaskedMethod(Strategy):
