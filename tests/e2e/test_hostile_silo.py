@@ -429,14 +429,14 @@ def test_values_far_outside_the_bound_are_detected_and_values_just_outside_are_n
 # -- 3b. the poisoned aggregate with real agents ----------------------------------------------------------------
 
 
-def test_real_agents_survive_a_poisoned_round_and_the_next_round_aggregates(tmp_path: Path) -> None:
+def test_real_agents_survive_a_poisoned_round_and_the_next_round_aggregates(federation_factory) -> None:
     """Two real agent processes and a hostile silo that encrypts its round-1 upload under its own key:
     the agents do not exit, the round is marked failed in `fedsilo status`, round 2 aggregates and the run
     finishes."""
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-    from test_federation_e2e import Federation, _cli  # the e2e module's process harness
+    from test_federation_e2e import _cli  # the e2e module's CLI helper
 
-    fed = Federation(tmp_path, silos=3, rounds=3, deadline_s=60.0)
+    fed = federation_factory(silos=3, rounds=3, deadline_s=60.0)
     try:
         hostile = fed.names[-1]
         fed.start("coordinator")
