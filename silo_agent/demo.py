@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,12 +185,26 @@ def make_certs(certs: Path, names: list[str]) -> None:
     issue_certificate(certs, certs, role=Role.ADMIN, name=ADMIN_NAME)
 
 
-def make_base(path: Path, seed: int) -> Path:
-    """Pretrains the demo's frozen base on a source domain no demo silo holds (``fedsilo pretrain``)."""
+def make_base(path: Path, seed: int, model: Mapping[str, Any] | None = None) -> Path:
+    """Pretrains the demo's frozen base on a source domain no demo silo holds (``fedsilo pretrain``).
+
+    Args:
+        path: The checkpoint file to write.
+        seed: The data and training seed.
+        model: The run's ``[model]`` table, whose network the base must be (None: the demo UNet for
+            ``seed``); a base checkpoint loads only into the model config it was made for.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``model`` is not a 2-D model config.
+    """
     from fedsilo.models import ModelConfig, TrainConfig
     from fedsilo.models.pretrain import PretrainConfig, pretrain, save_checkpoint
 
-    cfg = PretrainConfig(model=ModelConfig.from_mapping({**DEMO_MODEL, "seed": seed}),
+    table = dict(model) if model is not None else {**DEMO_MODEL, "seed": seed}
+    cfg = PretrainConfig(model=ModelConfig.from_mapping(table),
                          training=TrainConfig.from_mapping({**DEMO_TRAINING, "seed": seed}),
                          epochs=DEMO_PRETRAIN_EPOCHS, seed=seed)
     console.print(f"pretraining the base model on source domain {cfg.domain} ({cfg.epochs} epochs)…")
@@ -216,15 +231,66 @@ def _tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
-def _task_model(task: str | None, seed: int) -> dict[str, Any] | None:
-    """The ``[model]`` table of a demo of ``task``: None (the demo UNet) for the default Task, else the
-    Task's default model config for ``seed``."""
+def default_model_table(task: str | None, seed: int) -> dict[str, Any]:
+    """The ``[model]`` table a demo or bench run of ``task`` uses when nobody changes it.
+
+    Args:
+        task: A registered Task name or alias (None: the default Task).
+        seed: The run's seed (the initial weights follow it).
+
+    Returns:
+        The demo UNet (:data:`DEMO_MODEL` with ``seed``) for the default Task, else the Task's
+        :meth:`~fedsilo.models.tasks.Task.default_model_config` for ``seed``.
+
+    Raises:
+        ValueError: ``task`` is not a registered Task.
+    """
     from fedsilo.coordinator.config import DEFAULT_TASK
     from fedsilo.models.tasks import get_task
 
-    if task is None or task == DEFAULT_TASK:
-        return None
-    return dict(get_task(task).default_model_config(seed))
+    the_task = get_task(task if task is not None else DEFAULT_TASK)
+    if the_task.name == DEFAULT_TASK:
+        return {**DEMO_MODEL, "seed": seed}
+    return dict(the_task.default_model_config(seed))
+
+
+def model_table(task: str | None, seed: int, entries: Mapping[str, Any] | None = None, *,
+                base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A run's ``[model]`` table: ``entries`` merged onto a base table, checked by the Task's model config.
+
+    The one rule for a changed model: ``fedsilo demo --model-json`` entries and a bench variant's
+    ``model.key=value`` entries merge onto their base table this way, each entry replacing the base
+    table's entry of that key (or adding it) while every other entry stays (``{"norm": "pn"}`` keeps
+    the demo UNet's channels and seed); the result must parse with the Task's
+    :meth:`~fedsilo.models.tasks.Task.model_config`. ``fedsilo bench --model-json``, the study's whole
+    table, is checked as ``base`` with no entries.
+
+    Args:
+        task: A registered Task name or alias (None: the default Task).
+        seed: The run's seed, for the default base table.
+        entries: The entries to set (None or empty: the base table as it is).
+        base: The table the entries change (None: :func:`default_model_table` of ``task`` and ``seed``).
+
+    Returns:
+        The merged table (a new dict, entries in the base table's order, new keys last).
+
+    Raises:
+        ValueError: ``entries`` or ``base`` is not a table of text keys, ``task`` is unknown, or the
+            Task's model config refuses the merged table (the message names the key).
+    """
+    from fedsilo.coordinator.config import DEFAULT_TASK
+    from fedsilo.models.tasks import get_task
+
+    for table in (entries, base):
+        if table is not None and (not isinstance(table, Mapping) or not all(isinstance(k, str) for k in table)):
+            raise ValueError(f"{table!r} must be a table (a JSON object) of the Task's model keys")
+    the_task = get_task(task if task is not None else DEFAULT_TASK)
+    merged = {**(dict(base) if base is not None else default_model_table(the_task.name, seed)), **(entries or {})}
+    try:
+        the_task.model_config(merged)
+    except TypeError as exc:  # a parser that trips over a value of the wrong kind
+        raise ValueError(str(exc)) from None
+    return merged
 
 
 def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int) -> dict[str, Any]:
@@ -277,15 +343,22 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float)
 
 def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
              seed: int = 0, insecure: bool = False, aggregation: str = "he", dp: bool = True,
-             timeout_s: float = 1800.0, task: str | None = None) -> dict[str, Any]:
+             timeout_s: float = 1800.0, task: str | None = None,
+             model: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Runs the demo and writes ``out/results.json`` (and, with DP, the audit report in ``out/audit``).
 
     ``task`` names a registered Task other than the default 2-D segmentation (its built-in data, silo i
     on domain i, and its default model for ``seed``); the run refuses methods the Task cannot run. An
     alias (``seg3d``) runs, and is recorded, as the Task's canonical name (``segmentation-3d``).
 
+    ``model`` holds entries of the run's ``[model]`` table, e.g. ``{"norm": "pn"}``: each replaces that
+    entry of the default table (the demo UNet for ``seed``, or the Task's default model) or adds it,
+    and the others stay (:func:`model_table`). The run is pinned to, and a LoRA method's base is
+    pretrained for, the changed model.
+
     Raises:
-        DemoError: an unknown ``task``, a process failed or the run did not finish in ``timeout_s``.
+        DemoError: an unknown ``task``, ``model`` entries the Task refuses (before anything starts), a
+            process failed or the run did not finish in ``timeout_s``.
     """
     if task is not None:
         from fedsilo.models.tasks import canonical_task_name
@@ -294,6 +367,10 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
             task = canonical_task_name(task)
         except ValueError as exc:
             raise DemoError(f"--task: {exc}") from None
+    try:
+        the_model = model_table(task, seed, model)
+    except ValueError as exc:
+        raise DemoError(f"--model-json: {exc}") from None
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -327,19 +404,22 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         if dp and level in method.refuses:
             raise DemoError(f"--strategy {strategy} cannot run with the demo's {level.value} DP ({method.refuses[level]});"
                             " add --no-dp")
-        base = make_base(work / "base.pt", seed) if uses_lora else None
+        try:
+            base = make_base(work / "base.pt", seed, model=the_model) if uses_lora else None
+        except ValueError as exc:  # a LoRA method on a Task whose model is not the 2-D UNet or UNETR
+            raise DemoError(f"--strategy {strategy}: cannot pretrain its base for this model: {exc}") from None
         privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_RESFIM_PRIVACY if masked else DEMO_PRIVACY) if dp else None
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
                                         budgets={n: DEMO_BUDGET for n in names} if dp else None,
                                         lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
                                         resfim=DEMO_RESFIM if masked else None,
-                                        he_bound=method.he_bound, task=task, model=_task_model(task, seed))
+                                        he_bound=method.he_bound, task=task, model=the_model)
         console.print(f"[bold]fedsilo demo[/]: {silos} silos, {rounds} rounds, {strategy}, "
                       f"{'INSECURE plaintext' if insecure else 'mutual TLS'} on 127.0.0.1:{port}, "
                       f"{'homomorphic' if aggregation == 'he' else 'PLAINTEXT'} aggregation, "
                       f"{('silo-level DP (noise regulator)' if silo_dp else 'record-level DP-SGD') if dp else 'NO differential privacy'}"
-                      f"; work dir {work}")
+                      + (f"; model with {json.dumps(dict(model))}" if model else "") + f"; work dir {work}")
         flag = ["--insecure"] if insecure else []
         coord = _spawn("coordinator", ["coordinator", "--config", str(fed), *flag], logs)
         procs.append(coord)
@@ -379,7 +459,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         results = results_from_rounds(history, rounds)
         results["run"] = {"silos": names, "rounds": rounds, "strategy": strategy, "seed": seed,
                           "transport": "insecure" if insecure else "mtls", "aggregation": aggregation,
-                          "dp": dp, "wall_seconds": round(time.monotonic() - started, 1)}
+                          "dp": dp, "model": the_model, "wall_seconds": round(time.monotonic() - started, 1)}
         if dp:
             from fedsilo.privacy.audit import build_report, write_report
 

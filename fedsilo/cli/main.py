@@ -279,6 +279,29 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
     click.echo(json.dumps(out, indent=2))
 
 
+def _parse_model_json(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """The ``--model-json`` callback of ``fedsilo demo`` and ``fedsilo bench``: the JSON object, or None.
+
+    Its entries are checked against the Task's model config by the command (``demo.model_table``), once
+    the Task is known. A value that is not a JSON object is a usage error (exit 2) before anything starts.
+    """
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        _fail(f"{param.opts[0]} is not JSON: {exc}")
+    if not isinstance(parsed, dict):
+        _fail(f"{param.opts[0]} must be a JSON object of [model] keys, e.g. '{{\"norm\": \"pn\"}}'; got {value!r}")
+    return parsed
+
+
+def _model_json_option(help_text: str):  # noqa: ANN202 - a click decorator
+    """The ``--model-json JSON`` option, parsed by :func:`_parse_model_json` (the same for demo and bench)."""
+    return click.option("--model-json", "model_json", default=None, metavar="JSON", callback=_parse_model_json,
+                        help=help_text)
+
+
 @main.command()
 @click.option("--silos", type=click.IntRange(1, 16), default=3, show_default=True, help="Number of silo agents.")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=5, show_default=True)
@@ -296,19 +319,26 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
               help="Record-level DP-SGD with per-silo ledgers and an audit report in OUT/audit.")
 @click.option("--task", "task_name", default="segmentation-2d", show_default=True,
               help="The registered Task (its built-in data and default model), e.g. segmentation-3d.")
+@_model_json_option('Model options as a JSON object, e.g. \'{"norm": "pn"}\' (population normalization): each '
+                    "entry replaces or adds that key of the run's [model] table (the demo UNet, or the Task's "
+                    "default model); the others stay. The run is pinned to the changed model.")
 def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, aggregation: str, insecure: bool,
-         dp: bool, task_name: str) -> None:
+         dp: bool, task_name: str, model_json: dict | None) -> None:
     """Run a whole federation on this machine: CA, coordinator and agents as processes, mTLS on loopback."""
     from fedsilo.models.tasks import get_task
-    from fedsilo.silo_agent.demo import DemoError, run_demo
+    from fedsilo.silo_agent.demo import DemoError, model_table, run_demo
 
     try:
         get_task(task_name)
     except ValueError as exc:
         _fail(f"--task: {exc}")
     try:
+        model_table(task_name, seed, model_json)
+    except ValueError as exc:
+        _fail(f"--model-json: {exc}")
+    try:
         run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure,
-                 aggregation=aggregation, dp=dp, task=task_name)
+                 aggregation=aggregation, dp=dp, task=task_name, model=model_json)
     except DemoError as exc:
         _fail(str(exc), 1)
 
@@ -447,7 +477,9 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 
 @main.command()
 @click.option("--methods", "methods_csv", default="fedavg,fedbn,resfim", show_default=True,
-              help="Comma-separated methods: " + ", ".join(study_method_names()) + " (or 'all').")
+              help="Comma-separated methods: " + ", ".join(study_method_names()) + " (or 'all'), or variants "
+                   "base@table.key=value[&...], table one of training, resfim, model (e.g. fedavg@model.norm=pn: "
+                   "FedAvg of the study's model with population normalization), each a row of its own.")
 @click.option("--seeds", default="1", show_default=True,
               help="A count (3 = seeds 0, 1, 2) or a comma-separated list of seeds.")
 @click.option("--rounds", type=int, default=10, show_default=True, help="Rounds of the main schedule.")
@@ -466,9 +498,9 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 @click.option("--held-out", default=None, help="With --data: the sub-folder of a domain no silo trains on.")
 @click.option("--task", "task_name", default="segmentation-2d", show_default=True,
               help="The registered Task every run learns ([run] task); reports name its headline metric.")
-@click.option("--model-json", default=None,
-              help="The runs' [model] table as a JSON object (default: the demo UNet for segmentation-2d, "
-                   "else the Task's default model config).")
+@_model_json_option("The runs' whole [model] table as a JSON object (default: the demo UNet for segmentation-2d, "
+                    "else the Task's default model config, each seed its own weights); a method variant's "
+                    "model.key=value entries replace entries of it.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="The LoRA methods' frozen base: a checkpoint of the runs' model (`fedsilo pretrain --data` on "
                    "data like yours). Default: pretrained on a built-in synthetic domain.")
@@ -482,7 +514,7 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 @click.option("--cell-gpus", type=float, default=0, show_default=True, help="With --ray: GPUs reserved per cell.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, task_name: str,
-          model_json: str | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
+          model_json: dict | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
           cell_gpus: float) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
@@ -504,13 +536,9 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
             schedules = ()
         else:
             schedules = parse_sweep(sweep)
-        try:
-            model = None if model_json is None else json.loads(model_json)
-        except ValueError as exc:
-            raise BenchError(f"model: --model-json is not JSON: {exc}") from None
         cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
                           sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
-                          held_out=held_out, task=task_name, model=model, base=base, out=out)
+                          held_out=held_out, task=task_name, model=model_json, base=base, out=out)
         executor = None
         if ray_address is not None:
             from fedsilo.silo_agent.bench.ray_runner import ray_executor
@@ -520,7 +548,7 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
             raise BenchError("--cell-cpus/--cell-gpus: they apply to --ray only")
     except BenchError as exc:
         _fail(str(exc))
-    lora = [m for m in cfg.methods if resolve(m).lora]
+    lora = [m for m in cfg.methods if resolve(m, task=cfg.task, model=cfg.model).lora]
     if lora and data_dir is not None and base is None:
         click.echo(f"warning: {', '.join(lora)} fine-tune(s) a base pretrained on the built-in synthetic images, "
                    "unrelated to your data; pass --base (made with `fedsilo pretrain --data`) for a fair comparison",

@@ -56,6 +56,9 @@ class Method:
         privacy: its ``[privacy]`` plan when the study runs with DP (None: it cannot run with DP;
             ``why_no_dp`` says why).
         why_no_dp: the reason it runs only without DP.
+        model: entries of the run's ``[model]`` table a variant sets (``fedavg@model.norm=pn``): each
+            replaces the study's entry of that key (see :func:`model_of`); empty for every registered
+            method.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Method:
     lora: bool = False
     privacy: Mapping[str, Any] | None = None
     why_no_dp: str = ""
+    model: Mapping[str, Any] = field(default_factory=dict)
 
 
 def study_method_names() -> tuple[str, ...]:
@@ -95,13 +99,29 @@ def methods(*, mu: float | None = None) -> dict[str, Method]:
     return out
 
 
-def resolve(name: str, *, mu: float | None = None) -> Method:
-    """A study method by name, or a variant of one: ``base@table.key=value[&table.key=value…]`` runs
-    ``base`` with entries of its ``[training]`` or ``[resfim]`` table replaced (e.g.
-    ``resfim@resfim.rho=0.2``); values are read as JSON where they parse, else as text.
+def resolve(name: str, *, mu: float | None = None, task: str | None = None,
+            model: Mapping[str, Any] | None = None) -> Method:
+    """A study method by name, or a variant of one.
+
+    A variant is ``base@table.key=value[&table.key=value…]``: it runs ``base`` with entries of its
+    ``[training]`` or ``[resfim]`` table replaced (``resfim@resfim.rho=0.2``), or with entries of the
+    run's ``[model]`` table replaced (``fedavg@model.norm=pn``: a model option aggregated by the base
+    method); values are read as JSON where they parse, else as text. The ``[model]`` entries are
+    checked here: the study's model table with them set must parse with the Task's model config.
+
+    Args:
+        name: A method of :func:`study_method_names`, or a variant of one.
+        mu: FedProx's μ (see :func:`methods`).
+        task: The study's Task, whose model config checks a variant's ``[model]`` entries (None: the
+            default Task).
+        model: The study's ``[model]`` table (None: the bench's default for the Task).
+
+    Returns:
+        The method, named ``name``; a variant's note ends with its entries in brackets.
 
     Raises:
-        ValueError: an unknown base, a malformed variant, or a table the base method has not got.
+        ValueError: an unknown base, a malformed variant, a table the base method has not got, or
+            ``[model]`` entries the Task refuses (the message names the variant and the entries).
     """
     base, sep, spec = name.partition("@")
     table = methods(mu=mu)
@@ -113,6 +133,8 @@ def resolve(name: str, *, mu: float | None = None) -> Method:
     if method.strategy is None:
         raise ValueError(f"{name}: {base} is a reference run; it has no settings to vary")
     training, resfim = dict(method.training), dict(method.resfim) if method.resfim is not None else None
+    entries: dict[str, Any] = {}
+    written: list[str] = []  # the model entries as given, for a refusal
     for item in spec.split("&"):
         key, eq, raw = item.partition("=")
         table_name, dot, field = key.partition(".")
@@ -126,9 +148,41 @@ def resolve(name: str, *, mu: float | None = None) -> Method:
             training[field] = value
         elif table_name == "resfim" and resfim is not None:
             resfim[field] = value
+        elif table_name == "model":
+            entries[field] = value
+            written.append(item)
         else:
             raise ValueError(f"{name}: {base} has no [{table_name}] table to vary")
-    return replace(method, name=name, training=training, resfim=resfim, note=f"{method.note} [{spec}]")
+    if entries:
+        from fedsilo.silo_agent.demo import model_table
+
+        try:
+            model_table(task, 0, entries, base=model)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {'&'.join(written)} is not a model the study's Task builds: {exc}") from None
+    return replace(method, name=name, training=training, resfim=resfim, model=entries,
+                   note=f"{method.note} [{spec}]")
+
+
+def model_of(method: Method, *, task: str, model: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
+    """The ``[model]`` table ``method``'s runs of ``seed`` build: the study's table with the variant's entries set.
+
+    Args:
+        method: A resolved study method or variant.
+        task: The study's Task.
+        model: The study's ``[model]`` table (None: the demo UNet for ``segmentation-2d``, else the
+            Task's default model config, for ``seed``).
+        seed: The run's seed.
+
+    Returns:
+        A new table.
+
+    Raises:
+        ValueError: the Task refuses the table (see :func:`fedsilo.silo_agent.demo.model_table`).
+    """
+    from fedsilo.silo_agent.demo import model_table
+
+    return model_table(task, seed, method.model, base=model)
 
 
 def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> str | None:
@@ -142,7 +196,8 @@ def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> 
     its uploads evaluates one consensus model everywhere; any other evaluates each silo's own model.
 
     Args:
-        name: A study method or variant (``resfim@resfim.rho=0.2``).
+        name: A study method or variant (``resfim@resfim.rho=0.2``; ``fedavg@model.norm=pn`` is probed
+            on its own network, the study's with the variant's model entries set).
         task: The study's Task (its network is the probe).
         model: The study's ``[model]`` table (None: the bench's default for the Task).
 
@@ -151,7 +206,7 @@ def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> 
         :data:`POOLED`; None when it cannot tell (an unknown method or Task, a network that does not build).
     """
     try:
-        method = resolve(name)
+        method = resolve(name, task=task, model=model)
     except ValueError:
         return None
     if method.strategy is None:
@@ -175,14 +230,12 @@ def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> 
 
 def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | None) -> tuple[set[str], set[str]]:
     """(the state_dict entries local training can change, those the method shares) on the study's network."""
-    from fedsilo.coordinator.config import DEFAULT_TASK
     from fedsilo.core.phases import SharePhase
     from fedsilo.models.tasks import get_task
-    from fedsilo.silo_agent.demo import DEMO_LORA, DEMO_MODEL
+    from fedsilo.silo_agent.demo import DEMO_LORA
 
     t = get_task(task)
-    table = dict(model) if model is not None else (
-        {**DEMO_MODEL, "seed": 0} if t.name == DEFAULT_TASK else dict(t.default_model_config(0)))
+    table = model_of(method, task=t.name, model=model, seed=0)
     strategy = cls.for_run({"resfim": dict(method.resfim)} if method.resfim is not None else {})
     net = t.build_model(table)
     if cls.uses_lora:
@@ -198,4 +251,4 @@ def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | No
 
 
 __all__ = ["ALONE", "CENTRALISED", "LOCAL", "ONE_MODEL", "PERSONAL_THEN_CONSENSUS", "PER_SILO", "POOLED", "REFERENCES",
-           "Method", "methods", "resolve", "scoring", "study_method_names"]
+           "Method", "methods", "model_of", "resolve", "scoring", "study_method_names"]

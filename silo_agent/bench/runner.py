@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.bench.cells import task_fields, upgrade_cell
-from fedsilo.silo_agent.bench.methods import Method, resolve
+from fedsilo.silo_agent.bench.methods import Method, model_of, resolve
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -54,7 +55,8 @@ class BenchConfig:
         task: the registered Task every cell runs (``[run] task``): data, model, loss and metrics;
             reports name its headline metric. An alias (``seg3d``) is stored as the canonical name.
         model: the runs' ``[model]`` table; None: the demo UNet for ``segmentation-2d``, else the
-            Task's :meth:`~fedsilo.models.tasks.Task.default_model_config` for each seed.
+            Task's :meth:`~fedsilo.models.tasks.Task.default_model_config` for each seed. A variant
+            ``base@model.key=value`` runs this table with those entries set (``fedavg@model.norm=pn``).
         base: the frozen base of the LoRA methods (a ``fedsilo pretrain`` or ``fedsilo export``
             checkpoint of the runs' model); None: one pretrained per seed on a built-in domain no
             silo holds, which suits the built-in data, not a user's (``fedsilo pretrain --data``).
@@ -78,6 +80,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         from fedsilo.models.tasks import get_task
+        from fedsilo.silo_agent.demo import model_table
 
         try:
             task = get_task(self.task)
@@ -85,22 +88,26 @@ class BenchConfig:
             raise BenchError(f"task: {exc}") from None
         object.__setattr__(self, "task", task.name)  # an alias (seg3d) becomes the canonical name
         if self.model is not None:
-            if not isinstance(self.model, Mapping) or not all(isinstance(k, str) for k in self.model):
-                raise BenchError(f"model: {self.model!r} must be a table (a JSON object) of the Task's model keys")
             try:
-                task.model_config(dict(self.model))
-            except (ValueError, TypeError) as exc:
+                model_table(task.name, 0, base=self.model)  # the study's whole table, as the Task parses it
+            except ValueError as exc:
                 raise BenchError(f"model: {exc}") from None
             object.__setattr__(self, "model", dict(self.model))
         if not self.methods:
             raise BenchError("methods: give at least one method")
         for m in self.methods:
             try:
-                resolve(m)
+                resolve(m, task=task.name, model=self.model)
             except ValueError as exc:
                 raise BenchError(f"methods: {exc}") from None
         if len(set(self.methods)) != len(self.methods):
             raise BenchError(f"methods: {','.join(self.methods)} names a method twice")
+        files: dict[str, str] = {}
+        for m in self.methods:
+            other = files.setdefault(cell_id(m, 0, 1, 1), m)
+            if other != m:
+                raise BenchError(f"methods: {other} and {m} would share cell files ({cell_id(m, 0, 1, 1)}.json); "
+                                 "write one of them differently")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise BenchError(f"seeds: {self.seeds!r} must be integers >= 0")
         if len(set(self.seeds)) != len(self.seeds):
@@ -119,9 +126,15 @@ class BenchConfig:
         if not isinstance(self.mu, (int, float)) or isinstance(self.mu, bool) or not (math.isfinite(self.mu)
                                                                                       and self.mu >= 0):
             raise BenchError(f"mu: {self.mu!r} must be a finite number >= 0")
-        table = {m: resolve(m) for m in self.methods}
+        table = {m: resolve(m, task=self.task, model=self.model) for m in self.methods}
         if self.base is not None and not Path(self.base).is_file():
             raise BenchError(f"base: {self.base} is not a checkpoint file (make one with `fedsilo pretrain`)")
+        if self.base is not None:
+            for m in self.methods:
+                if table[m].lora and table[m].model:
+                    raise BenchError(f"methods: {m} changes the model, but the given base is a checkpoint of "
+                                     "the study's model; run that variant in a study of its own --model-json "
+                                     "and --base")
         if self.task != DEFAULT_TASK and self.base is None:
             for m in self.methods:
                 if table[m].lora:
@@ -248,31 +261,28 @@ def _names(cfg: BenchConfig) -> list[str]:
     return silo_names(cfg.silos)
 
 
-def _model_table(cfg: BenchConfig, seed: int) -> dict[str, Any]:
-    """The ``[model]`` table of the runs of ``seed``: the study's, the demo UNet or the Task's default."""
-    from fedsilo.models.tasks import get_task
-    from fedsilo.silo_agent.demo import DEMO_MODEL
-
-    if cfg.model is not None:
-        return dict(cfg.model)
-    if cfg.task == DEFAULT_TASK:
-        return {**DEMO_MODEL, "seed": seed}
-    return dict(get_task(cfg.task).default_model_config(seed))
+def _model_table(cfg: BenchConfig, seed: int, method: Method) -> dict[str, Any]:
+    """The ``[model]`` table of ``method``'s runs of ``seed``: the study's (the demo UNet or the Task's
+    default when it has none), with a variant's ``model.key=value`` entries set."""
+    return model_of(method, task=cfg.task, model=cfg.model, seed=seed)
 
 
-def _base_checkpoint(cfg: BenchConfig, seed: int) -> Path:
+def _base_checkpoint(cfg: BenchConfig, seed: int, model: Mapping[str, Any]) -> Path:
     """The LoRA methods' frozen base for ``seed``: the study's ``base``, else one pretrained once per study
-    on a built-in domain no silo holds."""
-    from fedsilo.silo_agent.demo import make_base
+    on a built-in domain no silo holds, for the run's ``model`` table (a base loads only into the model
+    it was made for, so a variant that changes the model gets a base of its own)."""
+    from fedsilo.silo_agent.demo import make_base, model_table
 
     if cfg.base is not None:
         return Path(cfg.base).resolve()
-
     path = Path(cfg.out).resolve() / "bases" / f"base-seed{seed}.pt"
+    if dict(model) != model_table(cfg.task, seed):  # not the demo UNet of this seed
+        digest = hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:12]
+        path = path.with_name(f"base-seed{seed}-{digest}.pt")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt")  # cells of one seed may run at once (--ray)
-        make_base(tmp, seed)
+        make_base(tmp, seed, model=model)
         tmp.replace(path)
     return path
 
@@ -307,9 +317,9 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         privacy["steps_per_round"] *= local_epochs  # the same DP-SGD steps per local epoch in every schedule
     training = {"local_epochs": local_epochs, **method.training}
     make_certs(work / "certs", names)
-    base = _base_checkpoint(cfg, seed) if method.lora else None
     task = get_task(cfg.task)
-    model_table = _model_table(cfg, seed)
+    model_table = _model_table(cfg, seed, method)
+    base = _base_checkpoint(cfg, seed, model_table) if method.lora else None
     fed_path, agent_paths = write_configs(
         work, names=names, rounds=rounds, strategy=method.strategy or "fedavg", seed=seed, port=1, insecure=False,
         aggregation=cfg.aggregation, privacy=privacy, budgets={n: DEMO_BUDGET for n in names} if privacy else None,
@@ -365,7 +375,13 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
 
 
 # -- the study ------------------------------------------------------------------------------
-def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
+def _load_cell(path: Path, cfg: BenchConfig, method: str) -> dict[str, Any] | None:
+    """The finished cell of ``method`` in ``path``, or None when the file is torn or foreign (recompute it).
+
+    Raises:
+        BenchError: the cell was made under other study settings, or is another method's (a variant
+            written so that its file name is the same).
+    """
     try:
         cell = upgrade_cell(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -377,6 +393,9 @@ def _load_cell(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
     if any(cell.get(k) != study[k] for k in STUDY_KEYS) or not isinstance(silos, list) or len(silos) != cfg.silos:
         made = ", ".join([f"{k}={cell.get(k)!r}" for k in STUDY_KEYS] + [f"silos={silos!r}"])
         raise BenchError(f"{path} was made with other study settings ({made}); use a new --out folder for this study")
+    if cell.get("method") != method:
+        raise BenchError(f"{path} holds a cell of method {cell.get('method')!r}, not {method!r} (their file names "
+                         "are the same); write the variant differently or use a new --out folder")
     return cell
 
 
@@ -408,13 +427,13 @@ def _run_study(cfg: BenchConfig, out: Path, console: Any, executor: Executor | N
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedsilo.silo_agent.bench.report import write_outputs
-    table = {m: resolve(m, mu=cfg.mu) for m in cfg.methods}
+    table = {m: resolve(m, mu=cfg.mu, task=cfg.task, model=cfg.model) for m in cfg.methods}
     plan = [(table[m], s, r, e) for (r, e, _main) in cfg.schedules for m in cfg.methods for s in cfg.seeds]
     cells: list[dict[str, Any]] = []
     todo = []
     for method, seed, r, e in plan:
         path = out / CELLS_DIR / f"{cell_id(method.name, seed, r, e)}.json"
-        cell = _load_cell(path, cfg) if path.is_file() else None
+        cell = _load_cell(path, cfg, method.name) if path.is_file() else None
         if cell is not None:
             cells.append(cell)
         else:

@@ -495,6 +495,12 @@ def test_a_variant_replaces_entries_of_its_base_tables() -> None:
     ("fedavg@resfim.rho=0.2", "fedavg has no [resfim] table"),
     ("fedavg@rho=0.2", "a variant is base@table.key=value"),
     ("fedavg@training.lr=", "a variant is base@table.key=value"),
+    ("fedavg@model.norm=bogus", "fedavg@model.norm=bogus: model.norm=bogus is not a model the study's Task builds: "
+                                "ModelConfig: key 'norm' must be one of"),
+    ("fedavg@training.lr=0.1&model.nrm=1", "model.nrm=1 is not a model the study's Task builds: ModelConfig: "
+                                           "unknown key(s) 'nrm'"),
+    ("fedavg@model.channels=[8,16]", "model.channels=[8,16] is not a model"),  # the strides no longer fit
+    ("local@model.norm=pn", "local is a reference run"),
 ])
 def test_malformed_variants_are_refused_naming_them(tmp_path: Path, name: str, fragment: str) -> None:
     with pytest.raises(BenchError, match=re.escape(fragment)):
@@ -510,6 +516,117 @@ def test_a_variant_cell_is_its_own_file_and_says_what_changed(tmp_path: Path, fe
     assert cells == ["fedavg-seed0-1x1.json", "fedavg_training.proximal_mu_0.5-seed0-1x1.json"]
     variant = json.loads((tmp_path / "out" / "cells" / cells[1]).read_text())
     assert variant["method"] == "fedavg@training.proximal_mu=0.5" and variant["note"].endswith("[training.proximal_mu=0.5]")
+
+
+def test_a_model_variant_sets_entries_of_the_study_model_table(tmp_path: Path, toy_task: Task) -> None:
+    from fedsilo.silo_agent.bench.methods import model_of, resolve
+    from fedsilo.silo_agent.demo import DEMO_MODEL
+
+    base, pn = resolve("fedavg"), resolve("fedavg@model.norm=pn")
+    assert pn.name == "fedavg@model.norm=pn" and pn.strategy == base.strategy == "fedavg"
+    assert pn.model == {"norm": "pn"} and base.model == {}
+    assert (pn.training, pn.resfim, pn.privacy) == (base.training, base.resfim, base.privacy)
+    assert pn.note.endswith("[model.norm=pn]")
+    # the demo UNet of each seed, with the entry set; a registered method's table is the study's own
+    assert model_of(pn, task="segmentation-2d", model=None, seed=3) == {**DEMO_MODEL, "seed": 3, "norm": "pn"}
+    assert model_of(base, task="segmentation-2d", model=None, seed=3) == {**DEMO_MODEL, "seed": 3}
+    study = {"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "group"}
+    assert model_of(pn, task="segmentation-2d", model=study, seed=3) == {**study, "norm": "pn"}
+    both = resolve("fedavg@model.norm=pn&model.dropout=0.1&training.proximal_mu=0.05")
+    assert both.model == {"norm": "pn", "dropout": 0.1} and both.training == {"proximal_mu": 0.05}
+    # checked against the study's own table and Task: what one Task builds, another may not
+    _cfg(tmp_path, methods=("fedavg", "fedavg@model.norm=pn"), model=study)
+    with pytest.raises(BenchError, match=re.escape("fedavg@model.norm_groups=3: model.norm_groups=3 is not a model")):
+        _cfg(tmp_path, methods=("fedavg@model.norm_groups=3",), model=study)  # 3 does not divide 4, 8
+    with pytest.raises(BenchError, match=re.escape("model.norm=pn is not a model the study's Task builds: "
+                                                   "ToyModelConfig: unknown key")):
+        _cfg(tmp_path, task=toy_task.name, methods=("fedavg@model.norm=pn",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_variant_is_another_cell_and_a_collision_is_refused(tmp_path: Path) -> None:
+    ids = {cell_id(m, 0, 1, 1) for m in ("fedavg", "fedavg@model.norm=pn", "fedavg@model.norm=group")}
+    assert len(ids) == 3
+    with pytest.raises(BenchError, match="would share cell files"):
+        _cfg(tmp_path, methods=("fedavg@training.a_b=1", "fedavg@training.a=b_1"))
+
+
+def test_a_lora_variant_that_changes_the_model_cannot_use_the_study_base(tmp_path: Path) -> None:
+    base = tmp_path / "base.pt"
+    base.write_bytes(b"a checkpoint of the study's model")
+    with pytest.raises(BenchError, match="deer@model.norm=pn changes the model, but the given base"):
+        _cfg(tmp_path, methods=("deer@model.norm=pn",), aggregation="he", base=base)
+    _cfg(tmp_path, methods=("deer@model.norm=pn",), aggregation="he")  # the bench pretrains a base for it
+
+
+def test_the_bench_pretrains_a_base_of_each_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base loads only into the model it was made for: a variant's model gets a base file of its own,
+    the study's default model keeps the name it always had."""
+    from fedsilo.silo_agent import demo
+    from fedsilo.silo_agent.bench.runner import _base_checkpoint
+
+    made: list[tuple[str, dict]] = []
+
+    def fake_make_base(path: Path, seed: int, model: dict | None = None) -> Path:
+        made.append((Path(path).name, dict(model or {})))
+        Path(path).write_bytes(b"base")
+        return path
+
+    monkeypatch.setattr(demo, "make_base", fake_make_base)
+    cfg = _cfg(tmp_path, methods=("deer", "deer@model.norm=pn"), aggregation="he")
+    default, pn = demo.model_table(None, 0), demo.model_table(None, 0, {"norm": "pn"})
+    first, again = _base_checkpoint(cfg, 0, default), _base_checkpoint(cfg, 0, default)
+    assert first == again and first.name == "base-seed0.pt"
+    other = _base_checkpoint(cfg, 0, pn)
+    assert other != first and re.fullmatch(r"base-seed0-[0-9a-f]{12}\.pt", other.name) and other.is_file()
+    assert [model for _name, model in made] == [default, pn]  # each made once, for its own model
+
+
+def test_cli_bench_pn_variant_is_a_row_of_its_own_run_on_its_model(tmp_path: Path, fedsilo_logger: None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg and FedAvg of the PN model (``fedavg@model.norm=pn``), 1 round x 1 seed x 2 silos: each
+    cell's federation.toml holds its own [model] (and a pin of that model), both rows are reported, and
+    running again resumes both cells."""
+    import tomllib
+
+    from fedsilo.silo_agent import demo
+    from fedsilo.silo_agent.demo import DEMO_MODEL
+
+    written: dict[str, dict] = {}
+    real = demo.write_configs
+
+    def spy(work: Path, **kw):
+        fed, agents = real(work, **kw)
+        written[work.name] = tomllib.loads(fed.read_text())
+        return fed, agents
+
+    monkeypatch.setattr(demo, "write_configs", spy)
+    out = tmp_path / "pn"
+    args = ["bench", "--methods", "fedavg,fedavg@model.norm=pn", "--rounds", "1", "--seeds", "1", "--sweep", "none",
+            "--silos", "2", "--aggregation", "plain", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    plain, pn = cell_id("fedavg", 0, 1, 1), cell_id("fedavg@model.norm=pn", 0, 1, 1)
+    assert set(written) == {plain, pn}
+    assert written[plain]["model"] == {**DEMO_MODEL, "seed": 0}
+    assert written[pn]["model"] == {**DEMO_MODEL, "seed": 0, "norm": "pn"}
+    assert written[plain]["run"]["strategy"] == written[pn]["run"]["strategy"] == "fedavg"
+    assert written[plain]["run"]["model_fingerprint"] != written[pn]["run"]["model_fingerprint"]
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {plain, pn}
+    assert cells[pn]["method"] == "fedavg@model.norm=pn" and cells[pn]["model"] is None  # the study's table
+    assert cells[pn]["rounds_log"][0]["bytes_up"] > 0
+    summary = (out / "summary.md").read_text()
+    for method in ("fedavg", "fedavg@model.norm=pn"):
+        assert re.search(rf"^\| {re.escape(method)} \|", summary, re.MULTILINE), summary
+    assert "fedavg, fedavg@model.norm=pn: one model for both" in summary  # scored as FedAvg is
+    with (out / "results.csv").open(newline="") as f:
+        methods_in_csv = {row["method"] for row in csv.DictReader(f)}
+    assert methods_in_csv == {"fedavg", "fedavg@model.norm=pn"}
+    written.clear()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 of 2" in _flat(result.output) and not written, result.output
 
 
 # -- the LoRA methods' base ------------------------------------------------------------------------
