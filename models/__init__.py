@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 #: The submodules whose public names (their ``__all__``) the package re-exports.
-_PARTS = ("data", "folder", "lora", "metrics", "pn", "precision", "pretrain", "rdn", "registry", "synthetic", "training", "tasks")
+_PARTS = ("data", "folder", "lora", "metrics", "objective", "pn", "precision", "pretrain", "rdn", "registry", "synthetic", "training", "tasks")
 
 
 def _exports() -> dict[str, str]:

@@ -12,13 +12,11 @@ from torch.utils.data import Dataset
 
 from fedsilo.core.rng import seeded_global_rng
 from fedsilo.models.parallel import DataParallel
+from fedsilo.models.objective import LocalObjective, attached, check_objective
 from fedsilo.models.training import (
-    LocalObjective,
     TrainConfig,
     TrainResult,
     stack_batch,
-    _attached,
-    _check_objective,
     _dataset_len,
     _derived_seed,
     _make_optimizer,
@@ -138,7 +136,7 @@ def train_local_dp(
         isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed <= MAX_SEED
     ):
         raise ValueError(f"train_local_dp.noise_seed must be None or an int in [0, 2**63 - 1], got {noise_seed!r}")
-    _check_objective("train_local_dp", objective)
+    check_objective("train_local_dp", objective)
     n = _dataset_len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -188,7 +186,7 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
     model.train()
     forward = task.forward if task is not None else _plain_forward
     with seeded_global_rng(seed ^ 0x5DEECE66D), _seeded_device_rng(device, seed ^ 0x5DEECE66D), \
-            _attached(objective, model, device, forward):
+            attached(objective, model, device, forward):
         with DpSgdStep(
             model,
             optimizer,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from fedsilo.models import TrainConfig
-    from fedsilo.models.training import LocalObjective
+    from fedsilo.models.objective import LocalObjective
     from fedsilo.models.tasks import SiloData, Task
     from fedsilo.silo_agent.state import AgentState
 

@@ -375,7 +375,7 @@ class _AddTerm:
 def test_local_objective_seam(splits) -> None:  # type: ignore[no-untyped-def]
     """An objective whose term is zero trains bit for bit as without one; a non-zero term changes the
     weights and the reported loss; attach wraps the whole call once and its hooks go with it."""
-    from fedsilo.models.training import LocalObjective
+    from fedsilo.models.objective import LocalObjective
 
     cfg = TrainConfig(batch_size=4)
     plain, zero, term = (build_model(SMALL_NET) for _ in range(3))

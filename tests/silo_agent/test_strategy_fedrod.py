@@ -17,7 +17,7 @@ from fedsilo.coordinator.config import ConfigError
 from fedsilo.coordinator.loading import load_federation_config
 from fedsilo.core.methods import DpLevel, get_method
 from fedsilo.models import ModelConfig, Optimizer, SegmentationDataset, TrainConfig, build_model, train_local
-from fedsilo.models.training import LocalObjective
+from fedsilo.models.objective import LocalObjective
 from fedsilo.silo_agent.methods import strategy_for
 from fedsilo.silo_agent.methods.fedrod import (
     COUNTS_KEY,

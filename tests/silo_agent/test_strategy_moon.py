@@ -18,7 +18,7 @@ from fedsilo.core.configfile import ConfigError
 from fedsilo.core.methods import DpLevel, get_method
 from fedsilo.models import ModelConfig, Optimizer, TrainConfig, build_model, train_local
 from fedsilo.models.dp_training import train_local_dp
-from fedsilo.models.training import LocalObjective
+from fedsilo.models.objective import LocalObjective
 from fedsilo.privacy.dpsgd import DpSgdConfig
 from fedsilo.silo_agent.methods import strategy_for
 from fedsilo.silo_agent.methods.moon import (
