@@ -34,17 +34,19 @@ from fedsilo.silo_agent.methods.fedawa import (
     WEIGHT_SLOT,
     FedAwa,
     FedAwaSettings,
-    aggregation_weights,
-    client_scalars,
     fedawa_disclosures,
-    objective,
-    objective_gradient,
     parse_settings,
     relay_purpose,
     scalars_file,
+    sealing_purpose,
+)
+from fedsilo.silo_agent.fedawa_weights import (
+    aggregation_weights,
+    client_scalars,
+    objective,
+    objective_gradient,
     scalars_from_bytes,
     scalars_to_bytes,
-    sealing_purpose,
     upload_factor,
 )
 from fedsilo.silo_agent.secure import open_sealed, seal
