@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class Strategy(Method, abc.ABC):
     Only floating-point entries can be shared. The contract test in
     tests/silo_agent/test_strategy_contract.py runs on every implementation.
     """
+
+    #: Whether :meth:`upload`, :meth:`he_vector`, :meth:`apply` and :meth:`apply_sum`, where overridden,
+    #: still leave every silo with the same shared values (a function of the aggregate alone, as
+    #: FedNova's rescaling or FedLWS's shrinking): the study then scores one consensus model.
+    consensus_aggregate: ClassVar[bool] = False
 
     @classmethod
     def check_run(cls, run: Any) -> None:

@@ -36,6 +36,8 @@ ALONE = "alone"
 POOLED = "pooled"
 
 #: Strategy hooks whose override can make a silo's evaluated model differ from the consensus model.
+#: The hooks whose override may make a silo's model its own; the first four shape the aggregate and
+#: leave one consensus model where the strategy declares ``consensus_aggregate``.
 _PERSONAL_HOOKS = ("upload", "apply", "apply_sum", "he_vector", "eval_state_dict", "unseen_state_dict",
                    "after_final_aggregate")
 
@@ -219,7 +221,8 @@ def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> 
         return None
     if cls.unseen_state_dict is not Strategy.unseen_state_dict:
         return PERSONAL_THEN_CONSENSUS
-    if cls.masked or any(getattr(cls, hook) is not getattr(Strategy, hook) for hook in _PERSONAL_HOOKS):
+    hooks = _PERSONAL_HOOKS[4:] if cls.consensus_aggregate else _PERSONAL_HOOKS
+    if cls.masked or any(getattr(cls, hook) is not getattr(Strategy, hook) for hook in hooks):
         return PER_SILO
     try:
         changed, shared = _probe(cls, method, task=task, model=model)

@@ -231,6 +231,7 @@ class FedAwa(Strategy):
         ValueError: a non-positive ``poll_s``.
     """
 
+    consensus_aggregate = True  # every silo applies the same decrypted aggregate the same way
     name = "fedawa"
     summary = ("aggregation weights softmax(T) optimised from per-silo update scalars relayed sealed; weighted "
                "uploads under HE (FedAWA, Shi et al. 2025)")

@@ -138,6 +138,7 @@ class FedLws(Strategy):
         settings: the run's ``[fedlws]`` settings.
     """
 
+    consensus_aggregate = True  # every silo applies the same decrypted aggregate the same way
     name = "fedlws"
     summary = ("FedAvg's model with each layer shrunk by gamma_l = |w| / (|w| + tau_l |g|), tau_l from the spread "
                "of the silos' updates (Shi et al. 2025)")

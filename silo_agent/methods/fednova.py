@@ -189,6 +189,7 @@ class FedNova(Strategy):
         n_train: the silo's training-set size (set by :meth:`train_data` each round).
     """
 
+    consensus_aggregate = True  # every silo applies the same decrypted aggregate the same way
     name = "fednova"
     summary = ("each silo's update divided by its local work a_k (steps, momentum-corrected); the mean rescaled "
                "by the mean work (Wang et al. 2020)")

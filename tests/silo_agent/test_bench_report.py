@@ -469,6 +469,8 @@ def test_the_notes_say_which_model_scores_each_figure_from_the_registry() -> Non
     assert scoring("ditto", task="segmentation-2d") == scoring("fedavg-ft", task="segmentation-2d") == \
         PERSONAL_THEN_CONSENSUS
     assert scoring("fedbn", task="segmentation-2d") == scoring("pfa", task="segmentation-2d") == PER_SILO
+    # they reshape the aggregate, but every silo applies it alike (Strategy.consensus_aggregate)
+    assert {scoring(m, task="segmentation-2d") for m in ("fednova", "fedlws", "fedawa")} == {ONE_MODEL}
     assert scoring("local", task="segmentation-2d") == ALONE
     assert scoring("no-such-method", task="segmentation-2d") is None
     text = render_summary([summarize_cell(c) for c in VERSUS])
