@@ -477,7 +477,7 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 
 @main.command()
 @click.option("--methods", "methods_csv", default="fedavg,fedbn,resfim", show_default=True,
-              help="Comma-separated methods: " + ", ".join(study_method_names()) + " (or 'all'), or variants "
+              help="Comma-separated methods: " + ", ".join(study_method_names()) + " ('all' for every one of them, alone or with variants), or variants "
                    "base@table.key=value[&...], table one of training, resfim, model (e.g. fedavg@model.norm=pn: "
                    "FedAvg of the study's model with population normalization), each a row of its own.")
 @click.option("--seeds", default="1", show_default=True,
@@ -528,8 +528,8 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
     )
 
     try:
-        names = study_method_names() if methods_csv.strip() == "all" else tuple(
-            m.strip() for m in methods_csv.split(",") if m.strip())
+        names = tuple(dict.fromkeys(n for m in methods_csv.split(",") if m.strip()
+                                    for n in (study_method_names() if m.strip() == "all" else (m.strip(),))))
         if sweep is None:
             schedules = default_sweep(rounds, local_epochs) if rounds >= 1 and local_epochs >= 1 else ()
         elif sweep.strip().lower() == "none":

@@ -235,7 +235,7 @@ def _scoring_notes(methods: Sequence[str], first: CellSummary) -> list[str]:
         groups.setdefault(scoring(m, task=first.task, model=first.model), []).append(m)
     say = {
         ONE_MODEL: "one model for both: the personal model is the consensus (global) model (every entry training "
-                   "changes is shared, the plain mean applied)",
+                   "changes is shared, and every silo applies the aggregate alike)",
         PERSONAL_THEN_CONSENSUS: "each silo's personal model on its own test set, the consensus (global) model on "
                                  "the unseen domain",
         PER_SILO: "each silo's own model after the last aggregate (the shared values plus what it keeps or makes "

@@ -659,3 +659,13 @@ def test_a_lora_cell_fine_tunes_the_given_base_and_a_study_without_it_is_another
     assert len(loaded) >= 2, "every agent fine-tunes the given base"
     with pytest.raises(BenchError, match="other study settings"):
         run_study(_cfg(tmp_path, methods=("deer",), aggregation="he", rounds=1, silos=2))
+
+
+def test_cli_bench_all_combines_with_variants(tmp_path: Path) -> None:
+    """'all' expands in place inside a list (each method once), so a study can add variants to every
+    registered method; an unknown name beside it is still refused by name, before anything is written."""
+    out = tmp_path / "study"
+    result = CliRunner().invoke(main, ["bench", "--methods", "all,fedavg,bogus", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "unknown method 'bogus'" in result.output and "'all'" not in result.output
+    assert not out.exists()
