@@ -322,7 +322,7 @@ def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int) -> dict
     return result
 
 
-def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float) -> Table:
+def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float, hd95_unit: str = "px") -> Table:
     table = Table(title=f"fedsilo demo: run {status.get('run_id', '?')} - {status.get('state', '?')}, "
                         f"round {status.get('open_round') or status.get('last_closed_round', 0)}"
                         f"/{status.get('total_rounds', '?')} - {time.monotonic() - started:.0f} s")
@@ -330,7 +330,7 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float)
     table.add_column("silo")
     table.add_column("train loss", justify="right")
     table.add_column("Dice", justify="right")
-    table.add_column("HD95 (px)", justify="right")
+    table.add_column(f"HD95 ({hd95_unit})", justify="right")
     for r in rounds:
         for silo, ms in sorted(r["metrics"].items()):
             loss = ms.get("train_loss", {}).get("value")
@@ -371,6 +371,10 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         the_model = model_table(task, seed, model)
     except ValueError as exc:
         raise DemoError(f"--model-json: {exc}") from None
+    # 3-D Tasks score HD95 at each volume's spacing (mm); 2-D images in pixels
+    from fedsilo.models.tasks import get_task
+
+    hd95_unit = "mm" if task is not None and get_task(task).spatial_dims == 3 else "px"
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -440,7 +444,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                 if coord.popen.poll() is not None:
                     raise DemoError(f"the coordinator exited ({coord.popen.returncode}):\n{_tail(coord.log)}")
                 status, history = admin.status(), admin.rounds()
-                live.update(_table(status, history, started))
+                live.update(_table(status, history, started, hd95_unit))
                 done = [a for a in agents if a.popen.poll() is not None]
                 for a in done:
                     if a.popen.returncode != 0:
@@ -451,7 +455,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                     raise DemoError(f"the run did not finish within {timeout_s:.0f} s; logs in {logs}")
                 time.sleep(0.5)
             status, history = admin.status(), admin.rounds()
-            live.update(_table(status, history, started))
+            live.update(_table(status, history, started, hd95_unit))
         admin.close()
         console.print()
         if status["state"] != "finished":
