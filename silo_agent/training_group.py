@@ -231,6 +231,9 @@ class TrainingGroup:
         try:
             if self.rank == 0:
                 self._send(None)
+            # every rank past its last collective before any tears the group down: without it gloo
+            # aborted a rank at exit now and then ("terminate called without an active exception")
+            dist.barrier(group=self._control)
             dist.destroy_process_group()
         except Exception as exc:  # the others may be gone already (torchrun stopping the group)
             log.warning("training group: leaving it failed (%s); the other ranks end with torchrun", exc)

@@ -528,8 +528,10 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
     )
 
     try:
-        names = tuple(dict.fromkeys(n for m in methods_csv.split(",") if m.strip()
-                                    for n in (study_method_names() if m.strip() == "all" else (m.strip(),))))
+        items = [m.strip() for m in methods_csv.split(",") if m.strip()]
+        named = set(items)  # 'all' adds every study method not named beside it; a name given twice is refused
+        names = tuple(n for m in items for n in ([s for s in study_method_names() if s not in named]
+                                                  if m == "all" else [m]))
         if sweep is None:
             schedules = default_sweep(rounds, local_epochs) if rounds >= 1 and local_epochs >= 1 else ()
         elif sweep.strip().lower() == "none":

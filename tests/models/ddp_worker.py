@@ -46,6 +46,7 @@ def main() -> int:
             message = str(exc)
         (out / f"mismatch.rank{parallel.rank}.txt").write_text(message)
     finally:
+        dist.barrier()  # every rank done with its collectives before any tears the group down
         dist.destroy_process_group()
     return 0
 
