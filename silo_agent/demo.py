@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,51 +293,64 @@ def model_table(task: str | None, seed: int, entries: Mapping[str, Any] | None =
     return merged
 
 
-def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int) -> dict[str, Any]:
-    """Turns the coordinator's round history into the demo's results.json structure."""
+def results_from_rounds(rounds: list[dict[str, Any]], total_rounds: int,
+                        metrics: Sequence[str] = ("dice", "hd95")) -> dict[str, Any]:
+    """Turns the coordinator's round history into the demo's results.json structure.
+
+    ``metrics`` are the run's Task's metric names, its headline first (segmentation: Dice, HD95):
+    each silo's entry holds them, each round the headline's mean weighted by test examples
+    (``mean_<headline>``), and the unseen domain their means over the silos.
+    """
+    headline = metrics[0]
     out_rounds = []
     unseen: dict[str, Any] = {}
     for r in rounds:
         silos = {}
         for silo, ms in sorted(r["metrics"].items()):
             entry: dict[str, Any] = {}
-            if "dice" in ms:
-                entry.update(dice=ms["dice"]["value"], hd95=ms["hd95"]["value"], n_test=ms["dice"]["num_examples"])
+            if headline in ms:
+                entry.update({m: ms[m]["value"] for m in metrics if m in ms}, n_test=ms[headline]["num_examples"])
             if "train_loss" in ms:
                 entry["train_loss"] = ms["train_loss"]["value"]
             silos[silo] = entry
-            if r["round"] == total_rounds and "unseen_dice" in ms:
-                unseen[silo] = {"dice": ms["unseen_dice"]["value"], "hd95": ms["unseen_hd95"]["value"],
-                                "n": ms["unseen_dice"]["num_examples"]}
-        weighted = [(e["dice"], e["n_test"]) for e in silos.values() if "dice" in e]
+            if r["round"] == total_rounds and f"unseen_{headline}" in ms:
+                unseen[silo] = {**{m: ms[f"unseen_{m}"]["value"] for m in metrics if f"unseen_{m}" in ms},
+                                "n": ms[f"unseen_{headline}"]["num_examples"]}
+        weighted = [(e[headline], e["n_test"]) for e in silos.values() if headline in e]
         n = sum(w for _, w in weighted)
         out_rounds.append({
-            "round": r["round"], "silos": silos, "mean_dice": (sum(d * w for d, w in weighted) / n) if n else None,
+            "round": r["round"], "silos": silos,
+            f"mean_{headline}": (sum(d * w for d, w in weighted) / n) if n else None,
             "contributors": r["contributors"], "params_shared": r["params_shared"], "bytes_up": r["bytes_up"],
             "bytes_down": r["bytes_down"], "seconds": round(r["seconds"], 3),
         })
     result: dict[str, Any] = {"rounds": out_rounds}
     if unseen:
-        result["unseen_domain"] = {"dice": sum(v["dice"] for v in unseen.values()) / len(unseen), "silos": unseen}
+        result["unseen_domain"] = {headline: sum(v[headline] for v in unseen.values()) / len(unseen), "silos": unseen}
     return result
 
 
-def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float, hd95_unit: str = "px") -> Table:
+def _label(metric: str, hd95_unit: str) -> str:
+    return {"dice": "Dice", "hd95": f"HD95 ({hd95_unit})", "accuracy": "accuracy", "macro_f1": "macro-F1"}.get(
+        metric, metric)
+
+
+def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float, hd95_unit: str = "px",
+           metrics: Sequence[str] = ("dice", "hd95")) -> Table:
     table = Table(title=f"fedsilo demo: run {status.get('run_id', '?')} - {status.get('state', '?')}, "
                         f"round {status.get('open_round') or status.get('last_closed_round', 0)}"
                         f"/{status.get('total_rounds', '?')} - {time.monotonic() - started:.0f} s")
     table.add_column("round", justify="right")
     table.add_column("silo")
     table.add_column("train loss", justify="right")
-    table.add_column("Dice", justify="right")
-    table.add_column(f"HD95 ({hd95_unit})", justify="right")
+    for m in metrics:
+        table.add_column(_label(m, hd95_unit), justify="right")
     for r in rounds:
         for silo, ms in sorted(r["metrics"].items()):
             loss = ms.get("train_loss", {}).get("value")
-            dice = ms.get("dice", {}).get("value")
-            hd = ms.get("hd95", {}).get("value")
+            values = [ms.get(m, {}).get("value") for m in metrics]
             table.add_row(str(r["round"]), silo, f"{loss:.4f}" if loss is not None else "-",
-                          f"{dice:.4f}" if dice is not None else "-", f"{hd:.2f}" if hd is not None else "-")
+                          *(f"{v:.4f}" if v is not None else "-" for v in values))
     return table
 
 
@@ -372,9 +385,12 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
     except ValueError as exc:
         raise DemoError(f"--model-json: {exc}") from None
     # 3-D Tasks score HD95 at each volume's spacing (mm); 2-D images in pixels
+    from fedsilo.coordinator.config import DEFAULT_TASK
     from fedsilo.models.tasks import get_task
 
-    hd95_unit = "mm" if task is not None and get_task(task).spatial_dims == 3 else "px"
+    the_task = get_task(task if task is not None else DEFAULT_TASK)
+    hd95_unit = "mm" if the_task.spatial_dims == 3 else "px"
+    metrics = (the_task.headline_metric, *(m for m in the_task.metric_names if m != the_task.headline_metric))
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -444,7 +460,7 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                 if coord.popen.poll() is not None:
                     raise DemoError(f"the coordinator exited ({coord.popen.returncode}):\n{_tail(coord.log)}")
                 status, history = admin.status(), admin.rounds()
-                live.update(_table(status, history, started, hd95_unit))
+                live.update(_table(status, history, started, hd95_unit, metrics))
                 done = [a for a in agents if a.popen.poll() is not None]
                 for a in done:
                     if a.popen.returncode != 0:
@@ -455,12 +471,12 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                     raise DemoError(f"the run did not finish within {timeout_s:.0f} s; logs in {logs}")
                 time.sleep(0.5)
             status, history = admin.status(), admin.rounds()
-            live.update(_table(status, history, started, hd95_unit))
+            live.update(_table(status, history, started, hd95_unit, metrics))
         admin.close()
         console.print()
         if status["state"] != "finished":
             raise DemoError(f"run ended as {status['state']}: {status['message']}")
-        results = results_from_rounds(history, rounds)
+        results = results_from_rounds(history, rounds, metrics)
         results["run"] = {"silos": names, "rounds": rounds, "strategy": strategy, "seed": seed,
                           "transport": "insecure" if insecure else "mtls", "aggregation": aggregation,
                           "dp": dp, "model": the_model, "wall_seconds": round(time.monotonic() - started, 1)}
@@ -476,9 +492,10 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, out / "results.json")
-        first, last = results["rounds"][0]["mean_dice"], results["rounds"][-1]["mean_dice"]
-        console.print(f"mean Dice: round 1 {first:.4f} -> round {rounds} {last:.4f}; "
-                      f"unseen domain {results.get('unseen_domain', {}).get('dice', float('nan')):.4f}")
+        head = metrics[0]
+        first, last = results["rounds"][0][f"mean_{head}"], results["rounds"][-1][f"mean_{head}"]
+        console.print(f"mean {_label(head, hd95_unit)}: round 1 {first:.4f} -> round {rounds} {last:.4f}; "
+                      f"unseen domain {results.get('unseen_domain', {}).get(head, float('nan')):.4f}")
         for silo, spent in results.get("privacy", {}).items():
             console.print(f"  {silo}: " + ", ".join(f"{rel}-level ε = {eps:.3f}" for rel, eps in spent.items())
                           + f" (δ = {DEMO_BUDGET['delta']:g}, budget {DEMO_BUDGET['epsilon']:g})")
