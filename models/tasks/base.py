@@ -42,6 +42,7 @@ __all__ = [
     "Task",
     "canonical_task_name",
     "get_task",
+    "parsed_config",
     "pooled",
     "register_task",
     "task_names",
@@ -391,6 +392,23 @@ class Task(abc.ABC):
         if metric not in cls.metric_names:
             raise ValueError(f"task {cls.name!r} has no metric {metric!r}; it has {list(cls.metric_names)}")
         return metric not in cls.lower_is_better
+
+
+C = TypeVar("C")
+
+
+def parsed_config(config: Any, cls: type[C]) -> C:
+    """``config`` as a ``cls`` (a ``MappingConfig`` dataclass): returned as is when it is one, else
+    parsed from a mapping (a Task's ``model_config``).
+
+    Raises:
+        ValueError: Neither a mapping nor a ``cls``, or a bad or unknown key (named).
+    """
+    if isinstance(config, cls):
+        return config
+    if not isinstance(config, Mapping):
+        raise ValueError(f"model config must be a mapping or a {cls.__name__}, got {type(config).__name__}")
+    return cls.from_mapping(config)  # type: ignore[attr-defined,no-any-return]
 
 
 _TASKS: dict[str, type[Task]] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.models.tasks.base import DataSpec, SiloData, Task, pooled, register_task
+from fedsilo.models.tasks.base import DataSpec, SiloData, Task, parsed_config, pooled, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -94,11 +94,7 @@ class Segmentation2D(Task):
         """
         from fedsilo.models.registry import ModelConfig
 
-        if isinstance(config, ModelConfig):
-            return config
-        if not isinstance(config, Mapping):
-            raise ValueError(f"model config must be a mapping or a ModelConfig, got {type(config).__name__}")
-        return ModelConfig.from_mapping(config)
+        return parsed_config(config, ModelConfig)
 
     def build_model(self, config: Mapping[str, Any] | ModelConfig) -> nn.Module:
         """:func:`fedsilo.models.registry.build_model` of the parsed config.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsilo.core.validators import MappingConfig, check_enum, check_float, check_int, check_seed
 from fedsilo.models.unet_shape import check_unet_shape
-from fedsilo.models.tasks.base import DataSpec, SiloData, Task, pooled, register_task
+from fedsilo.models.tasks.base import DataSpec, SiloData, Task, parsed_config, pooled, register_task
 
 if TYPE_CHECKING:
     import torch
@@ -213,11 +213,7 @@ class Segmentation3D(Task):
         Raises:
             ValueError: Naming a bad or unknown key.
         """
-        if isinstance(config, UNet3DConfig):
-            return config
-        if not isinstance(config, Mapping):
-            raise ValueError(f"model config must be a mapping or a UNet3DConfig, got {type(config).__name__}")
-        return UNet3DConfig.from_mapping(config)
+        return parsed_config(config, UNet3DConfig)
 
     def default_model_config(self, seed: int = 0) -> dict[str, Any]:
         """The default UNet with initial weights from the run's seed."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedsilo.core.validators import check_int
-from fedsilo.models.tasks.base import DataSpec, SiloData, Task, register_task
+from fedsilo.models.tasks.base import DataSpec, SiloData, Task, parsed_config, register_task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -123,11 +123,7 @@ class SensorActivity(Task):
         """
         from fedsilo.models.sensor_net import SensorNetConfig
 
-        if isinstance(config, SensorNetConfig):
-            return config
-        if not isinstance(config, Mapping):
-            raise ValueError(f"model config must be a mapping or a SensorNetConfig, got {type(config).__name__}")
-        return SensorNetConfig.from_mapping(config)
+        return parsed_config(config, SensorNetConfig)
 
     def default_model_config(self, seed: int = 0) -> dict[str, Any]:
         """The default network (built-in species, channels (32, 64), kernel 5, rank 4, SBN) with weights from ``seed``."""
