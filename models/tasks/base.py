@@ -168,8 +168,9 @@ class Task(abc.ABC):
       are higher-is-better.
     * ``unseen_domain``: one sentence saying what this Task's unseen domain is.
     * ``data_sources``: the :attr:`DataSpec.source` values :meth:`read_data` accepts.
-    * ``spatial_dims``: 2 for images ``[C, H, W]``, 3 for volumes ``[C, D, H, W]``; a run refuses
-      methods that declare they work on 2-D images only (``Method.needs_2d``) for a 3-D Task.
+    * ``spatial_dims``: 1 for series ``[C, T]``, 2 for images ``[C, H, W]``, 3 for volumes
+      ``[C, D, H, W]``; a run refuses methods that declare they work on 2-D images only
+      (``Method.needs_2d``) for a Task that is not 2-D.
     * ``aliases`` (optional): further names of the same form that :func:`get_task` and
       :func:`canonical_task_name` accept (``("seg2d",)``); no two Tasks may share a name or alias.
 
@@ -443,8 +444,8 @@ def _check_task_class(cls: object) -> None:
         raise ValueError(f"{where}.lower_is_better names unknown metrics {sorted(set(cls.lower_is_better) - set(metrics))}")
     if not isinstance(cls.data_sources, tuple) or not cls.data_sources:
         raise ValueError(f"{where}.data_sources must be a non-empty tuple, got {cls.data_sources!r}")
-    if cls.spatial_dims not in (2, 3) or isinstance(cls.spatial_dims, bool):
-        raise ValueError(f"{where}.spatial_dims must be 2 or 3, got {cls.spatial_dims!r}")
+    if cls.spatial_dims not in (1, 2, 3) or isinstance(cls.spatial_dims, bool):
+        raise ValueError(f"{where}.spatial_dims must be 1, 2 or 3, got {cls.spatial_dims!r}")
     aliases = getattr(cls, "aliases", None)
     if not isinstance(aliases, tuple):
         raise ValueError(f"{where}.aliases must be a tuple of names, got {aliases!r}")

@@ -72,8 +72,7 @@ class SensorActivity(Task):
     * Loss: cross-entropy, the batch mean of per-example losses.
     * Metrics: accuracy (headline) and macro-F1.
 
-    ``spatial_dims`` is 3 although the data are 1-D series: :class:`Task` admits only 2 and 3, and
-    any value other than 2 makes a run refuse the methods that work on 2-D images only
+    ``spatial_dims`` is 1 (series ``[C, T]``): a run refuses the methods that work on 2-D images only
     (``Method.needs_2d``: LoRA of ``Conv2d``, Fourier styles, channel statistics of images).
     """
 
@@ -85,7 +84,7 @@ class SensorActivity(Task):
     unseen_domain = ("built-in: the silo's species worn with a sensor device no silo has (another mounting "
                      "angle, more noise, offsets); folder: every window of data.unseen_path")
     data_sources = ("builtin", "folder")
-    spatial_dims = 3  # not 2-D: refuses needs_2d methods (Task admits no 1)
+    spatial_dims = 1
 
     def read_data(self, spec: DataSpec) -> SiloData:
         """Loads the built-in domain ``spec.domain`` or the folder ``spec.path`` (see the class doc).

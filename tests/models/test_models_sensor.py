@@ -340,3 +340,14 @@ def test_dp_sgd_fix_of_sbn_gives_per_species_groupnorm() -> None:
     assert "blocks.0.norms.horse.weight" in fixed.state_dict()
     inputs, _ = get_task("sensor").collate(_data(0).splits.train, [0, 1, 2], torch.device("cpu"))
     assert fixed(inputs).shape == (3, 5)
+
+
+def test_the_sensor_task_is_1d_and_refuses_methods_for_2d_images() -> None:
+    """A series Task declares spatial_dims 1, and a run of it refuses a method that needs 2-D images."""
+    from fedsilo.core.methods import get_method
+    import fedsilo.silo_agent.methods  # noqa: F401 - registers the built-in methods
+
+    assert get_task("sensor").spatial_dims == 1
+    run = type("Run", (), {"task": "sensor", "strategy": "resfim"})()
+    with pytest.raises(ValueError, match="works on 2-D images only .* 'sensor' is a 1-D Task"):
+        get_method("resfim").check_run(run)
