@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from fedsilo.core.rng import seeded_global_rng
 from fedsilo.models.parallel import DataParallel
-from fedsilo.models.objective import LocalObjective, attached, check_objective
+from fedsilo.models.objective import LocalObjective, attached, check_objective, public_loss_of
 from fedsilo.models.training import (
     TrainConfig,
     TrainResult,
@@ -197,13 +197,16 @@ def _train_local_dp(model: nn.Module, dataset: Dataset[Any], train_cfg: TrainCon
             loss_fn=loss_fn,
             distributed=parallel is not None,
         ) as stepper:
-            for drawn in poisson_batches(n, dp.sample_rate, dp.steps, sample_gen):
+            public = getattr(objective, "public_loss", None) is not None
+            for step, drawn in enumerate(poisson_batches(n, dp.sample_rate, dp.steps, sample_gen)):
                 indices = parallel.share(drawn) if parallel is not None else drawn
                 images, masks = collate(dataset, indices, device) if indices else empty
                 if bound is not None:
                     bound.inputs = images
-                if anchor:
+                if anchor or public:
                     loss = stepper.privatize(images, masks)
+                    if public:  # a loss on no record (FedBM's pseudo-samples): post-processing, no ε
+                        stepper.add_public_gradient(lambda: public_loss_of(objective, model, step=step))
                     for p, p0 in anchor:
                         if p.grad is not None:
                             p.grad.add_(p.detach() - p0, alpha=train_cfg.proximal_mu)

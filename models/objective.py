@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["LocalObjective", "attached", "check_objective"]
+__all__ = ["LocalObjective", "attached", "check_objective", "public_loss_of"]
 
 
 @runtime_checkable
@@ -36,6 +36,14 @@ class LocalObjective(Protocol):
       (``requires_grad`` off), are no part of the trained module, and run under ``torch.no_grad``:
       under DP-SGD Opacus computes per-sample gradients with hooks on the trained model only, and
       a term that reads a fixed model on example i alone is still example i's loss.
+    * Optionally, a loss on *no record* of the silo: ``public_loss(model, *, step) -> Tensor | None``
+      (FedBM's pseudo-samples from a generator trained on the aggregate). Its gradient is added to
+      each step's gradient after the batch's: in :func:`train_local` after the batch's backward
+      (and, in a data-parallel group, after the ranks' gradients are summed: every rank computes the
+      same public loss), under DP-SGD after the clipped, noised gradient (with Opacus' hooks off), as
+      FedProx's term is. It must depend only on the model and on what no record of this silo shaped
+      (the aggregate, public knowledge, seeded randomness): then, under DP-SGD, it is
+      post-processing and costs no privacy. Use ``step`` (0, 1, ... within the call) to seed it.
     """
 
     def attach(self, model: nn.Module, *, device: torch.device,
@@ -70,6 +78,13 @@ def check_objective(owner: str, objective: object) -> None:
     if objective is not None and not isinstance(objective, LocalObjective):
         raise ValueError(f"{owner}.objective must be None or a LocalObjective (with attach and loss), "
                          f"got {type(objective).__name__}")
+
+
+def public_loss_of(objective: LocalObjective | None, model: nn.Module, *, step: int) -> torch.Tensor | None:
+    """The objective's loss on no record for this step (``objective.public_loss``), or None when it has
+    none (no objective, no ``public_loss``, or it returns None)."""
+    fn = getattr(objective, "public_loss", None) if objective is not None else None
+    return None if fn is None else fn(model, step=step)
 
 
 def attached(objective: LocalObjective | None, model: nn.Module, device: torch.device,

@@ -22,7 +22,7 @@ from fedsilo.core.validators import (
     check_seed,
 )
 from fedsilo.models.data import SegmentationDataset
-from fedsilo.models.objective import LocalObjective, attached, check_objective
+from fedsilo.models.objective import LocalObjective, attached, check_objective, public_loss_of
 from fedsilo.models.precision import Precision
 from fedsilo.models.metrics import dice_and_hd95
 from fedsilo.core.rng import seeded_global_rng
@@ -427,6 +427,10 @@ def _train_local(model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, r
                         part = float(loss.detach()) * len(mine) / len(batch)
                     parallel.sum_gradients(trainable, device)
                     batch_loss = parallel.sum_floats([part], device)[0]
+                with autocast():  # a loss on no record (e.g. FedBM's pseudo-samples), once per step
+                    public = public_loss_of(objective, model, step=steps)
+                if public is not None:
+                    public.backward()
                 for p, p0 in prox:  # FedProx: the gradient of μ/2 ‖w − w⁰‖² is μ (w − w⁰)
                     if p.grad is not None:
                         p.grad.add_(p.detach() - p0, alpha=cfg.proximal_mu)

@@ -379,6 +379,43 @@ class DpSgdStep:
             self._dp_optimizer.reduce_gradients()
         return loss
 
+    def add_public_gradient(self, loss: Callable[[], torch.Tensor | None]) -> bool:
+        """Adds the gradient of a loss on no record to ``p.grad`` (after :meth:`privatize`).
+
+        ``loss()`` runs with Opacus' hooks off (it records no activations and no per-sample
+        gradient), and its gradient is added as it is: no clipping, no noise. Sound only for a
+        loss that reads no record of the private dataset (e.g. pseudo-samples of a generator trained
+        on a federation's aggregate): then the update is post-processing of the DP gradient and of
+        the earlier DP steps, like FedProx's proximal term.
+
+        Args:
+            loss: Computes the scalar loss from the model (or returns None: nothing to add).
+
+        Returns:
+            Whether a gradient was added.
+        """
+        import torch
+
+        if self._gsm is None:
+            raise ValueError("DpSgdStep is closed")
+        params = list(self._dp_optimizer.params)
+        self._gsm.disable_hooks()
+        try:
+            value = loss()
+            if value is None:
+                return False
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+        finally:
+            self._gsm.enable_hooks()
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g.detach())
+        return True
+
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> float:
         """:meth:`privatize`, then one step of the wrapped optimiser; returns the batch-mean loss."""
         loss = self._per_sample_gradients(images, masks)

@@ -411,3 +411,75 @@ def test_local_objective_seam_under_dp_sgd(splits) -> None:  # type: ignore[no-u
     with pytest.raises(ValueError, match="objective must be None or a LocalObjective"):
         train_local_dp(build_model(SMALL_NET), splits.train, cfg, dp, round_index=1,
                        objective=3)  # type: ignore[arg-type]
+
+
+class _PublicTerm(_AddTerm):
+    """``_AddTerm`` plus a loss on no record: ``weight`` × the sum of squared trainable weights,
+    in ``public_loss`` (or, ``inline``, inside every batch's loss instead)."""
+
+    def __init__(self, weight: float, *, inline: bool = False) -> None:
+        super().__init__(0.0)
+        self.public_weight, self.inline, self.steps_seen = weight, inline, []
+
+    def _term(self, model: nn.Module) -> torch.Tensor:
+        return self.public_weight * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+
+    def loss(self, *, model, inputs, targets, output, task_loss):  # type: ignore[no-untyped-def]
+        base = task_loss(output, targets)
+        return base + self._term(model) if self.inline else base
+
+    def public_loss(self, model: nn.Module, *, step: int) -> torch.Tensor | None:
+        if self.inline:
+            return None
+        self.steps_seen.append(step)
+        return self._term(model)
+
+
+def test_a_public_loss_adds_its_gradient_to_every_step(splits) -> None:  # type: ignore[no-untyped-def]
+    """train_local: a loss on no record given as ``public_loss`` trains as the same term inside each
+    batch's loss (up to float summation order), once per step, numbered from 0."""
+    cfg = TrainConfig(batch_size=4)
+    inline, public = build_model(SMALL_NET), build_model(SMALL_NET)
+    train_local(inline, splits.train, cfg, round_index=1, objective=_PublicTerm(1e-3, inline=True))
+    term = _PublicTerm(1e-3)
+    train_local(public, splits.train, cfg, round_index=1, objective=term)
+    assert term.steps_seen == [0, 1, 2]
+    for k, v in inline.state_dict().items():
+        torch.testing.assert_close(public.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    plain = build_model(SMALL_NET)
+    train_local(plain, splits.train, cfg, round_index=1)
+    assert not _equal(plain.state_dict(), public.state_dict())
+
+
+def test_a_public_loss_under_dp_sgd_is_added_after_the_noise(splits) -> None:  # type: ignore[no-untyped-def]
+    """train_local_dp: a public term with zero gradient leaves the DP-SGD weights bit for bit; a real one
+    changes them, once per step; DpSgdStep adds exactly its autograd gradient to the private one."""
+    from fedsilo.models.dp_training import train_local_dp
+    from fedsilo.privacy.dpsgd import DpSgdConfig, DpSgdStep, make_private_compatible
+
+    dp = DpSgdConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=3)
+    cfg = TrainConfig()
+    plain, zero, term_net = (build_model(SMALL_NET) for _ in range(3))
+    train_local_dp(plain, splits.train, cfg, dp, round_index=1, noise_seed=5)
+    nothing = _PublicTerm(0.0)
+    train_local_dp(zero, splits.train, cfg, dp, round_index=1, noise_seed=5, objective=nothing)
+    assert _equal(plain.state_dict(), zero.state_dict()) and nothing.steps_seen == [0, 1, 2]
+    train_local_dp(term_net, splits.train, cfg, dp, round_index=1, noise_seed=5, objective=_PublicTerm(1e-2))
+    assert not _equal(plain.state_dict(), term_net.state_dict())
+
+    model = make_private_compatible(build_model(SMALL_NET))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    images = torch.stack([splits.train[i][0] for i in range(3)])
+    masks = torch.stack([splits.train[i][1] for i in range(3)])
+    with DpSgdStep(model, opt, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=3,
+                   generator=torch.Generator().manual_seed(0)) as step:
+        step.privatize(images, masks)
+        private = {n: p.grad.clone() for n, p in model.named_parameters()}
+        public = _PublicTerm(0.5)
+        assert step.add_public_gradient(lambda: public._term(model))
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, private[n] + 2 * 0.5 * p.detach(), rtol=0, atol=1e-6)
+        assert not step.add_public_gradient(lambda: None)
+        step.privatize(images, masks)  # Opacus' per-sample state is intact after a public pass
+        for n, p in model.named_parameters():
+            assert p.grad.shape == p.shape
