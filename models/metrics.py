@@ -1,4 +1,4 @@
-"""Per-image Dice and 95th-percentile Hausdorff distance, with defined values for empty masks."""
+"""Per-image Dice and 95th-percentile Hausdorff distance (defined for empty masks); accuracy and macro-F1 of class labels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SegmentationScores", "dice_and_hd95", "hd95_pixels", "to_labels"]
+__all__ = ["SegmentationScores", "accuracy_and_macro_f1", "dice_and_hd95", "hd95_pixels", "to_labels"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,24 @@ def dice_and_hd95(
         for c in range(1, num_classes):
             hd[i, c - 1] = hd95_pixels(labels_np[i] == c, mask_np[i] == c)
     return SegmentationScores(dice=dice.mean(dim=1), hd95=torch.from_numpy(hd.mean(axis=1)))
+
+
+def accuracy_and_macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """Accuracy and macro-F1 of integer predictions against labels.
+
+    Macro-F1 averages the per-class F1 over the classes that occur in ``true`` or ``pred``
+    (scikit-learn's default label set); a class with no true and no predicted example is left
+    out, one predicted but absent (or present but never predicted) counts with F1 = 0.
+    """
+    pred = np.asarray(pred, dtype=np.int64)
+    true = np.asarray(true, dtype=np.int64)
+    if pred.shape != true.shape or pred.ndim != 1 or pred.size == 0:
+        raise ValueError(f"pred and true must be equal-length non-empty vectors, got {pred.shape} and {true.shape}")
+    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(conf, (true, pred), 1)
+    tp = np.diag(conf).astype(np.float64)
+    support = conf.sum(axis=1)
+    predicted = conf.sum(axis=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
+    return float(tp.sum() / pred.size), float(f1.mean())

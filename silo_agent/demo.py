@@ -85,12 +85,18 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
                   base_checkpoint: Path | None = None, resfim: dict[str, Any] | None = None,
                   training: dict[str, Any] | None = None, he_bound: float | None = None,
                   data: list[dict[str, Any]] | None = None, task: str | None = None,
-                  model: dict[str, Any] | None = None, pin_model: bool = True) -> tuple[Path, list[Path]]:
+                  model: dict[str, Any] | None = None, pin_model: bool = True,
+                  tables: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Path, list[Path]]:
     """Writes federation.toml and one silo.toml per silo into ``work``; returns their paths.
 
     ``training`` overrides entries of the demo's ``[training]`` table, ``he_bound`` the HE
     bound, and ``data`` gives each silo's ``[data]`` table (default: built-in domain i); ``task``
     names the run's Task and ``model`` replaces the demo's ``[model]`` table (default: the demo UNet).
+
+    ``tables`` are the method's own tables, each written as a federation.toml table of its name
+    (``{"moon": {"mu": 5}}``); ``resfim`` and ``lora`` are tables of those names (with LoRA, a
+    ``tables["lora"]`` entry replaces that entry of ``lora``; ``tables["resfim"]`` one of ``resfim``).
+    A ``resfim`` or ``lora`` table raises the default HE bound, as its uploads need.
 
     ``privacy`` is the federation's ``[privacy]`` table (None: no DP); ``budgets`` maps a silo
     name to its silo.toml ``[privacy]`` table (its own budget).
@@ -119,17 +125,23 @@ def write_configs(work: Path, *, names: list[str], rounds: int, strategy: str, s
     }
     if task is not None:
         fed_sections["run"]["task"] = task
-    if lora is not None and aggregation == "he":
+    method_tables: dict[str, dict[str, Any]] = {}
+    if resfim is not None:
+        method_tables["resfim"] = dict(resfim)
+    if lora is not None:
+        method_tables["lora"] = dict(lora)
+    for name, table in (tables or {}).items():
+        if name in fed_sections or name in ("he", "privacy"):
+            raise ValueError(f"tables: [{name}] is not a method table")
+        method_tables[name] = {**method_tables.get(name, {}), **table}
+    if "lora" in method_tables and aggregation == "he":
         # the noise regulator maps product-space noise to factor values well above 1
         fed_sections["he"] = {"bound": DEMO_LORA_HE_BOUND}
-    elif resfim is not None and aggregation == "he":
+    elif "resfim" in method_tables and aggregation == "he":
         fed_sections["he"] = {"bound": DEMO_RESFIM_HE_BOUND}
     if he_bound is not None and aggregation == "he":
         fed_sections["he"] = {"bound": he_bound}
-    if resfim is not None:
-        fed_sections["resfim"] = dict(resfim)
-    if lora is not None:
-        fed_sections["lora"] = dict(lora)
+    fed_sections.update(method_tables)
     if privacy is not None:
         fed_sections["privacy"] = dict(privacy)
     if pin_model:

@@ -20,7 +20,8 @@ from fedsilo import __version__
 from fedsilo.cli.plugins import PluginError, load_plugins
 from fedsilo.core.methods import method_names, methods
 import fedsilo.silo_agent.methods  # noqa: F401 - registers the built-in methods
-from fedsilo.silo_agent.bench.methods import resolve, study_method_names
+from fedsilo.silo_agent.bench.methods import GROUPED_REFERENCES, resolve, study_method_names, variable_tables
+from fedsilo.silo_agent.bench.methods import methods as bench_methods
 
 try:  # before the options below list the registered methods
     load_plugins()
@@ -296,6 +297,11 @@ def _parse_model_json(ctx: click.Context, param: click.Parameter, value: str | N
     return parsed
 
 
+def _method_tables() -> list[str]:
+    """The method tables a bench variant may vary, over every study method (sorted): each method's own."""
+    return sorted({t for m in bench_methods().values() for t in variable_tables(m)} - {"training", "model"})
+
+
 def _model_json_option(help_text: str):  # noqa: ANN202 - a click decorator
     """The ``--model-json JSON`` option, parsed by :func:`_parse_model_json` (the same for demo and bench)."""
     return click.option("--model-json", "model_json", default=None, metavar="JSON", callback=_parse_model_json,
@@ -477,9 +483,12 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 
 @main.command()
 @click.option("--methods", "methods_csv", default="fedavg,fedbn,resfim", show_default=True,
-              help="Comma-separated methods: " + ", ".join(study_method_names()) + " ('all' for every one of them, alone or with variants), or variants "
-                   "base@table.key=value[&...], table one of training, resfim, model (e.g. fedavg@model.norm=pn: "
-                   "FedAvg of the study's model with population normalization), each a row of its own.")
+              help="Comma-separated methods: " + ", ".join(study_method_names()) + " ('all' for every one of them "
+                   "the Task can run, alone or with variants; " + ", ".join(sorted(GROUPED_REFERENCES)) + " only for a "
+                   "Task whose silos have groups, e.g. species), or variants base@table.key=value[&...], table "
+                   "training, model or one of the base method's own tables (" + ", ".join(_method_tables()) + ") "
+                   "(e.g. fedavg@model.norm=pn: FedAvg of the study's model with population normalization; "
+                   "moon@moon.mu=5), each a row of its own.")
 @click.option("--seeds", default="1", show_default=True,
               help="A count (3 = seeds 0, 1, 2) or a comma-separated list of seeds.")
 @click.option("--rounds", type=int, default=10, show_default=True, help="Rounds of the main schedule.")
@@ -530,8 +539,11 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
     try:
         items = [m.strip() for m in methods_csv.split(",") if m.strip()]
         named = set(items)  # 'all' adds every study method not named beside it; a name given twice is refused
-        names = tuple(n for m in items for n in ([s for s in study_method_names() if s not in named]
-                                                  if m == "all" else [m]))
+        try:
+            runnable = study_method_names(task_name)
+        except ValueError:  # an unknown Task: BenchConfig names it
+            runnable = study_method_names()
+        names = tuple(n for m in items for n in ([s for s in runnable if s not in named] if m == "all" else [m]))
         if sweep is None:
             schedules = default_sweep(rounds, local_epochs) if rounds >= 1 and local_epochs >= 1 else ()
         elif sweep.strip().lower() == "none":

@@ -176,7 +176,8 @@ class Task(abc.ABC):
 
     Subclasses implement :meth:`read_data`, :meth:`model_config`, :meth:`build_model`,
     :meth:`collate`, :meth:`loss` and :meth:`evaluate`; :meth:`forward` may be overridden for
-    models whose input is not a single tensor. Instances hold no per-silo state, so one
+    models whose input is not a single tensor, and :meth:`group_of` by a Task whose silos come in
+    groups (e.g. one animal species per silo). Instances hold no per-silo state, so one
     instance may serve several silos (threads) at once.
     """
 
@@ -231,6 +232,22 @@ class Task(abc.ABC):
             FileNotFoundError: If a folder source's path does not exist.
             OSError: If a file cannot be read.
         """
+
+    def group_of(self, data: SiloData) -> str | None:
+        """The group a silo belongs to, read from its data: silos of one group hold data of one kind
+        (e.g. one animal species), and a study may train one model per group (``fedsilo bench``'s
+        ``one-for-one``) and report its figures per group.
+
+        The default is None: the Task's silos have no groups. A Task with groups overrides this and
+        returns a non-empty name for every silo it loads.
+
+        Args:
+            data: One silo's data, as :meth:`load_data` returned it.
+
+        Returns:
+            The silo's group, or None when the Task has no groups.
+        """
+        return None
 
     # -- model --------------------------------------------------------------------------------
 

@@ -9,37 +9,23 @@ from fedsilo.core.validators import check_int
 from fedsilo.models.tasks.base import DataSpec, SiloData, Task, parsed_config, register_task
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from torch import nn
     from torch.utils.data import Dataset
 
     from fedsilo.models.sensor_net import SensorNetConfig
 
-__all__ = ["SensorActivity", "accuracy_and_macro_f1"]
+__all__ = ["SensorActivity"]  # and accuracy_and_macro_f1, an alias (``__getattr__``)
 
 
-def accuracy_and_macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> tuple[float, float]:
-    """Accuracy and macro-F1 of integer predictions against labels.
+def __getattr__(name: str) -> Any:
+    """``accuracy_and_macro_f1``, which moved to :mod:`fedsilo.models.metrics`, loaded on first use (PEP 562):
+    the old import path keeps working, and importing this module still loads no torch."""
+    if name == "accuracy_and_macro_f1":
+        from fedsilo.models.metrics import accuracy_and_macro_f1
 
-    Macro-F1 averages the per-class F1 over the classes that occur in ``true`` or ``pred``
-    (scikit-learn's default label set); a class with no true and no predicted example is left
-    out, one predicted but absent (or present but never predicted) counts with F1 = 0.
-    """
-    import numpy as np
-
-    pred = np.asarray(pred, dtype=np.int64)
-    true = np.asarray(true, dtype=np.int64)
-    if pred.shape != true.shape or pred.ndim != 1 or pred.size == 0:
-        raise ValueError(f"pred and true must be equal-length non-empty vectors, got {pred.shape} and {true.shape}")
-    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(conf, (true, pred), 1)
-    tp = np.diag(conf).astype(np.float64)
-    support = conf.sum(axis=1)
-    predicted = conf.sum(axis=0)
-    present = (support + predicted) > 0
-    f1 = 2 * tp[present] / (support[present] + predicted[present])
-    return float(tp.sum() / pred.size), float(f1.mean())
+        return accuracy_and_macro_f1
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_task
@@ -114,6 +100,10 @@ class SensorActivity(Task):
             unseen = sd.SensorDataset(*_pool(parts), ucfg.species)
         return SiloData(splits=sd.load_sensor_folder(fcfg), unseen=unseen)
 
+    def group_of(self, data: SiloData) -> str | None:
+        """The species of the silo's training set (``data.splits.train.species``): one species, one group."""
+        return str(data.splits.train.species)
+
     def model_config(self, config: Mapping[str, Any] | SensorNetConfig) -> SensorNetConfig:
         """Parses a :class:`~fedsilo.models.sensor_net.SensorNetConfig` (a parsed one is returned as is).
 
@@ -160,7 +150,7 @@ class SensorActivity(Task):
         return functional.cross_entropy(output, target)
 
     def evaluate(self, model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> dict[str, tuple[float, int]]:
-        """Accuracy and macro-F1 (:func:`accuracy_and_macro_f1`) of the argmax prediction over ``dataset``.
+        """Accuracy and macro-F1 (:func:`~fedsilo.models.metrics.accuracy_and_macro_f1`) of the argmax prediction over ``dataset``.
 
         Raises:
             ValueError: On an empty dataset or a bad batch size.
@@ -168,6 +158,7 @@ class SensorActivity(Task):
         import numpy as np
         import torch
 
+        from fedsilo.models.metrics import accuracy_and_macro_f1
         from fedsilo.models.sensor_data import collate_sensor
 
         check_int("evaluate", "batch_size", batch_size, minimum=1)

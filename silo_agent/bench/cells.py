@@ -7,7 +7,8 @@ any knowledge of what is learned::
      "task": "segmentation-2d", "model": null,            # the study's settings (see BenchConfig.study)
      "aggregation": "he", "dp": false, "data": "builtin", "held_out": null, "mu": 0.01,
      "headline": "dice", "metric_names": ["dice", "hd95"], "lower_is_better": ["hd95"],
-     "silos": [...], "test_sizes": {silo: examples}, "epsilon": null | {silo: ε},
+     "silos": [...], "groups": {silo: group},             # groups: only for a Task with silo groups
+     "test_sizes": {silo: examples}, "epsilon": null | {silo: ε},
      "seconds": 19.6, "note": "...",
      "rounds_log": [{"round": 1, "bytes_up": 96321, "bytes_down": 188829,
                      "metrics": {"dice": {silo: v}, "hd95": {silo: v}, "val_dice": {silo: v}},
@@ -16,6 +17,10 @@ any knowledge of what is learned::
 ``metrics`` holds, per silo, every test metric under its name and the validation headline as
 ``val_<headline>`` (the names :meth:`fedsilo.models.tasks.Task.evaluate_split` reports);
 ``unseen`` holds each unseen-domain metric averaged over the silos that report one (``{}``: none).
+``groups`` (optional) names each silo's group where the Task has groups
+(:meth:`fedsilo.models.tasks.Task.group_of`, e.g. the sensor Task's species); a cell without it
+(every cell of a Task without groups, and cells written before groups were recorded) has no
+per-group figures.
 Cells written before the Task seam (per-round ``dice``, ``hd95``, ``val_dice``, ``unseen_dice``
 keys; always 2-D segmentation) are read through :func:`upgrade_cell`.
 """
@@ -139,7 +144,8 @@ def validate_cell(cell: Mapping[str, Any], *, index: int | None = None) -> None:
     a subset); every listed silo has a positive test size and a test headline value in at least
     one round; a silo with a test headline value in a round has every other test metric there
     too; every metric value and ε is finite (ε non-negative); bytes are non-negative integers;
-    and ``rounds_log`` holds rounds 1..``rounds`` in order.
+    and ``rounds_log`` holds rounds 1..``rounds`` in order. ``groups``, where present, maps every
+    listed silo (and nothing else) to a non-empty group name.
 
     Args:
         cell: One finished run, as loaded from JSON (see :func:`upgrade_cell` for older ones).
@@ -188,6 +194,13 @@ def validate_cell(cell: Mapping[str, Any], *, index: int | None = None) -> None:
         fail(f"'note' must be a string, not {cell['note']!r}")
     if not _is_number(cell["seconds"]) or cell["seconds"] < 0:
         fail(f"'seconds' must be a finite non-negative number, not {cell['seconds']!r}")
+    groups = cell.get("groups")
+    if groups is not None:
+        if not isinstance(groups, Mapping) or set(groups) != set(silos):
+            fail(f"'groups' must map each silo of 'silos' to its group, not {groups!r}")
+        for silo, group in groups.items():
+            if not isinstance(group, str) or not group:
+                fail(f"'groups'[{silo!r}] must be a non-empty string, not {group!r}")
     eps = cell["epsilon"]
     if eps is not None:
         if not isinstance(eps, Mapping):

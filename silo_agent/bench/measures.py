@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedsilo.silo_agent.bench.cells import cell_metrics, upgrade_cell, validate_cell
@@ -23,6 +23,8 @@ __all__ = [
     "bytes_to_95",
     "convergence_curve",
     "cumulative_bytes",
+    "final_scores",
+    "group_means",
     "mean_std",
     "metric_decimals",
     "metric_label",
@@ -92,6 +94,8 @@ class CellSummary:
         curve: Weighted mean test headline per round (round 1 first; NaN where no silo logged one).
         cumulative_bytes: Bytes on the wire through each round.
         seconds: Wall time of the run.
+        groups: Per silo, its group (the Task's ``group_of``); None for a cell without groups.
+        final: Per metric, per silo, the test value at the final round (see :func:`final_scores`).
     """
 
     method: str
@@ -123,6 +127,8 @@ class CellSummary:
     cumulative_bytes: tuple[int, ...]
     seconds: float
     model: Mapping[str, Any] | None = None
+    groups: Mapping[str, str] | None = None
+    final: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def schedule(self) -> tuple[int, int]:
@@ -283,6 +289,34 @@ def bytes_to_95(cell: Mapping[str, Any]) -> int:
     return next(b for c, b in zip(curve, cum) if not math.isnan(c) and c <= target)
 
 
+def final_scores(cell: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per test metric, per silo, the value at the final round: the last round in which the silo
+    logged its test headline (the run's last round unless the silo missed it).
+
+    Args:
+        cell: A valid cell in the current format.
+    """
+    m = cell_metrics(cell)
+    out: dict[str, dict[str, float]] = {name: {} for name in m.metric_names}
+    for entry in cell["rounds_log"]:
+        for silo in entry["metrics"][m.headline]:
+            for name in m.metric_names:
+                out[name][silo] = float(entry["metrics"][name][silo])
+    return out
+
+
+def group_means(summary: CellSummary) -> dict[str, dict[str, float]]:
+    """Per silo group (in order of first silo), per test metric, the mean over that group's silos of
+    their final-round values (:attr:`CellSummary.final`); empty for a cell without groups."""
+    if summary.groups is None:
+        return {}
+    members: dict[str, list[str]] = {}
+    for silo in summary.silos:
+        members.setdefault(summary.groups[silo], []).append(silo)
+    return {group: {name: sum(summary.final[name][s] for s in silos) / len(silos) for name in summary.metric_names}
+            for group, silos in members.items()}
+
+
 def summarize_cell(cell: Mapping[str, Any], *, index: int | None = None) -> CellSummary:
     """Validates ``cell`` (upgrading an older one first) and derives every measure the report shows.
 
@@ -316,7 +350,9 @@ def summarize_cell(cell: Mapping[str, Any], *, index: int | None = None) -> Cell
         unseen=unseen_score(cell), bytes_total=cum[-1], bytes_to_95=bytes_to_95(cell), epsilon=eps,
         epsilon_max=max(eps.values()) if eps else None, curve=tuple(convergence_curve(cell)),
         cumulative_bytes=tuple(cum), seconds=float(cell["seconds"]),
-        without_dp=bool(cell.get("dp", False)) and eps is None, model=cell.get("model"))
+        without_dp=bool(cell.get("dp", False)) and eps is None, model=cell.get("model"),
+        groups=None if cell.get("groups") is None else {s: str(cell["groups"][s]) for s in silos},
+        final=final_scores(cell))
 
 
 def summarize_cells(cells: Sequence[Mapping[str, Any]]) -> list[CellSummary]:

@@ -1,4 +1,4 @@
-"""The methods ``fedsilo bench`` compares: the registered methods that declare bench defaults, plus the two reference runs."""
+"""The methods ``fedsilo bench`` compares: the registered methods that declare bench defaults, plus the reference runs."""
 
 from __future__ import annotations
 
@@ -13,13 +13,19 @@ from fedsilo.core.methods import methods as registered_methods
 LOCAL = "local"
 #: The reference run on the pooled data of all silos.
 CENTRALISED = "centralised"
+#: The reference run of one model per silo group (the Task's ``group_of``), on the pooled data of its silos.
+ONE_FOR_ONE = "one-for-one"
 
 #: The reference runs that need no federation, with their one-line notes (they run without DP).
 REFERENCES: dict[str, str] = {
     LOCAL: "no federation: each silo trains alone on its own data (0 bytes)",
     CENTRALISED: "pooled data of all silos in one place (the upper reference; the pooling itself is what "
                  "federated learning avoids)",
+    ONE_FOR_ONE: "one model per silo group (the Task's group_of, e.g. species), trained on the pooled training "
+                 "data of that group's silos (CKSP's one-for-one)",
 }
+#: The reference runs that need silo groups: a study of a Task without them refuses these.
+GROUPED_REFERENCES = frozenset({ONE_FOR_ONE})
 
 #: :func:`scoring`: every silo evaluates one and the same model, the consensus (global) model, on its own
 #: test set and on the unseen domain: its personal model is the consensus model.
@@ -34,6 +40,11 @@ PER_SILO = "per silo"
 ALONE = "alone"
 #: :func:`scoring`: the ``centralised`` reference: the one model trained on the pooled data, on both.
 POOLED = "pooled"
+#: :func:`scoring`: the ``one-for-one`` reference: each silo's group model, trained on the pooled data of
+#: that group's silos, on both.
+GROUP_POOLED = "pooled per group"
+#: The scoring of each reference run.
+_REFERENCE_SCORING = {LOCAL: ALONE, CENTRALISED: POOLED, ONE_FOR_ONE: GROUP_POOLED}
 
 #: Strategy hooks whose override can make a silo's evaluated model differ from the consensus model.
 #: The hooks whose override may make a silo's model its own; the first four shape the aggregate and
@@ -53,7 +64,8 @@ class Method:
         note: one line for the summary: what it shares, what it keeps.
         training: entries of the run's ``[training]`` table (e.g. FedProx's μ).
         he_bound: the HE bound its uploads need (None: the default).
-        resfim: its ``[resfim]`` table, if any.
+        tables: its method tables by name (``{"resfim": {...}}``, ``{"moon": {...}}``): the
+            bench defaults' tables, with a variant's entries set; the run config carries each one.
         lora: whether it fine-tunes LoRA adapters on a pretrained base.
         privacy: its ``[privacy]`` plan when the study runs with DP (None: it cannot run with DP;
             ``why_no_dp`` says why).
@@ -68,17 +80,51 @@ class Method:
     note: str
     training: Mapping[str, Any] = field(default_factory=dict)
     he_bound: float | None = None
-    resfim: Mapping[str, Any] | None = None
+    tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     lora: bool = False
     privacy: Mapping[str, Any] | None = None
     why_no_dp: str = ""
     model: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def resfim(self) -> Mapping[str, Any] | None:
+        """Its ``[resfim]`` table, if any (one of :attr:`tables`)."""
+        return self.tables.get("resfim")
 
-def study_method_names() -> tuple[str, ...]:
+
+def has_groups(task: str) -> bool:
+    """Whether the silos of ``task`` (a registered name or alias) have groups: its class overrides
+    :meth:`~fedsilo.models.tasks.Task.group_of` (e.g. the sensor Task's species).
+
+    Raises:
+        ValueError: an unknown Task.
+    """
+    from fedsilo.models.tasks import Task, get_task
+
+    return type(get_task(task)).group_of is not Task.group_of
+
+
+def study_method_names(task: str | None = None) -> tuple[str, ...]:
     """Method names in the order of the study's tables: the references, then every registered
-    method with bench defaults (by the registry's order)."""
-    return tuple(REFERENCES) + tuple(m.name for m in registered_methods() if m.bench is not None)
+    method with bench defaults (by the registry's order).
+
+    Args:
+        task: None: every study method of any Task; a Task's name: those a study of it can run
+            (the references of :data:`GROUPED_REFERENCES` only where :func:`has_groups`).
+    """
+    grouped = task is None or has_groups(task)
+    return (tuple(r for r in REFERENCES if grouped or r not in GROUPED_REFERENCES)
+            + tuple(m.name for m in registered_methods() if m.bench is not None))
+
+
+def variable_tables(method: Method) -> tuple[str, ...]:
+    """The tables a variant of ``method`` may vary: ``training``, ``model``, then every table its bench
+    defaults give or its registered class lists (``resfim``, ``moon``, ...); none for a reference run."""
+    if method.strategy is None:
+        return ()
+    from fedsilo.core.methods import get_method
+
+    return ("training", "model", *dict.fromkeys([*method.tables, *get_method(method.strategy).tables]))
 
 
 def methods(*, mu: float | None = None) -> dict[str, Method]:
@@ -96,8 +142,8 @@ def methods(*, mu: float | None = None) -> dict[str, Method]:
             training["proximal_mu"] = mu
             note = note.replace(f"mu = {b.training['proximal_mu']:g}", f"mu = {mu:g}")
         out[m.name] = Method(name=m.name, strategy=b.strategy or m.name, note=note, training=training,
-                             he_bound=m.he_bound, resfim=b.tables.get("resfim"), lora=b.needs_base,
-                             privacy=b.privacy, why_no_dp=b.why_no_dp)
+                             he_bound=m.he_bound, tables={k: dict(v) for k, v in b.tables.items()},
+                             lora=b.needs_base, privacy=b.privacy, why_no_dp=b.why_no_dp)
     return out
 
 
@@ -106,10 +152,12 @@ def resolve(name: str, *, mu: float | None = None, task: str | None = None,
     """A study method by name, or a variant of one.
 
     A variant is ``base@table.key=value[&table.key=value…]``: it runs ``base`` with entries of its
-    ``[training]`` or ``[resfim]`` table replaced (``resfim@resfim.rho=0.2``), or with entries of the
-    run's ``[model]`` table replaced (``fedavg@model.norm=pn``: a model option aggregated by the base
-    method); values are read as JSON where they parse, else as text. The ``[model]`` entries are
-    checked here: the study's model table with them set must parse with the Task's model config.
+    ``[training]`` table or of one of its own method tables replaced (:func:`variable_tables`:
+    ``resfim@resfim.rho=0.2``, ``moon@moon.mu=5``), or with entries of the run's ``[model]`` table
+    replaced (``fedavg@model.norm=pn``: a model option aggregated by the base method); values are read
+    as JSON where they parse, else as text. Both are checked here: a method table with the variant's
+    entries set must parse with the parser the method declares for it (if any), and the study's model
+    table with them set must parse with the Task's model config.
 
     Args:
         name: A method of :func:`study_method_names`, or a variant of one.
@@ -122,19 +170,29 @@ def resolve(name: str, *, mu: float | None = None, task: str | None = None,
         The method, named ``name``; a variant's note ends with its entries in brackets.
 
     Raises:
-        ValueError: an unknown base, a malformed variant, a table the base method has not got, or
-            ``[model]`` entries the Task refuses (the message names the variant and the entries).
+        ValueError: an unknown base, a reference run that needs silo groups with a Task that has none,
+            a malformed variant, a table the base method has not got (named, with those it has), a
+            method table its parser refuses, or ``[model]`` entries the Task refuses (the message names
+            the variant and the entries).
     """
     base, sep, spec = name.partition("@")
     table = methods(mu=mu)
     if base not in table:
         raise ValueError(f"unknown method {base!r}; choose from {', '.join(study_method_names())}")
     method = table[base]
+    if base in GROUPED_REFERENCES:
+        from fedsilo.coordinator.config import DEFAULT_TASK
+
+        if not has_groups(task or DEFAULT_TASK):
+            raise ValueError(f"{base} trains one model per silo group, but the silos of task "
+                             f"{task or DEFAULT_TASK!r} have no groups (its Task does not define group_of)")
     if not sep:
         return method
     if method.strategy is None:
         raise ValueError(f"{name}: {base} is a reference run; it has no settings to vary")
-    training, resfim = dict(method.training), dict(method.resfim) if method.resfim is not None else None
+    known = variable_tables(method)
+    training = dict(method.training)
+    tables = {k: dict(v) for k, v in method.tables.items()}
     entries: dict[str, Any] = {}
     written: list[str] = []  # the model entries as given, for a refusal
     for item in spec.split("&"):
@@ -146,15 +204,26 @@ def resolve(name: str, *, mu: float | None = None, task: str | None = None,
             value = json.loads(raw)
         except ValueError:
             value = raw
+        if table_name not in known:
+            raise ValueError(f"{name}: {base} has no [{table_name}] table to vary (its tables: "
+                             f"{', '.join(known)})")
         if table_name == "training":
             training[field] = value
-        elif table_name == "resfim" and resfim is not None:
-            resfim[field] = value
         elif table_name == "model":
             entries[field] = value
             written.append(item)
         else:
-            raise ValueError(f"{name}: {base} has no [{table_name}] table to vary")
+            tables.setdefault(table_name, {})[field] = value
+    from fedsilo.core.methods import get_method
+
+    parsers = get_method(method.strategy).tables
+    for table_name in dict.fromkeys(item.partition(".")[0] for item in spec.split("&")):
+        parse = parsers.get(table_name)
+        if parse is not None and table_name in tables:
+            try:
+                parse(tables[table_name])
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
     if entries:
         from fedsilo.silo_agent.demo import model_table
 
@@ -162,7 +231,7 @@ def resolve(name: str, *, mu: float | None = None, task: str | None = None,
             model_table(task, 0, entries, base=model)
         except ValueError as exc:
             raise ValueError(f"{name}: {'&'.join(written)} is not a model the study's Task builds: {exc}") from None
-    return replace(method, name=name, training=training, resfim=resfim, model=entries,
+    return replace(method, name=name, training=training, tables=tables, model=entries,
                    note=f"{method.note} [{spec}]")
 
 
@@ -204,15 +273,16 @@ def scoring(name: str, *, task: str, model: Mapping[str, Any] | None = None) -> 
         model: The study's ``[model]`` table (None: the bench's default for the Task).
 
     Returns:
-        :data:`ONE_MODEL`, :data:`PERSONAL_THEN_CONSENSUS`, :data:`PER_SILO`, :data:`ALONE` or
-        :data:`POOLED`; None when it cannot tell (an unknown method or Task, a network that does not build).
+        :data:`ONE_MODEL`, :data:`PERSONAL_THEN_CONSENSUS`, :data:`PER_SILO`, :data:`ALONE`,
+        :data:`POOLED` or :data:`GROUP_POOLED`; None when it cannot tell (an unknown method or Task, a
+        network that does not build).
     """
     try:
         method = resolve(name, task=task, model=model)
     except ValueError:
         return None
     if method.strategy is None:
-        return ALONE if name == LOCAL else POOLED
+        return _REFERENCE_SCORING[name]
     from fedsilo.core.methods import get_method
     from fedsilo.silo_agent.strategy import Strategy
 
@@ -239,7 +309,7 @@ def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | No
 
     t = get_task(task)
     table = model_of(method, task=t.name, model=model, seed=0)
-    strategy = cls.for_run({"resfim": dict(method.resfim)} if method.resfim is not None else {})
+    strategy = cls.for_run({k: dict(v) for k, v in method.tables.items()})
     net = t.build_model(table)
     if cls.uses_lora:
         from fedsilo.models.lora import LoraSettings, add_lora
@@ -253,5 +323,6 @@ def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | No
     return changed, set(strategy.shared_names(net))
 
 
-__all__ = ["ALONE", "CENTRALISED", "LOCAL", "ONE_MODEL", "PERSONAL_THEN_CONSENSUS", "PER_SILO", "POOLED", "REFERENCES",
-           "Method", "methods", "model_of", "resolve", "scoring", "study_method_names"]
+__all__ = ["ALONE", "CENTRALISED", "GROUPED_REFERENCES", "GROUP_POOLED", "LOCAL", "ONE_FOR_ONE", "ONE_MODEL",
+           "PERSONAL_THEN_CONSENSUS", "PER_SILO", "POOLED", "REFERENCES", "Method", "has_groups", "methods", "model_of",
+           "resolve", "scoring", "study_method_names", "variable_tables"]

@@ -16,7 +16,9 @@ from fedsilo.core.atomic import atomic_write
 from fedsilo.silo_agent.bench.measures import (
     CellSummary,
     VsReference,
+    beats,
     compare_with,
+    group_means,
     mean_std,
     metric_decimals,
     metric_label,
@@ -26,7 +28,9 @@ from fedsilo.silo_agent.bench.measures import (
 )
 from fedsilo.silo_agent.bench.methods import (
     ALONE,
+    GROUP_POOLED,
     LOCAL,
+    ONE_FOR_ONE,
     ONE_MODEL,
     PER_SILO,
     PERSONAL_THEN_CONSENSUS,
@@ -38,6 +42,7 @@ from fedsilo.silo_agent.bench.plots import write_plots
 __all__ = [
     "csv_columns",
     "format_vs_reference",
+    "group_lines",
     "render_csv",
     "render_summary",
     "results_rows",
@@ -66,13 +71,15 @@ def selection_rule(headline: str, metric_names: Sequence[str], *, higher_is_bett
 # ----------------------------------------------------------------------------- results.csv
 
 
-def csv_columns(headline: str, metric_names: Sequence[str]) -> tuple[str, ...]:
+def csv_columns(headline: str, metric_names: Sequence[str], *, groups: bool = False) -> tuple[str, ...]:
     """The columns of ``results.csv`` for a Task: every test metric, then the headline's cell measures.
 
     For 2-D segmentation (headline ``dice``, metrics ``dice``, ``hd95``): ``..., dice, hd95,
     val_dice_at_selected, cell_mean_dice, cell_std_dice, cell_worst_dice, unseen_dice, vs_local_dice, ...``.
+    With ``groups`` (a study of a Task with silo groups) a ``group`` column follows ``silo``.
     """
-    return ("method", "seed", "rounds", "local_epochs", "main", "silo", "test_size", "selected_round",
+    return ("method", "seed", "rounds", "local_epochs", "main", "silo", *(("group",) if groups else ()),
+            "test_size", "selected_round",
             *metric_names, f"val_{headline}_at_selected", f"cell_mean_{headline}", f"cell_std_{headline}",
             f"cell_worst_{headline}", f"unseen_{headline}", f"vs_{LOCAL}_{headline}", "bytes_total", "bytes_to_95",
             "epsilon", "seconds")
@@ -91,7 +98,8 @@ def results_rows(summaries: Sequence[CellSummary]) -> list[dict[str, Any]]:
 
     ``epsilon`` is the silo's own ε (None without DP); ``val_<headline>_at_selected`` is None where
     the silo fell back to its last round; ``vs_local_<headline>`` is the row's test headline minus the
-    ``local`` cell's on the same silo, seed and schedule (None for ``local`` itself or without such a cell).
+    ``local`` cell's on the same silo, seed and schedule (None for ``local`` itself or without such a cell);
+    ``group`` is the silo's group (None for a cell without groups).
     """
     rows = []
     alone = {(s.seed, s.rounds, s.local_epochs): s for s in summaries if s.method == LOCAL}
@@ -102,7 +110,7 @@ def results_rows(summaries: Sequence[CellSummary]) -> list[dict[str, Any]]:
             rows.append({
                 "method": s.method, "seed": s.seed, "rounds": s.rounds,
                 "local_epochs": s.local_epochs, "main": s.main, "silo": silo,
-                "test_size": s.test_sizes[silo], "selected_round": s.selected_round[silo],
+                "group": None if s.groups is None else s.groups[silo], "test_size": s.test_sizes[silo], "selected_round": s.selected_round[silo],
                 **{name: s.scores[name][silo] for name in s.metric_names},
                 f"val_{h}_at_selected": s.val_at_selected[silo],
                 f"cell_mean_{h}": s.mean, f"cell_std_{h}": s.std,
@@ -116,14 +124,16 @@ def results_rows(summaries: Sequence[CellSummary]) -> list[dict[str, Any]]:
 
 
 def render_csv(summaries: Sequence[CellSummary]) -> str:
-    """The text of ``results.csv`` (a header of :func:`csv_columns`, then :func:`results_rows`)."""
+    """The text of ``results.csv`` (a header of :func:`csv_columns`, then :func:`results_rows`); the
+    ``group`` column only where some cell has groups."""
     buf = io.StringIO()
     first = summaries[0]
-    writer = csv.DictWriter(buf, fieldnames=list(csv_columns(first.headline, first.metric_names)),
-                            lineterminator="\n")
+    grouped = any(s.groups is not None for s in summaries)
+    columns = csv_columns(first.headline, first.metric_names, groups=grouped)
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in results_rows(summaries):
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        writer.writerow({k: _csv_value(v) for k, v in row.items() if k in columns})
     return buf.getvalue()
 
 
@@ -243,9 +253,11 @@ def _scoring_notes(methods: Sequence[str], first: CellSummary) -> list[str]:
                   "the silos' models",
         ALONE: f"each silo's own model, trained alone, on both (the unseen {label} is the mean over the silos' models)",
         POOLED: "the one model trained on the pooled data, on both",
+        GROUP_POOLED: "each silo's group model (trained on the pooled data of that group's silos), on both (the "
+                      f"unseen {label} is the mean over the silos' models)",
     }
     lines = [f"- Which model each figure scores ({label} on the silos' own test sets, and Unseen {label}):"]
-    for kind in (ONE_MODEL, PERSONAL_THEN_CONSENSUS, PER_SILO, ALONE, POOLED, None):
+    for kind in (ONE_MODEL, PERSONAL_THEN_CONSENSUS, PER_SILO, ALONE, POOLED, GROUP_POOLED, None):
         if kind in groups:
             text = say.get(kind, "not known to this fedsilo (a method or Task it does not register)")
             lines.append(f"  - {', '.join(groups[kind])}: {text}.")
@@ -266,8 +278,79 @@ def _vs_local_notes(versus: Mapping[str, VsReference], main_by: Mapping[str, lis
     return lines
 
 
+def group_lines(main_by: Mapping[str, Sequence[CellSummary]], *, reference: str = ONE_FOR_ONE) -> list[str]:
+    """The summary's per-group section: every test metric per silo group and method at the final round.
+
+    For each group (the Task's ``group_of``, in order of first silo) and each method with main cells
+    that record groups: per metric, the mean over seeds of the mean over that group's silos of the
+    final-round test value (:func:`~fedsilo.silo_agent.bench.measures.group_means`), ± the sample
+    std over seeds; where ``reference`` (one-for-one) has such cells, each method's difference to it
+    (paired by seed, mean ± std) and the seeds on which it is ahead per metric (as printed, see
+    :func:`~fedsilo.silo_agent.bench.measures.beats`); then one line per group naming the methods
+    ahead of ``reference`` on every seed in each metric.
+
+    Args:
+        main_by: Per method (in table order), its main cells.
+        reference: The method the differences compare against.
+
+    Returns:
+        The section's lines; none when no main cell records groups.
+    """
+    per = {m: {s.seed: group_means(s) for s in cs if s.groups is not None} for m, cs in main_by.items()}
+    per = {m: seeds for m, seeds in per.items() if seeds}
+    if not per:
+        return []
+    first = next(s for cs in main_by.values() for s in cs if s.groups is not None)
+    names = first.metric_names
+    groups = _ordered([g for seeds in per.values() for means in seeds.values() for g in means])
+    ref = per.get(reference, {})
+    header = ["Group", "Method", *[metric_label(n) for n in names]]
+    if ref:
+        header += [f"{metric_label(n)} vs {reference}" for n in names] + [f"Seeds ahead of {reference}"]
+    rows = []
+    ahead: dict[str, dict[str, list[str]]] = {g: {n: [] for n in names} for g in groups}
+    for g in groups:
+        for m, seeds in per.items():
+            values = {seed: means[g] for seed, means in seeds.items() if g in means}
+            if not values:
+                continue
+            row = [g, m, *[_fmt([v[n] for v in values.values()], metric_decimals(n)) for n in names]]
+            if ref:
+                paired = [seed for seed in values if g in ref.get(seed, {})]
+                if m == reference or not paired:
+                    row += [_DASH] * (len(names) + 1)
+                else:
+                    counts = []
+                    for n in names:
+                        diffs = [values[seed][n] - ref[seed][g][n] for seed in paired]
+                        row.append(_fmt_diff(diffs, metric_decimals(n)))
+                        won = sum(beats(d, higher_is_better=n not in first.lower_is_better,
+                                        decimals=metric_decimals(n)) for d in diffs)
+                        counts.append(f"{metric_label(n)} {won}/{len(diffs)}")
+                        if won == len(diffs) == len(ref):
+                            ahead[g][n].append(m)
+                    row.append(", ".join(counts))
+            rows.append(row)
+    lines = [f"## Per silo group ({first.task})", "",
+             "Every test metric at the final round, per silo group (the Task's group_of) and method: the mean over "
+             "that group's silos, then mean \u00b1 sample std over seeds"
+             + (f"; then the difference to {reference} (same seed, mean \u00b1 std over seeds) and the seeds on "
+                f"which a method is ahead of {reference} as printed." if ref else "."), ""]
+    lines += _table(header, rows)
+    if ref:
+        lines += ["", f"Ahead of {reference} on every seed ({len(ref)}):", ""]
+        for g in groups:
+            parts = [f"in {metric_label(n)}: {', '.join(ahead[g][n]) or 'no method'}" for n in names]
+            lines.append(f"- {g}: " + "; ".join(parts) + ".")
+    else:
+        lines += ["", f"The method {reference!r} has no main cells with groups in this study: no comparison."]
+    lines.append("")
+    return lines
+
+
 def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg") -> str:
-    """The Markdown report: the main table, the headline per silo, the communication sweep and the notes.
+    """The Markdown report: the main table, the headline per silo, every metric per silo group (cells
+    that record groups, see :func:`group_lines`), the communication sweep and the notes.
 
     Args:
         summaries: Every cell's summary, all of one Task (main cells feed the main and per-silo
@@ -348,6 +431,7 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
                     [_fmt_diff(v.per_silo.get(silo, []), decimals) for silo in silos] + [_beats_cell(v)])
     lines += _table(header, rows)
     lines.append("")
+    lines += group_lines(main_by)
 
     sweep = sorted(_ordered([s.schedule for s in summaries]), key=lambda rs: (-rs[0], rs[1]))
     totals = _ordered([r * e for r, e in sweep])

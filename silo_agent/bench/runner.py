@@ -20,7 +20,7 @@ from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.bench.cells import task_fields, upgrade_cell
-from fedsilo.silo_agent.bench.methods import Method, model_of, resolve
+from fedsilo.silo_agent.bench.methods import CENTRALISED, LOCAL, ONE_FOR_ONE, Method, has_groups, model_of, resolve
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -293,7 +293,9 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
 
     Federated methods run through :func:`fedsilo.silo_agent.simulation.simulate`: the deployed
     coordinator, servicers and agents, with mTLS identities from a fresh federation CA, in this
-    process. Reference methods (local, centralised) train with the agents' own training code.
+    process. Reference methods (local, centralised, one-for-one) train with the agents' own training
+    code. A cell of a Task with silo groups (:func:`~fedsilo.silo_agent.bench.methods.has_groups`)
+    records each silo's group (``"groups": {silo: group}``).
 
     Raises:
         BenchError: the cell failed (the message names its log).
@@ -324,14 +326,27 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         work, names=names, rounds=rounds, strategy=method.strategy or "fedavg", seed=seed, port=1, insecure=False,
         aggregation=cfg.aggregation, privacy=privacy, budgets={n: DEMO_BUDGET for n in names} if privacy else None,
         min_silos=len(names), lora=dict(DEMO_LORA) if method.lora else None, base_checkpoint=base,
-        resfim=dict(method.resfim) if method.resfim is not None else None, training=training,
+        tables=method.tables, training=training,
         he_bound=method.he_bound, data=_agent_data(cfg, seed, names), task=cfg.task, model=model_table)
     agents = [load_agent_config(p) for p in agent_paths]
     test_sizes: dict[str, int] = {}
     epsilon: dict[str, float] | None = None
+    groups: dict[str, str] | None = None
+    silos: list[Any] | None = None  # each silo's data as its agent loads it, where this process needs it
+    if has_groups(task.name):
+        from fedsilo.silo_agent.bench.grouped import silo_groups
+        from fedsilo.silo_agent.bench.reference import load_silos
+
+        silos = load_silos(agents, names, task)
+        try:
+            groups = silo_groups(silos, task)
+        except ValueError as exc:  # some silo's data names no group: no per-group figures
+            if method.name == ONE_FOR_ONE:
+                raise BenchError(f"{cid}: {exc}") from None
     if method.strategy is None:
         from fedsilo.models import TrainConfig
         from fedsilo.silo_agent.bench.centralised import run_centralised
+        from fedsilo.silo_agent.bench.grouped import run_grouped
         from fedsilo.silo_agent.bench.local import run_local
         from fedsilo.silo_agent.bench.reference import load_silos
         from fedsilo.silo_agent.demo import DEMO_TRAINING
@@ -339,9 +354,9 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         import torch
 
         torch.set_num_threads(1)  # as each simulated agent (threads = 1), so s/run compares like with like
-        silos = load_silos(agents, names, task)
+        silos = silos if silos is not None else load_silos(agents, names, task)
         train_cfg = TrainConfig.from_mapping({**DEMO_TRAINING, "seed": seed, **training})
-        run = run_local if method.name == "local" else run_centralised
+        run = {LOCAL: run_local, CENTRALISED: run_centralised, ONE_FOR_ONE: run_grouped}[method.name]
         rounds_log = run(silos, task=task, model_cfg=model_table, train_cfg=train_cfg, rounds=rounds,
                          on_round=on_round)
         test_sizes = {s.name: len(s.data.splits.test) for s in silos}  # type: ignore[arg-type]
@@ -370,8 +385,8 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
     note = method.note if not cfg.dp or dp else f"{method.note} [run WITHOUT DP: {method.why_no_dp}]"
     return {"method": method.name, "seed": seed, "rounds": rounds, "local_epochs": local_epochs,
             "main": (rounds, local_epochs) == (cfg.rounds, cfg.local_epochs), **cfg.study(), **task_fields(task),
-            "silos": names, "test_sizes": test_sizes, "rounds_log": rounds_log, "epsilon": epsilon,
-            "seconds": time.monotonic() - t0, "note": note}
+            "silos": names, **({} if groups is None else {"groups": groups}), "test_sizes": test_sizes,
+            "rounds_log": rounds_log, "epsilon": epsilon, "seconds": time.monotonic() - t0, "note": note}
 
 
 # -- the study ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fedsilo.silo_agent.bench.measures import (
     bytes_to_95,
     compare_with,
     convergence_curve,
+    group_means,
     mean_std,
     sample_std,
     select_rounds,
@@ -480,3 +482,87 @@ def test_the_notes_say_which_model_scores_each_figure_from_the_registry() -> Non
             "domain.") in notes
     assert "  - pfa: each silo's own model after the last aggregate" in notes
     assert "  - local: each silo's own model, trained alone" in notes
+
+
+# ----------------------------------------------------------------------------- per silo group
+
+H1, H2, S1 = "farm-1", "farm-2", "farm-3"
+GROUPS = {H1: "horse", H2: "horse", S1: "sheep"}
+SENSOR = {"task": "sensor-activity", "model": None, "headline": "accuracy", "metric_names": ["accuracy", "macro_f1"],
+          "lower_is_better": []}
+
+
+def _grouped_cell(method: str, seed: int, accuracy: tuple[float, ...], macro_f1: tuple[float, ...], *,
+                  groups: dict | None = GROUPS) -> dict:
+    """Two rounds of a three-silo sensor run: validation peaks in round 1 (every test value 0.5), the
+    final round holds ``accuracy`` and ``macro_f1`` of (H1, H2, S1)."""
+    silos = [H1, H2, S1]
+
+    def entry(rnd: int, acc: tuple, f1: tuple, val: float) -> dict:
+        return {"round": rnd, "bytes_up": 0, "bytes_down": 0, "unseen": {},
+                "metrics": {"accuracy": dict(zip(silos, acc)), "macro_f1": dict(zip(silos, f1)),
+                            "val_accuracy": dict.fromkeys(silos, val)}}
+
+    cell = {"method": method, "seed": seed, "rounds": 2, "local_epochs": 1, "main": True, **SENSOR, "dp": False,
+            "aggregation": "he", "silos": silos, "test_sizes": dict.fromkeys(silos, 20),
+            "rounds_log": [entry(1, (0.5,) * 3, (0.5,) * 3, 1.0), entry(2, accuracy, macro_f1, 0.0)],
+            "epsilon": None, "seconds": 1.0, "note": f"{method} note"}
+    if groups is not None:
+        cell["groups"] = dict(groups)
+    return cell
+
+
+GROUPED = [
+    _grouped_cell("one-for-one", 0, (0.80, 0.60, 0.90), (0.70, 0.50, 0.80)),
+    _grouped_cell("one-for-one", 1, (0.70, 0.70, 0.90), (0.60, 0.60, 0.80)),
+    _grouped_cell("cksp", 0, (0.90, 0.70, 0.80), (0.80, 0.60, 0.85)),
+    _grouped_cell("cksp", 1, (0.80, 0.80, 0.95), (0.70, 0.70, 0.75)),
+]
+
+
+def test_the_per_group_table_by_hand(tmp_path: Path) -> None:
+    """Group means at the final round (not the validation-selected round 1, whose values are all 0.5),
+    mean ± sample std over seeds, paired differences to one-for-one and the seeds ahead of it."""
+    summaries = [summarize_cell(c) for c in GROUPED]
+    assert summaries[2].final["accuracy"] == {H1: 0.90, H2: 0.70, S1: 0.80}
+    assert group_means(summaries[2]) == {"horse": {"accuracy": pytest.approx(0.80), "macro_f1": pytest.approx(0.70)},
+                                         "sheep": {"accuracy": 0.80, "macro_f1": 0.85}}
+    section = _section(render_summary(summaries), "Per silo group (sensor-activity)")
+    rows = [line for line in section.splitlines() if line.startswith("| horse") or line.startswith("| sheep")]
+    assert rows == [
+        "| horse | one-for-one | 0.700 ± 0.000 | 0.600 ± 0.000 | — | — | — |",
+        "| horse | cksp | 0.800 ± 0.000 | 0.700 ± 0.000 | +0.100 ± 0.000 | +0.100 ± 0.000 | accuracy 2/2, macro_f1 2/2 |",
+        "| sheep | one-for-one | 0.900 ± 0.000 | 0.800 ± 0.000 | — | — | — |",
+        f"| sheep | cksp | 0.875 ± 0.106 | 0.800 ± 0.071 | {MINUS}0.025 ± 0.106 | +0.000 ± 0.071 | "
+        "accuracy 1/2, macro_f1 1/2 |",
+    ]
+    assert "- horse: in accuracy: cksp; in macro_f1: cksp." in section
+    assert "- sheep: in accuracy: no method; in macro_f1: no method." in section
+    write_outputs(GROUPED, tmp_path)
+    with (tmp_path / "results.csv").open() as f:
+        rows_csv = list(csv.DictReader(f))
+    assert [r["group"] for r in rows_csv[:3]] == ["horse", "horse", "sheep"]
+
+
+def test_cells_without_groups_have_no_group_table_and_still_load() -> None:
+    old = [_grouped_cell(c["method"], c["seed"], (0.8, 0.8, 0.8), (0.7, 0.7, 0.7), groups=None) for c in GROUPED]
+    assert upgrade_cell(old[0]) is old[0]
+    summaries = [summarize_cell(c) for c in old]
+    assert summaries[0].groups is None and group_means(summaries[0]) == {}
+    text = render_summary(summaries)
+    assert "Per silo group" not in text
+    assert "Per silo group" not in render_summary([summarize_cell(c) for c in _cells()])
+    mixed = render_summary([summarize_cell(c) for c in (*old[:2], *GROUPED[2:])])  # one-for-one without groups
+    assert "| horse | cksp | 0.800 ± 0.000 |" in mixed and "'one-for-one' has no main cells with groups" in mixed
+
+
+@pytest.mark.parametrize(("groups", "fragment"), [
+    ({H1: "horse", H2: "horse"}, "'groups' must map each silo"),
+    ({H1: "horse", H2: "horse", S1: ""}, "'groups'['farm-3'] must be a non-empty string"),
+    (["horse"], "'groups' must map each silo"),
+])
+def test_bad_groups_are_named(groups: object, fragment: str) -> None:
+    cell = _grouped_cell("cksp", 0, (0.8, 0.8, 0.8), (0.7, 0.7, 0.7))
+    cell["groups"] = groups
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        validate_cell(cell)

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,9 +168,11 @@ def test_another_task_is_its_own_study_and_needs_no_segmentation_base(tmp_path: 
 
 
 def test_every_method_is_accepted_under_he(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, methods=study_method_names(), aggregation="he")
-    assert cfg.methods == study_method_names()
-    assert {"local", "centralised", "fedavg", "resfim", "fedrdn"} <= set(study_method_names())
+    names = study_method_names(SEGMENTATION.name)
+    cfg = _cfg(tmp_path, methods=names, aggregation="he")
+    assert cfg.methods == names
+    assert {"local", "centralised", "fedavg", "resfim", "fedrdn"} <= set(names)
+    assert "one-for-one" in study_method_names() and "one-for-one" not in names  # its silos have no groups
 
 
 # -- sweep and seeds ----------------------------------------------------------------------------
@@ -489,10 +492,38 @@ def test_a_variant_replaces_entries_of_its_base_tables() -> None:
     assert resolve("fedprox", mu=0.3).training == {"proximal_mu": 0.3}
 
 
+def test_a_variant_varies_any_table_of_its_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 fedsilo_logger: None) -> None:
+    """A method's own table (MOON's [moon], declared in its class) is a variant's to vary, and the
+    cell's run config carries it; other tables of its base stay as they were."""
+    from fedsilo.silo_agent import simulation
+    from fedsilo.silo_agent.bench.methods import resolve, variable_tables
+    from fedsilo.silo_agent.bench.runner import run_cell
+
+    moon = resolve("moon@moon.mu=5")
+    assert moon.strategy == "moon" and moon.tables == {"moon": {"mu": 5}} and moon.note.endswith("[moon.mu=5]")
+    assert resolve("moon").tables == {} and variable_tables(resolve("moon")) == ("training", "model", "moon")
+    assert variable_tables(resolve("resfim"))[:3] == ("training", "model", "resfim")
+    assert resolve("resfim@resfim.rho=0.2").tables["resfim"]["rho"] == 0.2
+    carried: list[Any] = []
+
+    def no_run(fed: Any, agents: Any, **kw: Any) -> None:
+        carried.append(fed)
+        raise simulation.SimulationError("stopped by the test once the run config was read")
+
+    monkeypatch.setattr(simulation, "simulate", no_run)
+    cfg = _cfg(tmp_path, methods=("moon@moon.mu=5",), rounds=1, silos=2)
+    with pytest.raises(BenchError, match="stopped by the test"):
+        run_cell(cfg, moon, 0, 1, 1)
+    assert carried[0].strategy == "moon" and carried[0].tables["moon"]["mu"] == 5
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("nosuch@training.x=1", "unknown method 'nosuch'"),
     ("local@training.lr=0.1", "local is a reference run"),
     ("fedavg@resfim.rho=0.2", "fedavg has no [resfim] table"),
+    ("moon@resfim.rho=0.2", "moon has no [resfim] table to vary (its tables: training, model, moon)"),
+    ("moon@moon.mu=-1", "moon@moon.mu=-1: moon.mu: -1 must be a finite number >= 0"),
     ("fedavg@rho=0.2", "a variant is base@table.key=value"),
     ("fedavg@training.lr=", "a variant is base@table.key=value"),
     ("fedavg@model.norm=bogus", "fedavg@model.norm=bogus: model.norm=bogus is not a model the study's Task builds: "
