@@ -401,10 +401,12 @@ class DpSgdStep:
         params = list(self._dp_optimizer.params)
         self._gsm.disable_hooks()
         try:
-            value = loss()
-            if value is None:
-                return False
-            grads = torch.autograd.grad(value, params, allow_unused=True)
+            with warnings.catch_warnings():  # as in _per_sample_gradients: the input never requires grad
+                warnings.filterwarnings("ignore", message=HOOK_WARNING, category=UserWarning)
+                value = loss()
+                if value is None:
+                    return False
+                grads = torch.autograd.grad(value, params, allow_unused=True)
         finally:
             self._gsm.enable_hooks()
         for p, g in zip(params, grads, strict=True):
