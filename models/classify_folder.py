@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
+from fedsilo.core.validators import MappingConfig, check_int, check_seed, check_split_fractions, coerce_folder_path
 from fedsilo.models.classify_data import IMAGE_CHANNELS, IMAGE_SUFFIXES, as_dataset, check_class_names
 from fedsilo.models.data import SiloSplits
 
@@ -44,23 +43,14 @@ class ClassifyFolderConfig(MappingConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if isinstance(self.path, str) and not self.path.strip():
-            raise ValueError(f"{owner}.path must not be empty, got {self.path!r}")
-        if isinstance(self.path, (str, os.PathLike)) and not isinstance(self.path, Path):
-            object.__setattr__(self, "path", Path(self.path))
-        if not isinstance(self.path, Path):
-            raise ValueError(f"{owner}.path must be a path, got {self.path!r}")
+        object.__setattr__(self, "path", coerce_folder_path(owner, self.path))
         if isinstance(self.classes, list):
             object.__setattr__(self, "classes", tuple(self.classes))
         if self.classes != ():
             check_class_names(f"{owner}.classes", self.classes, minimum=2)
         check_int(owner, "image_size", self.image_size, minimum=8)
         check_seed(owner, "seed", self.seed)
-        check_float(owner, "val_fraction", self.val_fraction, low=0.0, high=1.0, high_inclusive=False)
-        check_float(owner, "test_fraction", self.test_fraction, low=0.0, high=1.0, high_inclusive=False)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"{owner}.val_fraction + test_fraction must be < 1, got "
-                             f"{self.val_fraction!r} + {self.test_fraction!r}")
+        check_split_fractions(owner, self.val_fraction, self.test_fraction)
 
 
 def _is_image(path: Path) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
+from fedsilo.core.validators import MappingConfig, check_int, check_seed, check_split_fractions, coerce_folder_path
 from fedsilo.models.data import SegmentationDataset, SiloSplits, standardize
 
 __all__ = ["SUPPORTED_SUFFIXES", "FolderConfig", "load_folder"]
@@ -48,20 +47,9 @@ class FolderConfig(MappingConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if isinstance(self.path, str) and not self.path.strip():
-            raise ValueError(f"{owner}.path must not be empty, got {self.path!r}")
-        if isinstance(self.path, (str, os.PathLike)) and not isinstance(self.path, Path):
-            object.__setattr__(self, "path", Path(self.path))
-        if not isinstance(self.path, Path):
-            raise ValueError(f"{owner}.path must be a path, got {self.path!r}")
+        object.__setattr__(self, "path", coerce_folder_path(owner, self.path))
         check_int(owner, "image_size", self.image_size, minimum=8)
-        check_float(owner, "val_fraction", self.val_fraction, low=0.0, high=1.0, high_inclusive=False)
-        check_float(owner, "test_fraction", self.test_fraction, low=0.0, high=1.0, high_inclusive=False)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                f"{owner}.val_fraction + test_fraction must be < 1, got "
-                f"{self.val_fraction!r} + {self.test_fraction!r}"
-            )
+        check_split_fractions(owner, self.val_fraction, self.test_fraction)
         check_seed(owner, "seed", self.seed)
 
 

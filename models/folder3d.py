@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.core.validators import MappingConfig, check_enum, check_float, check_int, check_seed
+from fedsilo.core.validators import MappingConfig, check_enum, check_int, check_seed, check_split_fractions
 from fedsilo.models.data import SiloSplits, standardize
 from fedsilo.models.volumes import VolumeDataset
 
@@ -94,11 +94,7 @@ class Folder3DConfig(MappingConfig):
             raise ValueError(f"{owner}.mr_percentiles must satisfy 0 <= low < high <= 100, got {self.mr_percentiles!r}")
         if not isinstance(self.resize, bool):
             raise ValueError(f"{owner}.resize must be a bool, got {self.resize!r}")
-        check_float(owner, "val_fraction", self.val_fraction, low=0.0, high=1.0, high_inclusive=False)
-        check_float(owner, "test_fraction", self.test_fraction, low=0.0, high=1.0, high_inclusive=False)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"{owner}.val_fraction + test_fraction must be < 1, got "
-                             f"{self.val_fraction!r} + {self.test_fraction!r}")
+        check_split_fractions(owner, self.val_fraction, self.test_fraction)
         check_seed(owner, "seed", self.seed)
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SegmentationScores", "accuracy_and_macro_f1", "dice_and_hd95", "hd95_pixels", "to_labels"]
+__all__ = ["SegmentationScores", "accuracy_and_macro_f1", "classification_scores", "dice_and_hd95", "hd95_pixels",
+           "to_labels"]
 
 
 @dataclass(frozen=True)
@@ -199,3 +202,48 @@ def accuracy_and_macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) ->
     present = (support + predicted) > 0
     f1 = 2 * tp[present] / (support[present] + predicted[present])
     return float(tp.sum() / pred.size), float(f1.mean())
+
+
+def classification_scores(model: torch.nn.Module, dataset: Any, *, collate: Callable[..., tuple[Any, Any]],
+                          batch_size: int = 16) -> dict[str, tuple[float, int]]:
+    """Accuracy and macro-F1 (:func:`accuracy_and_macro_f1`) of ``model``'s argmax prediction over ``dataset``.
+
+    The model is scored in eval mode under ``torch.no_grad`` on its own device and its training mode is
+    restored; the class count is the logits' width (at least 2, and more if a label exceeds it).
+
+    Args:
+        model: A classifier whose output on a batch is logits ``[N, K]``.
+        dataset: A non-empty map-style dataset.
+        collate: The Task's ``collate(dataset, indices, device) -> (inputs, labels [N])``.
+        batch_size: Examples per forward pass.
+
+    Returns:
+        ``{"accuracy": (value, n), "macro_f1": (value, n)}`` with n the number of examples.
+
+    Raises:
+        ValueError: On an empty dataset or a bad batch size.
+    """
+    from fedsilo.core.validators import check_int
+
+    check_int("evaluate", "batch_size", batch_size, minimum=1)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    preds, trues = [], []
+    n_classes = 2
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                inputs, y = collate(dataset, range(start, min(start + batch_size, n)), device)
+                logits = model(inputs)
+                n_classes = max(n_classes, int(logits.shape[1]))
+                preds.append(logits.argmax(dim=1).cpu().numpy())
+                trues.append(y.cpu().numpy())
+    finally:
+        model.train(was_training)
+    true = np.concatenate(trues)
+    acc, f1 = accuracy_and_macro_f1(np.concatenate(preds), true, max(n_classes, int(true.max()) + 1))
+    return {"accuracy": (acc, n), "macro_f1": (f1, n)}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed
+from fedsilo.core.validators import MappingConfig, check_float, check_int, check_seed, check_split_fractions
 from fedsilo.models.data import SiloSplits
 
 __all__ = [
@@ -369,11 +369,7 @@ class SensorFolderConfig(MappingConfig):
         owner = type(self).__name__
         check_species_name(owner, self.species)
         check_seed(owner, "seed", self.seed)
-        check_float(owner, "val_fraction", self.val_fraction, low=0.0, high=1.0, high_inclusive=False)
-        check_float(owner, "test_fraction", self.test_fraction, low=0.0, high=1.0, high_inclusive=False)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"{owner}.val_fraction + test_fraction must be < 1, got "
-                             f"{self.val_fraction!r} + {self.test_fraction!r}")
+        check_split_fractions(owner, self.val_fraction, self.test_fraction)
         check_int(owner, "n_classes", self.n_classes, minimum=2)
 
 

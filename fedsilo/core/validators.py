@@ -299,3 +299,27 @@ class MappingConfig:
     def to_mapping(self) -> dict[str, Any]:
         """Returns the plain TOML form of this config."""
         return config_to_mapping(self)
+
+
+def check_split_fractions(owner: str, val_fraction: object, test_fraction: object) -> None:
+    """Raises ValueError naming ``owner`` unless both hold-out fractions are in [0, 1) and sum to < 1
+    (the rest is the training set)."""
+    check_float(owner, "val_fraction", val_fraction, low=0.0, high=1.0, high_inclusive=False)
+    check_float(owner, "test_fraction", test_fraction, low=0.0, high=1.0, high_inclusive=False)
+    if val_fraction + test_fraction >= 1.0:  # type: ignore[operator]
+        raise ValueError(f"{owner}.val_fraction + test_fraction must be < 1, got {val_fraction!r} + {test_fraction!r}")
+
+
+def coerce_folder_path(owner: str, value: object) -> Path:
+    """A config's ``path`` as a :class:`~pathlib.Path` (from a str or path-like).
+
+    Raises:
+        ValueError: naming ``owner``: an empty string or not a path.
+    """
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{owner}.path must not be empty, got {value!r}")
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, Path):
+        value = Path(value)
+    if not isinstance(value, Path):
+        raise ValueError(f"{owner}.path must be a path, got {value!r}")
+    return value

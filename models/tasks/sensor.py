@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.core.validators import check_int
 from fedsilo.models.tasks.base import DataSpec, SiloData, Task, parsed_config, register_task
 
 if TYPE_CHECKING:
@@ -155,34 +154,10 @@ class SensorActivity(Task):
         Raises:
             ValueError: On an empty dataset or a bad batch size.
         """
-        import numpy as np
-        import torch
-
-        from fedsilo.models.metrics import accuracy_and_macro_f1
         from fedsilo.models.sensor_data import collate_sensor
+        from fedsilo.models.metrics import classification_scores
 
-        check_int("evaluate", "batch_size", batch_size, minimum=1)
-        n = len(dataset)  # type: ignore[arg-type]
-        if n == 0:
-            raise ValueError("cannot evaluate on an empty dataset")
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        was_training = model.training
-        model.eval()
-        preds, trues = [], []
-        n_classes = 2
-        try:
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    inputs, y = collate_sensor(dataset, range(start, min(start + batch_size, n)), device)
-                    logits = model(inputs)
-                    n_classes = max(n_classes, int(logits.shape[1]))
-                    preds.append(logits.argmax(dim=1).cpu().numpy())
-                    trues.append(y.cpu().numpy())
-        finally:
-            model.train(was_training)
-        true = np.concatenate(trues)
-        acc, f1 = accuracy_and_macro_f1(np.concatenate(preds), true, max(n_classes, int(true.max()) + 1))
-        return {"accuracy": (acc, n), "macro_f1": (f1, n)}
+        return classification_scores(model, dataset, collate=collate_sensor, batch_size=batch_size)
 
 
 def _pool(parts: Any) -> tuple[torch.Tensor, torch.Tensor]:
