@@ -12,6 +12,8 @@ from fedsilo.core.tensors import Manifest, PayloadEncoding
 
 #: Largest weight (example count) an upload or a join may carry.
 MAX_WEIGHT = 1e9
+#: Most metrics one silo report may hold.
+MAX_METRICS = 64
 #: Longest task long-poll, in seconds.
 MAX_WAIT_S = 60
 #: A resumed open round gets at least this long (or its whole deadline) before it may close.

@@ -8,7 +8,7 @@ import threading
 import time
 
 from fedsilo.coordinator.context import RunContext
-from fedsilo.coordinator.records import MAX_WEIGHT, TELEMETRY_FLUSH_S, RoundSummary, RunState, SiloStatus, Status
+from fedsilo.coordinator.records import MAX_METRICS, MAX_WEIGHT, TELEMETRY_FLUSH_S, RoundSummary, RunState, SiloStatus, Status
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 from fedsilo.core.validators import excerpt
 from fedsilo.privacy.pki import Identity
@@ -73,8 +73,8 @@ class Telemetry:
         """
         ctx = self.ctx
         name = ctx.require_joined(caller)
-        if not 1 <= len(metrics) <= 64:
-            raise InvalidArgument(f"expected 1..64 metrics, got {len(metrics)}")
+        if not 1 <= len(metrics) <= MAX_METRICS:
+            raise InvalidArgument(f"expected 1..{MAX_METRICS} metrics, got {len(metrics)}")
         for mname, _, _ in metrics:  # every name first: nothing below touches a long one
             if not isinstance(mname, str) or not _METRIC_RE.fullmatch(mname):
                 raise InvalidArgument(f"metric name '{excerpt(mname)}' is not 1..64 chars of [a-z0-9_]")

@@ -205,8 +205,9 @@ def accuracy_and_macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) ->
 
 
 def classification_scores(model: torch.nn.Module, dataset: Any, *, collate: Callable[..., tuple[Any, Any]],
-                          batch_size: int = 16) -> dict[str, tuple[float, int]]:
-    """Accuracy and macro-F1 (:func:`accuracy_and_macro_f1`) of ``model``'s argmax prediction over ``dataset``.
+                          batch_size: int = 16, per_class: str | None = None) -> dict[str, tuple[float, int]]:
+    """Accuracy and macro-F1 (:func:`accuracy_and_macro_f1`) of ``model``'s argmax prediction over ``dataset``,
+    and optionally each class's F1, from one pass over the data.
 
     The model is scored in eval mode under ``torch.no_grad`` on its own device and its training mode is
     restored; the class count is the logits' width (at least 2, and more if a label exceeds it).
@@ -216,9 +217,14 @@ def classification_scores(model: torch.nn.Module, dataset: Any, *, collate: Call
         dataset: A non-empty map-style dataset.
         collate: The Task's ``collate(dataset, indices, device) -> (inputs, labels [N])``.
         batch_size: Examples per forward pass.
+        per_class: A name prefix: also return ``<per_class><c>`` for each class ``c`` that occurs in
+            the labels or the predictions (the classes macro-F1 averages over), valued the class's F1
+            (:func:`fedsilo.models.tasks.classification.per_class_f1`, always finite) with n its
+            support (examples labelled ``c``). None: no per-class entries.
 
     Returns:
-        ``{"accuracy": (value, n), "macro_f1": (value, n)}`` with n the number of examples.
+        ``{"accuracy": (value, n), "macro_f1": (value, n)}`` with n the number of examples, then the
+        per-class entries in class order.
 
     Raises:
         ValueError: On an empty dataset or a bad batch size.
@@ -244,6 +250,14 @@ def classification_scores(model: torch.nn.Module, dataset: Any, *, collate: Call
                 trues.append(y.cpu().numpy())
     finally:
         model.train(was_training)
-    true = np.concatenate(trues)
-    acc, f1 = accuracy_and_macro_f1(np.concatenate(preds), true, max(n_classes, int(true.max()) + 1))
-    return {"accuracy": (acc, n), "macro_f1": (f1, n)}
+    true, pred = np.concatenate(trues), np.concatenate(preds)
+    n_classes = max(n_classes, int(true.max()) + 1)
+    acc, f1 = accuracy_and_macro_f1(pred, true, n_classes)
+    scores = {"accuracy": (acc, n), "macro_f1": (f1, n)}
+    if per_class is not None:
+        from fedsilo.models.tasks.classification import per_class_f1
+
+        support = np.bincount(true, minlength=n_classes)
+        scores.update((f"{per_class}{c}", (v, int(support[c])))
+                      for c, v in enumerate(per_class_f1(pred, true, n_classes)) if not math.isnan(v))
+    return scores

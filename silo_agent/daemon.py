@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from fedsilo import __version__
 from fedsilo.core.tensors import Manifest
 from fedsilo.coordinator.config import DEFAULT_TASK
+from fedsilo.coordinator.records import MAX_METRICS
 from fedsilo.models import Precision, TrainConfig
 from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
@@ -333,6 +334,11 @@ class Agent:
                 metrics.update(task.evaluate_split(model, strategy.unseen_data(data.unseen, state=state), "unseen",
                                                    device=self._device))
             self._load_global(model, state)
+            kept = task.trim_report(metrics, MAX_METRICS)
+            if len(kept) < len(metrics):
+                log.warning("round %d: %d detail metrics left out of the report (a report holds at most %d)",
+                            rnd, len(metrics) - len(kept), MAX_METRICS)
+            metrics = kept
             if metrics:
                 client.report_metrics(rnd, metrics)
                 log.info("round %d: %s", rnd, ", ".join(f"{k}={v:.4f}" for k, (v, _) in metrics.items()))

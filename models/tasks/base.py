@@ -20,6 +20,7 @@ the Tasks and validate a data spec.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
 EVAL_SPLITS = ("test", "val", "unseen")
 
 _DATA_FIELDS = ("source", "domain", "seed", "path", "options", "unseen_path")
+_DETAIL_PREFIX = re.compile(r"[a-z0-9_]{1,48}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +175,13 @@ class Task(abc.ABC):
       (``Method.needs_2d``) for a Task that is not 2-D.
     * ``aliases`` (optional): further names of the same form that :func:`get_task` and
       :func:`canonical_task_name` accept (``("seg2d",)``); no two Tasks may share a name or alias.
+    * ``detail_prefixes`` (optional): prefixes of further metrics :meth:`evaluate` may return
+      besides ``metric_names``: finer-grained scores such as per-class F1 (``("f1_class_",)``
+      gives ``f1_class_0``, ``f1_class_3``, ...), present only where the evaluated data defines
+      them. They are higher-is-better; reports keep them as details (:meth:`is_detail`), and the
+      headline and the tables of ``metric_names`` are unchanged. Strings of 1..48 characters of
+      ``[a-z0-9_]`` (so ``unseen_<prefix><i>`` stays a valid metric name) that no metric name
+      starts with and that do not start with ``val_`` or ``unseen_``.
 
     Subclasses implement :meth:`read_data`, :meth:`model_config`, :meth:`build_model`,
     :meth:`collate`, :meth:`loss` and :meth:`evaluate`; :meth:`forward` may be overridden for
@@ -190,6 +199,7 @@ class Task(abc.ABC):
     data_sources: ClassVar[tuple[str, ...]] = ("builtin", "folder")
     spatial_dims: ClassVar[int] = 2
     aliases: ClassVar[tuple[str, ...]] = ()
+    detail_prefixes: ClassVar[tuple[str, ...]] = ()
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -351,7 +361,9 @@ class Task(abc.ABC):
 
         Returns:
             ``{metric: (value, n)}`` for every name of :attr:`metric_names`, ``n`` the number
-            of examples the value averages over (the weight of the value when silos are pooled).
+            of examples the value averages over (the weight of the value when silos are pooled);
+            plus any detail metrics (names starting with one of :attr:`detail_prefixes`), each
+            with a finite value and the ``n`` its Task documents.
 
         Raises:
             ValueError: On an empty dataset or a bad batch size.
@@ -363,9 +375,11 @@ class Task(abc.ABC):
     ) -> dict[str, tuple[float, int]]:
         """The metrics the agent reports for one of its datasets, under their report names.
 
-        * ``"test"``: every metric of :meth:`evaluate` under its own name (``dice``, ``hd95``);
+        * ``"test"``: every metric of :meth:`evaluate` under its own name (``dice``, ``hd95``),
+          details included (``f1_class_3``);
         * ``"val"``: the headline only, as ``val_<headline>`` (``val_dice``; model selection);
-        * ``"unseen"``: every metric as ``unseen_<name>`` (``unseen_dice``, ``unseen_hd95``).
+        * ``"unseen"``: every metric as ``unseen_<name>`` (``unseen_dice``, ``unseen_hd95``),
+          details included (``unseen_f1_class_3``).
 
         Args:
             model: The network, with the weights to score already loaded.
@@ -397,12 +411,45 @@ class Task(abc.ABC):
 
     @classmethod
     def report_names(cls) -> tuple[str, ...]:
-        """Every metric name :meth:`evaluate_split` can report, test first, then val, then unseen."""
+        """Every metric name :meth:`evaluate_split` always reports, test first, then val, then unseen.
+
+        Detail metrics (:meth:`is_detail`) depend on the data and are not listed.
+        """
         return (*cls.metric_names, f"val_{cls.headline_metric}", *(f"unseen_{m}" for m in cls.metric_names))
 
     @classmethod
+    def is_detail(cls, metric: str) -> bool:
+        """Whether ``metric`` (a metric name, or a report name ``unseen_<name>``) is a detail metric:
+        not one of :attr:`metric_names`, and starting with one of :attr:`detail_prefixes`."""
+        if metric.startswith("unseen_"):
+            metric = metric[len("unseen_"):]
+        return metric not in cls.metric_names and metric.startswith(cls.detail_prefixes)
+
+    @classmethod
+    def trim_report(cls, metrics: Mapping[str, tuple[float, int]], limit: int) -> dict[str, tuple[float, int]]:
+        """``metrics`` with detail metrics (:meth:`is_detail`) left out, last first, until at most ``limit``
+        names remain (a coordinator takes a bounded number of metrics per report); other names always stay.
+
+        Args:
+            metrics: Report name -> (value, n), in report order (test, val, then unseen).
+            limit: The most names a report may hold.
+
+        Returns:
+            A new mapping in the same order.
+        """
+        out = dict(metrics)
+        for name in reversed(list(out)):
+            if len(out) <= limit:
+                break
+            if cls.is_detail(name):
+                del out[name]
+        return out
+
+    @classmethod
     def higher_is_better(cls, metric: str) -> bool:
-        """Whether larger values of ``metric`` (a metric or report name) are better."""
+        """Whether larger values of ``metric`` (a metric or report name) are better; true for a detail metric."""
+        if cls.is_detail(metric):
+            return True
         for prefix in ("val_", "unseen_"):
             if metric.startswith(prefix) and metric[len(prefix):] in cls.metric_names:
                 metric = metric[len(prefix):]
@@ -471,6 +518,14 @@ def _check_task_class(cls: object) -> None:
             raise ValueError(f"{where}.aliases: {alias!r} must be lower-case words joined by hyphens")
     if cls.name in aliases or len(set(aliases)) != len(aliases):
         raise ValueError(f"{where}.aliases {aliases!r} must be distinct and differ from its name {cls.name!r}")
+    prefixes = getattr(cls, "detail_prefixes", None)
+    if not isinstance(prefixes, tuple) or not all(isinstance(p, str) and _DETAIL_PREFIX.fullmatch(p) for p in prefixes):
+        raise ValueError(f"{where}.detail_prefixes must be a tuple of 1..48-character strings of [a-z0-9_], "
+                         f"got {prefixes!r}")
+    for prefix in prefixes:
+        if prefix.startswith(("val_", "unseen_")) or any(m.startswith(prefix) for m in metrics):
+            raise ValueError(f"{where}.detail_prefixes: {prefix!r} must not start with 'val_' or 'unseen_' "
+                             f"nor begin a metric of {list(metrics)}")
 
 
 def _where(cls: type) -> str:

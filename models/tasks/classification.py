@@ -80,7 +80,8 @@ class ImageClassification(Task):
     * Batches: :func:`~fedsilo.models.classify_data.collate_classify`, ``(x [N, C, H, W], y [N])``.
     * Loss: cross-entropy, the batch mean of per-example losses.
     * Metrics: accuracy (headline) and macro-F1 (over the classes present in labels or
-      predictions); :func:`per_class_f1` gives each class's F1 for per-class reports.
+      predictions); as details (``detail_prefixes``), ``f1_class_<i>``: the F1 of class ``i``
+      (:func:`per_class_f1`) for each class present in the labels or predictions, n its support.
     """
 
     name = "classification-2d"
@@ -92,6 +93,7 @@ class ImageClassification(Task):
                      "contrast, blur, noise); folder: every image of data.unseen_path")
     data_sources = ("builtin", "folder")
     spatial_dims = 2
+    detail_prefixes = ("f1_class_",)
 
     def read_data(self, spec: DataSpec) -> SiloData:
         """Loads the built-in domain ``spec.domain`` or the folder ``spec.path`` (see the class doc).
@@ -166,7 +168,8 @@ class ImageClassification(Task):
 
     def evaluate(self, model: nn.Module, dataset: Dataset[Any], *, batch_size: int = 16) -> dict[str, tuple[float, int]]:
         """Accuracy and macro-F1 (:func:`~fedsilo.models.metrics.accuracy_and_macro_f1`) of the argmax
-        prediction over ``dataset``.
+        prediction over ``dataset``, and ``f1_class_<i>`` (F1, support) for each class present in its
+        labels or the predictions (:func:`~fedsilo.models.metrics.classification_scores`).
 
         Raises:
             ValueError: On an empty dataset or a bad batch size.
@@ -174,4 +177,5 @@ class ImageClassification(Task):
         from fedsilo.models.classify_data import collate_classify
         from fedsilo.models.metrics import classification_scores
 
-        return classification_scores(model, dataset, collate=collate_classify, batch_size=batch_size)
+        return classification_scores(model, dataset, collate=collate_classify, batch_size=batch_size,
+                                     per_class=self.detail_prefixes[0])

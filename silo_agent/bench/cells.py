@@ -12,11 +12,16 @@ any knowledge of what is learned::
      "seconds": 19.6, "note": "...",
      "rounds_log": [{"round": 1, "bytes_up": 96321, "bytes_down": 188829,
                      "metrics": {"dice": {silo: v}, "hd95": {silo: v}, "val_dice": {silo: v}},
-                     "unseen": {"dice": v, "hd95": v}}, ...]}
+                     "unseen": {"dice": v, "hd95": v},
+                     "details": {"f1_class_3": {silo: v}}}, ...]}   # details: optional
 
 ``metrics`` holds, per silo, every test metric under its name and the validation headline as
 ``val_<headline>`` (the names :meth:`fedsilo.models.tasks.Task.evaluate_split` reports);
 ``unseen`` holds each unseen-domain metric averaged over the silos that report one (``{}``: none).
+``details`` (optional) holds, per silo, the test detail metrics of a Task with
+``detail_prefixes`` (:meth:`fedsilo.models.tasks.Task.is_detail`, e.g. per-class F1), only where
+the silo's test data defines them; a round without it (cells written before details were
+recorded) has none.
 ``groups`` (optional) names each silo's group where the Task has groups
 (:meth:`fedsilo.models.tasks.Task.group_of`, e.g. the sensor Task's species); a cell without it
 (every cell of a Task without groups, and cells written before groups were recorded) has no
@@ -145,7 +150,8 @@ def validate_cell(cell: Mapping[str, Any], *, index: int | None = None) -> None:
     one round; a silo with a test headline value in a round has every other test metric there
     too; every metric value and ε is finite (ε non-negative); bytes are non-negative integers;
     and ``rounds_log`` holds rounds 1..``rounds`` in order. ``groups``, where present, maps every
-    listed silo (and nothing else) to a non-empty group name.
+    listed silo (and nothing else) to a non-empty group name; a round's ``details``, where present,
+    maps names other than the metrics' to listed silos' finite values.
 
     Args:
         cell: One finished run, as loaded from JSON (see :func:`upgrade_cell` for older ones).
@@ -263,6 +269,23 @@ def _validate_rounds(cell: Mapping[str, Any], fail: Any) -> None:
                 fail(f"round {i}: 'unseen' names {name!r}, which is not in 'metric_names'")
             if not _is_number(value):
                 fail(f"round {i}: 'unseen'[{name!r}] is {value!r}, not a finite number")
+        _validate_details(entry.get("details", {}), i, keys, silos, fail)
     for silo in silos:
         if silo not in seen:
             fail(f"{m.headline!r} never holds {silo!r}: no round has a test {m.headline} for it")
+
+
+def _validate_details(details: Any, i: int, keys: Sequence[str], silos: Sequence[str], fail: Any) -> None:
+    """The ``details`` part of round ``i`` in :func:`validate_cell`."""
+    if not isinstance(details, Mapping):
+        fail(f"round {i}: 'details' must be a mapping of metric -> silo -> value, not {details!r}")
+    for name, values in details.items():
+        if not isinstance(name, str) or not name or name in keys:
+            fail(f"round {i}: 'details' names {name!r}, which is empty or one of the cell's metrics {list(keys)}")
+        if not isinstance(values, Mapping):
+            fail(f"round {i}: 'details'[{name!r}] must be a mapping of silo -> value, not {values!r}")
+        for silo, value in values.items():
+            if silo not in silos:
+                fail(f"round {i}: 'details'[{name!r}] names {silo!r}, which is not in 'silos'")
+            if not _is_number(value):
+                fail(f"round {i}: 'details'[{name!r}][{silo!r}] is {value!r}, not a finite number")

@@ -23,6 +23,7 @@ __all__ = [
     "bytes_to_95",
     "convergence_curve",
     "cumulative_bytes",
+    "final_details",
     "final_scores",
     "group_means",
     "mean_std",
@@ -96,6 +97,8 @@ class CellSummary:
         seconds: Wall time of the run.
         groups: Per silo, its group (the Task's ``group_of``); None for a cell without groups.
         final: Per metric, per silo, the test value at the final round (see :func:`final_scores`).
+        details: Per detail metric (e.g. ``f1_class_3``), per silo that reports it, the test value at
+            the final round (see :func:`final_details`); empty for a cell without details.
     """
 
     method: str
@@ -129,6 +132,7 @@ class CellSummary:
     model: Mapping[str, Any] | None = None
     groups: Mapping[str, str] | None = None
     final: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    details: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def schedule(self) -> tuple[int, int]:
@@ -305,6 +309,31 @@ def final_scores(cell: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def final_details(cell: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per detail metric, per silo, the value in the silo's final round (as :func:`final_scores`: the last
+    round in which it logged its test headline); a silo whose final round lacks a detail (e.g. a class
+    absent from its test set and its predictions) is left out of that detail.
+
+    Args:
+        cell: A valid cell in the current format (rounds without ``details`` have none).
+
+    Returns:
+        ``{name: {silo: value}}``, names in first-appearance order; empty without details.
+    """
+    m = cell_metrics(cell)
+    last: dict[str, Mapping[str, Any]] = {}
+    for entry in cell["rounds_log"]:
+        for silo in entry["metrics"][m.headline]:
+            last[silo] = entry
+    out: dict[str, dict[str, float]] = {}
+    for silo in cell["silos"]:
+        entry = last.get(silo, {})
+        for name, values in entry.get("details", {}).items():
+            if silo in values:
+                out.setdefault(name, {})[silo] = float(values[silo])
+    return out
+
+
 def group_means(summary: CellSummary) -> dict[str, dict[str, float]]:
     """Per silo group (in order of first silo), per test metric, the mean over that group's silos of
     their final-round values (:attr:`CellSummary.final`); empty for a cell without groups."""
@@ -352,7 +381,7 @@ def summarize_cell(cell: Mapping[str, Any], *, index: int | None = None) -> Cell
         cumulative_bytes=tuple(cum), seconds=float(cell["seconds"]),
         without_dp=bool(cell.get("dp", False)) and eps is None, model=cell.get("model"),
         groups=None if cell.get("groups") is None else {s: str(cell["groups"][s]) for s in silos},
-        final=final_scores(cell))
+        final=final_scores(cell), details=final_details(cell))
 
 
 def summarize_cells(cells: Sequence[Mapping[str, Any]]) -> list[CellSummary]:

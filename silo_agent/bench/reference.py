@@ -43,18 +43,23 @@ def round_entry(rnd: int, metrics: Mapping[str, Mapping[str, tuple[float, int]]]
 
     Returns:
         ``{"round", "bytes_up", "bytes_down", "metrics": {name: {silo: value}}, "unseen":
-        {metric: value}}``: ``metrics`` holds every test metric and ``val_<headline>`` (empty
-        where no silo reported it); ``unseen`` each unseen metric's mean over the silos that
+        {metric: value}, "details": {name: {silo: value}}}``: ``metrics`` holds every test metric
+        and ``val_<headline>`` (empty where no silo reported it); ``unseen`` each unseen metric's
+        mean over the silos that report it; ``details`` every test detail metric
+        (:meth:`~fedsilo.models.tasks.Task.is_detail`, e.g. ``f1_class_3``) under the silos that
         report it (see :mod:`fedsilo.silo_agent.bench.cells`).
     """
     names = (*task.metric_names, f"val_{task.headline_metric}")
     rec: dict[str, Any] = {"round": rnd, "bytes_up": bytes_up, "bytes_down": bytes_down,
-                           "metrics": {name: {} for name in names}, "unseen": {}}
+                           "metrics": {name: {} for name in names}, "unseen": {}, "details": {}}
     unseen: dict[str, list[float]] = {}
     for silo, m in metrics.items():
         for name in names:
             if name in m:
                 rec["metrics"][name][silo] = m[name][0]
+        for name, (value, _) in m.items():
+            if not name.startswith("unseen_") and task.is_detail(name):
+                rec["details"].setdefault(name, {})[silo] = value
         for name in task.metric_names:
             if f"unseen_{name}" in m:
                 unseen.setdefault(name, []).append(m[f"unseen_{name}"][0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from fedsilo.silo_agent.bench.plots import write_plots
 
 __all__ = [
     "csv_columns",
+    "detail_label",
+    "detail_lines",
     "format_vs_reference",
     "group_lines",
     "render_csv",
@@ -348,9 +351,81 @@ def group_lines(main_by: Mapping[str, Sequence[CellSummary]], *, reference: str 
     return lines
 
 
+def _class_names(summary: CellSummary) -> tuple[str, ...]:
+    """The class names of ``summary``'s model: its study's ``[model]`` table (None: the Task's default) as
+    the Task parses it, where that config has ``class_names``; () when the Task is not registered here
+    or its config has none."""
+    from fedsilo.models.tasks import get_task
+
+    try:
+        task = get_task(summary.task)
+        table = task.default_model_config(summary.seed) if summary.model is None else summary.model
+        names = getattr(task.model_config(table), "class_names", None)
+    except (ValueError, TypeError):
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
+
+
+_INDEXED = re.compile(r"(.*?)(\d+)")
+
+
+def _detail_order(name: str) -> tuple[str, int]:
+    """Sort key of detail names: by prefix, then by their trailing index as a number (``f1_class_2`` before ``_10``)."""
+    match = _INDEXED.fullmatch(name)
+    return (match[1], int(match[2])) if match else (name, -1)
+
+
+def detail_label(name: str, class_names: Sequence[str]) -> str:
+    """A detail metric's row label: ``"f1_class_3 (malignant tumour)"`` where the name ends in an index of
+    ``class_names``, else the name itself."""
+    match = _INDEXED.fullmatch(name)
+    if match and int(match[2]) < len(class_names):
+        return f"{name} ({class_names[int(match[2])]})"
+    return name
+
+
+def detail_lines(main_by: Mapping[str, Sequence[CellSummary]]) -> list[str]:
+    """The summary's per-class section: every detail metric (e.g. per-class F1) per method at the final round.
+
+    For each detail metric (rows, by prefix and index, labelled with the class name where the model
+    has ``class_names``, see :func:`detail_label`) and each method with main cells that record details
+    (columns): the mean over the silos that report it of its final-round test value
+    (:attr:`~fedsilo.silo_agent.bench.measures.CellSummary.details`), then mean ± sample std over seeds.
+
+    Args:
+        main_by: Per method (in table order), its main cells.
+
+    Returns:
+        The section's lines; none when no main cell records details.
+    """
+    per = {m: [s for s in cs if s.details] for m, cs in main_by.items()}
+    per = {m: cs for m, cs in per.items() if cs}
+    if not per:
+        return []
+    first = next(iter(per.values()))[0]
+    classes = _class_names(first)
+    names = sorted({n for cs in per.values() for s in cs for n in s.details}, key=_detail_order)
+    rows = []
+    for name in names:
+        row = [detail_label(name, classes)]
+        for cs in per.values():
+            values = [sum(s.details[name].values()) / len(s.details[name]) if s.details.get(name) else None
+                      for s in cs]
+            row.append(_fmt(values, metric_decimals(name)))
+        rows.append(row)
+    lines = [f"## Per class ({first.task})", "",
+             "Every detail metric the Task reports (e.g. per-class F1) at the final round, per method: the mean over "
+             "the silos that report it (a class neither in a silo's test set nor predicted there has none), then "
+             "mean \u00b1 sample std over seeds.", ""]
+    lines += _table(["Metric", *per], rows)
+    lines.append("")
+    return lines
+
+
 def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg") -> str:
     """The Markdown report: the main table, the headline per silo, every metric per silo group (cells
-    that record groups, see :func:`group_lines`), the communication sweep and the notes.
+    that record groups, see :func:`group_lines`), every detail metric per method (cells that record
+    details, see :func:`detail_lines`), the communication sweep and the notes.
 
     Args:
         summaries: Every cell's summary, all of one Task (main cells feed the main and per-silo
@@ -432,6 +507,7 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
     lines += _table(header, rows)
     lines.append("")
     lines += group_lines(main_by)
+    lines += detail_lines(main_by)
 
     sweep = sorted(_ordered([s.schedule for s in summaries]), key=lambda rs: (-rs[0], rs[1]))
     totals = _ordered([r * e for r, e in sweep])

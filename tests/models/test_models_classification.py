@@ -112,10 +112,47 @@ def test_evaluate_scores_every_example_and_keeps_the_mode() -> None:
     data = _data(0)
     model = task.build_model(task.default_model_config(0))
     scores = task.evaluate(model, data.splits.test, batch_size=7)
-    assert set(scores) == {"accuracy", "macro_f1"} and scores["accuracy"][1] == 20 and model.training
+    assert {"accuracy", "macro_f1"} <= set(scores) and scores["accuracy"][1] == 20 and model.training
+    assert all(task.is_detail(name) for name in set(scores) - {"accuracy", "macro_f1"})
     assert scores == task.evaluate(model, data.splits.test, batch_size=20)
     with pytest.raises(ValueError, match="empty"):
         task.evaluate(model, ClassifyDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.int64), ("a", "b")))
+
+
+class _FixedLogits(torch.nn.Module):
+    """A classifier whose prediction for example i is ``preds[i]`` (read from the image's first pixel)."""
+
+    def __init__(self, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.scale = torch.nn.Parameter(torch.ones(()))  # a parameter, so the scorer finds a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pred = x[:, 0, 0, 0].round().to(torch.int64)
+        return torch.nn.functional.one_hot(pred, self.n_classes).float() * self.scale
+
+
+def _fixed(preds: list[int], labels: list[int]) -> ClassifyDataset:
+    images = torch.zeros(len(preds), 3, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor(preds, dtype=torch.float32)
+    return ClassifyDataset(images, torch.tensor(labels, dtype=torch.int64), tuple("abcde"))
+
+
+def test_evaluate_reports_the_f1_of_each_present_class_with_its_support() -> None:
+    task = get_task("classify")
+    assert task.detail_prefixes == ("f1_class_",)
+    data = _fixed(preds=[0, 0, 1, 2, 1], labels=[0, 1, 1, 1, 0])
+    scores = task.evaluate(_FixedLogits(5), data, batch_size=2)
+    # class 0: TP 1, support 2, predicted 2 -> 1/2; class 1: TP 1, support 3, predicted 2 -> 2/5;
+    # class 2: predicted once, absent -> 0 (support 0); classes 3 and 4: neither -> left out
+    assert scores == {"accuracy": (pytest.approx(2 / 5), 5), "macro_f1": (pytest.approx(0.3), 5),
+                      "f1_class_0": (pytest.approx(0.5), 2), "f1_class_1": (pytest.approx(0.4), 3),
+                      "f1_class_2": (0.0, 0)}
+    assert all(math.isfinite(v) for v, _ in scores.values())
+    unseen = task.evaluate_split(_FixedLogits(5), data, "unseen")
+    assert set(unseen) == {f"unseen_{k}" for k in scores} and unseen["unseen_f1_class_1"] == scores["f1_class_1"]
+    assert task.evaluate_split(_FixedLogits(5), data, "val") == {"val_accuracy": scores["accuracy"]}
+    assert task.higher_is_better("f1_class_2") and task.higher_is_better("unseen_f1_class_2")
 
 
 # -- training -------------------------------------------------------------------------------------------

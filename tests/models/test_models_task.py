@@ -237,11 +237,37 @@ def test_the_decorator_registers_and_duplicates_are_refused() -> None:
     ({"metric_names": ("a", "a"), "headline_metric": "a"}, "distinct names"),
     ({"lower_is_better": frozenset({"f1"})}, "unknown metrics"),
     ({"unseen_domain": ""}, "unseen_domain must be a non-empty string"),
+    ({"detail_prefixes": "f1_"}, "detail_prefixes must be a tuple"),
+    ({"detail_prefixes": ("",)}, "detail_prefixes must be a tuple"),
+    ({"detail_prefixes": ("F1-class",)}, r"strings of \[a-z0-9_\]"),
+    ({"detail_prefixes": ("x" * 49,)}, "1..48-character"),
+    ({"detail_prefixes": ("acc",)}, "nor begin a metric"),
+    ({"detail_prefixes": ("unseen_f1_",)}, "must not start with 'val_' or 'unseen_'"),
 ])
 def test_inconsistent_task_classes_are_refused(attrs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         register_task(_concrete(attrs.pop("name", "bad-toy"), **attrs))
     assert "bad-toy" not in task_names()
+
+
+def test_detail_metrics_are_higher_is_better_and_trimmed_first() -> None:
+    cls = _concrete("detail-toy", detail_prefixes=("f1_class_",))
+    register_task(cls)
+    try:
+        task = get_task("detail-toy")
+        assert task.detail_prefixes == ("f1_class_",) and get_task("segmentation-2d").detail_prefixes == ()
+        assert task.is_detail("f1_class_2") and task.is_detail("unseen_f1_class_2")
+        assert not task.is_detail("accuracy") and not task.is_detail("val_f1_class_2")
+        assert task.higher_is_better("unseen_f1_class_0") and not task.higher_is_better("nll")
+        assert task.report_names() == ("accuracy", "nll", "val_accuracy", "unseen_accuracy", "unseen_nll")
+        report = {"accuracy": (0.5, 4), "f1_class_0": (1.0, 2), "f1_class_1": (0.0, 2), "val_accuracy": (0.5, 2),
+                  "train_loss": (0.7, 8), "unseen_accuracy": (0.25, 4), "unseen_f1_class_0": (0.4, 1)}
+        assert task.trim_report(report, 10) == report
+        assert list(task.trim_report(report, 5)) == ["accuracy", "f1_class_0", "val_accuracy", "train_loss",
+                                                     "unseen_accuracy"]
+        assert list(task.trim_report(report, 1)) == ["accuracy", "val_accuracy", "train_loss", "unseen_accuracy"]
+    finally:
+        unregister_task("detail-toy")
 
 
 def test_abstract_and_foreign_classes_are_refused() -> None:
