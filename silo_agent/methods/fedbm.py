@@ -11,10 +11,10 @@ no silo trains and the second with pseudo-samples of the global input distributi
   pretrained sentence encoder shipped inside a package (all-MiniLM-L6-v2, the optional extra
   ``fedsilo[fedbm]``); per class a Gaussian (mean, diagonal variance over the templates) in
   embedding space. :meth:`FedBm.wrap_model` replaces the network's ``head`` by
-  :class:`~fedsilo.models.lkcc.LkccHead`: a trained, shared projection to the embedding space and
+  :class:`~fedsilo.models.lkcc_head.LkccHead`: a trained, shared projection to the embedding space and
   the frozen classifier (buffers, no parameters: no optimiser, no DP-SGD step and no aggregate
   ever changes it). Local training descends the classifier's bound on the expected cross-entropy
-  over classifiers drawn from the Gaussians (:meth:`~fedsilo.models.lkcc.FrozenConceptClassifier.loss`).
+  over classifiers drawn from the Gaussians (:meth:`~fedsilo.models.lkcc_head.FrozenConceptClassifier.loss`).
   Every silo builds the same classifier from the same run config; the classifier's buffers are
   part of the model fingerprint every silo's join is checked against (the study's pin, or the
   first silo's model), so a silo whose encoder gives other embeddings (another package version)
@@ -324,7 +324,7 @@ class FedBm(FedAvg):
 
     # -- the network ---------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module, *, model_cfg: Any, base_checkpoint: Path | None) -> nn.Module:
-        """The Task's network, its ``head`` replaced by an :class:`~fedsilo.models.lkcc.LkccHead` (with LKCC).
+        """The Task's network, its ``head`` replaced by an :class:`~fedsilo.models.lkcc_head.LkccHead` (with LKCC).
 
         Raises:
             StrategyError: the network has no linear ``head`` of the concepts' class count, or the
@@ -424,7 +424,7 @@ def fedbm_disclosures() -> list[dict[str, str]]:
 
 def frozen_names(model: nn.Module) -> set[str]:
     """The state_dict names of every frozen concept classifier's buffers in ``model``."""
-    from fedsilo.models.lkcc import FrozenConceptClassifier
+    from fedsilo.models.lkcc_head import FrozenConceptClassifier
 
     out: set[str] = set()
     for prefix, module in model.named_modules():
@@ -435,7 +435,7 @@ def frozen_names(model: nn.Module) -> set[str]:
 
 def classifier_site(model: nn.Module) -> str | None:
     """The name of ``model``'s frozen concept classifier module, or None."""
-    from fedsilo.models.lkcc import FrozenConceptClassifier
+    from fedsilo.models.lkcc_head import FrozenConceptClassifier
 
     found = [name for name, m in model.named_modules() if isinstance(m, FrozenConceptClassifier)]
     return found[0] if found else None

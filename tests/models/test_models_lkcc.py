@@ -24,8 +24,7 @@ from fedsilo.models import lkcc
 from fedsilo.models.lkcc import (DEFAULT_SCALE, DEFAULT_TEMPLATES, MIN_VARIANCE, ConceptGaussians, EncoderName,
                                  EncoderUnavailable, HashEncoder, MiniLmEncoder, TextEncoder, concept_embeddings,
                                  gaussians_fingerprint, get_encoder)
-
-FrozenConceptClassifier = lkcc.frozen_concept_classifier_class()
+from fedsilo.models.lkcc_head import FrozenConceptClassifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,13 +41,10 @@ def test_import_needs_no_torch_nor_the_model() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_lazy_class() -> None:
-    assert lkcc.FrozenConceptClassifier is FrozenConceptClassifier
+def test_the_classifier_is_a_module_of_the_torch_half() -> None:
     assert issubclass(FrozenConceptClassifier, nn.Module)
-    assert FrozenConceptClassifier.__module__ == "fedsilo.models.lkcc"
-    assert "FrozenConceptClassifier" in lkcc.__all__
-    with pytest.raises(AttributeError, match="NoSuchThing"):
-        lkcc.NoSuchThing  # noqa: B018
+    assert FrozenConceptClassifier.__module__ == "fedsilo.models.lkcc_head"
+    assert not hasattr(lkcc, "FrozenConceptClassifier")
 
 
 # ---------------------------------------------------------------------------------------------------------------
