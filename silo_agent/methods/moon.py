@@ -233,8 +233,8 @@ class Moon(FedAvg):
     tables = {"moon": parse_settings}
     default_tables = frozenset({"moon"})
     bench = BenchDefaults(privacy=DEMO_PRIVACY,
-                          note="FedAvg with MOON's model-contrastive term on the pooled UNet bottleneck, mu = 1, "
-                               "tau = 0.5 (Li, He & Song 2021)")
+                          note="FedAvg with MOON's model-contrastive term on the representation (the pooled UNet "
+                               "bottleneck; a classifier's head input), mu = 1, tau = 0.5 (Li, He & Song 2021)")
 
     def __init__(self, *, settings: MoonSettings | None = None) -> None:
         self.settings = settings if settings is not None else MoonSettings()
