@@ -225,6 +225,9 @@ def register_grad_samplers() -> None:
     upper layers added with :func:`add_grad_sampler` (PN's:
     :func:`fedsilo.models.pn.population_norm_grad_sample`) are installed the same way.
 
+    Opacus' own ``Conv1d/2d/3d`` rule is wrapped so that it always sees contiguous tensors (see
+    :func:`_contiguous`: it is wrong for ``channels_last`` inputs).
+
     Uses Opacus' public ``register_grad_sampler``, which fills the grad-sampler mapping
     shared by every hooks-based ``GradSampleModule`` in the process (``hooks`` and the
     fast/ghost-clipping modes). A layer type that already has a rule (registered by Opacus
@@ -245,3 +248,25 @@ def register_grad_samplers() -> None:
     for cls, rule in rules.items():
         if cls not in GradSampleModule.GRAD_SAMPLERS:
             register_grad_sampler(cls)(rule)
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        rule = GradSampleModule.GRAD_SAMPLERS.get(cls)
+        if rule is not None and not getattr(rule, "fedsilo_contiguous", False):
+            GradSampleModule.GRAD_SAMPLERS[cls] = _contiguous(rule)
+
+
+def _contiguous(rule: Any) -> Any:
+    """``rule`` (Opacus' convolution rule) fed contiguous activations and backprops.
+
+    Opacus 1.6's ``compute_conv_grad_sample`` returns wrong per-example gradients (and a wrong
+    batch sum) when a convolution's input is in ``channels_last`` memory layout, which a
+    ``permute`` of an HWC image or of a one-hot map, or ``torch.stack`` of such tensors, silently
+    produces: its unfold-and-reshape assumes the default layout. Per-example gradients that are
+    wrong would be clipped wrongly, so the DP guarantee would not hold. The values are the same
+    tensors in the default layout; the rule is otherwise Opacus' own.
+    """
+
+    def contiguous_rule(layer: Any, activations: Any, backprops: Any) -> Any:
+        return rule(layer, [a.contiguous() for a in activations], backprops.contiguous())
+
+    contiguous_rule.fedsilo_contiguous = True  # type: ignore[attr-defined]
+    return contiguous_rule

@@ -582,7 +582,8 @@ def test_grad_sampler_registration_is_idempotent(monkeypatch) -> None:  # type: 
     assert mapping[nn.ConvTranspose1d] is other_rule
     for cls in (nn.PReLU, nn.ConvTranspose2d, nn.ConvTranspose3d):
         assert mapping[cls].__module__ == "fedsilo.privacy.grad_samplers"
-    assert mapping[nn.Conv2d].__module__.startswith("opacus.")  # Opacus' own rules are untouched
+    assert mapping[nn.Linear].__module__.startswith("opacus.")  # Opacus' own rules are untouched, but for
+    assert getattr(mapping[nn.Conv2d], "fedsilo_contiguous", False)  # its convolutions, fed contiguous tensors
 
 
 @pytest.mark.parametrize("make", [_unet, _lora_unet], ids=["unet", "lora"])

@@ -90,3 +90,31 @@ def test_population_norm_adds_its_rule_on_import() -> None:
     from fedsilo.models.pn import PopulationNorm, population_norm_grad_sample
 
     assert grad_samplers._ADDED_RULES[PopulationNorm] is population_norm_grad_sample
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_convolution_rules_are_exact_for_channels_last_inputs(dims: int, stride: int) -> None:
+    """Opacus 1.6's conv rule alone is wrong for a channels_last input (a permuted HWC image); after
+    register_grad_samplers every example's gradient equals one backward pass of that example alone."""
+    from opacus.grad_sample import GradSampleModule
+
+    register_grad_samplers()
+    register_grad_samplers()  # idempotent: the rule is wrapped once
+    torch.manual_seed(0)
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(3, 4, 3, padding=1, stride=stride)
+    shape = (2, 3, 6, 6) if dims == 2 else (2, 3, 4, 5, 6)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(*shape).to(memory_format=fmt)
+    assert not x.is_contiguous()
+    want = [torch.autograd.grad(conv(x[i : i + 1]).square().sum(), [conv.weight, conv.bias]) for i in range(2)]
+    gsm = GradSampleModule(conv, batch_first=True, loss_reduction="sum")
+    try:
+        gsm(x).square().sum().backward()
+        for i in range(2):
+            torch.testing.assert_close(conv.weight.grad_sample[i], want[i][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(conv.bias.grad_sample[i], want[i][1], rtol=1e-5, atol=1e-5)
+    finally:
+        gsm._close()
+    rule = GradSampleModule.GRAD_SAMPLERS[type(conv)]
+    assert getattr(rule, "fedsilo_contiguous", False)
