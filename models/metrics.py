@@ -1,4 +1,4 @@
-"""Per-image Dice and 95th-percentile Hausdorff distance (defined for empty masks); accuracy and macro-F1 of class labels."""
+"""Per-image Dice and 95th-percentile Hausdorff distance (defined for empty masks); accuracy and macro-F1 of class labels; optic disc/cup scores and quadratic-weighted kappa."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SegmentationScores", "accuracy_and_macro_f1", "classification_scores", "dice_and_hd95", "hd95_pixels",
-           "to_labels"]
+__all__ = ["SegmentationScores", "accuracy_and_macro_f1", "classification_scores", "cup_dice", "dice_and_hd95",
+           "disc_dice", "hd95_pixels", "quadratic_weighted_kappa", "to_labels", "vertical_cdr"]
 
 
 @dataclass(frozen=True)
@@ -261,3 +261,76 @@ def classification_scores(model: torch.nn.Module, dataset: Any, *, collate: Call
         scores.update((f"{per_class}{c}", (v, int(support[c])))
                       for c, v in enumerate(per_class_f1(pred, true, n_classes)) if not math.isnan(v))
     return scores
+
+
+# -- optic disc / cup and glaucoma grading ----------------------------------------------------------------
+
+def _label_map(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be an [H, W] label map, got shape {m.shape}")
+    return m
+
+
+def _rows_spanned(region: np.ndarray) -> int:
+    rows = np.flatnonzero(region.any(axis=1))
+    return int(rows[-1] - rows[0] + 1) if rows.size else 0
+
+
+def vertical_cdr(mask: torch.Tensor | np.ndarray) -> float:
+    """Vertical cup-to-disc ratio of an ``[H, W]`` label map (0 background, 1 rim, 2 cup).
+
+    The rows spanned by label 2 over the rows spanned by labels >= 1 (the disc, cup included);
+    0 when there is a disc but no cup, NaN when there is no disc.
+    """
+    m = _label_map(mask)
+    disc = _rows_spanned(m >= 1)
+    return _rows_spanned(m == 2) / disc if disc else math.nan
+
+
+def _binary_dice(pred: np.ndarray, true: np.ndarray) -> float:
+    """Dice of two bool maps; 1 when both are empty (MONAI's ``ignore_empty=False``), 0 when one is."""
+    total = int(pred.sum()) + int(true.sum())
+    return 2.0 * int((pred & true).sum()) / total if total else 1.0
+
+
+def disc_dice(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> float:
+    """Dice of the optic disc (labels >= 1) of two ``[H, W]`` label maps; 1 when neither has a disc."""
+    return _binary_dice(_label_map(pred) >= 1, _label_map(true) >= 1)
+
+
+def cup_dice(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> float:
+    """Dice of the optic cup (label 2) of two ``[H, W]`` label maps; 1 when neither has a cup."""
+    return _binary_dice(_label_map(pred) == 2, _label_map(true) == 2)
+
+
+def quadratic_weighted_kappa(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
+    """Cohen's kappa of ordinal labels with quadratic weights ``(i - j)^2 / (K - 1)^2``.
+
+    ``1 - sum(w * O) / sum(w * E)`` with ``O`` the confusion matrix and ``E`` the outer product of
+    its marginals over ``N``, as scikit-learn's ``cohen_kappa_score(weights="quadratic",
+    labels=range(n_classes))`` (the distance between two classes is that of their labels, even where
+    a class between them is absent from both vectors); where
+    that is 0/0 (every label and prediction the same single class: perfect agreement) it is 1,
+    not NaN.
+
+    Raises:
+        ValueError: On vectors of unequal length, empty or not 1-D, fewer than 2 classes, or a
+            label outside ``[0, n_classes)``.
+    """
+    pred = np.asarray(pred, dtype=np.int64)
+    true = np.asarray(true, dtype=np.int64)
+    if pred.shape != true.shape or pred.ndim != 1 or pred.size == 0:
+        raise ValueError(f"pred and true must be equal-length non-empty vectors, got {pred.shape} and {true.shape}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+    if min(pred.min(), true.min()) < 0 or max(pred.max(), true.max()) >= n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}), got pred {pred.min()}..{pred.max()}, "
+                         f"true {true.min()}..{true.max()}")
+    observed = np.zeros((n_classes, n_classes))
+    np.add.at(observed, (true, pred), 1.0)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / pred.size
+    idx = np.arange(n_classes)
+    weights = (idx[:, None] - idx[None, :]) ** 2 / (n_classes - 1) ** 2
+    denom = float((weights * expected).sum())
+    return 1.0 - float((weights * observed).sum()) / denom if denom > 0 else 1.0
