@@ -80,8 +80,9 @@ class Strategy(Method, abc.ABC):
 
     @classmethod
     def check_run(cls, run: Any) -> None:
-        """Refuses a method that declares ``needs_2d`` for a run whose Task is not 2-D (a Task
-        name no module registered is left to the agents). Overrides call ``super().check_run(run)``.
+        """Refuses a method that declares ``needs_2d`` for a run whose Task is not 2-D or whose batches
+        are not plain image tensors (``Task.image_batches``; a Task name no module registered is left
+        to the agents). Overrides call ``super().check_run(run)``.
 
         Raises:
             ValueError: naming ``run.strategy`` and ``run.task``.
@@ -91,9 +92,15 @@ class Strategy(Method, abc.ABC):
         from fedsilo.models.tasks import get_task, task_names
 
         task = getattr(run, "task", None)
-        if task in task_names(aliases=True) and (dims := get_task(task).spatial_dims) != 2:
+        if task not in task_names(aliases=True):
+            return
+        the_task = get_task(task)
+        if the_task.spatial_dims != 2:
             raise ValueError(f"run.strategy: {cls.name!r} works on 2-D images only ({cls.needs_2d}); "
-                             f"run.task = {task!r} is a {dims}-D Task")
+                             f"run.task = {task!r} is a {the_task.spatial_dims}-D Task")
+        if not the_task.image_batches:
+            raise ValueError(f"run.strategy: {cls.name!r} works on 2-D image tensors only ({cls.needs_2d}); "
+                             f"run.task = {task!r} feeds its network structured inputs, not one image tensor")
 
     @classmethod
     def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> Strategy:

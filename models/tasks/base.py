@@ -173,6 +173,10 @@ class Task(abc.ABC):
     * ``spatial_dims``: 1 for series ``[C, T]``, 2 for images ``[C, H, W]``, 3 for volumes
       ``[C, D, H, W]``; a run refuses methods that declare they work on 2-D images only
       (``Method.needs_2d``) for a Task that is not 2-D.
+    * ``image_batches`` (optional, default True): whether a batch's inputs are one image tensor
+      ``[N, C, *spatial]``; a Task whose inputs are a structure (several modalities, a species
+      index) sets it False, and a run refuses the methods that read images directly
+      (``Method.needs_2d``) for it.
     * ``aliases`` (optional): further names of the same form that :func:`get_task` and
       :func:`canonical_task_name` accept (``("seg2d",)``); no two Tasks may share a name or alias.
     * ``detail_prefixes`` (optional): prefixes of further metrics :meth:`evaluate` may return
@@ -198,6 +202,7 @@ class Task(abc.ABC):
     unseen_domain: ClassVar[str]
     data_sources: ClassVar[tuple[str, ...]] = ("builtin", "folder")
     spatial_dims: ClassVar[int] = 2
+    image_batches: ClassVar[bool] = True
     aliases: ClassVar[tuple[str, ...]] = ()
     detail_prefixes: ClassVar[tuple[str, ...]] = ()
 
@@ -510,6 +515,8 @@ def _check_task_class(cls: object) -> None:
         raise ValueError(f"{where}.data_sources must be a non-empty tuple, got {cls.data_sources!r}")
     if cls.spatial_dims not in (1, 2, 3) or isinstance(cls.spatial_dims, bool):
         raise ValueError(f"{where}.spatial_dims must be 1, 2 or 3, got {cls.spatial_dims!r}")
+    if not isinstance(cls.image_batches, bool):
+        raise ValueError(f"{where}.image_batches must be True or False, got {cls.image_batches!r}")
     aliases = getattr(cls, "aliases", None)
     if not isinstance(aliases, tuple):
         raise ValueError(f"{where}.aliases must be a tuple of names, got {aliases!r}")

@@ -75,6 +75,7 @@ class GlaucomaMultimodal(Task):
                      "illumination; contrast, speckle); folder: every example of data.unseen_path")
     data_sources = ("builtin", "folder")
     spatial_dims = 2
+    image_batches = False
 
     def read_data(self, spec: DataSpec) -> SiloData:
         """Loads the built-in domain ``spec.domain`` or the folder ``spec.path`` (see the class doc).

@@ -70,6 +70,7 @@ class SensorActivity(Task):
                      "angle, more noise, offsets); folder: every window of data.unseen_path")
     data_sources = ("builtin", "folder")
     spatial_dims = 1
+    image_batches = False
 
     def read_data(self, spec: DataSpec) -> SiloData:
         """Loads the built-in domain ``spec.domain`` or the folder ``spec.path`` (see the class doc).

@@ -218,3 +218,25 @@ def test_folder_source_with_unseen_path(tmp_path: Path) -> None:
     assert data.unseen.masks.shape == (5, 12, 12) and not data.unseen.has_oct_modality
     with pytest.raises(ValueError, match="unknown key"):
         get_task("glaucoma").load_data({"source": "builtin", "options": {"labels": 3}})
+
+
+@pytest.mark.parametrize("strategy", ["fedbm", "fedrdn", "resfim"])
+def test_methods_that_read_image_tensors_are_refused_for_the_multimodal_task(tmp_path, strategy: str) -> None:  # type: ignore[no-untyped-def]
+    """Its batches are GlaucomaInputs, not one image tensor (Task.image_batches = False): the run config
+    refuses the methods that read images directly, naming both; FedAvg is accepted."""
+    from fedsilo.core.configfile import ConfigError
+    from fedsilo.coordinator.loading import load_federation_config
+    from fedsilo.silo_agent.demo import make_certs, silo_names, write_configs
+
+    names = silo_names(2)
+    for method in (strategy, "fedavg"):
+        work = tmp_path / method
+        make_certs(work / "certs", names)
+        fed, _ = write_configs(work, names=names, rounds=2, strategy=method, seed=0, port=1, insecure=False,
+                               aggregation="he", min_silos=2, task="glaucoma", pin_model=False)
+        if method == "fedavg":
+            assert load_federation_config(fed).strategy == "fedavg"
+            continue
+        with pytest.raises(ConfigError, match=rf"run.strategy: '{strategy}' works on 2-D image tensors only \(.+\); "
+                                              r"run.task = 'glaucoma' feeds its network structured inputs"):
+            load_federation_config(fed)
