@@ -17,7 +17,7 @@ from fedsilo.models.data import SiloSplits
 __all__ = [
     "BUILTIN_CLASSES", "IMAGE_CHANNELS", "IMAGE_SUFFIXES", "ClassifyDataset", "DomainStyle",
     "SyntheticClassifyConfig", "class_prior", "classify_silo_splits", "classify_unseen", "collate_classify",
-    "as_dataset", "check_class_names", "domain_style", "unseen_style",
+    "as_dataset", "check_class_names", "domain_style", "gaussian_blur", "unseen_style",
 ]
 
 #: The classes of the built-in generator, in label order (label ``i`` is ``BUILTIN_CLASSES[i]``).
@@ -290,7 +290,7 @@ def _render(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarr
     return out
 
 
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of the last two axes (reflect padding)."""
     if sigma < 0.05:
         return x
@@ -305,7 +305,7 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _styled(rng: np.random.Generator, x: np.ndarray, style: DomainStyle) -> np.ndarray:
-    x = _blur(x, style.blur)
+    x = gaussian_blur(x, style.blur)
     x = np.clip((x - 0.5) * style.contrast + 0.5, 0.0, 1.0) ** style.gamma
     x = x * np.array(style.gain)[None, :, None, None] + np.array(style.offset)[None, :, None, None]
     x = x + rng.normal(scale=style.noise, size=x.shape)

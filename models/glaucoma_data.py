@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -12,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedsilo.core.validators import MappingConfig, check_int, check_seed
+from fedsilo.models.classify_data import gaussian_blur
 from fedsilo.models.data import SiloSplits
 
 __all__ = [
@@ -422,26 +422,12 @@ def _oct(rng: np.random.Generator, grade: int, size: tuple[int, int], cx: float,
     return np.where(nerve[None, :], np.maximum(tissue, img * (depth < rnfl[None, :] + 1)), img)
 
 
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of the last two axes (reflect padding)."""
-    if sigma < 0.05:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    k /= k.sum()
-    pad = [(0, 0)] * (x.ndim - 2)
-    hp = np.pad(x, [*pad, (radius, radius), (0, 0)], mode="reflect")
-    x = sum(k[j] * hp[..., j:j + x.shape[-2], :] for j in range(len(k)))
-    wp = np.pad(x, [*pad, (0, 0), (radius, radius)], mode="reflect")
-    return sum(k[j] * wp[..., j:j + x.shape[-1]] for j in range(len(k)))
-
-
 def _style_fundus(rng: np.random.Generator, x: np.ndarray, style: FundusStyle) -> np.ndarray:
     size = x.shape[-1]
     coords = (np.arange(size) + 0.5) / size - 0.5
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     light = 1 + style.illumination * 2 * (np.cos(style.angle) * xx + np.sin(style.angle) * yy)
-    x = np.clip(_blur(x, style.blur) * light, 0, 1) ** style.gamma * np.array(style.gain)[:, None, None]
+    x = np.clip(gaussian_blur(x, style.blur) * light, 0, 1) ** style.gamma * np.array(style.gain)[:, None, None]
     return np.clip(x + rng.normal(scale=style.noise, size=x.shape), 0, 1).astype(np.float32)
 
 
