@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import ConcatDataset
-
-from fedsilo.models import TrainConfig, train_local
-from fedsilo.silo_agent.bench.reference import Silo, round_record
+from fedsilo.silo_agent.bench.reference import Silo, run_pools
 
 if TYPE_CHECKING:
+    from fedsilo.models import TrainConfig
     from fedsilo.models.tasks import Task
 
 
@@ -35,15 +33,8 @@ def run_centralised(silos: Sequence[Silo], *, task: Task, model_cfg: Mapping[str
     Returns:
         The cell's ``rounds_log``.
     """
-    model = task.build_model(model_cfg)
-    pooled = ConcatDataset([s.data.splits.train for s in silos])
-    log = []
-    for rnd in range(1, rounds + 1):
-        train_local(model, pooled, train_cfg, round_index=rnd, task=task)
-        log.append(round_record(rnd, [model] * len(silos), silos, task))
-        if on_round is not None:
-            on_round(rnd)
-    return log
+    return run_pools(silos, [0] * len(silos), task=task, model_cfg=model_cfg, train_cfg=train_cfg, rounds=rounds,
+                     on_round=on_round)
 
 
 __all__ = ["run_centralised"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import ConcatDataset
-
-from fedsilo.models import TrainConfig, train_local
-from fedsilo.silo_agent.bench.reference import Silo, round_record
+from fedsilo.silo_agent.bench.reference import Silo, run_pools
 
 if TYPE_CHECKING:
+    from fedsilo.models import TrainConfig
     from fedsilo.models.tasks import Task
 
 
@@ -56,19 +54,8 @@ def run_grouped(silos: Sequence[Silo], *, task: Task, model_cfg: Mapping[str, An
         ValueError: a silo has no group (see :func:`silo_groups`).
     """
     groups = silo_groups(silos, task)
-    members: dict[str, list[Silo]] = {}
-    for silo in silos:
-        members.setdefault(groups[silo.name], []).append(silo)
-    models = {group: task.build_model(model_cfg) for group in members}
-    pooled = {group: ConcatDataset([s.data.splits.train for s in ss]) for group, ss in members.items()}
-    log = []
-    for rnd in range(1, rounds + 1):
-        for group, model in models.items():
-            train_local(model, pooled[group], train_cfg, round_index=rnd, task=task)
-        log.append(round_record(rnd, [models[groups[s.name]] for s in silos], silos, task))
-        if on_round is not None:
-            on_round(rnd)
-    return log
+    return run_pools(silos, [groups[s.name] for s in silos], task=task, model_cfg=model_cfg, train_cfg=train_cfg,
+                     rounds=rounds, on_round=on_round)
 
 
 __all__ = ["run_grouped", "silo_groups"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedsilo.models import TrainConfig, train_local
-from fedsilo.silo_agent.bench.reference import Silo, round_record
+from fedsilo.silo_agent.bench.reference import Silo, run_pools
 
 if TYPE_CHECKING:
+    from fedsilo.models import TrainConfig
     from fedsilo.models.tasks import Task
 
 
@@ -32,15 +32,8 @@ def run_local(silos: Sequence[Silo], *, task: Task, model_cfg: Mapping[str, Any]
     Returns:
         The cell's ``rounds_log``.
     """
-    models = [task.build_model(model_cfg) for _ in silos]
-    log = []
-    for rnd in range(1, rounds + 1):
-        for model, silo in zip(models, silos, strict=True):
-            train_local(model, silo.data.splits.train, train_cfg, round_index=rnd, task=task)
-        log.append(round_record(rnd, models, silos, task))
-        if on_round is not None:
-            on_round(rnd)
-    return log
+    return run_pools(silos, range(len(silos)), task=task, model_cfg=model_cfg, train_cfg=train_cfg, rounds=rounds,
+                     on_round=on_round)
 
 
 __all__ = ["run_local"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,4 +80,40 @@ def round_record(rnd: int, models: Sequence[torch.nn.Module], silos: Sequence[Si
     return round_entry(rnd, metrics, task=task)
 
 
-__all__ = ["Silo", "load_silos", "round_entry", "round_record"]
+def run_pools(silos: Sequence[Silo], pools: Sequence[Hashable], *, task: Task, model_cfg: Mapping[str, Any] | Any,
+              train_cfg: Any, rounds: int, on_round: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """The reference runs' one loop: one model per pool of silos, trained on the pool's training data.
+
+    Silo i belongs to pool ``pools[i]``; each pool's model starts from the federated runs'
+    initialisation (``task.build_model(model_cfg)``), trains ``train_cfg.local_epochs`` epochs per
+    "round" with the agents' ``train_local`` on its one silo's training set or on the concatenation
+    of its silos' (same (seed, round) shuffling), and every silo is scored with its pool's model each
+    round, as an agent would report (bytes 0). Local training is one pool per silo, centralised
+    training one pool of all, one-for-one a pool per group.
+
+    Returns:
+        The cell's ``rounds_log``.
+    """
+    from torch.utils.data import ConcatDataset
+
+    from fedsilo.models import train_local
+
+    if len(pools) != len(silos):
+        raise ValueError(f"pools names {len(pools)} pools for {len(silos)} silos")
+    members: dict[Hashable, list[Silo]] = {}
+    for silo, pool in zip(silos, pools, strict=True):
+        members.setdefault(pool, []).append(silo)
+    models = {pool: task.build_model(model_cfg) for pool in members}
+    data = {pool: ss[0].data.splits.train if len(ss) == 1 else ConcatDataset([s.data.splits.train for s in ss])
+            for pool, ss in members.items()}
+    log = []
+    for rnd in range(1, rounds + 1):
+        for pool, model in models.items():
+            train_local(model, data[pool], train_cfg, round_index=rnd, task=task)
+        log.append(round_record(rnd, [models[p] for p in pools], silos, task))
+        if on_round is not None:
+            on_round(rnd)
+    return log
+
+
+__all__ = ["Silo", "load_silos", "round_entry", "round_record", "run_pools"]

@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset
 from fedsilo.cli.main import main
 from fedsilo.models import TrainConfig, train_local
 from fedsilo.models.tasks import get_task
-from fedsilo.silo_agent.bench import grouped
+from fedsilo.silo_agent.bench import reference
 from fedsilo.silo_agent.bench.grouped import run_grouped, silo_groups
 from fedsilo.silo_agent.bench.methods import GROUP_POOLED, has_groups, resolve, scoring, study_method_names
 from fedsilo.silo_agent.bench.reference import Silo
@@ -71,13 +71,13 @@ def test_a_task_without_groups_has_none(silos: list[Silo]) -> None:
 def test_one_for_one_trains_one_model_per_group_on_its_pooled_data(silos: list[Silo],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     scored: list[list[Any]] = []
-    record = grouped.round_record
+    record = reference.round_record
 
     def spy(rnd: int, models: list, silos_: list, task: Any) -> dict:
         scored.append(list(models))
         return record(rnd, models, silos_, task)
 
-    monkeypatch.setattr(grouped, "round_record", spy)
+    monkeypatch.setattr(reference, "round_record", spy)
     seen: list[int] = []
     log = run_grouped(silos, task=SENSOR, model_cfg=MODEL, train_cfg=TRAIN, rounds=1, on_round=seen.append)
     assert seen == [1] and [r["round"] for r in log] == [1]
