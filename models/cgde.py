@@ -39,21 +39,12 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from fedsilo.core.validators import check_int
+from fedsilo.core.validators import check_float, check_int
 
 if TYPE_CHECKING:
     from fedsilo.models.lkcc import ConceptGaussians
 
 __all__ = ["CgdeSettings", "ConditionalGenerator", "pseudo_batch", "train_generator"]
-
-
-def _check_weight(owner: str, name: str, value: object, *, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > 0 if positive else value >= 0) and value <= 1e6
-    if not ok:
-        raise ValueError(f"{owner}.{name}: {value!r} must be a finite number {'> 0' if positive else '>= 0'} "
-                         "(at most 1e6)")
-    return float(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,9 +76,11 @@ class CgdeSettings:
             check_int(owner, name, value, minimum=low)
             if value > high:
                 raise ValueError(f"{owner}.{name} must be at most {high}, got {value!r}")
-        object.__setattr__(self, "lr", _check_weight(owner, "lr", self.lr, positive=True))
+        check_float(owner, "lr", self.lr, low=0.0, high=1e6, low_inclusive=False)
         for name in ("bn_weight", "div_weight"):
-            object.__setattr__(self, name, _check_weight(owner, name, getattr(self, name)))
+            check_float(owner, name, getattr(self, name), low=0.0, high=1e6)
+        for name in ("lr", "bn_weight", "div_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 class ConditionalGenerator(nn.Module):
