@@ -77,6 +77,7 @@ __all__ = [
     "ImoNetConfig",
     "ImoNorm",
     "ImoOutput",
+    "OctBranch",
     "alignment_loss",
     "build_imo_net",
     "ddpm_loss",
@@ -287,6 +288,23 @@ class CrossModalAttention(nn.Module):
         return fused.transpose(1, 2).reshape(n, c, h, w)
 
 
+class OctBranch(nn.Module):
+    """Every tensor that only examples with OCT train: the OCT encoder, CMFA and both alignment projections.
+
+    For an example without OCT the CMFA residual and the alignment term are multiplied by 0, so
+    none of these tensors gets a gradient from it (``fundus`` projection included: it only feeds
+    the alignment term).
+    """
+
+    def __init__(self, cfg: ImoNetConfig) -> None:
+        super().__init__()
+        c = cfg.widths[-1]
+        self.encoder = _Encoder(cfg.oct_channels, cfg)
+        self.cmfa = CrossModalAttention(c, cfg.attention_heads)
+        self.align_fundus = nn.Linear(c, c)
+        self.align_oct = nn.Linear(c, c)
+
+
 class _Denoiser(nn.Module):
     """The conditional UNet ``(x_t, t, skips) -> ε̂`` of the segmentation map."""
 
@@ -388,8 +406,11 @@ class ImoOutput:
 class ImoNet(nn.Module):
     """IMO (our reading): fundus and OCT encoders, CMFA fusion, a diffusion segmentation decoder, a grade head.
 
-    ``state_dict`` prefixes: ``fundus_encoder.``, ``oct_encoder.``, ``cmfa.``, ``align_fundus.``,
-    ``align_oct.``, ``denoiser.``, ``grade_head.``. No buffers (the schedule is recomputed).
+    ``state_dict`` prefixes: ``fundus_encoder.``, ``modality_oct.`` (:class:`OctBranch`: every tensor
+    only an example with OCT trains), ``denoiser.``, ``grade_head.``. No buffers (the schedule is
+    recomputed). The ``modality_oct`` segment follows :mod:`fedsilo.core.phases`' naming rule for
+    modality groups: a silo without OCT freezes and never uploads those tensors, and the federation
+    averages them over the silos that have OCT.
 
     Attributes:
         config: The config it was built from.
@@ -401,10 +422,7 @@ class ImoNet(nn.Module):
         self.config = cfg
         c = cfg.widths[-1]
         self.fundus_encoder = _Encoder(cfg.fundus_channels, cfg)
-        self.oct_encoder = _Encoder(cfg.oct_channels, cfg)
-        self.cmfa = CrossModalAttention(c, cfg.attention_heads)
-        self.align_fundus = nn.Linear(c, c)
-        self.align_oct = nn.Linear(c, c)
+        self.modality_oct = OctBranch(cfg)
         self.denoiser = _Denoiser(cfg)
         self.grade_head = nn.Sequential(nn.Linear(2 * c, c), nn.SiLU(), nn.Linear(c, cfg.n_grades))
         self.schedule = ddpm_schedule(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
@@ -450,10 +468,11 @@ class ImoNet(nn.Module):
         fundus, oct_img, has_oct = self._read(inputs)
         n, k = fundus.shape[0], cfg.n_seg_classes
         gate = has_oct.to(fundus.dtype)
-        f_maps, o_maps = self.fundus_encoder(fundus), self.oct_encoder(oct_img)
-        fused = self.cmfa(f_maps[-1], o_maps[-1], gate)
-        align = alignment_loss(self.align_fundus(f_maps[-1].mean(dim=(2, 3))),
-                               self.align_oct(o_maps[-1].mean(dim=(2, 3))), has_oct)
+        branch = self.modality_oct
+        f_maps, o_maps = self.fundus_encoder(fundus), branch.encoder(oct_img)
+        fused = branch.cmfa(f_maps[-1], o_maps[-1], gate)
+        align = alignment_loss(branch.align_fundus(f_maps[-1].mean(dim=(2, 3))),
+                               branch.align_oct(o_maps[-1].mean(dim=(2, 3))), has_oct)
         grade_logits = self.grade_head(torch.cat([fused.mean(dim=(2, 3)), fused.amax(dim=(2, 3))], dim=1))
         skips = (*f_maps[:-1], fused)
 

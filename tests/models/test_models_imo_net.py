@@ -204,7 +204,7 @@ def test_weights_follow_the_seed_and_the_state_has_no_buffers() -> None:
     a, b = build_imo_net(TINY).state_dict(), build_imo_net(TINY).state_dict()
     c = build_imo_net(replace(TINY, seed=1)).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["cmfa.q.weight"], c["cmfa.q.weight"])
+    assert not torch.equal(a["modality_oct.cmfa.q.weight"], c["modality_oct.cmfa.q.weight"])
     model = build_imo_net(TINY)
     assert isinstance(model, ImoNet) and model.training and not list(model.buffers())
     state = torch.random.get_rng_state()
@@ -218,7 +218,7 @@ def test_a_fundus_only_batch_gives_zero_gradient_to_the_oct_encoder() -> None:
         model.zero_grad(set_to_none=True)
         inputs, targets = _batch(n=3, has_oct=flags)
         model(inputs).loss(targets).backward()
-        oct_grads = [p.grad for p in model.oct_encoder.parameters()]
+        oct_grads = [p.grad for p in model.modality_oct.encoder.parameters()]
         assert all(g is not None for g in oct_grads)
         assert all(torch.count_nonzero(g) == 0 for g in oct_grads) is zero
         assert torch.count_nonzero(model.fundus_encoder.levels[0][0].conv.weight.grad) > 0
@@ -321,7 +321,7 @@ def test_opacus_per_sample_gradients_are_exact_and_a_dp_sgd_step_runs() -> None:
     assert math.isfinite(loss)
     after = model.state_dict()
     assert not torch.equal(after["denoiser.head.weight"], before["denoiser.head.weight"])
-    assert not torch.equal(after["oct_encoder.levels.0.0.conv.weight"], before["oct_encoder.levels.0.0.conv.weight"])
+    assert not torch.equal(after["modality_oct.encoder.levels.0.0.conv.weight"], before["modality_oct.encoder.levels.0.0.conv.weight"])
 
 
 def test_a_few_adam_steps_reduce_the_loss() -> None:
