@@ -15,15 +15,21 @@ from fedsilo.models.classify_data import gaussian_blur
 from fedsilo.models.data import SiloSplits
 
 __all__ = [
-    "GRADES", "MODALITIES", "FundusStyle", "GlaucomaDataset", "GlaucomaExample", "GlaucomaInputs",
-    "GlaucomaTargets", "OctStyle", "SyntheticGlaucomaConfig", "collate_glaucoma", "domain_styles",
-    "glaucoma_silo_splits", "glaucoma_unseen", "grade_prior", "unseen_styles",
+    "FUNDUS", "GRADES", "MODALITIES", "OCT_GROUP", "FundusStyle", "GlaucomaDataset", "GlaucomaExample",
+    "GlaucomaInputs", "GlaucomaTargets", "OctStyle", "SyntheticGlaucomaConfig", "clinic_modalities",
+    "collate_glaucoma", "domain_styles", "glaucoma_silo_splits", "glaucoma_unseen", "grade_prior", "unseen_styles",
 ]
 
 #: The glaucoma grades, in label order (grade ``i`` is ``GRADES[i]``).
 GRADES = ("normal", "early", "advanced")
-#: The values of :attr:`SyntheticGlaucomaConfig.modalities`: a clinic with both devices, or a fundus camera only.
-MODALITIES = ("both", "fundus")
+#: The values of :attr:`SyntheticGlaucomaConfig.modalities`: by domain (every third clinic has a fundus camera
+#: only), a clinic with both devices, or a fundus camera only.
+MODALITIES = ("auto", "both", "fundus")
+#: The modality group of the OCT tensors: the network keeps them under a ``modality_oct`` path segment
+#: (:func:`fedsilo.core.phases.modality_of`), and a dataset's :attr:`GlaucomaDataset.modalities` names it.
+OCT_GROUP = "oct"
+#: The modality every example has.
+FUNDUS = "fundus"
 #: Segmentation labels of the fundus mask: 0 background, 1 optic disc outside the cup (the rim), 2 optic cup.
 SEG_CLASSES = 3
 
@@ -61,6 +67,13 @@ class GlaucomaDataset(Dataset[GlaucomaExample]):
         has_oct_modality: Whether this silo has OCT at all (false for a fundus-only clinic), even where
             this split holds no OCT.
     """
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        """The modality groups this silo's data holds (``{"fundus", "oct"}``, or ``{"fundus"}`` for a
+        fundus-only clinic): a silo agent trains, and uploads, only the network tensors of these groups
+        (:meth:`fedsilo.silo_agent.strategy.Strategy.hold_modalities`)."""
+        return frozenset({FUNDUS, OCT_GROUP} if self.has_oct_modality else {FUNDUS})
 
     def __init__(self, fundus: torch.Tensor, oct: torch.Tensor, has_oct: torch.Tensor, masks: torch.Tensor,
                  grades: torch.Tensor, *, has_oct_modality: bool | None = None) -> None:
@@ -224,8 +237,10 @@ class SyntheticGlaucomaConfig(MappingConfig):
         n_val: Validation examples per silo.
         n_test: Test examples per silo (grade-balanced).
         n_unseen: Examples of the unseen devices per silo (grade-balanced).
-        modalities: ``"both"`` (fundus and OCT) or ``"fundus"`` (a fundus-only clinic: every OCT is
-            zeros and ``has_oct`` false, in every split and the unseen set).
+        modalities: ``"both"`` (fundus and OCT), ``"fundus"`` (a fundus-only clinic: every OCT is
+            zeros and ``has_oct`` false, in every split and the unseen set), or ``"auto"`` (the
+            default): domain ``i`` is fundus-only when ``i % 3 == 2`` (the third clinic of three), see
+            :func:`clinic_modalities`.
     """
 
     seed: int = 0
@@ -235,7 +250,7 @@ class SyntheticGlaucomaConfig(MappingConfig):
     n_val: int = 24
     n_test: int = 48
     n_unseen: int = 48
-    modalities: str = "both"
+    modalities: str = "auto"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -437,8 +452,17 @@ def _style_oct(rng: np.random.Generator, x: np.ndarray, style: OctStyle) -> np.n
     return np.clip(x, 0, 1).astype(np.float32)
 
 
+def clinic_modalities(cfg: SyntheticGlaucomaConfig, domain: int) -> str:
+    """What built-in clinic ``domain`` holds: ``"both"`` or ``"fundus"`` (``cfg.modalities``, with ``"auto"``
+    resolved: every third clinic, ``domain % 3 == 2``, has a fundus camera only)."""
+    check_int("clinic_modalities", "domain", domain, minimum=0)
+    if cfg.modalities != "auto":
+        return cfg.modalities
+    return "fundus" if domain % 3 == 2 else "both"
+
+
 def _dataset(rng: np.random.Generator, grades: np.ndarray, cfg: SyntheticGlaucomaConfig,
-             styles: tuple[FundusStyle, OctStyle]) -> GlaucomaDataset:
+             styles: tuple[FundusStyle, OctStyle], modalities: str) -> GlaucomaDataset:
     n, s = len(grades), cfg.image_size
     h, w = cfg.oct_size
     fundus, octs = np.zeros((n, 3, s, s), np.float32), np.zeros((n, 1, h, w), np.float32)
@@ -447,11 +471,11 @@ def _dataset(rng: np.random.Generator, grades: np.ndarray, cfg: SyntheticGlaucom
         f, masks[i], o = _example(rng, int(g), s, (h, w))
         fundus[i] = _style_fundus(rng, f, styles[0])
         o = _style_oct(rng, o, styles[1])  # drawn either way: a fundus-only silo holds the same eyes
-        if cfg.modalities == "both":
+        if modalities == "both":
             octs[i, 0] = o
-    has = torch.full((n,), cfg.modalities == "both", dtype=torch.bool)
+    has = torch.full((n,), modalities == "both", dtype=torch.bool)
     return GlaucomaDataset(torch.from_numpy(fundus), torch.from_numpy(octs), has, torch.from_numpy(masks),
-                           torch.from_numpy(grades.astype(np.int64)))
+                           torch.from_numpy(grades.astype(np.int64)), has_oct_modality=modalities == "both")
 
 
 def glaucoma_silo_splits(cfg: SyntheticGlaucomaConfig, domain: int) -> SiloSplits:
@@ -467,7 +491,8 @@ def glaucoma_silo_splits(cfg: SyntheticGlaucomaConfig, domain: int) -> SiloSplit
     out = {}
     for i, (split, n) in enumerate((("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))):
         rng = np.random.default_rng(np.random.SeedSequence([_TAG_SPLIT, cfg.seed, domain, i]))
-        out[split] = _dataset(rng, _grades(rng, None if split == "test" else prior, n), cfg, styles)
+        out[split] = _dataset(rng, _grades(rng, None if split == "test" else prior, n), cfg, styles,
+                              clinic_modalities(cfg, domain))
     return SiloSplits(**out)
 
 
@@ -479,4 +504,4 @@ def glaucoma_unseen(cfg: SyntheticGlaucomaConfig, domain: int) -> GlaucomaDatase
     """
     check_int("glaucoma_unseen", "domain", domain, minimum=0)
     rng = np.random.default_rng(np.random.SeedSequence([_TAG_UNSEEN, cfg.seed, domain]))
-    return _dataset(rng, _grades(rng, None, cfg.n_unseen), cfg, unseen_styles(cfg.seed))
+    return _dataset(rng, _grades(rng, None, cfg.n_unseen), cfg, unseen_styles(cfg.seed), clinic_modalities(cfg, domain))

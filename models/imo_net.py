@@ -41,6 +41,23 @@ abstract leaves open, and what we chose:
   output) and (b) the estimate of the DDPM pass at the drawn step t.
 * **Grading.** Mean- and max-pooled fused map -> Linear -> SiLU -> Linear, CE.
 
+Ablation switches of :class:`ImoNetConfig` (a bench study; each default is the network above,
+bit-identical):
+
+* **inputs** (:class:`ImoInputs`): ``"both"``; ``"fundus"`` withholds OCT (``has_oct`` is forced
+  false inside the network, so every example takes the fundus-only path and no ``modality_oct``
+  tensor gets a gradient); ``"oct"`` withholds the fundus photograph (the network sees a zero
+  fundus image of the same size, so segmentation and grading can only use OCT through the
+  fusion). Same architecture and state in all three.
+* **fusion** (:class:`ImoFusion`): ``"cmfa"``; ``"late"`` builds no CMFA and no alignment
+  projections (align term 0), the decoder's skips are the fundus maps alone, and grading is
+  logit-level late fusion ``grade_head(pool(fundus map)) + has_oct * modality_oct.grade_head(pool(OCT
+  map))`` (pool: mean and max over H, W concatenated; the OCT head has the main head's shape).
+* **decoder** (:class:`ImoDecoder`): ``"diffusion"``; ``"plain"`` calls the same conditional UNet
+  once, deterministically, on a zero input map at step t = 0 and uses its output directly as the
+  segmentation logits (no ``logit_scale``, no clipping); loss Dice + CE of those logits only (the
+  ε-MSE term is 0), no draws from the global RNG in either mode. Same parameters as ``"diffusion"``.
+
 Training mode draws ``t ~ U{0..T-1}`` per example and then ε from torch's global *CPU* RNG in
 ``forward`` (the training loop seeds it); evaluation mode uses t = T // 2 and a second fixed
 noise map from the ``sample_seed`` generator for the loss's DDPM term. The targets are needed
@@ -73,6 +90,9 @@ from fedsilo.models.imo_diffusion import (
 
 __all__ = [
     "CrossModalAttention",
+    "ImoDecoder",
+    "ImoFusion",
+    "ImoInputs",
     "ImoNet",
     "ImoNetConfig",
     "ImoNorm",
@@ -94,6 +114,28 @@ class ImoNorm(enum.Enum):
 
     GROUP = "group"  # GroupNorm(norm_groups, C)
     LAYER = "layer"  # GroupNorm(1, C): one group over C, H, W
+
+
+class ImoInputs(enum.Enum):
+    """What :class:`ImoNet` sees of each example (ablation; the architecture is the same in all)."""
+
+    BOTH = "both"  # fundus and, where has_oct, OCT
+    FUNDUS = "fundus"  # OCT withheld: has_oct forced false
+    OCT = "oct"  # fundus withheld: a zero fundus image
+
+
+class ImoFusion(enum.Enum):
+    """How :class:`ImoNet` fuses the two modalities (ablation)."""
+
+    CMFA = "cmfa"  # cross-attention at the deepest level + alignment term
+    LATE = "late"  # logit-level late fusion of two grade heads; fundus-only decoder skips
+
+
+class ImoDecoder(enum.Enum):
+    """The segmentation decoder of :class:`ImoNet` (ablation)."""
+
+    DIFFUSION = "diffusion"  # DDPM-trained, DDIM-sampled
+    PLAIN = "plain"  # the same UNet called once on a zero map at t = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +164,15 @@ class ImoNetConfig(MappingConfig):
         align_weight: Weight of the CMFA alignment term.
         diffusion_weight: Weight of the DDPM ε-MSE term.
         grade_weight: Weight of the grading cross-entropy.
+        inputs: Ablation (:class:`ImoInputs`): ``"both"`` (default); ``"fundus"``: OCT withheld,
+            ``has_oct`` forced false inside the network; ``"oct"``: fundus withheld, the network
+            sees a zero fundus image.
+        fusion: Ablation (:class:`ImoFusion`): ``"cmfa"`` (default); ``"late"``: no CMFA and no
+            alignment modules or term, fundus-only decoder skips, grade logits
+            ``grade_head(pooled fundus) + has_oct * modality_oct.grade_head(pooled OCT)``.
+        decoder: Ablation (:class:`ImoDecoder`): ``"diffusion"`` (default); ``"plain"``: the same
+            UNet called once on a zero map at t = 0, its output the segmentation logits, trained
+            with Dice + CE only.
     """
 
     seed: int = 0
@@ -143,6 +194,9 @@ class ImoNetConfig(MappingConfig):
     align_weight: float = 0.1
     diffusion_weight: float = 1.0
     grade_weight: float = 1.0
+    inputs: ImoInputs = ImoInputs.BOTH
+    fusion: ImoFusion = ImoFusion.CMFA
+    decoder: ImoDecoder = ImoDecoder.DIFFUSION
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -176,6 +230,9 @@ class ImoNetConfig(MappingConfig):
         check_float(owner, "logit_scale", self.logit_scale, low=0.0, high=1e3, low_inclusive=False)
         for name in ("align_weight", "diffusion_weight", "grade_weight"):
             check_float(owner, name, getattr(self, name), low=0.0, high=1e6)
+        check_enum(owner, "inputs", self.inputs, ImoInputs)
+        check_enum(owner, "fusion", self.fusion, ImoFusion)
+        check_enum(owner, "decoder", self.decoder, ImoDecoder)
 
 
 def alignment_loss(fundus_embed: torch.Tensor, oct_embed: torch.Tensor, has_oct: torch.Tensor) -> torch.Tensor:
@@ -289,20 +346,35 @@ class CrossModalAttention(nn.Module):
 
 
 class OctBranch(nn.Module):
-    """Every tensor that only examples with OCT train: the OCT encoder, CMFA and both alignment projections.
+    """Every tensor that only examples with OCT train: the OCT encoder, then CMFA and both alignment
+    projections (``fusion="cmfa"``) or the OCT grade head (``fusion="late"``).
 
-    For an example without OCT the CMFA residual and the alignment term are multiplied by 0, so
-    none of these tensors gets a gradient from it (``fundus`` projection included: it only feeds
-    the alignment term).
+    For an example without OCT the CMFA residual, the alignment term and the OCT grade logits are
+    multiplied by 0, so none of these tensors gets a gradient from it (``fundus`` projection
+    included: it only feeds the alignment term).
     """
 
     def __init__(self, cfg: ImoNetConfig) -> None:
         super().__init__()
         c = cfg.widths[-1]
         self.encoder = _Encoder(cfg.oct_channels, cfg)
-        self.cmfa = CrossModalAttention(c, cfg.attention_heads)
-        self.align_fundus = nn.Linear(c, c)
-        self.align_oct = nn.Linear(c, c)
+        if cfg.fusion is ImoFusion.CMFA:
+            self.cmfa = CrossModalAttention(c, cfg.attention_heads)
+            self.align_fundus = nn.Linear(c, c)
+            self.align_oct = nn.Linear(c, c)
+        else:
+            self.grade_head = _grade_head(cfg)
+
+
+def _grade_head(cfg: ImoNetConfig) -> nn.Sequential:
+    """Pooled map ``[N, 2C]`` -> Linear -> SiLU -> Linear -> ``[N, n_grades]``."""
+    c = cfg.widths[-1]
+    return nn.Sequential(nn.Linear(2 * c, c), nn.SiLU(), nn.Linear(c, cfg.n_grades))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean and max over H, W of ``[N, C, H, W]``, concatenated: ``[N, 2C]``."""
+    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
 
 
 class _Denoiser(nn.Module):
@@ -338,11 +410,12 @@ class ImoOutput:
     """What :meth:`ImoNet.forward` returns: predictions, and what :meth:`loss` needs.
 
     Attributes:
-        seg_logits: ``[N, K, H, W]`` (training mode: the sampler's first-step estimate; eval: the sampler's).
+        seg_logits: ``[N, K, H, W]`` (training mode: the sampler's first-step estimate; eval: the
+            sampler's; ``decoder="plain"``: the UNet's output in both modes).
         grade_logits: ``[N, n_grades]``.
-        align: The per-example CMFA alignment term ``[N]`` (0 without OCT).
-        t: The DDPM step of each example's loss pass, int64 ``[N]``.
-        noise: ε of the loss pass, ``[N, K, H, W]``.
+        align: The per-example CMFA alignment term ``[N]`` (0 without OCT and with ``fusion="late"``).
+        t: The DDPM step of each example's loss pass, int64 ``[N]`` (``decoder="plain"``: 0).
+        noise: ε of the loss pass, ``[N, K, H, W]`` (``decoder="plain"``: the zero input map).
         denoise: ``(x_t, t) -> ε̂`` conditioned on this batch's fused features.
         schedule: The DDPM schedule.
         config: The network's config (loss weights, ``logit_scale``).
@@ -360,6 +433,8 @@ class ImoOutput:
     def loss_terms(self, targets: Any) -> dict[str, torch.Tensor]:
         """The unweighted per-example terms ``[N]``: ``seg`` (Dice+CE, averaged over the two
         estimates), ``diffusion`` (ε-MSE), ``grade`` (CE) and ``align``. Runs the denoiser once.
+        With ``decoder="plain"``: ``seg`` is Dice+CE of ``seg_logits``, ``diffusion`` is 0 and the
+        denoiser is not run.
 
         Args:
             targets: An object with ``mask`` (int64 ``[N, H, W]``) and ``grade`` (int64 ``[N]``).
@@ -378,6 +453,10 @@ class ImoOutput:
         for name, value, top in (("mask", mask, k), ("grade", grade, self.grade_logits.shape[1])):
             if value.numel() and (int(value.min()) < 0 or int(value.max()) >= top):
                 raise ValueError(f"targets.{name} must lie in [0, {top}), got [{int(value.min())}, {int(value.max())}]")
+        grade_ce = F.cross_entropy(self.grade_logits, grade, reduction="none")
+        if self.config.decoder is ImoDecoder.PLAIN:
+            return {"seg": dice_ce_per_example(self.seg_logits, mask), "diffusion": self.seg_logits.new_zeros(n),
+                    "grade": grade_ce, "align": self.align}
         x0 = F.one_hot(mask, k).permute(0, 3, 1, 2).contiguous().to(self.seg_logits.dtype) * 2.0 - 1.0
         seen: dict[str, torch.Tensor] = {}
 
@@ -389,8 +468,7 @@ class ImoOutput:
         x0_hat = predict_x0(seen["x_t"], self.t, seen["eps"], self.schedule)
         seg = 0.5 * (dice_ce_per_example(self.seg_logits, mask)
                      + dice_ce_per_example(self.config.logit_scale * x0_hat, mask))
-        return {"seg": seg, "diffusion": diffusion,
-                "grade": F.cross_entropy(self.grade_logits, grade, reduction="none"), "align": self.align}
+        return {"seg": seg, "diffusion": diffusion, "grade": grade_ce, "align": self.align}
 
     def per_example_loss(self, targets: Any) -> torch.Tensor:
         """``seg + diffusion_weight * diffusion + grade_weight * grade + align_weight * align``, ``[N]``."""
@@ -407,7 +485,8 @@ class ImoNet(nn.Module):
     """IMO (our reading): fundus and OCT encoders, CMFA fusion, a diffusion segmentation decoder, a grade head.
 
     ``state_dict`` prefixes: ``fundus_encoder.``, ``modality_oct.`` (:class:`OctBranch`: every tensor
-    only an example with OCT trains), ``denoiser.``, ``grade_head.``. No buffers (the schedule is
+    only an example with OCT trains; ``encoder``, ``cmfa``, ``align_fundus``, ``align_oct`` with
+    ``fusion="cmfa"``, ``encoder``, ``grade_head`` with ``"late"``), ``denoiser.``, ``grade_head.``. No buffers (the schedule is
     recomputed). The ``modality_oct`` segment follows :mod:`fedsilo.core.phases`' naming rule for
     modality groups: a silo without OCT freezes and never uploads those tensors, and the federation
     averages them over the silos that have OCT.
@@ -420,16 +499,16 @@ class ImoNet(nn.Module):
     def __init__(self, cfg: ImoNetConfig) -> None:
         super().__init__()
         self.config = cfg
-        c = cfg.widths[-1]
         self.fundus_encoder = _Encoder(cfg.fundus_channels, cfg)
         self.modality_oct = OctBranch(cfg)
         self.denoiser = _Denoiser(cfg)
-        self.grade_head = nn.Sequential(nn.Linear(2 * c, c), nn.SiLU(), nn.Linear(c, cfg.n_grades))
+        self.grade_head = _grade_head(cfg)
         self.schedule = ddpm_schedule(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
         self.timesteps = ddim_timesteps(cfg.diffusion_steps, cfg.inference_steps)
 
     def _read(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(fundus, oct with zeros where has_oct is false, has_oct)`` of a batch, validated."""
+        """``(fundus, oct with zeros where has_oct is false, has_oct)`` of a batch, validated; with
+        ``inputs="fundus"`` has_oct is all false, with ``"oct"`` the fundus image is zeros."""
         cfg = self.config
         fundus, oct_img, has_oct = (getattr(inputs, a, None) for a in ("fundus", "oct", "has_oct"))
         if not isinstance(fundus, torch.Tensor) or fundus.dim() != 4 or fundus.shape[1] != cfg.fundus_channels:
@@ -439,6 +518,10 @@ class ImoNet(nn.Module):
         if not isinstance(has_oct, torch.Tensor) or has_oct.dtype != torch.bool or tuple(has_oct.shape) != (n,):
             raise ValueError(f"inputs.has_oct must be a bool tensor [{n}], "
                              f"got {getattr(has_oct, 'dtype', type(has_oct).__name__)} {tuple(getattr(has_oct, 'shape', ()))}")
+        if cfg.inputs is ImoInputs.FUNDUS:
+            has_oct = torch.zeros_like(has_oct)
+        elif cfg.inputs is ImoInputs.OCT:
+            fundus = torch.zeros_like(fundus)
         if oct_img is None:
             if bool(has_oct.any()):
                 raise ValueError("inputs.oct is None but has_oct is true for some examples")
@@ -470,15 +553,24 @@ class ImoNet(nn.Module):
         gate = has_oct.to(fundus.dtype)
         branch = self.modality_oct
         f_maps, o_maps = self.fundus_encoder(fundus), branch.encoder(oct_img)
-        fused = branch.cmfa(f_maps[-1], o_maps[-1], gate)
-        align = alignment_loss(branch.align_fundus(f_maps[-1].mean(dim=(2, 3))),
-                               branch.align_oct(o_maps[-1].mean(dim=(2, 3))), has_oct)
-        grade_logits = self.grade_head(torch.cat([fused.mean(dim=(2, 3)), fused.amax(dim=(2, 3))], dim=1))
+        if cfg.fusion is ImoFusion.CMFA:
+            fused = branch.cmfa(f_maps[-1], o_maps[-1], gate)
+            align = alignment_loss(branch.align_fundus(f_maps[-1].mean(dim=(2, 3))),
+                                   branch.align_oct(o_maps[-1].mean(dim=(2, 3))), has_oct)
+            grade_logits = self.grade_head(_pool(fused))
+        else:  # late: fundus-only skips, OCT enters through its own gated grade head
+            fused, align = f_maps[-1], fundus.new_zeros(n)
+            grade_logits = self.grade_head(_pool(fused)) + gate[:, None] * branch.grade_head(_pool(o_maps[-1]))
         skips = (*f_maps[:-1], fused)
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(x_t, t, skips)
 
+        if cfg.decoder is ImoDecoder.PLAIN:  # one deterministic call on a zero map at t = 0
+            zeros = fundus.new_zeros((n, k, *fundus.shape[2:]))
+            t0 = torch.zeros(n, dtype=torch.int64, device=fundus.device)
+            return ImoOutput(seg_logits=denoise(zeros, t0), grade_logits=grade_logits, align=align, t=t0,
+                             noise=zeros, denoise=denoise, schedule=self.schedule, config=cfg)
         start, eval_noise = self._fixed_noise(fundus, k)
         steps = cfg.diffusion_steps
         if self.training:

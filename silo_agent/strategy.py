@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fedsilo.core.lazy import lazy_module
+from fedsilo.core.errors import InvalidArgument
 from fedsilo.core.methods import Method
-from fedsilo.core.phases import SharePhase
+from fedsilo.core.phases import COUNT_PRESENT, MODALITY_SLOT, SharePhase, count_slot, modality_groups, modality_of
 
 torch = lazy_module("torch")
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
+    from fedsilo.core.tensors import Manifest
     from fedsilo.models import TrainConfig
     from fedsilo.models.objective import LocalObjective
     from fedsilo.models.tasks import SiloData, Task
@@ -72,6 +74,18 @@ class Strategy(Method, abc.ABC):
     Only floating-point entries can be shared. The contract test in
     tests/silo_agent/test_strategy_contract.py runs on every implementation.
     """
+
+    #: The hooks that make or apply uploads: a subclass that overrides one of them has no
+    #: ``modality_counts`` unless its class body sets it (it then fills and reads the count slots itself).
+    UPLOAD_HOOKS: ClassVar[tuple[str, ...]] = ("upload", "he_vector", "apply", "apply_sum", "upload_layout")
+
+    #: The modality groups this silo's data holds (:meth:`hold_modalities`); None: every group.
+    held_modalities: frozenset[str] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "modality_counts" not in cls.__dict__ and (cls.masked or any(h in cls.__dict__ for h in cls.UPLOAD_HOOKS)):
+            cls.modality_counts = False
 
     #: Whether :meth:`upload`, :meth:`he_vector`, :meth:`apply` and :meth:`apply_sum`, where overridden,
     #: still leave every silo with the same shared values (a function of the aggregate alone, as
@@ -131,9 +145,57 @@ class Strategy(Method, abc.ABC):
 
     def set_trainable(self, model: torch.nn.Module, phase: SharePhase, trainable: frozenset[str]) -> None:
         """Sets ``requires_grad`` for a round: among ``trainable`` (the parameters the model
-        may train at all, e.g. only LoRA factors over a frozen base), those `trains` selects."""
+        may train at all, e.g. only LoRA factors over a frozen base), those `trains` selects and
+        this silo's data can train (:meth:`lacks`: none of a modality it does not hold, so not
+        even DP-SGD's noise moves them)."""
         for name, p in model.named_parameters():
-            p.requires_grad_(name in trainable and self.trains(name, phase))
+            p.requires_grad_(name in trainable and self.trains(name, phase) and not self.lacks(name))
+
+    # -- modality groups (fedsilo.core.phases.modality_of) ------------------------------------------
+    def hold_modalities(self, held: Any, *, manifest: Manifest, silo_level_dp: bool = False) -> None:
+        """Records which modality groups this silo's data holds, before its first round.
+
+        Args:
+            held: the training set's ``modalities`` (a set of group names; groups the network
+                has not got are ignored), or None: every group (a Task without modalities).
+            manifest: the run's shared tensors.
+            silo_level_dp: whether the run's DP is silo-level.
+
+        Raises:
+            StrategyError: the network has modality groups and the method has no ``modality_counts``,
+                or the run's DP is silo-level (it would clip and noise the count slots, and it
+                protects whether a silo holds a modality at all); ``held`` is not a set of names.
+        """
+        groups = modality_groups(manifest)
+        if groups:
+            try:
+                type(self).check_manifest(manifest)
+            except InvalidArgument as exc:
+                raise StrategyError(str(exc)) from None
+            if silo_level_dp:
+                raise StrategyError(f"the network has modality groups ({', '.join(groups)}), which silo-level DP "
+                                    "cannot protect: it would noise the per-modality counts, and whether a silo "
+                                    "holds a modality is part of what it protects; use record-level DP")
+        if held is None:
+            self.held_modalities = None
+            return
+        if isinstance(held, (str, bytes)) or not all(isinstance(g, str) for g in held):
+            raise StrategyError(f"the training set's modalities must be a set of names, got {held!r}")
+        self.held_modalities = frozenset(held)
+
+    def lacks(self, name: str) -> bool:
+        """Whether state_dict entry ``name`` is in a modality group this silo's data does not hold."""
+        group = modality_of(name)
+        return group is not None and self.held_modalities is not None and group not in self.held_modalities
+
+    def modality_counts_of(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The count slots of an upload of ``names``: per modality group, 1 where this silo holds it, else 0
+        (empty for a method without ``modality_counts``)."""
+        if not self.modality_counts:
+            return {}
+        groups = dict.fromkeys(g for k in names if (g := modality_of(k)) is not None)
+        return {count_slot(g): np.array([0.0 if self.held_modalities is not None and g not in self.held_modalities
+                                          else 1.0]) for g in groups}
 
     # -- what travels, and what comes back. The defaults are FedAvg's: differences to the
     # -- federation's shared values go up, their weighted mean is added on return.
@@ -148,15 +210,38 @@ class Strategy(Method, abc.ABC):
             names: the round's shared tensors, in manifest order.
             rnd: the round (1-based).
             total_rounds: the run's number of rounds.
+
+        The default uploads the differences, zeros for the tensors of a modality group this silo
+        does not hold (:meth:`lacks`), and the count slots (:meth:`modality_counts_of`).
         """
-        return {k: (trained[k].detach() - state.global_shared[k]).numpy() for k in names}
+        out = {}
+        for k in names:
+            if self.lacks(k):
+                g = state.global_shared[k]
+                out[k] = np.zeros(tuple(g.shape), dtype=g.numpy().dtype)
+            else:
+                out[k] = (trained[k].detach() - state.global_shared[k]).numpy()
+        out.update(self.modality_counts_of(names))
+        return out
 
     def apply(self, *, mean: Mapping[str, np.ndarray], state: AgentState, rnd: int, total_rounds: int) -> None:
         """Applies the round's weighted mean of the silos' uploads to ``state`` (in place).
 
-        The default adds the mean difference to ``state.global_shared``.
+        The default adds the mean difference to ``state.global_shared``. A modality group's tensors
+        are divided by its count slot's mean first (the mean over the silos that hold it), and left
+        as they are when no silo of the round holds it (count mean <= ``COUNT_PRESENT``).
         """
+        counts = {k: float(np.asarray(v, dtype=np.float64).reshape(-1)[0]) for k, v in mean.items()
+                  if k.startswith(MODALITY_SLOT)}
         for k, arr in mean.items():
+            if k in counts:
+                continue
+            group = modality_of(k)
+            if group is not None and count_slot(group) in counts:
+                count = counts[count_slot(group)]
+                if not count > COUNT_PRESENT:
+                    continue
+                arr = np.asarray(arr, dtype=np.float64) / count
             delta = torch.from_numpy(np.ascontiguousarray(arr))
             state.global_shared[k] = state.global_shared[k] + delta.to(state.global_shared[k].dtype)
 
@@ -185,7 +270,9 @@ class Strategy(Method, abc.ABC):
     def he_vector(self, update: Mapping[str, np.ndarray], *, state: AgentState, names: Sequence[str], scale: float,
                   rnd: int, total_rounds: int) -> np.ndarray:
         """The flat vector an HE upload encrypts, laid out as :meth:`upload_layout` says: by default
-        the round's tensors ``names`` flattened in order, times ``scale`` (the normalised weight)."""
+        the round's tensors ``names`` flattened in order, then the count slots ``update`` holds (in
+        group order), times ``scale`` (the normalised weight)."""
+        names = [*names, *(k for k in self.modality_counts_of(names) if k in update)]
         flat = np.concatenate([np.asarray(update[k]).astype(np.float64).ravel() for k in names])
         return flat * scale
 

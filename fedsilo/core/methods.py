@@ -18,7 +18,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
 from fedsilo.core.errors import InvalidArgument
-from fedsilo.core.phases import LORA_A_MARK, LORA_B_MARK, MASK_SUFFIXES, SharePhase, phase_manifest
+from fedsilo.core.phases import (
+    LORA_A_MARK,
+    LORA_B_MARK,
+    MASK_SUFFIXES,
+    SharePhase,
+    modality_groups,
+    modality_slots,
+    phase_manifest,
+)
 from fedsilo.core.tensors import Manifest
 
 __all__ = ["DEFAULT_METHOD", "BenchDefaults", "DpLevel", "Method", "UnknownMethod", "get_method", "method_names", "methods",
@@ -95,6 +103,11 @@ class Method:
         uses_lora: whether silos train LoRA adapters on a frozen base.
         needs_2d: why it works on 2-D images only ("" when it takes any Task); a run of a Task
             whose ``spatial_dims`` is not 2 (e.g. ``segmentation-3d``) refuses it.
+        modality_counts: whether its uploads carry a count slot per modality group
+            (:func:`fedsilo.core.phases.modality_slots`), so a network with ``modality_<g>`` tensors
+            (trained only where a silo holds modality g) is averaged over the silos that hold g. The
+            agent-side defaults implement it; a method that overrides how uploads are made or applied
+            does not, unless it says so (see ``Strategy``), and a run of such a network refuses it.
         bench: how ``fedsilo bench`` runs it; None: not one of the study's methods.
         order: where it stands in choice lists and the study's tables (then by name).
     """
@@ -114,6 +127,7 @@ class Method:
     masked: ClassVar[bool] = False
     uses_lora: ClassVar[bool] = False
     needs_2d: ClassVar[str] = ""
+    modality_counts: ClassVar[bool] = True
     bench: ClassVar[BenchDefaults | None] = None
     order: ClassVar[int] = 1000
 
@@ -142,13 +156,16 @@ class Method:
         """What an upload of round ``rnd`` carries: the run's manifest restricted to the round's
         phase, plus the companion sets of a masked method (every companion tensor has its
         tensor's shape and dtype; the coordinator adds them as ciphertexts like any other and
-        never sees a mask)."""
+        never sees a mask), then one count slot per modality group of the round's tensors (a
+        method with :attr:`modality_counts`)."""
         layout = phase_manifest(manifest, cls.phase(rnd))
-        if not cls.masked:
-            return layout
-        suffixes = MASK_SUFFIXES if cls.carries_local_part(rnd, total_rounds) else MASK_SUFFIXES[:1]
-        extra = tuple(replace(t, name=t.name + suffix) for suffix in suffixes for t in layout.tensors)
-        return Manifest(tensors=layout.tensors + extra)
+        extra: tuple = ()
+        if cls.masked:
+            suffixes = MASK_SUFFIXES if cls.carries_local_part(rnd, total_rounds) else MASK_SUFFIXES[:1]
+            extra = tuple(replace(t, name=t.name + suffix) for suffix in suffixes for t in layout.tensors)
+        if cls.modality_counts:
+            extra += modality_slots(layout)
+        return Manifest(tensors=layout.tensors + extra) if extra else layout
 
     @classmethod
     def relay_round(cls, purpose: str) -> int | None:
@@ -165,8 +182,14 @@ class Method:
         """Checks a joining silo's shared tensors suit the method.
 
         Raises:
-            InvalidArgument: e.g. an alternating method without LoRA factors of both kinds.
+            InvalidArgument: e.g. an alternating method without LoRA factors of both kinds, or a
+                network with modality groups for a method without :attr:`modality_counts`.
         """
+        groups = modality_groups(manifest)
+        if groups and not cls.modality_counts:
+            raise InvalidArgument(f"strategy {cls.name} cannot average the network's modality groups "
+                                  f"({', '.join(groups)}: tensors only silos with that modality train); it makes "
+                                  f"or applies uploads its own way, without per-modality counts")
         if not cls.alternates:
             return
         for phase, mark in ((SharePhase.LORA_B, LORA_B_MARK), (SharePhase.LORA_A, LORA_A_MARK)):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import replace
 
-from fedsilo.core.tensors import Manifest
+from fedsilo.core.tensors import DType, Manifest, TensorSpec
 
-__all__ = ["COMPANION_MARK", "LORA_A_MARK", "LORA_B_MARK", "MASK_SUFFIXES", "SharePhase", "masked_manifest",
-           "phase_manifest", "shared_numel"]
+__all__ = ["COMPANION_MARK", "COUNT_PRESENT", "LORA_A_MARK", "LORA_B_MARK", "MASK_SUFFIXES", "MODALITY_SEGMENT",
+           "MODALITY_SLOT", "SharePhase", "count_slot", "masked_manifest", "modality_groups", "modality_of",
+           "modality_slots", "phase_manifest", "shared_numel"]
 
 LORA_A_MARK = ".lora_A."
 LORA_B_MARK = ".lora_B."
@@ -55,3 +57,47 @@ def shared_numel(layout: Manifest) -> int:
     """Parameters an upload layout shares: its tensors without the companion tensors (masked uploads'
     companion sets, a method's extra slots: every name holding :data:`COMPANION_MARK`)."""
     return sum(t.numel for t in layout.tensors if COMPANION_MARK not in t.name)
+
+
+# -- modality groups ---------------------------------------------------------------------------------
+#: A state_dict path segment ``modality_<g>`` puts an entry in modality group g (e.g.
+#: ``modality_oct.encoder.levels.0.0.conv.weight`` is in group ``oct``): the tensors only examples with
+#: modality g train. A silo whose data lacks g trains none of them and uploads zeros for them; each
+#: upload carries one count slot per group (:func:`modality_slots`), 1 where the silo holds g and 0 where
+#: it does not, so the aggregate of g's tensors divided by its count's is their mean over the silos
+#: that hold g (weighted as usual), in the clear and under additive HE alike.
+MODALITY_SEGMENT = "modality_"
+#: The prefix of a count slot's name (``modality--oct``); it holds :data:`COMPANION_MARK`.
+MODALITY_SLOT = "modality--"
+#: A count mean at or below this is absent (no silo of the round holds the group): a fraction of the
+#: round's total weight, many orders above HE's rounding and below any real silo's share.
+COUNT_PRESENT = 1e-8
+_GROUP = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+
+
+def modality_of(name: str) -> str | None:
+    """The modality group of state_dict entry ``name`` (its first path segment ``modality_<g>``), or None.
+
+    Companion tensors and slots (names holding :data:`COMPANION_MARK`) belong to no group.
+    """
+    if COMPANION_MARK in name:
+        return None
+    for segment in name.split("."):
+        if segment.startswith(MODALITY_SEGMENT) and _GROUP.fullmatch(segment[len(MODALITY_SEGMENT):]):
+            return segment[len(MODALITY_SEGMENT):]
+    return None
+
+
+def modality_groups(manifest: Manifest) -> tuple[str, ...]:
+    """The modality groups of ``manifest``'s tensors, in order of their first tensor."""
+    return tuple(dict.fromkeys(g for t in manifest.tensors if (g := modality_of(t.name)) is not None))
+
+
+def count_slot(group: str) -> str:
+    """The name of modality group ``group``'s count slot (``modality--<group>``)."""
+    return MODALITY_SLOT + group
+
+
+def modality_slots(manifest: Manifest) -> tuple[TensorSpec, ...]:
+    """One count slot per modality group of ``manifest`` (float64, shape (1,)), in group order."""
+    return tuple(TensorSpec(name=count_slot(g), dtype=DType.FLOAT64, shape=(1,)) for g in modality_groups(manifest))

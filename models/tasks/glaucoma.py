@@ -34,7 +34,8 @@ class GlaucomaMultimodal(Task):
       ``has_oct`` false. ``builtin`` is :func:`~fedsilo.models.glaucoma_data.glaucoma_silo_splits` of
       ``SyntheticGlaucomaConfig(seed=spec.seed, **spec.options)`` (options ``image_size`` (64),
       ``oct_size`` ((32, 64)), ``n_train``, ``n_val``, ``n_test``, ``n_unseen``, ``modalities``
-      (``"both"``, or ``"fundus"`` for a fundus-only clinic)): the cup-to-disc ratio grows and the
+      (``"auto"``: every third clinic, domain ``i % 3 == 2``, is fundus-only; ``"both"``; or
+      ``"fundus"`` for a fundus-only clinic)): the cup-to-disc ratio grows and the
       OCT's nerve fibre layer thins with the grade; domain ``i`` has its own fundus camera and OCT
       device styles and a mildly skewed grade prior from (seed, i).
       ``folder`` is :func:`~fedsilo.models.glaucoma_folder.load_glaucoma_folder` of

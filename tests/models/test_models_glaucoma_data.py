@@ -12,12 +12,15 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Subset
 
 from fedsilo.models.glaucoma_data import (
+    FUNDUS,
     GRADES,
+    OCT_GROUP,
     GlaucomaDataset,
     GlaucomaExample,
     GlaucomaInputs,
     GlaucomaTargets,
     SyntheticGlaucomaConfig,
+    clinic_modalities,
     collate_glaucoma,
     domain_styles,
     glaucoma_silo_splits,
@@ -97,6 +100,20 @@ def test_rnfl_thins_with_the_grade() -> None:
         assert means[0] > means[1] + 0.5 and means[1] > means[2] + 0.5, (domain, means)
 
 
+def test_by_default_every_third_clinic_is_fundus_only_and_says_so() -> None:
+    cfg = _cfg()
+    assert [clinic_modalities(cfg, d) for d in range(6)] == ["both", "both", "fundus"] * 2
+    assert clinic_modalities(_cfg(modalities="both"), 2) == "both"
+    assert clinic_modalities(_cfg(modalities="fundus"), 0) == "fundus"
+    for domain, has in ((0, True), (1, True), (2, False)):
+        splits = glaucoma_silo_splits(cfg, domain)
+        for ds in (splits.train, splits.val, splits.test, glaucoma_unseen(cfg, domain)):
+            assert ds.has_oct_modality is has and bool(ds.has_oct.all()) is has
+            assert ds.modalities == ({FUNDUS, OCT_GROUP} if has else {FUNDUS})
+    explicit = glaucoma_silo_splits(_cfg(modalities="fundus"), 2)
+    assert torch.equal(explicit.train.fundus, glaucoma_silo_splits(cfg, 2).train.fundus)
+
+
 def test_fundus_only_silo_has_no_oct_anywhere() -> None:
     cfg = _cfg(modalities="fundus")
     splits = glaucoma_silo_splits(cfg, 0)
@@ -130,7 +147,7 @@ def test_styles_priors_and_the_unseen_domain() -> None:
     ({"oct_size": [8, 64]}, "got (8, 64)"),
     ({"n_train": 0}, "n_train must be >= 1, got 0"),
     ({"n_test": -1}, "n_test must be >= 0, got -1"),
-    ({"modalities": "oct"}, "modalities must be one of ['both', 'fundus'], got 'oct'"),
+    ({"modalities": "oct"}, "modalities must be one of ['auto', 'both', 'fundus'], got 'oct'"),
     ({"seed": -2}, "seed must be >= 0, got -2"),
     ({"colour": 1}, "unknown key(s) 'colour'"),
     ({"n_val": "3"}, "'n_val' must be an integer, got '3'"),

@@ -12,6 +12,9 @@ import torch
 
 from fedsilo.models.imo_diffusion import ddim_sample, ddim_timesteps, predict_x0, timestep_embedding
 from fedsilo.models.imo_net import (
+    ImoDecoder,
+    ImoFusion,
+    ImoInputs,
     ImoNet,
     ImoNetConfig,
     ImoNorm,
@@ -26,6 +29,14 @@ from fedsilo.models.imo_net import (
 
 TINY = ImoNetConfig(widths=(8, 16), norm_groups=4, attention_heads=2, time_dim=8, diffusion_steps=20,
                     inference_steps=3)
+# the ablation variants (the default is TINY itself); ids name the switches that differ
+VARIANTS = {
+    "fundus": replace(TINY, inputs=ImoInputs.FUNDUS),
+    "oct": replace(TINY, inputs=ImoInputs.OCT),
+    "late": replace(TINY, fusion=ImoFusion.LATE),
+    "plain": replace(TINY, decoder=ImoDecoder.PLAIN),
+    "oct-late-plain": replace(TINY, inputs=ImoInputs.OCT, fusion=ImoFusion.LATE, decoder=ImoDecoder.PLAIN),
+}
 
 
 @dataclass
@@ -337,3 +348,243 @@ def test_a_few_adam_steps_reduce_the_loss() -> None:
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+# -- ablation switches ------------------------------------------------------------------------
+
+
+def _grad_check(cfg: ImoNetConfig, flags: list[bool], *, inputs_cfg: ImoInputs | None = None) -> ImoNet:
+    """A model of ``cfg`` after one backward of a training batch with ``flags``."""
+    model = build_imo_net(cfg)
+    inputs, targets = _batch(n=3, has_oct=flags)
+    torch.manual_seed(0)
+    model(inputs).loss(targets).backward()
+    return model
+
+
+def test_ablation_switches_parse_from_mappings_and_validate() -> None:
+    assert (TINY.inputs, TINY.fusion, TINY.decoder) == (ImoInputs.BOTH, ImoFusion.CMFA, ImoDecoder.DIFFUSION)
+    cfg = ImoNetConfig.from_mapping({"inputs": "oct", "fusion": "late", "decoder": "plain"})
+    assert (cfg.inputs, cfg.fusion, cfg.decoder) == (ImoInputs.OCT, ImoFusion.LATE, ImoDecoder.PLAIN)
+    assert ImoNetConfig.from_mapping({"inputs": "fundus"}).inputs is ImoInputs.FUNDUS
+    assert ImoNetConfig.from_mapping(cfg.to_mapping()) == cfg
+    assert cfg.to_mapping()["fusion"] == "late"
+    for key, value in (("fusion", "early"), ("inputs", "neither"), ("decoder", "ddim")):
+        with pytest.raises(ValueError, match=f"'{key}' must be one of .*got '{value}'"):
+            ImoNetConfig.from_mapping({key: value})
+    with pytest.raises(ValueError, match=r"ImoNetConfig.fusion must be a ImoFusion \('cmfa', 'late'\), got 'late'"):
+        ImoNetConfig(fusion="late")  # type: ignore[arg-type]
+
+
+def test_default_variant_equals_an_explicit_default_and_variants_keep_the_parameter_count() -> None:
+    base = build_imo_net(TINY).state_dict()
+    explicit = build_imo_net(ImoNetConfig.from_mapping({**TINY.to_mapping(), "inputs": "both", "fusion": "cmfa",
+                                                        "decoder": "diffusion"})).state_dict()
+    assert base.keys() == explicit.keys() and all(torch.equal(base[k], explicit[k]) for k in base)
+    for name in ("fundus", "oct", "plain"):  # same architecture, same initial state
+        state = build_imo_net(VARIANTS[name]).state_dict()
+        assert state.keys() == base.keys() and all(torch.equal(base[k], state[k]) for k in base), name
+
+
+def test_late_fusion_has_no_cmfa_or_alignment_tensors_and_an_oct_grade_head() -> None:
+    model = build_imo_net(VARIANTS["late"])
+    keys = list(model.state_dict())
+    assert not [k for k in keys if "cmfa" in k or "align" in k]
+    assert any("cmfa" in k for k in build_imo_net(TINY).state_dict())
+    state = model.state_dict()
+    oct_head = {k[len("modality_oct.grade_head."):]: v for k, v in state.items()
+                if k.startswith("modality_oct.grade_head.")}
+    main_head = {k[len("grade_head."):]: v for k, v in state.items() if k.startswith("grade_head.")}
+    assert oct_head and {k: v.shape for k, v in oct_head.items()} == {k: v.shape for k, v in main_head.items()}
+    assert all(k.startswith(("fundus_encoder.", "modality_oct.", "denoiser.", "grade_head.")) for k in keys)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_late_fusion_outputs_are_fundus_skips_and_gated_logit_sums(mode: bool) -> None:
+    model = build_imo_net(VARIANTS["late"]).train(mode)
+    inputs, targets = _batch(n=3, has_oct=[True, False, True])
+    other = Inputs(inputs.fundus, torch.rand(inputs.oct.shape, generator=torch.Generator().manual_seed(9)),
+                   inputs.has_oct)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = model(inputs)
+        torch.manual_seed(0)
+        moved = model(other)
+        assert torch.equal(out.align, torch.zeros(3)) and torch.equal(out.loss_terms(targets)["align"], torch.zeros(3))
+        assert torch.equal(out.seg_logits, moved.seg_logits)  # the decoder never reads OCT
+        assert torch.equal(out.grade_logits[1], moved.grade_logits[1])
+        assert not torch.allclose(out.grade_logits[0], moved.grade_logits[0])
+        f_pool = _pool_of(model.fundus_encoder(inputs.fundus)[-1])
+        o_pool = _pool_of(model.modality_oct.encoder(inputs.oct)[-1])
+        expected = model.grade_head(f_pool) + inputs.has_oct.float()[:, None] * model.modality_oct.grade_head(o_pool)
+    assert torch.allclose(out.grade_logits, expected, atol=1e-6)
+    assert torch.equal(out.grade_logits[1], model.grade_head(f_pool)[1].detach())
+
+
+def _pool_of(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+@pytest.mark.parametrize("decoder", list(ImoDecoder))
+@pytest.mark.parametrize("fusion", list(ImoFusion))
+def test_a_batch_without_oct_gives_zero_gradient_to_every_modality_oct_tensor(fusion: ImoFusion,
+                                                                             decoder: ImoDecoder) -> None:
+    cfg = replace(TINY, fusion=fusion, decoder=decoder)
+    for flags, zero in (([False, False, False], True), ([True, False, False], False)):
+        model = _grad_check(cfg, flags)
+        oct_grads = {k: p.grad for k, p in model.named_parameters() if "modality_oct" in k.split(".")}
+        assert len(oct_grads) == len(list(model.modality_oct.parameters())) > 0
+        assert all(g is not None for g in oct_grads.values())
+        if zero:
+            assert all(torch.count_nonzero(g) == 0 for g in oct_grads.values()), \
+                [k for k, g in oct_grads.items() if torch.count_nonzero(g)]
+        else:
+            assert torch.count_nonzero(oct_grads["modality_oct.encoder.levels.0.0.conv.weight"]) > 0
+            head = "modality_oct.grade_head" if fusion is ImoFusion.LATE else "modality_oct.cmfa.out"
+            assert all(torch.count_nonzero(g) > 0 for k, g in oct_grads.items()
+                       if k.startswith(head) and k.endswith("weight"))
+        assert torch.count_nonzero(model.fundus_encoder.levels[0][0].conv.weight.grad) > 0
+
+
+@pytest.mark.parametrize("fusion", list(ImoFusion))
+def test_inputs_fundus_gives_zero_gradient_to_every_modality_oct_tensor_even_with_oct(fusion: ImoFusion) -> None:
+    cfg = replace(TINY, inputs=ImoInputs.FUNDUS, fusion=fusion)
+    model = _grad_check(cfg, [True, True, True])
+    grads = [p.grad for p in model.modality_oct.parameters()]
+    assert grads and all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    assert torch.count_nonzero(model.fundus_encoder.levels[0][0].conv.weight.grad) > 0
+    assert any(torch.count_nonzero(p.grad) for p in _grad_check(replace(cfg, inputs=ImoInputs.BOTH),
+                                                                [True, True, True]).modality_oct.parameters())
+    model.eval()  # withheld OCT: the same outputs as a batch that has none
+    inputs, targets = _batch(n=3, has_oct=[True, True, True])
+    with torch.no_grad():
+        out, without = model(inputs), model(Inputs(inputs.fundus, None, torch.zeros(3, dtype=torch.bool)))
+        assert torch.equal(out.seg_logits, without.seg_logits) and torch.equal(out.grade_logits, without.grade_logits)
+        assert torch.equal(out.align, torch.zeros(3))
+
+
+@pytest.mark.parametrize("cfg", [VARIANTS["oct"], replace(VARIANTS["oct"], fusion=ImoFusion.LATE),
+                                 VARIANTS["oct-late-plain"]], ids=["cmfa", "late", "late-plain"])
+def test_inputs_oct_ignores_the_fundus_image(cfg: ImoNetConfig) -> None:
+    inputs, targets = _batch(n=3, has_oct=[True, False, True])
+    other = Inputs(torch.rand(inputs.fundus.shape, generator=torch.Generator().manual_seed(8)), inputs.oct,
+                   inputs.has_oct)
+    for c, ignored in ((cfg, True), (replace(cfg, inputs=ImoInputs.BOTH), False)):
+        model = build_imo_net(c)
+        for mode in (True, False):
+            model.train(mode)
+            with torch.no_grad():
+                torch.manual_seed(1)
+                a = model(inputs)
+                loss_a = a.per_example_loss(targets)
+                torch.manual_seed(1)
+                b = model(other)
+                loss_b = b.per_example_loss(targets)
+            same = (torch.equal(a.seg_logits, b.seg_logits) and torch.equal(a.grade_logits, b.grade_logits)
+                    and torch.equal(loss_a, loss_b))
+            assert same is ignored, (c, mode)
+    model = build_imo_net(cfg).eval()  # the OCT still reaches the grade of examples that have it
+    moved = Inputs(inputs.fundus, torch.rand(inputs.oct.shape, generator=torch.Generator().manual_seed(9)),
+                   inputs.has_oct)
+    with torch.no_grad():
+        a, b = model(inputs), model(moved)
+    assert not torch.allclose(a.grade_logits[0], b.grade_logits[0]) and torch.equal(a.grade_logits[1], b.grade_logits[1])
+
+
+@pytest.mark.parametrize("fusion", list(ImoFusion))
+def test_plain_decoder_is_one_deterministic_call_with_no_diffusion_term(fusion: ImoFusion) -> None:
+    cfg = replace(VARIANTS["plain"], fusion=fusion)
+    model = build_imo_net(cfg)
+    assert sum(p.numel() for p in model.denoiser.parameters()) == sum(
+        p.numel() for p in build_imo_net(replace(cfg, decoder=ImoDecoder.DIFFUSION)).denoiser.parameters())
+    inputs, targets = _batch(n=3)
+    outs = []
+    for mode, seed in ((True, 1), (True, 2), (False, 3), (False, 4)):
+        model.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            state = torch.random.get_rng_state()
+            out = model(inputs)
+            terms = out.loss_terms(targets)
+            assert torch.equal(torch.random.get_rng_state(), state)  # no global RNG draws at all
+        assert torch.equal(terms["diffusion"], torch.zeros(3))
+        assert torch.equal(terms["seg"], dice_ce_per_example(out.seg_logits, targets.mask))
+        assert torch.equal(out.t, torch.zeros(3, dtype=torch.int64))
+        outs.append(out)
+    for out in outs[1:]:  # train and eval agree, whatever the global RNG
+        assert torch.equal(out.seg_logits, outs[0].seg_logits) and torch.equal(out.grade_logits, outs[0].grade_logits)
+    with torch.no_grad():
+        skips = outs[0].denoise  # the logits are the UNet's output on a zero map at t = 0, unscaled
+        direct = skips(torch.zeros(3, 3, 16, 16), torch.zeros(3, dtype=torch.int64))
+        assert torch.equal(outs[0].seg_logits, direct)
+        single = model(Inputs(inputs.fundus[1:2], inputs.oct[1:2], inputs.has_oct[1:2]))
+    assert torch.allclose(single.seg_logits[0], outs[0].seg_logits[1], atol=1e-5)
+    diffusion = build_imo_net(replace(cfg, decoder=ImoDecoder.DIFFUSION))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert float(diffusion(inputs).loss_terms(targets)["diffusion"].min()) > 0
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_example_loss_reads_only_its_own_example_in_every_variant(name: str) -> None:
+    model = build_imo_net(VARIANTS[name])
+    inputs, targets = _batch(n=3, has_oct=[True, True, False])
+    other_inputs, other_targets = _batch(n=3, has_oct=[True, False, True], seed=5)
+    changed = Inputs(inputs.fundus.clone(), inputs.oct.clone(), inputs.has_oct.clone())
+    changed.fundus[2], changed.oct[2], changed.has_oct[2] = (other_inputs.fundus[2], other_inputs.oct[2],
+                                                             other_inputs.has_oct[2])
+    changed_targets = Targets(targets.mask.clone(), targets.grade.clone())
+    changed_targets.mask[2], changed_targets.grade[2] = other_targets.mask[2], 1
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(3)
+            base = model(inputs).per_example_loss(targets)
+            torch.manual_seed(3)
+            moved = model(changed).per_example_loss(changed_targets)
+        assert torch.allclose(base[:2], moved[:2], atol=1e-6, rtol=1e-6), mode
+        assert not torch.allclose(base[2], moved[2])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_opacus_per_sample_gradients_are_exact_in_every_variant(name: str) -> None:
+    from opacus.grad_sample import GradSampleModule
+
+    from fedsilo.privacy.dpsgd import DpSgdStep, make_private_compatible
+
+    model = build_imo_net(VARIANTS[name])
+    assert make_private_compatible(model) is model
+    inputs, targets = _batch(n=3, has_oct=[True, False, True])
+    inputs.fundus = inputs.fundus.to(memory_format=torch.channels_last)
+    names, params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad], strict=True)
+    torch.manual_seed(6)
+    per = model(inputs).per_example_loss(targets)
+    reference = [torch.autograd.grad(per[i], params, retain_graph=True, allow_unused=True) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        try:
+            torch.manual_seed(6)
+            gsm(inputs).loss(targets).backward()
+            for j, p in enumerate(params):
+                for i in range(3):
+                    ref = reference[i][j] if reference[i][j] is not None else torch.zeros_like(p)
+                    assert torch.allclose(p.grad_sample[i], ref, atol=1e-5, rtol=1e-4), (names[j], i)
+            for j, k in enumerate(names):  # example 1 has no OCT: nothing under modality_oct from it
+                if "modality_oct" in k.split("."):
+                    assert torch.count_nonzero(params[j].grad_sample[1]) == 0, k
+        finally:
+            gsm._close()
+    for p in params:
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    model.zero_grad(set_to_none=True)
+    before = model.state_dict()["denoiser.head.weight"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with DpSgdStep(model, torch.optim.SGD(params, lr=0.1), max_grad_norm=1.0, noise_multiplier=0.5,
+                       expected_batch_size=3, generator=torch.Generator().manual_seed(0),
+                       loss_fn=lambda out, y: out.loss(y)) as step:
+            assert math.isfinite(step.step(inputs, targets))
+    assert not torch.equal(model.state_dict()["denoiser.head.weight"], before)
