@@ -280,11 +280,13 @@ def status(address: str, ca: Path, cert: Path, key: Path) -> None:
     click.echo(json.dumps(out, indent=2))
 
 
-def _parse_model_json(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
-    """The ``--model-json`` callback of ``fedsilo demo`` and ``fedsilo bench``: the JSON object, or None.
+def _parse_json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """The callback of ``--model-json`` (``fedsilo demo`` and ``fedsilo bench``) and ``--data-json`` (``fedsilo
+    bench``): the JSON object, or None.
 
-    Its entries are checked against the Task's model config by the command (``demo.model_table``), once
-    the Task is known. A value that is not a JSON object is a usage error (exit 2) before anything starts.
+    Its entries are checked against the Task's model config or data loader by the command (``demo.model_table``,
+    ``BenchConfig``), once the Task is known. A value that is not a JSON object is a usage error (exit 2)
+    before anything starts.
     """
     if value is None:
         return None
@@ -293,7 +295,9 @@ def _parse_model_json(ctx: click.Context, param: click.Parameter, value: str | N
     except ValueError as exc:
         _fail(f"{param.opts[0]} is not JSON: {exc}")
     if not isinstance(parsed, dict):
-        _fail(f"{param.opts[0]} must be a JSON object of [model] keys, e.g. '{{\"norm\": \"pn\"}}'; got {value!r}")
+        example = '{"modalities": "both"}' if param.name == "data_json" else '{"norm": "pn"}'
+        kind = "[data] options" if param.name == "data_json" else "[model] keys"
+        _fail(f"{param.opts[0]} must be a JSON object of {kind}, e.g. '{example}'; got {value!r}")
     return parsed
 
 
@@ -303,8 +307,8 @@ def _method_tables() -> list[str]:
 
 
 def _model_json_option(help_text: str):  # noqa: ANN202 - a click decorator
-    """The ``--model-json JSON`` option, parsed by :func:`_parse_model_json` (the same for demo and bench)."""
-    return click.option("--model-json", "model_json", default=None, metavar="JSON", callback=_parse_model_json,
+    """The ``--model-json JSON`` option, parsed by :func:`_parse_json_object` (the same for demo and bench)."""
+    return click.option("--model-json", "model_json", default=None, metavar="JSON", callback=_parse_json_object,
                         help=help_text)
 
 
@@ -505,6 +509,9 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
               help="A user dataset: one sub-folder per silo (images/ + masks/, or a datalist), instead of the "
                    "built-in data.")
 @click.option("--held-out", default=None, help="With --data: the sub-folder of a domain no silo trains on.")
+@click.option("--data-json", "data_json", default=None, metavar="JSON", callback=_parse_json_object,
+              help="Options of the Task's data loader as a JSON object, given to every silo (built-in or --data), "
+                   "e.g. '{\"modalities\": \"both\"}' (the glaucoma Task's clinics all with OCT).")
 @click.option("--task", "task_name", default="segmentation-2d", show_default=True,
               help="The registered Task every run learns ([run] task); reports name its headline metric.")
 @_model_json_option("The runs' whole [model] table as a JSON object (default: the demo UNet for segmentation-2d, "
@@ -522,8 +529,8 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 @click.option("--cell-cpus", type=float, default=1, show_default=True, help="With --ray: CPUs reserved per cell.")
 @click.option("--cell-gpus", type=float, default=0, show_default=True, help="With --ray: GPUs reserved per cell.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
-          aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None, task_name: str,
-          model_json: dict | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
+          aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None,
+          data_json: dict | None, task_name: str, model_json: dict | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
           cell_gpus: float) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
@@ -552,7 +559,8 @@ def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: s
             schedules = parse_sweep(sweep)
         cfg = BenchConfig(methods=names, seeds=parse_seeds(seeds), rounds=rounds, local_epochs=local_epochs,
                           sweep=schedules, silos=silos, aggregation=aggregation, dp=dp, mu=mu, data=data_dir,
-                          held_out=held_out, task=task_name, model=model_json, base=base, out=out)
+                          held_out=held_out, data_options=data_json, task=task_name, model=model_json, base=base,
+                          out=out)
         executor = None
         if ray_address is not None:
             from fedsilo.silo_agent.bench.ray_runner import ray_executor

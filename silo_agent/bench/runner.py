@@ -51,6 +51,8 @@ class BenchConfig:
         mu: FedProx's μ.
         data: None for the built-in data, else a folder holding one sub-folder per silo.
         held_out: with ``data``: the sub-folder of the held-out (unseen) domain, or None.
+        data_options: options of the Task's data loader every silo gets (its ``[data]`` table's other
+            keys, e.g. ``{"modalities": "both"}`` for the glaucoma Task's built-in clinics); None: none.
         out: the output folder (cells, logs, results).
         task: the registered Task every cell runs (``[run] task``): data, model, loss and metrics;
             reports name its headline metric. An alias (``seg3d``) is stored as the canonical name.
@@ -74,6 +76,7 @@ class BenchConfig:
     mu: float = 0.01
     data: Path | None = None
     held_out: str | None = None
+    data_options: Mapping[str, Any] | None = None
     task: str = DEFAULT_TASK
     model: Mapping[str, Any] | None = None
     base: Path | None = None
@@ -157,6 +160,28 @@ class BenchConfig:
             object.__setattr__(self, "silos", len(folders))
         elif self.held_out is not None:
             raise BenchError(f"held_out: {self.held_out!r} needs --data (the built-in data has its own unseen domain)")
+        if self.data_options is not None:
+            self._check_data_options(task)
+
+    def _check_data_options(self, task: Any) -> None:
+        """``data_options`` is a table of loader options (not the keys the bench sets) that the Task's loader
+        takes: the first silo's data is loaded with them."""
+        from fedsilo.models.tasks import DataSpec
+
+        options = self.data_options
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise BenchError(f"data_options: {options!r} must be a table of option names")
+        reserved = sorted(set(options) & {"source", "domain", "seed", "path", "unseen_path", "options"})
+        if reserved:
+            raise BenchError(f"data_options: {', '.join(reserved)} is set by the bench for each silo, not an option")
+        object.__setattr__(self, "data_options", dict(options))
+        table = (agent_data_tables(self, 0, ["first"]) or [{}])[0]
+        fields = ("source", "domain", "seed", "path", "unseen_path")
+        try:
+            task.load_data(DataSpec.coerce({**{k: table[k] for k in fields if k in table},
+                                            "options": {k: v for k, v in table.items() if k not in fields}}))
+        except (ValueError, TypeError, OSError) as exc:
+            raise BenchError(f"data_options: task {task.name!r} refuses them: {exc}") from None
 
     @property
     def schedules(self) -> list[tuple[int, int, bool]]:
@@ -169,7 +194,8 @@ class BenchConfig:
         return {"task": self.task, "model": None if self.model is None else dict(self.model),
                 "aggregation": self.aggregation, "dp": self.dp,
                 "data": str(self.data) if self.data is not None else "builtin", "held_out": self.held_out,
-                "mu": self.mu, "base": str(Path(self.base).resolve()) if self.base is not None else None}
+                "mu": self.mu, "base": str(Path(self.base).resolve()) if self.base is not None else None,
+                **({"data_options": dict(self.data_options)} if self.data_options else {})}
 
 
 class Job(NamedTuple):
@@ -241,12 +267,17 @@ def cell_id(method: str, seed: int, rounds: int, local_epochs: int) -> str:
 
 
 # -- one cell -------------------------------------------------------------------------------
-def _agent_data(cfg: BenchConfig, seed: int, names: Sequence[str]) -> list[dict[str, Any]] | None:
+def agent_data_tables(cfg: BenchConfig, seed: int, names: Sequence[str]) -> list[dict[str, Any]] | None:
+    """Each silo's ``[data]`` table: built-in domain i or folder i, with the study's ``data_options``
+    (None: the demo's built-in tables, no options)."""
+    options = dict(cfg.data_options or {})
     if cfg.data is None:
-        return None
+        if not options:
+            return None
+        return [{"source": "builtin", "domain": i, "seed": seed, **options} for i in range(len(names))]
     tables = []
     for folder in silo_folders(Path(cfg.data), cfg.held_out):
-        t: dict[str, Any] = {"source": "folder", "path": str(folder.resolve()), "seed": seed}
+        t: dict[str, Any] = {"source": "folder", "path": str(folder.resolve()), "seed": seed, **options}
         if cfg.held_out is not None:
             t["unseen_path"] = str((Path(cfg.data) / cfg.held_out).resolve())
         tables.append(t)
@@ -327,7 +358,7 @@ def run_cell(cfg: BenchConfig, method: Method, seed: int, rounds: int, local_epo
         aggregation=cfg.aggregation, privacy=privacy, budgets={n: DEMO_BUDGET for n in names} if privacy else None,
         min_silos=len(names), lora=dict(DEMO_LORA) if method.lora else None, base_checkpoint=base,
         tables=method.tables, training=training,
-        he_bound=method.he_bound, data=_agent_data(cfg, seed, names), task=cfg.task, model=model_table)
+        he_bound=method.he_bound, data=agent_data_tables(cfg, seed, names), task=cfg.task, model=model_table)
     agents = [load_agent_config(p) for p in agent_paths]
     test_sizes: dict[str, int] = {}
     epsilon: dict[str, float] | None = None

@@ -505,3 +505,23 @@ def test_demo_of_fedbm_on_the_classification_task_with_he_and_dp(tmp_path: Path)
     assert "FedBM generator (CGDE)" in report and "no extra epsilon" in report
     verify = _cli("audit", "verify", str(out / "audit" / "report.json"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_demo_of_the_glaucoma_task_with_a_fundus_only_clinic_he_and_dp(tmp_path: Path) -> None:
+    """`fedsilo demo --task glaucoma`: three eye clinics, the third with a fundus camera only; IMO under FedAvg,
+    HE and record-level DP-SGD. The fundus-only clinic trains and uploads none of the OCT tensors (their
+    count slot says so inside the ciphertexts), every clinic scores segmentation and grading, the audit verifies."""
+    out = tmp_path / "glaucoma"
+    results = _demo(out, "--task", "glaucoma")
+    assert len(results["rounds"]) == 2
+    for r in results["rounds"]:
+        assert sorted(r["contributors"]) == ["hospital-a", "hospital-b", "hospital-c"]
+        for scores in r["silos"].values():
+            assert 0.0 <= scores["cup_dice"] <= 1.0 and 0.0 <= scores["disc_dice"] <= 1.0
+            assert 0.0 <= scores["grade_accuracy"] <= 1.0 and -1.0 <= scores["grade_kappa"] <= 1.0
+    logs = {s: (out / "logs" / f"{s}.log").read_text() for s in ("hospital-a", "hospital-b", "hospital-c")}
+    lacking = "this silo's data has no oct: it neither trains nor uploads those tensors"
+    assert [s for s, text in logs.items() if lacking in text] == ["hospital-c"]
+    assert all(eps["record"] <= 8.0 + 1e-9 for eps in results["privacy"].values())
+    verify = _cli("audit", "verify", str(out / "audit" / "report.json"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr

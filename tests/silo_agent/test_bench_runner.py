@@ -104,6 +104,11 @@ def _cfg(tmp_path: Path, **kw) -> BenchConfig:
     ({"task": "segmentation-9d"}, "task: unknown task 'segmentation-9d'"),
     ({"model": {"channels": [4, 8], "bogus": 1}}, "model: "),
     ({"model": [1, 2]}, "model: [1, 2] must be a table"),
+    ({"data_options": {"domain": 3}}, "data_options: domain is set by the bench for each silo"),
+    ({"data_options": ["n_train"]}, "data_options: ['n_train'] must be a table of option names"),
+    ({"task": "glaucoma", "data_options": {"modalities": "oct"}},
+     "data_options: task 'glaucoma-multimodal' refuses them: SyntheticGlaucomaConfig.modalities must be one of"),
+    ({"data_options": {"n_trian": 4}}, "data_options: task 'segmentation-2d' refuses them"),
 ])
 def test_bench_config_refuses_bad_settings(tmp_path: Path, kw: dict, fragment: str) -> None:
     with pytest.raises(BenchError, match=re.escape(fragment)):
@@ -151,6 +156,26 @@ def test_study_settings_known_answer(tmp_path: Path) -> None:
                                               "base": None}
     model = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
     assert _cfg(tmp_path, model=model).study()["model"] == model
+    # data options are part of the study (a study without them keeps its settings, so old cells still match)
+    assert _cfg(tmp_path, data_options={"n_train": 4}).study()["data_options"] == {"n_train": 4}
+
+
+def test_data_options_reach_every_silo(tmp_path: Path) -> None:
+    from fedsilo.models.tasks import DataSpec, get_task
+    from fedsilo.silo_agent.bench.runner import agent_data_tables
+
+    small = {"n_train": 4, "n_val": 2, "n_test": 3, "n_unseen": 0, "image_size": 32, "oct_size": [16, 32]}
+    names = ["a", "b", "c"]
+    assert agent_data_tables(_cfg(tmp_path), 0, names) is None  # the demo's built-in tables
+    for options, has_oct in (({**small, "modalities": "both"}, [True, True, True]), (small, [True, True, False])):
+        tables = agent_data_tables(_cfg(tmp_path, task="glaucoma", data_options=options), 7, names)
+        assert [(t["source"], t["domain"], t["seed"]) for t in tables] == [("builtin", i, 7) for i in range(3)]
+        fields = ("source", "domain", "seed")
+        loaded = [get_task("glaucoma").load_data(DataSpec(**{k: t[k] for k in fields},
+                                                          options={k: v for k, v in t.items() if k not in fields}))
+                  for t in tables]
+        assert [len(d.splits.train) for d in loaded] == [4, 4, 4]
+        assert [d.splits.train.has_oct_modality for d in loaded] == has_oct  # by default the third clinic has none
 
 
 def test_another_task_is_its_own_study_and_needs_no_segmentation_base(tmp_path: Path, toy_task: Task) -> None:
@@ -321,6 +346,8 @@ def test_centralised_is_not_local(silos: list[Silo]) -> None:
     (["--rounds", "0"], "rounds: 0"),
     (["--task", "nope"], "unknown task 'nope'"),
     (["--model-json", "{channels"], "--model-json is not JSON"),
+    (["--data-json", "[1]"], "--data-json must be a JSON object of [data] options"),
+    (["--data-json", '{"n_train": 0}'], "data_options: task 'segmentation-2d' refuses them"),
 ])
 def test_cli_bench_refuses_bad_input_and_writes_nothing(tmp_path: Path, args: list[str], fragment: str,
                                                         fedsilo_logger: None) -> None:
