@@ -17,6 +17,8 @@ def method_list() -> str:
         notes = [f"no {level.value.replace('_', '-')} DP" for level in DpLevel if level in m.refuses]
         if m.needs_he:
             notes.append("HE only")
+        if not m.modality_counts:
+            notes.append("no modality groups")
         if m.bench is not None:
             notes.append("in the bench study")
         lines.append(f"- `{m.name}`: {m.summary}" + (f" ({'; '.join(notes)})" if notes else ""))
