@@ -277,15 +277,30 @@ def _rows_spanned(region: np.ndarray) -> int:
     return int(rows[-1] - rows[0] + 1) if rows.size else 0
 
 
+def _largest_component(region: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a bool map (the first in scan order on a tie; empty stays empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(region, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return region.copy() if n else region
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == int(np.argmax(sizes)) + 1
+
+
 def vertical_cdr(mask: torch.Tensor | np.ndarray) -> float:
     """Vertical cup-to-disc ratio of an ``[H, W]`` label map (0 background, 1 rim, 2 cup).
 
-    The rows spanned by label 2 over the rows spanned by labels >= 1 (the disc, cup included);
-    0 when there is a disc but no cup, NaN when there is no disc.
+    The rows spanned by the cup over the rows spanned by the disc, where the disc is the largest
+    8-connected component of labels >= 1 and the cup the largest 8-connected component of label 2
+    inside it (the usual post-processing of a predicted map, e.g. the REFUGE challenge's evaluation:
+    a few stray pixels far from the disc would otherwise set both extents); 0 when the disc holds no
+    cup, NaN when there is no disc. A single-blob mask (every ground truth) is measured as it is.
     """
     m = _label_map(mask)
-    disc = _rows_spanned(m >= 1)
-    return _rows_spanned(m == 2) / disc if disc else math.nan
+    disc = _largest_component(m >= 1)
+    height = _rows_spanned(disc)
+    return _rows_spanned(_largest_component(disc & (m == 2))) / height if height else math.nan
 
 
 def _binary_dice(pred: np.ndarray, true: np.ndarray) -> float:

@@ -61,7 +61,8 @@ class GlaucomaMultimodal(Task):
       fundus/OCT alignment term, how examples without OCT are handled) is the network's business.
     * Metrics, over the evaluated set: cup Dice (headline) and disc Dice (labels >= 1), each the
       mean of per-image Dice (1 when both prediction and mask lack the structure); ``vcdr_error``,
-      the mean ``|vCDR(pred) - vCDR(mask)|`` over the images with a disc in both (lower is better;
+      the mean ``|vCDR(pred) - vCDR(mask)|`` over the images with a disc in both (each vCDR from the
+      largest disc component and the largest cup component in it; lower is better;
       1.0 with n = 0 when no image qualifies); grading accuracy, macro-F1 and quadratic-weighted
       kappa of the argmax grade.
     """

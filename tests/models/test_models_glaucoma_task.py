@@ -91,6 +91,21 @@ def test_vertical_cdr_and_dice_known_answers() -> None:
         vertical_cdr(np.zeros((1, 5, 5)))
 
 
+def test_vertical_cdr_measures_the_largest_disc_and_the_largest_cup_inside_it() -> None:
+    noisy = _disc((4, 8))
+    noisy[0, 11] = 2  # a stray cup pixel outside the disc, in the top row
+    noisy[11, 0] = 1  # a stray disc pixel in the bottom row
+    noisy[2, 2] = 2  # a one-pixel cup inside the disc, apart from the real one (rows 4..7, columns 4..7)
+    assert vertical_cdr(noisy) == 0.5  # without the components: 12 / 12 = 1.0
+    far = _disc(None)
+    far[0, 0] = 2  # the only cup pixel lies outside the disc: no cup
+    assert vertical_cdr(far) == 0.0
+    diagonal = np.zeros((6, 6), np.int64)
+    diagonal[[0, 1, 2], [0, 1, 2]] = 1  # 8-connected: one disc of three rows
+    diagonal[1, 1] = 2
+    assert vertical_cdr(diagonal) == pytest.approx(1 / 3)
+
+
 def test_quadratic_weighted_kappa_matches_scikit_learn() -> None:
     rng = np.random.default_rng(0)
     for k in (2, 3, 5):
