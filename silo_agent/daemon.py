@@ -207,7 +207,8 @@ class Agent:
                 raise AgentError(str(exc)) from None
         if method.needs_he and self._he is None:
             raise AgentError(f"strategy {info.strategy} needs HE aggregation ({method.needs_he})")
-        disclosures = self._strategy.disclosures(train=data.splits.train, plan=self._dp.plan if self._dp else None)
+        disclosures = [*self._strategy.disclosures(train=data.splits.train, plan=self._dp.plan if self._dp else None),
+                       *method.modality_disclosures(manifest, he=self._he is not None)]
         if self._dp is not None and disclosures:  # what this silo's audit reports state beside the ledger
             from fedsilo.privacy.audit import write_disclosures
 

@@ -183,6 +183,27 @@ class Strategy(Method, abc.ABC):
             raise StrategyError(f"the training set's modalities must be a set of names, got {held!r}")
         self.held_modalities = frozenset(held)
 
+    def modality_disclosures(self, manifest: Manifest, *, he: bool = True) -> list[dict[str, str]]:
+        """What the count slots of a network with modality groups disclose, for this silo's audit reports
+        (``{"topic", "statement"}`` items; none without groups); ``he``: whether the run aggregates under HE."""
+        groups = modality_groups(manifest)
+        if not groups or not self.modality_counts:
+            return []
+        names = ", ".join(groups)
+        lacking = [g for g in groups if self.held_modalities is not None and g not in self.held_modalities]
+        seen = ("Every silo decrypts the sums: it learns, each round, the share of the round's training examples "
+                "held by the silos with each modality (with two silos, whether the other holds it); the coordinator "
+                "adds ciphertexts and learns no silo's modalities.") if he else (
+                "The run aggregates in the clear: the coordinator sees each silo's counts, i.e. which modalities it "
+                "holds.")
+        own = (f"This silo holds no {', '.join(lacking)}: it never trains those tensors and uploads zeros for them."
+               if lacking else "This silo holds every modality group and trains and uploads all of them.")
+        return [{"topic": f"Modality groups ({names}): which silos hold each modality",
+                 "statement": (f"The network has tensors that only examples of a modality train ({names}). Each upload "
+                               "carries one count per modality group: 1 where the silo holds the modality, 0 where it "
+                               f"does not. {seen} {own} The counts depend on no training record; under record-level "
+                               "DP the tensors themselves are the DP-SGD-trained model, covered by the ledger.")}]
+
     def lacks(self, name: str) -> bool:
         """Whether state_dict entry ``name`` is in a modality group this silo's data does not hold."""
         group = modality_of(name)

@@ -205,3 +205,14 @@ def test_dp_sgd_noise_never_moves_the_oct_tensors_of_a_fundus_only_silo() -> Non
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v) is (modality_of(k) == OCT_GROUP), k
+
+
+def test_the_audit_disclosure_says_what_the_counts_reveal_and_what_this_silo_holds() -> None:
+    manifest = _manifest(_start())
+    fundus_only = _fedavg({FUNDUS}, manifest).modality_disclosures(manifest)
+    assert len(fundus_only) == 1 and fundus_only[0]["topic"] == "Modality groups (oct): which silos hold each modality"
+    text = fundus_only[0]["statement"]
+    assert "This silo holds no oct" in text and "learns no silo's modalities" in text
+    both = _fedavg({FUNDUS, OCT_GROUP}, manifest).modality_disclosures(manifest, he=False)[0]["statement"]
+    assert "holds every modality group" in both and "the coordinator sees each silo's counts" in both
+    assert _fedavg({FUNDUS}, manifest).modality_disclosures(Manifest(tensors=manifest.tensors[:1])) == []
