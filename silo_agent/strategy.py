@@ -93,28 +93,37 @@ class Strategy(Method, abc.ABC):
     consensus_aggregate: ClassVar[bool] = False
 
     @classmethod
+    def task_refusal(cls, task: str) -> str | None:
+        """Why this method cannot run Task ``task`` (a registered name or alias), or None: a method that
+        declares ``needs_2d`` refuses a Task that is not 2-D or whose batches are not plain image tensors
+        (``Task.image_batches``). A name no module registered is left to the agents (None)."""
+        if not cls.needs_2d:
+            return None
+        from fedsilo.models.tasks import get_task, task_names
+
+        if task not in task_names(aliases=True):
+            return None
+        the_task = get_task(task)
+        if the_task.spatial_dims != 2:
+            return (f"{cls.name!r} works on 2-D images only ({cls.needs_2d}); run.task = {task!r} is a "
+                    f"{the_task.spatial_dims}-D Task")
+        if not the_task.image_batches:
+            return (f"{cls.name!r} works on 2-D image tensors only ({cls.needs_2d}); run.task = {task!r} feeds its "
+                    "network structured inputs, not one image tensor")
+        return None
+
+    @classmethod
     def check_run(cls, run: Any) -> None:
-        """Refuses a method that declares ``needs_2d`` for a run whose Task is not 2-D or whose batches
-        are not plain image tensors (``Task.image_batches``; a Task name no module registered is left
-        to the agents). Overrides call ``super().check_run(run)``.
+        """Refuses a run whose Task this method cannot run (:meth:`task_refusal`). Overrides call
+        ``super().check_run(run)``.
 
         Raises:
             ValueError: naming ``run.strategy`` and ``run.task``.
         """
-        if not cls.needs_2d:
-            return
-        from fedsilo.models.tasks import get_task, task_names
-
         task = getattr(run, "task", None)
-        if task not in task_names(aliases=True):
-            return
-        the_task = get_task(task)
-        if the_task.spatial_dims != 2:
-            raise ValueError(f"run.strategy: {cls.name!r} works on 2-D images only ({cls.needs_2d}); "
-                             f"run.task = {task!r} is a {the_task.spatial_dims}-D Task")
-        if not the_task.image_batches:
-            raise ValueError(f"run.strategy: {cls.name!r} works on 2-D image tensors only ({cls.needs_2d}); "
-                             f"run.task = {task!r} feeds its network structured inputs, not one image tensor")
+        why = cls.task_refusal(task) if isinstance(task, str) else None
+        if why is not None:
+            raise ValueError(f"run.strategy: {why}")
 
     @classmethod
     def for_run(cls, tables: Mapping[str, Mapping[str, Any]]) -> Strategy:

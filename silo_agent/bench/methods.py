@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -109,12 +110,65 @@ def study_method_names(task: str | None = None) -> tuple[str, ...]:
     method with bench defaults (by the registry's order).
 
     Args:
-        task: None: every study method of any Task; a Task's name: those a study of it can run
-            (the references of :data:`GROUPED_REFERENCES` only where :func:`has_groups`).
+        task: None: every study method of any Task; a Task's name: those a study of it can run with
+            the Task's default model and the bench's own LoRA base (the references of
+            :data:`GROUPED_REFERENCES` only where :func:`has_groups`; no method :func:`task_refusal`
+            refuses).
     """
     grouped = task is None or has_groups(task)
-    return (tuple(r for r in REFERENCES if grouped or r not in GROUPED_REFERENCES)
-            + tuple(m.name for m in registered_methods() if m.bench is not None))
+    names = (tuple(r for r in REFERENCES if grouped or r not in GROUPED_REFERENCES)
+             + tuple(m.name for m in registered_methods() if m.bench is not None))
+    if task is None:
+        return names
+    table = methods()
+    return tuple(n for n in names if task_refusal(table[n], task, model=None, base=False) is None)
+
+
+def task_refusal(method: Method, task: str, *, model: Mapping[str, Any] | None, base: bool) -> str | None:
+    """Why a study of Task ``task`` cannot run ``method``, or None.
+
+    A method refuses a Task its class refuses (``Strategy.task_refusal``: e.g. a method for 2-D
+    image tensors); a LoRA method needs a base, which the bench pretrains for the default Task only
+    (``base``: one is given); and a method that makes or applies uploads its own way (no
+    ``modality_counts``) cannot federate a network with modality groups (the study's network,
+    ``model`` the study's ``[model]`` table, None: the Task's default, with the method's entries set).
+
+    Raises:
+        ValueError: an unknown Task.
+    """
+    if method.strategy is None:
+        return None
+    from fedsilo.coordinator.config import DEFAULT_TASK
+    from fedsilo.core.methods import get_method
+    from fedsilo.models.tasks import get_task
+
+    the_task = get_task(task)
+    cls = get_method(method.strategy)
+    why = cls.task_refusal(the_task.name) if hasattr(cls, "task_refusal") else None
+    if why is not None:
+        return why
+    if method.lora and not base and the_task.name != DEFAULT_TASK:
+        return (f"{method.name} fine-tunes a pretrained base, which the bench makes for {DEFAULT_TASK} only, "
+                f"not for task {the_task.name!r}")
+    if not cls.modality_counts:
+        groups = _network_groups(the_task.name, json.dumps({**(model or {}), **method.model}, sort_keys=True,
+                                                           default=str))
+        if groups:
+            return (f"{method.name} makes or applies uploads its own way, without per-modality counts, and the "
+                    f"study's network has modality groups ({', '.join(groups)})")
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _network_groups(task: str, entries: str) -> tuple[str, ...]:
+    """The modality groups of the network a study of ``task`` builds (seed 0) with ``[model]`` entries ``entries`` (JSON)."""
+    from fedsilo.core.phases import modality_of
+    from fedsilo.models.tasks import get_task
+    from fedsilo.silo_agent.demo import model_table
+
+    the_task = get_task(task)
+    net = the_task.build_model(the_task.model_config(model_table(task, 0, json.loads(entries))))
+    return tuple(dict.fromkeys(g for k in net.state_dict() if (g := modality_of(k)) is not None))
 
 
 def variable_tables(method: Method) -> tuple[str, ...]:
@@ -325,4 +379,4 @@ def _probe(cls: Any, method: Method, *, task: str, model: Mapping[str, Any] | No
 
 __all__ = ["ALONE", "CENTRALISED", "GROUPED_REFERENCES", "GROUP_POOLED", "LOCAL", "ONE_FOR_ONE", "ONE_MODEL",
            "PERSONAL_THEN_CONSENSUS", "PER_SILO", "POOLED", "REFERENCES", "Method", "has_groups", "methods", "model_of",
-           "resolve", "scoring", "study_method_names", "variable_tables"]
+           "resolve", "scoring", "study_method_names", "task_refusal", "variable_tables"]

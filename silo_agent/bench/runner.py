@@ -20,7 +20,16 @@ from fedsilo.coordinator.config import DEFAULT_TASK
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.methods import get_method
 from fedsilo.silo_agent.bench.cells import task_fields, upgrade_cell
-from fedsilo.silo_agent.bench.methods import CENTRALISED, LOCAL, ONE_FOR_ONE, Method, has_groups, model_of, resolve
+from fedsilo.silo_agent.bench.methods import (
+    CENTRALISED,
+    LOCAL,
+    ONE_FOR_ONE,
+    Method,
+    has_groups,
+    model_of,
+    resolve,
+    task_refusal,
+)
 
 log = logging.getLogger("fedsilo.bench")
 
@@ -138,11 +147,10 @@ class BenchConfig:
                     raise BenchError(f"methods: {m} changes the model, but the given base is a checkpoint of "
                                      "the study's model; run that variant in a study of its own --model-json "
                                      "and --base")
-        if self.task != DEFAULT_TASK and self.base is None:
-            for m in self.methods:
-                if table[m].lora:
-                    raise BenchError(f"methods: {m} fine-tunes a pretrained base, which the bench makes for "
-                                     f"{DEFAULT_TASK} only, not for task {self.task!r}")
+        for m in self.methods:
+            why = task_refusal(table[m], self.task, model=self.model, base=self.base is not None)
+            if why is not None:
+                raise BenchError(f"methods: {why}")
         if self.aggregation == "plain":
             for m in self.methods:
                 strategy = table[m].strategy

@@ -109,6 +109,12 @@ def _cfg(tmp_path: Path, **kw) -> BenchConfig:
     ({"task": "glaucoma", "data_options": {"modalities": "oct"}},
      "data_options: task 'glaucoma-multimodal' refuses them: SyntheticGlaucomaConfig.modalities must be one of"),
     ({"data_options": {"n_trian": 4}}, "data_options: task 'segmentation-2d' refuses them"),
+    ({"task": "glaucoma", "methods": ("fedavg", "fednova")},
+     "methods: fednova makes or applies uploads its own way, without per-modality counts, and the study's network "
+     "has modality groups (oct)"),
+    ({"task": "glaucoma", "methods": ("fedbm",), "aggregation": "he"},
+     "methods: 'fedbm' works on 2-D image tensors only"),
+    ({"task": "sensor", "methods": ("resfim",), "aggregation": "he"}, "methods: 'resfim' works on 2-D images only"),
 ])
 def test_bench_config_refuses_bad_settings(tmp_path: Path, kw: dict, fragment: str) -> None:
     with pytest.raises(BenchError, match=re.escape(fragment)):
@@ -158,6 +164,17 @@ def test_study_settings_known_answer(tmp_path: Path) -> None:
     assert _cfg(tmp_path, model=model).study()["model"] == model
     # data options are part of the study (a study without them keeps its settings, so old cells still match)
     assert _cfg(tmp_path, data_options={"n_train": 4}).study()["data_options"] == {"n_train": 4}
+
+
+def test_all_names_only_the_methods_a_task_can_run() -> None:
+    from fedsilo.silo_agent.bench.methods import study_method_names
+
+    everything = study_method_names()
+    glaucoma = study_method_names("glaucoma")
+    assert {"fedavg", "fedbn", "fedprox", "local"} <= set(glaucoma) < set(everything)
+    assert not {"fednova", "fedawa", "fedlws", "pfa", "cksp", "fedbm", "resfim", "fedrdn", "deer"} & set(glaucoma)
+    assert "deer" not in study_method_names("sensor") and "resfim" not in study_method_names("segmentation-3d")
+    assert "deer" in study_method_names("segmentation-2d") and "fednova" in study_method_names("sensor")
 
 
 def test_data_options_reach_every_silo(tmp_path: Path) -> None:
