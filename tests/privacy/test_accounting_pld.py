@@ -4,6 +4,8 @@ PRV, invariants, composition, calibration and validation."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -28,9 +30,9 @@ DELTA = 1e-5
 PLD = PldAccountant()
 RDP = RdpAccountant()
 PRV = PrvAccountant()
-# Monotonicity and composition hold on any grid: they are checked on a 10x coarser (10x
-# faster) one. GRID is one of its steps, how far pessimistic rounding may move two ε that
-# should be equal or ordered.
+# Monotonicity, composition and calibration hold on any grid: they are checked on a 10x
+# coarser (10x faster) one. GRID is one of its steps, how far pessimistic rounding may move
+# two ε that should be equal or ordered.
 GRID = 1e-3
 COARSE = PldAccountant(value_discretization_interval=GRID)
 
@@ -103,6 +105,24 @@ def test_repeated_gaussian_release_is_exact() -> None:
     exact = get_epsilon_gaussian(2.0 / math.sqrt(9), DELTA)
     pld = PLD.epsilon([_gaussian(sigma=2.0, steps=9)], delta=DELTA).epsilon
     assert exact <= pld <= exact + 1e-3
+
+
+def test_default_grid_and_rounding_are_dp_accountings() -> None:
+    """The documented defaults: dp_accounting's grid step, and pessimistic rounding that
+    `PLDAccountant` leaves at its default (it passes no ``pessimistic_estimate``)."""
+    import inspect
+
+    from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
+
+    accountant = inspect.signature(pld_privacy_accountant.PLDAccountant)
+    assert accountant.parameters["value_discretization_interval"].default == (
+        DEFAULT_PLD_DISCRETIZATION
+    )
+    assert PLD.value_discretization_interval == DEFAULT_PLD_DISCRETIZATION
+    pld = privacy_loss_distribution
+    for build in (pld.from_gaussian_mechanism, pld.identity):
+        assert inspect.signature(build).parameters["pessimistic_estimate"].default is True
+    assert "pessimistic_estimate" not in inspect.getsource(pld_privacy_accountant)
 
 
 def test_coarser_grid_is_looser_but_still_valid() -> None:
@@ -195,10 +215,10 @@ def test_grouping_identical_releases_changes_nothing() -> None:
 
     rounds = [_dpsgd(q=0.04, sigma=1.5, steps=40)] * 5 + [_gaussian(sigma=3.0)] * 3
     grouped = [_dpsgd(q=0.04, sigma=1.5, steps=200), _gaussian(sigma=3.0, steps=3)]
-    ours = PLD.epsilon(rounds, delta=DELTA).epsilon
-    assert ours == PLD.epsilon(grouped, delta=DELTA).epsilon
+    ours = COARSE.epsilon(rounds, delta=DELTA).epsilon
+    assert ours == COARSE.epsilon(grouped, delta=DELTA).epsilon
     ungrouped = pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=DEFAULT_PLD_DISCRETIZATION
+        value_discretization_interval=GRID
     )
     for r in rounds:
         gaussian = dp_accounting.GaussianDpEvent(r.noise_multiplier)
@@ -230,13 +250,15 @@ def test_silo_history_is_accounted_like_record_history() -> None:
 
 
 def test_calibrate_with_pld_accountant() -> None:
-    """PLD is tighter, so the same budget needs less noise (or buys more training)."""
+    """PLD is tighter, so the same budget needs less noise (or buys more training); on the
+    coarse grid for speed (the default grid's σ is smaller still)."""
     target, q, steps = 2.0, 0.05, 200
     sigma = calibrate_noise(
-        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=PLD, rtol=1e-2
+        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=COARSE, rtol=1e-2
     )
-    assert PLD.epsilon([_dpsgd(q=q, sigma=sigma, steps=steps)], delta=DELTA).epsilon <= target
-    assert PLD.epsilon([_dpsgd(q=q, sigma=sigma * 0.98, steps=steps)], delta=DELTA).epsilon > target
+    assert COARSE.epsilon([_dpsgd(q=q, sigma=sigma, steps=steps)], delta=DELTA).epsilon <= target
+    below = COARSE.epsilon([_dpsgd(q=q, sigma=sigma * 0.98, steps=steps)], delta=DELTA)
+    assert below.epsilon > target
     rdp_sigma = calibrate_noise(
         target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, rtol=1e-2
     )
@@ -288,3 +310,17 @@ def test_dp_accounting_failure_is_an_accounting_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "get_epsilon", fail)
     with pytest.raises(AccountingError, match="PLD accounting failed.*boom"):
         PLD.epsilon(ISSUE, delta=DELTA)
+
+
+def test_pld_accounts_without_torch() -> None:
+    """The coordinator has no torch: PLD must need only dp_accounting."""
+    code = (
+        "import sys\n"
+        "from fedsilo.privacy.accounting import Mechanism, Neighbouring, PldAccountant, Release\n"
+        "r = Release(mechanism=Mechanism.SUBSAMPLED_GAUSSIAN, neighbouring=Neighbouring.RECORD,"
+        " noise_multiplier=1.0, sample_rate=0.1, steps=10)\n"
+        "assert PldAccountant().epsilon([r], delta=1e-5).epsilon > 0\n"
+        "loaded = [m for m in ('torch', 'opacus') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
