@@ -1,11 +1,13 @@
-"""Privacy accounting: releases, the accountant seam (RDP, PRV, dp_accounting), calibration."""
+"""Privacy accounting: releases, the accountant seam (RDP, PRV, PLD, dp_accounting), calibration."""
 
 from __future__ import annotations
 
 from fedsilo.privacy.accounting.accountants import (
+    DEFAULT_PLD_DISCRETIZATION,
     DEFAULT_PRV_MAX_POINTS,
     Accountant,
     DpAccountingVerifier,
+    PldAccountant,
     PrvAccountant,
     RdpAccountant,
 )
@@ -22,6 +24,7 @@ from fedsilo.privacy.accounting.releases import (
 )
 
 __all__ = [
+    "DEFAULT_PLD_DISCRETIZATION",
     "DEFAULT_PRV_MAX_POINTS",
     "DEFAULT_RDP_ORDERS",
     "INTEGER_RDP_ORDERS",
@@ -33,6 +36,7 @@ __all__ = [
     "EpsilonResult",
     "Mechanism",
     "Neighbouring",
+    "PldAccountant",
     "PrvAccountant",
     "RdpAccountant",
     "Release",

@@ -44,8 +44,9 @@ def calibrate_noise(
         delta: δ, in (0, 1).
         sample_rate: q, in (0, 1].
         steps: Number of steps (≥ 1).
-        accountant: Defaults to `RdpAccountant()`. A history the accountant cannot bound
-            (`AccountingError`) counts as exceeding the target.
+        accountant: Defaults to `RdpAccountant()`; any `Accountant` (e.g. `PrvAccountant`,
+            `PldAccountant`, whose tighter ε gives a smaller σ for the same target). A history
+            the accountant cannot bound (`AccountingError`) counts as exceeding the target.
         rtol: Relative bisection tolerance on σ, in (0, 0.5].
         fixed: Other releases of the run with their own σ (e.g. pFL-ResFIM's noisy Fisher and
             style bank), composed with the calibrated ones; the target covers them all.

@@ -40,6 +40,8 @@ class AccountingMethod(enum.Enum):
     """`PrvAccountant`: Opacus' privacy-loss-random-variable (PRV) composition."""
     DP_ACCOUNTING_RDP = "dp_accounting_rdp"
     """`DpAccountingVerifier`: Google's dp_accounting RDP accountant (independent code)."""
+    PLD = "pld"
+    """`PldAccountant`: Google's dp_accounting privacy-loss-distribution (PLD) accountant."""
 
 
 def _is_real(value: object) -> bool:
@@ -117,8 +119,8 @@ class EpsilonResult:
         delta: The δ it holds for.
         method: Which accountant computed it.
         neighbouring: The relation of the history; None for an empty history.
-        order: The RDP order α that gave the best bound (RDP methods); None for PRV, for an
-            empty history and for an infinite ε.
+        order: The RDP order α that gave the best bound (RDP methods); None for PRV and PLD,
+            for an empty history and for an infinite ε.
     """
 
     epsilon: float
