@@ -27,6 +27,7 @@ from fedsilo.privacy.accounting import (
     calibrate_noise,
     check_privacy_config,
 )
+from accounting_releases import dpsgd as _dpsgd, gaussian as _gaussian
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW_SETTINGS = settings(SETTINGS, max_examples=10)
@@ -34,30 +35,6 @@ DELTA = 1e-5
 RDP = RdpAccountant()
 PRV = PrvAccountant()
 VERIFIER = DpAccountingVerifier()
-
-
-def _dpsgd(
-    *, q: float, sigma: float, steps: int, relation: Neighbouring = Neighbouring.RECORD
-) -> Release:
-    return Release(
-        mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
-        neighbouring=relation,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=steps,
-    )
-
-
-def _gaussian(
-    *, sigma: float, steps: int = 1, relation: Neighbouring = Neighbouring.RECORD
-) -> Release:
-    return Release(
-        mechanism=Mechanism.GAUSSIAN,
-        neighbouring=relation,
-        noise_multiplier=sigma,
-        sample_rate=1.0,
-        steps=steps,
-    )
 
 
 # Issue 4's known answers: (history, ε_RDP at δ = 1e-5, best order on DEFAULT_RDP_ORDERS).

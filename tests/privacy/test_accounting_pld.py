@@ -24,6 +24,7 @@ from fedsilo.privacy.accounting import (
     Release,
     calibrate_noise,
 )
+from accounting_releases import dpsgd as _dpsgd, gaussian as _gaussian
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DELTA = 1e-5
@@ -35,30 +36,6 @@ PRV = PrvAccountant()
 # two ε that should be equal or ordered.
 GRID = 1e-3
 COARSE = PldAccountant(value_discretization_interval=GRID)
-
-
-def _dpsgd(
-    *, q: float, sigma: float, steps: int, relation: Neighbouring = Neighbouring.RECORD
-) -> Release:
-    return Release(
-        mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
-        neighbouring=relation,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=steps,
-    )
-
-
-def _gaussian(
-    *, sigma: float, steps: int = 1, relation: Neighbouring = Neighbouring.RECORD
-) -> Release:
-    return Release(
-        mechanism=Mechanism.GAUSSIAN,
-        neighbouring=relation,
-        noise_multiplier=sigma,
-        sample_rate=1.0,
-        steps=steps,
-    )
 
 
 ISSUE = [_dpsgd(q=0.04, sigma=1.5, steps=2250)]
