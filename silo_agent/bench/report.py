@@ -423,9 +423,9 @@ def detail_lines(main_by: Mapping[str, Sequence[CellSummary]]) -> list[str]:
 
 
 def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg") -> str:
-    """The Markdown report: the main table, the headline per silo, every metric per silo group (cells
-    that record groups, see :func:`group_lines`), every detail metric per method (cells that record
-    details, see :func:`detail_lines`), the communication sweep and the notes.
+    """The Markdown report: the main table, the headline and every other metric per silo, every metric per
+    silo group (cells that record groups, see :func:`group_lines`), every detail metric per method (cells
+    that record details, see :func:`detail_lines`), the communication sweep and the notes.
 
     Args:
         summaries: Every cell's summary, all of one Task (main cells feed the main and per-silo
@@ -506,6 +506,14 @@ def render_summary(summaries: Sequence[CellSummary], *, reference: str = "fedavg
                     [_fmt_diff(v.per_silo.get(silo, []), decimals) for silo in silos] + [_beats_cell(v)])
     lines += _table(header, rows)
     lines.append("")
+    if others:
+        lines += ["## Other metrics per silo", "",
+                  f"Each other test metric at the same validation-selected round ({label}'s), mean ± std over seeds: "
+                  "what a silo gets from each method beyond the headline (a silo that lacks a modality, say).", ""]
+        rows = [[m, metric_label(k)] + [_fmt([s.scores[k].get(silo) for s in main_by[m]], 3) for silo in silos]
+                for k in others for m in main_methods]
+        lines += _table(["Method", "Metric", *silos], rows)
+        lines.append("")
     lines += group_lines(main_by)
     lines += detail_lines(main_by)
 

@@ -289,6 +289,11 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert fedavg[10] == "\u2014" and "(loses)" not in " ".join(fedavg)
     assert local[10] == f"{MINUS}0.100 (loses)"
     assert _row(_section(text, "Dice per silo"), "fedavg")[1:3] == ["0.710 ± 0.014", "0.510 ± 0.014"]
+    other = _row(_section(text, "Other metrics per silo"), "fedavg")  # HD95 per silo, at the same selected rounds
+    for silo, cell in zip((A, B), other[2:4]):
+        values = [float(r["hd95"]) for r in rows if (r["method"], r["main"], r["silo"]) == ("fedavg", "true", silo)]
+        assert len(values) == 2 and cell.startswith(f"{sum(values) / 2:.3f} ± "), (silo, cell, values)
+    assert "Dice" not in other[1]  # the headline has its own table
     comm = _section(text, "Communication frequency")
     assert "| Method | 3\u00d71 | 1\u00d73 |" in comm
     assert _row(comm, "fedavg")[1:] == ["0.660 ± 0.014", "0.550"]
