@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from fedsilo.models.glaucoma_data import GlaucomaDataset
-    from fedsilo.models.imo_net import ImoNetConfig
+    from fedsilo.models.imo_config import ImoNetConfig
 
 __all__ = ["GlaucomaMultimodal"]
 
@@ -43,7 +43,7 @@ class GlaucomaMultimodal(Task):
       ``fundus,oct,mask,grade`` (``oct`` may be empty).
     * Unseen domain: built-in, grade-balanced examples from a fundus camera and an OCT device no
       silo has (with the silo's ``modalities``); folder, every example of ``spec.unseen_path``.
-    * Model: :class:`fedsilo.models.imo_net.ImoNetConfig` built by
+    * Model: :class:`fedsilo.models.imo_config.ImoNetConfig` built by
       :func:`fedsilo.models.imo_net.build_imo_net` (another module; imported on first use).
       ``forward`` is ``model(inputs)`` with inputs a
       :class:`~fedsilo.models.glaucoma_data.GlaucomaInputs` ``(fundus, oct, has_oct)``.
@@ -104,12 +104,12 @@ class GlaucomaMultimodal(Task):
         return SiloData(splits=splits, unseen=unseen)
 
     def model_config(self, config: Mapping[str, Any] | ImoNetConfig) -> ImoNetConfig:
-        """Parses a :class:`fedsilo.models.imo_net.ImoNetConfig` (a parsed one is returned as is).
+        """Parses a :class:`fedsilo.models.imo_config.ImoNetConfig` (a parsed one is returned as is).
 
         Raises:
             ValueError: Naming a bad or unknown key.
         """
-        from fedsilo.models.imo_net import ImoNetConfig
+        from fedsilo.models.imo_config import ImoNetConfig
 
         return parsed_config(config, ImoNetConfig)
 
