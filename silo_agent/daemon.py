@@ -27,7 +27,7 @@ from fedsilo.privacy.he import HeError, HeParams
 from fedsilo.silo_agent.secure import HeSession, KeyCeremonyError
 from fedsilo.silo_agent.model_pin import ModelSettingsError, RunModel, build_run_model
 from fedsilo.silo_agent.strategy import RunContext, StrategyError
-from fedsilo.core.phases import SharePhase, modality_groups, phase_manifest
+from fedsilo.core.phases import SharePhase, phase_manifest
 from fedsilo.silo_agent.wire import Activity, Aggregate, RunInfo
 from fedsilo.silo_agent.privacy import PrivacyError, PrivacySession
 from fedsilo.silo_agent.training_group import TrainingGroup, TrainJob, train_job
@@ -163,11 +163,10 @@ class Agent:
         method = self._strategy
         method.hold_modalities(getattr(data.splits.train, "modalities", None), manifest=manifest,
                                silo_level_dp=info.privacy is not None and info.privacy.silo_level)
-        if method.held_modalities is not None:
-            lacking = [g for g in modality_groups(manifest) if g not in method.held_modalities]
-            if lacking:
-                log.info("this silo's data has no %s: it neither trains nor uploads those tensors (zeros and a "
-                         "count of 0; the federation averages them over the silos that have it)", ", ".join(lacking))
+        lacking = method.lacking_modalities(manifest)
+        if lacking:
+            log.info("this silo's data has no %s: it neither trains nor uploads those tensors (zeros and a "
+                     "count of 0; the federation averages them over the silos that have it)", ", ".join(lacking))
         state_dir = Path(self.cfg.state_dir)
         state = self._open_state(info, model, fingerprint, shared)
         model.load_state_dict(state.model)

@@ -199,7 +199,7 @@ class Strategy(Method, abc.ABC):
         if not groups or not self.modality_counts:
             return []
         names = ", ".join(groups)
-        lacking = [g for g in groups if self.held_modalities is not None and g not in self.held_modalities]
+        lacking = self.lacking_modalities(manifest)
         seen = ("Every silo decrypts the sums: it learns, each round, the share of the round's training examples "
                 "held by the silos with each modality (with two silos, whether the other holds it); the coordinator "
                 "adds ciphertexts and learns no silo's modalities.") if he else (
@@ -213,10 +213,18 @@ class Strategy(Method, abc.ABC):
                                f"does not. {seen} {own} The counts depend on no training record; under record-level "
                                "DP the tensors themselves are the DP-SGD-trained model, covered by the ledger.")}]
 
+    def holds(self, group: str) -> bool:
+        """Whether this silo's data holds modality group ``group`` (every group when it says nothing)."""
+        return self.held_modalities is None or group in self.held_modalities
+
+    def lacking_modalities(self, manifest: Manifest) -> list[str]:
+        """The modality groups of ``manifest`` this silo's data does not hold, in group order."""
+        return [g for g in modality_groups(manifest) if not self.holds(g)]
+
     def lacks(self, name: str) -> bool:
         """Whether state_dict entry ``name`` is in a modality group this silo's data does not hold."""
         group = modality_of(name)
-        return group is not None and self.held_modalities is not None and group not in self.held_modalities
+        return group is not None and not self.holds(group)
 
     def modality_counts_of(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         """The count slots of an upload of ``names``: per modality group, 1 where this silo holds it, else 0
@@ -224,8 +232,7 @@ class Strategy(Method, abc.ABC):
         if not self.modality_counts:
             return {}
         groups = dict.fromkeys(g for k in names if (g := modality_of(k)) is not None)
-        return {count_slot(g): np.array([0.0 if self.held_modalities is not None and g not in self.held_modalities
-                                          else 1.0]) for g in groups}
+        return {count_slot(g): np.array([1.0 if self.holds(g) else 0.0]) for g in groups}
 
     # -- what travels, and what comes back. The defaults are FedAvg's: differences to the
     # -- federation's shared values go up, their weighted mean is added on return.

@@ -114,7 +114,7 @@ import numpy as np
 
 from fedsilo.core.lazy import lazy_module
 from fedsilo.core.methods import BenchDefaults, DpLevel, register_method
-from fedsilo.core.phases import SharePhase
+from fedsilo.core.phases import COUNT_PRESENT, SharePhase
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
 from fedsilo.silo_agent.presets import DEMO_PRIVACY
 from fedsilo.silo_agent.strategy import RunContext, Strategy, StrategyError
@@ -137,9 +137,10 @@ TAG_SLOT = "cksp--species-tag"
 TAG_SIZE = 4
 #: |tag mean / count mean − own tag| below which a tag matches (HE rounding is ~1e-8 at worst).
 TAG_TOLERANCE = 1e-6
-#: A species' count mean above which it counts as present in a round (a fraction of the round's
-#: training examples; HE rounding of an absent species stays many orders below).
-PRESENT = 1e-8
+#: A species' count mean above which it counts as present in a round: the rule of every count slot
+#: (:data:`fedsilo.core.phases.COUNT_PRESENT`, a fraction of the round's training examples; HE rounding
+#: of an absent species stays many orders below).
+PRESENT = COUNT_PRESENT
 #: The path segments of the network's contract.
 ADAPTERS = "adapters"
 NORMS = "norms"
