@@ -530,8 +530,8 @@ def pretrain(out: Path, domain: int | None, epochs: int | None, seed: int | None
 @click.option("--cell-gpus", type=float, default=0, show_default=True, help="With --ray: GPUs reserved per cell.")
 def bench(methods_csv: str, seeds: str, rounds: int, local_epochs: int, sweep: str | None, silos: int,
           aggregation: str, dp: bool, mu: float, data_dir: Path | None, held_out: str | None,
-          data_json: dict | None, task_name: str, model_json: dict | None, base: Path | None, out: Path, ray_address: str | None, cell_cpus: float,
-          cell_gpus: float) -> None:
+          data_json: dict | None, task_name: str, model_json: dict | None, base: Path | None, out: Path,
+          ray_address: str | None, cell_cpus: float, cell_gpus: float) -> None:
     """Compare methods on the same data, measured the same way (simulated in one process through the
     deployed coordinator, agents, aggregation, DP and ledgers). Resumable: run it again to continue."""
     from fedsilo.silo_agent.bench.runner import (

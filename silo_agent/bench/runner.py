@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -179,14 +180,14 @@ class BenchConfig:
         options = self.data_options
         if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
             raise BenchError(f"data_options: {options!r} must be a table of option names")
-        reserved = sorted(set(options) & {"source", "domain", "seed", "path", "unseen_path", "options"})
+        fields = {f.name for f in dataclasses.fields(DataSpec)}  # a [data] table's other keys are options
+        reserved = sorted(set(options) & fields)
         if reserved:
             raise BenchError(f"data_options: {', '.join(reserved)} is set by the bench for each silo, not an option")
         object.__setattr__(self, "data_options", dict(options))
         table = (agent_data_tables(self, 0, ["first"]) or [{}])[0]
-        fields = ("source", "domain", "seed", "path", "unseen_path")
         try:
-            task.load_data(DataSpec.coerce({**{k: table[k] for k in fields if k in table},
+            task.load_data(DataSpec.coerce({**{k: v for k, v in table.items() if k in fields},
                                             "options": {k: v for k, v in table.items() if k not in fields}}))
         except (ValueError, TypeError, OSError) as exc:
             raise BenchError(f"data_options: task {task.name!r} refuses them: {exc}") from None
