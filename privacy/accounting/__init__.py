@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedsilo.privacy.accounting.accountants import (
     DEFAULT_PLD_DISCRETIZATION,
+    DEFAULT_PLD_MAX_RDP_EPSILON,
     DEFAULT_PRV_MAX_POINTS,
     Accountant,
     DpAccountingVerifier,
@@ -25,6 +26,7 @@ from fedsilo.privacy.accounting.releases import (
 
 __all__ = [
     "DEFAULT_PLD_DISCRETIZATION",
+    "DEFAULT_PLD_MAX_RDP_EPSILON",
     "DEFAULT_PRV_MAX_POINTS",
     "DEFAULT_RDP_ORDERS",
     "INTEGER_RDP_ORDERS",

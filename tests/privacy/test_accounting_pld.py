@@ -279,14 +279,62 @@ def test_rejects_bad_discretization_interval(value: object) -> None:
 
 
 def test_dp_accounting_failure_is_an_accounting_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.pld import privacy_loss_distribution
 
-    def fail(self, target_delta: float) -> float:
+    def fail(self, delta: float) -> float:
         raise ValueError("boom")
 
-    monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "get_epsilon", fail)
+    monkeypatch.setattr(privacy_loss_distribution.PrivacyLossDistribution, "get_epsilon_for_delta", fail)
     with pytest.raises(AccountingError, match="PLD accounting failed.*boom"):
         PLD.epsilon(ISSUE, delta=DELTA)
+
+
+HETEROGENEOUS = [
+    _dpsgd(q=0.25, sigma=1.0, steps=12),
+    _gaussian(sigma=5.0, steps=2),
+    _gaussian(sigma=3.0),
+    _dpsgd(q=0.25, sigma=1.0, steps=12),
+]
+
+
+@pytest.mark.parametrize("history", [ISSUE, HETEROGENEOUS, [_gaussian(sigma=2.0, steps=3)]],
+                         ids=["issue", "heterogeneous", "gaussian"])
+def test_equals_dp_accountings_own_pld_accountant(history: list[Release]) -> None:
+    """The cached composition is dp_accounting's `PLDAccountant` step for step: the same ε, bit for bit."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedsilo.privacy.accounting.accountants import _dp_event
+
+    reference = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=DEFAULT_PLD_DISCRETIZATION,
+    )
+    reference.compose(_dp_event(history))
+    assert PLD.epsilon(history, delta=DELTA).epsilon == reference.get_epsilon(DELTA)
+
+
+def test_size_guard_refuses_a_huge_history_quickly() -> None:
+    import time
+
+    huge = [_dpsgd(q=0.5, sigma=0.3, steps=10_000)]  # about 36 s and 4.5 GB unguarded
+    started = time.perf_counter()
+    with pytest.raises(AccountingError, match=r"RDP already bounds it at ε = .* above 100"):
+        PLD.epsilon(huge, delta=DELTA)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_size_guard_is_a_setting() -> None:
+    small = [_dpsgd(q=0.25, sigma=1.0, steps=12)]  # RDP about 7.4
+    with pytest.raises(AccountingError, match="above 5"):
+        PldAccountant(max_rdp_epsilon=5.0).epsilon(small, delta=DELTA)
+    assert PldAccountant(max_rdp_epsilon=8.0).epsilon(small, delta=DELTA).epsilon < 7.0
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, "100", True])
+def test_rejects_bad_size_guard(value: object) -> None:
+    with pytest.raises(ValueError, match=f"invalid max_rdp_epsilon {value!r}"):
+        PldAccountant(max_rdp_epsilon=value)  # type: ignore[arg-type]
 
 
 def test_pld_accounts_without_torch() -> None:
