@@ -18,6 +18,7 @@ from fedsilo.privacy.accounting.orders import DEFAULT_RDP_ORDERS, INTEGER_RDP_OR
 from fedsilo.privacy.accounting.releases import (
     AccountingError,
     AccountingMethod,
+    BudgetAccountant,
     EpsilonResult,
     Mechanism,
     Neighbouring,
@@ -34,6 +35,7 @@ __all__ = [
     "Accountant",
     "AccountingError",
     "AccountingMethod",
+    "BudgetAccountant",
     "DpAccountingVerifier",
     "EpsilonResult",
     "Mechanism",

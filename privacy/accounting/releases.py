@@ -22,6 +22,16 @@ class Mechanism(enum.Enum):
     """One full-batch release (a silo-level noised update): q = 1, noise of std σC."""
 
 
+class BudgetAccountant(enum.Enum):
+    """The accountant whose ε a silo's budget is enforced on and σ is calibrated against
+    (``[privacy] accountant``); every ledger entry states both figures either way."""
+
+    RDP = "rdp"
+    """Rényi DP on integer orders (Mironov 2017): the default, what studies usually quote."""
+    PLD = "pld"
+    """The privacy loss distribution (dp_accounting, pessimistic): the tightest sound figure."""
+
+
 class Neighbouring(enum.Enum):
     """The unit a guarantee protects; guarantees for different units never add up."""
 

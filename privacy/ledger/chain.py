@@ -184,6 +184,7 @@ def _check_spend(entry: LedgerEntry, previous: LedgerEntry | None) -> None:
             f"{relation}-level cumulative ε {previous.cumulative_epsilon!r} of entry "
             f"{previous.seq}; cumulative ε never decreases"
         )
+    _check_pld_spend(entry, previous, entry, previous, "")
     if previous.single_upload is None:
         return
     if entry.single_upload is None:
@@ -199,6 +200,25 @@ def _check_spend(entry: LedgerEntry, previous: LedgerEntry | None) -> None:
             f"{entry.single_upload.cumulative_epsilon!r}: lower than the {relation}-level "
             f"single-upload cumulative ε {before!r} of entry {previous.seq}; cumulative ε "
             "never decreases"
+        )
+    _check_pld_spend(entry, previous, entry.single_upload, previous.single_upload, "single_upload.")
+
+
+_PLD_SLACK = 1e-9
+"""How far a PLD cumulative ε may dip below the previous one: floating-point noise of the FFT
+composition, never a real decrease (composition cannot lower a privacy loss)."""
+
+
+def _check_pld_spend(entry: LedgerEntry, previous: LedgerEntry, now: Any, before: Any, prefix: str) -> None:
+    """The PLD cumulative ε of ``now`` (an entry or its single-upload block) against ``before``'s,
+    where both state one (the size guard may leave one out)."""
+    if now.cumulative_epsilon_pld is None or before.cumulative_epsilon_pld is None:
+        return
+    if now.cumulative_epsilon_pld < before.cumulative_epsilon_pld - _PLD_SLACK:
+        raise ValueError(
+            f"invalid field {prefix}cumulative_epsilon_pld {now.cumulative_epsilon_pld!r}: lower than the "
+            f"{entry.neighbouring.value}-level PLD cumulative ε {before.cumulative_epsilon_pld!r} of entry "
+            f"{previous.seq}; cumulative ε never decreases"
         )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from fedsilo.core.validators import is_hex64
-from fedsilo.privacy.accounting import Mechanism, Neighbouring  # one definition for accountant and ledger
+from fedsilo.privacy.accounting import BudgetAccountant, Mechanism, Neighbouring  # one definition for accountant and ledger
 from fedsilo.privacy.ledger.fields import (
     _check_run_id,
     _enum,
@@ -36,8 +36,15 @@ from fedsilo.privacy.signed import (
 from fedsilo.privacy.signed.document import SignedDocument
 
 
-ENTRY_FORMAT = "fedsilo-ledger-entry-v1"
+ENTRY_FORMAT = "fedsilo-ledger-entry-v2"
+"""Version 2 added ε by PLD beside ε by RDP (``epsilon_pld``, ``cumulative_epsilon_pld``, and the
+same two in ``single_upload``) and the ``accountant`` that governed the silo's budget."""
+ENTRY_FORMAT_V1 = "fedsilo-ledger-entry-v1"
+"""Entries written before PLD: RDP only, and RDP governed. Still read and verified."""
 GENESIS_HASH = "0" * 64
+
+_V2_FIELDS = frozenset({"epsilon_pld", "cumulative_epsilon_pld", "accountant"})
+_V2_GUARANTEE_FIELDS = frozenset({"epsilon_pld", "cumulative_epsilon_pld"})
 
 
 class LedgerError(Exception):
@@ -93,8 +100,11 @@ class UploadGuarantee:
         epsilon_rdp: ε of this release alone against this observer, by RDP.
         rdp_order: The RDP order that gave ``epsilon_rdp``.
         epsilon_prv: ε of this release alone by the PRV accountant, or None.
-        cumulative_epsilon: ε of every release so far for this neighbouring relation,
+        cumulative_epsilon: ε by RDP of every release so far for this neighbouring relation,
             against anyone who sees this silo's uploads.
+        epsilon_pld: ε of this release alone by PLD, or None (a version-1 entry, or beyond
+            `PldAccountant`'s size guard).
+        cumulative_epsilon_pld: ``cumulative_epsilon`` by PLD, or None (as ``epsilon_pld``).
     """
 
     noise_multiplier: float
@@ -102,6 +112,8 @@ class UploadGuarantee:
     rdp_order: float
     epsilon_prv: float | None = None
     cumulative_epsilon: float
+    epsilon_pld: float | None = None
+    cumulative_epsilon_pld: float | None = None
 
     def __post_init__(self) -> None:
         _set(
@@ -117,22 +129,33 @@ class UploadGuarantee:
             "cumulative_epsilon",
             _non_negative(self.cumulative_epsilon, "single_upload.cumulative_epsilon"),
         )
+        for name in _V2_GUARANTEE_FIELDS:
+            _set(self, name, _optional_epsilon(getattr(self, name), f"single_upload.{name}"))
 
-    def _to_dict(self) -> dict[str, Any]:
-        return {
+    def _to_dict(self, *, v2: bool = True) -> dict[str, Any]:
+        out = {
             "noise_multiplier": float_text(self.noise_multiplier),
             "epsilon_rdp": float_text(self.epsilon_rdp),
             "rdp_order": float_text(self.rdp_order),
-            "epsilon_prv": None if self.epsilon_prv is None else float_text(self.epsilon_prv),
+            "epsilon_prv": _optional_text(self.epsilon_prv),
             "cumulative_epsilon": float_text(self.cumulative_epsilon),
         }
+        if v2:
+            out["epsilon_pld"] = _optional_text(self.epsilon_pld)
+            out["cumulative_epsilon_pld"] = _optional_text(self.cumulative_epsilon_pld)
+        return out
 
     @classmethod
-    def _from_dict(cls, data: object) -> UploadGuarantee:
+    def _from_dict(cls, data: object, *, v2: bool = True) -> UploadGuarantee:
         if not isinstance(data, Mapping):
             raise ValueError(f"field single_upload must be an object or null, not {data!r}")
-        exact_keys(data, {f.name for f in fields(cls)}, "single_upload")
+        names = {f.name for f in fields(cls)}
+        exact_keys(data, names if v2 else names - _V2_GUARANTEE_FIELDS, "single_upload")
+        pld = {} if not v2 else {
+            name: parse_optional_float(data[name], f"single_upload.{name}") for name in sorted(_V2_GUARANTEE_FIELDS)
+        }
         return cls(
+            **pld,
             noise_multiplier=parse_float(
                 data["noise_multiplier"], "single_upload.noise_multiplier"
             ),
@@ -175,8 +198,13 @@ class LedgerEntry(SignedDocument):
         epsilon_rdp: ε of this release alone, by RDP at its best order.
         rdp_order: The RDP order that gave ``epsilon_rdp``.
         epsilon_prv: ε of this release alone by the PRV accountant, or None.
-        cumulative_epsilon: ε of all this silo's releases so far for ``neighbouring`` (all
-            runs), from the accountant; never summed across relations.
+        cumulative_epsilon: ε by RDP of all this silo's releases so far for ``neighbouring``
+            (all runs); never summed across relations.
+        epsilon_pld: ε of this release alone by PLD (`PldAccountant`), or None: a version-1
+            entry, or a release beyond the PLD size guard (RDP then bounds it above 100).
+        cumulative_epsilon_pld: ``cumulative_epsilon`` by PLD, or None (as ``epsilon_pld``).
+        accountant: The accountant this silo's budget was enforced on when it wrote the entry
+            (its ``[privacy] accountant``); None for a version-1 entry, where RDP governed.
         guarantee_scope: Who the per-release fields hold against (see above).
         single_upload: The guarantee against one upload, when noise is distributed.
         created_at: When the entry was made, UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
@@ -205,6 +233,9 @@ class LedgerEntry(SignedDocument):
     cumulative_epsilon: float
     guarantee_scope: GuaranteeScope
     single_upload: UploadGuarantee | None
+    epsilon_pld: float | None = None
+    cumulative_epsilon_pld: float | None = None
+    accountant: BudgetAccountant | None = None
     created_at: str
     prev_hash: str
     certificate: str = field(repr=False)
@@ -245,7 +276,16 @@ class LedgerEntry(SignedDocument):
         _set(
             self, "guarantee_scope", _enum(self.guarantee_scope, GuaranteeScope, "guarantee_scope")
         )
+        _set(self, "epsilon_pld", _optional_epsilon(self.epsilon_pld, "epsilon_pld"))
+        _set(
+            self,
+            "cumulative_epsilon_pld",
+            _optional_epsilon(self.cumulative_epsilon_pld, "cumulative_epsilon_pld"),
+        )
+        if self.accountant is not None:
+            _set(self, "accountant", _enum(self.accountant, BudgetAccountant, "accountant"))
         self._check_single_upload()
+        self._check_version()
         check_created_at(self.created_at)
         if not is_hex64(self.prev_hash):
             raise ValueError(
@@ -273,13 +313,49 @@ class LedgerEntry(SignedDocument):
                     f"(noise_multiplier {self.noise_multiplier!r}); were they swapped?"
                 )
         elif upload is not None:
-            for name in ("noise_multiplier", "epsilon_rdp", "rdp_order", "epsilon_prv"):
+            for name in ("noise_multiplier", "epsilon_rdp", "rdp_order", "epsilon_prv", "epsilon_pld"):
                 if getattr(upload, name) != getattr(self, name):
                     raise ValueError(
                         f"invalid field single_upload.{name} {getattr(upload, name)!r}: "
                         "guarantee_scope is single_upload (noise added wholly by this silo), so "
                         f"it must equal {name} {getattr(self, name)!r}"
                     )
+
+    def _check_version(self) -> None:
+        """A version-1 entry (no ``accountant``) has no PLD figure anywhere."""
+        if self.accountant is not None:
+            return
+        guarantees = [("", self)] + ([("single_upload.", self.single_upload)] if self.single_upload else [])
+        for prefix, holder in guarantees:
+            for name in ("epsilon_pld", "cumulative_epsilon_pld"):
+                if getattr(holder, name) is not None:
+                    raise ValueError(
+                        f"invalid field {prefix}{name} {getattr(holder, name)!r}: an entry without an "
+                        "accountant is a version-1 (RDP-only) entry; state the accountant that governed"
+                    )
+
+    @property
+    def governing(self) -> BudgetAccountant:
+        """The accountant this silo's budget was enforced on at this entry (RDP for version 1)."""
+        return BudgetAccountant.RDP if self.accountant is None else self.accountant
+
+    def budget_epsilon(self, scope: GuaranteeScope = GuaranteeScope.SINGLE_UPLOAD) -> float:
+        """The cumulative ε the silo's budget was checked against: by the governing accountant.
+
+        Under PLD this is ``cumulative_epsilon_pld``, or, where the PLD size guard left it
+        out, the RDP figure (also a valid bound, and the larger); under RDP (and in version-1
+        entries) ``cumulative_epsilon``.
+
+        Args:
+            scope: Against whom (default ``SINGLE_UPLOAD``, what budgets bound).
+
+        Returns:
+            The cumulative ε.
+        """
+        guarantee = self.guarantee(scope)
+        if self.governing is BudgetAccountant.PLD and guarantee.cumulative_epsilon_pld is not None:
+            return guarantee.cumulative_epsilon_pld
+        return guarantee.cumulative_epsilon
 
     def guarantee(self, scope: GuaranteeScope) -> UploadGuarantee:
         """This release's guarantee against one observer.
@@ -303,6 +379,8 @@ class LedgerEntry(SignedDocument):
             rdp_order=self.rdp_order,
             epsilon_prv=self.epsilon_prv,
             cumulative_epsilon=self.cumulative_epsilon,
+            epsilon_pld=self.epsilon_pld,
+            cumulative_epsilon_pld=self.cumulative_epsilon_pld,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -351,10 +429,25 @@ class LedgerEntry(SignedDocument):
         )
 
     @classmethod
+    def _older_formats(cls) -> Mapping[str, frozenset[str]]:
+        return {ENTRY_FORMAT_V1: frozenset(f.name for f in fields(cls)) - _V2_FIELDS}
+
+    @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> LedgerEntry:
         signature = cls._envelope(data, what="ledger entry")
         single = data["single_upload"]
+        v2 = data["format"] == ENTRY_FORMAT
+        pld: dict[str, Any] = {}
+        if v2:
+            pld = {
+                "epsilon_pld": parse_optional_float(data["epsilon_pld"], "epsilon_pld"),
+                "cumulative_epsilon_pld": parse_optional_float(
+                    data["cumulative_epsilon_pld"], "cumulative_epsilon_pld"
+                ),
+                "accountant": parse_enum(data["accountant"], BudgetAccountant, "accountant"),
+            }
         return cls(
+            **pld,
             seq=parse_int(data["seq"], "seq"),
             silo=parse_str(data["silo"], "silo"),
             run_id=parse_str(data["run_id"], "run_id"),
@@ -372,7 +465,7 @@ class LedgerEntry(SignedDocument):
             epsilon_prv=parse_optional_float(data["epsilon_prv"], "epsilon_prv"),
             cumulative_epsilon=parse_float(data["cumulative_epsilon"], "cumulative_epsilon"),
             guarantee_scope=parse_enum(data["guarantee_scope"], GuaranteeScope, "guarantee_scope"),
-            single_upload=None if single is None else UploadGuarantee._from_dict(single),
+            single_upload=None if single is None else UploadGuarantee._from_dict(single, v2=v2),
             created_at=parse_str(data["created_at"], "created_at"),
             prev_hash=parse_str(data["prev_hash"], "prev_hash"),
             certificate=parse_str(data["certificate"], "certificate"),
@@ -381,8 +474,9 @@ class LedgerEntry(SignedDocument):
 
     def _unsigned_dict(self) -> dict[str, Any]:
         """Every field but the signature as JSON values: what `canonical_bytes` encodes."""
-        return {
-            "format": ENTRY_FORMAT,
+        v2 = self.accountant is not None
+        out = {
+            "format": ENTRY_FORMAT if v2 else ENTRY_FORMAT_V1,
             "seq": self.seq,
             "silo": self.silo,
             "run_id": self.run_id,
@@ -397,11 +491,21 @@ class LedgerEntry(SignedDocument):
             "delta": float_text(self.delta),
             "epsilon_rdp": float_text(self.epsilon_rdp),
             "rdp_order": float_text(self.rdp_order),
-            "epsilon_prv": None if self.epsilon_prv is None else float_text(self.epsilon_prv),
+            "epsilon_prv": _optional_text(self.epsilon_prv),
             "cumulative_epsilon": float_text(self.cumulative_epsilon),
             "guarantee_scope": self.guarantee_scope.value,
-            "single_upload": None if self.single_upload is None else self.single_upload._to_dict(),
+            "single_upload": None if self.single_upload is None else self.single_upload._to_dict(v2=v2),
             "created_at": self.created_at,
             "prev_hash": self.prev_hash,
             "certificate": self.certificate,
         }
+        if v2:
+            assert self.accountant is not None
+            out["epsilon_pld"] = _optional_text(self.epsilon_pld)
+            out["cumulative_epsilon_pld"] = _optional_text(self.cumulative_epsilon_pld)
+            out["accountant"] = self.accountant.value
+        return out
+
+
+def _optional_text(value: float | None) -> str | None:
+    return None if value is None else float_text(value)

@@ -270,12 +270,13 @@ class LedgerMirror:
             scope: Against whom (default ``SINGLE_UPLOAD``, the conservative figure).
 
         Returns:
-            The cumulative ε; 0.0 if the silo has no entries for that relation.
+            The cumulative ε by the accountant that governed the silo's budget
+            (`LedgerEntry.budget_epsilon`); 0.0 if the silo has no entries for that relation.
         """
         relation = _enum(neighbouring, Neighbouring, "neighbouring")
         with self._lock:
             entry = self._last_by_relation(silo).get(relation)
-        return 0.0 if entry is None else entry.guarantee(scope).cumulative_epsilon
+        return 0.0 if entry is None else entry.budget_epsilon(scope)
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.accounting import BudgetAccountant, Neighbouring
 from fedsilo.privacy.ledger.chain import _check_spend, verify_chain
 from fedsilo.privacy.ledger.entries import (
     EntryStatus,
@@ -43,6 +43,9 @@ _CALLER_FIELDS = frozenset(
         "cumulative_epsilon",
         "guarantee_scope",
         "single_upload",
+        "epsilon_pld",
+        "cumulative_epsilon_pld",
+        "accountant",
     }
 )
 
@@ -51,6 +54,9 @@ _CALLER_DEFAULTS: dict[str, Any] = {
     "epsilon_prv": None,
     "guarantee_scope": GuaranteeScope.SINGLE_UPLOAD,
     "single_upload": None,
+    "epsilon_pld": None,
+    "cumulative_epsilon_pld": None,
+    "accountant": BudgetAccountant.RDP,
 }
 
 
@@ -167,8 +173,9 @@ class Ledger:
                 ``upload_index``, ``mechanism``, ``neighbouring``, ``noise_multiplier``,
                 ``sample_rate``, ``steps``, ``clip_norm``, ``delta``, ``epsilon_rdp``,
                 ``rdp_order``, ``cumulative_epsilon``, and optionally ``epsilon_prv``
-                (None), ``guarantee_scope`` (``SINGLE_UPLOAD``) and ``single_upload``
-                (None). ``seq``, ``silo``, ``created_at``, ``prev_hash``, ``certificate``
+                (None), ``guarantee_scope`` (``SINGLE_UPLOAD``), ``single_upload``
+                (None), ``epsilon_pld`` and ``cumulative_epsilon_pld`` (None) and
+                ``accountant`` (RDP). ``seq``, ``silo``, ``created_at``, ``prev_hash``, ``certificate``
                 and ``signature`` are computed.
 
         Returns:
@@ -308,7 +315,8 @@ class Ledger:
                 anyone who sees this silo's uploads) or ``AGGREGATE``.
 
         Returns:
-            The latest entry's cumulative ε for that relation and scope; 0.0 if none.
+            The latest entry's cumulative ε for that relation and scope by the accountant
+            that governed it (`LedgerEntry.budget_epsilon`); 0.0 if none.
         """
         relation = _enum(neighbouring, Neighbouring, "neighbouring")
         rows = self._query(
@@ -317,7 +325,7 @@ class Ledger:
         )
         if not rows:
             return 0.0
-        return self._load(rows[0][0]).guarantee(scope).cumulative_epsilon
+        return self._load(rows[0][0]).budget_epsilon(scope)
 
     def verify(self, *, ca_pem: bytes | str) -> None:
         """Runs `verify_chain` over this ledger (e.g. after a restart).

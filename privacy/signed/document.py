@@ -192,19 +192,30 @@ class SignedDocument:
             FieldError: Naming the field (None for a missing or unknown key).
         """
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        older = cls._older_formats()
+        stated = data.get("format")
+        if isinstance(stated, str) and stated in older:
+            names = set(older[stated])
         try:
             exact_keys(data, {"format", *names}, what)
         except ValueError as exc:
             raise FieldError(str(exc), field=None) from None
-        if data["format"] != cls.FORMAT:
+        if data["format"] != cls.FORMAT and data["format"] not in older:
+            readable = " or ".join(repr(f) for f in (cls.FORMAT, *older))
             raise FieldError(
-                f"field format is {data['format']!r}, this fedsilo reads {cls.FORMAT!r}",
+                f"field format is {data['format']!r}, this fedsilo reads {readable}",
                 field="format",
             )
         try:
             return parse_signature_hex(data["signature"])
         except ValueError as exc:
             raise FieldError(str(exc), field="signature") from None
+
+    @classmethod
+    def _older_formats(cls) -> Mapping[str, frozenset[str]]:
+        """Earlier formats this class still reads, each with its field names (besides
+        ``format``); a subclass whose format grew fields lists its old ones here."""
+        return {}
 
     def _not_canonical(self) -> Exception:
         """The error for text that parses to this document but is not its `to_json`."""

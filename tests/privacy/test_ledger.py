@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsilo.privacy import ledger, pki, signed
+from fedsilo.privacy.accounting import BudgetAccountant
 from fedsilo.privacy.ledger import (
     GENESIS_HASH,
     DuplicateEntryError,
@@ -605,6 +606,9 @@ def test_changing_a_field_without_re_signing_is_caught(
         "cumulative_epsilon": 99.0,
         "guarantee_scope": GuaranteeScope.AGGREGATE,
         "single_upload": chain[1].single_upload,
+        "epsilon_pld": 0.3,
+        "cumulative_epsilon_pld": 98.0,
+        "accountant": BudgetAccountant.PLD,
         "created_at": "2030-01-01T00:00:00.000000Z",
         "certificate": fed.b.cert.decode(),
     }[name]
