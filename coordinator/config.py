@@ -14,6 +14,7 @@ from typing import Any
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.methods import DEFAULT_METHOD, Method, UnknownMethod, get_method, method_names
+from fedsilo.privacy.accounting import BudgetAccountant
 
 
 #: The largest training-set size a silo may declare (and so the largest upload weight).
@@ -85,6 +86,8 @@ class FederationConfig:
             None (the default) means no differential privacy, which is loudly warned.
         budgets: ε budgets agreed with enrolled silos (name -> ε at ``privacy.delta``); the
             coordinator refuses to start a run whose planned spend exceeds one of them.
+        accountant: whose ε the plan's targets were calibrated against and ``budgets`` are
+            checked with (``[privacy] accountant``); each silo's own setting governs its own budget.
         train_examples: training-set sizes the study expects of silos (name -> n, ``[silos]
             train_examples``); a silo that declares another size at join is refused.
         max_train_examples: the largest training-set size a silo may declare at join (``[silos]
@@ -120,6 +123,7 @@ class FederationConfig:
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     privacy: Any = None  # fedsilo.privacy.plan.PrivacyPlan | None
     budgets: Mapping[str, float] = field(default_factory=dict)
+    accountant: BudgetAccountant = BudgetAccountant.RDP
     train_examples: Mapping[str, int] = field(default_factory=dict)
     max_train_examples: int | None = None
 
@@ -218,6 +222,9 @@ class FederationConfig:
     def _check_privacy(self) -> None:
         from fedsilo.privacy.plan import PrivacyPlan
 
+        if not isinstance(self.accountant, BudgetAccountant):
+            raise ConfigError(f"privacy.accountant: {self.accountant!r} is not one of "
+                              + ", ".join(repr(a.value) for a in BudgetAccountant))
         plan = self.privacy
         if plan is None:
             if self.budgets:

@@ -42,12 +42,13 @@ class Mirror:
         assert self.ctx.mirror is not None
         for silo, budget in cfg.budgets.items():
             spend = projected_spend(self.ctx.mirror.entries(silo), plan.round_releases(), delta=plan.delta,
-                                    repeats=cfg.rounds, extra=plan.run_extras(cfg.rounds))
+                                    repeats=cfg.rounds, extra=plan.run_extras(cfg.rounds), governing=cfg.accountant)
             for relation, eps in spend.items():
                 if eps > budget:
                     raise ConfigError(
                         f"privacy.budgets.{silo}: the run's plan would bring silo {silo!r}'s {relation.value}-level "
-                        f"ε to {eps:.4f} after {cfg.rounds} rounds (δ = {plan.delta:g}, its history included), "
+                        f"ε to {eps:.4f} by {cfg.accountant.value.upper()} after {cfg.rounds} rounds (δ = "
+                        f"{plan.delta:g}, its history included), "
                         f"above its budget {budget:g}; lower run.rounds or raise the noise"
                     )
 

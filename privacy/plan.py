@@ -13,9 +13,11 @@ from fedsilo.privacy.accounting import (
     LEDGER_RDP_ORDERS,
     Accountant,
     AccountingError,
+    BudgetAccountant,
     DpAccountingVerifier,
     Mechanism,
     Neighbouring,
+    PldAccountant,
     Release,
 )
 from fedsilo.privacy.ledger import GuaranteeScope, LedgerEntry, UploadGuarantee
@@ -276,12 +278,15 @@ def projected_spend(
     repeats: int = 1,
     extra: Sequence[PlannedRelease] = (),
     accountant: Accountant | None = None,
+    governing: BudgetAccountant = BudgetAccountant.RDP,
 ) -> dict[Neighbouring, float]:
     """Cumulative ε against one silo's upload, per relation, after ``repeats`` more rounds.
 
     Composes the stored history with the planned releases (each repeated ``repeats`` times)
     and the ``extra`` ones (once each); this is the figure a silo's budget is checked against
-    (single-upload scope, the conservative one).
+    (single-upload scope, the conservative one), by the ``governing`` accountant: RDP
+    (``accountant``), or PLD — where PLD cannot bound the history (its size guard), RDP's
+    figure stands, as in `LedgerEntry.budget_epsilon`.
 
     Args:
         history: The silo's ledger entries (any relations).
@@ -289,7 +294,9 @@ def projected_spend(
         delta: The δ to state ε at.
         repeats: Rounds ahead, ≥ 1.
         extra: Once-off releases (e.g. pFL-ResFIM's style bank and mask computations).
-        accountant: Defaults to dp_accounting's RDP on `LEDGER_RDP_ORDERS` (torch-free).
+        accountant: The RDP accountant; defaults to dp_accounting's RDP on `LEDGER_RDP_ORDERS`
+            (torch-free).
+        governing: The accountant the budget is enforced on.
 
     Returns:
         ε per relation of the planned releases; ``math.inf`` where no bound exists.
@@ -303,11 +310,24 @@ def projected_spend(
         ahead.setdefault(p.neighbouring, []).append(p.release(scope))
     out: dict[Neighbouring, float] = {}
     for relation, releases in ahead.items():
+        whole = _history(history, relation, scope) + releases
+        pld = _pld_or_none(whole, delta) if governing is BudgetAccountant.PLD else None
+        if pld is not None:
+            out[relation] = pld
+            continue
         try:
-            out[relation] = accountant.epsilon(_history(history, relation, scope) + releases, delta=delta).epsilon
+            out[relation] = accountant.epsilon(whole, delta=delta).epsilon
         except AccountingError:
             out[relation] = math.inf
     return out
+
+
+def _pld_or_none(history: Sequence[Release], delta: float) -> float | None:
+    """ε of a history by `PldAccountant` (the ledger's settings), or None beyond its size guard."""
+    try:
+        return PldAccountant().epsilon(history, delta=delta).epsilon
+    except AccountingError:
+        return None
 
 
 def ledger_fields(
@@ -320,14 +340,16 @@ def ledger_fields(
     upload_index: int = 0,
     accountant: Accountant,
     prv_accountant: Accountant | None = None,
+    governing: BudgetAccountant = BudgetAccountant.RDP,
 ) -> dict[str, Any]:
     """The caller fields of `Ledger.reserve` for one planned release.
 
     Per-release ε and cumulative ε (over ``history``'s entries of the same relation, all
-    runs) come from ``accountant`` on the history it is given; ε by PRV, when a PRV
-    accountant is given, is of this release alone (None where PRV cannot bound it). With
-    distributed noise, or once the relation's history has single-upload blocks, the entry
-    states both guarantees.
+    runs) come from ``accountant`` (RDP) and from `PldAccountant` (both always; PLD's are
+    None beyond its size guard); ε by PRV, when a PRV accountant is given, is of this release
+    alone (None where PRV cannot bound it). With distributed noise, or once the relation's
+    history has single-upload blocks, the entry states both guarantees. ``governing`` is
+    recorded as the entry's ``accountant``.
 
     Args:
         history: The silo's ledger entries so far (any relations, oldest first).
@@ -338,6 +360,7 @@ def ledger_fields(
         upload_index: Which upload of the round.
         accountant: The RDP accountant (the agent: Opacus on `LEDGER_RDP_ORDERS`).
         prv_accountant: Optional PRV accountant.
+        governing: The accountant this silo's budget is enforced on.
 
     Returns:
         Keyword arguments for `Ledger.reserve`.
@@ -345,7 +368,7 @@ def ledger_fields(
     relation = planned.neighbouring
     same = [e for e in history if e.neighbouring is relation]
 
-    def one(scope: GuaranteeScope) -> tuple[float, float, float | None, float]:
+    def one(scope: GuaranteeScope) -> dict[str, Any]:
         this = planned.release(scope)
         alone = accountant.epsilon([this], delta=delta)
         prv = None
@@ -354,33 +377,34 @@ def ledger_fields(
                 prv = prv_accountant.epsilon([this], delta=delta).epsilon
             except AccountingError:
                 prv = None
-        total = accountant.epsilon(_history(same, relation, scope) + [this], delta=delta).epsilon
-        order = alone.order if alone.order is not None else float(LEDGER_RDP_ORDERS[-1])
-        return alone.epsilon, order, prv, total
+        whole = _history(same, relation, scope) + [this]
+        return {
+            "epsilon_rdp": alone.epsilon,
+            "rdp_order": alone.order if alone.order is not None else float(LEDGER_RDP_ORDERS[-1]),
+            "epsilon_prv": prv,
+            "cumulative_epsilon": accountant.epsilon(whole, delta=delta).epsilon,
+            "epsilon_pld": _pld_or_none([this], delta),
+            "cumulative_epsilon_pld": _pld_or_none(whole, delta),
+        }
 
-    eps, order, prv, total = one(GuaranteeScope.AGGREGATE)
+    aggregate = one(GuaranteeScope.AGGREGATE)
     fields: dict[str, Any] = {
         "run_id": run_id, "round": round, "upload_index": upload_index,
         "mechanism": planned.mechanism, "neighbouring": relation,
         "noise_multiplier": planned.noise_multiplier, "sample_rate": planned.sample_rate,
         "steps": planned.steps, "clip_norm": planned.clip_norm, "delta": delta,
-        "epsilon_rdp": eps, "rdp_order": order, "epsilon_prv": prv, "cumulative_epsilon": total,
+        **aggregate,
         "guarantee_scope": GuaranteeScope.AGGREGATE if planned.distributed else GuaranteeScope.SINGLE_UPLOAD,
         "single_upload": None,
+        "accountant": governing,
     }
     if planned.distributed or any(e.single_upload is not None for e in same):
-        s_eps, s_order, s_prv, s_total = one(GuaranteeScope.SINGLE_UPLOAD) if planned.distributed else (
-            eps, order, prv, _single_total(same, relation, planned, delta, accountant))
+        # Without distributed noise this release's single-upload figures equal the aggregate ones;
+        # the cumulative ones still compose the relation's single-upload history.
+        single = one(GuaranteeScope.SINGLE_UPLOAD)
         fields["single_upload"] = UploadGuarantee(noise_multiplier=planned.single_upload_noise_multiplier,
-                                                  epsilon_rdp=s_eps, rdp_order=s_order, epsilon_prv=s_prv,
-                                                  cumulative_epsilon=s_total)
+                                                  **single)
     return fields
-
-
-def _single_total(same: Sequence[LedgerEntry], relation: Neighbouring, planned: PlannedRelease, delta: float,
-                  accountant: Accountant) -> float:
-    scope = GuaranteeScope.SINGLE_UPLOAD
-    return accountant.epsilon(_history(same, relation, scope) + [planned.release(scope)], delta=delta).epsilon
 
 
 def plan_from_mapping(data: Mapping[str, Any]) -> PrivacyPlan:

@@ -11,6 +11,7 @@ from typing import Any
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.configfile import check_keys, parse_enum, read_toml, resolve_path, tls_files
+from fedsilo.privacy.accounting import BudgetAccountant
 from fedsilo.models.precision import Precision
 
 
@@ -126,13 +127,20 @@ class BudgetConfig:
         epsilon: ε_max, a finite number > 0.
         delta: δ every ε of this silo is stated at, in (0, 1); the agent also refuses δ ≥ 1/n
             for n training records when the run has record-level DP.
+        accountant: Whose ε the budget is enforced on: ``"rdp"`` (the default) or ``"pld"``
+            (tighter, so more rounds fit). Every ledger entry states both either way, and
+            says which one governed.
     """
 
     epsilon: float
     delta: float = 1e-5
+    accountant: BudgetAccountant = BudgetAccountant.RDP
 
     def __post_init__(self) -> None:
         import math
+
+        if not isinstance(self.accountant, BudgetAccountant):
+            object.__setattr__(self, "accountant", parse_enum(BudgetAccountant, "privacy.accountant", self.accountant))
 
         for name, ok in (("epsilon", lambda v: math.isfinite(v) and v > 0), ("delta", lambda v: 0 < v < 1)):
             v = getattr(self, name)
@@ -235,7 +243,7 @@ _SECTIONS = {
               "heartbeat_s"},
     "tls": {"ca", "cert", "key"},
     "data": None,
-    "privacy": {"epsilon", "delta"},
+    "privacy": {"epsilon", "delta", "accountant"},
     "model": {"base_checkpoint"},
 }
 

@@ -102,7 +102,8 @@ class PrivacySession:
             parts.append(f"silo-level update noise σ={self.plan.update_noise_multiplier:.4g} "
                          f"C={self.plan.update_clip_norm:g} in {self.plan.noise_shares} share(s)")
         spent = ", ".join(f"{k} ε={v:.4f}" for k, v in self.spent().items())
-        return (f"{'; '.join(parts)}; budget ε={self.budget.epsilon:g} at δ={self.budget.delta:g}; "
+        return (f"{'; '.join(parts)}; budget ε={self.budget.epsilon:g} at δ={self.budget.delta:g} "
+                f"by {self.budget.accountant.value.upper()}; "
                 f"spent so far: {spent}")
 
     def refusal(self, extra: Sequence[PlannedRelease] = ()) -> str | None:
@@ -112,7 +113,7 @@ class PrivacySession:
             extra: Releases the round makes besides its upload (a ResFIM mask computation).
         """
         after = projected_spend(self.ledger.entries(), self.plan.round_releases(), delta=self.budget.delta,
-                                extra=extra, accountant=self._accountant)
+                                extra=extra, accountant=self._accountant, governing=self.budget.accountant)
         over = [(n, eps) for n, eps in after.items() if eps > self.budget.epsilon]
         if not over:
             return None
@@ -181,16 +182,17 @@ class PrivacySession:
                 continue
             have.add(planned.key())
             entry = self._reserve(planned, rnd)
-            log.info("round %d: ledger entry %d: %s-level ε %.4f this round, %.4f cumulative (δ = %g)", rnd,
-                     entry.seq, entry.neighbouring.value, entry.epsilon_rdp,
-                     entry.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon, entry.delta)
+            log.info("round %d: ledger entry %d: %s-level ε %s this round, %s cumulative (δ = %g; %s governs)",
+                     rnd, entry.seq, entry.neighbouring.value, _both(entry.epsilon_rdp, entry.epsilon_pld),
+                     _both(*_cumulative(entry)), entry.delta, entry.governing.value.upper())
 
     def _reserve(self, planned: PlannedRelease, rnd: int) -> Any:
         """Reserves one planned release at round ``rnd``'s ledger position."""
         ledger_round, upload_index = self._position(rnd)
         return self.ledger.reserve(**ledger_fields(
             self.ledger.entries(), planned, delta=self.budget.delta, run_id=self.run_id, round=ledger_round,
-            upload_index=upload_index, accountant=self._accountant, prv_accountant=self._prv))
+            upload_index=upload_index, accountant=self._accountant, prv_accountant=self._prv,
+            governing=self.budget.accountant))
 
     def account_style_bank(self) -> None:
         """Reserves the ledger entry of this silo's style bank (pFL-ResFIM), unless already reserved.
@@ -203,14 +205,15 @@ class PrivacySession:
                and self.ledger.status(e.seq) is not EntryStatus.ABANDONED for e in self.ledger.entries()):
             return
         after = projected_spend(self.ledger.entries(), [], delta=self.budget.delta, extra=[planned],
-                                accountant=self._accountant)
+                                accountant=self._accountant, governing=self.budget.accountant)
         eps = after[planned.neighbouring]
         if eps > self.budget.epsilon:
             raise PrivacyError(f"privacy budget: the style bank would bring this silo's record-level ε to {eps:.4f}, "
                                f"above its budget ε = {self.budget.epsilon:g}")
         entry = self._reserve(planned, 1)
-        log.info("style bank: ledger entry %d: record-level ε %.4f, %.4f cumulative (δ = %g)", entry.seq,
-                 entry.epsilon_rdp, entry.cumulative_epsilon, entry.delta)
+        log.info("style bank: ledger entry %d: record-level ε %s, %s cumulative (δ = %g; %s governs)", entry.seq,
+                 _both(entry.epsilon_rdp, entry.epsilon_pld), _both(*_cumulative(entry)), entry.delta,
+                 entry.governing.value.upper())
 
     def commit_style_bank(self) -> None:
         """Marks the style bank's reservation as released (it was published)."""
@@ -242,3 +245,13 @@ class PrivacySession:
             mirrored = client.submit_ledger_entries(todo[start:start + _BATCH])
         return mirrored
 
+
+def _cumulative(entry: Any) -> tuple[float, float | None]:
+    """(RDP, PLD) cumulative ε of an entry against one upload."""
+    single = entry.guarantee(GuaranteeScope.SINGLE_UPLOAD)
+    return single.cumulative_epsilon, single.cumulative_epsilon_pld
+
+
+def _both(rdp: float, pld: float | None) -> str:
+    """"RDP 7.3299 / PLD 6.7688" for the log (PLD "n/a" beyond its size guard)."""
+    return f"RDP {rdp:.4f} / PLD " + ("n/a" if pld is None else f"{pld:.4f}")

@@ -144,9 +144,7 @@ def _epsilons(federation: FederationConfig) -> dict[str, float]:
             last = mirror.last(silo)
             if last is None:
                 continue
-            eps = last.single_upload.cumulative_epsilon if last.single_upload is not None else last.cumulative_epsilon
-            if eps is not None:
-                out[silo] = float(eps)
+            out[silo] = float(last.budget_epsilon())
         return out
     finally:
         mirror.close()

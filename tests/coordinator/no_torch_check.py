@@ -31,7 +31,7 @@ certs = state.parent / "certs"
 init_ca(certs)
 issue_certificate(certs, certs, role=Role.COORDINATOR, name="coordinator", hosts=["localhost"])
 issue_certificate(certs, certs, role=Role.ADMIN, name="ops")
-plan, budgets = parse_privacy({"record_level": True, "sample_rate": 0.1, "steps_per_round": 10, "max_grad_norm": 1.0,
+plan, budgets, _ = parse_privacy({"record_level": True, "sample_rate": 0.1, "steps_per_round": 10, "max_grad_norm": 1.0,
                                "target_epsilon": 4.0, "delta": 1e-5, "budgets": {"hospital-a": 5.0}},
                               rounds=1, min_silos=1, aggregation=AggregationMode.HE)
 cfg = FederationConfig(run_id="no-torch", silos=("hospital-a",), rounds=1, min_silos=1, listen="127.0.0.1:0",

@@ -232,7 +232,7 @@ def test_silo_level_runs_weigh_every_silo_equally(fed: Fed, tmp_path: Path) -> N
 
 
 def test_refuses_to_start_a_run_whose_plan_exceeds_an_agreed_budget(fed: Fed, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"privacy.budgets.hospital-b: .*record-level ε to [0-9.]+ after 3 rounds"):
+    with pytest.raises(ConfigError, match=r"privacy.budgets.hospital-b: .*record-level ε to [0-9.]+ by RDP after 3 rounds"):
         Coordinator(config(fed, tmp_path / "c", budgets={"hospital-a": 50.0, "hospital-b": 1.0}), clock=Clock())
     Coordinator(config(fed, tmp_path / "c2", budgets={"hospital-a": 50.0, "hospital-b": 50.0}),
                 clock=Clock()).close()
@@ -279,6 +279,8 @@ RECORD = 'record_level = true\nsample_rate = 0.1\nsteps_per_round = 5\nmax_grad_
     (RECORD + "noise_multiplier = 1.0\nbudgets = { z = 1.0 }", "privacy.budgets.z"),
     (RECORD + "noise_multiplier = 1.0\nbudgets = { a = 0.0 }", "privacy.budgets.a"),
     (RECORD + "noise_multiplier = 1.0\nbogus = 1", "privacy.bogus"),
+    (RECORD + 'noise_multiplier = 1.0\naccountant = "prv"', "privacy.accountant"),
+    (RECORD + "noise_multiplier = 1.0\naccountant = 1", "privacy.accountant"),
     ("record_level = false", "privacy"),
 ])
 def test_bad_privacy_configs_are_refused_naming_the_field(tmp_path: Path, privacy: str, field: str) -> None:
@@ -306,6 +308,40 @@ def test_target_epsilon_is_calibrated_for_the_whole_run(tmp_path: Path) -> None:
     per_upload = Release(mechanism=Mechanism.GAUSSIAN, neighbouring=Neighbouring.SILO, noise_multiplier=single,
                          sample_rate=1.0, steps=4)
     assert 2.99 <= DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon([per_upload], delta=1e-5).epsilon <= 3.0
+
+
+def test_pld_calibrates_a_smaller_sigma_for_the_same_target(tmp_path: Path) -> None:
+    from fedsilo.privacy.accounting import (BudgetAccountant, DpAccountingVerifier, Mechanism, Neighbouring,
+                                            PldAccountant, Release)
+
+    rdp = load_federation_config(_toml(tmp_path, RECORD + "target_epsilon = 3.0"))
+    pld = load_federation_config(_toml(tmp_path, RECORD + 'target_epsilon = 3.0\naccountant = "pld"'))
+    assert (rdp.accountant, pld.accountant) == (BudgetAccountant.RDP, BudgetAccountant.PLD)
+    sigma = pld.privacy.noise_multiplier
+    assert sigma < rdp.privacy.noise_multiplier
+
+    def run(s: float) -> list[Release]:
+        return [Release(mechanism=Mechanism.SUBSAMPLED_GAUSSIAN, neighbouring=Neighbouring.RECORD,
+                        noise_multiplier=s, sample_rate=0.1, steps=4 * 5)]
+
+    assert 2.99 <= PldAccountant().epsilon(run(sigma), delta=1e-5).epsilon <= 3.0
+    assert DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon(run(sigma), delta=1e-5).epsilon > 3.0
+
+
+def test_budgets_are_checked_by_the_coordinators_accountant(fed: Fed, tmp_path: Path) -> None:
+    from fedsilo.privacy.accounting import BudgetAccountant, DpAccountingVerifier, PldAccountant
+    from fedsilo.privacy.ledger import GuaranteeScope
+
+    whole = [r.release(GuaranteeScope.SINGLE_UPLOAD, steps=r.steps * 3) for r in PLAN.round_releases()]
+    by_rdp = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon(whole, delta=PLAN.delta).epsilon
+    by_pld = PldAccountant().epsilon(whole, delta=PLAN.delta).epsilon
+    between = (by_rdp + by_pld) / 2
+    budgets = {"hospital-a": 50.0, "hospital-b": between}
+    with pytest.raises(ConfigError, match=r"hospital-b.* by RDP after 3 rounds"):
+        Coordinator(config(fed, tmp_path / "c", budgets=budgets), clock=Clock())
+    Coordinator(config(fed, tmp_path / "c2", budgets=budgets, accountant=BudgetAccountant.PLD), clock=Clock()).close()
+    with pytest.raises(ConfigError, match="privacy.accountant: 'pld' is not one of"):
+        config(fed, tmp_path / "c3", accountant="pld")
 
 
 def test_a_missing_setting_names_the_level_that_needs_it(tmp_path: Path) -> None:
