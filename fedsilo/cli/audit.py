@@ -52,8 +52,15 @@ def audit_verify(report: Path, ca: Path | None) -> None:
         _fail(str(exc), 1)
     except OSError as exc:
         _fail(f"cannot read {ca}: {exc}", 1)
-    click.echo(f"verified: {len(result.silos)} silos, {result.entries} entries, "
-               f"largest ε difference {result.max_epsilon_difference:.3g}")
+    click.echo(f"verified: {len(result.silos)} silos, {result.entries} entries; every ε recomputed with dp_accounting: "
+               f"RDP largest difference {result.max_epsilon_difference:.3g}, PLD ({result.pld_figures} figures) "
+               f"largest difference {result.max_pld_difference:.3g}")
+    if result.prv_cross_check is None:
+        click.echo("PLD not cross-checked against Opacus' PRV accountant (torch is not installed here)")
+    else:
+        compared, largest = result.prv_cross_check
+        click.echo(f"PLD cross-checked against Opacus' PRV accountant: {compared} cumulative figures agree within "
+                   f"{largest:.3g}")
     if result.ca_from_report:
         click.echo(f"CA SHA-256: {result.ca_sha256} (taken from the report itself: compare it with the "
                    "federation CA fingerprint you got from the operator, or pass --ca)")

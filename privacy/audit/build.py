@@ -127,25 +127,32 @@ def derive_silo_summary(
     Returns:
         ``releases``: one row per entry (seq, run_id, round, upload_index, mechanism,
         neighbouring, noise_multiplier, single_upload_noise_multiplier, sample_rate, steps,
-        clip_norm, delta, epsilon_rdp, rdp_order, epsilon_prv, single_upload_epsilon_rdp,
-        cumulative_epsilon_aggregate, cumulative_epsilon_single_upload, guarantee_scope);
-        ``cumulative``: ``{relation: {"aggregate": ε, "single_upload": ε}}`` for the
-        relations present; ``budget_left``: ``{relation: ε_max − single-upload ε}`` (None
+        clip_norm, delta, epsilon_rdp, rdp_order, epsilon_prv, epsilon_pld,
+        single_upload_epsilon_rdp, cumulative ε by RDP and by PLD against the aggregate and a
+        single upload, guarantee_scope, accountant); ``cumulative``: per relation present,
+        ``aggregate`` and ``single_upload`` (RDP), ``aggregate_pld`` and
+        ``single_upload_pld`` (PLD, None where not stated), ``accountant`` (whose figure
+        governed the latest entry) and ``spent`` (that figure against a single upload,
+        `LedgerEntry.budget_epsilon`); ``budget_left``: ``{relation: ε_max − spent}`` (None
         without a budget); ``within_budget``: ``{relation: bool}`` (None without a budget),
-        true when the single-upload ε is at most ε_max and stated at a δ no larger than the
-        budget's.
+        true when ``spent`` is at most ε_max and stated at a δ no larger than the budget's.
     """
     releases = [_release_row(e) for e in entries]
     last: dict[str, LedgerEntry] = {}
     for entry in entries:
         last[entry.neighbouring.value] = entry
-    cumulative = {
-        relation: {
-            "aggregate": entry.guarantee(GuaranteeScope.AGGREGATE).cumulative_epsilon,
-            "single_upload": entry.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon,
+    cumulative = {}
+    for relation, entry in sorted(last.items()):
+        aggregate = entry.guarantee(GuaranteeScope.AGGREGATE)
+        single = entry.guarantee(GuaranteeScope.SINGLE_UPLOAD)
+        cumulative[relation] = {
+            "aggregate": aggregate.cumulative_epsilon,
+            "single_upload": single.cumulative_epsilon,
+            "aggregate_pld": aggregate.cumulative_epsilon_pld,
+            "single_upload_pld": single.cumulative_epsilon_pld,
+            "accountant": entry.governing.value,
+            "spent": entry.budget_epsilon(GuaranteeScope.SINGLE_UPLOAD),
         }
-        for relation, entry in sorted(last.items())
-    }
     if budget is None:
         return {
             "releases": releases,
@@ -157,12 +164,12 @@ def derive_silo_summary(
         "releases": releases,
         "cumulative": cumulative,
         "budget_left": {
-            relation: budget.epsilon - spent["single_upload"]
+            relation: budget.epsilon - spent["spent"]
             for relation, spent in cumulative.items()
         },
         "within_budget": {
             relation: bool(
-                spent["single_upload"] <= budget.epsilon and last[relation].delta <= budget.delta
+                spent["spent"] <= budget.epsilon and last[relation].delta <= budget.delta
             )
             for relation, spent in cumulative.items()
         },
@@ -182,9 +189,13 @@ def report_summary(report: Mapping[str, Any]) -> list[str]:
     for section in report["silos"]:
         parts = []
         for relation, spent in section["cumulative"].items():
-            text = f"{relation}-level ε {spent['single_upload']:.4g}"
+            pld = spent["single_upload_pld"]
+            text = (
+                f"{relation}-level ε {spent['spent']:.4g} by {spent['accountant'].upper()} "
+                f"(RDP {spent['single_upload']:.4g}, PLD {'n/a' if pld is None else format(pld, '.4g')})"
+            )
             if spent["aggregate"] != spent["single_upload"]:
-                text += f" (aggregate {spent['aggregate']:.4g})"
+                text += f" (aggregate RDP {spent['aggregate']:.4g})"
             if section["budget_left"] is not None:
                 text += f", budget left {section['budget_left'][relation]:.4g}"
                 if not section["within_budget"][relation]:
@@ -352,6 +363,7 @@ def _silo_section(silo: _Silo) -> dict[str, Any]:
 
 def _release_row(entry: LedgerEntry) -> dict[str, Any]:
     single = entry.guarantee(GuaranteeScope.SINGLE_UPLOAD)
+    aggregate = entry.guarantee(GuaranteeScope.AGGREGATE)
     return {
         "seq": entry.seq,
         "run_id": entry.run_id,
@@ -368,12 +380,14 @@ def _release_row(entry: LedgerEntry) -> dict[str, Any]:
         "epsilon_rdp": entry.epsilon_rdp,
         "rdp_order": entry.rdp_order,
         "epsilon_prv": entry.epsilon_prv,
+        "epsilon_pld": entry.epsilon_pld,
         "single_upload_epsilon_rdp": single.epsilon_rdp,
-        "cumulative_epsilon_aggregate": entry.guarantee(
-            GuaranteeScope.AGGREGATE
-        ).cumulative_epsilon,
+        "cumulative_epsilon_aggregate": aggregate.cumulative_epsilon,
         "cumulative_epsilon_single_upload": single.cumulative_epsilon,
+        "cumulative_epsilon_pld_aggregate": aggregate.cumulative_epsilon_pld,
+        "cumulative_epsilon_pld_single_upload": single.cumulative_epsilon_pld,
         "guarantee_scope": entry.guarantee_scope.value,
+        "accountant": entry.governing.value,
     }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 
 _COLOURS = {"record": "#1f5fa8", "silo": "#b3541e"}
+_PLD_COLOURS = {"record": "#5fa8e8", "silo": "#e8a06a"}
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:75em;
 padding:0 1em;color:#1b1b1b;line-height:1.45}
@@ -115,8 +116,10 @@ def _silo_html(section: Mapping[str, Any]) -> str:
     cumulative = section["cumulative"]
     if cumulative:
         parts.append(
-            '<table><tr><th class="t">Relation</th><th>Cumulative &#949; (single upload)</th>'
-            "<th>Cumulative &#949; (aggregate)</th><th>Budget &#949;<sub>max</sub></th>"
+            '<table><tr><th class="t">Relation</th><th class="t">Budget enforced by</th>'
+            "<th>Spent &#949; (single upload)</th><th>RDP &#949; (single upload)</th>"
+            "<th>PLD &#949; (single upload)</th><th>RDP &#949; (aggregate)</th>"
+            "<th>PLD &#949; (aggregate)</th><th>Budget &#949;<sub>max</sub></th>"
             "<th>Budget left</th><th>Within budget</th></tr>"
         )
         for relation, spent in cumulative.items():
@@ -127,11 +130,19 @@ def _silo_html(section: Mapping[str, Any]) -> str:
             css = "" if within is None else (' class="ok"' if within else ' class="over"')
             parts.append(
                 f'<tr><td class="t">{_e(relation)}-level</td>'
-                f"<td>{_num(spent['single_upload'])}</td><td>{_num(spent['aggregate'])}</td>"
+                f'<td class="t">{_e(str(spent["accountant"]).upper())}</td>'
+                f"<td>{_num(spent['spent'])}</td>"
+                f"<td>{_num(spent['single_upload'])}</td><td>{_num(spent['single_upload_pld'])}</td>"
+                f"<td>{_num(spent['aggregate'])}</td><td>{_num(spent['aggregate_pld'])}</td>"
                 f"<td>{_num(None if budget is None else float(budget['epsilon']))}</td>"
                 f"<td>{_num(left)}</td><td{css}>{_num(within)}</td></tr>"
             )
         parts.append("</table>")
+        parts.append(
+            "<p>RDP and PLD are two valid upper bounds on the same privacy loss; the budget was "
+            "enforced on the one named (the silo's choice), and PLD is blank where its size "
+            "guard left it out (RDP above 100).</p>"
+        )
     parts.append(_svg_plot(section))
     parts.append(_releases_table(section["releases"]))
     parts.append("</section>")
@@ -155,9 +166,13 @@ _RELEASE_COLUMNS = (
     ("epsilon_rdp", "&#949; release (RDP)", False),
     ("rdp_order", "Order &#945;", False),
     ("epsilon_prv", "&#949; release (PRV)", False),
+    ("epsilon_pld", "&#949; release (PLD)", False),
     ("single_upload_epsilon_rdp", "&#949; release, single upload", False),
     ("cumulative_epsilon_single_upload", "Cumulative &#949; (single upload)", False),
     ("cumulative_epsilon_aggregate", "Cumulative &#949; (aggregate)", False),
+    ("cumulative_epsilon_pld_single_upload", "Cumulative PLD &#949; (single upload)", False),
+    ("cumulative_epsilon_pld_aggregate", "Cumulative PLD &#949; (aggregate)", False),
+    ("accountant", "Budget by", True),
 )
 
 
@@ -175,6 +190,8 @@ def _releases_table(rows: Sequence[Mapping[str, Any]]) -> str:
             value = row[key]
             if key == "guarantee_scope":
                 value = "aggregate (distributed)" if value == "aggregate" else "single upload"
+            elif key == "accountant":
+                value = str(value).upper()
             cells.append(f'<td class="t">{_e(value)}</td>' if text else f"<td>{_num(value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
@@ -209,12 +226,15 @@ def _svg_plot(section: Mapping[str, Any]) -> str:
     series: list[tuple[str, str, bool, list[tuple[float, float]]]] = []
     for relation in sorted({r["neighbouring"] for r in rows}):
         mine = [r for r in rows if r["neighbouring"] == relation]
-        for scope, dotted in (("single_upload", False), ("aggregate", True)):
-            key = f"cumulative_epsilon_{scope}"
-            if dotted and all(r[key] == r["cumulative_epsilon_single_upload"] for r in mine):
+        for accountant, scope, dotted in (("", "single_upload", False), ("", "aggregate", True),
+                                          ("pld_", "single_upload", False), ("pld_", "aggregate", True)):
+            key = f"cumulative_epsilon_{accountant}{scope}"
+            if dotted and all(r[key] == r[f"cumulative_epsilon_{accountant}single_upload"] for r in mine):
                 continue  # the same line twice
-            points = [(offset[r["run_id"]] + r["round"], r[key]) for r in mine]
-            series.append((relation, scope.replace("_", " "), dotted, points))
+            points = [(offset[r["run_id"]] + r["round"], r[key]) for r in mine if r[key] is not None]
+            if points:
+                label = f"{'PLD' if accountant else 'RDP'}, {scope.replace('_', ' ')}"
+                series.append((relation, label, dotted, points))
     budget = None if section["budget"] is None else float(section["budget"]["epsilon"])
     ys = [y for *_, points in series for _, y in points] + ([budget] if budget else [])
     y_step = _nice_step(max(ys) * 1.05 / 5) if max(ys) > 0 else 0.2
@@ -276,6 +296,8 @@ def _svg_plot(section: Mapping[str, Any]) -> str:
         legend_y += 18
     for relation, scope, dotted, points in series:
         colour = _COLOURS.get(relation, "#444")
+        if scope.startswith("PLD"):
+            colour = _PLD_COLOURS.get(relation, "#888")
         dash = ' stroke-dasharray="3 3"' if dotted else ""
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         out.append(

@@ -7,12 +7,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS
+from fedsilo.privacy.accounting import (
+    DEFAULT_PLD_DISCRETIZATION,
+    DEFAULT_PLD_MAX_RDP_EPSILON,
+    LEDGER_RDP_ORDERS,
+)
 from fedsilo.privacy.budget import BudgetStatement
 from fedsilo.privacy.ledger import LedgerEntry
 
 
-REPORT_FORMAT = "fedsilo-audit-report-v1"
+REPORT_FORMAT = "fedsilo-audit-report-v2"
+"""Version 2 states every ε by PLD beside RDP and which accountant governed each silo's budget;
+a version-1 report is rebuilt from its state directory (its ledgers still verify)."""
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 
@@ -29,6 +35,21 @@ ACCOUNTING: Mapping[str, Any] = {
         "record-level and silo-level epsilon are never added together"
     ),
     "verifier": "dp_accounting",
+    "pld": {
+        "library": "dp_accounting",
+        "value_discretization_interval": DEFAULT_PLD_DISCRETIZATION,
+        "estimate": "pessimistic",
+        "neighbouring": "add_or_remove_one",
+        "size_guard": (
+            f"not computed where RDP bounds the history above {DEFAULT_PLD_MAX_RDP_EPSILON:g}; "
+            "the RDP figure then stands"
+        ),
+        "cross_check": "Opacus' PRV accountant, where torch is installed",
+    },
+    "governing": (
+        "each entry's accountant field names whose epsilon the silo's budget was enforced on "
+        "(rdp, or pld: the silo's [privacy] accountant); entries of format v1 are rdp"
+    ),
 }
 """How every ε in a report was computed, and what `verify_report` recomputes it with."""
 
@@ -56,6 +77,11 @@ THREAT_MODEL = "\n\n".join(
         "added their share in that round; if fewer did, the aggregate carried less noise "
         "than stated (each silo's single-upload figure still holds). This report gives both "
         "figures; a silo's budget applies to the weaker single-upload figure.",
+        "Two accountants. Every epsilon is stated twice: by Renyi DP (RDP) and by the privacy "
+        "loss distribution (PLD). Both are valid upper bounds on the same privacy loss; PLD is "
+        "the tighter one (often about 8% lower), RDP the one most studies quote. Each silo "
+        "enforces its budget on the one it chose, and every entry names it. Which figure "
+        "governed changes how many rounds fit in a budget, not what was released.",
         "When spend counts. A silo writes, signs and stores a ledger entry before its upload "
         "leaves (write-ahead). The epsilon counts from that moment, even if the upload was "
         "never sent or never used, and it is never refunded: the silo cannot prove that "
@@ -76,7 +102,7 @@ THREAT_MODEL = "\n\n".join(
         "through a trusted channel.",
     )
 )
-"""The plain-words threat model every report carries (part of format v1)."""
+"""The plain-words threat model every report carries (part of the format)."""
 
 
 _TOP_KEYS = frozenset(
@@ -134,8 +160,12 @@ class VerifyResult:
         source: Where the report came from: ``"silo"`` or ``"coordinator"``.
         silos: The silos in the report, sorted.
         entries: How many ledger entries were verified, all silos together.
-        max_epsilon_difference: The largest absolute difference between a stored ε and
-            dp_accounting's recomputation (0.0 without entries).
+        max_epsilon_difference: The largest absolute difference between a stored ε by RDP
+            and dp_accounting's recomputation (0.0 without entries).
+        max_pld_difference: The same for the stored ε by PLD (0.0 without PLD figures).
+        pld_figures: How many stored PLD figures were recomputed.
+        prv_cross_check: (figures compared, largest |PLD − PRV|) of each silo's final
+            cumulative PLD figures against Opacus' PRV accountant; None without torch.
         ca_sha256: SHA-256 (hex) of the DER of the CA the report was verified against.
         ca_from_report: True when no CA was given, so the trust anchor is the CA inside the
             report itself: compare ``ca_sha256`` with the federation CA's fingerprint.
@@ -147,6 +177,9 @@ class VerifyResult:
     max_epsilon_difference: float
     ca_sha256: str
     ca_from_report: bool
+    max_pld_difference: float = 0.0
+    pld_figures: int = 0
+    prv_cross_check: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsilo.privacy import accounting
-from fedsilo.privacy.accounting import DpAccountingVerifier, LEDGER_RDP_ORDERS, Release
 from fedsilo.privacy.audit.build import (
     _accounting,
     _ca_identity,
@@ -17,6 +15,7 @@ from fedsilo.privacy.audit.build import (
     derive_silo_summary,
 )
 from fedsilo.privacy.audit.disclosures import _checked_disclosure
+from fedsilo.privacy.audit.recompute import EpsilonCheck, check_epsilons
 from fedsilo.privacy.audit.report import (
     AuditError,
     REPORT_FORMAT,
@@ -35,7 +34,7 @@ from fedsilo.privacy.audit.report import (
 )
 from fedsilo.privacy.audit.tamper import _located, _refuse_constant
 from fedsilo.privacy.budget import BudgetError, BudgetStatement
-from fedsilo.privacy.ledger import GuaranteeScope, LedgerEntry, LedgerError
+from fedsilo.privacy.ledger import LedgerEntry, LedgerError
 from fedsilo.privacy.pki import validate_name
 from fedsilo.privacy.signed import check_created_at
 
@@ -50,8 +49,11 @@ def verify_report(
     signatures) and budget statement; every derived field (releases, cumulative,
     budget_left, within_budget) and the rest of the report against what `build_report`
     derives; and every ε, per release and cumulative for both scopes, recomputed with
-    Google's dp_accounting (`DpAccountingVerifier` on ``LEDGER_RDP_ORDERS``), plus
-    ``epsilon_prv`` never above ``epsilon_rdp``.
+    Google's dp_accounting: by RDP (`DpAccountingVerifier` on ``LEDGER_RDP_ORDERS``) and by
+    PLD (`PldAccountant`, the ledger's settings; an entry without a PLD figure must be one
+    beyond its size guard, or of format v1), plus ``epsilon_prv`` never above
+    ``epsilon_rdp``; where torch is installed, each silo's final PLD figures are cross-checked
+    against Opacus' PRV accountant (`fedsilo.privacy.audit.recompute.check_epsilons`).
 
     Args:
         path: The ``report.json``.
@@ -102,14 +104,17 @@ def verify_report(
     silos = [_verified_silo(report, i, where, ca_text) for i in range(len(report["silos"]))]
     for index, silo in enumerate(silos):
         _check_derived(report["silos"][index], index, silo, where)
-    largest = _check_epsilons(silos, where, float(tolerance))
+    checked: EpsilonCheck = check_epsilons(silos, where, float(tolerance))
     return VerifyResult(
         source=report["source"],
         silos=tuple(s.name for s in silos),
         entries=sum(len(s.entries) for s in silos),
-        max_epsilon_difference=float(largest),
+        max_epsilon_difference=checked.max_rdp_difference,
         ca_sha256=ca_sha,
         ca_from_report=ca_pem is None,
+        max_pld_difference=checked.max_pld_difference,
+        pld_figures=checked.pld_figures,
+        prv_cross_check=checked.prv_cross_check,
     )
 
 
@@ -283,76 +288,3 @@ def _first_difference(stored: object, expected: object, path: str) -> tuple[str,
     if _canon(stored) != _canon(expected):
         return path, stored, expected
     return None
-
-
-def _check_epsilons(silos: Sequence[_Silo], where: str, tolerance: float) -> float:
-    verifier = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS)
-    cache: dict[tuple[Any, ...], float] = {}
-
-    def epsilon(history: Sequence[tuple[LedgerEntry, GuaranteeScope]], delta: float) -> float:
-        groups: dict[tuple[str, str, float, float], int] = {}
-        for entry, scope in history:
-            key = (
-                entry.mechanism.value,
-                entry.neighbouring.value,
-                entry.guarantee(scope).noise_multiplier,
-                entry.sample_rate,
-            )
-            groups[key] = groups.get(key, 0) + entry.steps
-        cache_key = (delta, tuple(sorted(groups.items())))
-        if cache_key not in cache:
-            releases = [
-                Release(
-                    mechanism=accounting.Mechanism(mechanism),
-                    neighbouring=accounting.Neighbouring(relation),
-                    noise_multiplier=sigma,
-                    sample_rate=q,
-                    steps=steps,
-                )
-                for (mechanism, relation, sigma, q), steps in groups.items()
-            ]
-            cache[cache_key] = verifier.epsilon(releases, delta=delta).epsilon
-        return cache[cache_key]
-
-    largest = 0.0
-    for silo in silos:
-        history: dict[str, list[LedgerEntry]] = {}
-        for entry in silo.entries:
-            prefix = history.setdefault(entry.neighbouring.value, [])
-            prefix.append(entry)
-            scopes = [GuaranteeScope.AGGREGATE]
-            if entry.single_upload is not None:
-                scopes.append(GuaranteeScope.SINGLE_UPLOAD)
-            for scope in scopes:
-                stated = entry.guarantee(scope)
-                what = f"{entry.neighbouring.value}-level, against {scope.value}"
-                checks = (
-                    ("ε of this release", stated.epsilon_rdp, [(entry, scope)]),
-                    ("cumulative ε", stated.cumulative_epsilon, [(e, scope) for e in prefix]),
-                )
-                for label, stored, releases in checks:
-                    fresh = epsilon(releases, entry.delta)
-                    difference = abs(fresh - stored) if math.isfinite(fresh) else math.inf
-                    if difference > tolerance:
-                        raise AuditError(
-                            f"{where}: silo {silo.name!r}: ledger entry seq {entry.seq}: stored "
-                            f"{label} {stored!r} ({what}) differs from dp_accounting's "
-                            f"{fresh!r} by {difference:.3g}, more than the tolerance "
-                            f"{tolerance!r}",
-                            silo=silo.name,
-                            seq=entry.seq,
-                        )
-                    largest = max(largest, difference)
-                if (
-                    stated.epsilon_prv is not None
-                    and stated.epsilon_prv > stated.epsilon_rdp + tolerance
-                ):
-                    raise AuditError(
-                        f"{where}: silo {silo.name!r}: ledger entry seq {entry.seq}: its PRV ε "
-                        f"{stated.epsilon_prv!r} ({what}) exceeds its RDP ε "
-                        f"{stated.epsilon_rdp!r} by more than {tolerance!r}; PRV accounting is "
-                        "tighter than RDP, so one of them is wrong",
-                        silo=silo.name,
-                        seq=entry.seq,
-                    )
-    return largest

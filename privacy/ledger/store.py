@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fedsilo.privacy.accounting import BudgetAccountant, Neighbouring
+from fedsilo.privacy.accounting import Neighbouring
 from fedsilo.privacy.ledger.chain import _check_spend, verify_chain
 from fedsilo.privacy.ledger.entries import (
     EntryStatus,
@@ -56,7 +56,7 @@ _CALLER_DEFAULTS: dict[str, Any] = {
     "single_upload": None,
     "epsilon_pld": None,
     "cumulative_epsilon_pld": None,
-    "accountant": BudgetAccountant.RDP,
+    "accountant": None,  # a caller that states no accountant writes a version-1 (RDP-only) entry
 }
 
 
@@ -175,7 +175,8 @@ class Ledger:
                 ``rdp_order``, ``cumulative_epsilon``, and optionally ``epsilon_prv``
                 (None), ``guarantee_scope`` (``SINGLE_UPLOAD``), ``single_upload``
                 (None), ``epsilon_pld`` and ``cumulative_epsilon_pld`` (None) and
-                ``accountant`` (RDP). ``seq``, ``silo``, ``created_at``, ``prev_hash``, ``certificate``
+                ``accountant`` (None: a version-1, RDP-only entry; `fedsilo.privacy.plan.
+                ledger_fields` states PLD and the accountant). ``seq``, ``silo``, ``created_at``, ``prev_hash``, ``certificate``
                 and ``signature`` are computed.
 
         Returns:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsilo.privacy import accounting, pki
-from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, RdpAccountant, Release
+from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, BudgetAccountant, PldAccountant, RdpAccountant, Release
 from fedsilo.privacy.audit import (
     REPORT_FORMAT,
     THREAT_MODEL,
@@ -57,6 +57,7 @@ SILO_A = "hospital-a"
 SILO_B = "hospital-b"
 DELTA = 1e-5
 ACCOUNTANT = RdpAccountant(orders=LEDGER_RDP_ORDERS)
+PLD = PldAccountant()
 TAMPER_SETTINGS = settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -125,11 +126,16 @@ class Spender:
         prv: float | None = None,
         cumulative_error: float = 0.0,
         epsilon_error: float = 0.0,
+        governing: BudgetAccountant | None = None,
+        pld_error: float = 0.0,
+        omit_pld: bool = False,
     ) -> LedgerEntry:
         """Appends one release; ``silos`` = K means noise distributed among K silos.
 
         ``prv`` is the PRV ε as a fraction of the RDP one; ``*_error`` add a deliberate
-        error to the stored (aggregate) figures, which are still signed.
+        error to the stored (aggregate) figures, which are still signed. ``governing`` makes
+        a version-2 entry (PLD beside RDP; ``pld_error`` on its cumulative PLD figure,
+        ``omit_pld`` leaves the PLD figures out); None a version-1 (RDP-only) one.
         """
         mechanism = Mechanism.GAUSSIAN if q == 1.0 else Mechanism.SUBSAMPLED_GAUSSIAN
         upload_sigma = sigma if silos is None else sigma / math.sqrt(silos)
@@ -165,6 +171,16 @@ class Spender:
             "epsilon_prv": None if prv is None else alone.epsilon * prv,
             "cumulative_epsilon": total + cumulative_error,
         }
+        pld: dict[str, Any] = {}
+        upload_pld: dict[str, Any] = {}
+        if governing is not None:
+            fields["accountant"] = governing
+            if not omit_pld:
+                pld = {"epsilon_pld": PLD.epsilon([pair[0]], delta=DELTA).epsilon,
+                       "cumulative_epsilon_pld": PLD.epsilon([p[0] for p in prefix], delta=DELTA).epsilon + pld_error}
+                upload_pld = {"epsilon_pld": PLD.epsilon([pair[1]], delta=DELTA).epsilon,
+                              "cumulative_epsilon_pld": PLD.epsilon([p[1] for p in prefix], delta=DELTA).epsilon}
+                fields.update(pld)
         if silos is not None:
             fields["guarantee_scope"] = GuaranteeScope.AGGREGATE
             fields["single_upload"] = UploadGuarantee(
@@ -172,6 +188,7 @@ class Spender:
                 epsilon_rdp=alone_upload.epsilon,
                 rdp_order=alone_upload.order,
                 cumulative_epsilon=total_upload,
+                **upload_pld,
             )
             self.has_block.add(relation)
         elif relation in self.has_block:
@@ -181,6 +198,7 @@ class Spender:
                 rdp_order=alone.order,
                 epsilon_prv=fields["epsilon_prv"],
                 cumulative_epsilon=total_upload,
+                **{**upload_pld, "epsilon_pld": pld.get("epsilon_pld")},
             )
         entry = self.book.append(**fields)
         self.history[relation] = prefix
@@ -193,15 +211,17 @@ def _open(path: Path, party: Party) -> Ledger:
 
 
 def _history_a(spender: Spender) -> None:
-    """Silo a: DP-SGD (record-level) and distributed silo-level noise, over two runs."""
+    """Silo a: DP-SGD (record-level) and distributed silo-level noise, over two runs: run 1
+    written by a fedsilo before PLD (version-1 entries), run 2 by this one, its record-level
+    budget governed by PLD and its silo-level one by RDP."""
     record = {"relation": Neighbouring.RECORD, "sigma": 1.1, "q": 0.02, "steps": 40}
     silo = {"relation": Neighbouring.SILO, "sigma": 2.0, "silos": 4}
     spender.spend(run="run-1", round_=1, prv=0.9, **record)
     spender.spend(run="run-1", round_=1, **silo)
     spender.spend(run="run-1", round_=2, **record)
     spender.spend(run="run-1", round_=2, **silo)
-    spender.spend(run="run-2", round_=1, **record)
-    spender.spend(run="run-2", round_=1, relation=Neighbouring.SILO, sigma=3.0)
+    spender.spend(run="run-2", round_=1, governing=BudgetAccountant.PLD, **record)
+    spender.spend(run="run-2", round_=1, relation=Neighbouring.SILO, sigma=3.0, governing=BudgetAccountant.RDP)
 
 
 def _history_b(spender: Spender) -> None:
@@ -303,21 +323,39 @@ def test_agent_report_builds_writes_and_verifies(
     assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6]
     assert [r["seq"] for r in section["releases"]] == [1, 2, 3, 4, 5, 6]
     last_record, last_silo = entries[4], entries[5]
+    silo_upload = last_silo.guarantee(GuaranteeScope.SINGLE_UPLOAD)
     assert section["cumulative"] == {
         "record": {
             "aggregate": last_record.cumulative_epsilon,
             "single_upload": last_record.cumulative_epsilon,
+            "aggregate_pld": last_record.cumulative_epsilon_pld,
+            "single_upload_pld": last_record.cumulative_epsilon_pld,
+            "accountant": "pld",
+            "spent": last_record.cumulative_epsilon_pld,
         },
         "silo": {
             "aggregate": last_silo.cumulative_epsilon,
-            "single_upload": last_silo.guarantee(GuaranteeScope.SINGLE_UPLOAD).cumulative_epsilon,
+            "single_upload": silo_upload.cumulative_epsilon,
+            "aggregate_pld": last_silo.cumulative_epsilon_pld,
+            "single_upload_pld": silo_upload.cumulative_epsilon_pld,
+            "accountant": "rdp",
+            "spent": silo_upload.cumulative_epsilon,
         },
     }
+    # Both accountants compose the whole history, the version-1 entries included; PLD is tighter.
+    record_history = [e for e in entries if e.neighbouring is Neighbouring.RECORD]
+    releases = [Release(mechanism=accounting.Mechanism(e.mechanism.value),
+                        neighbouring=accounting.Neighbouring.RECORD, noise_multiplier=e.noise_multiplier,
+                        sample_rate=e.sample_rate, steps=e.steps) for e in record_history]
+    assert last_record.cumulative_epsilon_pld == PLD.epsilon(releases, delta=DELTA).epsilon
+    assert last_record.cumulative_epsilon_pld < last_record.cumulative_epsilon
+    assert [r["accountant"] for r in section["releases"]] == ["rdp", "rdp", "rdp", "rdp", "pld", "rdp"]
+    assert [r["epsilon_pld"] is None for r in section["releases"]] == [True] * 4 + [False] * 2
     # distributed noise: the single-upload figure is the larger, and the one the budget uses
     silo_spend = section["cumulative"]["silo"]
     assert silo_spend["single_upload"] > silo_spend["aggregate"]
     assert section["budget_left"] == {
-        relation: 40.0 - spent["single_upload"]
+        relation: 40.0 - spent["spent"]
         for relation, spent in section["cumulative"].items()
     }
     assert section["within_budget"] == {"record": True, "silo": True}
@@ -338,8 +376,15 @@ def test_agent_report_builds_writes_and_verifies(
         max_epsilon_difference=result.max_epsilon_difference,
         ca_sha256=_ca_sha256(fed.ca),
         ca_from_report=False,
+        max_pld_difference=0.0,  # the same code at the same grid: exact
+        pld_figures=6,  # entries 5 and 6; entry 6 in both scopes; release and cumulative each
+        prv_cross_check=result.prv_cross_check,
     )
     assert result.max_epsilon_difference < 1e-6
+    # torch is installed here: each final PLD figure (record; silo, two scopes) against Opacus' PRV
+    assert result.prv_cross_check is not None
+    compared, largest = result.prv_cross_check
+    assert compared == 3 and largest < 0.05
     anchored_in_report = verify_report(json_path)
     assert anchored_in_report.ca_from_report and anchored_in_report.ca_sha256 == result.ca_sha256
 
@@ -510,10 +555,13 @@ def test_wrong_ca_is_refused(
 
 
 def test_signed_but_wrong_epsilons_fail_verification(fed: Fed, tmp_path: Path) -> None:
+    pld = {"governing": BudgetAccountant.PLD}
     cases = {
         "cumulative": ({"cumulative_error": 0.05}, "cumulative ε"),
         "release": ({"epsilon_error": 0.05}, "ε of this release"),
         "prv": ({"prv": 1.2}, "PRV ε"),
+        "pld": ({**pld, "pld_error": 0.05}, "cumulative PLD ε"),
+        "pld-missing": ({**pld, "omit_pld": True}, "no PLD ε of this release stated"),
     }
     for name, (error, label) in cases.items():
         state = tmp_path / name
@@ -530,8 +578,26 @@ def test_signed_but_wrong_epsilons_fail_verification(fed: Fed, tmp_path: Path) -
             verify_report(json_path, ca_pem=fed.ca)
         assert (info.value.silo, info.value.seq) == (SILO_A, 2)
         # a looser tolerance accepts the small errors, never a PRV ε above the RDP one
-        if name != "prv":
+        if name in ("cumulative", "release"):
             assert verify_report(json_path, tolerance=0.2).max_epsilon_difference > 0.04
+        if name == "pld":
+            assert verify_report(json_path, tolerance=0.2).max_pld_difference > 0.04
+
+
+def test_pld_far_below_prv_fails_the_cross_check(fed: Fed, tmp_path: Path) -> None:
+    """A signed PLD figure consistent with nothing but itself: recomputation catches it first; with
+    a tolerance loose enough to let it through, Opacus' PRV bound still does."""
+    state = tmp_path / "agent"
+    state.mkdir()
+    (state / CA_FILE).write_bytes(fed.ca)
+    with _open(state / LEDGER_FILE, fed.a) as book:
+        Spender(book).spend(run="run-1", round_=1, relation=Neighbouring.RECORD, sigma=1.1, q=0.02, steps=400,
+                            governing=BudgetAccountant.PLD, pld_error=-0.5)
+    json_path, _ = write_report(build_report(state), tmp_path / "out")
+    with pytest.raises(AuditError, match=r"seq 1\b.*cumulative PLD ε"):
+        verify_report(json_path)
+    with pytest.raises(AuditError, match=r"seq 1\b.*below Opacus' PRV upper bound"):
+        verify_report(json_path, tolerance=1.0)
 
 
 def test_tampered_sqlite_ledger_is_refused(fed: Fed, agent_state: Path, tmp_path: Path) -> None:

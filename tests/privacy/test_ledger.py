@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fedsilo.privacy import ledger, pki, signed
@@ -166,21 +166,29 @@ def _distributed(round_: int, cumulative: float, upload_cumulative: float) -> di
 
 
 def _build_chain(path: Path, party: Party) -> list[LedgerEntry]:
-    """Four entries covering both relations, distributed noise and an optional PRV ε."""
+    """Four entries covering both relations, distributed noise and an optional PRV ε: two of
+    format v1 (RDP only), then two of v2 (PLD beside RDP, PLD and RDP governing): an old
+    ledger continued by this fedsilo."""
     with _open(path, party) as book:
         return [
             book.append(**_release(1, 7.3291, epsilon_prv=7.0123)),
             book.append(**_distributed(1, 4.7285, 11.2)),
-            book.append(**_release(2, 10.4, upload_index=1)),
+            book.append(**_release(2, 10.4, upload_index=1, epsilon_pld=6.7688, cumulative_epsilon_pld=9.6,
+                                   accountant=BudgetAccountant.PLD)),
             book.append(
                 **_silo_release(
                     2,
                     6.5,
+                    epsilon_pld=4.3811,
+                    cumulative_epsilon_pld=6.1,
+                    accountant=BudgetAccountant.RDP,
                     single_upload=UploadGuarantee(
                         noise_multiplier=1.0,
                         epsilon_rdp=4.7285,
                         rdp_order=3.5,
                         cumulative_epsilon=13.9,
+                        epsilon_pld=4.3811,
+                        cumulative_epsilon_pld=12.8,
                     ),
                 )
             ),
@@ -259,8 +267,11 @@ def test_json_round_trip_and_canonical_encoding(chain: list[LedgerEntry]) -> Non
         assert LedgerEntry.from_json(json.loads(text)) == entry
         assert LedgerEntry.from_json(entry.to_dict()) == entry
         data = json.loads(entry.canonical_bytes())
-        assert "signature" not in data and data["format"] == ledger.ENTRY_FORMAT
-        assert set(data) == {"format", *SIGNED_FIELDS}
+        v2 = entry.accountant is not None
+        assert "signature" not in data
+        assert data["format"] == (ledger.ENTRY_FORMAT if v2 else "fedsilo-ledger-entry-v1")
+        v2_only = {"epsilon_pld", "cumulative_epsilon_pld", "accountant"}
+        assert set(data) == {"format", *SIGNED_FIELDS} - (set() if v2 else v2_only)
         # Floats travel as their exact repr strings; sorted keys, no whitespace.
         assert data["delta"] == "1e-05"
         assert data["cumulative_epsilon"] == repr(entry.cumulative_epsilon)
@@ -575,6 +586,7 @@ def _field_span(text: str, key: str, value: Any) -> tuple[int, int]:
 def test_flipping_any_byte_of_any_field_names_that_entry(
     fed: Pki, chain: list[LedgerEntry], index: int, key: str, where: float, mask: int
 ) -> None:
+    assume(key in chain[index].to_dict())  # the PLD fields are in the v2 entries (2 and 3) only
     texts = [e.to_json().encode("ascii") for e in chain]
     start, end = _field_span(texts[index].decode(), key, chain[index].to_dict()[key])
     position = start + int(where * (end - start))
@@ -608,7 +620,7 @@ def test_changing_a_field_without_re_signing_is_caught(
         "single_upload": chain[1].single_upload,
         "epsilon_pld": 0.3,
         "cumulative_epsilon_pld": 98.0,
-        "accountant": BudgetAccountant.PLD,
+        "accountant": BudgetAccountant.RDP,  # entries[2] is governed by PLD
         "created_at": "2030-01-01T00:00:00.000000Z",
         "certificate": fed.b.cert.decode(),
     }[name]
@@ -955,7 +967,9 @@ def test_mirror_accepts_valid_sequences_and_survives_reopen(
         assert mirror.silos() == [SILO_A, SILO_B]
         assert mirror.entries(SILO_A) == a and mirror.entries(SILO_B) == b[:2]
         assert mirror.last(SILO_A) == a[-1] and mirror.last("hospital-z") is None
-        assert mirror.cumulative(SILO_A, Neighbouring.RECORD) == 10.4
+        # The budget figure is the governing accountant's: PLD for the last record-level entry
+        # (9.6, its RDP figure 10.4), RDP for the last silo-level one.
+        assert mirror.cumulative(SILO_A, Neighbouring.RECORD) == 9.6
         assert mirror.cumulative(SILO_A, Neighbouring.SILO) == 13.9
         assert mirror.cumulative(SILO_A, Neighbouring.SILO, scope=GuaranteeScope.AGGREGATE) == 6.5
         assert mirror.cumulative(SILO_B, Neighbouring.SILO) == 11.2

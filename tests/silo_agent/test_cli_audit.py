@@ -81,7 +81,7 @@ def test_verify_prints_counts_and_the_ca_fingerprint(state: Path, report: Path) 
     sha = json.loads(report.read_text())["ca_sha256"]
     result = CliRunner().invoke(main, ["audit", "verify", str(report)])
     assert result.exit_code == 0, result.output
-    assert "verified: 1 silos, 2 entries, largest ε difference" in result.output
+    assert "verified: 1 silos, 2 entries; every ε recomputed with dp_accounting: RDP largest difference" in result.output
     assert sha in result.output and "taken from the report itself" in result.output
     result = CliRunner().invoke(main, ["audit", "verify", str(report), "--ca",
                                        str(state / CA_FILE)])
