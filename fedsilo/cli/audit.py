@@ -1,4 +1,4 @@
-"""``fedsilo audit``: the privacy officer's commands (build, verify; no torch needed)."""
+"""``fedsilo audit``: the privacy officer's commands (build, verify: no torch; empirical: trains, needs torch)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,77 @@ def audit_verify(report: Path, ca: Path | None) -> None:
                    "federation CA fingerprint you got from the operator, or pass --ca)")
     else:
         click.echo(f"CA SHA-256: {result.ca_sha256} (the CA given with --ca)")
+
+
+@audit.command("empirical")
+@click.option("--level", type=click.Choice(["record", "silo"]), default="record", show_default=True,
+              help="Neighbouring relation: record-level DP-SGD, or silo-level update noise with canary silos.")
+@click.option("--mode", type=click.Choice(["white-box", "black-box"]), default="white-box", show_default=True,
+              help="white-box: model change . canary gradient (Dirac canaries); black-box: canary loss change.")
+@click.option("--noise-multiplier", "sigma", type=float, required=True, help="σ the ledger is charged for.")
+@click.option("--steps", type=int, default=100, show_default=True, help="DP-SGD steps (record) or rounds (silo).")
+@click.option("--sample-rate", type=float, default=None,
+              help="Poisson rate q of each DP-SGD step (default 0.1 at record level; 1 at silo level).")
+@click.option("--canaries", type=int, default=1000, show_default=True, help="m canaries, each in with probability 1/2.")
+@click.option("--clip-norm", type=float, default=1.0, show_default=True, help="C, per example or per update.")
+@click.option("--delta", type=float, default=1e-5, show_default=True, help="δ of the claim audited.")
+@click.option("--confidence", type=float, default=0.95, show_default=True, help="Confidence of the lower bound.")
+@click.option("--records", type=int, default=1000, show_default=True, help="Real records per silo.")
+@click.option("--silos", type=int, default=None, help="Real silos at silo level (default 3).")
+@click.option("--seed", type=int, default=None,
+              help="Reproducible run (tests); without it the secret and the noise come from the OS.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="State directory to append the result to (empirical_audit.json; `audit report` shows it).")
+def audit_empirical(level: str, mode: str, sigma: float, steps: int, sample_rate: float | None, canaries: int,
+                    clip_norm: float, delta: float, confidence: float, records: int, silos: int | None,
+                    seed: int | None, out: Path | None) -> None:
+    """Train with secret canaries and report a lower bound ε̂ on the ε achieved, beside the ledger's ε.
+
+    One-run audit of Steinke, Nasr & Jagielski 2023 ("Privacy Auditing with One (1) Training
+    Run"). Exits 1 when ε̂ exceeds the ledger's ε (the training leaks more than it claims).
+    """
+    from fedsilo.privacy.accounting import Neighbouring
+    from fedsilo.privacy.audit import AuditError
+    from fedsilo.privacy.audit.empirical import ScoreMode, append_empirical_audit
+    from fedsilo.silo_agent.empirical import EmpiricalAuditConfig, FaultSwitchError, run_empirical_audit
+
+    relation = Neighbouring(level)
+    try:
+        config = EmpiricalAuditConfig(
+            level=relation, mode=ScoreMode(mode.replace("-", "_")), canaries=canaries, noise_multiplier=sigma,
+            steps=steps, sample_rate=(0.1 if relation is Neighbouring.RECORD else 1.0) if sample_rate is None
+            else sample_rate, clip_norm=clip_norm, delta=delta, confidence=confidence, records=records,
+            silos=(1 if relation is Neighbouring.RECORD else 3) if silos is None else silos, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        outcome = run_empirical_audit(config)
+    except FaultSwitchError as exc:
+        _fail(str(exc), 2)
+    bound = outcome.bound
+    click.echo(f"empirical audit, {level}-level, {mode}: {bound.counts.canaries} canaries, σ {sigma:g}, "
+               f"q {config.sample_rate:g}, {steps} {'steps' if relation is Neighbouring.RECORD else 'rounds'}, "
+               f"C {clip_norm:g}, δ {delta:g}")
+    if outcome.noise_scale_actual != 1.0:
+        click.echo(f"TESTING FAULT: the training added {outcome.noise_scale_actual:g} x the claimed noise")
+    click.echo(f"{'guesses':>10} {'correct':>8} {'k+':>5} {'k-':>5} {'ε̂ (lower)':>11} {'ledger ε':>10} "
+               f"{'seconds':>8}")
+    click.echo(f"{bound.counts.guesses:>10} {bound.counts.correct:>8} {bound.k_plus:>5} {bound.k_minus:>5} "
+               f"{bound.epsilon_lower:>11.4f} {outcome.ledger_epsilon:>10.4f} {outcome.seconds:>8.2f}")
+    click.echo(f"confidence {confidence:g} over {bound.tries} guess sizes (each at β {bound.beta:.3g})")
+    for name, result in sorted(outcome.membership.items()):
+        click.echo(f"membership inference, {name}: AUROC {result.auroc:.4f}, TPR {result.tpr_at_1pct_fpr:.4f} at "
+                   f"1% FPR, {result.tpr_at_0_1pct_fpr:.4f} at 0.1% FPR")
+    if out is not None:
+        try:
+            path = append_empirical_audit(out, outcome.record())
+        except AuditError as exc:
+            _fail(str(exc), 1)
+        except OSError as exc:
+            _fail(f"cannot write to {out}: {exc}", 1)
+        click.echo(f"recorded: {path}")
+    if outcome.exceeds_ledger:
+        _fail(f"the empirical lower bound ε̂ = {bound.epsilon_lower:.4f} exceeds the ledger's ε = "
+              f"{outcome.ledger_epsilon:.4f} ({level}-level, σ {sigma:g}, δ {delta:g}): the training leaks more "
+              "than its ledger claims", 1)
+    click.echo(f"ε̂ {bound.epsilon_lower:.4f} <= ledger ε {outcome.ledger_epsilon:.4f}: consistent with the claim")

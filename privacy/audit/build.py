@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedsilo.core.atomic import atomic_write
 from fedsilo.privacy.audit.disclosures import _read_disclosures
+from fedsilo.privacy.audit.empirical import empirical_section
 from fedsilo.privacy.audit.render import _render_html
 from fedsilo.privacy.audit.report import (
     ACCOUNTING,
@@ -112,6 +113,7 @@ def build_report(state_dir: Path | str) -> dict[str, Any]:
         "threat_model": THREAT_MODEL,
         "silos": [_silo_section(s) for s in sorted(silos, key=lambda s: s.name)],
         "disclosures": _read_disclosures(state_dir),
+        **empirical_section(state_dir),
     }
 
 

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedsilo.privacy.audit.empirical import EMPIRICAL_KEY, empirical_html
+
 
 _COLOURS = {"record": "#1f5fa8", "silo": "#b3541e"}
 _PLD_COLOURS = {"record": "#5fa8e8", "silo": "#e8a06a"}
@@ -75,6 +77,8 @@ def _render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h2>Disclosures not covered by the ledger</h2>")
         for item in report["disclosures"]:
             parts.append(f"<h3>{_e(item['topic'])}</h3><p>{_e(item['statement'])}</p>")
+    if report.get(EMPIRICAL_KEY):
+        parts.append(_empirical_part(report))
     parts.append("<h2>Threat model</h2>")
     for paragraph in str(report["threat_model"]).split("\n\n"):
         parts.append(f"<p>{_e(paragraph)}</p>")
@@ -90,6 +94,10 @@ def _render_html(report: Mapping[str, Any]) -> str:
     parts.append(f'<pre class="mono">{_e(report["ca_certificate"])}</pre>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _empirical_part(report: Mapping[str, Any]) -> str:
+    return empirical_html(report.get(EMPIRICAL_KEY, []))
 
 
 def _source_text(source: str) -> str:

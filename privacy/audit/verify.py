@@ -15,6 +15,7 @@ from fedsilo.privacy.audit.build import (
     derive_silo_summary,
 )
 from fedsilo.privacy.audit.disclosures import _checked_disclosure
+from fedsilo.privacy.audit.empirical import EMPIRICAL_KEY, check_empirical_audits
 from fedsilo.privacy.audit.recompute import EpsilonCheck, check_epsilons
 from fedsilo.privacy.audit.report import (
     AuditError,
@@ -84,6 +85,7 @@ def verify_report(
         raise AuditError(f"{where}: larger than {_MAX_REPORT_BYTES} bytes, not a report")
     report = _parse_canonical(raw, where)
     _check_top(report, where)
+    _check_empirical(report, where, float(tolerance))
     ca_text = report["ca_certificate"]
     _, ca_sha = _ca_identity(ca_text, "the report's ca_certificate")
     if ca_sha != report["ca_sha256"]:
@@ -159,7 +161,7 @@ def _parse_canonical(raw: bytes, where: str) -> dict[str, Any]:
 
 
 def _check_top(report: Mapping[str, Any], where: str) -> None:
-    _keys(report, _TOP_KEYS | ({"disclosures"} & set(report)), "", where)  # reports before disclosures lack it
+    _keys(report, _TOP_KEYS | ({"disclosures", EMPIRICAL_KEY} & set(report)), "", where)  # reports before disclosures lack it
     if "disclosures" in report:
         if not isinstance(report["disclosures"], list):
             raise _field_error(where, "disclosures", "must be a list")
@@ -212,6 +214,12 @@ def _check_top(report: Mapping[str, Any], where: str) -> None:
         raise _field_error(where, "silos", "must list each silo once, sorted by name")
     if report["source"] == "silo" and len(names) != 1:
         raise _field_error(where, "silos", "a silo's report covers exactly that one silo")
+
+
+def _check_empirical(report: Mapping[str, Any], where: str, tolerance: float) -> None:
+    """The empirical-audit section, when present: shape, ε̂ from its counts, ledger ε by dp_accounting."""
+    if EMPIRICAL_KEY in report:
+        check_empirical_audits(report[EMPIRICAL_KEY], where, epsilon_tolerance=tolerance)
 
 
 def _verified_silo(report: Mapping[str, Any], index: int, where: str, ca_pem: str) -> _Silo:
