@@ -31,9 +31,15 @@ class Scrape:
 
         self.text = text
         self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        #: Names of the metric families in the scrape (a counter's without ``_total``; the ``_created`` gauges
+        #: prometheus_client adds beside counters and histograms left out).
+        self.families: set[str] = set()
         for fam in text_string_to_metric_families(text):
+            self.families.add(fam.name)
             for s in fam.samples:
                 self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        self.families -= {f for f in self.families if f.endswith("_created") and f.removesuffix("_created") in
+                          self.families}
 
     def value(self, name: str, **labels: str) -> float:
         """The sample ``name`` with exactly ``labels`` (KeyError naming it when absent)."""

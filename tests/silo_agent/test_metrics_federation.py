@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.coordinator.loading import load_federation_config
+from fedsilo.coordinator.metrics import COORDINATOR_METRICS
 from fedsilo.coordinator.server import CoordinatorServer
 from fedsilo.privacy.budget import LEDGER_FILE
 from fedsilo.privacy.ledger import GuaranteeScope, Ledger, Neighbouring
@@ -16,7 +17,7 @@ from fedsilo.silo_agent.client import CoordinatorClient, Credentials
 from fedsilo.silo_agent.config import load_agent_config
 from fedsilo.silo_agent.daemon import EXIT_OK, Agent
 from fedsilo.silo_agent.demo import ADMIN_NAME, DEMO_BUDGET, DEMO_PRIVACY, free_port, make_certs, silo_names, write_configs
-from fedsilo.silo_agent.metrics import AgentMetrics, serve
+from fedsilo.silo_agent.metrics import AGENT_METRICS, AgentMetrics, serve
 
 ROUNDS = 2
 SMALL = {"n_train": 16, "n_val": 4, "n_test": 4, "image_size": 32}
@@ -66,6 +67,11 @@ def test_both_endpoints_after_a_federation_match_the_admin_api_and_the_ledgers(t
         for e in endpoints.values():
             e.stop()
         server.stop(0)
+
+    # each endpoint exposes exactly the metrics docs/metrics.md lists (a counter's family drops ``_total``)
+    assert coord.families == {s.name.removesuffix("_total") for s in COORDINATOR_METRICS}
+    for a in per_agent.values():
+        assert a.families == {s.name.removesuffix("_total") for s in AGENT_METRICS}
 
     # the run, as the Admin API tells it
     assert status["state"] == "finished" and len(rounds) == ROUNDS and all(r["closed"] for r in rounds)
