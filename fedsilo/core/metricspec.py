@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LABELS", "MetricKind", "MetricSpec", "family", "histogram_buckets", "instrument", "markdown_table"]
+__all__ = ["LABELS", "MetricKind", "MetricSpec", "family", "histogram_buckets", "instrument", "markdown_labels",
+           "markdown_table"]
 
 #: The only label names a fedsilo metric may carry, each with where its values come from. Every source is
 #: a closed set fixed before any peer speaks, so a hostile caller cannot grow the label space.
@@ -119,3 +120,8 @@ def histogram_buckets(spec: MetricSpec, values: Sequence[float]) -> list[tuple[s
 def _le(bound: float) -> str:
     """A bucket bound as prometheus_client writes it (``1.0``, ``0.25``)."""
     return repr(float(bound))
+
+
+def markdown_labels() -> str:
+    """The doc page's list of label names and where their values come from."""
+    return "\n".join(f"- `{name}`: {source}" for name, source in LABELS.items())
