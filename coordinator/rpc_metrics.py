@@ -34,7 +34,7 @@ RPC_METRICS: tuple[MetricSpec, ...] = (
                      "(rate(fedsilo_coordinator_rpc_duration_seconds_bucket{code=\"OK\"}[5m])))"),
     MetricSpec(name="fedsilo_coordinator_refusals_total", kind=MetricKind.COUNTER, labels=("method", "code", "reason"),
                help="Calls refused with a status of the servicers' exception table, by RPC, code and the exception "
-                    "class behind it (call limits included).",
+                    "class behind it (the call limits' refusals, and calls cancelled or cut as stalled, included).",
                panel="sum by (reason, method) (rate(fedsilo_coordinator_refusals_total[5m]))"),
     MetricSpec(name="fedsilo_coordinator_unknown_method_calls_total", kind=MetricKind.COUNTER,
                help="Calls of a path the coordinator does not serve (answered UNIMPLEMENTED; the path is not recorded).",

@@ -31,7 +31,7 @@ def test_both_endpoints_after_a_federation_match_the_admin_api_and_the_ledgers(t
     plan = {**DEMO_PRIVACY, "sample_rate": 0.5, "steps_per_round": 2}
     fed_path, agent_paths = write_configs(
         tmp_path, names=names, rounds=ROUNDS, strategy="fedavg", seed=0, port=free_port(), insecure=False,
-        aggregation="plain", privacy=plan, min_silos=2, budgets={n: DEMO_BUDGET for n in names},
+        aggregation="he", privacy=plan, min_silos=2, budgets={n: DEMO_BUDGET for n in names},
         data=[{"source": "builtin", "domain": i, "seed": 0, **SMALL} for i in range(2)])
     fed_path.write_text(fed_path.read_text() + "\n[privacy.budgets]\nhospital-a = 9.5\n")
     for path in (fed_path, *agent_paths):  # off by default; port 0: any free port
