@@ -13,6 +13,7 @@ from typing import Any
 
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, TlsFiles
+from fedsilo.core.metrics_endpoint import MetricsConfig
 from fedsilo.core.methods import DEFAULT_METHOD, Method, UnknownMethod, get_method, method_names
 from fedsilo.privacy.accounting import BudgetAccountant
 
@@ -93,6 +94,8 @@ class FederationConfig:
         max_train_examples: the largest training-set size a silo may declare at join (``[silos]
             max_train_examples``); None: up to 10^9. An upload's weight is the size its silo declared
             (1 under silo-level DP), frozen once round 1 opens.
+        metrics: where the Prometheus endpoint listens (``[metrics] listen``); None (the default): no
+            endpoint. An operational setting, not part of the run.
     """
 
     run_id: str
@@ -126,6 +129,7 @@ class FederationConfig:
     accountant: BudgetAccountant = BudgetAccountant.RDP
     train_examples: Mapping[str, int] = field(default_factory=dict)
     max_train_examples: int | None = None
+    metrics: MetricsConfig | None = None
 
     def __post_init__(self) -> None:
         validators.run_id("run.id", self.run_id, error=ConfigError)
@@ -161,6 +165,7 @@ class FederationConfig:
             raise ConfigError(f"server.stall_timeout_s: {self.stall_timeout_s!r} must be at least 1 (seconds)")
         _int_in("server.min_transfer_bytes_per_s", self.min_transfer_bytes_per_s, 0, 2**30)
         _int_in("server.max_calls_per_identity", self.max_calls_per_identity, 4, 1024)
+        self._check_metrics()
         for name in ("model", "training", "he"):
             _check_json_table(name, getattr(self, name))
         if not validators.is_task_name(self.task):
@@ -183,6 +188,19 @@ class FederationConfig:
                 raise ConfigError("run.aggregation: 'he' needs TLS certificates (the key ceremony signs with them); "
                                   "use aggregation = 'plain' with server.insecure")
         self._check_privacy()
+
+    def _check_metrics(self) -> None:
+        """The metrics endpoint: a ``MetricsConfig`` or None, never the gRPC server's own address."""
+        if self.metrics is None:
+            return
+        if not isinstance(self.metrics, MetricsConfig):
+            raise ConfigError(f"metrics: {self.metrics!r} is not a MetricsConfig")
+        host, _, port = self.listen.rpartition(":")
+        wildcards = {"0.0.0.0", "[::]", "::", ""}
+        if self.metrics.port != 0 and self.metrics.port == int(port) and (
+                host == self.metrics.listen.rpartition(":")[0] or {host, self.metrics.host} & wildcards):
+            raise ConfigError(f"metrics.listen: {self.metrics.listen!r} takes server.listen's port ({self.listen!r}); "
+                              "give the metrics endpoint a port of its own")
 
     def _check_sizes(self) -> None:
         """The study's bounds on declared training-set sizes: enrolled names, whole numbers in range."""

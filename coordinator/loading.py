@@ -19,6 +19,7 @@ from fedsilo.coordinator.config import (
 )
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, check_keys, parse_enum, read_toml, resolve_path, tls_files
+from fedsilo.core.metrics_endpoint import parse_metrics
 from fedsilo.core.methods import UnknownMethod, get_method, method_names
 
 __all__ = ["load_federation_config", "parse_privacy"]
@@ -33,6 +34,7 @@ _SECTIONS = {
     "model": None,
     "training": None,
     "he": None,
+    "metrics": {"listen"},
     "privacy": {"record_level", "sample_rate", "steps_per_round", "max_grad_norm", "noise_multiplier",
                 "target_epsilon", "silo_level", "update_clip_norm", "update_noise_multiplier",
                 "update_target_epsilon", "distributed_noise", "delta", "budgets", "accountant"},
@@ -113,6 +115,8 @@ def load_federation_config(path: Path | str) -> FederationConfig:
                 "max_calls_per_identity"):
         if key in server:
             kwargs[key] = server[key]
+    if "metrics" in data:
+        kwargs["metrics"] = parse_metrics(data["metrics"])
     strategy = kwargs.get("strategy", DEFAULT_METHOD)
     try:
         method = get_method(strategy)

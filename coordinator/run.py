@@ -42,9 +42,10 @@ from fedsilo.coordinator.records import (
 )
 from fedsilo.coordinator.relay import SealedRelay
 from fedsilo.coordinator.rounds import Rounds
-from fedsilo.coordinator.telemetry import Telemetry
+from fedsilo.coordinator.telemetry import RunCounters, Telemetry
 from fedsilo.core.errors import PermissionDenied
 from fedsilo.core.tensors import Manifest
+from fedsilo.privacy.ledger import LedgerMirror
 from fedsilo.privacy.pki import Identity, Role
 
 __all__ = ["Coordinator"]
@@ -163,6 +164,15 @@ class Coordinator:
     def round_summaries(self) -> list[RoundSummary]:
         """Every round so far."""
         return self._telemetry.round_summaries()
+
+    def counters(self) -> RunCounters:
+        """The run's totals for operations metrics (see ``Telemetry.counters``)."""
+        return self._telemetry.counters()
+
+    @property
+    def ledger_mirror(self) -> LedgerMirror | None:
+        """The verified mirror of the silos' privacy ledgers, for reading; None in a run without DP."""
+        return self._ctx.mirror
 
     # -- relays -------------------------------------------------------------------------
     def key_recipients(self, caller: Identity) -> list[tuple[str, bytes]]:

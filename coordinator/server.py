@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.coordinator.guard import CallGuard
 from fedsilo.coordinator.limits import CallLimits, RateLimitedLog, worker_threads
+from fedsilo.coordinator.metrics import CoordinatorMetrics
 from fedsilo.coordinator.run import Coordinator
 from fedsilo.coordinator.servicer import AdminServicer, FederationServicer, abort_refused, caller_label
 from fedsilo.v1 import admin_pb2_grpc, federation_pb2_grpc
@@ -102,9 +103,12 @@ class CoordinatorServer:
         self._guard = CallGuard(limits, enrolled=config.silos,
                                 identify=functools.partial(caller_label, insecure=config.insecure),
                                 refuse=functools.partial(abort_refused, refusals=refusals), log=refusals)
+        #: The Prometheus endpoint's registry and RPC interceptor (``[metrics]``); None when the config has none.
+        self.metrics = CoordinatorMetrics(self.coordinator, config.metrics) if config.metrics is not None else None
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers or needed, thread_name_prefix="rpc"),
-            interceptors=[self._guard], options=server_options(config.max_chunk_bytes))
+            interceptors=[self._guard] if self.metrics is None else [self.metrics.interceptor, self._guard],
+            options=server_options(config.max_chunk_bytes))
         federation_pb2_grpc.add_FederationServicer_to_server(
             FederationServicer(self.coordinator, refusals=refusals), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.coordinator, refusals=refusals), self._server)
@@ -140,7 +144,9 @@ class CoordinatorServer:
                 log.exception("deadline check failed")
 
     def start(self) -> None:
-        """Starts serving."""
+        """Starts serving (the metrics endpoint first: an address it cannot bind raises OSError before any call)."""
+        if self.metrics is not None:
+            self.metrics.start()
         self._guard.start()
         self._server.start()
         for name in ("", "fedsilo.v1.Federation", "fedsilo.v1.Admin"):
@@ -157,6 +163,8 @@ class CoordinatorServer:
         self._guard.stop()
         if self._ticker.is_alive():
             self._ticker.join()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.coordinator.close()
         log.info("coordinator stopped")
 

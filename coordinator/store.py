@@ -187,6 +187,12 @@ class Store:
                                     (rnd,)).fetchall()
         return {r["silo"]: r["weight"] for r in rows}
 
+    def upload_counts(self) -> dict[str, int]:
+        """Silo -> number of uploads accepted from it, in every round (open ones included)."""
+        with self._lock:
+            rows = self._db.execute("SELECT silo, COUNT(*) AS n FROM uploads GROUP BY silo").fetchall()
+        return {r["silo"]: r["n"] for r in rows}
+
     def contributions(self) -> dict[str, int]:
         """Silo -> number of closed rounds it contributed to."""
         with self._lock:

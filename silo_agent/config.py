@@ -11,6 +11,7 @@ from typing import Any
 from fedsilo.core import validators
 from fedsilo.core.configfile import ConfigError, TlsFiles
 from fedsilo.core.configfile import check_keys, parse_enum, read_toml, resolve_path, tls_files
+from fedsilo.core.metrics_endpoint import MetricsConfig, parse_metrics
 from fedsilo.privacy.accounting import BudgetAccountant
 from fedsilo.models.precision import Precision
 
@@ -183,6 +184,8 @@ class AgentConfig:
         budget: this silo's privacy budget; required to take part in a run with DP.
         base_checkpoint: LoRA runs: the frozen base model (a ``fedsilo export`` or ``fedsilo
             pretrain`` file); every silo of the run must hold the same one.
+        metrics: where the agent's Prometheus endpoint listens (``[metrics] listen``); None (the
+            default): no endpoint.
     """
 
     coordinator: str
@@ -200,6 +203,7 @@ class AgentConfig:
     heartbeat_s: float = 5.0
     budget: BudgetConfig | None = None
     base_checkpoint: Path | None = None
+    metrics: MetricsConfig | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.coordinator.rpartition(":")
@@ -231,6 +235,8 @@ class AgentConfig:
             raise ConfigError(f"agent.master: {self.master!r} is only used with agent.nodes > 1")
         if not isinstance(self.heartbeat_s, (int, float)) or not 0.1 <= self.heartbeat_s <= 300:
             raise ConfigError(f"agent.heartbeat_s: {self.heartbeat_s!r} must be in [0.1, 300]")
+        if self.metrics is not None and not isinstance(self.metrics, MetricsConfig):
+            raise ConfigError(f"metrics: {self.metrics!r} is not a MetricsConfig")
 
     @property
     def group_size(self) -> int:
@@ -245,6 +251,7 @@ _SECTIONS = {
     "data": None,
     "privacy": {"epsilon", "delta", "accountant"},
     "model": {"base_checkpoint"},
+    "metrics": {"listen"},
 }
 
 
@@ -293,6 +300,8 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         kwargs["device"] = DeviceSetting.parse(agent["device"])
     if "base_checkpoint" in data.get("model", {}):
         kwargs["base_checkpoint"] = resolve_path(base, data["model"]["base_checkpoint"], "model.base_checkpoint")
+    if "metrics" in data:
+        kwargs["metrics"] = parse_metrics(data["metrics"])
     if "privacy" in data:
         p = data["privacy"]
         if "epsilon" not in p:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from fedsilo.models.tasks import SiloData, Task, get_task
 from fedsilo.privacy.pki import CertificateError, Role, check_certificate
 from fedsilo.silo_agent.client import CoordinatorClient, Credentials, Stopped, TlsRefused
 from fedsilo.silo_agent.config import AgentConfig, DataConfig
+from fedsilo.silo_agent.metrics import AgentMetrics
 from fedsilo.silo_agent.state import AgentState
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.privacy.he import HeError, HeParams
@@ -71,12 +73,16 @@ class Agent:
             (``fedsilo bench`` selects models by validation Dice over rounds).
         group: the silo's training group when this agent is its rank 0 (``agent.gpus`` or
             ``agent.nodes`` > 1): local training runs on every rank of it, on this rank's device.
+        metrics: where the agent records training time, uploads, rounds and ε (``fedsilo agent`` serves
+            it at ``[metrics] listen``); None: an unserved recorder of its own.
     """
 
     def __init__(self, cfg: AgentConfig, *, stop: threading.Event | None = None,
                  connect: Callable[[str, Credentials, threading.Event], CoordinatorClient] | None = None,
-                 unseen_every_round: bool = False, group: TrainingGroup | None = None) -> None:
+                 unseen_every_round: bool = False, group: TrainingGroup | None = None,
+                 metrics: AgentMetrics | None = None) -> None:
         self.cfg = cfg
+        self._metrics = metrics if metrics is not None else AgentMetrics()
         self._group = group
         self.stop = stop or threading.Event()
         self._connect = connect or (lambda address, creds, stop: CoordinatorClient(address, creds, stop=stop))
@@ -193,6 +199,9 @@ class Agent:
         if self._dp is not None:
             self._dp.sync(client)
             log.info("privacy: %s", self._dp.describe())
+            self._metrics.privacy(self._dp.spent(), self._dp.budget.epsilon)
+        self._metrics.round_done(state.done_round)
+        self._metrics.applied(state.applied_round)
         log.info("joined run %s as %s: %s, %d rounds, %d of %d tensors shared (%d parameters)", info.run_id,
                  silo_name, info.strategy, info.total_rounds, len(shared), len(state.model),
                  manifest.numel)
@@ -316,6 +325,7 @@ class Agent:
                               rnd, problem, "yes" if failed else "not yet")
             state.applied_round = rnd
             state.save(Path(self.cfg.state_dir))
+            self._metrics.applied(rnd)
         self._load_global(model, state)
         if state.applied_round > state.reported_round:
             rnd = state.applied_round
@@ -414,8 +424,10 @@ class Agent:
             else:
                 dp.abandon_round(rnd)
             state.pending_round, state.pending_update = 0, {}
+            self._metrics.privacy(dp.spent(), dp.budget.epsilon)
         state.done_round = rnd
         state.save(Path(self.cfg.state_dir))
+        self._metrics.round_done(rnd)
 
     def _budget_allows(self, client: CoordinatorClient, state: AgentState, rnd: int) -> bool:
         """Drops a reservation whose round closed while this agent was away, then declines ``rnd`` (and
@@ -448,10 +460,12 @@ class Agent:
                        dp=dp.dpsgd_config() if dp is not None and dp.plan.record_level else None,
                        precision=self.cfg.precision,
                        objective=strategy.local_objective(model=model, state=state, train=train, rnd=rnd))
+        started = time.perf_counter()
         if self._group is not None:  # every rank trains its share; all end with these weights
             result = self._group.train(job, train_set=data.splits.train)
         else:  # moves the model to the device for the call and back to the CPU after it
             result = train_job(job, parallel=None, device=self._device)
+        self._metrics.trained(time.perf_counter() - started)
         if self.stop.is_set():
             raise Stopped("training")
         sd = model.state_dict()
@@ -476,10 +490,14 @@ class Agent:
                 flat = strategy.he_vector(update, state=state, names=shared, scale=weight / weight_normalizer,
                                           rnd=rnd, total_rounds=self._total_rounds)
                 layout = strategy.upload_layout(self._manifest, rnd, self._total_rounds)
-                uploads_in = client.submit_he(rnd, weight, layout, self._he.encrypt(flat), self._upload_signer())
+                blobs = self._he.encrypt(flat)
+                payload = sum(len(b) for b in blobs)
+                uploads_in = client.submit_he(rnd, weight, layout, blobs, self._upload_signer())
             else:
+                payload = sum(int(np.asarray(v).nbytes) for v in update.values())
                 uploads_in = client.submit(rnd, weight, update, self._upload_signer())
             log.info("round %d: uploaded (train loss %.4f; %d upload(s) in so far)", rnd, loss, uploads_in)
+            self._metrics.uploaded(payload)
         except grpc.RpcError as err:
             if err.code() is grpc.StatusCode.ALREADY_EXISTS:
                 log.info("round %d: the coordinator already has this silo's upload", rnd)

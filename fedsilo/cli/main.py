@@ -230,11 +230,24 @@ def agent(config_path: Path, insecure: bool, node_rank: int) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from fedsilo.silo_agent.metrics import AgentMetrics, serve
+
+    metrics = AgentMetrics()
+    endpoint = None
+    if cfg.metrics is not None:
+        try:
+            endpoint = serve(metrics, cfg.metrics)
+        except OSError as exc:
+            if group is not None:
+                group.close()
+            _fail(f"cannot start the agent: {exc}", 1)
     try:
-        code = Agent(cfg, stop=stop, group=group).run()
+        code = Agent(cfg, stop=stop, group=group, metrics=metrics).run()
     except AgentError as exc:
         _fail(str(exc), 1)
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         if group is not None:
             group.close()
     sys.exit(code)

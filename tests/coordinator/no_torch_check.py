@@ -1,8 +1,9 @@
 """Run by tests: starts an HE coordinator with DP planned (σ calibrated, budgets checked) with torch
-made unimportable, writes and verifies an audit report; checks no ML library loads."""
+made unimportable, scrapes its metrics, writes and verifies an audit report; checks no ML library loads."""
 
 import builtins
 import sys
+import urllib.request
 from pathlib import Path
 
 BLOCKED = ("torch", "monai", "opacus", "peft", "torchvision")
@@ -24,6 +25,7 @@ import fedsilo.silo_agent.methods  # noqa: E402,F401 - as the CLI: the built-in 
 from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles  # noqa: E402
 from fedsilo.coordinator.loading import parse_privacy
 from fedsilo.coordinator.server import CoordinatorServer  # noqa: E402
+from fedsilo.core.metrics_endpoint import MetricsConfig  # noqa: E402
 from fedsilo.privacy.pki import Role, init_ca, issue_certificate  # noqa: E402
 
 state = Path(sys.argv[1])
@@ -36,6 +38,7 @@ plan, budgets, _ = parse_privacy({"record_level": True, "sample_rate": 0.1, "ste
                               rounds=1, min_silos=1, aggregation=AggregationMode.HE)
 cfg = FederationConfig(run_id="no-torch", silos=("hospital-a",), rounds=1, min_silos=1, listen="127.0.0.1:0",
                        aggregation=AggregationMode.HE, state_dir=state, privacy=plan, budgets=budgets,
+                       metrics=MetricsConfig(listen="127.0.0.1:0"),
                        tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "coordinator.pem", key=certs / "coordinator.key"))
 server = CoordinatorServer(cfg)
 server.start()
@@ -44,6 +47,8 @@ creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "
 with grpc.secure_channel(f"localhost:{server.port}", creds) as ch:
     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="fedsilo.v1.Federation"),
                                                 timeout=10)
+with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=10) as scraped:
+    metrics_text = scraped.read().decode()
 server.stop(0)
 from fedsilo.privacy.audit import build_report, verify_report, write_report  # noqa: E402
 
@@ -52,6 +57,7 @@ verify_report(report_json)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert resp.status == health_pb2.HealthCheckResponse.SERVING, resp
 assert not loaded, loaded
+assert 'fedsilo_coordinator_privacy_epsilon{relation="record",silo="hospital-a"} 0.0' in metrics_text, metrics_text
 # the HE context a coordinator can build from the run's parameters holds no key
 from fedsilo.privacy.he import PublicContext  # noqa: E402
 
