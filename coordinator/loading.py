@@ -153,6 +153,7 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
         ConfigError: naming the bad field.
     """
     from fedsilo.privacy.accounting import (
+        DEFAULT_PLD_DISCRETIZATION,
         LEDGER_RDP_ORDERS,
         BudgetAccountant,
         DpAccountingVerifier,
@@ -210,8 +211,13 @@ def parse_privacy(table: Mapping[str, Any], *, rounds: Any, min_silos: Any,
             per_round = 1 if steps is None else t.get(steps)
             q = 1.0 if q_key is None else t.get(q_key)
             total = int(rounds) * int(per_round)  # validated below; bad values fail there
-            t[sigma] = calibrate_noise(target_epsilon=eps, delta=t.get("delta", 1e-5), sample_rate=q,
-                                       steps=total, accountant=accountant, fixed=fixed if q_key else ())
+            kwargs = dict(target_epsilon=eps, delta=t.get("delta", 1e-5), sample_rate=q, steps=total,
+                          fixed=fixed if q_key else ())
+            upper = None
+            if governing is BudgetAccountant.PLD:  # RDP's σ (milliseconds) fits under PLD: search below it
+                upper = calibrate_noise(**kwargs, accountant=DpAccountingVerifier(orders=LEDGER_RDP_ORDERS))
+            coarse = PldAccountant(value_discretization_interval=10 * DEFAULT_PLD_DISCRETIZATION) if upper else None
+            t[sigma] = calibrate_noise(**kwargs, accountant=accountant, upper=upper, coarse=coarse)
             if q_key is None and distributed:
                 # the target holds against one silo's upload (σ/√K), like the silos' budgets;
                 # the aggregate of K shares then carries √K times that σ

@@ -369,7 +369,7 @@ def _table(status: dict[str, Any], rounds: list[dict[str, Any]], started: float,
 def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: Path = Path("fedsilo-demo"),
              seed: int = 0, insecure: bool = False, aggregation: str = "he", dp: bool = True,
              timeout_s: float = 1800.0, task: str | None = None,
-             model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             model: Mapping[str, Any] | None = None, accountant: str = "rdp") -> dict[str, Any]:
     """Runs the demo and writes ``out/results.json`` (and, with DP, the audit report in ``out/audit``).
 
     ``task`` names a registered Task other than the default 2-D segmentation (its built-in data, silo i
@@ -441,9 +441,12 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         except ValueError as exc:  # a LoRA method on a Task whose model is not the 2-D UNet or UNETR
             raise DemoError(f"--strategy {strategy}: cannot pretrain its base for this model: {exc}") from None
         privacy = (DEMO_LORA_PRIVACY if silo_dp else DEMO_RESFIM_PRIVACY if masked else DEMO_PRIVACY) if dp else None
+        if privacy is not None:  # the same accountant calibrates σ and governs every hospital's budget
+            privacy = {**privacy, "accountant": accountant}
+        budget = {**DEMO_BUDGET, "accountant": accountant}
         fed, agent_cfgs = write_configs(work, names=names, rounds=rounds, strategy=strategy, seed=seed, port=port,
                                         insecure=insecure, aggregation=aggregation, privacy=privacy,
-                                        budgets={n: DEMO_BUDGET for n in names} if dp else None,
+                                        budgets={n: budget for n in names} if dp else None,
                                         lora=DEMO_LORA if uses_lora else None, base_checkpoint=base,
                                         resfim=DEMO_RESFIM if masked else None,
                                         he_bound=method.he_bound, task=task, model=the_model)
@@ -493,13 +496,22 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
                           "transport": "insecure" if insecure else "mtls", "aggregation": aggregation,
                           "dp": dp, "model": the_model, "wall_seconds": round(time.monotonic() - started, 1)}
         if dp:
+            results["run"]["accountant"] = accountant
+        if dp:
             from fedsilo.privacy.audit import build_report, write_report
 
             report = build_report(work / "coordinator")
             json_path, html_path = write_report(report, out / "audit")
             results["privacy"] = {
-                s["silo"]: {rel: c["single_upload"] for rel, c in s["cumulative"].items()}
+                s["silo"]: {rel: c["spent"] for rel, c in s["cumulative"].items()}
                 for s in report["silos"]}
+            results["privacy_by_accountant"] = {
+                s["silo"]: {rel: {"rdp": c["single_upload"], "pld": c["single_upload_pld"]}
+                            for rel, c in s["cumulative"].items()}
+                for s in report["silos"]}
+            first = next((s["releases"][0] for s in report["silos"] if s["releases"]), None)
+            if first is not None:
+                results["run"]["noise_multiplier"] = first["noise_multiplier"]
             console.print(f"privacy audit report: {html_path} (verify with: fedsilo audit verify {json_path})")
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
@@ -509,8 +521,12 @@ def run_demo(*, silos: int = 3, rounds: int = 5, strategy: str = "fedavg", out: 
         console.print(f"mean {_label(head, hd95_unit)}: round 1 {first:.4f} -> round {rounds} {last:.4f}; "
                       f"unseen domain {results.get('unseen_domain', {}).get(head, float('nan')):.4f}")
         for silo, spent in results.get("privacy", {}).items():
-            console.print(f"  {silo}: " + ", ".join(f"{rel}-level ε = {eps:.3f}" for rel, eps in spent.items())
-                          + f" (δ = {DEMO_BUDGET['delta']:g}, budget {DEMO_BUDGET['epsilon']:g})")
+            both = results["privacy_by_accountant"][silo]
+            console.print(f"  {silo}: " + ", ".join(
+                f"{rel}-level ε = {eps:.3f} by {accountant.upper()} (RDP {both[rel]['rdp']:.3f}, PLD "
+                + ("n/a" if both[rel]["pld"] is None else f"{both[rel]['pld']:.3f}") + ")"
+                for rel, eps in spent.items())
+                + f" (δ = {DEMO_BUDGET['delta']:g}, budget {DEMO_BUDGET['epsilon']:g})")
         console.print(f"results: {out / 'results.json'}; logs: {logs}")
         return results
     finally:

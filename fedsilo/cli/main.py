@@ -21,6 +21,7 @@ from fedsilo.cli.audit import audit
 from fedsilo.cli.common import fail as _fail
 from fedsilo.cli.plugins import PluginError, load_plugins
 from fedsilo.core.methods import method_names, methods
+from fedsilo.privacy.accounting import BudgetAccountant
 import fedsilo.silo_agent.methods  # noqa: F401 - registers the built-in methods
 from fedsilo.silo_agent.bench.methods import GROUPED_REFERENCES, resolve, study_method_names, variable_tables
 from fedsilo.silo_agent.bench.methods import methods as bench_methods
@@ -347,8 +348,11 @@ def _model_json_option(help_text: str):  # noqa: ANN202 - a click decorator
 @_model_json_option('Model options as a JSON object, e.g. \'{"norm": "pn"}\' (population normalization): each '
                     "entry replaces or adds that key of the run's [model] table (the demo UNet, or the Task's "
                     "default model); the others stay. The run is pinned to the changed model.")
+@click.option("--accountant", type=click.Choice([a.value for a in BudgetAccountant]), default="rdp", show_default=True,
+              help="Whose ε the DP plan's σ is calibrated against and the hospitals' budgets are enforced on "
+                   "(every ledger entry states both).")
 def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, aggregation: str, insecure: bool,
-         dp: bool, task_name: str, model_json: dict | None) -> None:
+         dp: bool, task_name: str, model_json: dict | None, accountant: str) -> None:
     """Run a whole federation on this machine: CA, coordinator and agents as processes, mTLS on loopback."""
     from fedsilo.models.tasks import get_task
     from fedsilo.silo_agent.demo import DemoError, model_table, run_demo
@@ -363,7 +367,7 @@ def demo(silos: int, rounds: int, strategy: str, out: Path, seed: int, aggregati
         _fail(f"--model-json: {exc}")
     try:
         run_demo(silos=silos, rounds=rounds, strategy=strategy, out=out, seed=seed, insecure=insecure,
-                 aggregation=aggregation, dp=dp, task=task_name, model=model_json)
+                 aggregation=aggregation, dp=dp, task=task_name, model=model_json, accountant=accountant)
     except DemoError as exc:
         _fail(str(exc), 1)
 

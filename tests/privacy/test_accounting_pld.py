@@ -242,6 +242,30 @@ def test_calibrate_with_pld_accountant() -> None:
     assert sigma < rdp_sigma
 
 
+def test_calibrating_below_rdp_on_a_coarse_grid_first_finds_the_same_sigma() -> None:
+    """The coordinator's shortcut (upper = RDP's σ, coarse = a 10x coarser grid) gives a σ that
+    meets the target on the finer grid, within the bisection's tolerance of the plain search (here
+    on grids 1e-3 and 1e-2 for speed; the coordinator uses 1e-4 and 1e-3)."""
+    target, q, steps, rtol = 3.0, 0.25, 24, 1e-3
+    kwargs = dict(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, rtol=rtol)
+    calls = {"fine": 0}
+
+    class Counting(PldAccountant):
+        def _epsilon(self, releases, *, delta):  # noqa: ANN001, ANN202 - the seam under test
+            calls["fine"] += 1
+            return super()._epsilon(releases, delta=delta)
+
+    plain = calibrate_noise(**kwargs, accountant=COARSE)
+    rdp = calibrate_noise(**kwargs, accountant=RdpAccountant(orders=LEDGER_RDP_ORDERS))
+    fast = calibrate_noise(**kwargs, accountant=Counting(value_discretization_interval=GRID), upper=rdp,
+                           coarse=PldAccountant(value_discretization_interval=10 * GRID))
+    assert COARSE.epsilon([_dpsgd(q=q, sigma=fast, steps=steps)], delta=DELTA).epsilon <= target
+    assert fast == pytest.approx(plain, rel=3 * rtol) and fast < rdp
+    assert calls["fine"] == 1  # the coarse σ confirmed by one call on the finer grid
+    # A hint that does not meet the target is ignored, not trusted.
+    assert calibrate_noise(**kwargs, accountant=COARSE, upper=rdp * 0.5) == pytest.approx(plain, rel=2 * rtol)
+
+
 # --- validation -------------------------------------------------------------------------------
 
 

@@ -94,6 +94,50 @@ def test_rounds_are_accounted_once_synced_and_refused_over_budget(tls: TlsFiles,
     again.close()
 
 
+def _rounds_until_refused(session: PrivacySession) -> int:
+    rounds = 0
+    while session.refusal() is None:
+        rounds += 1
+        session.account_round(rounds)
+        session.commit_round(rounds)
+        assert rounds < 50
+    return rounds
+
+
+def test_entries_state_both_accountants_and_pld_affords_more_rounds(tls: TlsFiles, tmp_path: Path) -> None:
+    from fedsilo.privacy.accounting import BudgetAccountant, PldAccountant
+    from fedsilo.privacy.ledger import GuaranteeScope
+    from fedsilo.privacy.plan import entry_release
+
+    plan = PrivacyPlan(record_level=True, sample_rate=0.25, steps_per_round=12, max_grad_norm=1.0,
+                       noise_multiplier=2.0, delta=1e-5)
+    afforded = {}
+    for accountant in BudgetAccountant:
+        budget = BudgetConfig(epsilon=6.0, accountant=accountant.value)
+        session = PrivacySession.open(cfg=agent_cfg(tls, tmp_path / accountant.value, budget), plan=plan,
+                                      run_id="r", silo="hospital-a", n_train=48)
+        afforded[accountant] = _rounds_until_refused(session)
+        entries = session.ledger.entries()
+        assert {e.accountant for e in entries} == {accountant}
+        last = entries[-1]
+        history = [entry_release(e, GuaranteeScope.SINGLE_UPLOAD) for e in entries]
+        assert last.cumulative_epsilon_pld == PldAccountant().epsilon(history, delta=1e-5).epsilon
+        assert all(e.epsilon_pld < e.epsilon_rdp and e.cumulative_epsilon_pld < e.cumulative_epsilon
+                   for e in entries)
+        spent = last.cumulative_epsilon_pld if accountant is BudgetAccountant.PLD else last.cumulative_epsilon
+        assert session.spent()["record"] == spent <= 6.0
+        assert f"by {accountant.value.upper()}" in session.describe()
+        session.close()
+    assert afforded[BudgetAccountant.PLD] > afforded[BudgetAccountant.RDP]
+
+
+def test_a_bad_accountant_is_refused_naming_it() -> None:
+    from fedsilo.core.configfile import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.accountant: 'prv' is not one of 'rdp', 'pld'"):
+        BudgetConfig(epsilon=6.0, accountant="prv")
+
+
 def test_noise_update_clips_jointly_and_adds_noise(tls: TlsFiles, tmp_path: Path) -> None:
     session = PrivacySession.open(cfg=agent_cfg(tls, tmp_path / "s", BudgetConfig(epsilon=60.0)), plan=PLAN,
                                   run_id="r", silo="hospital-a", n_train=48)
