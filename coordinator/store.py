@@ -187,6 +187,14 @@ class Store:
                                     (rnd,)).fetchall()
         return {r["silo"]: r["weight"] for r in rows}
 
+    def upload_log(self, rnd: int) -> list[tuple[str, int, int]]:
+        """(silo, accepted at ms, payload bytes) of the uploads accepted in a round, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT silo, accepted_at_ms, payload_bytes FROM uploads WHERE round = ? ORDER BY seq", (rnd,)
+            ).fetchall()
+        return [(r["silo"], int(r["accepted_at_ms"]), int(r["payload_bytes"])) for r in rows]
+
     def contributions(self) -> dict[str, int]:
         """Silo -> number of closed rounds it contributed to."""
         with self._lock:
