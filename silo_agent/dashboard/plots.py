@@ -54,7 +54,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def metric_chart(metric: str, rounds: Sequence[RoundView], silos: Sequence[str], *, total_rounds: int,
-                 width: int = 440, height: int = 200) -> str:
+                 width: int = 390, height: int = 190) -> str:
     """One metric over rounds, a line per silo (silos in run order, coloured by position).
 
     Args:
