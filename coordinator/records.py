@@ -172,8 +172,6 @@ class Status:
     total_rounds: int
     silos: tuple[SiloStatus, ...]
     message: str
-    #: The coordinator's clock when the status was taken, epoch milliseconds.
-    now_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

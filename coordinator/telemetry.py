@@ -126,7 +126,6 @@ class Telemetry:
                 for s in self.ctx.cfg.silos
             ),
             message=store.get_meta("message") or "",
-            now_ms=self.ctx.now_ms(),
         )
 
     def round_summaries(self) -> list[RoundSummary]:

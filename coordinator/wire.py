@@ -216,7 +216,7 @@ def status_to_proto(status: Status) -> admin_pb2.GetStatusResponse:
                                     num_train_examples=s.num_train_examples,
                                     retired_from_round=s.retired_from_round,
                                     retired_reason=s.retired_reason[:1024]) for s in status.silos],
-        message=status.message[:1024], now_unix_ms=status.now_ms,
+        message=status.message[:1024],
     )
 
 

@@ -352,7 +352,6 @@ def status_from_proto(msg: Any) -> dict[str, Any]:
                    "rounds_contributed": s.rounds_contributed, "num_train_examples": s.num_train_examples,
                    "retired_from_round": s.retired_from_round, "retired_reason": s.retired_reason}
                   for s in msg.silos],
-        "now_unix_ms": msg.now_unix_ms,
     }
 
 

@@ -169,7 +169,6 @@ class Snapshot:
     last_closed_round: int
     total_rounds: int
     message: str
-    coordinator_now_ms: int
     silos: tuple[SiloView, ...]
     rounds: tuple[RoundView, ...]
     privacy_enabled: bool
@@ -209,7 +208,9 @@ def build_snapshot(status: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]
         rounds: ``CoordinatorClient.rounds()``.
         privacy: ``CoordinatorClient.privacy()``.
         settings: When to warn.
-        fetched_at_ms: When the poll was made (this machine's clock, epoch ms).
+        fetched_at_ms: When the poll was made (this machine's clock, epoch ms): "last contact" and quiet silos
+            are measured from it, against the coordinator's timestamps (clocks kept by NTP agree far
+            closer than the quiet threshold).
     """
     state = _state(status["state"])
     silos = tuple(SiloView(name=s["name"], joined=s["joined"], last_seen_ms=s["last_seen_unix_ms"],
@@ -236,7 +237,7 @@ def build_snapshot(status: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]
     snap = Snapshot(
         run_id=status["run_id"], state=state, open_round=status["open_round"],
         last_closed_round=status["last_closed_round"], total_rounds=status["total_rounds"],
-        message=status["message"], coordinator_now_ms=status.get("now_unix_ms", 0) or fetched_at_ms,
+        message=status["message"],
         silos=silos, rounds=views, privacy_enabled=privacy["enabled"], plan_delta=privacy["plan_delta"],
         privacy=spent, alerts=(), fetched_at_ms=fetched_at_ms)
     return replace(snap, alerts=compute_alerts(snap, settings))
@@ -276,7 +277,7 @@ def compute_alerts(snap: Snapshot, settings: DashboardSettings) -> tuple[Alert, 
         for s in snap.silos:
             if not s.joined or s.retired_from_round or s.last_seen_ms <= 0:
                 continue
-            quiet_s = (snap.coordinator_now_ms - s.last_seen_ms) / 1000.0
+            quiet_s = (snap.fetched_at_ms - s.last_seen_ms) / 1000.0
             if quiet_s >= settings.quiet_after_s:
                 out.append(Alert(severity=Severity.WARNING, kind=AlertKind.SILO_QUIET, subject=s.name,
                                  text=f"{s.name} has gone quiet: last contact {quiet_s:.0f} s ago"))

@@ -120,7 +120,7 @@ def _silos(snap: Snapshot) -> str:
                  else "joined" if s.joined else "not joined")
         rows.append(f'<tr class="silo" data-silo="{esc(s.name)}"><td class="name">{esc(s.name)}</td>'
                     f'<td class="state">{esc(state)}</td>'
-                    f'<td class="last-contact" data-ms="{s.last_seen_ms}">{esc(_ago(snap.coordinator_now_ms, s.last_seen_ms))}'
+                    f'<td class="last-contact" data-ms="{s.last_seen_ms}">{esc(_ago(snap.fetched_at_ms, s.last_seen_ms))}'
                     f'</td><td class="num participation">{s.rounds_contributed} of {closed}</td>'
                     f'<td class="num">{s.num_train_examples}</td></tr>')
     return ('<section id="silos"><h2>Silos</h2><table><thead><tr><th>silo</th><th>state</th><th>last contact</th>'
@@ -178,11 +178,11 @@ def _round_row(r: RoundView, now_ms: int) -> str:
 
 def _rounds(snap: Snapshot) -> str:
     names = [s.name for s in snap.silos]
-    rows = "".join(_round_row(r, snap.coordinator_now_ms) for r in reversed(snap.rounds))
+    rows = "".join(_round_row(r, snap.fetched_at_ms) for r in reversed(snap.rounds))
     if not rows:
         rows = '<tr><td colspan="9" class="muted">No round has opened yet.</td></tr>'
     return ('<section id="rounds"><h2>Rounds</h2>'
-            + timeline_chart(snap.rounds, names, now_ms=snap.coordinator_now_ms) + legend(names)
+            + timeline_chart(snap.rounds, names, now_ms=snap.fetched_at_ms) + legend(names)
             + '<table><thead><tr><th class="num">round</th><th>state</th><th>opened</th><th class="num">duration</th>'
             '<th class="num">uploads / quorum</th><th>who uploaded (after opening, payload)</th><th class="num">bytes up'
             '</th><th class="num">bytes down</th><th>failure</th></tr></thead><tbody>' + rows + "</tbody></table></section>")

@@ -19,7 +19,7 @@ def silo_data(name: str, *, joined: bool = True, last_seen_ms: int = NOW_MS - 10
 def status_data(*, state: str = "running", message: str = "round 2 open", run_id: str = "study-1",
                 silos: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     return {"run_id": run_id, "state": state, "open_round": 2, "last_closed_round": 1, "total_rounds": 5,
-            "message": message, "now_unix_ms": NOW_MS,
+            "message": message,
             "silos": list(silos) if silos is not None else [silo_data("hospital-a"), silo_data("hospital-b")]}
 
 

@@ -40,7 +40,7 @@ class SiloStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_contributed: _Optional[int] = ..., num_train_examples: _Optional[int] = ..., retired_from_round: _Optional[int] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("run_id", "state", "open_round", "last_closed_round", "total_rounds", "silos", "message", "now_unix_ms")
+    __slots__ = ("run_id", "state", "open_round", "last_closed_round", "total_rounds", "silos", "message")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -48,7 +48,6 @@ class GetStatusResponse(_message.Message):
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SILOS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    NOW_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: _federation_pb2.RunState
     open_round: int
@@ -56,8 +55,7 @@ class GetStatusResponse(_message.Message):
     total_rounds: int
     silos: _containers.RepeatedCompositeFieldContainer[SiloStatus]
     message: str
-    now_unix_ms: int
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[_federation_pb2.RunState, str]] = ..., open_round: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., message: _Optional[str] = ..., now_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[_federation_pb2.RunState, str]] = ..., open_round: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ()
