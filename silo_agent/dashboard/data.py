@@ -328,9 +328,16 @@ class Poller:
                 previous = self._latest
             if previous is None:
                 raise
-            log.warning("dashboard: polling the coordinator failed: %s", _describe(exc))
+            if not previous.error:  # logged once per outage, not at every poll
+                log.warning("dashboard: polling the coordinator failed (showing the last good data): %s",
+                            _describe(exc))
             failed = replace(previous, error=_describe(exc))
             snap = replace(failed, alerts=compute_alerts(failed, self.settings))
+        else:
+            with self._lock:
+                recovered = self._latest is not None and bool(self._latest.error)
+            if recovered:
+                log.warning("dashboard: the coordinator answers again")
         with self._lock:
             self._latest = snap
         return snap

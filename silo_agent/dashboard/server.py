@@ -155,6 +155,8 @@ class DashboardServer:
             return HTTPStatus.OK, "text/javascript; charset=utf-8", SCRIPT.encode("utf-8")
         if path == "/static/dashboard.css":
             return HTTPStatus.OK, "text/css; charset=utf-8", STYLESHEET.encode("utf-8")
+        if path == "/favicon.ico":  # browsers ask; no icon, and no error in the page's console
+            return HTTPStatus.NO_CONTENT, "image/x-icon", b""
         return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n"
 
 
@@ -165,8 +167,9 @@ def _handler_class(server: DashboardServer) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, status: HTTPStatus, ctype: str, body: bytes, *, head: bool = False) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if status is not HTTPStatus.NO_CONTENT:
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
             for name, value in _SECURITY_HEADERS.items():
                 self.send_header(name, value)
             self.end_headers()

@@ -106,6 +106,9 @@ def test_dashboard_follows_a_dp_run_live_and_matches_the_audit_report(federation
             assert page["state"] != "failed" and time.monotonic() < end, (page, fed.log("coordinator"))
             time.sleep(0.2)
         assert page["marker"] == "loaded once" and page["updates"] > 0  # the same page, updated in place
+        # nothing refused by the page's Content-Security-Policy, no script error
+        console = chromium.get_log("browser")
+        assert not [e for e in console if e["level"] == "SEVERE"], console
         assert "running" in seen_states  # it showed the run going on, not only its end
         assert {rnd for rnd, phase in seen_rounds if phase != "closed"}  # and rounds before they closed
         assert page["rounds"] == [[3, "closed"], [2, "closed"], [1, "closed"]]

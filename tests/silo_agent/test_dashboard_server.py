@@ -78,6 +78,7 @@ def test_page_fragment_and_assets(served: DashboardServer) -> None:
 
 def test_refusals(served: DashboardServer) -> None:
     assert get(served, "/nope")[0] == 404
+    assert get(served, "/favicon.ico")[:3:2] == (204, "")
     assert get(served, "/", method="POST")[0] == 405
     status, headers, body = get(served, "/", method="HEAD")
     assert status == 200 and body == "" and int(headers["content-length"]) > 0
