@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from fedsilo.silo_agent.dashboard.data import RoundPhase, RoundView
 
-__all__ = ["PHASE_COLOURS", "budget_bar", "esc", "metric_chart", "silo_colour", "swatch", "timeline_chart"]
+__all__ = ["PHASE_COLOURS", "budget_bar", "esc", "legend", "metric_chart", "silo_colour", "swatch", "timeline_chart"]
 
 #: Tableau 10: one colour per silo, by its position in the run's config.
 _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
@@ -65,15 +65,15 @@ def metric_chart(metric: str, rounds: Sequence[RoundView], silos: Sequence[str],
         width: Pixels.
         height: Pixels.
     """
-    points: dict[str, list[tuple[int, float]]] = {}
+    points: dict[str, list[tuple[int, float, float]]] = {}  # silo -> (round, drawn at, value)
     for r in rounds:
         for silo, values in r.metrics.items():
             value = values.get(metric)
             if value is not None and math.isfinite(value):  # beyond ±1e300 drawn at the edge (ranges stay finite)
-                points.setdefault(silo, []).append((r.round, min(max(value, -_EDGE), _EDGE)))
+                points.setdefault(silo, []).append((r.round, min(max(value, -_EDGE), _EDGE), value))
     left, right, top, bottom = 48, 10, 22, 24
     w, h = width - left - right, height - top - bottom
-    values = [v for series in points.values() for _, v in series]
+    values = [v for series in points.values() for _, v, _ in series]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     if high - low <= 1e-12 * max(1.0, abs(high)):
         widen = max(0.5, abs(high) * 0.05)
@@ -104,11 +104,11 @@ def metric_chart(metric: str, rounds: Sequence[RoundView], silos: Sequence[str],
     for silo in sorted(points, key=lambda s: (order.get(s, len(order)), s)):
         colour = silo_colour(order.get(silo, len(order)))
         series = points[silo]
-        path = " ".join(f"{x(r):.1f},{y(v):.1f}" for r, v in series)
+        path = " ".join(f"{x(r):.1f},{y(v):.1f}" for r, v, _ in series)
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2" data-silo="{esc(silo)}"/>')
-        for r, v in series:
+        for r, v, value in series:
             out.append(f'<circle cx="{x(r):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}">'
-                       f'<title>{esc(silo)}, round {r}: {esc(metric)} = {esc(f"{v:.4g}")}</title></circle>')
+                       f'<title>{esc(silo)}, round {r}: {esc(metric)} = {esc(f"{value:.4g}")}</title></circle>')
     if not points:
         out.append(f'<text x="{left + w / 2:.0f}" y="{top + h / 2:.0f}" text-anchor="middle" fill="#888">'
                    "no reports yet</text>")
