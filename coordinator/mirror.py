@@ -1,15 +1,25 @@
-"""The privacy-ledger mirror: silos' signed budget statements and ledger entries, verified, and the run's planned spend."""
+"""The privacy-ledger mirror: silos' signed budget statements and ledger entries, verified, the run's planned
+spend, and each silo's spend against its budget for the study lead."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fedsilo.coordinator.config import ConfigError
 from fedsilo.coordinator.context import RunContext
-from fedsilo.coordinator.records import MAX_BUDGET_STATEMENT_BYTES, MAX_LEDGER_BATCH, MAX_LEDGER_ENTRY_CHARS
+from fedsilo.coordinator.records import (
+    MAX_BUDGET_STATEMENT_BYTES,
+    MAX_LEDGER_BATCH,
+    MAX_LEDGER_ENTRY_CHARS,
+    PrivacyView,
+    RelationSpend,
+    SiloPrivacy,
+)
 from fedsilo.core.atomic import atomic_write
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from fedsilo.privacy.ledger import DuplicateEntryError, LedgerError, MirrorQuotaError
+from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.ledger import DuplicateEntryError, GuaranteeScope, LedgerError, MirrorQuotaError
 from fedsilo.privacy.pki import Identity
 
 
@@ -22,6 +32,11 @@ class Mirror:
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
+        self._lock = threading.Lock()
+        #: silo -> (budget file's (inode, mtime, size), its verified (ε, δ) or None, why it does not verify)
+        self._budgets: dict[str, tuple[tuple[int, int, int], tuple[float, float] | None, str]] = {}
+        #: silo -> (its newest mirrored seq, its spend per relation then)
+        self._spend: dict[str, tuple[int, tuple[RelationSpend, ...]]] = {}
 
     def check_planned_spend(self) -> None:
         """Refuses to start a run whose planned spend exceeds a budget agreed with a silo.
@@ -123,3 +138,79 @@ class Mirror:
                 raise InvalidArgument(str(exc)) from None
         last = ctx.mirror.last(name)
         return name, 0 if last is None else last.seq
+
+    # -- the study lead's view ------------------------------------------------------------
+    def view(self) -> PrivacyView:
+        """Each enrolled silo's verified budget and mirrored spend (silos with neither are left out).
+
+        ε is the mirror's cumulative figure against a single upload (``LedgerMirror.cumulative``),
+        the one budgets are enforced on; nothing here recomputes it. Figures are cached until the
+        silo's newest mirrored entry (or its budget file) changes.
+        """
+        cfg, mirror = self.ctx.cfg, self.ctx.mirror
+        if cfg.privacy is None or mirror is None:
+            return PrivacyView(enabled=False, plan_delta=0.0, silos=())
+        silos = []
+        for silo in cfg.silos:
+            budget, error = self._verified_budget(silo)
+            last = mirror.last(silo)
+            if budget is None and not error and last is None:
+                continue
+            seq = 0 if last is None else last.seq
+            silos.append(SiloPrivacy(silo=silo, budget=budget, budget_error=error, last_seq=seq,
+                                     relations=self._relations(silo, seq)))
+        return PrivacyView(enabled=True, plan_delta=cfg.privacy.delta, silos=tuple(silos))
+
+    def _relations(self, silo: str, seq: int) -> tuple[RelationSpend, ...]:
+        """A silo's spend per relation present in its mirrored entries, recomputed when ``seq`` moved."""
+        with self._lock:
+            cached = self._spend.get(silo)
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        mirror = self.ctx.mirror
+        assert mirror is not None
+        entries = mirror.entries(silo) if seq else []
+        out = []
+        for relation in Neighbouring:
+            mine = [e for e in entries if e.neighbouring is relation]
+            if not mine:
+                continue
+            this_run = [e for e in mine if e.run_id == self.ctx.cfg.run_id]
+            out.append(RelationSpend(
+                relation=relation, epsilon=mirror.cumulative(silo, relation, scope=GuaranteeScope.SINGLE_UPLOAD),
+                delta=mine[-1].delta, entries=len(this_run), last_round=this_run[-1].round if this_run else 0))
+        spend = tuple(out)
+        with self._lock:
+            self._spend[silo] = (seq, spend)
+        return spend
+
+    def _verified_budget(self, silo: str) -> tuple[tuple[float, float] | None, str]:
+        """The (ε, δ) of the budget statement kept for ``silo`` (:meth:`save_budget`), verified against the
+        federation CA again whenever the file changes; (None, why) if it no longer verifies."""
+        from fedsilo.privacy.budget import BUDGETS_DIR, BudgetError, load_budget
+
+        path = self.ctx.state_dir / BUDGETS_DIR / f"{silo}.json"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None, ""
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._budgets.get(silo)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        budget: tuple[float, float] | None = None
+        error = ""
+        try:
+            statement = load_budget(path)
+            if statement is not None:
+                assert self.ctx.ca_pem is not None
+                statement.verify(ca_pem=self.ctx.ca_pem)
+                if statement.silo != silo:
+                    raise BudgetError(f"it is silo {statement.silo!r}'s statement")
+                budget = (statement.epsilon, statement.delta)
+        except BudgetError as exc:
+            error = f"the kept budget statement of {silo!r} does not verify: {exc}"
+        with self._lock:
+            self._budgets[silo] = (key, budget, error)
+        return budget, error

@@ -9,6 +9,7 @@ from pathlib import Path
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.core.phases import SharePhase
 from fedsilo.core.tensors import Manifest, PayloadEncoding
+from fedsilo.privacy.accounting import Neighbouring
 
 #: Largest weight (example count) an upload or a join may carry.
 MAX_WEIGHT = 1e9
@@ -174,6 +175,15 @@ class Status:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoundUpload:
+    """One accepted upload of a round."""
+
+    silo: str
+    accepted_at_ms: int
+    payload_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundSummary:
     """One round's record."""
 
@@ -188,6 +198,57 @@ class RoundSummary:
     metrics: dict[str, list[tuple[str, float, int]]]
     #: Why the round failed ("" if it did not).
     failure: str = ""
+    opened_at_ms: int = 0
+    deadline_ms: int = 0
+    #: 0 while the round is open.
+    closed_at_ms: int = 0
+    #: Uploads the round needs to close (the run's ``min_silos``).
+    quorum: int = 0
+    #: The accepted uploads, in arrival order.
+    uploads: tuple[RoundUpload, ...] = ()
+
+    @property
+    def quorum_reached(self) -> bool:
+        """Whether at least ``quorum`` uploads are in."""
+        return len(self.uploads) >= self.quorum > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelationSpend:
+    """One silo's spend for one neighbouring relation, as the verified ledger mirror gives it."""
+
+    relation: Neighbouring
+    #: Cumulative ε against a single upload over all the silo's mirrored entries (the budgeted figure).
+    epsilon: float
+    #: δ of the newest entry for the relation.
+    delta: float
+    #: Mirrored entries for the relation in this run.
+    entries: int
+    #: Ledger round of the newest of them (0 if none in this run).
+    last_round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiloPrivacy:
+    """One silo's budget (from its verified statement) and spend per relation."""
+
+    silo: str
+    #: (ε, δ) of its verified budget statement; None without one.
+    budget: tuple[float, float] | None
+    #: Why the kept statement does not verify ("" if it does or there is none).
+    budget_error: str
+    relations: tuple[RelationSpend, ...]
+    #: Seq of its newest mirrored entry (0 if none).
+    last_seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyView:
+    """The run's privacy spend for the study lead; ``enabled`` is False (and ``silos`` empty) without DP."""
+
+    enabled: bool
+    plan_delta: float
+    silos: tuple[SiloPrivacy, ...]
 
 
 @dataclass(frozen=True, kw_only=True)

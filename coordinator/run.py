@@ -32,6 +32,7 @@ from fedsilo.coordinator.mirror import Mirror
 from fedsilo.coordinator.records import (
     AggregateInfo,
     FailureReport,
+    PrivacyView,
     RoundSummary,
     RunState,
     SealedPage,
@@ -202,6 +203,10 @@ class Coordinator:
         name, last = self._mirror.submit(caller, entries_json)
         self._telemetry.seen(name)
         return last
+
+    def privacy(self) -> PrivacyView:
+        """Each silo's verified budget and cumulative ε from the ledger mirror (see ``Mirror.view``)."""
+        return self._mirror.view()
 
     def close(self) -> None:
         """Writes pending counters and closes the databases."""

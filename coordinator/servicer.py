@@ -292,5 +292,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._admin(context)
         return wire.rounds_to_proto(self._c.round_summaries())
 
+    @_rpc
+    def GetPrivacy(self, request, context):  # noqa: N802
+        self._admin(context)
+        return wire.privacy_to_proto(self._c.privacy())
+
 
 __all__ = ["AdminServicer", "FederationServicer", "STATUS_CODES", "abort_refused", "caller_identity", "caller_label"]

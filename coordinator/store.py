@@ -193,6 +193,14 @@ class Store:
             rows = self._db.execute("SELECT silo, COUNT(*) AS n FROM uploads GROUP BY silo").fetchall()
         return {r["silo"]: r["n"] for r in rows}
 
+    def upload_log(self, rnd: int) -> list[tuple[str, int, int]]:
+        """(silo, accepted at ms, payload bytes) of the uploads accepted in a round, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT silo, accepted_at_ms, payload_bytes FROM uploads WHERE round = ? ORDER BY seq", (rnd,)
+            ).fetchall()
+        return [(r["silo"], int(r["accepted_at_ms"]), int(r["payload_bytes"])) for r in rows]
+
     def contributions(self) -> dict[str, int]:
         """Silo -> number of closed rounds it contributed to."""
         with self._lock:

@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsilo.coordinator.context import RunContext
-from fedsilo.coordinator.records import MAX_METRICS, MAX_WEIGHT, TELEMETRY_FLUSH_S, RoundSummary, RunState, SiloStatus, Status
+from fedsilo.coordinator.records import (
+    MAX_METRICS,
+    MAX_WEIGHT,
+    TELEMETRY_FLUSH_S,
+    RoundSummary,
+    RoundUpload,
+    RunState,
+    SiloStatus,
+    Status,
+)
 from fedsilo.core.errors import FailedPrecondition, InvalidArgument
 from fedsilo.core.validators import excerpt
 from fedsilo.privacy.pki import Identity
@@ -163,9 +172,13 @@ class Telemetry:
         failed = store.failed_rounds()
         for r in store.rounds():
             seconds = ((r.closed_at_ms - r.opened_at_ms) / 1000.0) if r.closed_at_ms else 0.0
+            uploads = tuple(RoundUpload(silo=s, accepted_at_ms=at, payload_bytes=n)
+                            for s, at, n in store.upload_log(r.round))
             out.append(RoundSummary(round=r.round, closed=r.state == "closed",
-                                    contributors=tuple(store.uploads(r.round)), params_shared=r.params_shared,
+                                    contributors=tuple(u.silo for u in uploads), params_shared=r.params_shared,
                                     bytes_up=r.bytes_up, bytes_down=r.bytes_down, seconds=seconds,
                                     total_weight=r.total_weight, metrics=store.metrics(r.round),
-                                    failure=failed.get(r.round, "")))
+                                    failure=failed.get(r.round, ""), opened_at_ms=r.opened_at_ms,
+                                    deadline_ms=r.deadline_ms, closed_at_ms=r.closed_at_ms or 0,
+                                    quorum=self.ctx.cfg.min_silos, uploads=uploads))
         return out

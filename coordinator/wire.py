@@ -12,6 +12,7 @@ from fedsilo.coordinator.records import (
     MAX_UPLOAD_STATEMENT_CHARS,
     AggregateInfo,
     FailureReport,
+    PrivacyView,
     RoundSummary,
     PayloadEncoding,
     RunState,
@@ -28,6 +29,7 @@ from fedsilo.coordinator.records import (
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.core.phases import SharePhase
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
+from fedsilo.privacy.accounting import Neighbouring
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _RUN_STATE = {
@@ -43,6 +45,7 @@ _TASK_KIND = {
 }
 #: Each share phase as its wire value, by name (``SharePhase.X`` is ``SHARE_PHASE_X``).
 _PHASE = {phase: federation_pb2.SharePhase.Value(f"SHARE_PHASE_{phase.name}") for phase in SharePhase}
+_NEIGHBOURING = {relation: admin_pb2.Neighbouring.Value(f"NEIGHBOURING_{relation.name}") for relation in Neighbouring}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
 
 
@@ -226,7 +229,23 @@ def rounds_to_proto(rounds: list[RoundSummary]) -> admin_pb2.ListRoundsResponse:
             total_weight=r.total_weight, failure=r.failure[:1024], metrics=[admin_pb2.SiloMetrics(silo=silo, metrics=[
                 federation_pb2.Metric(name=n, value=v, num_examples=k) for n, v, k in ms])
                 for silo, ms in sorted(r.metrics.items())],
+            opened_at_unix_ms=r.opened_at_ms, deadline_unix_ms=r.deadline_ms, closed_at_unix_ms=r.closed_at_ms,
+            quorum=r.quorum, quorum_reached=r.quorum_reached,
+            uploads=[admin_pb2.RoundUpload(silo=u.silo, accepted_at_unix_ms=u.accepted_at_ms,
+                                           payload_bytes=u.payload_bytes) for u in r.uploads],
         ) for r in rounds
+    ])
+
+
+def privacy_to_proto(view: PrivacyView) -> admin_pb2.GetPrivacyResponse:
+    """Converts the run's privacy spend (ε as the ledger mirror gives it)."""
+    return admin_pb2.GetPrivacyResponse(enabled=view.enabled, plan_delta=view.plan_delta, silos=[
+        admin_pb2.SiloPrivacy(
+            silo=s.silo, has_budget=s.budget is not None, budget_epsilon=s.budget[0] if s.budget else 0.0,
+            budget_delta=s.budget[1] if s.budget else 0.0, budget_error=s.budget_error[:1024], last_seq=s.last_seq,
+            relations=[admin_pb2.RelationSpend(relation=_NEIGHBOURING[r.relation], epsilon=r.epsilon, delta=r.delta,
+                                               entries=r.entries, last_round=r.last_round) for r in s.relations])
+        for s in view.silos
     ])
 
 

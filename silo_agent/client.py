@@ -266,6 +266,11 @@ class CoordinatorClient:
         return wire.rounds_from_proto(self._retry("ListRounds", lambda: self._admin.ListRounds(
             wire.rounds_request(), metadata=self._md, timeout=30)))
 
+    def privacy(self) -> dict[str, Any]:
+        """Admin: each silo's budget and cumulative ε from the ledger mirror (needs an admin certificate)."""
+        return wire.privacy_from_proto(self._retry("GetPrivacy", lambda: self._admin.GetPrivacy(
+            wire.privacy_request(), metadata=self._md, timeout=30)))
+
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
     """Polls ``predicate`` until true or ``timeout`` seconds pass."""

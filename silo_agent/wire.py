@@ -363,7 +363,29 @@ def rounds_from_proto(msg: Any) -> list[dict[str, Any]]:
         "total_weight": r.total_weight, "failure": r.failure,
         "metrics": {sm.silo: {m.name: {"value": m.value, "num_examples": m.num_examples} for m in sm.metrics}
                     for sm in r.metrics},
+        "opened_at_unix_ms": r.opened_at_unix_ms, "deadline_unix_ms": r.deadline_unix_ms,
+        "closed_at_unix_ms": r.closed_at_unix_ms, "quorum": r.quorum, "quorum_reached": r.quorum_reached,
+        "uploads": [{"silo": u.silo, "accepted_at_unix_ms": u.accepted_at_unix_ms, "payload_bytes": u.payload_bytes}
+                    for u in r.uploads],
     } for r in msg.rounds]
+
+
+_RELATION_NAMES = {admin_pb2.NEIGHBOURING_RECORD: "record", admin_pb2.NEIGHBOURING_SILO: "silo"}
+
+
+def privacy_from_proto(msg: Any) -> dict[str, Any]:
+    """The admin privacy view as plain data: per silo its budget (None without one) and, per relation
+    ("record", "silo"), the mirror's cumulative single-upload ε, δ, entries of this run and last round."""
+    return {
+        "enabled": msg.enabled, "plan_delta": msg.plan_delta,
+        "silos": [{
+            "silo": s.silo, "last_seq": s.last_seq, "budget_error": s.budget_error,
+            "budget": {"epsilon": s.budget_epsilon, "delta": s.budget_delta} if s.has_budget else None,
+            "relations": {_RELATION_NAMES.get(r.relation, "unknown"): {
+                "epsilon": r.epsilon, "delta": r.delta, "entries": r.entries, "last_round": r.last_round}
+                for r in s.relations},
+        } for s in msg.silos],
+    }
 
 
 def get_run_request() -> federation_pb2.GetRunRequest:
@@ -394,6 +416,11 @@ def status_request() -> admin_pb2.GetStatusRequest:
 def rounds_request() -> admin_pb2.ListRoundsRequest:
     """Builds an admin round-history request."""
     return admin_pb2.ListRoundsRequest()
+
+
+def privacy_request() -> admin_pb2.GetPrivacyRequest:
+    """Builds an admin privacy request."""
+    return admin_pb2.GetPrivacyRequest()
 
 
 def list_key_recipients_request() -> federation_pb2.ListKeyRecipientsRequest:

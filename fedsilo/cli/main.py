@@ -19,6 +19,7 @@ import click
 from fedsilo import __version__
 from fedsilo.cli.audit import audit
 from fedsilo.cli.common import fail as _fail
+from fedsilo.cli.dashboard import dashboard
 from fedsilo.cli.plugins import PluginError, load_plugins
 from fedsilo.core.methods import method_names, methods
 from fedsilo.privacy.accounting import BudgetAccountant
@@ -44,6 +45,7 @@ def main() -> None:
 
 
 main.add_command(audit)
+main.add_command(dashboard)
 
 
 # -- certificates ------------------------------------------------------------------------

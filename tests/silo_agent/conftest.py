@@ -128,3 +128,55 @@ def _he(bound: float) -> tuple[Any, Any, Any]:
 def coordinator_sum(tmp_path: Path) -> CoordinatorSum:
     """Aggregates one round's uploads the way the coordinator does (:class:`CoordinatorSum`)."""
     return CoordinatorSum(tmp_path)
+
+
+class LiveCoordinator:
+    """A real coordinator gRPC server on 127.0.0.1 with mutual TLS (a plain two-silo run, no DP), and the
+    certificates of its CA (``make_certs``: hospital-a, hospital-b and the admin ``ADMIN_NAME``)."""
+
+    def __init__(self, server: Any, certs: Path) -> None:
+        self.server = server
+        self.certs = certs
+        self.address = f"localhost:{server.port}"
+        self._running = True
+
+    def stop(self) -> None:
+        """Stops the server (once)."""
+        if self._running:
+            self._running = False
+            self.server.stop(grace=1.0)
+
+    def files(self, name: str) -> tuple[Path, Path, Path]:
+        """(ca, cert, key) of ``name``."""
+        return self.certs / "ca.pem", self.certs / f"{name}.pem", self.certs / f"{name}.key"
+
+    def client(self, name: str) -> Any:
+        """A one-shot (no retry) ``CoordinatorClient`` holding ``name``'s certificate."""
+        from fedsilo.silo_agent.client import CoordinatorClient, Credentials
+
+        ca, cert, key = self.files(name)
+        return CoordinatorClient(self.address, Credentials(ca=ca, cert=cert, key=key), retry=False)
+
+
+@pytest.fixture
+def live_coordinator(tmp_path: Path) -> Iterator[LiveCoordinator]:
+    """A started ``CoordinatorServer`` nobody has joined yet; stopped afterwards."""
+    from fedsilo.coordinator.config import AggregationMode, FederationConfig, TlsFiles
+    from fedsilo.coordinator.server import CoordinatorServer
+    from fedsilo.silo_agent.demo import make_certs
+
+    certs = tmp_path / "certs"
+    make_certs(certs, ["hospital-a", "hospital-b"])
+    config = FederationConfig(
+        run_id="dashboard-test", silos=("hospital-a", "hospital-b"), rounds=2, min_silos=1,
+        aggregation=AggregationMode.PLAIN, round_deadline_s=30.0, quorum_timeout_s=600.0, start_grace_s=600.0,
+        listen="127.0.0.1:0", state_dir=tmp_path / "coordinator",
+        tls=TlsFiles(ca=certs / "ca.pem", cert=certs / "coordinator.pem", key=certs / "coordinator.key"),
+        model={"name": "tiny"}, training={"epochs": 1})
+    server = CoordinatorServer(config, max_workers=8)
+    server.start()
+    live = LiveCoordinator(server, certs)
+    try:
+        yield live
+    finally:
+        live.stop()

@@ -44,6 +44,11 @@ class AdminStub:
                 request_serializer=fedsilo_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=fedsilo_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
                 _registered_method=True)
+        self.GetPrivacy = channel.unary_unary(
+                '/fedsilo.v1.Admin/GetPrivacy',
+                request_serializer=fedsilo_dot_v1_dot_admin__pb2.GetPrivacyRequest.SerializeToString,
+                response_deserializer=fedsilo_dot_v1_dot_admin__pb2.GetPrivacyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -63,6 +68,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPrivacy(self, request, context):
+        """Each silo's privacy budget and cumulative ε, from its verified budget statement and the
+        verified ledger mirror.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListRounds,
                     request_deserializer=fedsilo_dot_v1_dot_admin__pb2.ListRoundsRequest.FromString,
                     response_serializer=fedsilo_dot_v1_dot_admin__pb2.ListRoundsResponse.SerializeToString,
+            ),
+            'GetPrivacy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrivacy,
+                    request_deserializer=fedsilo_dot_v1_dot_admin__pb2.GetPrivacyRequest.FromString,
+                    response_serializer=fedsilo_dot_v1_dot_admin__pb2.GetPrivacyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class Admin:
             '/fedsilo.v1.Admin/ListRounds',
             fedsilo_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
             fedsilo_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrivacy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsilo.v1.Admin/GetPrivacy',
+            fedsilo_dot_v1_dot_admin__pb2.GetPrivacyRequest.SerializeToString,
+            fedsilo_dot_v1_dot_admin__pb2.GetPrivacyResponse.FromString,
             options,
             channel_credentials,
             insecure,
