@@ -176,9 +176,12 @@ class Mirror:
             if not mine:
                 continue
             this_run = [e for e in mine if e.run_id == self.ctx.cfg.run_id]
+            newest = mine[-1].guarantee(GuaranteeScope.SINGLE_UPLOAD)
             out.append(RelationSpend(
                 relation=relation, epsilon=mirror.cumulative(silo, relation, scope=GuaranteeScope.SINGLE_UPLOAD),
-                delta=mine[-1].delta, entries=len(this_run), last_round=this_run[-1].round if this_run else 0))
+                epsilon_rdp=newest.cumulative_epsilon, epsilon_pld=newest.cumulative_epsilon_pld,
+                accountant=mine[-1].governing, delta=mine[-1].delta, entries=len(this_run),
+                last_round=this_run[-1].round if this_run else 0))
         spend = tuple(out)
         with self._lock:
             self._spend[silo] = (seq, spend)

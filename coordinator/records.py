@@ -9,7 +9,7 @@ from pathlib import Path
 from fedsilo.coordinator.config import AggregationMode
 from fedsilo.core.phases import SharePhase
 from fedsilo.core.tensors import Manifest, PayloadEncoding
-from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.accounting import BudgetAccountant, Neighbouring
 
 #: Largest weight (example count) an upload or a join may carry.
 MAX_WEIGHT = 1e9
@@ -220,6 +220,11 @@ class RelationSpend:
     relation: Neighbouring
     #: Cumulative ε against a single upload over all the silo's mirrored entries (the budgeted figure).
     epsilon: float
+    #: The same figure by RDP, and by PLD (None where the newest entry states none).
+    epsilon_rdp: float
+    epsilon_pld: float | None
+    #: Whose figure ``epsilon`` is (the newest entry's governing accountant).
+    accountant: BudgetAccountant
     #: δ of the newest entry for the relation.
     delta: float
     #: Mirrored entries for the relation in this run.

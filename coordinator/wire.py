@@ -29,7 +29,7 @@ from fedsilo.coordinator.records import (
 from fedsilo.coordinator.config import AggregationMode, FederationConfig
 from fedsilo.core.phases import SharePhase
 from fedsilo.core.tensors import DType, Manifest, TensorSpec
-from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.accounting import BudgetAccountant, Neighbouring
 from fedsilo.v1 import admin_pb2, federation_pb2, tensor_pb2
 
 _RUN_STATE = {
@@ -46,6 +46,7 @@ _TASK_KIND = {
 #: Each share phase as its wire value, by name (``SharePhase.X`` is ``SHARE_PHASE_X``).
 _PHASE = {phase: federation_pb2.SharePhase.Value(f"SHARE_PHASE_{phase.name}") for phase in SharePhase}
 _NEIGHBOURING = {relation: admin_pb2.Neighbouring.Value(f"NEIGHBOURING_{relation.name}") for relation in Neighbouring}
+_ACCOUNTANT = {a: admin_pb2.Accountant.Value(f"ACCOUNTANT_{a.name}") for a in BudgetAccountant}
 _AGGREGATION = {AggregationMode.PLAIN: federation_pb2.AGGREGATION_PLAIN, AggregationMode.HE: federation_pb2.AGGREGATION_HE}
 
 
@@ -244,7 +245,9 @@ def privacy_to_proto(view: PrivacyView) -> admin_pb2.GetPrivacyResponse:
             silo=s.silo, has_budget=s.budget is not None, budget_epsilon=s.budget[0] if s.budget else 0.0,
             budget_delta=s.budget[1] if s.budget else 0.0, budget_error=s.budget_error[:1024], last_seq=s.last_seq,
             relations=[admin_pb2.RelationSpend(relation=_NEIGHBOURING[r.relation], epsilon=r.epsilon, delta=r.delta,
-                                               entries=r.entries, last_round=r.last_round) for r in s.relations])
+                                               epsilon_rdp=r.epsilon_rdp, epsilon_pld=r.epsilon_pld,
+                                               accountant=_ACCOUNTANT[r.accountant], entries=r.entries,
+                                               last_round=r.last_round) for r in s.relations])
         for s in view.silos
     ])
 

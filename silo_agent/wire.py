@@ -371,18 +371,23 @@ def rounds_from_proto(msg: Any) -> list[dict[str, Any]]:
 
 
 _RELATION_NAMES = {admin_pb2.NEIGHBOURING_RECORD: "record", admin_pb2.NEIGHBOURING_SILO: "silo"}
+_ACCOUNTANT_NAMES = {admin_pb2.ACCOUNTANT_RDP: "rdp", admin_pb2.ACCOUNTANT_PLD: "pld"}
 
 
 def privacy_from_proto(msg: Any) -> dict[str, Any]:
     """The admin privacy view as plain data: per silo its budget (None without one) and, per relation
-    ("record", "silo"), the mirror's cumulative single-upload ε, δ, entries of this run and last round."""
+    ("record", "silo"), the mirror's cumulative single-upload ε (by the governing ``accountant``, and by RDP
+    and PLD: ``epsilon_rdp``, ``epsilon_pld``), δ, entries of this run and last round."""
     return {
         "enabled": msg.enabled, "plan_delta": msg.plan_delta,
         "silos": [{
             "silo": s.silo, "last_seq": s.last_seq, "budget_error": s.budget_error,
             "budget": {"epsilon": s.budget_epsilon, "delta": s.budget_delta} if s.has_budget else None,
             "relations": {_RELATION_NAMES.get(r.relation, "unknown"): {
-                "epsilon": r.epsilon, "delta": r.delta, "entries": r.entries, "last_round": r.last_round}
+                "epsilon": r.epsilon, "epsilon_rdp": r.epsilon_rdp,
+                "epsilon_pld": r.epsilon_pld if r.HasField("epsilon_pld") else None,
+                "accountant": _ACCOUNTANT_NAMES.get(r.accountant, "unknown"),
+                "delta": r.delta, "entries": r.entries, "last_round": r.last_round}
                 for r in s.relations},
         } for s in msg.silos],
     }

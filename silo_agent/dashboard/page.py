@@ -138,23 +138,28 @@ def _privacy(snap: Snapshot, near: float) -> str:
         budget_delta = "" if p.budget_delta is None else fmt_delta(p.budget_delta)
         if not p.spends:
             rows.append(f'<tr class="spend" data-silo="{esc(p.silo)}" data-relation=""><td>{esc(p.silo)}</td>'
-                        f'<td colspan="2" class="muted">no releases</td><td class="num budget">{esc(budget)}</td>'
+                        f'<td colspan="5" class="muted">no releases</td><td class="num budget">{esc(budget)}</td>'
                         f'<td class="num budget-delta">{esc(budget_delta)}</td><td colspan="4"></td></tr>')
         for s in p.spends:
             left = "" if p.budget_epsilon is None else fmt_epsilon(p.budget_epsilon - s.epsilon)
             rows.append(
                 f'<tr class="spend" data-silo="{esc(p.silo)}" data-relation="{esc(s.relation.value)}">'
                 f"<td>{esc(p.silo)}</td><td>{esc(s.relation.value)}-level</td>"
-                f'<td class="num epsilon">{esc(fmt_epsilon(s.epsilon))}</td><td class="num budget">{esc(budget)}</td>'
+                f'<td class="num epsilon">{esc(fmt_epsilon(s.epsilon))}</td>'
+                f'<td class="accountant">{esc(s.accountant.upper())}</td>'
+                f'<td class="num epsilon-rdp">{esc(_optional(s.epsilon_rdp))}</td>'
+                f'<td class="num epsilon-pld">{esc(_optional(s.epsilon_pld))}</td><td class="num budget">{esc(budget)}</td>'
                 f'<td class="num budget-delta">{esc(budget_delta)}</td><td class="num budget-left">{esc(left)}</td>'
                 f"<td>{budget_bar(s.epsilon, p.budget_epsilon, near=near)}</td>"
                 f'<td class="num entries">{s.entries}</td><td class="num last-round">{s.last_round or "—"}</td></tr>')
     if not rows:
-        rows.append('<tr><td colspan="9" class="muted">No silo has sent a budget or a ledger entry yet.</td></tr>')
+        rows.append('<tr><td colspan="12" class="muted">No silo has sent a budget or a ledger entry yet.</td></tr>')
     return ('<section id="privacy"><h2>Privacy</h2><p class="muted small">ε against anyone who sees a silo\'s uploads '
-            "(single upload), cumulative over its verified ledger as mirrored by the coordinator; the budget is the "
-            f"silo's signed statement. Run δ {esc(fmt_delta(snap.plan_delta))}.</p>"
-            '<table><thead><tr><th>silo</th><th>relation</th><th class="num">ε spent</th><th class="num">budget ε</th>'
+            "(single upload), cumulative over its verified ledger as mirrored by the coordinator, by the accountant "
+            "the silo enforces its budget on (RDP and PLD both shown: two valid bounds on the same loss); the budget is "
+            f"the silo's signed statement. Run δ {esc(fmt_delta(snap.plan_delta))}.</p>"
+            '<table><thead><tr><th>silo</th><th>relation</th><th class="num">ε spent</th><th>by</th>'
+            '<th class="num">RDP ε</th><th class="num">PLD ε</th><th class="num">budget ε</th>'
             '<th class="num">at δ</th><th class="num">budget left</th><th>used</th><th class="num">entries this run</th>'
             '<th class="num">last round</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></section>")
 
@@ -196,3 +201,8 @@ def _metrics(snap: Snapshot) -> str:
     return (f'<section id="metrics"><h2>Metrics</h2>{legend(names)}<div class="charts">{charts}</div>'
             '<p class="muted small">Each silo evaluates the aggregate of a round on its own data and reports it; '
             "the point of round r is that report.</p></section>")
+
+
+def _optional(value: float | None) -> str:
+    """An ε as the audit report prints it, or a dash where none is stated."""
+    return "—" if value is None else fmt_epsilon(value)

@@ -54,6 +54,10 @@ def test_budgets_then_the_mirrors_cumulative_epsilon_per_relation(dp_fed: Fed, c
         (admin_pb2.NEIGHBOURING_RECORD, 2, 2, 1e-5)]
     # the figure the silo's own ledger computed, which grows with each release
     assert a.relations[0].epsilon == silo_ledger[-1].cumulative_epsilon > silo_ledger[0].cumulative_epsilon > 0
+    # both accountants' figures travel, and whose governed (RDP, the silo's default)
+    spend = a.relations[0]
+    assert spend.accountant == admin_pb2.ACCOUNTANT_RDP and spend.epsilon_rdp == spend.epsilon
+    assert spend.HasField("epsilon_pld") and spend.epsilon_pld == silo_ledger[-1].cumulative_epsilon_pld < spend.epsilon
     assert a.last_seq == 2
     assert (b.silo, len(b.relations), b.last_seq) == ("hospital-b", 0, 0)
     # and the one the mirror itself reports, read from the coordinator's state dir

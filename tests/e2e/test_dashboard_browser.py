@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 PRIVACY = {"record_level": True, "sample_rate": 0.25, "steps_per_round": 2, "max_grad_norm": 1.0,
            "noise_multiplier": 1.5, "delta": 1e-5}
 BUDGETS = {"hospital-a": {"epsilon": 10.0, "delta": 1e-5}, "hospital-b": {"epsilon": 10.0, "delta": 1e-5},
-           "hospital-c": {"epsilon": 3.0, "delta": 1e-5}}
+           "hospital-c": {"epsilon": 3.0, "delta": 1e-5, "accountant": "pld"}}  # c's budget is enforced by PLD
 ROUNDS = 3
 
 #: What the page shows, read in one go inside the browser.
@@ -52,7 +52,7 @@ return {
     return [s.getAttribute("data-metric"), s.querySelectorAll("polyline").length]; })
 };
 """
-AUDIT_LINE = re.compile(r"^(?P<silo>[\w-]+): record-level ε (?P<epsilon>\S+), budget left (?P<left>\S+)"
+AUDIT_LINE = re.compile(r"^(?P<silo>[\w-]+): record-level ε (?P<epsilon>\S+) by (?P<accountant>RDP|PLD) \(RDP (?P<rdp>\S+), PLD (?P<pld>\S+)\), budget left (?P<left>\S+)"
                         r"(?: \(OVER BUDGET\))?; budget ε (?P<budget>\S+) at δ (?P<delta>\S+)$")
 
 
@@ -130,8 +130,12 @@ def test_dashboard_follows_a_dp_run_live_and_matches_the_audit_report(federation
             want, got = audit[name], rows[name]
             assert (got["epsilon"], got["budget-left"], got["budget"], got["budget-delta"]) == (
                 want["epsilon"], want["left"], want["budget"], want["delta"]), (name, got, want)
+            assert (got["accountant"], got["epsilon-rdp"], got["epsilon-pld"]) == (
+                want["accountant"], want["rdp"], want["pld"]), (name, got, want)
             assert got["last-round"] == str(ROUNDS)
         assert rows["hospital-c"]["budget"] == "3" and rows["hospital-a"]["budget"] == "10"
+        assert (rows["hospital-a"]["accountant"], rows["hospital-c"]["accountant"]) == ("RDP", "PLD")
+        assert rows["hospital-c"]["epsilon"] == rows["hospital-c"]["epsilon-pld"] != rows["hospital-c"]["epsilon-rdp"]
         page = chromium.execute_script(READ_PAGE)
         assert ["near-budget", "hospital-c"] in page["alerts"]
         assert not [a for a in page["alerts"] if a[1] in ("hospital-a", "hospital-b")]

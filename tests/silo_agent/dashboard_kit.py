@@ -44,5 +44,6 @@ def privacy_data(spend: Mapping[str, tuple[float, float | None]], *, enabled: bo
     return {"enabled": enabled, "plan_delta": 1e-5, "silos": [
         {"silo": silo, "last_seq": 1, "budget_error": "",
          "budget": None if budget is None else {"epsilon": budget, "delta": 1e-5},
-         "relations": {"record": {"epsilon": eps, "delta": 1e-5, "entries": 1, "last_round": 1}}}
+         "relations": {"record": {"epsilon": eps, "epsilon_rdp": eps, "epsilon_pld": eps * 0.9, "accountant": "rdp",
+                                  "delta": 1e-5, "entries": 1, "last_round": 1}}}
         for silo, (eps, budget) in spend.items()]}

@@ -13,9 +13,18 @@ class Neighbouring(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NEIGHBOURING_UNSPECIFIED: _ClassVar[Neighbouring]
     NEIGHBOURING_RECORD: _ClassVar[Neighbouring]
     NEIGHBOURING_SILO: _ClassVar[Neighbouring]
+
+class Accountant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACCOUNTANT_UNSPECIFIED: _ClassVar[Accountant]
+    ACCOUNTANT_RDP: _ClassVar[Accountant]
+    ACCOUNTANT_PLD: _ClassVar[Accountant]
 NEIGHBOURING_UNSPECIFIED: Neighbouring
 NEIGHBOURING_RECORD: Neighbouring
 NEIGHBOURING_SILO: Neighbouring
+ACCOUNTANT_UNSPECIFIED: Accountant
+ACCOUNTANT_RDP: Accountant
+ACCOUNTANT_PLD: Accountant
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -126,18 +135,24 @@ class GetPrivacyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RelationSpend(_message.Message):
-    __slots__ = ("relation", "epsilon", "delta", "entries", "last_round")
+    __slots__ = ("relation", "epsilon", "epsilon_rdp", "epsilon_pld", "accountant", "delta", "entries", "last_round")
     RELATION_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_RDP_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_PLD_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     relation: Neighbouring
     epsilon: float
+    epsilon_rdp: float
+    epsilon_pld: float
+    accountant: Accountant
     delta: float
     entries: int
     last_round: int
-    def __init__(self, relation: _Optional[_Union[Neighbouring, str]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., entries: _Optional[int] = ..., last_round: _Optional[int] = ...) -> None: ...
+    def __init__(self, relation: _Optional[_Union[Neighbouring, str]] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_pld: _Optional[float] = ..., accountant: _Optional[_Union[Accountant, str]] = ..., delta: _Optional[float] = ..., entries: _Optional[int] = ..., last_round: _Optional[int] = ...) -> None: ...
 
 class SiloPrivacy(_message.Message):
     __slots__ = ("silo", "has_budget", "budget_epsilon", "budget_delta", "budget_error", "relations", "last_seq")
