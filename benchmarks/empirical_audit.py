@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     header = (f"{'level':6} {'scores':9} {'q':>4} {'T':>4} {'sigma':>6} {'noise x':>7} {'v/r':>9} "
-              f"{'eps_hat':>8} {'ledger eps':>10} {'verdict':>8} {'MIA AUROC':>9} {'seconds':>7}")
+              f"{'eps_hat':>8} {'RDP eps':>8} {'PLD eps':>8} {'verdict':>8} {'MIA AUROC':>9} {'seconds':>7}")
     print(header)
     print("-" * len(header))
     for i, (setting, scale) in enumerate(_rows(args.canaries)):
@@ -71,7 +71,8 @@ def main() -> None:
         auroc = max(r.auroc for r in outcome.membership.values())
         print(f"{c.level.value:6} {c.mode.value.replace('_', '-'):9} {c.sample_rate:>4g} {c.steps:>4} "
               f"{c.noise_multiplier:>6g} {outcome.noise_scale_actual:>7g} "
-              f"{f'{b.counts.correct}/{b.counts.guesses}':>9} {b.epsilon_lower:>8.3f} {outcome.ledger_epsilon:>10.3f} "
+              f"{f'{b.counts.correct}/{b.counts.guesses}':>9} {b.epsilon_lower:>8.3f} {outcome.ledger_epsilon:>8.3f} "
+              f"{outcome.ledger_epsilon_pld or float('nan'):>8.3f} "
               f"{'EXCEEDS' if outcome.exceeds_ledger else 'within':>8} {auroc:>9.3f} {outcome.seconds:>7.2f}",
               flush=True)
 

@@ -17,8 +17,8 @@ from fedsilo.privacy.accounting import (
     DpAccountingVerifier,
     Mechanism,
     Neighbouring,
-    PldAccountant,
     Release,
+    pld_or_none,
 )
 from fedsilo.privacy.ledger import GuaranteeScope, LedgerEntry, UploadGuarantee
 
@@ -311,7 +311,7 @@ def projected_spend(
     out: dict[Neighbouring, float] = {}
     for relation, releases in ahead.items():
         whole = _history(history, relation, scope) + releases
-        pld = _pld_or_none(whole, delta) if governing is BudgetAccountant.PLD else None
+        pld = pld_or_none(whole, delta=delta) if governing is BudgetAccountant.PLD else None
         if pld is not None:
             out[relation] = pld
             continue
@@ -320,14 +320,6 @@ def projected_spend(
         except AccountingError:
             out[relation] = math.inf
     return out
-
-
-def _pld_or_none(history: Sequence[Release], delta: float) -> float | None:
-    """ε of a history by `PldAccountant` (the ledger's settings), or None beyond its size guard."""
-    try:
-        return PldAccountant().epsilon(history, delta=delta).epsilon
-    except AccountingError:
-        return None
 
 
 def ledger_fields(
@@ -383,8 +375,8 @@ def ledger_fields(
             "rdp_order": alone.order if alone.order is not None else float(LEDGER_RDP_ORDERS[-1]),
             "epsilon_prv": prv,
             "cumulative_epsilon": accountant.epsilon(whole, delta=delta).epsilon,
-            "epsilon_pld": _pld_or_none([this], delta),
-            "cumulative_epsilon_pld": _pld_or_none(whole, delta),
+            "epsilon_pld": pld_or_none([this], delta=delta),
+            "cumulative_epsilon_pld": pld_or_none(whole, delta=delta),
         }
 
     aggregate = one(GuaranteeScope.AGGREGATE)

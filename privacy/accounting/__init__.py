@@ -11,6 +11,7 @@ from fedsilo.privacy.accounting.accountants import (
     PldAccountant,
     PrvAccountant,
     RdpAccountant,
+    pld_or_none,
 )
 from fedsilo.privacy.accounting.calibration import calibrate_noise
 from fedsilo.privacy.accounting.config import check_privacy_config
@@ -45,5 +46,6 @@ __all__ = [
     "RdpAccountant",
     "Release",
     "calibrate_noise",
+    "pld_or_none",
     "check_privacy_config",
 ]

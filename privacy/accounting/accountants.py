@@ -414,6 +414,19 @@ class PldAccountant(Accountant):
         return float(eps), None
 
 
+def pld_or_none(history: Sequence[Release], *, delta: float) -> float | None:
+    """ε of a history by `PldAccountant` with the ledger's settings, or None beyond its size guard
+    (or where dp_accounting fails): the PLD figure a ledger entry states.
+
+    Raises:
+        ValueError: As for `Accountant.epsilon` (a bad history or δ).
+    """
+    try:
+        return PldAccountant().epsilon(history, delta=delta).epsilon
+    except AccountingError:
+        return None
+
+
 _PLD_CACHE_SIZE = 64
 
 @functools.lru_cache(maxsize=_PLD_CACHE_SIZE)

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.core.atomic import atomic_write
-from fedsilo.privacy.accounting import DpAccountingVerifier, LEDGER_RDP_ORDERS, Mechanism, Neighbouring, Release
+from fedsilo.privacy.accounting import (
+    LEDGER_RDP_ORDERS,
+    DpAccountingVerifier,
+    Mechanism,
+    Neighbouring,
+    Release,
+    pld_or_none,
+)
 from fedsilo.privacy.audit.membership import MembershipResult
 from fedsilo.privacy.audit.one_run import OneRunBound, epsilon_lower_bound
 from fedsilo.privacy.audit.report import AuditError
@@ -38,7 +45,7 @@ EMPIRICAL_KEY = "empirical_audits"
 
 _RECORD_KEYS = frozenset({
     "level", "mode", "canaries", "guesses", "correct", "k_plus", "k_minus", "tries", "confidence",
-    "delta", "epsilon_lower", "release", "ledger_epsilon", "exceeds_ledger", "noise_scale_actual",
+    "delta", "epsilon_lower", "release", "ledger_epsilon", "ledger_epsilon_pld", "exceeds_ledger", "noise_scale_actual",
     "membership_inference", "seconds", "created_at",
 })
 _RELEASE_KEYS = frozenset({"mechanism", "neighbouring", "noise_multiplier", "sample_rate", "steps"})
@@ -61,6 +68,7 @@ def empirical_audit_record(
     mode: ScoreMode,
     release: Release,
     ledger_epsilon: float,
+    ledger_epsilon_pld: float | None,
     noise_scale_actual: float,
     membership: Mapping[str, MembershipResult],
     seconds: float,
@@ -72,7 +80,9 @@ def empirical_audit_record(
         bound: The one-run ε lower bound and the counts it came from.
         mode: White- or black-box scoring.
         release: The DP release the training claims (what its ledger entry would hold).
-        ledger_epsilon: ε of ``release`` at ``bound.delta`` by the ledger's accountant.
+        ledger_epsilon: ε of ``release`` at ``bound.delta`` by RDP (as the ledger states it).
+        ledger_epsilon_pld: The same by PLD (the ledger's tighter figure), or None beyond its size
+            guard. ε̂ is compared with the smaller of the two: the tightest claim the ledger makes.
         noise_scale_actual: The noise actually added divided by the claimed noise (1.0 except
             under the testing fault switch).
         membership: The loss-threshold attack's result per silo.
@@ -102,7 +112,8 @@ def empirical_audit_record(
             "steps": release.steps,
         },
         "ledger_epsilon": float(ledger_epsilon),
-        "exceeds_ledger": bool(bound.epsilon_lower > ledger_epsilon),
+        "ledger_epsilon_pld": None if ledger_epsilon_pld is None else float(ledger_epsilon_pld),
+        "exceeds_ledger": bool(bound.epsilon_lower > tightest_claim(ledger_epsilon, ledger_epsilon_pld)),
         "noise_scale_actual": float(noise_scale_actual),
         "membership_inference": [{"silo": name, **result.to_dict()} for name, result in sorted(membership.items())],
         "seconds": float(seconds),
@@ -226,13 +237,21 @@ def check_empirical_audits(
             raise AuditError(f"{at}.epsilon_lower is {stored!r}, but {v} correct of {r} guesses on {m} canaries "
                              f"give {fresh!r} (Steinke, Nasr & Jagielski 2023)")
         ledger = _number(item, "ledger_epsilon", at, 0.0, math.inf)
-        if item["exceeds_ledger"] is not (stored > ledger):
-            raise AuditError(f"{at}.exceeds_ledger is {item['exceeds_ledger']!r}, but ε̂ {stored!r} vs ledger ε {ledger!r}")
+        ledger_pld = None if item["ledger_epsilon_pld"] is None else _number(item, "ledger_epsilon_pld", at, 0.0,
+                                                                             math.inf)
+        claim = tightest_claim(ledger, ledger_pld)
+        if item["exceeds_ledger"] is not (stored > claim):
+            raise AuditError(f"{at}.exceeds_ledger is {item['exceeds_ledger']!r}, but ε̂ {stored!r} vs ledger ε {claim!r}")
         if epsilon_tolerance is not None and delta > 0.0:
             verified = DpAccountingVerifier(orders=LEDGER_RDP_ORDERS).epsilon([release], delta=delta).epsilon
             if abs(verified - ledger) > epsilon_tolerance:
                 raise AuditError(f"{at}.ledger_epsilon is {ledger!r}, but dp_accounting gives {verified!r} for its "
                                  f"release (tolerance {epsilon_tolerance!r})")
+            pld = pld_or_none([release], delta=delta)
+            if (pld is None) != (ledger_pld is None) or (
+                    pld is not None and ledger_pld is not None and abs(pld - ledger_pld) > epsilon_tolerance):
+                raise AuditError(f"{at}.ledger_epsilon_pld is {ledger_pld!r}, but dp_accounting's PLD gives {pld!r} "
+                                 f"for its release (tolerance {epsilon_tolerance!r})")
         _number(item, "noise_scale_actual", at, 0.0, 1.0)
         _number(item, "seconds", at, 0.0, math.inf)
         if not isinstance(item["created_at"], str):
@@ -258,6 +277,15 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _optional(value: float | None) -> str:
+    return "&#8212;" if value is None else f"{value:.4g}"
+
+
+def tightest_claim(rdp: float, pld: float | None) -> float:
+    """The smallest ε the ledger states for a release (PLD where stated, else RDP): what ε̂ must not exceed."""
+    return rdp if pld is None else min(rdp, pld)
+
+
 def empirical_html(audits: Sequence[Mapping[str, Any]]) -> str:
     """The report's HTML section: one row per audit (ε̂ beside the ledger ε), then the attack per silo."""
     if not audits:
@@ -272,7 +300,8 @@ def empirical_html(audits: Sequence[Mapping[str, Any]]) -> str:
             f'<td>{a["release"]["noise_multiplier"]:.4g}</td><td>{a["release"]["sample_rate"]:.4g}</td>'
             f'<td>{a["release"]["steps"]}</td><td>{a["delta"]:.3g}</td><td>{a["canaries"]}</td>'
             f'<td>{a["correct"]} / {a["guesses"]}</td><td>{a["epsilon_lower"]:.4g}</td>'
-            f'<td>{a["ledger_epsilon"]:.4g}</td>{verdict}<td>{a["seconds"]:.3g}</td></tr>'
+            f'<td>{a["ledger_epsilon"]:.4g}</td><td>{_optional(a["ledger_epsilon_pld"])}</td>{verdict}'
+            f'<td>{a["seconds"]:.3g}</td></tr>'
         )
     mia = []
     for a in audits:
@@ -291,7 +320,8 @@ def empirical_html(audits: Sequence[Mapping[str, Any]]) -> str:
         "<code>fedsilo audit verify</code> recomputes &#949;&#770; from the counts.</p>"
         '<div class="scroll"><table><tr><th class="t">Relation</th><th class="t">Scores</th><th>&#963;</th>'
         "<th>q</th><th>Steps</th><th>&#948;</th><th>Canaries</th><th>Correct / guesses</th>"
-        "<th>&#949;&#770; (lower bound)</th><th>Ledger &#949;</th><th>Verdict</th><th>Seconds</th></tr>"
+        "<th>&#949;&#770; (lower bound)</th><th>Ledger &#949; (RDP)</th><th>Ledger &#949; (PLD)</th>"
+        "<th>Verdict (against the smaller)</th><th>Seconds</th></tr>"
         + "".join(rows) + "</table></div>"
         + ("<h3>Loss-threshold membership inference per silo</h3><table><tr><th class=\"t\">Audit</th>"
            '<th class="t">Silo</th><th>Members</th><th>Non-members</th><th>AUROC</th><th>TPR at 1% FPR</th>'

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, Neighbouring, RdpAccountant, Release
-from fedsilo.privacy.audit.empirical import empirical_audit_record
+from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, Neighbouring, RdpAccountant, Release, pld_or_none
+from fedsilo.privacy.audit.empirical import empirical_audit_record, tightest_claim
 from fedsilo.privacy.audit.membership import MembershipResult
 from fedsilo.privacy.audit.one_run import OneRunBound, one_run_audit
 from fedsilo.privacy.signed import now_text
@@ -31,6 +31,7 @@ class EmpiricalAuditOutcome:
         bound: ε̂ (``bound.epsilon_lower``) and the guess counts it came from.
         release: The release the ledger is charged for.
         ledger_epsilon: Its ε at ``config.delta`` (RDP on the ledger's orders, as the agent's ledger).
+        ledger_epsilon_pld: The same by PLD (the ledger's tighter figure; None beyond its size guard).
         noise_scale_actual: 1.0, or the testing fault switch's scale.
         membership: The loss-threshold attack per silo.
         seconds: Wall time of the whole audit.
@@ -40,19 +41,26 @@ class EmpiricalAuditOutcome:
     bound: OneRunBound
     release: Release
     ledger_epsilon: float
+    ledger_epsilon_pld: float | None
     noise_scale_actual: float
     membership: dict[str, MembershipResult]
     seconds: float
 
     @property
+    def claimed_epsilon(self) -> float:
+        """The tightest ε the ledger states for the release (PLD where stated, else RDP)."""
+        return tightest_claim(self.ledger_epsilon, self.ledger_epsilon_pld)
+
+    @property
     def exceeds_ledger(self) -> bool:
-        """Whether ε̂ > the ledger's ε: the training leaks more than its ledger claims."""
-        return self.bound.epsilon_lower > self.ledger_epsilon
+        """Whether ε̂ > the ledger's tightest ε: the training leaks more than its ledger claims."""
+        return self.bound.epsilon_lower > self.claimed_epsilon
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready record for ``empirical_audit.json`` (see `append_empirical_audit`)."""
         return empirical_audit_record(
             bound=self.bound, mode=self.config.mode, release=self.release, ledger_epsilon=self.ledger_epsilon,
+            ledger_epsilon_pld=self.ledger_epsilon_pld,
             noise_scale_actual=self.noise_scale_actual, membership=self.membership, seconds=self.seconds,
             created_at=now_text(),
         )
@@ -89,6 +97,7 @@ def run_empirical_audit(config: EmpiricalAuditConfig) -> EmpiricalAuditOutcome:
     release = config.release
     ledger = RdpAccountant(orders=LEDGER_RDP_ORDERS).epsilon([release], delta=config.delta).epsilon
     return EmpiricalAuditOutcome(
-        config=config, bound=bound, release=release, ledger_epsilon=ledger, noise_scale_actual=noise_scale,
+        config=config, bound=bound, release=release, ledger_epsilon=ledger,
+        ledger_epsilon_pld=pld_or_none([release], delta=config.delta), noise_scale_actual=noise_scale,
         membership=scores.membership, seconds=time.perf_counter() - start,
     )

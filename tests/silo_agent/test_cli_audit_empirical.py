@@ -110,6 +110,7 @@ def test_report_carries_renders_and_verifies_the_section(state: Path, tmp_path: 
         ("epsilon_lower", 0.5, "epsilon_lower is 0.5"),
         ("exceeds_ledger", False, "exceeds_ledger"),
         ("ledger_epsilon", 0.1, "dp_accounting"),
+        ("ledger_epsilon_pld", 0.1, "dp_accounting's PLD"),
         ("mode", "grey_box", "mode is 'grey_box'"),
         ("guesses", 10**6, "counts do not add up"),
     ],
@@ -118,8 +119,8 @@ def test_verify_recomputes_the_section(state: Path, tmp_path: Path, field: str, 
                                        message: str) -> None:
     report = build_report(state)
     report[EMPIRICAL_KEY][1][field] = value
-    if field == "ledger_epsilon":  # keep exceeds_ledger consistent so the ε recomputation is what fails
-        report[EMPIRICAL_KEY][1]["exceeds_ledger"] = report[EMPIRICAL_KEY][1]["epsilon_lower"] > value
+    if field in ("ledger_epsilon", "ledger_epsilon_pld"):  # keep exceeds_ledger consistent so the ε
+        report[EMPIRICAL_KEY][1]["exceeds_ledger"] = report[EMPIRICAL_KEY][1]["epsilon_lower"] > value  # recomputation fails
     json_path, _ = write_report(report, tmp_path)
     with pytest.raises(AuditError, match=message):
         verify_report(json_path)

@@ -40,7 +40,7 @@ def _no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_white_box_record_level_stays_under_the_ledger(sigma: float) -> None:
     outcome = _audit(noise_multiplier=sigma, **RECORD)
     assert outcome.noise_scale_actual == 1.0
-    assert 0.0 <= outcome.bound.epsilon_lower <= outcome.ledger_epsilon
+    assert 0.0 <= outcome.bound.epsilon_lower <= outcome.claimed_epsilon
     assert not outcome.exceeds_ledger
     # ε̂ is what the paper's bound gives for the stored counts
     c = outcome.bound.counts
@@ -56,19 +56,19 @@ def test_white_box_is_not_vacuous_with_little_noise() -> None:
 def test_poisson_subsampled_run_stays_under_the_ledger() -> None:
     outcome = _audit(level=Neighbouring.RECORD, noise_multiplier=1.5, sample_rate=0.1, steps=60, records=400,
                      canaries=400, seed=13)
-    assert 0.0 < outcome.bound.epsilon_lower <= outcome.ledger_epsilon
+    assert 0.0 < outcome.bound.epsilon_lower <= outcome.claimed_epsilon
 
 
 @pytest.mark.parametrize("sigma", [1.5, 8.0])
 def test_black_box_stays_under_the_ledger(sigma: float) -> None:
     outcome = _audit(noise_multiplier=sigma, mode=ScoreMode.BLACK_BOX, **RECORD)
-    assert outcome.bound.epsilon_lower <= outcome.ledger_epsilon
+    assert outcome.bound.epsilon_lower <= outcome.claimed_epsilon
 
 
 @pytest.mark.parametrize("sigma", [2.0, 8.0])
 def test_silo_level_stays_under_the_ledger(sigma: float) -> None:
     outcome = _audit(noise_multiplier=sigma, **SILO)
-    assert outcome.bound.epsilon_lower <= outcome.ledger_epsilon
+    assert outcome.bound.epsilon_lower <= outcome.claimed_epsilon
     assert sorted(outcome.membership) == ["silo-1", "silo-2", "silo-3"]
     assert all(0.0 <= r.auroc <= 1.0 and r.members == 200 for r in outcome.membership.values())
 
@@ -80,8 +80,8 @@ def test_reduced_noise_exceeds_the_claim(monkeypatch: pytest.MonkeyPatch, scale:
     with pytest.warns(RuntimeWarning, match="TESTING FAULT ON"):
         outcome = run_empirical_audit(EmpiricalAuditConfig(noise_multiplier=8.0, **setting))
     assert outcome.noise_scale_actual == float(scale)
-    assert outcome.ledger_epsilon < 2.0  # the claim: σ = 8, ten releases
-    assert outcome.bound.epsilon_lower > outcome.ledger_epsilon + 1.0
+    assert outcome.claimed_epsilon <= outcome.ledger_epsilon < 2.0  # the claim: σ = 8, ten releases
+    assert outcome.bound.epsilon_lower > outcome.ledger_epsilon + 1.0 > outcome.claimed_epsilon + 1.0
     assert outcome.exceeds_ledger and outcome.record()["exceeds_ledger"] is True
 
 
