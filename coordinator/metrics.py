@@ -80,7 +80,8 @@ RUN_METRICS: tuple[MetricSpec, ...] = (
                panel="time() - fedsilo_coordinator_silo_last_seen_timestamp_seconds"),
     MetricSpec(name="fedsilo_coordinator_privacy_epsilon", kind=G, labels=("silo", "relation"),
                help="Each silo's cumulative ε per neighbouring relation in the coordinator's verified ledger mirror, "
-                    "against anyone who sees one upload, at the silo's δ (runs with DP only).",
+                    "against anyone who sees one upload, at the silo's δ, by the accountant the silo enforces its budget on "
+                    "(RDP or PLD; runs with DP only).",
                panel="max by (silo, relation) (fedsilo_coordinator_privacy_epsilon)"),
     MetricSpec(name="fedsilo_coordinator_privacy_budget_epsilon", kind=G, labels=("silo",),
                help="The ε budget agreed with each silo (`privacy.budgets`; silos without one are absent).",

@@ -45,7 +45,8 @@ AGENT_METRICS: tuple[MetricSpec, ...] = (
                panel="rate(fedsilo_agent_upload_payload_bytes_total[5m])"),
     MetricSpec(name="fedsilo_agent_privacy_epsilon", kind=G, labels=("relation",),
                help="This silo's cumulative ε per neighbouring relation in its own ledger, pending reservations "
-                    "included, against anyone who sees one upload (runs with DP only).",
+                    "included, against anyone who sees one upload, by the accountant its budget is enforced on "
+                    "(silo.toml `[privacy] accountant`; runs with DP only).",
                panel="max by (relation) (fedsilo_agent_privacy_epsilon)"),
     MetricSpec(name="fedsilo_agent_privacy_budget_epsilon", kind=G,
                help="This silo's ε budget (silo.toml `[privacy] epsilon`; runs with DP only).",
