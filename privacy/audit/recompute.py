@@ -3,7 +3,6 @@ cross-checked against Opacus' PRV accountant where torch is installed."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -172,7 +171,9 @@ def _difference(silo: _Silo, entry: LedgerEntry, label: str, what: str, stored: 
 def _cross_check(finals: Sequence[tuple[_Silo, LedgerEntry, GuaranteeScope, float, _History]],
                  where: str) -> tuple[int, float] | None:
     """Each final PLD figure against Opacus' PRV upper bound (None when torch/Opacus is missing)."""
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("opacus") is None:
+    try:  # Opacus (and so torch) is on agents, not on the coordinator's base install
+        import opacus.accountants.analysis.prv  # noqa: F401
+    except ImportError:
         return None
     prv = _Composer(PrvAccountant())
     compared, largest = 0, 0.0

@@ -54,6 +54,33 @@ from fedsilo.privacy.audit import build_report, verify_report, write_report  # n
 
 report_json, _ = write_report(build_report(state), state.parent / "audit")
 verify_report(report_json)
+
+# A silo's ledger with PLD governing, its σ calibrated under PLD: both figures written and recomputed, no torch.
+from fedsilo.privacy.accounting import LEDGER_RDP_ORDERS, BudgetAccountant, DpAccountingVerifier  # noqa: E402
+from fedsilo.privacy.budget import CA_FILE, LEDGER_FILE  # noqa: E402
+from fedsilo.privacy.ledger import Ledger  # noqa: E402
+from fedsilo.privacy.plan import ledger_fields  # noqa: E402
+
+two_rounds = {"record_level": True, "sample_rate": 0.1, "steps_per_round": 10, "max_grad_norm": 1.0,
+              "target_epsilon": 4.0, "delta": 1e-5}
+pld_plan, _, governing = parse_privacy({**two_rounds, "accountant": "pld"}, rounds=2, min_silos=1,
+                                       aggregation=AggregationMode.HE)
+rdp_plan, _, _ = parse_privacy(two_rounds, rounds=2, min_silos=1, aggregation=AggregationMode.HE)
+assert governing is BudgetAccountant.PLD and pld_plan.noise_multiplier < rdp_plan.noise_multiplier
+silo = issue_certificate(certs, certs, role=Role.SILO, name="hospital-a")
+agent = state.parent / "agent"
+agent.mkdir()
+(agent / CA_FILE).write_bytes((certs / "ca.pem").read_bytes())
+with Ledger.open(agent / LEDGER_FILE, silo="hospital-a", certificate_pem=silo.cert.read_bytes(),
+                 private_key_pem=silo.key.read_bytes()) as book:
+    for rnd in (1, 2):
+        book.append(**ledger_fields(book.entries(), pld_plan.round_releases()[0], delta=1e-5, run_id="no-torch",
+                                    round=rnd, accountant=DpAccountingVerifier(orders=LEDGER_RDP_ORDERS),
+                                    governing=BudgetAccountant.PLD))
+    assert 3.99 <= book.cumulative(pld_plan.round_releases()[0].neighbouring) <= 4.0  # the PLD figure governs
+ledger_json, _ = write_report(build_report(agent), state.parent / "agent-audit")
+checked = verify_report(ledger_json)
+assert checked.pld_figures == 4 and checked.prv_cross_check is None, checked
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert resp.status == health_pb2.HealthCheckResponse.SERVING, resp
 assert not loaded, loaded
