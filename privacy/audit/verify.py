@@ -138,7 +138,9 @@ def _parse_canonical(raw: bytes, where: str) -> dict[str, Any]:
     if parsed.get("format") != REPORT_FORMAT:
         raise AuditError(
             f"{where}: report field format is {parsed.get('format')!r}; this fedsilo verifies "
-            f"{REPORT_FORMAT!r}",
+            f"{REPORT_FORMAT!r}"
+            + (" (a report made before PLD: rebuild it with `fedsilo audit report --state DIR`; the ledgers "
+               "themselves still verify)" if parsed.get("format") == "fedsilo-audit-report-v1" else ""),
             field="format",
         )
     try:

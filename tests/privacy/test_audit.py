@@ -500,6 +500,12 @@ def test_any_changed_byte_in_an_entry_names_that_entry(
         (lambda r: r.update(threat_model="DP protects everything."), "threat_model"),
         (lambda r: r["accounting"].update(orders=[2.0]), "accounting"),
         (lambda r: r.update(format="fedsilo-audit-report-v0"), "format"),
+        (lambda r: r.update(format="fedsilo-audit-report-v1"), "format"),
+        (lambda r: r["silos"][0]["cumulative"]["record"].update(single_upload_pld=0.1),
+         "silos[0].cumulative.record.single_upload_pld"),
+        (lambda r: r["silos"][0]["cumulative"]["record"].update(accountant="rdp"),
+         "silos[0].cumulative.record.accountant"),
+        (lambda r: r["silos"][0]["releases"][4].update(accountant="rdp"), "silos[0].releases[4].accountant"),
         (lambda r: r.update(extra=1), "extra"),
         (lambda r: r["silos"].reverse(), "silos"),
         (lambda r: r["silos"][0]["budget"].update(epsilon="400.0"), "silos[0].budget"),
@@ -515,6 +521,15 @@ def test_changed_report_fields_are_named(
     with pytest.raises(AuditError, match=re.escape(field)) as info:
         verify_report(path, ca_pem=fed.ca)
     assert info.value.field == field
+
+
+def test_a_report_from_before_pld_is_refused_saying_how_to_rebuild_it(report_text: str, tmp_path: Path) -> None:
+    report = json.loads(report_text)
+    report["format"] = "fedsilo-audit-report-v1"
+    path = tmp_path / "report.json"
+    path.write_text(_dump(report), "ascii")
+    with pytest.raises(AuditError, match=r"made before PLD: rebuild it with `fedsilo audit report"):
+        verify_report(path)
 
 
 def test_reformatted_report_is_refused(fed: Fed, report_text: str, tmp_path: Path) -> None:
