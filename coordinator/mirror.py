@@ -143,8 +143,9 @@ class Mirror:
     def view(self) -> PrivacyView:
         """Each enrolled silo's verified budget and mirrored spend (silos with neither are left out).
 
-        ε is the mirror's cumulative figure against a single upload (``LedgerMirror.cumulative``),
-        the one budgets are enforced on; nothing here recomputes it. Figures are cached until the
+        ε is the newest mirrored entry's cumulative figure against a single upload by the silo's
+        governing accountant (`LedgerEntry.budget_epsilon`, what ``LedgerMirror.cumulative``
+        returns), the one budgets are enforced on; nothing here recomputes it. Figures are cached until the
         silo's newest mirrored entry (or its budget file) changes.
         """
         cfg, mirror = self.ctx.cfg, self.ctx.mirror
@@ -178,7 +179,7 @@ class Mirror:
             this_run = [e for e in mine if e.run_id == self.ctx.cfg.run_id]
             newest = mine[-1].guarantee(GuaranteeScope.SINGLE_UPLOAD)
             out.append(RelationSpend(
-                relation=relation, epsilon=mirror.cumulative(silo, relation, scope=GuaranteeScope.SINGLE_UPLOAD),
+                relation=relation, epsilon=mine[-1].budget_epsilon(GuaranteeScope.SINGLE_UPLOAD),
                 epsilon_rdp=newest.cumulative_epsilon, epsilon_pld=newest.cumulative_epsilon_pld,
                 accountant=mine[-1].governing, delta=mine[-1].delta, entries=len(this_run),
                 last_round=this_run[-1].round if this_run else 0))
