@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fedsilo.coordinator.records import RunState
-from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.accounting import BudgetAccountant, Neighbouring
 
 log = logging.getLogger("fedsilo.dashboard")
 
@@ -136,10 +136,10 @@ class Spend:
     delta: float
     entries: int
     last_round: int
-    #: Whose figure ``epsilon`` is ("rdp" or "pld"), and the figure by each (PLD None where not stated).
-    accountant: str = "rdp"
-    epsilon_rdp: float | None = None
-    epsilon_pld: float | None = None
+    #: Whose figure ``epsilon`` is, and the figure by each (PLD None where not stated).
+    accountant: BudgetAccountant
+    epsilon_rdp: float
+    epsilon_pld: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +235,8 @@ def build_snapshot(status: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]
         budget_epsilon=None if p["budget"] is None else p["budget"]["epsilon"],
         budget_delta=None if p["budget"] is None else p["budget"]["delta"],
         spends=tuple(Spend(relation=Neighbouring(rel), epsilon=s["epsilon"], delta=s["delta"], entries=s["entries"],
-                           last_round=s["last_round"], accountant=s["accountant"], epsilon_rdp=s["epsilon_rdp"],
+                           last_round=s["last_round"], accountant=BudgetAccountant(s["accountant"]),
+                           epsilon_rdp=s["epsilon_rdp"],
                            epsilon_pld=s["epsilon_pld"])
                      for rel, s in p["relations"].items() if rel in {n.value for n in Neighbouring}),
     ) for p in privacy["silos"])

@@ -146,8 +146,8 @@ def _privacy(snap: Snapshot, near: float) -> str:
                 f'<tr class="spend" data-silo="{esc(p.silo)}" data-relation="{esc(s.relation.value)}">'
                 f"<td>{esc(p.silo)}</td><td>{esc(s.relation.value)}-level</td>"
                 f'<td class="num epsilon">{esc(fmt_epsilon(s.epsilon))}</td>'
-                f'<td class="accountant">{esc(s.accountant.upper())}</td>'
-                f'<td class="num epsilon-rdp">{esc(_optional(s.epsilon_rdp))}</td>'
+                f'<td class="accountant">{esc(s.accountant.value.upper())}</td>'
+                f'<td class="num epsilon-rdp">{esc(fmt_epsilon(s.epsilon_rdp))}</td>'
                 f'<td class="num epsilon-pld">{esc(_optional(s.epsilon_pld))}</td><td class="num budget">{esc(budget)}</td>'
                 f'<td class="num budget-delta">{esc(budget_delta)}</td><td class="num budget-left">{esc(left)}</td>'
                 f"<td>{budget_bar(s.epsilon, p.budget_epsilon, near=near)}</td>"
