@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from fedsilo.cli.common import fail as _fail
+from fedsilo.privacy.accounting import Neighbouring
+from fedsilo.privacy.audit.empirical import ScoreMode
 
 __all__ = ["audit"]
 
@@ -68,10 +70,17 @@ def audit_verify(report: Path, ca: Path | None) -> None:
         click.echo(f"CA SHA-256: {result.ca_sha256} (the CA given with --ca)")
 
 
+def _mode_name(mode: ScoreMode) -> str:
+    """A score mode as the command line spells it (``white-box``)."""
+    return mode.value.replace("_", "-")
+
+
 @audit.command("empirical")
-@click.option("--level", type=click.Choice(["record", "silo"]), default="record", show_default=True,
+@click.option("--level", type=click.Choice([n.value for n in Neighbouring]), default=Neighbouring.RECORD.value,
+              show_default=True,
               help="Neighbouring relation: record-level DP-SGD, or silo-level update noise with canary silos.")
-@click.option("--mode", type=click.Choice(["white-box", "black-box"]), default="white-box", show_default=True,
+@click.option("--mode", type=click.Choice([_mode_name(m) for m in ScoreMode]), default=_mode_name(ScoreMode.WHITE_BOX),
+              show_default=True,
               help="white-box: model change . canary gradient (Dirac canaries); black-box: canary loss change.")
 @click.option("--noise-multiplier", "sigma", type=float, required=True, help="σ the ledger is charged for.")
 @click.option("--steps", type=int, default=100, show_default=True, help="DP-SGD steps (record) or rounds (silo).")
@@ -95,15 +104,15 @@ def audit_empirical(level: str, mode: str, sigma: float, steps: int, sample_rate
     One-run audit of Steinke, Nasr & Jagielski 2023 ("Privacy Auditing with One (1) Training
     Run"). Exits 1 when ε̂ exceeds the ledger's ε (the training leaks more than it claims).
     """
-    from fedsilo.privacy.accounting import Neighbouring
     from fedsilo.privacy.audit import AuditError
-    from fedsilo.privacy.audit.empirical import ScoreMode, append_empirical_audit
+    from fedsilo.privacy.audit.empirical import append_empirical_audit
     from fedsilo.silo_agent.empirical import EmpiricalAuditConfig, FaultSwitchError, run_empirical_audit
 
     relation = Neighbouring(level)
     try:
         config = EmpiricalAuditConfig(
-            level=relation, mode=ScoreMode(mode.replace("-", "_")), canaries=canaries, noise_multiplier=sigma,
+            level=relation, mode=next(m for m in ScoreMode if _mode_name(m) == mode), canaries=canaries,
+            noise_multiplier=sigma,
             steps=steps, sample_rate=(0.1 if relation is Neighbouring.RECORD else 1.0) if sample_rate is None
             else sample_rate, clip_norm=clip_norm, delta=delta, confidence=confidence, records=records,
             silos=(1 if relation is Neighbouring.RECORD else 3) if silos is None else silos, seed=seed)
