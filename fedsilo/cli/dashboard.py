@@ -39,7 +39,8 @@ def dashboard(address: str, ca: Path, cert: Path, key: Path, listen: str, refres
     from fedsilo.privacy.pki import CertificateError, Role, check_certificate
     from fedsilo.silo_agent.client import CoordinatorClient, Credentials, TlsRefused
     from fedsilo.silo_agent.dashboard.data import DashboardSettings, Poller
-    from fedsilo.silo_agent.dashboard.server import DashboardServer, is_loopback, parse_host_port
+    from fedsilo.core.validators import is_loopback
+    from fedsilo.silo_agent.dashboard.server import DashboardServer, parse_host_port
 
     try:
         parse_host_port(address)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from fedsilo.core.configfile import ConfigError
+from fedsilo.core.validators import is_loopback
 
 __all__ = ["NON_LOOPBACK_WARNING", "MetricsConfig", "MetricsServer", "parse_metrics"]
 
@@ -59,12 +59,7 @@ class MetricsConfig:
     @property
     def loopback(self) -> bool:
         """Whether only this machine can reach the endpoint (``localhost`` or a loopback address)."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False  # a host name: it may resolve to anything
+        return is_loopback(self.host)
 
 
 def parse_metrics(table: Any) -> MetricsConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -42,6 +43,17 @@ def is_run_id(value: object) -> bool:
 def is_task_name(value: object) -> bool:
     """Whether ``value`` is a valid Task name (:data:`TASK_NAME_RE`)."""
     return isinstance(value, str) and TASK_NAME_RE.fullmatch(value) is not None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine only:
+    ``localhost`` or a loopback address. A host name other than localhost may resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def is_hex64(value: object) -> bool:

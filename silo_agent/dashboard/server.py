@@ -14,13 +14,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from fedsilo.core.validators import is_loopback
 from fedsilo.silo_agent.dashboard.assets import SCRIPT, STYLESHEET
 from fedsilo.silo_agent.dashboard.data import Poller
 from fedsilo.silo_agent.dashboard.page import render_fragment, render_no_data, render_page, render_waiting
 
 log = logging.getLogger("fedsilo.dashboard")
 
-__all__ = ["DashboardServer", "is_loopback", "parse_host_port"]
+__all__ = ["DashboardServer", "parse_host_port"]
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -30,16 +31,6 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) is this machine only: ``localhost`` or a loopback address."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_host_port(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:

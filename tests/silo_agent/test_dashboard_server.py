@@ -13,7 +13,8 @@ import pytest
 
 from fedsilo.core.tensors import Manifest
 from fedsilo.silo_agent.dashboard.data import AlertKind, DashboardSettings, Poller
-from fedsilo.silo_agent.dashboard.server import DashboardServer, is_loopback, parse_host_port
+from fedsilo.core.validators import is_loopback
+from fedsilo.silo_agent.dashboard.server import DashboardServer, parse_host_port
 from fedsilo.silo_agent.demo import ADMIN_NAME
 
 HOSTILE_REASON = "<script>alert('budget')</script> & out"
