@@ -46,6 +46,6 @@ __all__ = [
     "RdpAccountant",
     "Release",
     "calibrate_noise",
-    "pld_or_none",
     "check_privacy_config",
+    "pld_or_none",
 ]

@@ -429,6 +429,7 @@ def pld_or_none(history: Sequence[Release], *, delta: float) -> float | None:
 
 _PLD_CACHE_SIZE = 64
 
+
 @functools.lru_cache(maxsize=_PLD_CACHE_SIZE)
 def _step_pld(mechanism: Mechanism, sigma: float, q: float, interval: float):
     """One mechanism's privacy loss distribution, as dp_accounting's `PLDAccountant` builds it:
