@@ -360,42 +360,46 @@ def ledger_fields(
     relation = planned.neighbouring
     same = [e for e in history if e.neighbouring is relation]
 
-    def one(scope: GuaranteeScope) -> dict[str, Any]:
+    def alone(scope: GuaranteeScope) -> dict[str, Any]:
         this = planned.release(scope)
-        alone = accountant.epsilon([this], delta=delta)
+        rdp = accountant.epsilon([this], delta=delta)
         prv = None
         if prv_accountant is not None:
             try:
                 prv = prv_accountant.epsilon([this], delta=delta).epsilon
             except AccountingError:
                 prv = None
-        whole = _history(same, relation, scope) + [this]
         return {
-            "epsilon_rdp": alone.epsilon,
-            "rdp_order": alone.order if alone.order is not None else float(LEDGER_RDP_ORDERS[-1]),
+            "epsilon_rdp": rdp.epsilon,
+            "rdp_order": rdp.order if rdp.order is not None else float(LEDGER_RDP_ORDERS[-1]),
             "epsilon_prv": prv,
-            "cumulative_epsilon": accountant.epsilon(whole, delta=delta).epsilon,
             "epsilon_pld": pld_or_none([this], delta=delta),
+        }
+
+    def cumulative(scope: GuaranteeScope) -> dict[str, Any]:
+        whole = _history(same, relation, scope) + [planned.release(scope)]
+        return {
+            "cumulative_epsilon": accountant.epsilon(whole, delta=delta).epsilon,
             "cumulative_epsilon_pld": pld_or_none(whole, delta=delta),
         }
 
-    aggregate = one(GuaranteeScope.AGGREGATE)
+    aggregate = alone(GuaranteeScope.AGGREGATE)
     fields: dict[str, Any] = {
         "run_id": run_id, "round": round, "upload_index": upload_index,
         "mechanism": planned.mechanism, "neighbouring": relation,
         "noise_multiplier": planned.noise_multiplier, "sample_rate": planned.sample_rate,
         "steps": planned.steps, "clip_norm": planned.clip_norm, "delta": delta,
-        **aggregate,
+        **aggregate, **cumulative(GuaranteeScope.AGGREGATE),
         "guarantee_scope": GuaranteeScope.AGGREGATE if planned.distributed else GuaranteeScope.SINGLE_UPLOAD,
         "single_upload": None,
         "accountant": governing,
     }
     if planned.distributed or any(e.single_upload is not None for e in same):
-        # Without distributed noise this release's single-upload figures equal the aggregate ones;
-        # the cumulative ones still compose the relation's single-upload history.
-        single = one(GuaranteeScope.SINGLE_UPLOAD)
+        # Without distributed noise this release's single-upload figures are the aggregate ones (the
+        # same σ); the cumulative ones still compose the relation's single-upload history.
+        single = alone(GuaranteeScope.SINGLE_UPLOAD) if planned.distributed else aggregate
         fields["single_upload"] = UploadGuarantee(noise_multiplier=planned.single_upload_noise_multiplier,
-                                                  **single)
+                                                  **single, **cumulative(GuaranteeScope.SINGLE_UPLOAD))
     return fields
 
 
